@@ -1,0 +1,43 @@
+# fgdilp-cpp: `make demo` runs the main job, `make test` the tests; both install what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.fgdilp-installed
+DEMO_PROMPT ?= The ill-fated tale of Phoneys, the stupid
+ASAN_DIR := build/asan
+
+.PHONY: install demo test asan bench native clean
+
+install: $(STAMP)
+
+# llama-cpp-python is compiled once (pip caches the wheel); native/ is then built against it
+# without build isolation, so no second copy of llama.cpp is ever compiled.
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "llama-cpp-python==0.3.36" "scikit-build-core>=0.10"
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PY) -c "from fgdilp_cpp.models import default_model_path; default_model_path()"
+	touch $(STAMP)
+
+native: install
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr
+
+test: install
+	$(PY) -m pytest -q
+
+asan: install
+	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE=$(abspath $(PY)) \
+	  -DFGDILP_ASAN=ON -DFGDILP_BUILD_TESTS=ON
+	cmake --build $(ASAN_DIR)
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1 $(ASAN_DIR)/test_native
+
+bench: install
+	$(VENV)/bin/fgdilp-cpp bench --methods none,tr -t 2
+
+clean:
+	rm -rf build $(VENV)

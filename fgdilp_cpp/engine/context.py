@@ -1,0 +1,287 @@
+"""Model and context lifetime over llama-cpp-python's public low-level API (llama_cpp.llama_cpp).
+
+Everything here is about llama.cpp, nothing about toxicity. Resources are freed by context
+managers (and, as a last resort, by close() on garbage collection).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import llama_cpp.llama_cpp as ll
+import numpy as np
+
+from ..errors import FgdilpError
+
+# KV cache types by llama.cpp's -ctk/-ctv spelling
+CACHE_TYPES = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30,
+}
+UNQUANTISED_CACHE = {"f32", "f16", "bf16"}
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+
+# ---- llama.cpp logging: kept in a ring buffer, printed only when verbose -----------------------
+_log_lines: collections.deque[str] = collections.deque(maxlen=50)
+_log_verbose = bool(os.environ.get("FGDILP_VERBOSE"))
+
+
+@ll.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data) -> None:
+    s = text.decode("utf-8", errors="replace")
+    _log_lines.append(s)
+    if _log_verbose:
+        os.write(2, text)
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        ll.llama_backend_init()
+        _backend_ready = True
+
+
+def set_verbose(verbose: bool) -> None:
+    global _log_verbose
+    _log_verbose = verbose
+
+
+def last_log_error() -> str:
+    """The last llama.cpp log lines that look like errors, joined into one line."""
+    lines = [l.strip() for l in _log_lines if l.strip()]
+    errs = [l for l in lines if "error" in l.lower() or "failed" in l.lower()]
+    return "; ".join((errs or lines)[-2:])
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """Refuse what is not a readable GGUF file before llama.cpp sees it."""
+    p = Path(path)
+    if not p.exists():
+        raise FgdilpError(f"model file not found: {p}")
+    if not p.is_file():
+        raise FgdilpError(f"model path is not a file: {p}")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise FgdilpError(f"cannot read model file {p}: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise FgdilpError(f"not a GGUF model file: {p}")
+    return p
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    architecture: str
+    description: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_embd: int
+    head_dim: int      # value head dim: the width of one head in kqv_out
+    n_vocab: int
+    n_ctx_train: int
+    n_params: int
+
+    @property
+    def kqv_width(self) -> int:
+        return self.n_head * self.head_dim
+
+
+class Model:
+    """A loaded GGUF model (weights only); use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+        _init_backend()
+        p = check_model_file(path)
+        mparams = ll.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        _log_lines.clear()
+        self._m = ll.llama_model_load_from_file(str(p).encode(), mparams)
+        if not self._m:
+            detail = last_log_error()
+            raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
+        self.vocab = ll.llama_model_get_vocab(self._m)
+        self.info = self._read_info(str(p))
+
+    def meta(self, key: str) -> Optional[str]:
+        buf = ctypes.create_string_buffer(512)
+        n = ll.llama_model_meta_val_str(self._m, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def _read_info(self, path: str) -> ModelInfo:
+        m = self._m
+        arch = self.meta("general.architecture") or "unknown"
+        n_head = ll.llama_model_n_head(m)
+        n_embd = ll.llama_model_n_embd(m)
+        vlen = self.meta(f"{arch}.attention.value_length")
+        head_dim = int(vlen) if vlen else (n_embd // n_head if n_head > 0 else 0)
+        desc = ctypes.create_string_buffer(256)
+        ll.llama_model_desc(m, desc, len(desc))
+        return ModelInfo(
+            path=path, architecture=arch, description=desc.value.decode(errors="replace"),
+            n_layer=ll.llama_model_n_layer(m), n_head=n_head, n_head_kv=ll.llama_model_n_head_kv(m),
+            n_embd=n_embd, head_dim=head_dim, n_vocab=ll.llama_vocab_n_tokens(self.vocab),
+            n_ctx_train=ll.llama_model_n_ctx_train(m), n_params=ll.llama_model_n_params(m),
+        )
+
+    @property
+    def ptr(self):
+        return self._m
+
+    # ---- tokens ------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (ll.llama_token * n_max)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            n_max = -n
+            buf = (ll.llama_token * n_max)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            raise FgdilpError("tokenization failed")
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    @property
+    def bos(self) -> int:
+        return ll.llama_vocab_bos(self.vocab)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "_m", None):
+            ll.llama_model_free(self._m)
+            self._m = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+@dataclass
+class ContextParams:
+    n_ctx: int = 2048                 # KV cells in total (shared by all sequences)
+    n_batch: int = 512                # rows per decode; also n_ubatch (row i = batch token i)
+    n_seq_max: int = 1
+    n_outputs_max: int = 0            # rows with logits per decode; 0 = n_seq_max
+    n_threads: int = 0                # 0 = all cores
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: str = "auto"
+
+
+class Context:
+    """A llama_context with a unified KV cache for several sequences, optionally with the hook."""
+
+    def __init__(self, model: Model, params: ContextParams, hook=None):
+        for name, t in (("K", params.type_k), ("V", params.type_v)):
+            if t not in CACHE_TYPES:
+                raise FgdilpError(f"unknown {name} cache type {t!r} (one of {', '.join(CACHE_TYPES)})")
+        if params.flash_attn not in FLASH_ATTN:
+            raise FgdilpError(f"flash attention must be on, off or auto, not {params.flash_attn!r}")
+        self.model, self.params, self.hook = model, params, hook
+        threads = params.n_threads or (os.cpu_count() or 1)
+        c = ll.llama_context_default_params()
+        c.n_ctx = params.n_ctx
+        c.n_batch = c.n_ubatch = params.n_batch
+        c.n_seq_max = params.n_seq_max
+        c.n_outputs_max = params.n_outputs_max or params.n_seq_max
+        c.n_threads = c.n_threads_batch = threads
+        c.type_k, c.type_v = CACHE_TYPES[params.type_k], CACHE_TYPES[params.type_v]
+        c.flash_attn_type = FLASH_ATTN[params.flash_attn]
+        c.kv_unified = True
+        c.swa_full = True
+        c.no_perf = True
+        if hook is not None:
+            c.cb_eval = ll.ggml_backend_sched_eval_callback(hook.callback_address)
+            c.cb_eval_user_data = hook.handle
+        _log_lines.clear()
+        self._ctx = ll.llama_init_from_model(model.ptr, c)
+        if not self._ctx:
+            detail = last_log_error()
+            raise FgdilpError("llama.cpp could not create a context" + (f": {detail}" if detail else ""))
+        self.n_ctx = ll.llama_n_ctx(self._ctx)
+        self.n_vocab = model.info.n_vocab
+        self._mem = ll.llama_get_memory(self._ctx)
+
+    @property
+    def ptr(self):
+        return self._ctx
+
+    def decode(self, batch) -> None:
+        """Decode one batch; with a hook, check that it fired on every layer it had to."""
+        hook = self.hook
+        if hook is not None and hook.planned:
+            hook.begin()
+            rc = ll.llama_decode(self._ctx, batch.c)
+            if rc == 0:
+                hook.end()
+        else:
+            rc = ll.llama_decode(self._ctx, batch.c)
+        if rc == 1:
+            raise FgdilpError("the context is full (no KV cell free for this batch); raise -c")
+        if rc == 2:
+            raise KeyboardInterrupt  # aborted through the abort callback
+        if rc != 0:
+            detail = last_log_error()
+            raise FgdilpError(f"llama_decode failed ({rc})" + (f": {detail}" if detail else ""))
+
+    def logits(self, row: int) -> np.ndarray:
+        """Logits of batch row `row` of the last decode, [n_vocab] float32 (a view: copy to keep)."""
+        ptr = ll.llama_get_logits_ith(self._ctx, row)
+        if not ptr:
+            raise FgdilpError(f"no logits for row {row}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        ll.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        ll.llama_memory_seq_rm(self._mem, seq, p0, p1)
+
+    def clear(self) -> None:
+        ll.llama_memory_clear(self._mem, True)
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            ll.llama_free(self._ctx)
+            self._ctx = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,70 @@
+"""llama.cpp sampler chains: top-k -> top-p -> min-p -> temperature -> seeded draw (or greedy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llama_cpp.llama_cpp as ll
+
+from ..errors import FgdilpError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int = 42
+
+    def validate(self) -> "SamplingParams":
+        if self.temp < 0:
+            raise FgdilpError("--temp must be >= 0")
+        if self.top_k < 0:
+            raise FgdilpError("--top-k must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise FgdilpError("--top-p must be in (0, 1]")
+        if not 0.0 <= self.min_p < 1.0:
+            raise FgdilpError("--min-p must be in [0, 1)")
+        if not 0 <= self.seed < 2**32:
+            raise FgdilpError("--seed must be in [0, 2^32)")
+        return self
+
+
+class Sampler:
+    """One sampler chain (its own RNG state); sample() reads the logits of one batch row."""
+
+    def __init__(self, params: SamplingParams):
+        params.validate()
+        self.params = params
+        self._s = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = lambda smpl: ll.llama_sampler_chain_add(self._s, smpl)  # noqa: E731
+        if params.temp == 0:
+            add(ll.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(ll.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(ll.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(ll.llama_sampler_init_min_p(params.min_p, 1))
+        add(ll.llama_sampler_init_temp(params.temp))
+        add(ll.llama_sampler_init_dist(params.seed))
+
+    def sample(self, ctx, row: int) -> int:
+        """Draw a token from the logits of `row` of the last decode (and accept it)."""
+        return ll.llama_sampler_sample(self._s, ctx.ptr, row)
+
+    def close(self) -> None:
+        if getattr(self, "_s", None):
+            ll.llama_sampler_free(self._s)
+            self._s = None
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()

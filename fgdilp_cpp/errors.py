@@ -1,0 +1,5 @@
+"""The one exception type a user sees: its message is printed as one line by the CLI."""
+
+
+class FgdilpError(Exception):
+    """A clear, user-facing error (bad input, unsupported model, steering that could not run)."""

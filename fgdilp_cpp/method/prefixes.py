@@ -1,0 +1,59 @@
+"""Toxification-Reversal prefixes and the token span of their final ':' (method.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import FgdilpError
+
+NEG_PREFIX = "The following text is abusive, harmful, negative, obscene, racist, rude and toxic: "
+POS_PREFIX = "The following text is kind, polite, positive, respectful and supportive: "
+
+Tokenize = Callable[[str], list[int]]          # text -> tokens (with the model's BOS)
+TokenBytes = Callable[[int], bytes]            # token -> its piece as UTF-8 bytes
+
+
+@dataclass(frozen=True)
+class Prefixed:
+    """Tokens of template + prompt, and where the template's final ':' is."""
+
+    tokens: list[int]
+    colon_index: int      # token index holding the template's last ':'
+    prompt_start: int     # first token index that is (partly) prompt text
+
+
+def locate_template_end(tokens: list[int], token_bytes: TokenBytes, template: str,
+                        full_text: str | None = None) -> tuple[int, int]:
+    """Index of the token that holds the last character of `template` (its ':' when stripped), and
+    the index of the first token after it. Found from byte spans, never by searching for ':'.
+
+    full_text: the text that was tokenized (template + prompt), when the template is its start."""
+    head = template.rstrip().encode("utf-8")
+    pieces = [token_bytes(t) for t in tokens]
+    text = b"".join(pieces)
+    full = (full_text or "").encode("utf-8")
+    if full and text.endswith(full) and full.startswith(head):
+        start = len(text) - len(full)   # the tokenizer may have prepended a space
+    else:
+        start = text.find(head)
+        if start < 0:
+            raise FgdilpError("the prefix template does not survive tokenization")
+    end = start + len(head)        # byte just after the template's last character
+    pos = 0
+    for i, p in enumerate(pieces):
+        pos += len(p)
+        if pos >= end:
+            return i, i + 1
+    raise FgdilpError("the prefix template does not survive tokenization")
+
+
+def prefixed(tokenize: Tokenize, token_bytes: TokenBytes, template: str, prompt: str) -> Prefixed:
+    """Template and prompt concatenated as text (as the authors do), then tokenized once."""
+    toks = tokenize(template + prompt)
+    colon, after = locate_template_end(toks, token_bytes, template, template + prompt)
+    if b":" not in token_bytes(toks[colon]):
+        raise FgdilpError("could not locate the ':' ending the prefix template")
+    if after >= len(toks):
+        raise FgdilpError("the prompt vanished when joined to the prefix template")
+    return Prefixed(tokens=toks, colon_index=colon, prompt_start=after)

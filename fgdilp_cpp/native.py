@@ -1,0 +1,264 @@
+"""ctypes binding of native/ (libfgdilp): the kqv_out capture-and-edit hook.
+
+The library is loaded after llama_cpp so that it shares llama-cpp-python's libggml-base, and it
+must have been compiled against the very llama-cpp-python version that runs: checked at load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import site
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import FgdilpError
+
+MAX_NEG = 8
+
+OK = 0
+ERR_ARG = -1
+ERR_TENSOR = -2
+ERR_NOT_FIRED = -3
+ERR_ROW = -4
+ERR_NONFINITE = -5
+ERR_ALLOC = -6
+
+_LIB_NAME = "libfgdilp.so"
+
+
+class HookError(FgdilpError):
+    """The hook saw something it cannot steer (missing or unexpected kqv_out nodes)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class HookParams(ctypes.Structure):
+    _fields_ = [
+        ("n_layer", ctypes.c_int32),
+        ("n_head", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("n_slots", ctypes.c_int32),
+        ("exp_norm", ctypes.c_float),
+        ("exp_sim", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("layer_start", ctypes.c_int32),
+        ("layer_end", ctypes.c_int32),
+        ("renorm", ctypes.c_bool),
+    ]
+
+
+class Edit(ctypes.Structure):
+    _fields_ = [
+        ("target_row", ctypes.c_int32),
+        ("pos_row", ctypes.c_int32),
+        ("neg_rows", ctypes.c_int32 * MAX_NEG),
+        ("n_neg", ctypes.c_int32),
+        ("dir_slot", ctypes.c_int32),
+        ("e_slot", ctypes.c_int32),
+    ]
+
+
+class Capture(ctypes.Structure):
+    _fields_ = [("row", ctypes.c_int32), ("slot", ctypes.c_int32)]
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One in-place edit of row `target` (rows are batch rows of the decode that runs it)."""
+
+    target: int
+    pos: int = -1
+    neg: tuple[int, ...] = ()
+    dir_slot: int = -1
+    e_slot: int = -1
+
+    def to_c(self) -> Edit:
+        if len(self.neg) > MAX_NEG:
+            raise FgdilpError(f"at most {MAX_NEG} negative rows per edit")
+        e = Edit()
+        e.target_row, e.pos_row, e.n_neg = self.target, self.pos, len(self.neg)
+        for j, r in enumerate(self.neg):
+            e.neg_rows[j] = r
+        e.dir_slot, e.e_slot = self.dir_slot, self.e_slot
+        return e
+
+
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    found = []
+    env = os.environ.get("FGDILP_NATIVE_LIB")
+    if env:
+        found.append(Path(env))
+    found.append(here / _LIB_NAME)
+    dirs = [sysconfig.get_paths()["platlib"], sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    found += [Path(d) / "fgdilp_cpp" / _LIB_NAME for d in dirs]
+    found += sorted((here.parent / "build").glob(f"*/{_LIB_NAME}"))
+    return found
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    c_hook = ctypes.c_void_p
+    i32, f32, fptr = ctypes.c_int32, ctypes.c_float, ctypes.POINTER(ctypes.c_float)
+    sig = {
+        "fgdilp_hook_default_params": (HookParams, []),
+        "fgdilp_hook_init": (c_hook, [ctypes.POINTER(HookParams)]),
+        "fgdilp_hook_free": (None, [c_hook]),
+        "fgdilp_hook_set_layer_scales": (i32, [c_hook, fptr, i32]),
+        "fgdilp_hook_set_exponents": (i32, [c_hook, f32, f32, ctypes.c_bool]),
+        "fgdilp_hook_set_plan": (i32, [c_hook, ctypes.POINTER(Capture), i32, ctypes.POINTER(Edit), i32]),
+        "fgdilp_hook_slots": (fptr, [c_hook]),
+        "fgdilp_hook_check_slots": (i32, [c_hook]),
+        "fgdilp_hook_begin": (None, [c_hook]),
+        "fgdilp_hook_end": (i32, [c_hook]),
+        "fgdilp_hook_fired_layers": (i32, [c_hook]),
+        "fgdilp_hook_edits_applied": (i32, [c_hook]),
+        "fgdilp_hook_last_error": (ctypes.c_char_p, [c_hook]),
+        "fgdilp_build_llama_cpp_python_version": (ctypes.c_char_p, []),
+        "fgdilp_tr_edit_row": (i32, [fptr, fptr, fptr, i32, i32, f32, f32, f32, ctypes.c_bool]),
+    }
+    for name, (res, args) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+def load_library() -> ctypes.CDLL:
+    """Load libfgdilp once, after llama_cpp, and check it matches the running llama-cpp-python."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    import llama_cpp  # noqa: F401  (loads libggml-base first, so ours binds to the same copy)
+
+    path = next((p for p in _candidates() if p.is_file()), None)
+    if path is None:
+        raise FgdilpError(
+            "the native library libfgdilp.so is not built; run `make install` "
+            "(or `pip install --no-build-isolation -e .`) in the fgdilp-cpp checkout"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise FgdilpError(f"cannot load the native library {path}: {exc}") from None
+    _declare(lib)
+    built = lib.fgdilp_build_llama_cpp_python_version().decode()
+    running = importlib.metadata.version("llama_cpp_python")
+    if built != running:
+        raise FgdilpError(
+            f"{path.name} was built against llama-cpp-python {built} but {running} is installed; "
+            "rebuild it with `make install`"
+        )
+    _lib = lib
+    return lib
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def _as_fptr(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+
+def tr_edit_row(v, delta, e, n_head: int, exp_norm: float, exp_sim: float, scale: float = 1.0,
+                renorm: bool = True) -> np.ndarray:
+    """The native TR edit of one row (for tests against the numpy reference); returns a new row."""
+    lib = load_library()
+    out = np.array(v, dtype=np.float32, copy=True)
+    d = np.ascontiguousarray(delta, dtype=np.float32)
+    ev = None if e is None else np.ascontiguousarray(e, dtype=np.float32)
+    head_dim = out.size // n_head
+    rc = lib.fgdilp_tr_edit_row(_as_fptr(out), _as_fptr(d), None if ev is None else _as_fptr(ev), n_head,
+                                head_dim, exp_norm, exp_sim, scale, renorm)
+    if rc != OK:
+        raise FgdilpError(f"fgdilp_tr_edit_row failed ({rc})")
+    return out
+
+
+class NativeHook:
+    """Owns one fgdilp_hook; create it before the llama context and free it after (a context manager)."""
+
+    def __init__(self, n_layer: int, n_head: int, head_dim: int, n_slots: int = 4, *,
+                 exp_norm: float = 0.4, exp_sim: float = 0.6, scale: float = 1.0,
+                 layer_start: int = 0, layer_end: int = -1, renorm: bool = True):
+        self._lib = load_library()
+        p = self._lib.fgdilp_hook_default_params()
+        p.n_layer, p.n_head, p.head_dim, p.n_slots = n_layer, n_head, head_dim, n_slots
+        p.exp_norm, p.exp_sim, p.scale, p.renorm = exp_norm, exp_sim, scale, renorm
+        p.layer_start, p.layer_end = layer_start, layer_end
+        self._h = self._lib.fgdilp_hook_init(ctypes.byref(p))
+        if not self._h:
+            raise FgdilpError(f"cannot create the hook (n_layer={n_layer}, n_head={n_head}, head_dim={head_dim})")
+        self.n_layer, self.n_head, self.head_dim, self.n_slots = n_layer, n_head, head_dim, n_slots
+        self.width = n_head * head_dim
+        ptr = self._lib.fgdilp_hook_slots(self._h)
+        # [n_slots, n_layer, width], a view of the hook's own memory
+        self.slots = np.ctypeslib.as_array(ptr, shape=(n_slots, n_layer, self.width)) if n_slots else \
+            np.zeros((0, n_layer, self.width), np.float32)
+        self.n_planned_edits = 0
+        self.planned = False
+        end = n_layer - 1 if layer_end < 0 else layer_end
+        self.n_steered_layers = 0 if scale == 0 else max(0, min(end, n_layer - 1) - max(layer_start, 0) + 1)
+
+    # the two values that go into llama_context_params
+    @property
+    def callback_address(self) -> int:
+        return ctypes.cast(self._lib.fgdilp_hook_eval_callback, ctypes.c_void_p).value
+
+    @property
+    def handle(self) -> int:
+        return self._h
+
+    def set_plan(self, captures: Sequence[tuple[int, int]] = (), edits: Sequence[EditSpec] = ()) -> None:
+        """Rows to capture (row, slot) and edits for the following decodes; empty = hook idle."""
+        caps = (Capture * max(len(captures), 1))(*[Capture(r, s) for r, s in captures])
+        eds = (Edit * max(len(edits), 1))(*[e.to_c() for e in edits])
+        rc = self._lib.fgdilp_hook_set_plan(self._h, caps, len(captures), eds, len(edits))
+        if rc != OK:
+            raise FgdilpError(f"invalid hook plan (status {rc}): captures={list(captures)} edits={list(edits)}")
+        self.n_planned_edits = len(edits)
+        self.planned = bool(captures) or bool(edits)
+
+    def set_layer_scales(self, scales: Sequence[float]) -> None:
+        a = np.ascontiguousarray(scales, dtype=np.float32)
+        rc = self._lib.fgdilp_hook_set_layer_scales(self._h, _as_fptr(a), a.size)
+        if rc != OK:
+            raise FgdilpError(f"invalid layer scales (need {self.n_layer} finite values)")
+        self.n_steered_layers = int(np.count_nonzero(a))
+
+    def check_slots(self) -> None:
+        if self._lib.fgdilp_hook_check_slots(self._h) != OK:
+            raise FgdilpError("a steering vector holds NaN or inf")
+
+    def begin(self) -> None:
+        self._lib.fgdilp_hook_begin(self._h)
+
+    def end(self) -> None:
+        rc = self._lib.fgdilp_hook_end(self._h)
+        if rc != OK:
+            raise HookError(self._lib.fgdilp_hook_last_error(self._h).decode(errors="replace"), rc)
+
+    @property
+    def fired_layers(self) -> int:
+        return self._lib.fgdilp_hook_fired_layers(self._h)
+
+    @property
+    def edits_applied(self) -> int:
+        return self._lib.fgdilp_hook_edits_applied(self._h)
+
+    def close(self) -> None:
+        if self._h:
+            self._lib.fgdilp_hook_free(self._h)
+            self._h = None
+            self.slots = None
+
+    def __enter__(self) -> "NativeHook":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

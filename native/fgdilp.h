@@ -1,0 +1,123 @@
+// fgdilp.h - capture and edit llama.cpp attention outputs (kqv_out-<layer>) from the eval callback.
+//
+// The hook is installed once, when the llama context is created:
+//     cparams.cb_eval           = fgdilp_hook_eval_callback;
+//     cparams.cb_eval_user_data = hook;
+// Before each llama_decode the caller describes what the rows of the batch are (a plan): rows to
+// capture into slots, and rows to edit with the Toxification-Reversal rule. One ubatch per decode
+// (n_ubatch >= the batch) keeps "row i of kqv_out = token i of the batch".
+//
+// Layout: a layer row has width W = n_head * head_dim; head h is [h*head_dim, (h+1)*head_dim).
+// Slots are host vectors [n_slots][n_layer][W] owned by the hook (e vectors, fixed directions,
+// captures); the caller may read and write them through fgdilp_hook_slots().
+#pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ggml_tensor;
+
+#define FGDILP_MAX_NEG 8
+
+enum fgdilp_status {
+    FGDILP_OK            =  0,
+    FGDILP_ERR_ARG       = -1, // bad argument (null, out of range)
+    FGDILP_ERR_TENSOR    = -2, // kqv_out not F32 / not contiguous / unexpected op / width mismatch
+    FGDILP_ERR_NOT_FIRED = -3, // a planned decode saw the hook fire on fewer layers than expected
+    FGDILP_ERR_ROW       = -4, // a planned row is outside the ubatch
+    FGDILP_ERR_NONFINITE = -5, // NaN or inf in an input vector
+    FGDILP_ERR_ALLOC     = -6, // out of memory
+};
+
+struct fgdilp_hook_params {
+    int32_t n_layer;     // model layers
+    int32_t n_head;      // query heads
+    int32_t head_dim;    // value head dim (kqv_out width / n_head)
+    int32_t n_slots;     // number of [n_layer][W] slot vectors
+    float   exp_norm;    // a in lambda_norm = (1 + |delta_h|)^a
+    float   exp_sim;     // b in lambda_sim  = (1 + max(0, cos(v_h, e_h)))^b
+    float   scale;       // global strength, multiplies every layer's edit
+    int32_t layer_start; // first steered layer (inclusive)
+    int32_t layer_end;   // last steered layer (inclusive); -1 = last layer
+    bool    renorm;      // rescale the edited layer row to the norm it had before the edit
+};
+
+// One P0 row edited in place at every steered layer.
+// delta = a(neg_rows) - a(pos_row) when dir_slot < 0 (n_neg must be 1), else slot dir_slot.
+struct fgdilp_edit {
+    int32_t target_row;                // row edited in place (P0's last position)
+    int32_t pos_row;                   // positive-prefix row, or -1 with dir_slot
+    int32_t neg_rows[FGDILP_MAX_NEG];  // negative-prefix rows
+    int32_t n_neg;                     // number of negative rows used (1 for TR)
+    int32_t dir_slot;                  // fixed direction slot, or -1 to use the rows
+    int32_t e_slot;                    // slot holding e, or -1 for lambda_sim = 1
+};
+
+// Copy row `row` of every layer's kqv_out into slot `slot` (before any edit of this decode).
+struct fgdilp_capture {
+    int32_t row;
+    int32_t slot;
+};
+
+typedef struct fgdilp_hook fgdilp_hook;
+
+// Defaults of method.md: exponents 0.4 / 0.6, scale 1, all layers, renorm on, 4 slots.
+struct fgdilp_hook_params fgdilp_hook_default_params(void);
+
+// Allocate a hook for a model of the given shape; NULL on bad params or no memory.
+fgdilp_hook * fgdilp_hook_init(const struct fgdilp_hook_params * params);
+
+// Free a hook; the context that uses it must be freed first. NULL is a no-op.
+void fgdilp_hook_free(fgdilp_hook * hook);
+
+// The ggml eval callback; pass the hook as user_data. Always returns true.
+bool fgdilp_hook_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+
+// Set the per-layer strength ([n_layer], replaces the params' scale and layer range).
+int32_t fgdilp_hook_set_layer_scales(fgdilp_hook * hook, const float * scales, int32_t n);
+
+// Change exponents / renorm between decodes.
+int32_t fgdilp_hook_set_exponents(fgdilp_hook * hook, float exp_norm, float exp_sim, bool renorm);
+
+// Replace the plan used by the following decodes (arrays are copied). An empty plan asks for no node.
+int32_t fgdilp_hook_set_plan(fgdilp_hook * hook,
+                             const struct fgdilp_capture * captures, int32_t n_captures,
+                             const struct fgdilp_edit * edits, int32_t n_edits);
+
+// Pointer to the slots, [n_slots][n_layer][W] floats, valid until fgdilp_hook_free.
+float * fgdilp_hook_slots(fgdilp_hook * hook);
+
+// Reject slots holding NaN or inf (call after writing slots): FGDILP_OK or FGDILP_ERR_NONFINITE.
+int32_t fgdilp_hook_check_slots(const fgdilp_hook * hook);
+
+// Call right before llama_decode: clears the per-decode counters and errors.
+void fgdilp_hook_begin(fgdilp_hook * hook);
+
+// Call right after llama_decode: FGDILP_OK, or the first error seen in that decode.
+int32_t fgdilp_hook_end(fgdilp_hook * hook);
+
+// Layers whose kqv_out fired in the last decode (with a non-empty plan).
+int32_t fgdilp_hook_fired_layers(const fgdilp_hook * hook);
+
+// Rows edited in the last decode, summed over layers.
+int32_t fgdilp_hook_edits_applied(const fgdilp_hook * hook);
+
+// Last error as text ("" when none).
+const char * fgdilp_hook_last_error(const fgdilp_hook * hook);
+
+// Build identity: the llama-cpp-python version this library was compiled against.
+const char * fgdilp_build_llama_cpp_python_version(void);
+
+// The TR edit of one layer row v [n_head*head_dim] in place; the reference the hook uses.
+// e may be NULL (lambda_sim = 1). Returns FGDILP_OK or FGDILP_ERR_ARG.
+int32_t fgdilp_tr_edit_row(float * v, const float * delta, const float * e,
+                           int32_t n_head, int32_t head_dim,
+                           float exp_norm, float exp_sim, float scale, bool renorm);
+
+#ifdef __cplusplus
+}
+#endif
