@@ -46,7 +46,7 @@ def friendly_errors(fn: Callable) -> Callable:
 # ---- shared options -----------------------------------------------------------------------------
 def model_options(fn: Callable) -> Callable:
     for opt in reversed([
-        click.option("-m", "--model", "model", type=click.Path(dir_okay=False), default=None,
+        click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
                      help="GGUF model file (default: the embedded gemma-3-270m)."),
         click.option("-c", "--ctx-size", "ctx_size", type=click.IntRange(16), default=2048, show_default=True,
                      help="Context tokens per sequence (prompt + generation)."),

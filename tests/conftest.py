@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random-weight GGUF models (built with gguf), the real default model, and a
+CLI runner that goes through a subprocess like a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import TinyConfig, build_tiny_llama, build_tiny_mamba  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(path, weights, cfg) of a tiny llama-architecture model with GQA."""
+    cfg = TinyConfig()
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
+    weights = build_tiny_llama(path, cfg)
+    return path, weights, cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny-mamba.gguf"
+    build_tiny_mamba(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gemma_path():
+    from fgdilp_cpp.models import default_model_path
+
+    return default_model_path()
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("FGDILP_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "fgdilp_cpp.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def cli():
+    return run_cli

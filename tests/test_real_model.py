@@ -1,0 +1,45 @@
+"""The embedded gemma-3-270m: TR steers for real (different text, hook on all 18 layers)."""
+
+import json
+
+import pytest
+
+TOXIC = "The ill-fated tale of Phoneys, the stupid"
+
+
+def gen(cli, method, seed=7, *extra):
+    proc = cli("generate", "-p", TOXIC, "-n", "24", "--method", method, "-s", seed, "-t", "2", "--json", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_tr_changes_the_text_and_fires_on_every_layer(cli, gemma_path):
+    none, tr = gen(cli, "none"), gen(cli, "tr")
+    assert none["hook_fired_layers"] == 0
+    assert tr["hook_fired_layers"] == 18
+    assert none["text"] and tr["text"]
+    assert none["text"] != tr["text"]
+
+
+def test_same_seed_same_text(cli, gemma_path):
+    a, b = gen(cli, "tr", 3), gen(cli, "tr", 3)
+    assert a["text"] == b["text"]
+    c = gen(cli, "tr", 4)
+    assert c["text"] != a["text"]
+
+
+def test_info_reports_gemma_shape(cli, gemma_path):
+    proc = cli("info", "-t", "2")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for needle in ("gemma3", "layers           18", "head dim         256", "kqv_out width    1024",
+                   "fired on 18 of 18"):
+        assert needle in out, out
+
+
+@pytest.mark.parametrize("layer_range", [("12", "17")])
+def test_layer_range_steers_fewer_layers(cli, gemma_path, layer_range):
+    full = gen(cli, "tr", 7)
+    part = gen(cli, "tr", 7, "--steer-layer-range", *layer_range)
+    assert part["hook_fired_layers"] == 18      # every layer is read, only some are edited
+    assert part["text"] != full["text"]
