@@ -26,20 +26,57 @@ except ImportError:  # tests/ on sys.path (pytest rootdir-less "prepend" import 
 
 # ----------------------------------------------------------------------------- llama.cpp helpers
 
-@L.llama_log_callback
-def _quiet_log(level, text, user_data):  # keep llama.cpp's very chatty loader quiet
-    pass
-
-
-L.llama_log_set(_quiet_log, ctypes.c_void_p(0))
 L.llama_backend_init()
+
+
+class _TensorHead(ctypes.Structure):
+    """Leading fields of ``struct ggml_tensor`` (ggml.h): enough to read the shape."""
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+
+
+def _ggml_base():
+    import os
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(L.__file__), "lib", "libggml-base.so"))
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_is_contiguous.restype = ctypes.c_bool
+    lib.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
+
+
+class KqvCapture:
+    """cb_eval callback that copies every ``kqv_out-<il>`` node (F32 [n_head*head_dim, n_tokens])."""
+
+    def __init__(self):
+        self.lib = _ggml_base()
+        self.captured: dict[int, list[np.ndarray]] = {}
+        self.cb = L.ggml_backend_sched_eval_callback(self._cb)
+
+    def _cb(self, t, ask, user_data):
+        name = self.lib.ggml_get_name(t).decode()
+        if not name.startswith("kqv_out-"):
+            return False if ask else True
+        if ask:
+            return True
+        head = _TensorHead.from_address(t)
+        assert head.type == L.GGML_TYPE_F32 and self.lib.ggml_is_contiguous(t)
+        ne0, ne1 = head.ne[0], head.ne[1]
+        arr = np.empty((ne1, ne0), dtype=np.float32)
+        self.lib.ggml_backend_tensor_get(t, arr.ctypes.data, 0, arr.nbytes)
+        self.captured.setdefault(int(name.split("-")[1]), []).append(arr)
+        return True
 
 
 class Runner:
     """Minimal model+context wrapper over the ctypes API."""
 
     def __init__(self, path, n_ctx=128, n_batch=64, flash_attn=L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-                 kv_type=L.GGML_TYPE_F32):
+                 kv_type=L.GGML_TYPE_F32, cb_eval=None):
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
@@ -55,6 +92,9 @@ class Runner:
         cp.flash_attn_type = flash_attn
         cp.type_k = kv_type
         cp.type_v = kv_type
+        if cb_eval is not None:
+            cp.cb_eval = cb_eval
+            cp.cb_eval_user_data = None
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -118,7 +158,8 @@ class Runner:
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def tiny(tmp_path_factory):
+    """(path, cfg, weights) of the default tiny llama (module-local; conftest's ``tiny_llama`` differs in order)."""
     cfg = TinyConfig()
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
     weights = build_tiny_llama(path, cfg)
@@ -154,8 +195,8 @@ def test_build_is_deterministic(tmp_path):
     assert filecmp.cmp(m1, m2, shallow=False)
 
 
-def test_weight_shapes(tiny_llama):
-    _, cfg, w = tiny_llama
+def test_weight_shapes(tiny):
+    _, cfg, w = tiny
     n_vocab = len(tokenizer_vocab()[0])
     assert 300 <= n_vocab <= 1000
     assert w["token_embd.weight"].shape == (n_vocab, cfg.n_embd)
@@ -170,8 +211,8 @@ def test_weight_shapes(tiny_llama):
     assert all(v.dtype == np.float32 for v in w.values())
 
 
-def test_llama_loads_with_metadata(tiny_llama):
-    path, cfg, _ = tiny_llama
+def test_llama_loads_with_metadata(tiny):
+    path, cfg, _ = tiny
     with Runner(path) as r:
         m = r.model
         assert L.llama_model_n_embd(m) == cfg.n_embd
@@ -192,8 +233,8 @@ def test_llama_loads_with_metadata(tiny_llama):
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_tokenizer_round_trip(tiny_llama, text):
-    path, _, _ = tiny_llama
+def test_tokenizer_round_trip(tiny, text):
+    path, _, _ = tiny
     with Runner(path) as r:
         toks = r.tokenize(text, add_special=False)
         assert toks and BOS_ID not in toks
@@ -208,8 +249,8 @@ def test_tokenizer_round_trip(tiny_llama, text):
         assert r.detokenize(with_bos, unparse_special=True) == "<s> " + text
 
 
-def test_tokenizer_uses_pieces_and_byte_fallback(tiny_llama):
-    path, _, _ = tiny_llama
+def test_tokenizer_uses_pieces_and_byte_fallback(tiny):
+    path, _, _ = tiny
     tokens = tokenizer_vocab()[0]
     with Runner(path) as r:
         toks = r.tokenize("the capital of Paris", add_special=False)
@@ -252,8 +293,8 @@ def _compare(path, cfg, weights, flash_attn, tol=1e-3):
 @pytest.mark.parametrize("flash_attn,tol", [(L.LLAMA_FLASH_ATTN_TYPE_DISABLED, 1e-3),
                                             (L.LLAMA_FLASH_ATTN_TYPE_ENABLED, 1e-1)],
                          ids=["no_fa", "fa"])
-def test_logits_match_torch_reference(tiny_llama, flash_attn, tol):
-    path, cfg, weights = tiny_llama
+def test_logits_match_torch_reference(tiny, flash_attn, tol):
+    path, cfg, weights = tiny
     _compare(path, cfg, weights, flash_attn, tol)
 
 
@@ -267,8 +308,28 @@ def test_logits_match_torch_reference_other_shape(tmp_path):
     _compare(path, cfg, weights, L.LLAMA_FLASH_ATTN_TYPE_DISABLED)
 
 
-def test_torch_reference_incremental_and_edit(tiny_llama):
-    _, cfg, weights = tiny_llama
+def test_attention_outputs_match_llama_kqv_out(tiny):
+    """TorchLlama's per-layer pre-W_O records equal llama.cpp's ``kqv_out-<il>`` nodes."""
+    path, cfg, weights = tiny
+    ref = TorchLlama(weights, cfg)
+    st = ref.new_state()
+    cap = KqvCapture()
+    with Runner(path, cb_eval=cap.cb) as r:
+        toks = r.tokenize(PROMPT, add_special=True)
+        r.decode(toks)
+        _, attn = ref.forward(st, toks)
+        _, attn2 = ref.forward(st, [7])
+        r.decode([7])
+    assert sorted(cap.captured) == list(range(cfg.n_layer))
+    for il in range(cfg.n_layer):
+        first, second = cap.captured[il][-2:]
+        assert first.shape == (len(toks), cfg.n_head * cfg.head_dim) and second.shape == (1, cfg.n_head * cfg.head_dim)
+        assert np.abs(first - attn[il]).max() < 1e-4
+        assert np.abs(second - attn2[il]).max() < 1e-4
+
+
+def test_torch_reference_incremental_and_edit(tiny):
+    _, cfg, weights = tiny
     ref = TorchLlama(weights, cfg)
     toks = [1, 300, 301, 302, 303, 304, 305, 306]
     full, attn_full = ref.forward(ref.new_state(), toks)
@@ -332,8 +393,8 @@ def test_mamba_loads_and_decodes(tmp_path):
         assert r.detokenize(toks[1:]) == "the capital of France"
 
 
-def test_bad_files_do_not_load(tiny_llama, tmp_path):
-    path, _, _ = tiny_llama
+def test_bad_files_do_not_load(tiny, tmp_path):
+    path, _, _ = tiny
     trunc = write_truncated_copy(path, tmp_path / "trunc.gguf", keep_fraction=0.5)
     assert 0 < trunc.stat().st_size < path.stat().st_size
     junk = write_non_gguf(tmp_path / "junk.gguf")
