@@ -10,10 +10,12 @@ import sys
 from typing import Callable
 
 import click
+from click.core import ParameterSource
 
 from .errors import FgdilpError
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
+ALL_METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -43,82 +45,108 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-# ---- shared options -----------------------------------------------------------------------------
-def model_options(fn: Callable) -> Callable:
-    for opt in reversed([
-        click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
-                     help="GGUF model file (default: the embedded gemma-3-270m)."),
-        click.option("-c", "--ctx-size", "ctx_size", type=click.IntRange(16), default=2048, show_default=True,
-                     help="Context tokens per sequence (prompt + generation)."),
-        click.option("-t", "--threads", "threads", type=click.IntRange(0), default=0,
-                     help="CPU threads (0 = all cores)."),
-        click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
-                     help="Layers to offload to the GPU (GPU builds of llama-cpp-python)."),
-        click.option("-b", "--batch-size", "batch_size", type=click.IntRange(8), default=512, show_default=True,
-                     help="Rows per decode (prompt chunks)."),
-        click.option("-ctk", "--cache-type-k", "cache_type_k", default="f16", show_default=True,
-                     help="K cache type (f32, f16, bf16, q8_0, ...)."),
-        click.option("-ctv", "--cache-type-v", "cache_type_v", default="f16", show_default=True,
-                     help="V cache type; steering needs f16, bf16 or f32."),
-        click.option("-fa", "--flash-attn", "flash_attn", type=click.Choice(["auto", "on", "off"]),
-                     default="auto", show_default=True),
-        click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
-    ]):
-        fn = opt(fn)
-    return fn
+def _options(*opts) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return deco
 
 
-def steer_options(fn: Callable) -> Callable:
-    for opt in reversed([
-        click.option("--steer-scale", type=float, default=1.0, show_default=True,
-                     help="Global strength of the edit."),
-        click.option("--steer-layer-range", nargs=2, type=int, default=None, metavar="START END",
-                     help="Steer only layers START..END (inclusive)."),
-        click.option("--exp-norm", type=float, default=0.4, show_default=True,
-                     help="Exponent a of lambda_norm = (1 + |delta|)^a."),
-        click.option("--exp-sim", type=float, default=0.6, show_default=True,
-                     help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b."),
-        click.option("--no-renorm", is_flag=True, help="Do not restore the row norm after the edit."),
-    ]):
-        fn = opt(fn)
-    return fn
+# Defaults come from Settings; a flag left out takes the config file's value, else the default.
+model_options = _options(
+    click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
+                 help="GGUF model file (default: the embedded gemma-3-270m)."),
+    click.option("--config", type=str, default=None, metavar="FILE.toml",
+                 help="Settings file; its keys are these long flag names (flags win)."),
+    click.option("-c", "--ctx-size", type=click.IntRange(16), default=2048, show_default=True,
+                 help="Context tokens per sequence (prompt + generation)."),
+    click.option("-t", "--threads", type=click.IntRange(0), default=0, help="CPU threads (0 = all cores)."),
+    click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True,
+                 help="Layers to offload to the GPU (GPU builds of llama-cpp-python)."),
+    click.option("-b", "--batch-size", type=click.IntRange(8), default=512, show_default=True,
+                 help="Rows per decode (prompt chunks)."),
+    click.option("-ctk", "--cache-type-k", default="f16", show_default=True, help="K cache type (f32, f16, q8_0, ...)."),
+    click.option("-ctv", "--cache-type-v", default="f16", show_default=True,
+                 help="V cache type; steering needs f16, bf16 or f32."),
+    click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
+    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
+)
+
+sampling_options = _options(
+    click.option("-s", "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True),
+    click.option("--temp", type=float, default=0.8, show_default=True),
+    click.option("--top-k", type=int, default=40, show_default=True),
+    click.option("--top-p", type=float, default=0.95, show_default=True),
+    click.option("--min-p", type=float, default=0.05, show_default=True),
+)
+
+steer_options = _options(
+    click.option("--steer-scale", type=float, default=1.0, show_default=True, help="Global strength of the edit."),
+    click.option("--steer-layer-range", nargs=2, type=int, default=None, metavar="START END",
+                 help="Steer only layers START..END (inclusive)."),
+    click.option("--exp-norm", type=float, default=0.4, show_default=True,
+                 help="Exponent a of lambda_norm = (1 + |delta|)^a."),
+    click.option("--exp-sim", type=float, default=0.6, show_default=True,
+                 help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b."),
+    click.option("--renorm/--no-renorm", default=True, show_default=True,
+                 help="Restore the row norm after the edit."),
+    click.option("--samples", type=int, default=25, show_default=True, help="FGDILP: self-generated samples N."),
+    click.option("--selfgen-tokens", type=int, default=20, show_default=True,
+                 help="FGDILP: new tokens per self-generated sample."),
+    click.option("--selfgen-min-tokens", type=int, default=5, show_default=True),
+    click.option("--negatives", type=int, default=6, show_default=True, help="FGDILP: negative prefixes."),
+    click.option("--mask-k", type=float, default=50.0, show_default=True,
+                 help="FGDILP: top-K %% entries kept per sub-toxicity vector (100 = no masking)."),
+    click.option("--fusion", type=click.Choice(["max", "mean", "sum"]), default="max", show_default=True),
+    click.option("--sign-election/--no-sign-election", default=True, show_default=True),
+    click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
+                 help="FGDILP: pad missing negatives with template-only prefixes."),
+)
 
 
-def sampling_options(fn: Callable) -> Callable:
-    for opt in reversed([
-        click.option("-s", "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True),
-        click.option("--temp", type=float, default=0.8, show_default=True),
-        click.option("--top-k", type=int, default=40, show_default=True),
-        click.option("--top-p", type=float, default=0.95, show_default=True),
-        click.option("--min-p", type=float, default=0.05, show_default=True),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def _open(kw: dict):
-    """Model + Generator from the shared options."""
-    from .engine import Model
+def _settings(kw: dict, **defaults):
+    """Settings from defaults, then the config file, then the flags given explicitly."""
     from .engine.context import set_verbose
-    from .generation import EngineParams, Generator, SteerParams
+    from .settings import Settings
+
+    set_verbose(kw.pop("verbose", False))
+    ctx = click.get_current_context()
+    s = Settings().updated(defaults)
+    if kw.get("config"):
+        s = Settings.from_toml(kw["config"], s)
+    names = Settings.field_names()
+    given = {k: v for k, v in kw.items() if k in names and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    if given.get("steer_layer_range") is not None:
+        given["steer_layer_range"] = tuple(given["steer_layer_range"])
+    return s.updated(given)
+
+
+def _open(s, vectors_path=None, **engine_over):
+    """Model + Generator for settings `s`."""
+    from .engine import Model
+    from .generation import Generator
+    from .method.vectors import HeadDirections
     from .models import resolve_model
 
-    set_verbose(kw["verbose"])
-    model = Model(resolve_model(kw["model"]), n_gpu_layers=kw["n_gpu_layers"])
-    layer_range = kw.get("steer_layer_range") or (0, -1)
-    steer = SteerParams(exp_norm=kw.get("exp_norm", 0.4), exp_sim=kw.get("exp_sim", 0.6),
-                        scale=kw.get("steer_scale", 1.0), layer_start=layer_range[0],
-                        layer_end=layer_range[1], renorm=not kw.get("no_renorm", False))
-    engine = EngineParams(ctx_size=kw["ctx_size"], n_batch=kw["batch_size"], n_threads=kw["threads"],
-                          type_k=kw["cache_type_k"], type_v=kw["cache_type_v"], flash_attn=kw["flash_attn"])
-    return model, Generator(model, engine, steer)
+    model = Model(resolve_model(s.model), n_gpu_layers=s.n_gpu_layers)
+    vectors = HeadDirections.load(vectors_path) if vectors_path else None
+    try:
+        gen = Generator(model, s.engine(**engine_over), s.steer(), s.fgdilp(), vectors=vectors)
+    except Exception:
+        model.close()
+        raise
+    return model, gen
 
 
-def _sampling(kw: dict):
-    from .engine import SamplingParams
-
-    return SamplingParams(temp=kw["temp"], top_k=kw["top_k"], top_p=kw["top_p"], min_p=kw["min_p"],
-                          seed=kw["seed"]).validate()
+def _method_list(methods: str) -> list[str]:
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in names:
+        if m not in ALL_METHODS:
+            raise FgdilpError(f"unknown method {m!r} (one of {', '.join(ALL_METHODS)})")
+    if not names:
+        raise FgdilpError("no method given")
+    return names
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -129,62 +157,75 @@ def main() -> None:
 
 @main.command()
 @model_options
-@steer_options
 @sampling_options
+@steer_options
 @click.option("-p", "--prompt", required=True, help="The prompt to continue.")
-@click.option("-n", "--n-predict", "n_predict", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--method", type=click.Choice(["none", "prompt", "tr"]), default="tr", show_default=True)
+@click.option("-n", "--n-predict", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--method", type=click.Choice(ALL_METHODS), default="tr", show_default=True)
+@click.option("--vectors", "vectors_path", type=str, default=None, metavar="FILE.gguf",
+              help="Apply saved head directions (frozen) instead of building them.")
+@click.option("--explain", is_flag=True, help="Show the self-diagnosis, the chosen prefixes and |delta| per layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @friendly_errors
-def generate(prompt, n_predict, method, as_json, **kw):
+def generate(prompt, vectors_path, explain, as_json, **kw):
     """Continue PROMPT, steered with METHOD."""
-    sampling = _sampling(kw)
-    model, gen = _open(kw)
+    s = _settings(kw)
+    model, gen = _open(s, vectors_path)
     with model, gen:
         stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
-        res = gen.generate(prompt, method, n_predict, sampling, on_text=stream)
+        res = gen.generate(prompt, s.method, s.n_predict, s.sampling(), on_text=stream, explain=explain)
         if as_json:
-            click.echo(json.dumps({
-                "model": model.info.path, "method": method, "prompt": prompt, "text": res.text,
-                "n_prompt_tokens": res.n_prompt_tokens, "n_tokens": len(res.tokens),
-                "stop_reason": res.stop_reason, "seed": sampling.seed,
-                "tokens_per_s": round(res.tokens_per_s, 3), "hook_fired_layers": res.fired_layers,
-            }, ensure_ascii=False))
-        else:
-            click.echo()
+            out = {"model": model.info.path, "method": res.method, "prompt": prompt, "text": res.text,
+                   "n_prompt_tokens": res.n_prompt_tokens, "n_tokens": len(res.tokens),
+                   "stop_reason": res.stop_reason, "seed": s.seed, "tokens_per_s": round(res.tokens_per_s, 3),
+                   "setup_s": round(res.setup_s, 4), "hook_fired_layers": res.fired_layers}
+            if explain:
+                out["explain"] = res.explain
+            click.echo(json.dumps(out, ensure_ascii=False))
+            return
+        click.echo()
+        if explain:
+            _print_explain(res.explain)
+
+
+def _print_explain(ex: dict) -> None:
+    if not ex:
+        click.echo("(nothing to explain for this method)", err=True)
+        return
+    if "samples" in ex:
+        click.echo("\nself-diagnosis P(yes) per sample: " + ", ".join(
+            ["toxicity", "sexually_explicit", "threat", "identity_attack", "profanity", "insult"]))
+        for i, smp in enumerate(ex["samples"]):
+            sc = " ".join(f"{v:.2f}" for v in smp["scores"].values())
+            click.echo(f"  {i:>2} [{sc}] {smp['text']!r}")
+        for j, neg in enumerate(ex["negatives"]):
+            src = "blank" if neg["sample"] is None else f"sample {neg['sample']} ({', '.join(neg['attributes'])})"
+            click.echo(f"negative {j + 1}: {src}: {neg['text']!r}")
+        click.echo(f"positive: sample {ex['positive']['sample']}: {ex['positive']['text']!r}")
+    if "delta_norms" in ex:
+        click.echo("|delta| per layer: " + " ".join(f"{x:.2f}" for x in ex["delta_norms"]))
 
 
 @main.command()
 @model_options
-@steer_options
 @sampling_options
+@steer_options
 @click.option("-p", "--prompt", required=True, help="The prompt to continue.")
-@click.option("-n", "--n-predict", "n_predict", type=click.IntRange(1), default=40, show_default=True)
-@click.option("--methods", default="none,prompt,tr", show_default=True, help="Comma-separated methods.")
+@click.option("-n", "--n-predict", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--methods", default="none,prompt,tr,fgdilp,fgdilp-frozen", show_default=True)
 @friendly_errors
-def compare(prompt, n_predict, methods, **kw):
+def compare(prompt, methods, **kw):
     """Continue PROMPT with each method, same seed, one after the other."""
     names = _method_list(methods)
-    sampling = _sampling(kw)
-    model, gen = _open(kw)
+    s = _settings(kw, n_predict=40)
+    model, gen = _open(s)
     with model, gen:
         click.echo(f"prompt: {prompt}")
         for m in names:
-            res = gen.generate(prompt, m, n_predict, sampling)
-            click.echo(f"\n[{m}]{' (hook fired on %d layers)' % res.fired_layers if res.fired_layers else ''}")
+            res = gen.generate(prompt, m, s.n_predict, s.sampling())
+            note = f" (hook fired on {res.fired_layers} layers)" if res.fired_layers else ""
+            click.echo(f"\n[{m}]{note}")
             click.echo(f"{prompt}{res.text}")
-
-
-def _method_list(methods: str) -> list[str]:
-    from .generation import METHODS
-
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    for m in names:
-        if m not in METHODS:
-            raise FgdilpError(f"unknown method {m!r} (one of {', '.join(METHODS)})")
-    if not names:
-        raise FgdilpError("no method given")
-    return names
 
 
 @main.command()
@@ -192,12 +233,14 @@ def _method_list(methods: str) -> list[str]:
 @friendly_errors
 def info(**kw):
     """Print the model's shape and whether the kqv_out hook node exists."""
+    from .engine import Model
     from .generation import probe_kqv_out
+    from .models import resolve_model
 
-    model, gen = _open(kw)
-    with model, gen:
+    s = _settings(kw)
+    with Model(resolve_model(s.model), n_gpu_layers=s.n_gpu_layers) as model:
         i = model.info
-        fired = probe_kqv_out(model, kw["threads"])
+        fired = probe_kqv_out(model, s.threads)
         rows = [
             ("file", i.path), ("architecture", i.architecture), ("description", i.description),
             ("parameters", f"{i.n_params:,}"), ("layers", i.n_layer), ("heads", i.n_head),
@@ -213,46 +256,76 @@ def info(**kw):
 
 @main.command()
 @model_options
-@steer_options
 @sampling_options
+@steer_options
 @click.option("-p", "--prompt", default=DEFAULT_BENCH_PROMPT, show_default=True)
 @click.option("--methods", default="none,tr", show_default=True, help="Comma-separated methods.")
-@click.option("-n", "--n-predict", "n_predict", type=click.IntRange(2), default=64, show_default=True)
+@click.option("-n", "--n-predict", type=click.IntRange(2), default=64, show_default=True)
 @click.option("-r", "--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--setup-samples", type=click.IntRange(1), default=25, show_default=True,
+              help="FGDILP setup_ratio: final samples generated to compare the setup time with.")
+@click.option("--setup-tokens", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(prompt, methods, n_predict, repeats, as_json, **kw):
+def bench(prompt, methods, repeats, setup_samples, setup_tokens, as_json, **kw):
     """Decode tokens/s of each method on the same prompt, side by side in one run."""
+    from .bench import run_bench
+
     names = _method_list(methods)
     if "none" not in names:
         names.insert(0, "none")
-    sampling = _sampling(kw)
-    model, gen = _open(kw)
-    speeds: dict[str, list[float]] = {m: [] for m in names}
-    prefill: dict[str, list[float]] = {m: [] for m in names}
+    s = _settings(kw)
+    model, gen = _open(s, max_samples=max(1, setup_samples) if any(m.startswith("fgdilp") for m in names) else 1,
+                       max_new=setup_tokens + 1)
     with model, gen:
-        for m in names:  # warm-up: contexts, caches, first-use allocations
-            gen.generate(prompt, m, 4, sampling, stop_at_eog=False)
-        for _ in range(repeats):  # interleaved so that machine noise hits every method alike
-            for m in names:
-                r = gen.generate(prompt, m, n_predict, sampling, stop_at_eog=False)
-                speeds[m].append(r.tokens_per_s)
-                prefill[m].append(r.prefill_s)
-        base = statistics.median(speeds["none"])
-        out = {"model": model.info.path, "n_predict": n_predict, "repeats": repeats,
-               "threads": kw["threads"] or os.cpu_count(), "methods": {}}
-        for m in names:
-            tps = statistics.median(speeds[m])
-            out["methods"][m] = {"tokens_per_s": round(tps, 3), "ratio_vs_none": round(tps / base, 4),
-                                 "prefill_s": round(statistics.median(prefill[m]), 4),
-                                 "runs_tokens_per_s": [round(x, 3) for x in speeds[m]]}
+        out = run_bench(gen, prompt, names, s, repeats, setup_samples, setup_tokens)
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"model {out['model']}  n={n_predict}  repeats={repeats}  threads={out['threads']}")
-    click.echo(f"{'method':<10}{'tokens/s':>10}{'ratio':>8}{'prefill s':>11}")
+    click.echo(f"model {out['model']}  n={out['n_predict']}  repeats={repeats}  threads={out['threads']}")
+    click.echo(f"{'method':<15}{'tokens/s':>10}{'ratio':>8}{'prefill s':>11}{'setup_ratio':>13}")
     for m, r in out["methods"].items():
-        click.echo(f"{m:<10}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}")
+        sr = f"{r['setup_ratio']:.3f}" if "setup_ratio" in r else "-"
+        click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
+
+
+@main.group()
+def vectors() -> None:
+    """Build, apply and inspect saved head directions (frozen FGDILP)."""
+
+
+@vectors.command("build")
+@model_options
+@sampling_options
+@steer_options
+@click.option("-p", "--prompt", required=True)
+@click.option("-o", "--output", required=True, metavar="OUT.gguf")
+@friendly_errors
+def vectors_build(prompt, output, **kw):
+    """Self-generate, diagnose and fuse for PROMPT; save the per-head directions."""
+    s = _settings(kw)
+    model, gen = _open(s)
+    with model, gen:
+        hd = gen.build_vectors(prompt, s.sampling(), s.as_dict())
+        hd.save(output)
+        click.echo(f"wrote {output}: {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
+                   f"|delta| per layer max {hd.layer_norms().max():.3f}")
+
+
+@vectors.command("inspect")
+@click.argument("path")
+@friendly_errors
+def vectors_inspect(path):
+    """Print shapes, norms and metadata of a vectors file."""
+    from .method.vectors import HeadDirections
+
+    hd = HeadDirections.load(path)
+    click.echo(f"model        {hd.model.describe()}")
+    click.echo(f"method       {hd.method}")
+    click.echo(f"shape        [{hd.n_layer}, {hd.n_head}, {hd.head_dim}]  e: {'yes' if hd.e is not None else 'no'}")
+    click.echo(f"convention   {hd.layer_convention}")
+    click.echo("layer norms  " + " ".join(f"{x:.3f}" for x in hd.layer_norms()))
+    click.echo(f"settings     {json.dumps(hd.settings, sort_keys=True)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Running a method over the engine: unsteered, prompted, and Toxification Reversal (exact).
+"""Running a method over the engine: unsteered, prompted, TR, FGDILP (exact / frozen) and saved vectors.
 
-TR runs P+, P- and P0 as three sequences of one decode per step; the native hook reads the P+/P-
-rows and edits the P0 row at every layer before the next layer runs (method.md section 1).
+Steered methods run their prefixed sequences beside the raw one: in exact modes all of them are
+sequences of one decode per step and the native hook reads the prefixed rows and edits the raw
+row at every layer before the next layer runs (method.md sections 1-2). Several samples of one
+prompt share its prefill (KV sequence copy) and advance together.
 """
 
 from __future__ import annotations
@@ -13,74 +15,77 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .engine import Capture, Context, ContextParams, Lockstep, Model, Sampler, SamplingParams
+from .engine import Context, ContextParams, Lockstep, Model, Sampler, SamplingParams
 from .engine.context import UNQUANTISED_CACHE
 from .errors import FgdilpError
-from .method.prefixes import NEG_PREFIX, POS_PREFIX, prefixed
-from .native import ERR_NOT_FIRED, EditSpec, HookError, NativeHook
+from .native import ERR_NOT_FIRED, HookError, NativeHook
+from .plans import FgdilpParams, Plan, SteerParams, plan_for, N_SLOTS
 
-METHODS = ("none", "prompt", "tr")
-STEERED = ("tr",)
-
-# TR: sequence (= row) roles in every decode that carries the last positions
-POS, NEG, RAW = 0, 1, 2
-E_SLOT = 0
-
-
-@dataclass(frozen=True)
-class SteerParams:
-    exp_norm: float = 0.4
-    exp_sim: float = 0.6
-    scale: float = 1.0
-    layer_start: int = 0
-    layer_end: int = -1          # inclusive; -1 = last layer
-    renorm: bool = True
-
-    def check(self, n_layer: int) -> None:
-        for name, v in (("exp_norm", self.exp_norm), ("exp_sim", self.exp_sim), ("scale", self.scale)):
-            if not np.isfinite(v):
-                raise FgdilpError(f"{name} must be a finite number")
-        end = n_layer - 1 if self.layer_end < 0 else self.layer_end
-        if not 0 <= self.layer_start <= end < n_layer:
-            raise FgdilpError(f"--steer-layer-range {self.layer_start} {self.layer_end} is outside "
-                              f"the model's layers 0..{n_layer - 1}")
-
-
-@dataclass
-class GenResult:
-    text: str
-    tokens: list[int]
-    method: str
-    n_prompt_tokens: int
-    stop_reason: str                 # "length", "eog" or "context"
-    prefill_s: float
-    decode_s: float                  # time of the per-token decode steps
-    n_decode_steps: int
-    fired_layers: int = 0            # layers the hook fired on in the last steered decode
-    logits: list[np.ndarray] = field(default_factory=list)   # per step [n_rows_with_logits, n_vocab]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.n_decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen")
+STEERED = ("tr", "fgdilp", "fgdilp-frozen", "vectors")
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
 @dataclass(frozen=True)
 class EngineParams:
-    ctx_size: int = 2048             # tokens per sequence (P0 prompt + generation)
+    ctx_size: int = 2048             # tokens per sequence (prompt + generation)
     n_batch: int = 512
     n_threads: int = 0
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: str = "auto"
+    max_samples: int = 1             # samples of one prompt generated together
+    max_new: int = 256               # KV room per extra sample
+
+
+@dataclass
+class Sample:
+    text: str
+    tokens: list[int]
+    stop_reason: str                 # "length", "eog" or "context"
+
+
+@dataclass
+class GenResult:
+    samples: list[Sample]
+    method: str
+    n_prompt_tokens: int
+    setup_s: float                   # FGDILP self-generation + diagnosis (+ frozen capture)
+    prefill_s: float
+    decode_s: float                  # the per-token decode steps (sampling included)
+    n_decode_steps: int
+    fired_layers: int = 0            # layers the hook fired on in the last steered decode
+    explain: dict = field(default_factory=dict)
+    logits: list[np.ndarray] = field(default_factory=list)   # per step [rows wanted, n_vocab]
+
+    @property
+    def text(self) -> str:
+        return self.samples[0].text
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.samples[0].tokens
+
+    @property
+    def stop_reason(self) -> str:
+        return self.samples[0].stop_reason
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode steps per second (one step advances every sample by one token)."""
+        return self.n_decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class Generator:
     """One model; a context per method, created on first use and reused for later prompts."""
 
-    def __init__(self, model: Model, engine: EngineParams = EngineParams(), steer: SteerParams = SteerParams()):
-        self.model, self.engine, self.steer = model, engine, steer
+    def __init__(self, model: Model, engine: EngineParams = EngineParams(), steer: SteerParams = SteerParams(),
+                 fgdilp: FgdilpParams = FgdilpParams(), vectors=None):
+        self.model, self.engine, self.steer, self.fgdilp, self.vectors = model, engine, steer, fgdilp, vectors
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
+        if vectors is not None:
+            vectors.check_model(identity_of(model))
 
     # ---- contexts ---------------------------------------------------------------------------
     def _check_steerable(self) -> None:
@@ -92,21 +97,39 @@ class Generator:
             raise FgdilpError(f"steering needs an unquantised V cache (f16, bf16 or f32), not "
                               f"{self.engine.type_v}: a quantised V cache rotates kqv_out")
         self.steer.check(info.n_layer)
+        self.fgdilp.check()
+
+    def _roles(self, method: str) -> int:
+        n_neg = self.fgdilp.negatives
+        return {"tr": 3, "fgdilp": n_neg + 2, "fgdilp-frozen": n_neg + 2, "vectors": 1, "setup": 1}.get(method, 1)
 
     def context(self, method: str) -> Context:
+        """The context of a method ('setup' = self-generation and diagnosis)."""
         if method in self._ctx:
             return self._ctx[method]
         e, info = self.engine, self.model.info
-        n_seq = 3 if method in STEERED else 1
+        roles = self._roles(method)
+        if method == "setup":
+            n_seq = max(self.fgdilp.samples, 24)
+            n_ctx = e.ctx_size + self.fgdilp.samples * (self.fgdilp.selfgen_tokens + 2) + 2048
+        else:
+            n_seq = roles * e.max_samples if method in ("fgdilp", "tr", "none", "prompt") else roles + e.max_samples
+            n_ctx = roles * e.ctx_size + n_seq * min(e.max_new, e.ctx_size) * (e.max_samples > 1)
+        if n_seq > MAX_SEQ:
+            raise FgdilpError(f"{method} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
+                              f"allows {MAX_SEQ}")
         hook = None
         if method in STEERED:
             self._check_steerable()
             s = self.steer
-            hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=1, exp_norm=s.exp_norm,
+            hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
                               exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
                               layer_end=s.layer_end, renorm=s.renorm)
+            if method == "fgdilp":
+                f = self.fgdilp
+                hook.set_fusion(f.mask_k, f.fusion, f.sign_election)
             self._hooks[method] = hook
-        params = ContextParams(n_ctx=e.ctx_size * n_seq, n_batch=e.n_batch, n_seq_max=n_seq,
+        params = ContextParams(n_ctx=n_ctx, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq,
                                n_outputs_max=n_seq, n_threads=e.n_threads, type_k=e.type_k,
                                type_v=e.type_v, flash_attn=e.flash_attn)
         self._ctx[method] = Context(self.model, params, hook=hook)
@@ -126,121 +149,172 @@ class Generator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- sequences --------------------------------------------------------------------------
-    def _tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text, add_bos=True)
+    def build_vectors(self, prompt: str, sampling: SamplingParams, settings: dict):
+        """Frozen FGDILP head directions for `prompt` (HeadDirections)."""
+        return build_vectors_for(self, prompt, sampling, settings)
 
-    def _plan(self, method: str, prompt: str):
-        """Sequences, captures and edits of a method; row/sequence RAW (or 0) is the output."""
-        if not prompt.strip():
-            raise FgdilpError("the prompt is empty")
-        raw = self._tokenize(prompt)
-        if method == "none":
-            return [raw], 0, (), ()
-        if method == "prompt":
-            return [self._tokenize(POS_PREFIX + prompt)], 0, (), ()
-        if method == "tr":
-            tb = self.model.token_bytes
-            pos = prefixed(self._tokenize, tb, POS_PREFIX, prompt)
-            neg = prefixed(self._tokenize, tb, NEG_PREFIX, prompt)
-            caps = (Capture(seq=NEG, index=neg.colon_index, slot=E_SLOT),)
-            edits = (EditSpec(target=RAW, pos=POS, neg=(NEG,), e_slot=E_SLOT),)
-            return [pos.tokens, neg.tokens, raw], RAW, caps, edits
-        raise FgdilpError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    def diagnoser(self):
+        """Self-diagnosis with this model (yes/no tokens chosen once)."""
+        if getattr(self, "_diagnoser", None) is None:
+            from .instance import Diagnoser
+
+            self._diagnoser = Diagnoser.for_model(self.model)
+        return self._diagnoser
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompt: str, method: str = "none", n_predict: int = 64,
-                 sampling: SamplingParams = SamplingParams(),
+                 sampling: SamplingParams = SamplingParams(), n_samples: int = 1,
                  on_text: Optional[Callable[[str], None]] = None,
                  forced_tokens: Optional[list[int]] = None,
                  record_logits: bool = False, logits_all: bool = False,
-                 stop_at_eog: bool = True) -> GenResult:
-        """Generate a continuation of `prompt` with `method`.
+                 stop_at_eog: bool = True, explain: bool = False, prefixes=None) -> GenResult:
+        """Generate n_samples continuations of `prompt` with `method` (sample i uses seed + i).
 
-        forced_tokens: append these instead of sampling (teacher forcing, for tests and scoring).
-        record_logits: keep a copy of the output logits at every step (row order = sequences);
-        logits_all: ask for logits on every sequence's row, not only the output's (tests only);
-        stop_at_eog=False keeps going past end-of-generation tokens (benchmarks)."""
+        on_text: streamed pieces of sample 0. forced_tokens: append these instead of sampling
+        (teacher forcing, one sample). record_logits: keep a copy of the output logits at every
+        step; logits_all: logits on every role's row (tests). stop_at_eog=False keeps going past
+        end-of-generation tokens (benchmarks). explain: fill GenResult.explain.
+        prefixes: a method.prefixes.Selection to use instead of self-generation and diagnosis."""
         if n_predict < 1:
             raise FgdilpError("-n must be at least 1")
-        seqs, out, caps, edits = self._plan(method, prompt)
-        limit = self.engine.ctx_size
-        longest = max(len(s) for s in seqs)
-        if len(seqs[out]) >= limit:
-            raise FgdilpError(f"the prompt is {len(seqs[out])} tokens, longer than the context (-c {limit})")
-        if longest >= limit:
-            raise FgdilpError(f"the prompt with its steering prefix is {longest} tokens, longer than the "
-                              f"context (-c {limit})")
-        ctx = self.context(method)
-        ctx.clear()
+        if not 1 <= n_samples <= self.engine.max_samples:
+            raise FgdilpError(f"n_samples must be in 1..{self.engine.max_samples}")
+        if method not in METHODS + ("vectors",):
+            raise FgdilpError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+        if method in ("fgdilp-frozen", "vectors") and self.vectors is not None:
+            method = "vectors"
+        if method == "vectors" and self.vectors is None:
+            raise FgdilpError("method 'vectors' needs a vectors file")
+        if not prompt.strip():
+            raise FgdilpError("the prompt is empty")
+        ctx = self.context(method)       # refuses unsteerable models before any setup work
         try:
-            return self._run(ctx, seqs, out, caps, edits, method, n_predict, sampling, on_text,
-                             forced_tokens, record_logits, logits_all, stop_at_eog)
+            t0 = time.perf_counter()
+            plan = plan_for(self, method, prompt, sampling, explain, prefixes)
+            setup = time.perf_counter() - t0
+            self._check_lengths(plan)
+            return self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
+                             record_logits, logits_all, stop_at_eog, setup)
         except HookError as exc:
             hint = " (its graph lacks kqv_out-<layer> nodes)" if exc.code == ERR_NOT_FIRED else ""
             raise FgdilpError(f"cannot steer this model (architecture '{self.model.info.architecture}'): "
                               f"{exc}{hint}") from None
 
-    def _run(self, ctx, seqs, out, caps, edits, method, n_predict, sampling, on_text, forced_tokens,
-             record_logits, logits_all, stop_at_eog) -> GenResult:
+    def _check_lengths(self, plan: Plan) -> None:
         limit = self.engine.ctx_size
-        want = list(range(len(seqs))) if logits_all else [out]
-        sampler = Sampler(sampling) if forced_tokens is None else None
-        lock = Lockstep(ctx, seqs, want_logits=want)
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        tokens: list[int] = []
+        raw = len(plan.sequences[plan.out_role])
+        longest = max(len(s) for s in plan.sequences)
+        if raw >= limit:
+            raise FgdilpError(f"the prompt is {raw} tokens, longer than the context (-c {limit})")
+        if longest >= limit:
+            raise FgdilpError(f"the prompt with its steering prefix is {longest} tokens, longer than the "
+                              f"context (-c {limit})")
+
+    def _run(self, ctx, plan: Plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
+             record_logits, logits_all, stop_at_eog, setup_s) -> GenResult:
+        limit = self.engine.ctx_size
+        out = plan.out_role
+        want = list(range(len(plan.sequences))) if logits_all else [out]
+        samplers = [] if forced_tokens is not None else [
+            Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
+                                   (sampling.seed + g) % 2**32)) for g in range(n_samples)]
+        ctx.clear()
+        lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq)
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_samples)]
+        samples = [Sample("", [], "length") for _ in range(n_samples)]
+        pieces: list[list[str]] = [[] for _ in range(n_samples)]
         logits: list[np.ndarray] = []
-        pieces: list[str] = []
-        stop = "length"
+        n_steps = 0
+
+        def emit(g: int, piece: str) -> None:
+            if piece:
+                pieces[g].append(piece)
+                if g == 0 and on_text is not None:
+                    on_text(piece)
+
         try:
             t0 = time.perf_counter()
-            lock.prefill(caps, edits)
+            lock.prefill(plan.captures, plan.edits, before_last=plan.before_last and (lambda: plan.before_last(ctx)))
             t1 = time.perf_counter()
-            n_steps = 0
+            if plan.after_prefill is not None:
+                plan.after_prefill(ctx)
             while True:
                 if record_logits:
-                    logits.append(np.stack([lock.logits(s).copy() for s in want]))
-                if forced_tokens is not None:
-                    if len(tokens) >= len(forced_tokens):
-                        break
-                    tok = forced_tokens[len(tokens)]
-                else:
-                    tok = sampler.sample(ctx, out)
-                    if stop_at_eog and self.model.is_eog(tok):
-                        stop = "eog"
-                        break
-                tokens.append(tok)
-                piece = dec.decode(self.model.token_bytes(tok))
-                if piece:
-                    pieces.append(piece)
-                    if on_text is not None:
-                        on_text(piece)
-                if len(tokens) >= n_predict and forced_tokens is None:
+                    logits.append(np.stack([lock.logits(lock.active[0], r).copy() for r in want]))
+                toks, done = [], []
+                for g in lock.active:
+                    s = samples[g]
+                    if forced_tokens is not None:
+                        if len(s.tokens) >= len(forced_tokens):
+                            done.append(g)
+                            continue
+                        tok = forced_tokens[len(s.tokens)]
+                    else:
+                        tok = samplers[g].sample(ctx, lock.row(g, out))
+                        if stop_at_eog and self.model.is_eog(tok):
+                            s.stop_reason = "eog"
+                            done.append(g)
+                            continue
+                    s.tokens.append(tok)
+                    emit(g, decoders[g].decode(self.model.token_bytes(tok)))
+                    if forced_tokens is None and len(s.tokens) >= n_predict:
+                        done.append(g)
+                    elif max(lock.lengths) >= limit:
+                        s.stop_reason = "context"
+                        done.append(g)
+                    else:
+                        toks.append(tok)
+                for g in done:
+                    lock.deactivate(g)
+                if not lock.active:
                     break
-                if max(lock.lengths) >= limit:
-                    stop = "context"
-                    break
-                lock.step(tok, edits)
+                lock.step(toks, plan.edits)
                 n_steps += 1
             t2 = time.perf_counter()
-            tail = dec.decode(b"", final=True)
-            if tail:
-                pieces.append(tail)
-                if on_text is not None:
-                    on_text(tail)
         finally:
             lock.close()
-            if sampler is not None:
-                sampler.close()
+            for sm in samplers:
+                sm.close()
+        for g, s in enumerate(samples):
+            emit(g, decoders[g].decode(b"", final=True))
+            s.text = "".join(pieces[g])
         hook = ctx.hook
-        return GenResult(text="".join(pieces), tokens=tokens, method=method, n_prompt_tokens=len(seqs[out]),
-                         stop_reason=stop, prefill_s=t1 - t0, decode_s=t2 - t1, n_decode_steps=n_steps,
-                         fired_layers=hook.fired_layers if hook is not None else 0, logits=logits)
+        return GenResult(samples=samples, method=method, n_prompt_tokens=len(plan.sequences[out]),
+                         setup_s=setup_s, prefill_s=t1 - t0, decode_s=t2 - t1, n_decode_steps=n_steps,
+                         fired_layers=hook.fired_layers if hook is not None else 0,
+                         explain=plan.explain, logits=logits)
+
+
+def build_vectors_for(gen: "Generator", prompt: str, sampling: SamplingParams, settings: dict):
+    """Frozen FGDILP directions for `prompt`, as a saved-artifact value."""
+    from .method.vectors import HeadDirections
+    from .plans import build_instance, frozen_directions
+
+    if not prompt.strip():
+        raise FgdilpError("the prompt is empty")
+    ctx = gen.context("fgdilp-frozen")
+    sel, info = build_instance(gen, prompt, gen.model.tokenize(prompt), sampling)
+    rows, e = frozen_directions(gen, ctx, prompt, sel)
+    i = gen.model.info
+    shape = (i.n_layer, i.n_head, i.head_dim)
+    return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(gen.model),
+                          method="fgdilp-frozen", settings={**settings, "prompt": prompt}).validate()
+
+
+def identity_of(model: Model):
+    """The model identity that saved vectors are checked against."""
+    from .method.vectors import ModelIdentity
+
+    i = model.info
+    return ModelIdentity(architecture=i.architecture, n_layer=i.n_layer, n_head=i.n_head, head_dim=i.head_dim,
+                         n_embd=i.n_embd, n_vocab=i.n_vocab, name=model.meta("general.name") or "")
 
 
 def probe_kqv_out(model: Model, n_threads: int = 0) -> int:
     """Decode one token with a capture planned on every layer; returns the layers whose kqv_out
     fired (0 when the architecture has no attention heads or no such node)."""
+    from .engine import Capture
+
     info = model.info
     if info.n_head <= 0 or info.head_dim <= 0:
         return 0

@@ -29,11 +29,24 @@ ERR_ROW = -4
 ERR_NONFINITE = -5
 ERR_ALLOC = -6
 
+FUSION_MAX = 0
+FUSION_MEAN = 1
+FUSION_SUM = 2
+FUSION_MODE_IDS = {"max": FUSION_MAX, "mean": FUSION_MEAN, "sum": FUSION_SUM}
+
 _LIB_NAME = "libfgdilp.so"
 
 
 class HookError(FgdilpError):
     """The hook saw something it cannot steer (missing or unexpected kqv_out nodes)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class FusionError(FgdilpError, ValueError):
+    """fgdilp_fuse / fgdilp_hook_set_fusion refused its input (bad n, K or mode; NaN or inf)."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -63,6 +76,14 @@ class Edit(ctypes.Structure):
         ("n_neg", ctypes.c_int32),
         ("dir_slot", ctypes.c_int32),
         ("e_slot", ctypes.c_int32),
+    ]
+
+
+class FusionParams(ctypes.Structure):
+    _fields_ = [
+        ("k_pct", ctypes.c_float),
+        ("mode", ctypes.c_int32),
+        ("elect", ctypes.c_bool),
     ]
 
 
@@ -113,6 +134,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fgdilp_hook_free": (None, [c_hook]),
         "fgdilp_hook_set_layer_scales": (i32, [c_hook, fptr, i32]),
         "fgdilp_hook_set_exponents": (i32, [c_hook, f32, f32, ctypes.c_bool]),
+        "fgdilp_hook_set_fusion": (i32, [c_hook, ctypes.POINTER(FusionParams)]),
         "fgdilp_hook_set_plan": (i32, [c_hook, ctypes.POINTER(Capture), i32, ctypes.POINTER(Edit), i32]),
         "fgdilp_hook_slots": (fptr, [c_hook]),
         "fgdilp_hook_check_slots": (i32, [c_hook]),
@@ -123,6 +145,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fgdilp_hook_last_error": (ctypes.c_char_p, [c_hook]),
         "fgdilp_build_llama_cpp_python_version": (ctypes.c_char_p, []),
         "fgdilp_tr_edit_row": (i32, [fptr, fptr, fptr, i32, i32, f32, f32, f32, ctypes.c_bool]),
+        "fgdilp_fusion_default_params": (FusionParams, []),
+        "fgdilp_fuse": (i32, [fptr, i32, i32, ctypes.POINTER(FusionParams), fptr]),
     }
     for name, (res, args) in sig.items():
         fn = getattr(lib, name)
@@ -180,12 +204,47 @@ def tr_edit_row(v, delta, e, n_head: int, exp_norm: float, exp_sim: float, scale
     return out
 
 
+def _fusion_params(lib: ctypes.CDLL, k_pct: float, mode: str | int, elect: bool) -> FusionParams:
+    """The C params; a mode name is mapped to its enum value, an int is passed through unchecked."""
+    p = lib.fgdilp_fusion_default_params()
+    if isinstance(mode, str):
+        if mode not in FUSION_MODE_IDS:
+            raise FusionError(f"unknown fusion mode {mode!r} (expected one of {', '.join(FUSION_MODE_IDS)})",
+                              ERR_ARG)
+        mode = FUSION_MODE_IDS[mode]
+    p.k_pct, p.mode, p.elect = k_pct, mode, elect
+    return p
+
+
+def fuse(deltas, k_pct: float = 50.0, mode: str | int = "max", elect: bool = True) -> np.ndarray:
+    """The native fusion (fgdilp_fuse) of deltas [n, W] -> float32 [W]; see method/fusion.py.
+
+    Raises FusionError (a ValueError) where the C function refuses its input."""
+    lib = load_library()
+    d = np.ascontiguousarray(deltas, dtype=np.float32)
+    if d.ndim != 2:
+        raise FusionError(f"fuse needs deltas [n, W], got shape {d.shape}", ERR_ARG)
+    n, width = d.shape
+    p = _fusion_params(lib, k_pct, mode, elect)
+    out = np.zeros(max(width, 1), np.float32)
+    src = d if d.size else np.zeros(1, np.float32)  # a valid pointer even for n = 0 or W = 0
+    rc = lib.fgdilp_fuse(_as_fptr(src), n, width, ctypes.byref(p), _as_fptr(out))
+    if rc == ERR_NONFINITE:
+        raise FusionError("fusion input holds NaN or inf", rc)
+    if rc != OK:
+        raise FusionError(f"fgdilp_fuse refused n={n}, width={width}, K={k_pct}, mode={mode!r} (status {rc})", rc)
+    return out[:width]
+
+
 class NativeHook:
     """Owns one fgdilp_hook; create it before the llama context and free it after (a context manager)."""
 
     def __init__(self, n_layer: int, n_head: int, head_dim: int, n_slots: int = 4, *,
                  exp_norm: float = 0.4, exp_sim: float = 0.6, scale: float = 1.0,
-                 layer_start: int = 0, layer_end: int = -1, renorm: bool = True):
+                 layer_start: int = 0, layer_end: int = -1, renorm: bool = True,
+                 fusion_k_pct: float = 100.0, fusion_mode: str = "max", fusion_elect: bool = True):
+        """fusion_*: how the edits' rows are fused (set_fusion). K = 100 keeps one negative's delta
+        whole (plain TR); the C library's own default is K = 50."""
         self._lib = load_library()
         p = self._lib.fgdilp_hook_default_params()
         p.n_layer, p.n_head, p.head_dim, p.n_slots = n_layer, n_head, head_dim, n_slots
@@ -196,6 +255,11 @@ class NativeHook:
             raise FgdilpError(f"cannot create the hook (n_layer={n_layer}, n_head={n_head}, head_dim={head_dim})")
         self.n_layer, self.n_head, self.head_dim, self.n_slots = n_layer, n_head, head_dim, n_slots
         self.width = n_head * head_dim
+        try:
+            self.set_fusion(fusion_k_pct, fusion_mode, fusion_elect)
+        except FusionError:
+            self.close()
+            raise
         ptr = self._lib.fgdilp_hook_slots(self._h)
         # [n_slots, n_layer, width], a view of the hook's own memory
         self.slots = np.ctypeslib.as_array(ptr, shape=(n_slots, n_layer, self.width)) if n_slots else \
@@ -223,6 +287,14 @@ class NativeHook:
             raise FgdilpError(f"invalid hook plan (status {rc}): captures={list(captures)} edits={list(edits)}")
         self.n_planned_edits = len(edits)
         self.planned = bool(captures) or bool(edits)
+
+    def set_fusion(self, k_pct: float = 50.0, mode: str = "max", elect: bool = True) -> None:
+        """Fusion params (K in (0, 100], max | mean | sum, sign election) of the following decodes."""
+        p = _fusion_params(self._lib, k_pct, mode, elect)
+        rc = self._lib.fgdilp_hook_set_fusion(self._h, ctypes.byref(p))
+        if rc != OK:
+            raise FusionError(f"invalid fusion params (K={k_pct}, mode={mode!r}; K must be in (0, 100])", rc)
+        self.fusion = (float(p.k_pct), mode, bool(elect))
 
     def set_layer_scales(self, scales: Sequence[float]) -> None:
         a = np.ascontiguousarray(scales, dtype=np.float32)

@@ -46,13 +46,30 @@ struct fgdilp_hook_params {
     bool    renorm;      // rescale the edited layer row to the norm it had before the edit
 };
 
+// How fgdilp_fuse merges the masked sub-toxicity vectors that agree with the elected sign.
+enum fgdilp_fusion_mode {
+    FGDILP_FUSION_MAX  = 0, // elect on: s_c * max |m_j[c]|; elect off: the m_j[c] of largest |.| (first j)
+    FGDILP_FUSION_MEAN = 1, // mean of the agreeing m_j[c]
+    FGDILP_FUSION_SUM  = 2, // sum of the agreeing m_j[c]
+};
+
+// FGDILP fusion (method.md section 2 step 6): masking, sign election, merge.
+struct fgdilp_fusion_params {
+    float   k_pct; // keep the top-K % entries of each vector by |value|, K in (0, 100]; 100 keeps all
+    int32_t mode;  // enum fgdilp_fusion_mode
+    bool    elect; // sign election on; off: every nonzero entry agrees
+};
+
 // One P0 row edited in place at every steered layer.
-// delta = a(neg_rows) - a(pos_row) when dir_slot < 0 (n_neg must be 1), else slot dir_slot.
+// dir_slot < 0: delta = fuse(a(neg_rows[j]) - a(pos_row), j < n_neg) with the hook's fusion params
+// (fgdilp_hook_set_fusion), 1 <= n_neg <= FGDILP_MAX_NEG; else delta = slot dir_slot.
+// The default fusion K = 50 masks even a single negative's delta: plain TR with one negative
+// needs K = 100 (then the fused delta is a(neg) - a(pos) exactly).
 struct fgdilp_edit {
     int32_t target_row;                // row edited in place (P0's last position)
     int32_t pos_row;                   // positive-prefix row, or -1 with dir_slot
     int32_t neg_rows[FGDILP_MAX_NEG];  // negative-prefix rows
-    int32_t n_neg;                     // number of negative rows used (1 for TR)
+    int32_t n_neg;                     // number of negative rows used (1 for TR, up to 6 for FGDILP)
     int32_t dir_slot;                  // fixed direction slot, or -1 to use the rows
     int32_t e_slot;                    // slot holding e, or -1 for lambda_sim = 1
 };
@@ -79,6 +96,9 @@ bool fgdilp_hook_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
 
 // Set the per-layer strength ([n_layer], replaces the params' scale and layer range).
 int32_t fgdilp_hook_set_layer_scales(fgdilp_hook * hook, const float * scales, int32_t n);
+
+// Fusion params of the following decodes' row edits (init: defaults); FGDILP_ERR_ARG on bad K / mode.
+int32_t fgdilp_hook_set_fusion(fgdilp_hook * hook, const struct fgdilp_fusion_params * params);
 
 // Change exponents / renorm between decodes.
 int32_t fgdilp_hook_set_exponents(fgdilp_hook * hook, float exp_norm, float exp_sim, bool renorm);
@@ -117,6 +137,13 @@ const char * fgdilp_build_llama_cpp_python_version(void);
 int32_t fgdilp_tr_edit_row(float * v, const float * delta, const float * e,
                            int32_t n_head, int32_t head_dim,
                            float exp_norm, float exp_sim, float scale, bool renorm);
+
+// Defaults of method.md: K = 50, max, sign election on.
+struct fgdilp_fusion_params fgdilp_fusion_default_params(void);
+
+// Fuse deltas [n][width] (1 <= n <= FGDILP_MAX_NEG) into out [width]; ERR_ARG, or ERR_NONFINITE (out untouched).
+int32_t fgdilp_fuse(const float * deltas, int32_t n, int32_t width,
+                    const struct fgdilp_fusion_params * params, float * out);
 
 #ifdef __cplusplus
 }

@@ -5,6 +5,7 @@
 #include "ggml.h"
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +27,7 @@ struct fgdilp_hook {
     std::vector<fgdilp_capture> captures;
     std::vector<fgdilp_edit> edits;
     int32_t max_row = -1;                  // largest row named by the plan
+    fgdilp_fusion_params fusion;           // how the rows' sub-toxicity vectors are fused
 
     // per decode
     std::vector<uint8_t> fired;            // [n_layer]
@@ -38,7 +40,12 @@ struct fgdilp_hook {
     std::vector<int32_t> row_index;        // row -> index into row_buf, -1 when not fetched
     std::vector<float> row_buf;            // fetched rows (device buffers) [n][width]
     std::vector<float> out_buf;            // edited rows [n_edits][width]
-    std::vector<float> delta;              // [width]
+    std::vector<uint8_t> out_ok;           // [n_edits]: 0 when the edit was skipped
+    std::vector<float> deltas;             // a(neg_j) - a(pos) [FGDILP_MAX_NEG][width]
+    std::vector<float> delta;              // fused [width]
+    std::vector<float> fuse_masked;        // fusion scratch [FGDILP_MAX_NEG][width]
+    std::vector<float> fuse_abs;           // fusion scratch [width]
+    std::vector<int8_t> fuse_signs;        // fusion scratch [width]
 
     float * slot(int s, int layer) { return slots.data() + ((size_t) s * p.n_layer + layer) * width; }
 };
@@ -88,7 +95,12 @@ fgdilp_hook * fgdilp_hook_init(const struct fgdilp_hook_params * params) {
             }
         }
         h->fired.assign(params->n_layer, 0);
+        h->fusion = fgdilp_fusion_default_params();
+        h->deltas.assign((size_t) FGDILP_MAX_NEG * h->width, 0.0f);
         h->delta.assign(h->width, 0.0f);
+        h->fuse_masked.assign((size_t) FGDILP_MAX_NEG * h->width, 0.0f);
+        h->fuse_abs.assign(h->width, 0.0f);
+        h->fuse_signs.assign(h->width, 0);
     } catch (const std::bad_alloc &) {
         delete h;
         return nullptr;
@@ -108,6 +120,14 @@ int32_t fgdilp_hook_set_layer_scales(fgdilp_hook * hook, const float * scales, i
         return FGDILP_ERR_NONFINITE;
     }
     hook->layer_scales.assign(scales, scales + n);
+    return FGDILP_OK;
+}
+
+int32_t fgdilp_hook_set_fusion(fgdilp_hook * hook, const struct fgdilp_fusion_params * params) {
+    if (hook == nullptr || params == nullptr || !fgdilp::fusion_params_ok(*params)) {
+        return FGDILP_ERR_ARG;
+    }
+    hook->fusion = *params;
     return FGDILP_OK;
 }
 
@@ -151,9 +171,14 @@ int32_t fgdilp_hook_set_plan(fgdilp_hook * hook,
             return FGDILP_ERR_ARG;
         }
         if (e.dir_slot < 0) {
-            // rows: TR needs one positive and exactly one negative row
-            if (!see_row(e.pos_row) || e.n_neg != 1 || !see_row(e.neg_rows[0])) {
+            // rows: one positive and 1..FGDILP_MAX_NEG negative rows, fused
+            if (!see_row(e.pos_row) || e.n_neg < 1 || e.n_neg > FGDILP_MAX_NEG) {
                 return FGDILP_ERR_ARG;
+            }
+            for (int32_t j = 0; j < e.n_neg; ++j) {
+                if (!see_row(e.neg_rows[j])) {
+                    return FGDILP_ERR_ARG;
+                }
             }
         }
     }
@@ -161,7 +186,30 @@ int32_t fgdilp_hook_set_plan(fgdilp_hook * hook,
         hook->captures.assign(captures, captures + n_captures);
         hook->edits.assign(edits, edits + n_edits);
         hook->out_buf.resize((size_t) n_edits * hook->width);
+        hook->out_ok.assign((size_t) n_edits, 0);
         hook->row_index.assign((size_t) max_row + 1, -1);
+        // room for every distinct planned row, so fetch_rows never allocates in the callback
+        size_t n_rows = 0;
+        auto count = [&](int32_t r) {
+            if (r >= 0 && hook->row_index[r] < 0) {
+                hook->row_index[r] = 0;
+                ++n_rows;
+            }
+        };
+        for (const auto & c : hook->captures) {
+            count(c.row);
+        }
+        for (const auto & e : hook->edits) {
+            count(e.target_row);
+            if (e.dir_slot < 0) {
+                count(e.pos_row);
+                for (int32_t j = 0; j < e.n_neg; ++j) {
+                    count(e.neg_rows[j]);
+                }
+            }
+        }
+        hook->row_buf.reserve(n_rows * hook->width);
+        std::fill(hook->row_index.begin(), hook->row_index.end(), -1);
     } catch (const std::bad_alloc &) {
         return FGDILP_ERR_ALLOC;
     }
@@ -323,20 +371,34 @@ static void on_layer(fgdilp_hook * h, ggml_tensor * t, int il) {
     if (scale == 0.0f || h->edits.empty()) {
         return;
     }
+    const fgdilp::fusion_scratch scratch = {h->fuse_masked.data(), h->fuse_abs.data(), h->fuse_signs.data()};
     // compute every edit before writing any, so an edit never reads another's output
     for (size_t k = 0; k < h->edits.size(); ++k) {
         const fgdilp_edit & e = h->edits[k];
+        h->out_ok[k] = 0;
         const float * delta;
         if (e.dir_slot >= 0) {
             delta = h->slot(e.dir_slot, il);
         } else {
+            // sub-toxicity vectors delta_j = a(neg_j) - a(pos), then their fusion
             const float * pos = row(e.pos_row);
-            const float * neg = row(e.neg_rows[0]);
-            for (int i = 0; i < width; ++i) {
-                h->delta[i] = neg[i] - pos[i];
+            for (int j = 0; j < e.n_neg; ++j) {
+                const float * neg = row(e.neg_rows[j]);
+                float * dj = h->deltas.data() + (size_t) j * width;
+                for (int i = 0; i < width; ++i) {
+                    dj[i] = neg[i] - pos[i];
+                }
+            }
+            if (fgdilp::fuse(h->deltas.data(), e.n_neg, width, h->fusion, h->delta.data(), scratch) != FGDILP_OK) {
+                char msg[160];
+                std::snprintf(msg, sizeof msg, "%s: NaN or inf in the rows of edit %zu (target row %d)",
+                              t->name, k, e.target_row);
+                set_error(h, FGDILP_ERR_NONFINITE, msg);
+                continue; // that row is left as the model computed it
             }
             delta = h->delta.data();
         }
+        h->out_ok[k] = 1;
         float * out = h->out_buf.data() + k * width;
         std::memcpy(out, row(e.target_row), sizeof(float) * width);
         const float * ev = e.e_slot >= 0 ? h->slot(e.e_slot, il) : nullptr;
@@ -345,6 +407,9 @@ static void on_layer(fgdilp_hook * h, ggml_tensor * t, int il) {
     }
     const size_t row_bytes = t->nb[1];
     for (size_t k = 0; k < h->edits.size(); ++k) {
+        if (!h->out_ok[k]) {
+            continue;
+        }
         const int32_t r = h->edits[k].target_row;
         const float * out = h->out_buf.data() + k * width;
         if (host) {

@@ -91,6 +91,8 @@ _NORMAL_PIECES: list[str] = (
         _SPACE + "c", _SPACE + "ca", _SPACE + "cap", "it", "al",
         _SPACE + "P", _SPACE + "Pa", _SPACE + "Par", _SPACE + "Pari", _SPACE + "Paris",
         _SPACE + "F", _SPACE + "Fr", "ra", "nc", "ce",
+        # single-token answers for self-diagnosis ("yes" -> "▁yes" with the space prefix)
+        _SPACE + "y", _SPACE + "ye", _SPACE + "yes", _SPACE + "n", _SPACE + "no",
         _SPACE + _SPACE,
     ]
 )

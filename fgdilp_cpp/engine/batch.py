@@ -6,8 +6,8 @@ of the batch: that is how the hook knows each row's role.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
 
@@ -65,60 +65,92 @@ class Capture:
     slot: int
 
 
-@dataclass
 class Lockstep:
-    """Sequences that advance together: each prefilled with its own tokens, then one shared token
-    appended to all of them per step. In every decode that carries the sequences' last positions,
-    row s of the batch is the last token of sequence s, so hook edits can name sequences as rows.
+    """Groups of sequences that advance together.
 
-    ctx: engine Context; sequences: token lists, sequence s uses seq_id first_seq + s.
-    want_logits: sequences whose last row asks for logits (the others do not pay for the vocab).
+    `sequences` (R roles, e.g. P+, P-, P0) are prefilled once; their KV is then shared by
+    `n_groups` copies (llama_memory_seq_cp, no second prefill). Each step appends one token per
+    active group to all R sequences of that group. In every decode that carries last positions,
+    the batch holds R rows per active group in group order: row = k*R + role for the k-th active
+    group, so hook edits written in role terms are placed on rows here.
+
+    want_logits: roles whose rows ask for logits (others do not pay for the vocabulary).
+    Sequence ids: first_seq + g*R + role.
     """
 
-    ctx: object
-    sequences: Sequence[Sequence[int]]
-    want_logits: Sequence[int]
-    first_seq: int = 0
-    lengths: list[int] = field(init=False)
-
-    def __post_init__(self):
-        n_seq = len(self.sequences)
-        if n_seq == 0 or any(len(s) == 0 for s in self.sequences):
+    def __init__(self, ctx, sequences: Sequence[Sequence[int]], want_logits: Sequence[int],
+                 n_groups: int = 1, first_seq: int = 0):
+        self.ctx, self.sequences = ctx, [list(s) for s in sequences]
+        self.n_roles, self.n_groups, self.first_seq = len(sequences), n_groups, first_seq
+        if self.n_roles == 0 or any(len(s) == 0 for s in self.sequences):
             raise FgdilpError("empty sequence")
-        cap = self.ctx.params.n_batch
-        if n_seq > cap:
-            raise FgdilpError(f"{n_seq} sequences do not fit one batch of {cap}")
-        self.lengths = [len(s) for s in self.sequences]
+        if n_groups < 1:
+            raise FgdilpError("at least one group")
+        cap = ctx.params.n_batch
+        if self.n_roles * n_groups > cap:
+            raise FgdilpError(f"{self.n_roles * n_groups} sequences do not fit one batch of {cap} (-b)")
+        if first_seq + self.n_roles * n_groups > ctx.params.n_seq_max:
+            raise FgdilpError(f"{self.n_roles * n_groups} sequences exceed the context's {ctx.params.n_seq_max}")
+        self.lengths = [len(s) for s in self.sequences]          # per role (same for every group)
+        self.active = list(range(n_groups))                      # groups still generating
         self._batch = Batch(cap)
-        self._want = [s in set(self.want_logits) for s in range(n_seq)]
+        self._want = [r in set(want_logits) for r in range(self.n_roles)]
         self._plan = None
 
-    def prefill(self, captures: Sequence[Capture] = (), edits: Sequence = ()) -> None:
-        """Decode every token of every sequence; the last tokens go last, together, with `edits`."""
+    def seq_id(self, group: int, role: int) -> int:
+        return self.first_seq + group * self.n_roles + role
+
+    def row(self, group: int, role: int) -> int:
+        """Row of (group, role) in the last decode that carried last positions."""
+        return self.active.index(group) * self.n_roles + role
+
+    def _place(self, edits: Sequence) -> tuple:
+        """Role-relative edits, one copy per active group, moved onto that group's rows."""
+        R, out = self.n_roles, []
+        for k in range(len(self.active)):
+            off = k * R
+            for e in edits:
+                out.append(replace(e, target=e.target + off, pos=e.pos + off if e.pos >= 0 else -1,
+                                   neg=tuple(n + off for n in e.neg)))
+        return tuple(out)
+
+    def prefill(self, captures: Sequence[Capture] = (), edits: Sequence = (),
+                before_last: Optional[Callable[[], None]] = None) -> None:
+        """Decode every token of every role once, share it with all groups, then decode the last
+        tokens of all groups together with `edits`. Captures name tokens of group 0.
+        before_last: called between the two (e.g. to average captured slots into an e slot)."""
         hook = self.ctx.hook
         b, cap = self._batch, self.ctx.params.n_batch
         b.clear()
         pending: list[tuple[int, int]] = []   # hook captures (row, slot) in the current chunk
         by_pos = {(c.seq, c.index): c.slot for c in captures}
-        for s, toks in enumerate(self.sequences):
+        for r, toks in enumerate(self.sequences):
             for i, tok in enumerate(toks[:-1]):
                 if b.n == cap:
                     self._decode_chunk(pending)
                     pending = []
-                row = b.add(tok, i, self.first_seq + s, False)
-                slot = by_pos.get((s, i))
+                row = b.add(tok, i, self.seq_id(0, r), False)
+                slot = by_pos.get((r, i))
                 if slot is not None:
                     pending.append((row, slot))
         if b.n:
             self._decode_chunk(pending)
-        last_caps = [(s, slot) for (s, i), slot in by_pos.items() if i == len(self.sequences[s]) - 1]
-        for s, toks in enumerate(self.sequences):
-            b.add(toks[-1], len(toks) - 1, self.first_seq + s, self._want[s])
+        for g in range(1, self.n_groups):
+            for r, toks in enumerate(self.sequences):
+                if len(toks) > 1:
+                    self.ctx.seq_cp(self.seq_id(0, r), self.seq_id(g, r), 0, len(toks) - 1)
+        if before_last is not None:
+            before_last()
+        last_caps = [(r, slot) for (r, i), slot in by_pos.items() if i == len(self.sequences[r]) - 1]
+        for g in range(self.n_groups):
+            for r, toks in enumerate(self.sequences):
+                b.add(toks[-1], len(toks) - 1, self.seq_id(g, r), self._want[r])
+        placed = self._place(edits)
         if hook is not None:
-            hook.set_plan(last_caps, edits)
+            hook.set_plan(last_caps, placed)
         self.ctx.decode(b)
-        self._check_edits(edits)
-        self._plan = None  # the prefill plan had captures: the first step sets its own
+        self._check_edits(placed)
+        self._plan = None  # the prefill plan may have captures: the first step sets its own
 
     def _decode_chunk(self, pending: list[tuple[int, int]]) -> None:
         hook = self.ctx.hook
@@ -134,24 +166,31 @@ class Lockstep:
             if hook.edits_applied != want:
                 raise FgdilpError(f"steering edited {hook.edits_applied} rows, expected {want}")
 
-    def step(self, token: int, edits: Sequence = ()) -> None:
-        """Append `token` to every sequence and decode the new row of each; `edits` name rows
-        (= sequence indexes) of this one-row-per-sequence batch."""
-        b, hook = self._batch, self.ctx.hook
-        b.clear()
-        for s in range(len(self.sequences)):
-            b.add(token, self.lengths[s], self.first_seq + s, self._want[s])
-            self.lengths[s] += 1
-        edits = tuple(edits)
-        if hook is not None and edits != self._plan:
-            hook.set_plan((), edits)
-            self._plan = edits
-        self.ctx.decode(b)
-        self._check_edits(edits)
+    def deactivate(self, group: int) -> None:
+        """Stop advancing `group` (its rows leave the following batches)."""
+        self.active.remove(group)
+        for r in range(self.n_roles):
+            self.ctx.seq_rm(self.seq_id(group, r))
 
-    def logits(self, seq: int):
-        """Logits at the last decoded position of sequence `seq` (a view into llama.cpp's buffer)."""
-        return self.ctx.logits(seq)
+    def step(self, tokens: Sequence[int], edits: Sequence = ()) -> None:
+        """Append tokens[k] to every role of the k-th active group and decode the new rows."""
+        b, hook, R = self._batch, self.ctx.hook, self.n_roles
+        b.clear()
+        for k, g in enumerate(self.active):
+            for r in range(R):
+                b.add(tokens[k], self.lengths[r], self.seq_id(g, r), self._want[r])
+        for r in range(R):
+            self.lengths[r] += 1
+        placed = self._place(edits)
+        if hook is not None and placed != self._plan:
+            hook.set_plan((), placed)
+            self._plan = placed
+        self.ctx.decode(b)
+        self._check_edits(placed)
+
+    def logits(self, group: int, role: int):
+        """Logits at the last decoded position of (group, role): a view into llama.cpp's buffer."""
+        return self.ctx.logits(self.row(group, role))
 
     def close(self) -> None:
         self._batch.close()

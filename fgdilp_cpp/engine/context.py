@@ -115,6 +115,7 @@ class Model:
             raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
+        self._eog: list[int] | None = None
 
     def meta(self, key: str) -> Optional[str]:
         buf = ctypes.create_string_buffer(512)
@@ -172,6 +173,17 @@ class Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token id (scanned once)."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.info.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t)]
+        return self._eog
+
+    def tokenize_plain(self, text: str) -> list[int]:
+        """Tokens of `text` alone: no BOS, no special-token parsing."""
+        return self.tokenize(text, add_bos=False)
 
     def close(self) -> None:
         if getattr(self, "_m", None):

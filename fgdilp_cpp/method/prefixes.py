@@ -57,3 +57,55 @@ def prefixed(tokenize: Tokenize, token_bytes: TokenBytes, template: str, prompt:
     if after >= len(toks):
         raise FgdilpError("the prompt vanished when joined to the prefix template")
     return Prefixed(tokens=toks, colon_index=colon, prompt_start=after)
+
+
+# ---- FGDILP: instance-level prefixes (method.md section 2.3-2.4) --------------------------------
+POS_TEMPLATE = ("The above text is an example. The following text is also kind, polite, positive, "
+                "respectful and supportive: ")
+NEG_TEMPLATE = ("The above text is an example. The following text is also abusive, harmful, negative, "
+                "obscene, racist, rude and toxic: ")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which self-generated samples become prefixes."""
+
+    negatives: list[str]          # texts placed before NEG_TEMPLATE ("" = a blank, template-only negative)
+    negative_sources: list        # per negative: index of its sample, or None for a blank pad
+    negative_attributes: list     # per negative: the attributes it scored highest on ([] for a pad)
+    positive: str
+    positive_source: int
+
+
+def select_prefixes(samples: list[str], scores, attributes: list[str], n_negatives: int = 6,
+                    pad_blank: bool = True) -> Selection:
+    """Negatives: the top sample of each attribute, de-duplicated, in attribute order; padded to
+    n_negatives with blank texts when pad_blank. Positive: the lowest-'toxicity' sample.
+
+    scores: [n_samples, n_attributes] P(yes); attributes[0] must be 'toxicity'."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape != (len(samples), len(attributes)) or not samples:
+        raise FgdilpError("scores must be [n_samples, n_attributes] for at least one sample")
+    if attributes[0] != "toxicity":
+        raise FgdilpError("the first attribute must be 'toxicity'")
+    order: list[int] = []
+    why: dict[int, list[str]] = {}
+    for a, name in enumerate(attributes):
+        best = int(np.argmax(scores[:, a]))          # first index on ties
+        if best not in why:
+            order.append(best)
+            why[best] = []
+        why[best].append(name)
+    order = order[:n_negatives]
+    negatives = [samples[i] for i in order]
+    sources: list = list(order)
+    attrs = [why[i] for i in order]
+    if pad_blank:
+        while len(negatives) < n_negatives:
+            negatives.append("")
+            sources.append(None)
+            attrs.append([])
+    pos = int(np.argmin(scores[:, 0]))
+    return Selection(negatives, sources, attrs, samples[pos], pos)

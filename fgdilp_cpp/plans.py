@@ -1,0 +1,198 @@
+"""What each method runs: its sequences (roles), hook captures and edits, and FGDILP's setup.
+
+Roles of a steered plan: 0 = P+, 1..n = P-_j, n+1 = P0 (exact modes); frozen modes run P0 alone
+with a fixed direction in a hook slot. Hook slots: see the SLOT_* constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from .engine import Capture, Lockstep, SamplingParams
+from .errors import FgdilpError
+from .method.diagnosis import ATTRIBUTE_NAMES
+from .method.fusion import FUSION_MODES, fuse
+from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE, prefixed, select_prefixes
+from .native import MAX_NEG, EditSpec
+
+# hook slots, each [n_layer, width]
+SLOT_E = 0                      # e: mean of the negatives' template ':' rows
+SLOT_DIR = 1                    # fixed direction (frozen modes, saved vectors)
+SLOT_POS_LAST = 2               # P+ last row at the end of the prompt
+SLOT_NEG_LAST = 3               # .. 3 + MAX_NEG: P-_j last rows
+SLOT_COLON = SLOT_NEG_LAST + MAX_NEG   # .. + MAX_NEG: P-_j template ':' rows
+N_SLOTS = SLOT_COLON + MAX_NEG
+
+
+@dataclass(frozen=True)
+class SteerParams:
+    exp_norm: float = 0.4
+    exp_sim: float = 0.6
+    scale: float = 1.0
+    layer_start: int = 0
+    layer_end: int = -1          # inclusive; -1 = last layer
+    renorm: bool = True
+
+    def check(self, n_layer: int) -> None:
+        for name, v in (("exp_norm", self.exp_norm), ("exp_sim", self.exp_sim), ("scale", self.scale)):
+            if not np.isfinite(v):
+                raise FgdilpError(f"{name} must be a finite number")
+        end = n_layer - 1 if self.layer_end < 0 else self.layer_end
+        if not 0 <= self.layer_start <= end < n_layer:
+            raise FgdilpError(f"--steer-layer-range {self.layer_start} {self.layer_end} is outside "
+                              f"the model's layers 0..{n_layer - 1}")
+
+
+@dataclass(frozen=True)
+class FgdilpParams:
+    samples: int = 25            # N self-generated continuations
+    selfgen_tokens: int = 20     # new tokens per self-generated sample
+    selfgen_min_tokens: int = 5  # no end-of-generation before this many
+    negatives: int = 6           # negative prefixes (one per attribute, de-duplicated)
+    mask_k: float = 50.0         # top-K % entries kept per sub-toxicity vector (100 = no masking)
+    fusion: str = "max"          # merge of the agreeing entries: max | mean | sum
+    sign_election: bool = True
+    pad_blank: bool = True       # pad to `negatives` with template-only (blank) negatives
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise FgdilpError(f"--samples must be at least 1, not {self.samples}")
+        if not 1 <= self.negatives <= MAX_NEG:
+            raise FgdilpError(f"--negatives must be in 1..{MAX_NEG}, not {self.negatives}")
+        if not (0.0 < self.mask_k <= 100.0):
+            raise FgdilpError(f"--mask-k must be in (0, 100], not {self.mask_k}")
+        if self.fusion not in FUSION_MODES:
+            raise FgdilpError(f"--fusion must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
+        if not 1 <= self.selfgen_min_tokens <= self.selfgen_tokens:
+            raise FgdilpError("need 1 <= --selfgen-min-tokens <= --selfgen-tokens")
+
+
+@dataclass
+class Plan:
+    sequences: list[list[int]]
+    out_role: int
+    captures: tuple = ()
+    edits: tuple = ()
+    before_last: Optional[Callable] = None       # (ctx) between the prompt body and its last tokens
+    after_prefill: Optional[Callable] = None     # (ctx) once the prompt is decoded
+    first_seq: int = 0
+    explain: dict = field(default_factory=dict)
+
+
+def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: bool, prefixes=None) -> Plan:
+    model = gen.model
+    tok = model.tokenize
+    raw = tok(prompt)
+    if method == "none":
+        return Plan([raw], 0)
+    if method == "prompt":
+        return Plan([tok(POS_PREFIX + prompt)], 0)
+    if method == "tr":
+        return _exact_plan(gen, method, prompt, raw, POS_PREFIX, [NEG_PREFIX], {}, explain)
+    if method == "vectors":
+        return _fixed_plan(gen, raw, gen.vectors.rows(), None if gen.vectors.e is None else
+                           gen.vectors.e.reshape(gen.vectors.n_layer, -1), {"vectors": gen.vectors.method})
+    sel, info = (prefixes, {}) if prefixes is not None else build_instance(gen, prompt, raw, sampling)
+    if method == "fgdilp":
+        return _exact_plan(gen, method, prompt, raw, sel.positive + POS_TEMPLATE,
+                           [t + NEG_TEMPLATE for t in sel.negatives], info, explain)
+    if method == "fgdilp-frozen":
+        rows, e = frozen_directions(gen, gen.context(method), prompt, sel)
+        info["delta_norms"] = [float(x) for x in np.linalg.norm(rows, axis=1)]
+        return _fixed_plan(gen, raw, rows, e, info)
+    raise FgdilpError(f"unknown method {method!r}")
+
+
+def _prefixed_all(gen, prompt: str, pos_text: str, neg_texts: list[str]):
+    tb = gen.model.token_bytes
+    pos = prefixed(gen.model.tokenize, tb, pos_text, prompt)
+    negs = [prefixed(gen.model.tokenize, tb, t, prompt) for t in neg_texts]
+    return pos, negs
+
+
+def _prefix_captures(pos, negs, with_last: bool) -> list[Capture]:
+    caps = [Capture(seq=1 + j, index=n.colon_index, slot=SLOT_COLON + j) for j, n in enumerate(negs)]
+    if with_last:
+        caps.append(Capture(seq=0, index=len(pos.tokens) - 1, slot=SLOT_POS_LAST))
+        caps += [Capture(seq=1 + j, index=len(n.tokens) - 1, slot=SLOT_NEG_LAST + j) for j, n in enumerate(negs)]
+    return caps
+
+
+def _average_e(hook, n: int) -> None:
+    hook.slots[SLOT_E] = hook.slots[SLOT_COLON:SLOT_COLON + n].mean(axis=0)
+
+
+def _exact_plan(gen, method, prompt, raw, pos_text, neg_texts, info: dict, explain: bool) -> Plan:
+    """P+, P-_1..n and P0 as sequences of one decode per step; the hook fuses and edits P0."""
+    pos, negs = _prefixed_all(gen, prompt, pos_text, neg_texts)
+    n = len(negs)
+    hook = gen.context(method).hook
+    k, mode, elect = (100.0, "max", True) if method == "tr" else \
+        (gen.fgdilp.mask_k, gen.fgdilp.fusion, gen.fgdilp.sign_election)
+
+    def norms(ctx) -> None:   # --explain: per-layer |fused delta| at the end of the prompt
+        s = hook.slots
+        deltas = s[SLOT_NEG_LAST:SLOT_NEG_LAST + n] - s[SLOT_POS_LAST]       # [n, n_layer, width]
+        info["delta_norms"] = [float(np.linalg.norm(fuse(deltas[:, il], k, mode, elect)))
+                               for il in range(deltas.shape[1])]
+
+    return Plan([pos.tokens] + [x.tokens for x in negs] + [raw], n + 1,
+                captures=tuple(_prefix_captures(pos, negs, with_last=explain)),
+                edits=(EditSpec(target=n + 1, pos=0, neg=tuple(range(1, n + 1)), e_slot=SLOT_E),),
+                before_last=lambda ctx: _average_e(hook, n), after_prefill=norms if explain else None,
+                explain=info)
+
+
+def frozen_directions(gen, ctx, prompt: str, sel) -> tuple[np.ndarray, np.ndarray]:
+    """Capture P+ and P-_j once at the end of the prompt and fuse in numpy: ([L, W] direction, [L, W] e)."""
+    f = gen.fgdilp
+    pos, negs = _prefixed_all(gen, prompt, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives])
+    n = len(negs)
+    hook = ctx.hook
+    ctx.clear()
+    lock = Lockstep(ctx, [pos.tokens] + [x.tokens for x in negs], want_logits=[])
+    try:
+        lock.prefill(_prefix_captures(pos, negs, with_last=True))
+    finally:
+        lock.close()
+    s = hook.slots
+    deltas = s[SLOT_NEG_LAST:SLOT_NEG_LAST + n] - s[SLOT_POS_LAST]          # [n, n_layer, width]
+    rows = np.stack([fuse(deltas[:, il], f.mask_k, f.fusion, f.sign_election)
+                     for il in range(deltas.shape[1])])                       # [n_layer, width]
+    e = s[SLOT_COLON:SLOT_COLON + n].mean(axis=0)                             # [n_layer, width]
+    return rows.astype(np.float32), e.astype(np.float32)
+
+
+def _fixed_plan(gen, raw, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:
+    """P0 alone, edited with a fixed direction (frozen FGDILP, saved vectors)."""
+    method = "vectors" if gen.vectors is not None else "fgdilp-frozen"
+    hook = gen.context(method).hook
+    hook.slots[SLOT_DIR] = rows
+    hook.slots[SLOT_E] = 0 if e is None else e
+    hook.check_slots()
+    edit = EditSpec(target=0, dir_slot=SLOT_DIR, e_slot=-1 if e is None else SLOT_E)
+    return Plan([raw], 0, edits=(edit,), explain=info)
+
+
+def build_instance(gen, prompt: str, raw: list[int], sampling: SamplingParams):
+    """Self-generation, self-diagnosis and prefix selection for one prompt (method.md 2.1-2.3)."""
+    from .instance import Diagnoser, self_generate
+
+    f, model = gen.fgdilp, gen.model
+    ctx = gen.context("setup")
+    outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens)
+    texts = [model.detokenize(o) for o in outs]
+    diag = gen.diagnoser()
+    scores = diag.scores(ctx, texts)
+    sel = select_prefixes(texts, scores, list(ATTRIBUTE_NAMES), f.negatives, f.pad_blank)
+    info = {
+        "samples": [{"text": t, "scores": dict(zip(ATTRIBUTE_NAMES, map(float, sc)))} for t, sc in zip(texts, scores)],
+        "negatives": [{"text": t, "sample": src, "attributes": a}
+                      for t, src, a in zip(sel.negatives, sel.negative_sources, sel.negative_attributes)],
+        "positive": {"text": sel.positive, "sample": sel.positive_source},
+        "yes_no_tokens": [diag.yes_text, diag.no_text],
+    }
+    return sel, info

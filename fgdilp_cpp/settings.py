@@ -1,0 +1,132 @@
+"""One Settings dataclass: CLI flags and TOML config keys map onto its fields by name.
+
+A TOML key is the long flag name without its dashes ("steer-scale = 0.5", "renorm = false",
+"steer-layer-range = [12, 17]"); precedence: flag > config file > default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from .engine import SamplingParams
+from .errors import FgdilpError
+from .generation import EngineParams
+from .plans import FgdilpParams, SteerParams
+
+
+@dataclass
+class Settings:
+    # model and engine
+    model: Optional[str] = None
+    ctx_size: int = 2048
+    threads: int = 0
+    n_gpu_layers: int = 0
+    batch_size: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"
+    # generation
+    method: str = "tr"
+    n_predict: int = 64
+    seed: int = 42
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    # steering (TR and FGDILP)
+    steer_scale: float = 1.0
+    steer_layer_range: Optional[tuple[int, int]] = None
+    exp_norm: float = 0.4
+    exp_sim: float = 0.6
+    renorm: bool = True
+    # FGDILP (method.md section 2 defaults)
+    samples: int = 25
+    selfgen_tokens: int = 20
+    selfgen_min_tokens: int = 5
+    negatives: int = 6
+    mask_k: float = 50.0
+    fusion: str = "max"
+    sign_election: bool = True
+    pad_blank: bool = True
+
+    # ---- views for the engine and the method ------------------------------------------------
+    def engine(self, **over) -> EngineParams:
+        return EngineParams(ctx_size=self.ctx_size, n_batch=self.batch_size, n_threads=self.threads,
+                            type_k=self.cache_type_k, type_v=self.cache_type_v, flash_attn=self.flash_attn,
+                            **over)
+
+    def steer(self) -> SteerParams:
+        start, end = self.steer_layer_range or (0, -1)
+        return SteerParams(exp_norm=self.exp_norm, exp_sim=self.exp_sim, scale=self.steer_scale,
+                           layer_start=start, layer_end=end, renorm=self.renorm)
+
+    def fgdilp(self) -> FgdilpParams:
+        p = FgdilpParams(samples=self.samples, selfgen_tokens=self.selfgen_tokens,
+                         selfgen_min_tokens=self.selfgen_min_tokens, negatives=self.negatives,
+                         mask_k=self.mask_k, fusion=self.fusion, sign_election=self.sign_election,
+                         pad_blank=self.pad_blank)
+        p.check()
+        return p
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temp=self.temp, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              seed=self.seed).validate()
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- sources ----------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def updated(self, values: dict[str, Any]) -> "Settings":
+        """A copy with `values` (field names) applied and type-checked."""
+        out = dataclasses.replace(self)
+        types = {f.name: f.type for f in fields(self)}
+        for name, v in values.items():
+            if name not in types:
+                raise FgdilpError(f"unknown setting {name.replace('_', '-')!r}")
+            setattr(out, name, _coerce(name, types[name], v))
+        return out
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: Optional["Settings"] = None) -> "Settings":
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FgdilpError(f"config file not found: {p}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FgdilpError(f"cannot read config file {p}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise FgdilpError(f"config file {p} is not valid TOML: {exc}") from None
+        values = {k.replace("-", "_"): v for k, v in data.items()}
+        return (base or cls()).updated(values)
+
+
+def _coerce(name: str, typ: str, v: Any) -> Any:
+    flag = name.replace("_", "-")
+    if typ in ("int", "float") and isinstance(v, bool):
+        raise FgdilpError(f"{flag} must be a number, not {v!r}")
+    if typ == "int" and isinstance(v, int):
+        return v
+    if typ == "float" and isinstance(v, (int, float)):
+        return float(v)
+    if typ == "bool" and isinstance(v, bool):
+        return v
+    if typ == "str" and isinstance(v, str):
+        return v
+    if typ == "Optional[str]" and (v is None or isinstance(v, str)):
+        return v
+    if typ == "Optional[tuple[int, int]]":
+        if v is None:
+            return None
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+            return (int(v[0]), int(v[1]))
+        raise FgdilpError(f"{flag} must be two layer numbers [START, END], not {v!r}")
+    raise FgdilpError(f"{flag} has the wrong type: {v!r}")
