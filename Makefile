@@ -25,7 +25,7 @@ native: install
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 demo: install
-	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr
+	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr,fgdilp,fgdilp-frozen
 
 test: install
 	$(PY) -m pytest -q

@@ -170,6 +170,11 @@ def main() -> None:
 def generate(prompt, vectors_path, explain, as_json, **kw):
     """Continue PROMPT, steered with METHOD."""
     s = _settings(kw)
+    if vectors_path:
+        if click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT and \
+                s.method != "fgdilp-frozen":
+            raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
+        s = s.updated({"method": "vectors"})
     model, gen = _open(s, vectors_path)
     with model, gen:
         stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
@@ -287,6 +292,35 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, as_json, **kw):
     for m, r in out["methods"].items():
         sr = f"{r['setup_ratio']:.3f}" if "setup_ratio" in r else "-"
         click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
+
+
+@main.command()
+@model_options
+@click.option("--prompts", "prompts_path", required=True, metavar="FILE.jsonl",
+              help="RealToxicityPrompts JSONL (the human continuations are scored).")
+@click.option("--limit", type=click.IntRange(1), default=300, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def diagnose(prompts_path, limit, offset, as_json, **kw):
+    """Self-diagnosis agreement: the model's P(yes) per attribute vs Perspective (AUC, Spearman)."""
+    from .evaluation.prompts import load_prompts
+    from .evaluation.selfdiag import self_diagnosis_agreement
+
+    s = _settings(kw)
+    records = load_prompts(prompts_path, limit, offset)
+    model, gen = _open(s)
+    with model, gen:
+        out = self_diagnosis_agreement(gen, records)
+    out["model"] = model.info.path
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"model {out['model']}: {out['n']} continuations, label = Perspective score >= "
+               f"{out['threshold']}, answer tokens {out['yes_no_tokens']}")
+    click.echo(f"{'attribute':<18}{'AUC':>7}{'Spearman':>10}{'positives':>11}{'mean P(yes)':>13}")
+    for name, r in out["attributes"].items():
+        click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{r['mean_p_yes']:>13.3f}")
 
 
 @main.group()

@@ -1,0 +1,1 @@
+"""Offline evaluation: prompt files, metrics (and, later, the scorer and the runner)."""

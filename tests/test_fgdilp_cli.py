@@ -1,0 +1,160 @@
+"""FGDILP through the CLI on the tiny model: explain output, settings files, vectors files, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fgdilp_cpp.evaluation.metrics import auc, spearman
+from fgdilp_cpp.evaluation.prompts import load_prompts
+from fgdilp_cpp.method.vectors import HeadDirections
+from fgdilp_cpp.settings import Settings
+from test_cli_errors import assert_clean_error
+from tiny_model import TinyConfig, build_tiny_llama
+
+FAST = ["--samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-n", "6", "-c", "256"]
+
+
+def run_json(cli, *args):
+    proc = cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("method", ["fgdilp", "fgdilp-frozen"])
+def test_generate_explain_json(cli, tiny_llama, method):
+    out = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "the cat", "--method", method, "--explain", *FAST)
+    ex = out["explain"]
+    assert out["method"] == method and out["hook_fired_layers"] == 3
+    assert len(ex["samples"]) == 3 and len(ex["negatives"]) == 6
+    assert len(ex["delta_norms"]) == 3 and all(x >= 0 for x in ex["delta_norms"])
+    assert ex["positive"]["sample"] in range(3)
+    # blank pads are explicit
+    assert all((n["sample"] is None) == (n["text"] == "") for n in ex["negatives"])
+
+
+def test_config_file_keys_are_flag_names(cli, tiny_llama, tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('method = "fgdilp-frozen"\nsamples = 3\nselfgen-tokens = 4\nselfgen-min-tokens = 1\n'
+                   'n-predict = 5\nctx-size = 256\nseed = 9\nsteer-layer-range = [1, 2]\nrenorm = false\n')
+    a = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "the cat", "--config", cfg)
+    assert a["method"] == "fgdilp-frozen" and a["n_tokens"] <= 5 and a["seed"] == 9
+    b = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "the cat", "--config", cfg, "-s", "10")
+    assert b["seed"] == 10                              # a flag beats the file
+
+
+def test_settings_from_toml(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text('mask-k = 30\nfusion = "mean"\nsign-election = false\nsteer-layer-range = [3, 5]\n')
+    s = Settings.from_toml(p)
+    assert (s.mask_k, s.fusion, s.sign_election, s.steer_layer_range) == (30.0, "mean", False, (3, 5))
+    f = s.fgdilp()
+    assert f.mask_k == 30.0 and f.negatives == 6 and f.samples == 25
+    p.write_text("mask-kk = 3\n")
+    with pytest.raises(Exception, match="unknown setting 'mask-kk'"):
+        Settings.from_toml(p)
+    p.write_text('samples = "many"\n')
+    with pytest.raises(Exception, match="samples"):
+        Settings.from_toml(p)
+
+
+def test_vectors_build_apply_inspect(cli, tiny_llama, tmp_path):
+    vec = tmp_path / "v.gguf"
+    proc = cli("vectors", "build", "-m", tiny_llama[0], "-p", "the cat", "-o", vec, *FAST[:-4])
+    assert proc.returncode == 0, proc.stderr
+    hd = HeadDirections.load(vec)
+    assert hd.directions.shape == (3, 4, 16) and hd.method == "fgdilp-frozen"
+    assert hd.settings["prompt"] == "the cat" and hd.settings["samples"] == 3
+    out = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", vec, "-n", "6")
+    plain = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "a dog", "--method", "none", "-n", "6")
+    assert out["method"] == "vectors" and out["hook_fired_layers"] == 3
+    assert out["text"] != plain["text"]
+    proc = cli("vectors", "inspect", vec)
+    assert proc.returncode == 0 and "[3, 4, 16]" in proc.stdout and "fgdilp-frozen" in proc.stdout
+
+
+def test_vectors_for_another_model_refused(cli, tiny_llama, tmp_path):
+    other = tmp_path / "other.gguf"
+    build_tiny_llama(other, TinyConfig(n_layer=2))
+    vec = tmp_path / "v.gguf"
+    assert cli("vectors", "build", "-m", other, "-p", "the cat", "-o", vec, *FAST[:-4]).returncode == 0
+    proc = cli("generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", vec)
+    assert_clean_error(proc, "built for")
+
+
+def test_nan_in_vectors_file_refused(cli, tiny_llama, tmp_path):
+    vec = tmp_path / "v.gguf"
+    assert cli("vectors", "build", "-m", tiny_llama[0], "-p", "the cat", "-o", vec, *FAST[:-4]).returncode == 0
+    hd = HeadDirections.load(vec)
+    bad = hd.directions.copy()
+    bad[1, 2, 3] = np.nan
+    # write a file with NaN, bypassing validate(), the way a broken tool would
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "nan.gguf"), "fgdilp-directions")
+    r = gguf.GGUFReader(str(vec))
+    for f in r.fields.values():
+        if f.name.startswith("fgdilp.") and f.types:
+            t = f.types[0]
+            if t == gguf.GGUFValueType.STRING:
+                w.add_string(f.name, bytes(f.parts[-1]).decode())
+            elif t == gguf.GGUFValueType.BOOL:
+                w.add_bool(f.name, bool(f.parts[-1][0]))
+            else:
+                w.add_uint32(f.name, int(f.parts[-1][0]))
+    w.add_tensor("directions", bad)
+    w.add_tensor("e", hd.e)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    proc = cli("generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", tmp_path / "nan.gguf")
+    assert_clean_error(proc, "NaN")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--samples", "0"], "--samples"),
+    (["--mask-k", "0"], "--mask-k"),
+    (["--mask-k", "101"], "--mask-k"),
+    (["--negatives", "9"], "--negatives"),
+])
+def test_bad_fgdilp_flags(cli, tiny_llama, args, needle):
+    assert_clean_error(cli("generate", "-m", tiny_llama[0], "-p", "x", "--method", "fgdilp", *args), needle)
+
+
+def test_diagnose_command_plumbing(cli, tiny_llama, tmp_path):
+    rows = []
+    for i in range(8):
+        tox = 0.9 if i % 2 else 0.1
+        rows.append({"prompt": {"text": f"p{i}", "toxicity": 0.7},
+                     "continuation": {"text": f" some text number {i}", **{a: tox for a in (
+                         "toxicity", "sexually_explicit", "threat", "identity_attack", "profanity", "insult")}}})
+    f = tmp_path / "rtp.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = run_json(cli, "diagnose", "-m", tiny_llama[0], "--prompts", f, "--limit", "8", "-c", "256")
+    assert out["n"] == 8
+    for r in out["attributes"].values():
+        assert 0.0 <= r["auc"] <= 1.0 and r["positives"] == 4 and 0.0 < r["mean_p_yes"] < 1.0
+
+
+def test_metrics_known_values():
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert auc([1, 1, 1], [0, 1, 1]) == 0.5
+    assert np.isnan(auc([1, 2], [1, 1]))
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_prompt_files(tmp_path):
+    p = tmp_path / "plain.txt"
+    p.write_text("first prompt\n\nsecond one\n")
+    recs = load_prompts(p)
+    assert [r.text for r in recs] == ["first prompt", "second one"] and recs[1].id == 2
+    rtp = load_prompts("/work/shared/data/rtp-toxic-2k.jsonl" if False else _shared_rtp(), limit=3, offset=1)
+    assert len(rtp) == 3 and rtp[0].id == 1 and rtp[0].prompt_scores["toxicity"] >= 0.5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": 3}\n')
+    with pytest.raises(Exception, match="bad.jsonl:1"):
+        load_prompts(bad)
+
+
+def _shared_rtp():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp-toxic-2k.jsonl"
