@@ -88,7 +88,7 @@ class Generator:
             vectors.check_model(identity_of(model))
 
     # ---- contexts ---------------------------------------------------------------------------
-    def _check_steerable(self) -> None:
+    def _check_steerable(self, method: str) -> None:
         info = self.model.info
         if info.n_head <= 0 or info.head_dim <= 0:
             raise FgdilpError(f"architecture '{info.architecture}' has no attention heads (no kqv_out "
@@ -97,7 +97,8 @@ class Generator:
             raise FgdilpError(f"steering needs an unquantised V cache (f16, bf16 or f32), not "
                               f"{self.engine.type_v}: a quantised V cache rotates kqv_out")
         self.steer.check(info.n_layer)
-        self.fgdilp.check()
+        if method.startswith("fgdilp"):
+            self.fgdilp.check()
 
     def _roles(self, method: str) -> int:
         n_neg = self.fgdilp.negatives
@@ -120,7 +121,7 @@ class Generator:
                               f"allows {MAX_SEQ}")
         hook = None
         if method in STEERED:
-            self._check_steerable()
+            self._check_steerable(method)
             s = self.steer
             hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
                               exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
