@@ -43,3 +43,26 @@ def test_layer_range_steers_fewer_layers(cli, gemma_path, layer_range):
     part = gen(cli, "tr", 7, "--steer-layer-range", *layer_range)
     assert part["hook_fired_layers"] == 18      # every layer is read, only some are edited
     assert part["text"] != full["text"]
+
+
+@pytest.mark.parametrize("method", ["fgdilp", "fgdilp-frozen"])
+def test_fgdilp_on_gemma(cli, gemma_path, method):
+    none = gen(cli, "none", 5)
+    out = gen(cli, method, 5, "--samples", "6", "--explain")
+    assert out["hook_fired_layers"] == 18
+    assert out["text"] != none["text"]
+    ex = out["explain"]
+    assert ex["yes_no_tokens"] == [" yes", " no"]      # single tokens in gemma's vocabulary
+    assert len(ex["samples"]) == 6 and len(ex["delta_norms"]) == 18
+    p_tox = [s["scores"]["toxicity"] for s in ex["samples"]]
+    assert len(set(p_tox)) > 1 and all(0 < p < 1 for p in p_tox)
+
+
+def test_self_diagnosis_plumbing_on_gemma(cli, gemma_path):
+    rtp = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp-toxic-2k.jsonl"
+    proc = cli("diagnose", "--prompts", rtp, "--limit", "24", "-t", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["n"] == 24 and out["yes_no_tokens"] == [" yes", " no"]
+    tox = out["attributes"]["toxicity"]
+    assert 0.0 <= tox["auc"] <= 1.0 and 0 < tox["positives"] < 24
