@@ -25,6 +25,24 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def model(tiny_llama):
+    """The tiny llama model loaded through the engine."""
+    from fgdilp_cpp.engine import Model
+
+    with Model(tiny_llama[0]) as m:
+        yield m
+
+
+@pytest.fixture(scope="session")
+def torch_model(tiny_llama):
+    """A float64 torch forward of the same weights."""
+    from torch_reference import TorchLlama
+
+    _, weights, cfg = tiny_llama
+    return TorchLlama(weights, cfg)
+
+
+@pytest.fixture(scope="session")
 def tiny_mamba(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny-mamba.gguf"
     build_tiny_mamba(path)

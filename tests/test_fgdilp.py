@@ -8,31 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from fgdilp_cpp.engine import Model, SamplingParams
+from fgdilp_cpp.engine import SamplingParams
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.generation import EngineParams, Generator
 from fgdilp_cpp.method.fusion import fuse
 from fgdilp_cpp.method.prefixes import NEG_TEMPLATE, POS_TEMPLATE, Selection, prefixed
 from fgdilp_cpp.plans import FgdilpParams, SteerParams
 from test_oracle import FORCED, rel_err, torch_tr_edit
-from torch_reference import TorchLlama
 
 PROMPT = "the cat sat on a mat"
 SEL = Selection(negatives=["you are a rat", "bad: so bad", ""], negative_sources=[0, 1, None],
                 negative_attributes=[["toxicity"], ["insult"], []], positive="a nice day", positive_source=2)
 F32 = dict(type_k="f32", type_v="f32", flash_attn="off")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_llama):
-    with Model(tiny_llama[0]) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def torch_model(tiny_llama):
-    _, weights, cfg = tiny_llama
-    return TorchLlama(weights, cfg)
 
 
 def reference(model, tm, params: FgdilpParams, steer: SteerParams, frozen: bool):

@@ -13,27 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from fgdilp_cpp.engine import Batch, Context, ContextParams, Model
+from fgdilp_cpp.engine import Batch, Context, ContextParams
 from fgdilp_cpp.generation import EngineParams, Generator, SteerParams
 from fgdilp_cpp.method.prefixes import NEG_PREFIX, POS_PREFIX, prefixed
 from fgdilp_cpp.native import NativeHook
-from torch_reference import TorchLlama
 
 F32_CACHE = dict(type_k="f32", type_v="f32")
 PROMPT = "the cat sat on a mat"
 FORCED = [70, 81, 90, 77, 100]   # byte-fallback and letter tokens of the tiny vocabulary
-
-
-@pytest.fixture(scope="module")
-def model(tiny_llama):
-    with Model(tiny_llama[0]) as m:
-        yield m
-
-
-@pytest.fixture(scope="module")
-def torch_model(tiny_llama):
-    _, weights, cfg = tiny_llama
-    return TorchLlama(weights, cfg)
 
 
 def rel_err(a, b) -> float:
@@ -95,7 +82,7 @@ def torch_tr_edit(v, delta, e, n_head, a, b, scale, renorm=True):
     return new
 
 
-def torch_tr_logits(tm: TorchLlama, pos_toks, neg_toks, raw_toks, colon, forced, n_head, a, b, scale):
+def torch_tr_logits(tm, pos_toks, neg_toks, raw_toks, colon, forced, n_head, a, b, scale):
     """Two passes per step: (1) P+ and P- forward, read their last rows; (2) P0 forward with its
     last row edited at every layer. Returns P0's logits before each forced token and after the last."""
     sp, sn, s0 = tm.new_state(), tm.new_state(), tm.new_state()
