@@ -183,6 +183,7 @@ def load_library() -> ctypes.CDLL:
 
 
 _lib: ctypes.CDLL | None = None
+load_library()  # at import: a library built for another llama-cpp-python is refused here
 
 
 def _as_fptr(a: np.ndarray):
