@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from .errors import FgdilpError
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
-ALL_METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen")
+ALL_METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random")
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -21,8 +21,8 @@ from .errors import FgdilpError
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .plans import FgdilpParams, Plan, SteerParams, plan_for, N_SLOTS
 
-METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen")
-STEERED = ("tr", "fgdilp", "fgdilp-frozen", "vectors")
+METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random")
+STEERED = ("tr", "fgdilp", "fgdilp-frozen", "vectors", "random")   # contexts with the hook
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
 
 
@@ -102,7 +102,7 @@ class Generator:
 
     def _roles(self, method: str) -> int:
         n_neg = self.fgdilp.negatives
-        return {"tr": 3, "fgdilp": n_neg + 2, "fgdilp-frozen": n_neg + 2, "vectors": 1, "setup": 1}.get(method, 1)
+        return {"tr": 3, "fgdilp": n_neg + 2, "fgdilp-frozen": n_neg + 1}.get(method, 1)
 
     def context(self, method: str) -> Context:
         """The context of a method ('setup' = self-generation and diagnosis)."""
@@ -114,12 +114,15 @@ class Generator:
             n_seq = max(self.fgdilp.samples, 24)
             n_ctx = e.ctx_size + self.fgdilp.samples * (self.fgdilp.selfgen_tokens + 2) + 2048
         else:
-            n_seq = roles * e.max_samples if method in ("fgdilp", "tr", "none", "prompt") else roles + e.max_samples
+            # exact methods run their roles per sample; frozen ones capture once, then P0 per sample
+            n_seq = roles * e.max_samples if method in ("fgdilp", "tr") else max(roles, e.max_samples)
             n_ctx = roles * e.ctx_size + n_seq * min(e.max_new, e.ctx_size) * (e.max_samples > 1)
         if n_seq > MAX_SEQ:
             raise FgdilpError(f"{method} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
                               f"allows {MAX_SEQ}")
         hook = None
+        if method == "cvec":
+            self._check_steerable(method)
         if method in STEERED:
             self._check_steerable(method)
             s = self.steer
@@ -153,6 +156,23 @@ class Generator:
     def build_vectors(self, prompt: str, sampling: SamplingParams, settings: dict):
         """Frozen FGDILP head directions for `prompt` (HeadDirections)."""
         return build_vectors_for(self, prompt, sampling, settings)
+
+    def layer_mask(self) -> np.ndarray:
+        """[n_layer] 1 for steered layers, 0 elsewhere (--steer-layer-range)."""
+        n, s = self.model.info.n_layer, self.steer
+        end = n - 1 if s.layer_end < 0 else s.layer_end
+        return np.array([1.0 if s.layer_start <= il <= end else 0.0 for il in range(n)])
+
+    def output_projections(self) -> list[np.ndarray]:
+        """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
+        if getattr(self, "_w_o", None) is None:
+            from .engine.tensors import read_tensors
+
+            n = self.model.info.n_layer
+            names = [f"blk.{il}.attn_output.weight" for il in range(n)]
+            w = read_tensors(self.model.info.path, names)
+            self._w_o = [w[name] for name in names]
+        return self._w_o
 
     def diagnoser(self):
         """Self-diagnosis with this model (yes/no tokens chosen once)."""
@@ -235,6 +255,8 @@ class Generator:
 
         try:
             t0 = time.perf_counter()
+            if plan.cvec is not None:
+                ctx.set_cvec(plan.cvec)
             lock.prefill(plan.captures, plan.edits, before_last=plan.before_last and (lambda: plan.before_last(ctx)))
             t1 = time.perf_counter()
             if plan.after_prefill is not None:
@@ -276,6 +298,8 @@ class Generator:
             lock.close()
             for sm in samplers:
                 sm.close()
+            if plan.cvec is not None:
+                ctx.set_cvec(None)
         for g, s in enumerate(samples):
             emit(g, decoders[g].decode(b"", final=True))
             s.text = "".join(pieces[g])

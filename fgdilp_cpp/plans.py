@@ -14,6 +14,7 @@ import numpy as np
 from .engine import Capture, Lockstep, SamplingParams
 from .errors import FgdilpError
 from .method.diagnosis import ATTRIBUTE_NAMES
+from .method.cvec import residual_directions
 from .method.fusion import FUSION_MODES, fuse
 from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE, prefixed, select_prefixes
 from .native import MAX_NEG, EditSpec
@@ -78,6 +79,7 @@ class Plan:
     edits: tuple = ()
     before_last: Optional[Callable] = None       # (ctx) between the prompt body and its last tokens
     after_prefill: Optional[Callable] = None     # (ctx) once the prompt is decoded
+    cvec: Optional[np.ndarray] = None            # [n_layer, n_embd] residual control vector (cvec baseline)
     first_seq: int = 0
     explain: dict = field(default_factory=dict)
 
@@ -93,8 +95,17 @@ def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: b
     if method == "tr":
         return _exact_plan(gen, method, prompt, raw, POS_PREFIX, [NEG_PREFIX], {}, explain)
     if method == "vectors":
-        return _fixed_plan(gen, raw, gen.vectors.rows(), None if gen.vectors.e is None else
+        return _fixed_plan(gen, method, raw, gen.vectors.rows(), None if gen.vectors.e is None else
                            gen.vectors.e.reshape(gen.vectors.n_layer, -1), {"vectors": gen.vectors.method})
+    if method in ("cvec", "random"):
+        rows, e = capture_directions(gen, gen.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True)
+        info = {"delta_norms": [float(x) for x in np.linalg.norm(rows, axis=1)]}
+        if method == "random":
+            return _fixed_plan(gen, method, raw, random_like_heads(rows, gen.model.info.n_head, sampling.seed), e, info)
+        s = gen.steer
+        vec = residual_directions(rows * gen.layer_mask()[:, None], gen.output_projections(),
+                                  gen.model.info.n_head, s.exp_norm, s.scale)
+        return Plan([raw], 0, explain=info, cvec=vec)
     sel, info = (prefixes, {}) if prefixes is not None else build_instance(gen, prompt, raw, sampling)
     if method == "fgdilp":
         return _exact_plan(gen, method, prompt, raw, sel.positive + POS_TEMPLATE,
@@ -102,7 +113,7 @@ def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: b
     if method == "fgdilp-frozen":
         rows, e = frozen_directions(gen, gen.context(method), prompt, sel)
         info["delta_norms"] = [float(x) for x in np.linalg.norm(rows, axis=1)]
-        return _fixed_plan(gen, raw, rows, e, info)
+        return _fixed_plan(gen, method, raw, rows, e, info)
     raise FgdilpError(f"unknown method {method!r}")
 
 
@@ -147,9 +158,17 @@ def _exact_plan(gen, method, prompt, raw, pos_text, neg_texts, info: dict, expla
 
 
 def frozen_directions(gen, ctx, prompt: str, sel) -> tuple[np.ndarray, np.ndarray]:
-    """Capture P+ and P-_j once at the end of the prompt and fuse in numpy: ([L, W] direction, [L, W] e)."""
+    """FGDILP's delta captured once at the end of the prompt, fused in numpy."""
     f = gen.fgdilp
-    pos, negs = _prefixed_all(gen, prompt, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives])
+    return capture_directions(gen, ctx, prompt, sel.positive + POS_TEMPLATE,
+                              [t + NEG_TEMPLATE for t in sel.negatives], f.mask_k, f.fusion, f.sign_election)
+
+
+def capture_directions(gen, ctx, prompt: str, pos_text: str, neg_texts: list[str], mask_k: float,
+                       fusion: str, elect: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Capture P+ and P-_j once at the end of the prompt (in hooked context `ctx`) and fuse in
+    numpy: ([n_layer, width] direction, [n_layer, width] e)."""
+    pos, negs = _prefixed_all(gen, prompt, pos_text, neg_texts)
     n = len(negs)
     hook = ctx.hook
     ctx.clear()
@@ -160,15 +179,23 @@ def frozen_directions(gen, ctx, prompt: str, sel) -> tuple[np.ndarray, np.ndarra
         lock.close()
     s = hook.slots
     deltas = s[SLOT_NEG_LAST:SLOT_NEG_LAST + n] - s[SLOT_POS_LAST]          # [n, n_layer, width]
-    rows = np.stack([fuse(deltas[:, il], f.mask_k, f.fusion, f.sign_election)
+    rows = np.stack([fuse(deltas[:, il], mask_k, fusion, elect)
                      for il in range(deltas.shape[1])])                       # [n_layer, width]
     e = s[SLOT_COLON:SLOT_COLON + n].mean(axis=0)                             # [n_layer, width]
     return rows.astype(np.float32), e.astype(np.float32)
 
 
-def _fixed_plan(gen, raw, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:
-    """P0 alone, edited with a fixed direction (frozen FGDILP, saved vectors)."""
-    method = "vectors" if gen.vectors is not None else "fgdilp-frozen"
+def random_like_heads(rows: np.ndarray, n_head: int, seed: int) -> np.ndarray:
+    """Random directions with the per-head norms of `rows` [n_layer, width] (the random control)."""
+    rng = np.random.default_rng(seed)
+    heads = rows.reshape(rows.shape[0], n_head, -1)                           # [n_layer, n_head, head_dim]
+    r = rng.standard_normal(heads.shape)
+    r /= np.linalg.norm(r, axis=-1, keepdims=True)
+    return (r * np.linalg.norm(heads, axis=-1, keepdims=True)).reshape(rows.shape).astype(np.float32)
+
+
+def _fixed_plan(gen, method: str, raw, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:
+    """P0 alone, edited with a fixed direction (frozen FGDILP, saved vectors, the random control)."""
     hook = gen.context(method).hook
     hook.slots[SLOT_DIR] = rows
     hook.slots[SLOT_E] = 0 if e is None else e

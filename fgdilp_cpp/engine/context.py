@@ -275,6 +275,19 @@ class Context:
             raise FgdilpError(f"no logits for row {row}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
+    def set_cvec(self, vectors: Optional[np.ndarray]) -> None:
+        """Add vectors[il] ([n_layer, n_embd]) to the residual stream at the output of every block
+        il >= 1 (llama.cpp's control vector; block 0 has none); None removes it."""
+        if vectors is None:
+            rc = ll.llama_set_adapter_cvec(self._ctx, None, 0, self.model.info.n_embd, -1, -1)
+        else:
+            data = np.ascontiguousarray(vectors[1:], dtype=np.float32)
+            n_layer = vectors.shape[0]
+            rc = ll.llama_set_adapter_cvec(self._ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                           data.size, vectors.shape[1], 1, n_layer - 1)
+        if rc != 0:
+            raise FgdilpError(f"llama.cpp refused the control vector: {last_log_error()}")
+
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         ll.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 

@@ -1,0 +1,66 @@
+"""Read model weights straight from a GGUF file: offsets from llama.cpp's own gguf reader (fast:
+it skips the big tokenizer arrays), bytes through a memory map, dequantised by gguf-py."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import llama_cpp  # noqa: F401  (loads libggml-base)
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from ..errors import FgdilpError
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+def _ggml_base() -> ctypes.CDLL:
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    lib = ctypes.CDLL(str(next(iter(sorted(lib_dir.glob("libggml-base.so*"))))))
+    lib.gguf_init_from_file.restype = ctypes.c_void_p
+    lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _InitParams]
+    lib.gguf_free.argtypes = [ctypes.c_void_p]
+    lib.gguf_get_data_offset.restype = ctypes.c_size_t
+    lib.gguf_get_data_offset.argtypes = [ctypes.c_void_p]
+    lib.gguf_find_tensor.restype = ctypes.c_int64
+    lib.gguf_find_tensor.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_get_tensor_offset.restype = ctypes.c_size_t
+    lib.gguf_get_tensor_offset.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_tensor_ne.restype = ctypes.POINTER(ctypes.c_int64)
+    lib.gguf_get_tensor_ne.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_tensor_type.restype = ctypes.c_int
+    lib.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_tensor_size.restype = ctypes.c_size_t
+    lib.gguf_get_tensor_size.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def read_tensors(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
+    """Named 2-D tensors as float32 numpy arrays of shape (ne1, ne0) (torch Linear layout)."""
+    lib = _ggml_base()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+    if not ctx:
+        raise FgdilpError(f"cannot read the GGUF tensors of {path}")
+    try:
+        base = lib.gguf_get_data_offset(ctx)
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        out = {}
+        for name in names:
+            tid = lib.gguf_find_tensor(ctx, name.encode())
+            if tid < 0:
+                raise FgdilpError(f"{path} has no tensor {name}")
+            ne = lib.gguf_get_tensor_ne(ctx, tid)
+            ne0, ne1 = int(ne[0]), int(ne[1])
+            qtype = GGMLQuantizationType(lib.gguf_get_tensor_type(ctx, tid))
+            start = base + lib.gguf_get_tensor_offset(ctx, tid)
+            size = lib.gguf_get_tensor_size(ctx, tid)
+            raw = np.array(mm[start:start + size]).reshape(ne1, -1)
+            w = raw.view(np.float32) if qtype == GGMLQuantizationType.F32 else dequantize(raw, qtype)
+            out[name] = np.ascontiguousarray(w.reshape(ne1, ne0), dtype=np.float32)
+        return out
+    finally:
+        lib.gguf_free(ctx)
