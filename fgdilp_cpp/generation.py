@@ -80,8 +80,12 @@ class Generator:
     """One model; a context per method, created on first use and reused for later prompts."""
 
     def __init__(self, model: Model, engine: EngineParams = EngineParams(), steer: SteerParams = SteerParams(),
-                 fgdilp: FgdilpParams = FgdilpParams(), vectors=None):
+                 fgdilp: FgdilpParams = FgdilpParams(), vectors=None, reuse_instances: bool = False):
+        """reuse_instances: keep the last prompt's FGDILP setup (samples, diagnosis, prefixes) so
+        that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation)."""
         self.model, self.engine, self.steer, self.fgdilp, self.vectors = model, engine, steer, fgdilp, vectors
+        self.reuse_instances = reuse_instances
+        self.last_instance: tuple = (None, None)    # (key, (selection, info))
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
         if vectors is not None:

@@ -206,7 +206,20 @@ def _fixed_plan(gen, method: str, raw, rows: np.ndarray, e: Optional[np.ndarray]
 
 def build_instance(gen, prompt: str, raw: list[int], sampling: SamplingParams):
     """Self-generation, self-diagnosis and prefix selection for one prompt (method.md 2.1-2.3)."""
-    from .instance import Diagnoser, self_generate
+    import copy
+
+    key = (prompt, sampling, gen.fgdilp)
+    if gen.reuse_instances and gen.last_instance[0] == key:
+        sel, info = gen.last_instance[1]
+        return sel, copy.deepcopy(info)
+    sel, info = _new_instance(gen, prompt, raw, sampling)
+    if gen.reuse_instances:
+        gen.last_instance = (key, (sel, copy.deepcopy(info)))
+    return sel, info
+
+
+def _new_instance(gen, prompt: str, raw: list[int], sampling: SamplingParams):
+    from .instance import self_generate
 
     f, model = gen.fgdilp, gen.model
     ctx = gen.context("setup")

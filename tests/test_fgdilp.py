@@ -142,3 +142,15 @@ def test_self_generation_lengths_and_seeds(model):
     assert len({tuple(o) for o in outs}) > 1
     for o, s in zip(outs, single):
         assert o[:3] == s[:3]
+
+
+def test_reused_instance_gives_the_same_generation(model):
+    params = FgdilpParams(samples=4, selfgen_tokens=6, selfgen_min_tokens=2)
+    s = SamplingParams(seed=21)
+    with Generator(model, EngineParams(ctx_size=256), SteerParams(), params) as fresh:
+        want = [fresh.generate(PROMPT, m, 8, s, explain=True) for m in ("fgdilp", "fgdilp-frozen")]
+    with Generator(model, EngineParams(ctx_size=256), SteerParams(), params, reuse_instances=True) as gen:
+        got = [gen.generate(PROMPT, m, 8, s, explain=True) for m in ("fgdilp", "fgdilp-frozen")]
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    assert got[0].explain["samples"] == want[0].explain["samples"]
+    assert got[1].setup_s < want[1].setup_s      # the second method did not redo the setup
