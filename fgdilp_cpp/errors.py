@@ -3,3 +3,7 @@
 
 class FgdilpError(Exception):
     """A clear, user-facing error (bad input, unsupported model, steering that could not run)."""
+
+
+class Cancelled(FgdilpError):
+    """A decode was aborted because cancel() was called."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from .engine import Context, ContextParams, Lockstep, Model, Sampler, SamplingParams
 from .engine.context import UNQUANTISED_CACHE
-from .errors import FgdilpError
+from .errors import Cancelled, FgdilpError
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .plans import FgdilpParams, Plan, SteerParams, plan_for, N_SLOTS
 
@@ -85,6 +85,7 @@ class Generator:
         that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation)."""
         self.model, self.engine, self.steer, self.fgdilp, self.vectors = model, engine, steer, fgdilp, vectors
         self.reuse_instances = reuse_instances
+        self._cancelled = False
         self.last_instance: tuple = (None, None)    # (key, (selection, info))
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
@@ -142,6 +143,14 @@ class Generator:
                                type_v=e.type_v, flash_attn=e.flash_attn)
         self._ctx[method] = Context(self.model, params, hook=hook)
         return self._ctx[method]
+
+    def cancel(self) -> None:
+        """Stop the generation running in another thread: the current decode is aborted (llama.cpp's
+        abort callback, checked between graph nodes) and no further token is drawn. The result
+        keeps the text so far, with stop_reason "cancelled"."""
+        self._cancelled = True
+        for c in list(self._ctx.values()):
+            c.request_abort()
 
     def close(self) -> None:
         for c in self._ctx.values():
@@ -213,6 +222,9 @@ class Generator:
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         ctx = self.context(method)       # refuses unsteerable models before any setup work
+        self._cancelled = False
+        for c in self._ctx.values():
+            c.reset_abort()
         try:
             t0 = time.perf_counter()
             plan = plan_for(self, method, prompt, sampling, explain, prefixes)
@@ -261,11 +273,15 @@ class Generator:
             t0 = time.perf_counter()
             if plan.cvec is not None:
                 ctx.set_cvec(plan.cvec)
-            lock.prefill(plan.captures, plan.edits, before_last=plan.before_last and (lambda: plan.before_last(ctx)))
+            try:
+                lock.prefill(plan.captures, plan.edits,
+                             before_last=plan.before_last and (lambda: plan.before_last(ctx)))
+            except Cancelled:
+                self._cancelled = True
             t1 = time.perf_counter()
-            if plan.after_prefill is not None:
+            if plan.after_prefill is not None and not self._cancelled:
                 plan.after_prefill(ctx)
-            while True:
+            while not self._cancelled:
                 if record_logits:
                     logits.append(np.stack([lock.logits(lock.active[0], r).copy() for r in want]))
                 toks, done = [], []
@@ -293,10 +309,16 @@ class Generator:
                         toks.append(tok)
                 for g in done:
                     lock.deactivate(g)
-                if not lock.active:
+                if not lock.active or self._cancelled:
                     break
-                lock.step(toks, plan.edits)
+                try:
+                    lock.step(toks, plan.edits)
+                except Cancelled:
+                    break
                 n_steps += 1
+            if self._cancelled:
+                for g in lock.active:
+                    samples[g].stop_reason = "cancelled"
             t2 = time.perf_counter()
         finally:
             lock.close()

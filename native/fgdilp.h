@@ -129,6 +129,10 @@ int32_t fgdilp_hook_edits_applied(const fgdilp_hook * hook);
 // Last error as text ("" when none).
 const char * fgdilp_hook_last_error(const fgdilp_hook * hook);
 
+// llama_context_params.abort_callback for cancelling a decode from another thread: returns true
+// once the int32 that `data` points to is non-zero (set it atomically; no Python in the loop).
+bool fgdilp_abort_flag(void * data);
+
 // Build identity: the llama-cpp-python version this library was compiled against.
 const char * fgdilp_build_llama_cpp_python_version(void);
 

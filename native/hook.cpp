@@ -265,6 +265,10 @@ const char * fgdilp_hook_last_error(const fgdilp_hook * hook) {
     return hook == nullptr ? "null hook" : hook->error.c_str();
 }
 
+bool fgdilp_abort_flag(void * data) {
+    return data != nullptr && __atomic_load_n((const int32_t *) data, __ATOMIC_RELAXED) != 0;
+}
+
 const char * fgdilp_build_llama_cpp_python_version(void) {
     return FGDILP_LLAMA_CPP_PYTHON_VERSION;
 }

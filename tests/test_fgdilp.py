@@ -154,3 +154,21 @@ def test_reused_instance_gives_the_same_generation(model):
     assert [r.tokens for r in got] == [r.tokens for r in want]
     assert got[0].explain["samples"] == want[0].explain["samples"]
     assert got[1].setup_s < want[1].setup_s      # the second method did not redo the setup
+
+
+def test_cancel_from_another_thread(model):
+    import threading
+
+    with Generator(model, EngineParams(ctx_size=256)) as gen:
+        pieces = []
+
+        def on_text(p):
+            pieces.append(p)
+            if len(pieces) == 3:
+                threading.Thread(target=gen.cancel).start()
+
+        res = gen.generate(PROMPT, "tr", 200, SamplingParams(seed=1), on_text=on_text, stop_at_eog=False)
+        assert res.stop_reason == "cancelled"
+        assert 3 <= len(res.tokens) < 200
+        again = gen.generate(PROMPT, "tr", 10, SamplingParams(seed=1), stop_at_eog=False)
+        assert again.stop_reason == "length" and len(again.tokens) == 10   # cancel does not stick

@@ -16,7 +16,7 @@ from typing import Optional
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from ..errors import FgdilpError
+from ..errors import Cancelled, FgdilpError
 
 # KV cache types by llama.cpp's -ctk/-ctv spelling
 CACHE_TYPES = {
@@ -237,6 +237,11 @@ class Context:
         if hook is not None:
             c.cb_eval = ll.ggml_backend_sched_eval_callback(hook.callback_address)
             c.cb_eval_user_data = hook.handle
+        from ..native import abort_callback_address
+
+        self._abort = ctypes.c_int32(0)     # set from any thread by request_abort(); read in C
+        c.abort_callback = ll.ggml_abort_callback(abort_callback_address())
+        c.abort_callback_data = ctypes.addressof(self._abort)
         _log_lines.clear()
         self._ctx = ll.llama_init_from_model(model.ptr, c)
         if not self._ctx:
@@ -263,10 +268,17 @@ class Context:
         if rc == 1:
             raise FgdilpError("the context is full (no KV cell free for this batch); raise -c")
         if rc == 2:
-            raise KeyboardInterrupt  # aborted through the abort callback
+            raise Cancelled("cancelled")  # aborted through the abort callback
         if rc != 0:
             detail = last_log_error()
             raise FgdilpError(f"llama_decode failed ({rc})" + (f": {detail}" if detail else ""))
+
+    def request_abort(self) -> None:
+        """Make the running (or next) decode stop early; safe from another thread."""
+        self._abort.value = 1
+
+    def reset_abort(self) -> None:
+        self._abort.value = 0
 
     def logits(self, row: int) -> np.ndarray:
         """Logits of batch row `row` of the last decode, [n_vocab] float32 (a view: copy to keep)."""

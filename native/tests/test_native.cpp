@@ -345,7 +345,16 @@ static void test_fused_edit_nonfinite() {
     fgdilp_hook_free(h);
 }
 
+static void test_abort_flag() {
+    int32_t flag = 0;
+    CHECK(!fgdilp_abort_flag(&flag));
+    flag = 1;
+    CHECK(fgdilp_abort_flag(&flag));
+    CHECK(!fgdilp_abort_flag(nullptr));
+}
+
 int main() {
+    test_abort_flag();
     test_params();
     test_ask_filter();
     test_capture_and_edit();
