@@ -60,7 +60,7 @@ class FgdilpParams:
 
     def check(self) -> None:
         if self.samples < 1:
-            raise FgdilpError(f"--samples must be at least 1, not {self.samples}")
+            raise FgdilpError(f"--selfgen-samples must be at least 1, not {self.samples}")
         if not 1 <= self.negatives <= MAX_NEG:
             raise FgdilpError(f"--negatives must be in 1..{MAX_NEG}, not {self.negatives}")
         if not (0.0 < self.mask_k <= 100.0):

@@ -44,7 +44,7 @@ class Settings:
     exp_sim: float = 0.6
     renorm: bool = True
     # FGDILP (method.md section 2 defaults)
-    samples: int = 25
+    selfgen_samples: int = 25
     selfgen_tokens: int = 20
     selfgen_min_tokens: int = 5
     negatives: int = 6
@@ -65,7 +65,7 @@ class Settings:
                            layer_start=start, layer_end=end, renorm=self.renorm)
 
     def fgdilp(self) -> FgdilpParams:
-        p = FgdilpParams(samples=self.samples, selfgen_tokens=self.selfgen_tokens,
+        p = FgdilpParams(samples=self.selfgen_samples, selfgen_tokens=self.selfgen_tokens,
                          selfgen_min_tokens=self.selfgen_min_tokens, negatives=self.negatives,
                          mask_k=self.mask_k, fusion=self.fusion, sign_election=self.sign_election,
                          pad_blank=self.pad_blank)

@@ -115,7 +115,7 @@ def test_several_samples_share_the_prompt(model):
 
 
 @pytest.mark.parametrize("params, needle", [
-    (FgdilpParams(samples=0), "--samples"),
+    (FgdilpParams(samples=0), "--selfgen-samples"),
     (FgdilpParams(mask_k=0.0), "--mask-k"),
     (FgdilpParams(mask_k=100.5), "--mask-k"),
     (FgdilpParams(negatives=9), "--negatives"),

@@ -12,7 +12,7 @@ from fgdilp_cpp.settings import Settings
 from test_cli_errors import assert_clean_error
 from tiny_model import TinyConfig, build_tiny_llama
 
-FAST = ["--samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-n", "6", "-c", "256"]
+FAST = ["--selfgen-samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-n", "6", "-c", "256"]
 
 
 def run_json(cli, *args):
@@ -35,7 +35,7 @@ def test_generate_explain_json(cli, tiny_llama, method):
 
 def test_config_file_keys_are_flag_names(cli, tiny_llama, tmp_path):
     cfg = tmp_path / "s.toml"
-    cfg.write_text('method = "fgdilp-frozen"\nsamples = 3\nselfgen-tokens = 4\nselfgen-min-tokens = 1\n'
+    cfg.write_text('method = "fgdilp-frozen"\nselfgen-samples = 3\nselfgen-tokens = 4\nselfgen-min-tokens = 1\n'
                    'n-predict = 5\nctx-size = 256\nseed = 9\nsteer-layer-range = [1, 2]\nrenorm = false\n')
     a = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "the cat", "--config", cfg)
     assert a["method"] == "fgdilp-frozen" and a["n_tokens"] <= 5 and a["seed"] == 9
@@ -49,11 +49,11 @@ def test_settings_from_toml(tmp_path):
     s = Settings.from_toml(p)
     assert (s.mask_k, s.fusion, s.sign_election, s.steer_layer_range) == (30.0, "mean", False, (3, 5))
     f = s.fgdilp()
-    assert f.mask_k == 30.0 and f.negatives == 6 and f.samples == 25
+    assert f.mask_k == 30.0 and f.negatives == 6 and f.samples == 25 and s.selfgen_samples == 25
     p.write_text("mask-kk = 3\n")
     with pytest.raises(Exception, match="unknown setting 'mask-kk'"):
         Settings.from_toml(p)
-    p.write_text('samples = "many"\n')
+    p.write_text('selfgen-samples = "many"\n')
     with pytest.raises(Exception, match="samples"):
         Settings.from_toml(p)
 
@@ -64,7 +64,7 @@ def test_vectors_build_apply_inspect(cli, tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     hd = HeadDirections.load(vec)
     assert hd.directions.shape == (3, 4, 16) and hd.method == "fgdilp-frozen"
-    assert hd.settings["prompt"] == "the cat" and hd.settings["samples"] == 3
+    assert hd.settings["prompt"] == "the cat" and hd.settings["selfgen_samples"] == 3
     out = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", vec, "-n", "6")
     plain = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "a dog", "--method", "none", "-n", "6")
     assert out["method"] == "vectors" and out["hook_fired_layers"] == 3
@@ -109,7 +109,7 @@ def test_nan_in_vectors_file_refused(cli, tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--samples", "0"], "--samples"),
+    (["--selfgen-samples", "0"], "--selfgen-samples"),
     (["--mask-k", "0"], "--mask-k"),
     (["--mask-k", "101"], "--mask-k"),
     (["--negatives", "9"], "--negatives"),

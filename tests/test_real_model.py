@@ -48,7 +48,7 @@ def test_layer_range_steers_fewer_layers(cli, gemma_path, layer_range):
 @pytest.mark.parametrize("method", ["fgdilp", "fgdilp-frozen"])
 def test_fgdilp_on_gemma(cli, gemma_path, method):
     none = gen(cli, "none", 5)
-    out = gen(cli, method, 5, "--samples", "6", "--explain")
+    out = gen(cli, method, 5, "--selfgen-samples", "6", "--explain")
     assert out["hook_fired_layers"] == 18
     assert out["text"] != none["text"]
     ex = out["explain"]
