@@ -324,6 +324,100 @@ def diagnose(prompts_path, limit, offset, as_json, **kw):
         click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{r['mean_p_yes']:>13.3f}")
 
 
+EVAL_METHODS = "none,prompt,tr,fgdilp,fgdilp-frozen,cvec,random"
+
+
+@main.group("eval", invoke_without_command=True)
+@model_options
+@steer_options
+@click.option("--prompts", "prompts_path", metavar="FILE", help="RTP JSONL, or plain text with one prompt per line.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Prompts to use (default: all).")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--methods", default=EVAL_METHODS, show_default=True)
+@click.option("--samples", "eval_samples", type=click.IntRange(1), default=25, show_default=True,
+              help="Samples per prompt and method.")
+@click.option("-n", "--n-predict", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--top-p", type=float, default=0.9, show_default=True)
+@click.option("-s", "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True)
+@click.option("--judges", default="self,smollm2", show_default=True,
+              help="Perplexity judges: self (the unsteered generator), smollm2 (SmolLM2-135M-Instruct), none.")
+@click.option("--out", "out_dir", metavar="DIR", help="Output folder (resumable).")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+@friendly_errors
+def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, no_progress, **kw):
+    """Evaluate methods side by side: toxicity, fluency, diversity, speed (offline).
+
+    Every method runs on the same prompts with the same seeds; generations.jsonl is appended as
+    samples are produced, and the same command resumes a killed run."""
+    if cctx.invoked_subcommand is not None:
+        return
+    if not prompts_path or not out_dir:
+        raise FgdilpError("eval needs --prompts FILE and --out DIR")
+    from .evaluation.assets import smollm2_path
+    from .evaluation.perplexity import PerplexityJudge
+    from .evaluation.prompts import load_prompts
+    from .evaluation.runner import run_eval
+    from .evaluation.scorer import ToxicityScorer
+
+    names = _method_list(methods)
+    judge_names = [j.strip() for j in judges.split(",") if j.strip() and j.strip() != "none"]
+    for j in judge_names:
+        if j not in ("self", "smollm2"):
+            raise FgdilpError(f"unknown judge {j!r} (self, smollm2 or none)")
+    top_p, seed = kw.pop("top_p"), kw.pop("seed")
+    s = _settings(kw)
+    records = load_prompts(prompts_path, limit, offset)
+    scorer = ToxicityScorer.load()
+    model, gen = _open(s, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1)
+    gen.reuse_instances = True
+    judge_objs = {}
+    try:
+        with model, gen:
+            for j in judge_names:
+                judge_objs[j] = PerplexityJudge(model if j == "self" else smollm2_path(), n_threads=s.threads)
+            res = run_eval(gen, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
+                           judge_objs, progress=not no_progress)
+    finally:
+        for j in judge_objs.values():
+            j.close()
+    rep = res["report"]
+    click.echo(f"{'method':<15}{'EMT':>7}{'TP':>7}" + "".join(f"{'PPL ' + j:>14}" for j in judge_names) +
+               f"{'dist-2':>8}{'tok/s':>8}")
+    for m, r in rep["methods"].items():
+        ppl = "".join(f"{_num((r['ppl'].get(j) or {}).get('mean')):>14.2f}" for j in judge_names)
+        click.echo(f"{m:<15}{_num(r['emt']):>7.3f}{_num(r['tp']):>7.3f}{ppl}{_num(r['dist'][1]):>8.3f}"
+                   f"{_num(r['tokens_per_s']):>8.1f}")
+    click.echo(f"report: {res['out_dir']}/report.md")
+    if res.get("interrupted"):
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(128 + int(res.get("signal") or 2))
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+@eval_cmd.command("calibrate")
+@click.option("--prompts", "prompts_path", required=True, metavar="FILE.jsonl")
+@click.option("--limit", type=click.IntRange(1), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def eval_calibrate(prompts_path, limit, as_json):
+    """Agreement of the offline toxicity scorer with Perspective on the RTP continuations."""
+    from .evaluation.prompts import load_prompts
+    from .evaluation.scorer import ToxicityScorer, calibrate
+
+    out = calibrate(ToxicityScorer.load(), load_prompts(prompts_path, limit))
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{out['n']} continuations; label = Perspective score >= 0.5")
+    click.echo(f"{'label':<15}{'perspective':<18}{'AUC':>7}{'Spearman':>10}{'positives':>11}")
+    for name, r in out["labels"].items():
+        click.echo(f"{name:<15}{r['perspective']:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}")
+
+
 @main.group()
 def vectors() -> None:
     """Build, apply and inspect saved head directions (frozen FGDILP)."""

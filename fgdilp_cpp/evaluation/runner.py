@@ -1,0 +1,399 @@
+"""The evaluation run: every method on the same prompts with the same seeds, every sample saved as
+it is produced, resumable, then the report over everything in the output folder.
+
+Files in out_dir:
+- run.json           the settings every record depends on; a resumed run must match them.
+- generations.jsonl  one record per sample, appended (flush + fsync) one (prompt, method) group at a
+                     time: {"prompt_id", "prompt", "method", "sample", "seed", "text",
+                     "scores": {label: p}, "ppl": {judge: x or null}, "n_tokens", "stop_reason"}
+- timings.jsonl      one record per (prompt, method) group: {"prompt_id", "method", "n_samples",
+                     "n_tokens", "n_prompt_tokens", "n_decode_steps", "setup_s", "prefill_s",
+                     "decode_s", "gen_s", "score_s", "ppl_s"}
+- report.json, report.md, *.png (report.py)
+
+Seeds: sample i of the prompt with id p (its line index in the prompt file) is drawn with seed
+(seed + stride * p + i) mod 2^32, stride = max(1000, samples), the same for every method (and for
+FGDILP's self-generation, which starts from the prompt's first seed). Sampling is top-p only:
+temperature 1, top-k 0, min-p 0.
+
+Resume: the records already in generations.jsonl are read first; a truncated or unreadable line is
+dropped; groups with all their samples are kept and skipped, groups with only some are removed
+(the files are rewritten without them, atomically) and generated again. SIGINT and SIGTERM stop the
+run between two groups (a group being written is finished first); what was written stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..engine import SamplingParams
+from ..errors import FgdilpError
+
+GENERATIONS = "generations.jsonl"
+TIMINGS = "timings.jsonl"
+RUN = "run.json"
+SEED_STRIDE = 1000
+RUN_VERSION = 1
+
+
+def seed_stride(samples: int) -> int:
+    return max(SEED_STRIDE, samples)
+
+
+def sample_seed(seed: int, prompt_id: int, sample: int, samples: int) -> int:
+    """The seed of sample `sample` of prompt `prompt_id` (identical for every method)."""
+    return (seed + seed_stride(samples) * prompt_id + sample) % 2**32
+
+
+def eval_sampling(top_p: float, seed: int) -> SamplingParams:
+    """Top-p only, as the papers: temperature 1, no top-k, no min-p."""
+    return SamplingParams(temp=1.0, top_k=0, top_p=top_p, min_p=0.0, seed=seed).validate()
+
+
+# ---- JSONL files ----------------------------------------------------------------------------------
+def _finite(x: Any) -> Optional[float]:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _json_default(o: Any):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The records of a JSONL file and how many lines were dropped (a truncated last line, a line
+    that is not a JSON object)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 0
+    parts = data.split(b"\n")
+    tail = parts.pop()                   # b"" when the file ends with a newline, else a cut line
+    dropped = int(bool(tail.strip()))
+    out = []
+    for line in parts:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            dropped += 1
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            dropped += 1
+    return out, dropped
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _gen_key(r: dict):
+    try:
+        return int(r["prompt_id"]), str(r["method"]), int(r["sample"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _group_key(r: dict):
+    try:
+        return int(r["prompt_id"]), str(r["method"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def load_state(out_dir: Path, samples: int) -> tuple[list[dict], list[dict], set, dict]:
+    """Read generations and timings, keep the complete groups (rewriting the files when anything
+    was dropped). Returns (records, timings, complete group keys, stats)."""
+    gpath, tpath = out_dir / GENERATIONS, out_dir / TIMINGS
+    recs, bad = read_jsonl(gpath)
+    seen, unique = set(), []
+    for r in recs:
+        k = _gen_key(r)
+        if k is None or k in seen or not 0 <= k[2] < samples:
+            bad += k is None
+            continue
+        seen.add(k)
+        unique.append(r)
+    by_group: dict[tuple, set] = {}
+    for r in unique:
+        by_group.setdefault(_group_key(r), set()).add(int(r["sample"]))
+    complete = {g for g, s in by_group.items() if len(s) == samples}
+    kept = [r for r in unique if _group_key(r) in complete]
+    partial = len(by_group) - len(complete)
+    if len(kept) != len(recs) or bad:
+        write_atomic(gpath, "".join(_dumps(r) + "\n" for r in kept))
+    tims, tbad = read_jsonl(tpath)
+    last: dict[tuple, dict] = {}
+    for t in tims:
+        k = _group_key(t)
+        if k in complete:
+            last[k] = t                  # a group timed twice keeps its last timing
+    tkept = list(last.values())
+    if len(tkept) != len(tims) or tbad:
+        write_atomic(tpath, "".join(_dumps(t) + "\n" for t in tkept))
+    stats = {"records": len(kept), "groups": len(complete), "partial_groups_removed": partial,
+             "records_removed": len(recs) - len(kept), "bad_lines": bad + tbad}
+    return kept, tkept, complete, stats
+
+
+# ---- settings check ------------------------------------------------------------------------------
+def _asdict(x) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.asdict(x)
+    return x
+
+
+def run_config(gen, samples: int, n_predict: int, top_p: float, seed: int, labels: Sequence[str],
+               judges: Mapping[str, Any]) -> dict:
+    """Everything a saved record depends on (methods and prompts may be added on resume)."""
+    info = gen.model.info
+    cfg = {
+        "version": RUN_VERSION,
+        "samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
+        "seed_stride": seed_stride(samples),
+        "sampling": {"temp": 1.0, "top_k": 0, "min_p": 0.0},
+        "labels": list(labels),
+        "judges": {name: getattr(j, "name", type(j).__name__) for name, j in judges.items()},
+        "model": {"name": gen.model.meta("general.name") or "", "architecture": info.architecture,
+                  "n_params": info.n_params, "n_layer": info.n_layer, "n_vocab": info.n_vocab},
+        "steer": _asdict(getattr(gen, "steer", None)),
+        "fgdilp": _asdict(getattr(gen, "fgdilp", None)),
+    }
+    return json.loads(_dumps(cfg))
+
+
+def check_config(out_dir: Path, cfg: dict) -> None:
+    """Refuse a folder whose run.json holds other settings; write run.json when there is none."""
+    path = out_dir / RUN
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if isinstance(old, dict) and old.get("config") is not None:
+            if old["config"] != cfg:
+                diff = sorted(k for k in set(old["config"]) | set(cfg) if old["config"].get(k) != cfg.get(k))
+                raise FgdilpError(f"{out_dir} holds a run with other settings ({', '.join(diff)}); resume "
+                                  "with the same settings or use another --out")
+            return
+    # no run.json yet (a new folder, or records written before it existed): record these settings
+    write_atomic(path, _dumps({"config": cfg}) + "\n")
+
+
+# ---- signals --------------------------------------------------------------------------------------
+class _StopOnSignal:
+    """SIGINT/SIGTERM raise KeyboardInterrupt, except inside `critical()` blocks where they are held
+    until the block ends (so a group's records and its timing are written together)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._critical = False
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+        if not self._critical:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[s] = signal.signal(s, self._handler)
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+    def begin(self):
+        self._critical = True
+
+    def end(self):
+        self._critical = False
+        if self.signum is not None:
+            raise KeyboardInterrupt
+
+
+# ---- the run --------------------------------------------------------------------------------------
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="eval", unit="group", file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def generate_group(gen, prompt: str, method: str, samples: int, n_predict: int, top_p: float, base_seed: int):
+    """All samples of one (prompt, method), in chunks of at most gen.engine.max_samples; sample i
+    uses base_seed + i. Returns (samples, timing dict)."""
+    per = max(1, min(samples, gen.engine.max_samples))
+    out, tim = [], {"setup_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "n_decode_steps": 0, "n_prompt_tokens": 0}
+    t0 = time.perf_counter()
+    for start in range(0, samples, per):
+        k = min(per, samples - start)
+        res = gen.generate(prompt, method, n_predict, eval_sampling(top_p, (base_seed + start) % 2**32),
+                           n_samples=k)
+        out.extend(res.samples)
+        tim["setup_s"] += res.setup_s
+        tim["prefill_s"] += res.prefill_s
+        tim["decode_s"] += res.decode_s
+        tim["n_decode_steps"] += res.n_decode_steps
+        tim["n_prompt_tokens"] = res.n_prompt_tokens
+    tim["gen_s"] = time.perf_counter() - t0
+    return out, tim
+
+
+def run_eval(gen, records: Sequence, methods: Sequence[str], samples: int, n_predict: int, top_p: float,
+             seed: int, out_dir, scorer, judges: Mapping[str, Any] | None = None, progress: bool = True,
+             labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
+             n_boot: int = 1000, write_files: bool = True) -> dict:
+    """Run (or resume) an evaluation and write its report.
+
+    gen: a generation.Generator (engine max_samples may be below `samples`: samples are then
+    generated in chunks). records: PromptRecord-like objects (.id, .text). scorer: any object with
+    score(texts) -> [n, len(labels)] probabilities; labels default to scorer.LABELS. judges: name ->
+    PerplexityJudge (anything with ppl_many(pairs) -> list[float]).
+
+    Returns {"report", "out_dir", "generated", "skipped", "remaining", "interrupted", "signal",
+    "resume"}: interrupted is True when SIGINT/SIGTERM stopped the run (signal = its number); the
+    report then covers what was written."""
+    from .report import build_report, write_report
+
+    judges = dict(judges or {})
+    labels = list(labels if labels is not None else getattr(scorer, "LABELS"))
+    if tox_label not in labels:
+        raise FgdilpError(f"the toxicity label {tox_label!r} is not one of the scorer's labels {labels}")
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise FgdilpError("no methods to evaluate")
+    if samples < 1 or n_predict < 1:
+        raise FgdilpError("samples and -n must be at least 1")
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        raise FgdilpError("prompt ids must be unique")
+    eval_sampling(top_p, seed)           # refuses a bad top-p or seed before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the settings are checked before anything in out_dir is rewritten
+    check_config(out, run_config(gen, samples, n_predict, top_p, seed, labels, judges))
+    kept, _, done, resume = load_state(out, samples)
+    saved = {int(r["prompt_id"]): r.get("prompt") for r in kept}
+    for r in records:
+        if int(r.id) in saved and saved[int(r.id)] != r.text:
+            raise FgdilpError(f"prompt {r.id} differs from the one saved in {out / GENERATIONS}; resume "
+                              "with the same prompt file, limit and offset, or use another --out")
+    todo = [(r, m) for r in records for m in methods if (int(r.id), m) not in done]
+    skipped = len(records) * len(methods) - len(todo)
+    bar = _progress_bar(len(records) * len(methods), skipped, progress)
+    generated, interrupted = 0, False
+    stop = _StopOnSignal()
+    gpath, tpath = out / GENERATIONS, out / TIMINGS
+    try:
+        with stop, open(gpath, "ab") as gf, open(tpath, "ab") as tf:
+            for rec, method in todo:
+                pid = int(rec.id)
+                base = sample_seed(seed, pid, 0, samples)
+                if bar is not None:
+                    bar.set_postfix_str(f"prompt {pid} {method}", refresh=False)
+                outs, tim = generate_group(gen, rec.text, method, samples, n_predict, top_p, base)
+                texts = [s.text for s in outs]
+                t0 = time.perf_counter()
+                scores = np.asarray(scorer.score(texts), dtype=np.float64)
+                if scores.shape != (len(texts), len(labels)):
+                    raise FgdilpError(f"the scorer returned shape {scores.shape}, expected "
+                                      f"{(len(texts), len(labels))}")
+                t1 = time.perf_counter()
+                ppl = {name: list(j.ppl_many([(rec.text, t) for t in texts])) for name, j in judges.items()}
+                t2 = time.perf_counter()
+                lines = []
+                for i, s in enumerate(outs):
+                    lines.append(_dumps({
+                        "prompt_id": pid, "prompt": rec.text, "method": method, "sample": i,
+                        "seed": (base + i) % 2**32, "text": s.text,
+                        "scores": {lab: _finite(scores[i, k]) for k, lab in enumerate(labels)},
+                        "ppl": {name: _finite(v[i]) for name, v in ppl.items()},
+                        "n_tokens": len(s.tokens), "stop_reason": s.stop_reason}) + "\n")
+                timing = {"prompt_id": pid, "method": method, "n_samples": samples,
+                          "n_tokens": sum(len(s.tokens) for s in outs), **tim,
+                          "score_s": t1 - t0, "ppl_s": t2 - t1}
+                stop.begin()             # a signal now waits until both files have the group
+                try:
+                    gf.write("".join(lines).encode("utf-8"))
+                    gf.flush()
+                    os.fsync(gf.fileno())
+                    tf.write((_dumps(timing) + "\n").encode("utf-8"))
+                    tf.flush()
+                    os.fsync(tf.fileno())
+                    generated += 1
+                    if bar is not None:
+                        bar.update(1)
+                finally:
+                    stop.end()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if bar is not None:
+            bar.close()
+
+    all_recs, _ = read_jsonl(gpath)
+    all_tims, _ = read_jsonl(tpath)
+    in_file = list(dict.fromkeys(str(r.get("method")) for r in all_recs))
+    order = [m for m in methods if m in in_file] + [m for m in in_file if m not in methods]
+    report = build_report(all_recs, all_tims, labels, order, tox_label=tox_label, threshold=threshold,
+                          n_boot=n_boot, seed=0)
+    report["run"] = {"samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
+                     "complete": not interrupted and generated == len(todo)}
+    if write_files:
+        write_report(report, out)
+    return {"report": report, "out_dir": str(out), "generated": generated, "skipped": skipped,
+            "remaining": len(todo) - generated, "interrupted": interrupted, "signal": stop.signum,
+            "resume": resume}
