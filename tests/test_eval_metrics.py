@@ -45,8 +45,8 @@ def test_word_tokenizer():
 def test_distinct_n_known_answers():
     texts = ["a b a b", "a b"]
     assert distinct_n(texts, 1) == pytest.approx(2 / 6)
-    assert distinct_n(texts, 2) == pytest.approx(2 / 4)      # (a b) (b a) (a b) + (a b): n-grams stay in a sample
-    assert distinct_n(texts, 3) == pytest.approx(2 / 2)      # (a b a) (b a b); the 2-word sample has none
+    assert distinct_n(texts, 2) == pytest.approx(2 / 6)      # (a b) (b a) (a b) + (a b): n-grams stay in a sample
+    assert distinct_n(texts, 3) == pytest.approx(2 / 6)      # (a b a) (b a b); the 2-word sample has none
     assert distinct_n(texts, 5) == 0.0
     assert distinct_n([], 1) == 0.0
     assert distinct_n(["", "  "], 2) == 0.0
@@ -136,8 +136,8 @@ def test_report_known_values():
                                "nan": 0, "n": 5}
     assert t["ppl"]["gen"]["nan"] == 1 and t["ppl"]["gen"]["n"] == 5 and t["ppl"]["gen"]["dropped"] == 0
     # Dist: none's samples are "x y z" / "x x y" on every prompt, tr's "a b c" twice
-    assert n["dist"] == pytest.approx([3 / 6, 3 / 4, 2 / 2])
-    assert t["dist"] == pytest.approx([3 / 6, 2 / 4, 1 / 2])
+    assert n["dist"] == pytest.approx([3 / 6, 3 / 6, 2 / 6])   # unique n-grams / total words
+    assert t["dist"] == pytest.approx([3 / 6, 2 / 6, 1 / 6])
     assert n["tokens_per_s"] == pytest.approx(18 / 6) and n["wall_s"] == pytest.approx(6.0)
     assert n["tokens_per_s_median"] == pytest.approx(3.0)
     assert t["setup_s"] == pytest.approx(1.5)

@@ -86,18 +86,17 @@ def words(text: str) -> list[str]:
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct-n of one prompt's samples: unique n-grams / total n-grams, n-grams taken inside each
-    sample (never across two samples) and pooled over the samples; 0.0 when there is no n-gram.
-    Callers average it over prompts."""
+    """Distinct-n of one prompt's samples as evaluation.md and the papers' code define it: unique
+    n-grams / total words, n-grams taken inside each sample (never across two samples) and pooled
+    over the samples; 0.0 when there is no word. Callers average it over prompts."""
     if n < 1:
         raise ValueError("n must be at least 1")
     seen: set[tuple[str, ...]] = set()
     total = 0
     for t in texts:
         w = words(t)
-        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
-        total += len(grams)
-        seen.update(grams)
+        total += len(w)
+        seen.update(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
     return len(seen) / total if total else 0.0
 
 
