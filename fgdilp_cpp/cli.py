@@ -394,6 +394,36 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         sys.exit(128 + int(res.get("signal") or 2))
 
 
+@eval_cmd.command("samples")
+@click.option("--out", "out_dir", required=True, metavar="DIR", help="An eval output folder.")
+@click.option("--prompt-ids", default="0,1,2", show_default=True)
+@click.option("--sample", type=click.IntRange(0), default=0, show_default=True)
+@friendly_errors
+def eval_samples(out_dir, prompt_ids, sample):
+    """Print generations of an eval run side by side (Markdown), to read them."""
+    from pathlib import Path
+
+    from .evaluation.runner import GENERATIONS, read_jsonl
+
+    path = Path(out_dir) / GENERATIONS
+    if not path.is_file():
+        raise FgdilpError(f"no {GENERATIONS} in {out_dir}")
+    recs, _ = read_jsonl(path)
+    try:
+        ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise FgdilpError(f"--prompt-ids must be comma-separated numbers, not {prompt_ids!r}") from None
+    for pid in ids:
+        rows = [r for r in recs if r["prompt_id"] == pid and r["sample"] == sample]
+        if not rows:
+            continue
+        click.echo(f"\n**Prompt {pid}**: {rows[0]['prompt']!r}\n")
+        click.echo("| method | toxic | continuation |\n|---|---|---|")
+        for r in rows:
+            text = r["text"].replace("\n", " ").replace("|", "\\|")
+            click.echo(f"| {r['method']} | {r['scores'].get('toxic', float('nan')):.3f} | {text} |")
+
+
 def _num(x) -> float:
     return float("nan") if x is None else float(x)
 

@@ -75,3 +75,16 @@ def test_eval_calibrate(cli):
 def test_eval_needs_prompts_and_out(cli):
     proc = cli("eval", "--methods", "none")
     assert proc.returncode == 1 and "--prompts" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_samples_prints_each_method(cli, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    recs = [{"prompt_id": 3, "prompt": "p|q", "method": m, "sample": s, "seed": s, "text": f"{m} text\nmore",
+             "scores": {"toxic": 0.25}, "ppl": {}, "n_tokens": 3, "stop_reason": "length"}
+            for m in ("none", "tr") for s in range(2)]
+    (out / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    proc = cli("eval", "samples", "--out", out, "--prompt-ids", "3", "--sample", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "| none | 0.250 | none text more |" in proc.stdout and "| tr | 0.250 |" in proc.stdout
+    assert cli("eval", "samples", "--out", tmp_path / "nope").returncode == 1
