@@ -12,14 +12,16 @@ from typing import Callable, Optional, Sequence
 import llama_cpp.llama_cpp as ll
 
 from ..errors import FgdilpError
+from .owned import Owned
 
 
-class Batch:
+class Batch(Owned):
     """A reusable llama_batch of at most `capacity` rows, one sequence id per row."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.c = ll.llama_batch_init(capacity, 0, 1)
+        self._open = True
         self.n = 0
 
     def clear(self) -> None:
@@ -41,19 +43,9 @@ class Batch:
         c.n_tokens = self.n
         return i
 
-    def close(self) -> None:
-        if self.c is not None:
-            ll.llama_batch_free(self.c)
-            self.c = None
-
-    def __enter__(self) -> "Batch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self) -> None:
+        ll.llama_batch_free(self.c)
+        self.c = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ import llama_cpp.llama_cpp as ll
 import numpy as np
 
 from ..errors import Cancelled, FgdilpError
+from .owned import Owned
 
 # KV cache types by llama.cpp's -ctk/-ctv spelling
 CACHE_TYPES = {
@@ -100,7 +101,7 @@ class ModelInfo:
         return self.n_head * self.head_dim
 
 
-class Model:
+class Model(Owned):
     """A loaded GGUF model (weights only); use as a context manager."""
 
     def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
@@ -113,6 +114,7 @@ class Model:
         if not self._m:
             detail = last_log_error()
             raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
+        self._open = True
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
@@ -185,19 +187,9 @@ class Model:
         """Tokens of `text` alone: no BOS, no special-token parsing."""
         return self.tokenize(text, add_bos=False)
 
-    def close(self) -> None:
-        if getattr(self, "_m", None):
-            ll.llama_model_free(self._m)
-            self._m = None
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self) -> None:
+        ll.llama_model_free(self._m)
+        self._m = None
 
 
 @dataclass
@@ -212,7 +204,7 @@ class ContextParams:
     flash_attn: str = "auto"
 
 
-class Context:
+class Context(Owned):
     """A llama_context with a unified KV cache for several sequences, optionally with the hook."""
 
     def __init__(self, model: Model, params: ContextParams, hook=None):
@@ -247,6 +239,7 @@ class Context:
         if not self._ctx:
             detail = last_log_error()
             raise FgdilpError("llama.cpp could not create a context" + (f": {detail}" if detail else ""))
+        self._open = True
         self.n_ctx = ll.llama_n_ctx(self._ctx)
         self.n_vocab = model.info.n_vocab
         self._mem = ll.llama_get_memory(self._ctx)
@@ -309,16 +302,6 @@ class Context:
     def clear(self) -> None:
         ll.llama_memory_clear(self._mem, True)
 
-    def close(self) -> None:
-        if getattr(self, "_ctx", None):
-            ll.llama_free(self._ctx)
-            self._ctx = None
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self) -> None:
+        ll.llama_free(self._ctx)
+        self._ctx = None

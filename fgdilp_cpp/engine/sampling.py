@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import llama_cpp.llama_cpp as ll
 
 from ..errors import FgdilpError
+from .owned import Owned
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,14 @@ class SamplingParams:
         return self
 
 
-class Sampler:
+class Sampler(Owned):
     """One sampler chain (its own RNG state); sample() reads the logits of one batch row."""
 
     def __init__(self, params: SamplingParams):
         params.validate()
         self.params = params
         self._s = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        self._open = True
         add = lambda smpl: ll.llama_sampler_chain_add(self._s, smpl)  # noqa: E731
         if params.temp == 0:
             add(ll.llama_sampler_init_greedy())
@@ -55,16 +57,6 @@ class Sampler:
         """Draw a token from the logits of `row` of the last decode (and accept it)."""
         return ll.llama_sampler_sample(self._s, ctx.ptr, row)
 
-    def close(self) -> None:
-        if getattr(self, "_s", None):
-            ll.llama_sampler_free(self._s)
-            self._s = None
-
-    def __enter__(self) -> "Sampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
+    def _free(self) -> None:
+        ll.llama_sampler_free(self._s)
+        self._s = None

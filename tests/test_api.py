@@ -1,0 +1,67 @@
+"""The embeddable Python API: generate, stream, cancel from another thread, one object per thread."""
+
+import threading
+
+import pytest
+
+import fgdilp_cpp
+from fgdilp_cpp import Detoxifier, FgdilpError
+
+PROMPT = "the cat sat on a mat"
+
+
+@pytest.fixture
+def detox(tiny_llama):
+    with Detoxifier.from_file(tiny_llama[0], method="tr", ctx_size=256, n_predict=12, threads=1) as d:
+        yield d
+
+
+def test_generate_and_stream_agree(detox):
+    res = detox.generate(PROMPT, seed=4)
+    assert res.method == "tr" and res.fired_layers == 3 and res.tokens
+    pieces = list(detox.stream(PROMPT, seed=4))
+    assert "".join(pieces) == res.text and len(pieces) > 1
+    assert detox.generate(PROMPT, seed=4, method="none").text != res.text
+
+
+def test_cancel_stream_from_another_thread(detox):
+    got = []
+    for piece in detox.stream(PROMPT, n_predict=400, seed=1):
+        got.append(piece)
+        if len(got) == 2:
+            threading.Thread(target=detox.cancel).start()
+    assert 2 <= len(got) < 400
+    assert len(detox.generate(PROMPT, seed=1).tokens) == 12     # usable afterwards
+
+
+def test_stopping_a_stream_early_stops_the_decode(detox):
+    it = detox.stream(PROMPT, n_predict=400, seed=2)
+    next(it)
+    it.close()                                                  # the consumer gives up
+    assert len(detox.generate(PROMPT, seed=2).tokens) == 12
+
+
+def test_two_objects_in_two_threads(tiny_llama):
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            with Detoxifier.from_file(tiny_llama[0], method="tr", ctx_size=256, n_predict=10, threads=1) as d:
+                results[i] = [d.generate(PROMPT, seed=5).text for _ in range(3)]
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results[0] == results[1] and len(set(results[0])) == 1
+
+
+def test_bad_overrides_and_lazy_package(detox):
+    with pytest.raises(FgdilpError):
+        detox.generate(PROMPT, mask_k=3.0)
+    assert fgdilp_cpp.Settings().method == "tr"
+    with pytest.raises(AttributeError):
+        fgdilp_cpp.nope
