@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import statistics
 import sys
 from typing import Callable
 

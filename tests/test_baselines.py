@@ -1,9 +1,7 @@
 """Evaluation baselines: llama.cpp's control vector (cvec) and the random-direction control."""
 
 import numpy as np
-import pytest
 
-from fgdilp_cpp.engine import SamplingParams
 from fgdilp_cpp.engine.tensors import read_tensors
 from fgdilp_cpp.generation import EngineParams, Generator
 from fgdilp_cpp.method.cvec import residual_directions, save_control_vector

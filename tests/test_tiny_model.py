@@ -158,11 +158,9 @@ class Runner:
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(path, cfg, weights) of the default tiny llama (module-local; conftest's ``tiny_llama`` differs in order)."""
-    cfg = TinyConfig()
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
-    weights = build_tiny_llama(path, cfg)
+def tiny(tiny_llama):
+    """(path, cfg, weights) of conftest's tiny llama, in this module's order."""
+    path, weights, cfg = tiny_llama
     return path, cfg, weights
 
 
@@ -184,7 +182,7 @@ def test_build_is_deterministic(tmp_path):
     a, b, c = tmp_path / "a.gguf", tmp_path / "b.gguf", tmp_path / "c.gguf"
     wa = build_tiny_llama(a, TinyConfig(seed=3))
     wb = build_tiny_llama(b, TinyConfig(seed=3))
-    wc = build_tiny_llama(c, TinyConfig(seed=4))
+    build_tiny_llama(c, TinyConfig(seed=4))
     assert filecmp.cmp(a, b, shallow=False)
     assert not filecmp.cmp(a, c, shallow=False)
     assert wa.keys() == wb.keys()
