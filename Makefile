@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 native: install
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
+# steering layers 12-17 only: on gemma-3-270m the papers' all-layer strength breaks fluency (docs/results.md)
 demo: install
-	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr,fgdilp,fgdilp-frozen
+	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr,fgdilp,fgdilp-frozen \
+	  --steer-layer-range 12 17
 
 test: install
 	$(PY) -m pytest -q
