@@ -57,7 +57,8 @@ model_options = _options(
     click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
                  help="GGUF model file (default: the embedded gemma-3-270m)."),
     click.option("--config", type=str, default=None, metavar="FILE.toml",
-                 help="Settings file; its keys are these long flag names (flags win)."),
+                 help="Settings file; its keys are these long flag names. Precedence: flag > "
+                      "FGDILP_<FLAG> environment variable > file > default."),
     click.option("-c", "--ctx-size", type=click.IntRange(16), default=2048, show_default=True,
                  help="Context tokens per sequence (prompt + generation)."),
     click.option("-t", "--threads", type=click.IntRange(0), default=0, help="CPU threads (0 = all cores)."),
@@ -115,6 +116,7 @@ def _settings(kw: dict, **defaults):
     s = Settings().updated(defaults)
     if kw.get("config"):
         s = Settings.from_toml(kw["config"], s)
+    s = s.updated(Settings.from_env(os.environ))
     names = Settings.field_names()
     given = {k: v for k, v in kw.items() if k in names and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     if given.get("steer_layer_range") is not None:
@@ -468,6 +470,36 @@ def vectors_build(prompt, output, **kw):
         hd.save(output)
         click.echo(f"wrote {output}: {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
                    f"|delta| per layer max {hd.layer_norms().max():.3f}")
+
+
+@vectors.command("export")
+@click.argument("path")
+@click.option("--cvec", "cvec_path", required=True, metavar="OUT.gguf",
+              help="llama.cpp control-vector file (for llama-cli --control-vector).")
+@click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
+              help="The model the vectors were built for (default: the embedded gemma-3-270m).")
+@click.option("--steer-scale", type=float, default=1.0, show_default=True)
+@click.option("--exp-norm", type=float, default=0.4, show_default=True)
+@friendly_errors
+def vectors_export(path, cvec_path, model, steer_scale, exp_norm):
+    """Write head directions as a residual control vector: direction.<il> = -W_O(lambda_norm * delta)
+    of block il, added by llama.cpp at the output of block il (block 0 has no slot and is dropped)."""
+    from .engine import Model
+    from .engine.tensors import read_tensors
+    from .generation import identity_of
+    from .method.cvec import residual_directions, save_control_vector
+    from .method.vectors import HeadDirections
+    from .models import resolve_model
+
+    hd = HeadDirections.load(path)
+    with Model(resolve_model(model)) as m:
+        hd.check_model(identity_of(m))
+        names = [f"blk.{il}.attn_output.weight" for il in range(hd.n_layer)]
+        w = read_tensors(m.info.path, names)
+        vec = residual_directions(hd.rows(), [w[n] for n in names], hd.n_head, exp_norm, steer_scale)
+        save_control_vector(cvec_path, vec, m.info.architecture)
+    click.echo(f"wrote {cvec_path}: {hd.n_layer - 1} layer vectors (direction.1..{hd.n_layer - 1}) of "
+               f"width {vec.shape[1]}")
 
 
 @vectors.command("inspect")

@@ -109,6 +109,36 @@ class Settings:
         return (base or cls()).updated(values)
 
 
+    @classmethod
+    def from_env(cls, environ) -> dict[str, Any]:
+        """FGDILP_<FLAG> variables (FGDILP_STEER_SCALE=0.5, FGDILP_RENORM=false,
+        FGDILP_STEER_LAYER_RANGE="12 17"), as field values; FGDILP_MODEL names the model."""
+        types = {f.name: f.type for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for name, typ in types.items():
+            raw = environ.get("FGDILP_" + name.upper())
+            if raw is None:
+                continue
+            flag = "FGDILP_" + name.upper()
+            try:
+                if typ == "int":
+                    out[name] = int(raw)
+                elif typ == "float":
+                    out[name] = float(raw)
+                elif typ == "bool":
+                    if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError(raw)
+                    out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif typ == "Optional[tuple[int, int]]":
+                    a, b = raw.replace(",", " ").split()
+                    out[name] = (int(a), int(b))
+                else:
+                    out[name] = raw
+            except ValueError:
+                raise FgdilpError(f"{flag}={raw!r} is not a valid {name.replace('_', '-')}") from None
+        return out
+
+
 def _coerce(name: str, typ: str, v: Any) -> Any:
     flag = name.replace("_", "-")
     if typ in ("int", "float") and isinstance(v, bool):

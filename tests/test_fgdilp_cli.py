@@ -158,3 +158,53 @@ def _shared_rtp():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp-toxic-2k.jsonl"
+
+
+def test_environment_settings(cli, tiny_llama, tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("seed = 9\nn-predict = 5\n")
+    env = {"FGDILP_SEED": "11", "FGDILP_METHOD": "none"}
+    proc = cli("generate", "-m", tiny_llama[0], "-p", "the cat", "--config", cfg, "-c", "256", "--json", env=env)
+    out = json.loads(proc.stdout)
+    assert out["seed"] == 11 and out["method"] == "none" and out["n_tokens"] <= 5   # env > file
+    proc = cli("generate", "-m", tiny_llama[0], "-p", "the cat", "-s", "12", "-c", "256", "--json", env=env)
+    assert json.loads(proc.stdout)["seed"] == 12                                    # flag > env
+    assert_clean_error(cli("generate", "-m", tiny_llama[0], "-p", "x", env={"FGDILP_RENORM": "maybe"}),
+                       "FGDILP_RENORM")
+
+
+def test_vectors_export_control_vector_changes_output(cli, tiny_llama, model, tmp_path):
+    import gguf
+
+    from fgdilp_cpp.engine import Context, ContextParams, Lockstep
+
+    vec, cv = tmp_path / "v.gguf", tmp_path / "cv.gguf"
+    assert cli("vectors", "build", "-m", tiny_llama[0], "-p", "the cat", "-o", vec, *FAST[:-4]).returncode == 0
+    proc = cli("vectors", "export", vec, "--cvec", cv, "-m", tiny_llama[0], "--steer-scale", "3")
+    assert proc.returncode == 0, proc.stderr
+    r = gguf.GGUFReader(str(cv))
+    arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+    assert arch == "controlvector" and sorted(t.name for t in r.tensors) == ["direction.1", "direction.2"]
+    data = np.zeros((3, 64), np.float32)
+    for t in r.tensors:
+        data[int(t.name.split(".")[1])] = t.data
+    assert np.abs(data[1:]).max() > 0
+
+    def logits(cvec):
+        with Context(model, ContextParams(n_ctx=64, n_batch=16)) as ctx:
+            if cvec is not None:
+                ctx.set_cvec(cvec)
+            lock = Lockstep(ctx, [model.tokenize("a dog")], want_logits=[0])
+            lock.prefill()
+            out = lock.logits(0, 0).copy()
+            lock.close()
+            return out
+
+    assert not np.allclose(logits(data), logits(None), atol=1e-4)
+    assert_clean_error(cli("vectors", "export", vec, "--cvec", cv, "-m", build_other(tmp_path)), "built for")
+
+
+def build_other(tmp_path):
+    other = tmp_path / "other.gguf"
+    build_tiny_llama(other, TinyConfig(n_layer=2))
+    return other
