@@ -485,7 +485,7 @@ def vectors_export(path, cvec_path, model, steer_scale, exp_norm):
     """Write head directions as a residual control vector: direction.<il> = -W_O(lambda_norm * delta)
     of block il, added by llama.cpp at the output of block il (block 0 has no slot and is dropped)."""
     from .engine import Model
-    from .engine.tensors import read_tensors
+    from .engine.tensors import output_projections
     from .generation import identity_of
     from .method.cvec import residual_directions, save_control_vector
     from .method.vectors import HeadDirections
@@ -494,9 +494,8 @@ def vectors_export(path, cvec_path, model, steer_scale, exp_norm):
     hd = HeadDirections.load(path)
     with Model(resolve_model(model)) as m:
         hd.check_model(identity_of(m))
-        names = [f"blk.{il}.attn_output.weight" for il in range(hd.n_layer)]
-        w = read_tensors(m.info.path, names)
-        vec = residual_directions(hd.rows(), [w[n] for n in names], hd.n_head, exp_norm, steer_scale)
+        vec = residual_directions(hd.rows(), output_projections(m.info.path, hd.n_layer), hd.n_head,
+                                  exp_norm, steer_scale)
         save_control_vector(cvec_path, vec, m.info.architecture)
     click.echo(f"wrote {cvec_path}: {hd.n_layer - 1} layer vectors (direction.1..{hd.n_layer - 1}) of "
                f"width {vec.shape[1]}")

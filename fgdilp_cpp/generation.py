@@ -126,10 +126,9 @@ class Generator:
             raise FgdilpError(f"{method} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
                               f"allows {MAX_SEQ}")
         hook = None
-        if method == "cvec":
+        if method in STEERED or method == "cvec":
             self._check_steerable(method)
         if method in STEERED:
-            self._check_steerable(method)
             s = self.steer
             hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
                               exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
@@ -170,21 +169,12 @@ class Generator:
         """Frozen FGDILP head directions for `prompt` (HeadDirections)."""
         return build_vectors_for(self, prompt, sampling, settings)
 
-    def layer_mask(self) -> np.ndarray:
-        """[n_layer] 1 for steered layers, 0 elsewhere (--steer-layer-range)."""
-        n, s = self.model.info.n_layer, self.steer
-        end = n - 1 if s.layer_end < 0 else s.layer_end
-        return np.array([1.0 if s.layer_start <= il <= end else 0.0 for il in range(n)])
-
     def output_projections(self) -> list[np.ndarray]:
         """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
         if getattr(self, "_w_o", None) is None:
-            from .engine.tensors import read_tensors
+            from .engine.tensors import output_projections
 
-            n = self.model.info.n_layer
-            names = [f"blk.{il}.attn_output.weight" for il in range(n)]
-            w = read_tensors(self.model.info.path, names)
-            self._w_o = [w[name] for name in names]
+            self._w_o = output_projections(self.model.info.path, self.model.info.n_layer)
         return self._w_o
 
     def diagnoser(self):

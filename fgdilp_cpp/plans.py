@@ -16,6 +16,7 @@ from .errors import FgdilpError
 from .method.diagnosis import ATTRIBUTE_NAMES
 from .method.cvec import residual_directions
 from .method.fusion import FUSION_MODES, fuse
+from .method.vectors import random_heads
 from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE, prefixed, select_prefixes
 from .native import MAX_NEG, EditSpec
 
@@ -37,11 +38,19 @@ class SteerParams:
     layer_end: int = -1          # inclusive; -1 = last layer
     renorm: bool = True
 
+    def last_layer(self, n_layer: int) -> int:
+        return n_layer - 1 if self.layer_end < 0 else self.layer_end
+
+    def layer_mask(self, n_layer: int) -> np.ndarray:
+        """[n_layer] 1 for steered layers, 0 elsewhere."""
+        il = np.arange(n_layer)
+        return ((il >= self.layer_start) & (il <= self.last_layer(n_layer))).astype(np.float64)
+
     def check(self, n_layer: int) -> None:
         for name, v in (("exp_norm", self.exp_norm), ("exp_sim", self.exp_sim), ("scale", self.scale)):
             if not np.isfinite(v):
                 raise FgdilpError(f"{name} must be a finite number")
-        end = n_layer - 1 if self.layer_end < 0 else self.layer_end
+        end = self.last_layer(n_layer)
         if not 0 <= self.layer_start <= end < n_layer:
             raise FgdilpError(f"--steer-layer-range {self.layer_start} {self.layer_end} is outside "
                               f"the model's layers 0..{n_layer - 1}")
@@ -103,7 +112,7 @@ def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: b
         if method == "random":
             return _fixed_plan(gen, method, raw, random_like_heads(rows, gen.model.info.n_head, sampling.seed), e, info)
         s = gen.steer
-        vec = residual_directions(rows * gen.layer_mask()[:, None], gen.output_projections(),
+        vec = residual_directions(rows * s.layer_mask(gen.model.info.n_layer)[:, None], gen.output_projections(),
                                   gen.model.info.n_head, s.exp_norm, s.scale)
         return Plan([raw], 0, explain=info, cvec=vec)
     sel, info = (prefixes, {}) if prefixes is not None else build_instance(gen, prompt, raw, sampling)
@@ -136,6 +145,12 @@ def _average_e(hook, n: int) -> None:
     hook.slots[SLOT_E] = hook.slots[SLOT_COLON:SLOT_COLON + n].mean(axis=0)
 
 
+def _fused_rows(slots: np.ndarray, n: int, mask_k: float, fusion: str, elect: bool) -> np.ndarray:
+    """Fusion of the captured prompt-end rows: [n_layer, width]."""
+    deltas = slots[SLOT_NEG_LAST:SLOT_NEG_LAST + n] - slots[SLOT_POS_LAST]   # [n, n_layer, width]
+    return np.stack([fuse(deltas[:, il], mask_k, fusion, elect) for il in range(deltas.shape[1])])
+
+
 def _exact_plan(gen, method, prompt, raw, pos_text, neg_texts, info: dict, explain: bool) -> Plan:
     """P+, P-_1..n and P0 as sequences of one decode per step; the hook fuses and edits P0."""
     pos, negs = _prefixed_all(gen, prompt, pos_text, neg_texts)
@@ -145,10 +160,7 @@ def _exact_plan(gen, method, prompt, raw, pos_text, neg_texts, info: dict, expla
         (gen.fgdilp.mask_k, gen.fgdilp.fusion, gen.fgdilp.sign_election)
 
     def norms(ctx) -> None:   # --explain: per-layer |fused delta| at the end of the prompt
-        s = hook.slots
-        deltas = s[SLOT_NEG_LAST:SLOT_NEG_LAST + n] - s[SLOT_POS_LAST]       # [n, n_layer, width]
-        info["delta_norms"] = [float(np.linalg.norm(fuse(deltas[:, il], k, mode, elect)))
-                               for il in range(deltas.shape[1])]
+        info["delta_norms"] = [float(x) for x in np.linalg.norm(_fused_rows(hook.slots, n, k, mode, elect), axis=1)]
 
     return Plan([pos.tokens] + [x.tokens for x in negs] + [raw], n + 1,
                 captures=tuple(_prefix_captures(pos, negs, with_last=explain)),
@@ -177,21 +189,14 @@ def capture_directions(gen, ctx, prompt: str, pos_text: str, neg_texts: list[str
         lock.prefill(_prefix_captures(pos, negs, with_last=True))
     finally:
         lock.close()
-    s = hook.slots
-    deltas = s[SLOT_NEG_LAST:SLOT_NEG_LAST + n] - s[SLOT_POS_LAST]          # [n, n_layer, width]
-    rows = np.stack([fuse(deltas[:, il], mask_k, fusion, elect)
-                     for il in range(deltas.shape[1])])                       # [n_layer, width]
-    e = s[SLOT_COLON:SLOT_COLON + n].mean(axis=0)                             # [n_layer, width]
-    return rows.astype(np.float32), e.astype(np.float32)
+    rows = _fused_rows(hook.slots, n, mask_k, fusion, elect)                 # [n_layer, width]
+    _average_e(hook, n)
+    return rows.astype(np.float32), hook.slots[SLOT_E].copy()                # e: [n_layer, width]
 
 
 def random_like_heads(rows: np.ndarray, n_head: int, seed: int) -> np.ndarray:
     """Random directions with the per-head norms of `rows` [n_layer, width] (the random control)."""
-    rng = np.random.default_rng(seed)
-    heads = rows.reshape(rows.shape[0], n_head, -1)                           # [n_layer, n_head, head_dim]
-    r = rng.standard_normal(heads.shape)
-    r /= np.linalg.norm(r, axis=-1, keepdims=True)
-    return (r * np.linalg.norm(heads, axis=-1, keepdims=True)).reshape(rows.shape).astype(np.float32)
+    return random_heads(rows.reshape(rows.shape[0], n_head, -1), seed).reshape(rows.shape)
 
 
 def _fixed_plan(gen, method: str, raw, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:

@@ -39,6 +39,13 @@ def _ggml_base() -> ctypes.CDLL:
     return lib
 
 
+def output_projections(path: str | Path, n_layer: int) -> list[np.ndarray]:
+    """W_O of every layer, [n_embd, n_head*head_dim] float32 each."""
+    names = [f"blk.{il}.attn_output.weight" for il in range(n_layer)]
+    w = read_tensors(path, names)
+    return [w[name] for name in names]
+
+
 def read_tensors(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
     """Named 2-D tensors as float32 numpy arrays of shape (ne1, ne0) (torch Linear layout)."""
     lib = _ggml_base()

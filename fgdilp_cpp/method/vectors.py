@@ -28,6 +28,16 @@ class DirectionsError(FgdilpError, ValueError):
     """A directions file or value that cannot be used (a ValueError with a one-line message)."""
 
 
+def random_heads(directions: np.ndarray, seed: int) -> np.ndarray:
+    """Random directions with the per-head norms of directions [n_layer, n_head, head_dim] (a zero
+    head stays zero): the random control."""
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(directions.shape)                              # [n_layer, n_head, head_dim]
+    g /= np.maximum(np.linalg.norm(g, axis=2, keepdims=True), 1e-30)
+    norms = np.linalg.norm(np.asarray(directions, dtype=np.float64), axis=2)   # [n_layer, n_head]
+    return (g * norms[:, :, None]).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     architecture: str
@@ -128,10 +138,7 @@ class HeadDirections:
     @staticmethod
     def random_like(template: HeadDirections, seed: int) -> HeadDirections:
         """Random per-head directions with the template's per-head norms (e unchanged)."""
-        rng = np.random.default_rng(seed)
-        g = rng.standard_normal(template.directions.shape)               # [n_layer, n_head, head_dim]
-        g /= np.maximum(np.linalg.norm(g, axis=2, keepdims=True), 1e-30)
-        d = (g * template.head_norms()[:, :, None]).astype(np.float32)
+        d = random_heads(template.directions, seed)
         return replace(template, directions=d, method=f"{template.method}+random",
                        settings={**template.settings, "control": "random_like", "seed": int(seed)})
 
