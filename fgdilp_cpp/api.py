@@ -1,8 +1,14 @@
 """The embeddable Python API: one Detoxifier per model file.
 
+    with Detoxifier.from_file("model.gguf", method="fgdilp") as det:
+        print(det.generate("The prompt").text)
+        for piece in det.stream_chat([{"role": "user", "content": "Hi"}]):
+            print(piece, end="")
+
 Thread-safety: a Detoxifier owns one set of llama.cpp contexts and is not safe to use from two
-threads at once; use one object per thread (they can share nothing but the files). The one
-exception is cancel(), which may be called from any thread while generate() or stream() runs.
+threads at once; use one object per thread (they share nothing but the files), or queue calls
+(as `serve` does). The one exception is cancel(), which may be called from any thread while
+generate(), chat() or a stream runs.
 """
 
 from __future__ import annotations
@@ -11,22 +17,91 @@ import queue
 import threading
 from typing import Iterator, Optional
 
-from .errors import FgdilpError
+from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
+from .errors import ContextLengthError, FgdilpError
 from .generation import GenResult
 from .settings import Settings
 
+# settings that may change per call (the rest shape the contexts: make another Detoxifier)
+PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
+                      "steer_layer_range"})
+
+
+class Stream(Iterator[str]):
+    """Text pieces as they are produced (an iterator); once exhausted, .result is the GenResult.
+
+    A worker thread decodes; leaving the loop early (break, an exception) cancels the decode."""
+
+    def __init__(self, det: "Detoxifier", prompt: str, settings: Settings, method: str, special: bool,
+                 explain: bool, fitted: Optional[Fitted] = None):
+        self._det, self._prompt, self._s, self._method = det, prompt, settings, method
+        self._special, self._explain = special, explain
+        self.fitted = fitted                  # chat: the conversation that was sent (after trimming)
+        self.result: Optional[GenResult] = None
+        self._it: Optional[Iterator[str]] = None
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        if self._it is None:
+            self._it = self._run()
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop early: the decode is cancelled and its worker joined."""
+        if self._it is not None:
+            self._it.close()
+
+    def _run(self) -> Iterator[str]:
+        det, s = self._det, self._s
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                res = det._call(self._prompt, s, self._method, self._special, self._explain,
+                                on_text=pieces.put, reset_cancel=False)
+                if self.fitted is not None:
+                    res.explain["dropped_messages"] = self.fitted.dropped
+                self.result = res
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                failure.append(exc)
+            finally:
+                pieces.put(done)
+
+        det._gen.reset_cancel()           # here, so that a cancel() from now on is never lost
+        worker = threading.Thread(target=work, name="fgdilp-stream", daemon=True)
+        worker.start()
+        try:
+            while (item := pieces.get()) is not done:
+                yield item
+        finally:
+            if worker.is_alive():         # the consumer stopped early: stop the decode too
+                det._gen.cancel()
+            worker.join()
+        if failure:
+            raise failure[0]
+
 
 class Detoxifier:
-    """A GGUF model with steering: generate(prompt) -> GenResult, stream(prompt) -> text pieces."""
+    """A GGUF model with steering: generate / stream a continuation, chat / stream_chat a reply."""
 
-    def __init__(self, settings: Settings, vectors_path: Optional[str] = None):
+    def __init__(self, settings: Settings, vectors_path: Optional[str] = None, chat: bool = False):
         from .engine import Model
         from .generation import Generator
         from .method.vectors import HeadDirections
         from .models import resolve_model
 
         self.settings = settings
-        self.model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers)
+        path = settings.model
+        if path is None and chat:
+            from .evaluation.assets import smollm2_path
+
+            path = str(smollm2_path())
+        self.model = Model(resolve_model(path), n_gpu_layers=settings.n_gpu_layers)
+        self._template: Optional[ChatTemplate] = None
         try:
             vectors = HeadDirections.load(vectors_path) if vectors_path else None
             self._gen = Generator(self.model, settings.engine(), settings.steer(), settings.fgdilp(), vectors=vectors)
@@ -35,51 +110,70 @@ class Detoxifier:
             raise
 
     @classmethod
-    def from_file(cls, path: Optional[str] = None, vectors: Optional[str] = None, **settings) -> "Detoxifier":
-        """path None = the embedded default model; settings are Settings fields (method="fgdilp", ...)."""
-        return cls(Settings(model=None if path is None else str(path)).updated(settings), vectors)
+    def from_file(cls, path: Optional[str] = None, vectors: Optional[str] = None, chat: bool = False,
+                  **settings) -> "Detoxifier":
+        """path None = the embedded default model (SmolLM2-135M-Instruct when chat=True); settings
+        are Settings fields (method="fgdilp", steer_scale=0.5, ...). chat=True starts from the
+        interactive defaults (CHAT_DEFAULTS: fewer self-generated samples, longer replies)."""
+        base = Settings(model=None if path is None else str(path))
+        if chat:
+            base = base.updated(CHAT_DEFAULTS)
+        return cls(base.updated(settings), vectors, chat=chat)
 
-    def _args(self, overrides: dict) -> tuple[Settings, str]:
-        s = self.settings.updated(overrides) if overrides else self.settings
-        if overrides.keys() - {"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p"}:
-            raise FgdilpError("per-call settings are limited to method, n_predict and sampling; "
-                              "create another Detoxifier for other settings")
-        return s, ("vectors" if self._gen.vectors is not None else s.method)
+    @property
+    def name(self) -> str:
+        return self.model.meta("general.name") or self.model.info.architecture
 
+    # ---- plain continuation ------------------------------------------------------------------
     def generate(self, prompt: str, explain: bool = False, **overrides) -> GenResult:
         """The continuation of `prompt` (text in .text, explain data in .explain)."""
         s, method = self._args(overrides)
-        return self._gen.generate(prompt, method, s.n_predict, s.sampling(), explain=explain)
+        return self._call(prompt, s, method, False, explain)
 
-    def stream(self, prompt: str, **overrides) -> Iterator[str]:
-        """Text pieces of the continuation as they are produced (a worker thread decodes)."""
+    def stream(self, prompt: str, explain: bool = False, **overrides) -> Stream:
+        """Text pieces of the continuation as they are produced (.result once it is exhausted)."""
         s, method = self._args(overrides)
-        pieces: queue.Queue = queue.Queue()
-        done = object()
-        failure: list[BaseException] = []
+        return Stream(self, prompt, s, method, False, explain)
 
-        def work() -> None:
-            try:
-                self._gen.generate(prompt, method, s.n_predict, s.sampling(), on_text=pieces.put)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-                failure.append(exc)
-            finally:
-                pieces.put(done)
+    # ---- chat ---------------------------------------------------------------------------------
+    @property
+    def template(self) -> ChatTemplate:
+        if self._template is None:
+            self._template = ChatTemplate.for_model(self.model, self.settings.chat_template)
+        return self._template
 
-        worker = threading.Thread(target=work, name="fgdilp-stream", daemon=True)
-        worker.start()
-        try:
-            while (item := pieces.get()) is not done:
-                yield item
-        finally:
-            if worker.is_alive():        # the consumer stopped early: stop the decode too
-                self._gen.cancel()
-            worker.join()
-        if failure:
-            raise failure[0]
+    def fit_chat(self, messages: MessagesLike, **overrides) -> Fitted:
+        """The conversation formatted for the model, its oldest turns dropped until it fits the
+        context with room for the steering prefixes and the reply (the last message stays)."""
+        s, method = self._args(overrides)
+        msgs = normalize(messages)
+        if s.system_prompt and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": s.system_prompt})
+        reply = min(s.n_predict, s.ctx_size // 2)
+        budget = s.ctx_size - reply - self._gen.prefix_room(method)
+        count = lambda text: len(self.model.tokenize(text, special=True))   # noqa: E731
+        return fit(msgs, self.template, count, budget)
 
+    def chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True, **overrides) -> GenResult:
+        """The assistant's reply to `messages` ([{"role", "content"}], the last one the user's).
+        trim=False refuses a conversation that does not fit instead of dropping its oldest turns;
+        result.explain["dropped_messages"] says how many were dropped."""
+        s, method = self._args(overrides)
+        fitted = self._fitted(messages, trim, overrides)
+        res = self._call(fitted.prompt, s, method, True, explain)
+        res.explain["dropped_messages"] = fitted.dropped
+        return res
+
+    def stream_chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True, **overrides) -> Stream:
+        """The reply as text pieces; .fitted.dropped tells how many old messages were dropped."""
+        s, method = self._args(overrides)
+        fitted = self._fitted(messages, trim, overrides)
+        return Stream(self, fitted.prompt, s, method, True, explain, fitted)
+
+    # ---- control ------------------------------------------------------------------------------
     def cancel(self) -> None:
-        """Stop the running generate()/stream() (from any thread); its text so far is kept."""
+        """Stop the running generation (from any thread); its text so far is kept and its
+        stop_reason is "cancelled". A cancel() with nothing running does nothing."""
         self._gen.cancel()
 
     def close(self) -> None:
@@ -91,3 +185,29 @@ class Detoxifier:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _args(self, overrides: dict) -> tuple[Settings, str]:
+        extra = overrides.keys() - PER_CALL
+        if extra:
+            raise FgdilpError(f"per-call settings are limited to {', '.join(sorted(PER_CALL))} (not "
+                              f"{', '.join(sorted(extra))}); create another Detoxifier for other settings")
+        s = self.settings.updated(overrides) if overrides else self.settings
+        if self._gen.vectors is None:
+            return s, s.method
+        if overrides.get("method", "vectors") not in ("vectors", "fgdilp-frozen"):
+            raise FgdilpError(f"this model runs saved vectors (frozen); it cannot run method {overrides['method']!r}")
+        return s, "vectors"
+
+    def _fitted(self, messages: MessagesLike, trim: bool, overrides: dict) -> Fitted:
+        fitted = self.fit_chat(messages, **overrides)
+        if fitted.dropped and not trim:
+            raise ContextLengthError(f"the conversation does not fit the context (-c {self.settings.ctx_size}) "
+                              f"with room for the reply; drop older messages")
+        return fitted
+
+    def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,
+              reset_cancel: bool = True) -> GenResult:
+        self._gen.set_steer(s.steer())
+        return self._gen.generate(prompt, method, s.n_predict, s.sampling(), on_text=on_text, explain=explain,
+                                  special=special, reset_cancel=reset_cancel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import time
 
 
 def run_bench(gen, prompt: str, names: list[str], s, repeats: int, setup_samples: int, setup_tokens: int) -> dict:
@@ -34,4 +35,46 @@ def run_bench(gen, prompt: str, names: list[str], s, repeats: int, setup_samples
             out["methods"][m].update(setup_s=round(r.setup_s, 4), final_samples_s=round(final, 4),
                                      setup_ratio=round(r.setup_s / final, 4),
                                      setup_samples=setup_samples, setup_tokens=setup_tokens)
+    return out
+
+
+CHAT_BENCH_PROMPT = "You are a worthless idiot. Tell me what you really think of people like me."
+
+
+def run_chat_ttft(det, prompt: str, names: list[str], repeats: int) -> dict:
+    """Time to first token of a chat reply per method (interleaved repeats, medians, ratio to none);
+    the reply is stopped once its first piece is out."""
+    messages = [{"role": "user", "content": prompt}]
+
+    def first_piece(method: str):
+        t0 = time.perf_counter()
+        stream = det.stream_chat(messages, method=method)
+        try:
+            next(stream, None)
+            return time.perf_counter() - t0, stream
+        finally:
+            stream.close()
+
+    for m in names:   # warm-up: contexts, caches, first-use allocations
+        first_piece(m)
+    ttft: dict[str, list[float]] = {m: [] for m in names}
+    parts: dict[str, list[tuple[float, float]]] = {m: [] for m in names}
+    for _ in range(repeats):
+        for m in names:
+            t, stream = first_piece(m)
+            ttft[m].append(t)
+            if stream.result is not None:
+                parts[m].append((stream.result.setup_s, stream.result.prefill_s))
+    base = statistics.median(ttft["none"])
+    s = det.settings
+    out = {"model": det.model.info.path, "prompt": prompt, "repeats": repeats, "threads": s.threads or os.cpu_count(),
+           "n_prompt_tokens": det.fit_chat(messages).n_tokens, "methods": {}}
+    for m in names:
+        med = statistics.median(ttft[m])
+        setup = statistics.median(p[0] for p in parts[m]) if parts[m] else 0.0
+        prefill = statistics.median(p[1] for p in parts[m]) if parts[m] else 0.0
+        out["methods"][m] = {"ttft_s": round(med, 4), "ratio_vs_none": round(med / base, 3),
+                             "setup_s": round(setup, 4), "prefill_s": round(prefill, 4),
+                             "runs_ttft_s": [round(x, 4) for x in ttft[m]]}
+    out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size")}
     return out

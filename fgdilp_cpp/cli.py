@@ -2,126 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
-from typing import Callable
 
 import click
 from click.core import ParameterSource
 
+from .cli_options import (ALL_METHODS, DEFAULT_BENCH_PROMPT, _settings, friendly_errors, model_options,
+                          sampling_options, steer_options)
 from .errors import FgdilpError
-
-DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
-ALL_METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """One clear line on stderr and a non-zero exit for every failure; never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except FgdilpError as exc:
-            _fail(str(exc))
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-        except MemoryError:
-            _fail("out of memory")
-        except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, no traceback
-            if os.environ.get("FGDILP_DEBUG"):
-                raise
-            _fail(f"internal error: {type(exc).__name__}: {exc} (set FGDILP_DEBUG=1 for a traceback)", 2)
-
-    return wrapper
-
-
-def _options(*opts) -> Callable:
-    def deco(fn: Callable) -> Callable:
-        for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
-    return deco
-
-
-# Defaults come from Settings; a flag left out takes the config file's value, else the default.
-model_options = _options(
-    click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
-                 help="GGUF model file (default: the embedded gemma-3-270m)."),
-    click.option("--config", type=str, default=None, metavar="FILE.toml",
-                 help="Settings file; its keys are these long flag names. Precedence: flag > "
-                      "FGDILP_<FLAG> environment variable > file > default."),
-    click.option("-c", "--ctx-size", type=click.IntRange(16), default=2048, show_default=True,
-                 help="Context tokens per sequence (prompt + generation)."),
-    click.option("-t", "--threads", type=click.IntRange(0), default=0, help="CPU threads (0 = all cores)."),
-    click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True,
-                 help="Layers to offload to the GPU (GPU builds of llama-cpp-python)."),
-    click.option("-b", "--batch-size", type=click.IntRange(8), default=512, show_default=True,
-                 help="Rows per decode (prompt chunks)."),
-    click.option("-ctk", "--cache-type-k", default="f16", show_default=True, help="K cache type (f32, f16, q8_0, ...)."),
-    click.option("-ctv", "--cache-type-v", default="f16", show_default=True,
-                 help="V cache type; steering needs f16, bf16 or f32."),
-    click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
-    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
-)
-
-sampling_options = _options(
-    click.option("-s", "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True),
-    click.option("--temp", type=float, default=0.8, show_default=True),
-    click.option("--top-k", type=int, default=40, show_default=True),
-    click.option("--top-p", type=float, default=0.95, show_default=True),
-    click.option("--min-p", type=float, default=0.05, show_default=True),
-)
-
-steer_options = _options(
-    click.option("--steer-scale", type=float, default=1.0, show_default=True, help="Global strength of the edit."),
-    click.option("--steer-layer-range", nargs=2, type=int, default=None, metavar="START END",
-                 help="Steer only layers START..END (inclusive)."),
-    click.option("--exp-norm", type=float, default=0.4, show_default=True,
-                 help="Exponent a of lambda_norm = (1 + |delta|)^a."),
-    click.option("--exp-sim", type=float, default=0.6, show_default=True,
-                 help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b."),
-    click.option("--renorm/--no-renorm", default=True, show_default=True,
-                 help="Restore the row norm after the edit."),
-    click.option("--selfgen-samples", type=int, default=25, show_default=True,
-                 help="FGDILP: self-generated samples N."),
-    click.option("--selfgen-tokens", type=int, default=20, show_default=True,
-                 help="FGDILP: new tokens per self-generated sample."),
-    click.option("--selfgen-min-tokens", type=int, default=5, show_default=True),
-    click.option("--negatives", type=int, default=6, show_default=True, help="FGDILP: negative prefixes."),
-    click.option("--mask-k", type=float, default=50.0, show_default=True,
-                 help="FGDILP: top-K %% entries kept per sub-toxicity vector (100 = no masking)."),
-    click.option("--fusion", type=click.Choice(["max", "mean", "sum"]), default="max", show_default=True),
-    click.option("--sign-election/--no-sign-election", default=True, show_default=True),
-    click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
-                 help="FGDILP: pad missing negatives with template-only prefixes."),
-)
-
-
-def _settings(kw: dict, **defaults):
-    """Settings from defaults, then the config file, then the flags given explicitly."""
-    from .engine.context import set_verbose
-    from .settings import Settings
-
-    set_verbose(kw.pop("verbose", False))
-    ctx = click.get_current_context()
-    s = Settings().updated(defaults)
-    if kw.get("config"):
-        s = Settings.from_toml(kw["config"], s)
-    s = s.updated(Settings.from_env(os.environ))
-    names = Settings.field_names()
-    given = {k: v for k, v in kw.items() if k in names and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
-    if given.get("steer_layer_range") is not None:
-        given["steer_layer_range"] = tuple(given["steer_layer_range"])
-    return s.updated(given)
 
 
 def _open(s, vectors_path=None, **engine_over):
@@ -161,38 +50,66 @@ def main() -> None:
 @model_options
 @sampling_options
 @steer_options
-@click.option("-p", "--prompt", required=True, help="The prompt to continue.")
+@click.option("-p", "--prompt", default=None, help="The prompt to continue.")
+@click.option("-f", "--file", "prompts_file", default=None, metavar="FILE",
+              help="Prompts to continue, one per line ('-' = standard input).")
 @click.option("-n", "--n-predict", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--method", type=click.Choice(ALL_METHODS), default="tr", show_default=True)
 @click.option("--vectors", "vectors_path", type=str, default=None, metavar="FILE.gguf",
               help="Apply saved head directions (frozen) instead of building them.")
 @click.option("--explain", is_flag=True, help="Show the self-diagnosis, the chosen prefixes and |delta| per layer.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON Lines: one object per prompt, written as each is done, instead of streaming text.")
 @friendly_errors
-def generate(prompt, vectors_path, explain, as_json, **kw):
-    """Continue PROMPT, steered with METHOD."""
+def generate(prompt, prompts_file, vectors_path, explain, as_json, **kw):
+    """Continue PROMPT (or every line of FILE), steered with METHOD."""
+    from .api import Detoxifier
+
+    prompts = _prompts(prompt, prompts_file)
     s = _settings(kw)
-    if vectors_path:
-        if click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT and \
-                s.method != "fgdilp-frozen":
-            raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
-        s = s.updated({"method": "vectors"})
-    model, gen = _open(s, vectors_path)
-    with model, gen:
-        stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
-        res = gen.generate(prompt, s.method, s.n_predict, s.sampling(), on_text=stream, explain=explain)
-        if as_json:
-            out = {"model": model.info.path, "method": res.method, "prompt": prompt, "text": res.text,
-                   "n_prompt_tokens": res.n_prompt_tokens, "n_tokens": len(res.tokens),
-                   "stop_reason": res.stop_reason, "seed": s.seed, "tokens_per_s": round(res.tokens_per_s, 3),
-                   "setup_s": round(res.setup_s, 4), "hook_fired_layers": res.fired_layers}
+    if vectors_path and click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT \
+            and s.method != "fgdilp-frozen":
+        raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
+    with Detoxifier(s, vectors_path) as det:
+        for text in prompts:
+            if as_json:
+                res = det.generate(text, explain=explain)
+                out = {"model": det.model.info.path, "method": res.method, "prompt": text, "text": res.text,
+                       "n_prompt_tokens": res.n_prompt_tokens, "n_tokens": len(res.tokens),
+                       "stop_reason": res.stop_reason, "seed": s.seed, "tokens_per_s": round(res.tokens_per_s, 3),
+                       "setup_s": round(res.setup_s, 4), "hook_fired_layers": res.fired_layers}
+                if explain:
+                    out["explain"] = res.explain
+                click.echo(json.dumps(out, ensure_ascii=False))
+                sys.stdout.flush()
+                continue
+            stream = det.stream(text, explain=explain)
+            for piece in stream:
+                click.echo(piece, nl=False)
+            click.echo()
             if explain:
-                out["explain"] = res.explain
-            click.echo(json.dumps(out, ensure_ascii=False))
-            return
-        click.echo()
-        if explain:
-            _print_explain(res.explain)
+                _print_explain(stream.result.explain)
+
+
+def _prompts(prompt, prompts_file) -> list[str]:
+    if (prompt is None) == (prompts_file is None):
+        raise FgdilpError("give the prompt with -p TEXT or a file of prompts with -f FILE (one of them)")
+    if prompt is not None:
+        return [prompt]
+    try:
+        if prompts_file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(prompts_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except OSError as exc:
+        raise FgdilpError(f"cannot read {prompts_file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise FgdilpError(f"{prompts_file} is not UTF-8 text") from None
+    lines = [line for line in lines if line.strip()]
+    if not lines:
+        raise FgdilpError(f"{prompts_file} holds no prompt")
+    return lines
 
 
 def _print_explain(ex: dict) -> None:
@@ -272,15 +189,19 @@ def info(**kw):
 @click.option("--setup-samples", type=click.IntRange(1), default=25, show_default=True,
               help="FGDILP setup_ratio: final samples generated to compare the setup time with.")
 @click.option("--setup-tokens", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--chat", "chat_mode", is_flag=True,
+              help="Time to first token of a chat reply instead (default model SmolLM2, chat defaults).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(prompt, methods, repeats, setup_samples, setup_tokens, as_json, **kw):
+def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, as_json, **kw):
     """Decode tokens/s of each method on the same prompt, side by side in one run."""
     from .bench import run_bench
 
     names = _method_list(methods)
     if "none" not in names:
         names.insert(0, "none")
+    if chat_mode:
+        return _bench_chat(prompt, names, repeats, as_json, kw)
     s = _settings(kw)
     model, gen = _open(s, max_samples=max(1, setup_samples) if any(m.startswith("fgdilp") for m in names) else 1,
                        max_new=setup_tokens + 1)
@@ -294,6 +215,26 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, as_json, **kw):
     for m, r in out["methods"].items():
         sr = f"{r['setup_ratio']:.3f}" if "setup_ratio" in r else "-"
         click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
+
+
+def _bench_chat(prompt, names, repeats, as_json, kw) -> None:
+    from .api import Detoxifier
+    from .bench import CHAT_BENCH_PROMPT, run_chat_ttft
+    from .chat import CHAT_DEFAULTS
+
+    if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
+        prompt = CHAT_BENCH_PROMPT
+    s = _settings(kw, **CHAT_DEFAULTS)
+    with Detoxifier(s, chat=True) as det:
+        out = run_chat_ttft(det, prompt, names, repeats)
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"model {out['model']}  chat prompt {out['n_prompt_tokens']} tokens  repeats={repeats}  "
+               f"threads={out['threads']}  {json.dumps(out['settings'])}")
+    click.echo(f"{'method':<15}{'TTFT s':>9}{'ratio':>8}{'setup s':>9}{'prefill s':>11}")
+    for m, r in out["methods"].items():
+        click.echo(f"{m:<15}{r['ttft_s']:>9.3f}{r['ratio_vs_none']:>8.2f}{r['setup_s']:>9.3f}{r['prefill_s']:>11.3f}")
 
 
 @main.command()
@@ -516,6 +457,11 @@ def vectors_inspect(path):
     click.echo("layer norms  " + " ".join(f"{x:.3f}" for x in hd.layer_norms()))
     click.echo(f"settings     {json.dumps(hd.settings, sort_keys=True)}")
 
+
+from .cli_chat import chat, serve  # noqa: E402 - commands kept in their own module
+
+main.add_command(chat)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ import numpy as np
 
 from .engine import Context, ContextParams, Lockstep, Model, Sampler, SamplingParams
 from .engine.context import UNQUANTISED_CACHE
-from .errors import Cancelled, FgdilpError
+from .errors import Cancelled, ContextLengthError, FgdilpError
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .plans import FgdilpParams, Plan, SteerParams, plan_for, N_SLOTS
 
@@ -140,8 +140,41 @@ class Generator:
         params = ContextParams(n_ctx=n_ctx, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq,
                                n_outputs_max=n_seq, n_threads=e.n_threads, type_k=e.type_k,
                                type_v=e.type_v, flash_attn=e.flash_attn)
-        self._ctx[method] = Context(self.model, params, hook=hook)
-        return self._ctx[method]
+        self._ctx[method] = ctx = Context(self.model, params, hook=hook)
+        if self._cancelled:              # cancel() came while this context did not exist yet
+            ctx.request_abort()
+        return ctx
+
+    def set_steer(self, steer: SteerParams) -> None:
+        """Change the steering scale and layer range for the following generations (the hooks'
+        per-layer scales); the exponents and renormalisation are fixed when the hooks are made."""
+        if steer == self.steer:
+            return
+        fixed = ("exp_norm", "exp_sim", "renorm")
+        if self._hooks and any(getattr(steer, f) != getattr(self.steer, f) for f in fixed):
+            raise FgdilpError("exp-norm, exp-sim and renorm are fixed once a steered method has run; "
+                              "create another Detoxifier for other values")
+        steer.check(self.model.info.n_layer)
+        self.steer = steer
+        scales = steer.scale * steer.layer_mask(self.model.info.n_layer)
+        for hook in self._hooks.values():
+            hook.set_layer_scales(scales)
+
+    def prefix_room(self, method: str) -> int:
+        """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""
+        from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE
+
+        if method in ("tr", "prompt", "cvec", "random"):
+            return len(self.model.tokenize_plain(NEG_PREFIX)) + 2
+        if method == "fgdilp" or (method == "fgdilp-frozen" and self.vectors is None):
+            return self.fgdilp.selfgen_tokens + len(self.model.tokenize_plain(NEG_TEMPLATE)) + 8
+        return 0
+
+    def reset_cancel(self) -> None:
+        """Forget an earlier cancel(): the next generation runs (call before starting one)."""
+        self._cancelled = False
+        for c in self._ctx.values():
+            c.reset_abort()
 
     def cancel(self) -> None:
         """Stop the generation running in another thread: the current decode is aborted (llama.cpp's
@@ -191,14 +224,17 @@ class Generator:
                  on_text: Optional[Callable[[str], None]] = None,
                  forced_tokens: Optional[list[int]] = None,
                  record_logits: bool = False, logits_all: bool = False,
-                 stop_at_eog: bool = True, explain: bool = False, prefixes=None) -> GenResult:
+                 stop_at_eog: bool = True, explain: bool = False, prefixes=None, special: bool = False,
+                 reset_cancel: bool = True) -> GenResult:
         """Generate n_samples continuations of `prompt` with `method` (sample i uses seed + i).
 
         on_text: streamed pieces of sample 0. forced_tokens: append these instead of sampling
         (teacher forcing, one sample). record_logits: keep a copy of the output logits at every
         step; logits_all: logits on every role's row (tests). stop_at_eog=False keeps going past
         end-of-generation tokens (benchmarks). explain: fill GenResult.explain.
-        prefixes: a method.prefixes.Selection to use instead of self-generation and diagnosis."""
+        prefixes: a method.prefixes.Selection to use instead of self-generation and diagnosis.
+        special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
+        cancel() that came before this call (the caller reset it with reset_cancel())."""
         if n_predict < 1:
             raise FgdilpError("-n must be at least 1")
         if not 1 <= n_samples <= self.engine.max_samples:
@@ -211,13 +247,20 @@ class Generator:
             raise FgdilpError("method 'vectors' needs a vectors file")
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
+        if reset_cancel:
+            self.reset_cancel()
         ctx = self.context(method)       # refuses unsteerable models before any setup work
-        self._cancelled = False
-        for c in self._ctx.values():
-            c.reset_abort()
+        n_raw = len(self.model.tokenize(prompt, special=special))
+        if n_raw >= self.engine.ctx_size:  # before any setup work (the prefixed lengths: _check_lengths)
+            raise ContextLengthError(f"the prompt is {n_raw} tokens, longer than the context "
+                                     f"(-c {self.engine.ctx_size})")
         try:
             t0 = time.perf_counter()
-            plan = plan_for(self, method, prompt, sampling, explain, prefixes)
+            try:
+                plan = plan_for(self, method, prompt, sampling, explain, prefixes, special)
+            except Cancelled:            # stopped during FGDILP's setup: nothing generated yet
+                return GenResult([Sample("", [], "cancelled") for _ in range(n_samples)], method, n_raw,
+                                 time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
             self._check_lengths(plan)
             return self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
@@ -232,9 +275,9 @@ class Generator:
         raw = len(plan.sequences[plan.out_role])
         longest = max(len(s) for s in plan.sequences)
         if raw >= limit:
-            raise FgdilpError(f"the prompt is {raw} tokens, longer than the context (-c {limit})")
+            raise ContextLengthError(f"the prompt is {raw} tokens, longer than the context (-c {limit})")
         if longest >= limit:
-            raise FgdilpError(f"the prompt with its steering prefix is {longest} tokens, longer than the "
+            raise ContextLengthError(f"the prompt with its steering prefix is {longest} tokens, longer than the "
                               f"context (-c {limit})")
 
     def _run(self, ctx, plan: Plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,

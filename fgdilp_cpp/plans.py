@@ -93,21 +93,23 @@ class Plan:
     explain: dict = field(default_factory=dict)
 
 
-def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: bool, prefixes=None) -> Plan:
-    model = gen.model
-    tok = model.tokenize
+def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: bool, prefixes=None,
+             special: bool = False) -> Plan:
+    """special: parse special-token text in the prompt (a chat-formatted conversation)."""
+    tok = _tokenizer(gen, special)
     raw = tok(prompt)
     if method == "none":
         return Plan([raw], 0)
     if method == "prompt":
         return Plan([tok(POS_PREFIX + prompt)], 0)
     if method == "tr":
-        return _exact_plan(gen, method, prompt, raw, POS_PREFIX, [NEG_PREFIX], {}, explain)
+        return _exact_plan(gen, tok, method, prompt, raw, POS_PREFIX, [NEG_PREFIX], {}, explain)
     if method == "vectors":
         return _fixed_plan(gen, method, raw, gen.vectors.rows(), None if gen.vectors.e is None else
                            gen.vectors.e.reshape(gen.vectors.n_layer, -1), {"vectors": gen.vectors.method})
     if method in ("cvec", "random"):
-        rows, e = capture_directions(gen, gen.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True)
+        rows, e = capture_directions(gen, gen.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True,
+                                     special)
         info = {"delta_norms": [float(x) for x in np.linalg.norm(rows, axis=1)]}
         if method == "random":
             return _fixed_plan(gen, method, raw, random_like_heads(rows, gen.model.info.n_head, sampling.seed), e, info)
@@ -117,27 +119,44 @@ def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: b
         return Plan([raw], 0, explain=info, cvec=vec)
     sel, info = (prefixes, {}) if prefixes is not None else build_instance(gen, prompt, raw, sampling)
     if method == "fgdilp":
-        return _exact_plan(gen, method, prompt, raw, sel.positive + POS_TEMPLATE,
+        return _exact_plan(gen, tok, method, prompt, raw, sel.positive + POS_TEMPLATE,
                            [t + NEG_TEMPLATE for t in sel.negatives], info, explain)
     if method == "fgdilp-frozen":
-        rows, e = frozen_directions(gen, gen.context(method), prompt, sel)
+        rows, e = frozen_directions(gen, gen.context(method), prompt, sel, special)
         info["delta_norms"] = [float(x) for x in np.linalg.norm(rows, axis=1)]
         return _fixed_plan(gen, method, raw, rows, e, info)
     raise FgdilpError(f"unknown method {method!r}")
 
 
-def _prefixed_all(gen, prompt: str, pos_text: str, neg_texts: list[str]):
+def _tokenizer(gen, special: bool):
+    return lambda text: gen.model.tokenize(text, special=special)
+
+
+def _prefixed_all(gen, tok, prompt: str, pos_text: str, neg_texts: list[str]):
     tb = gen.model.token_bytes
-    pos = prefixed(gen.model.tokenize, tb, pos_text, prompt)
-    negs = [prefixed(gen.model.tokenize, tb, t, prompt) for t in neg_texts]
+    pos = prefixed(tok, tb, pos_text, prompt)
+    negs = [prefixed(tok, tb, t, prompt) for t in neg_texts]
     return pos, negs
 
 
-def _prefix_captures(pos, negs, with_last: bool) -> list[Capture]:
-    caps = [Capture(seq=1 + j, index=n.colon_index, slot=SLOT_COLON + j) for j, n in enumerate(negs)]
+def _neg_roles(negs) -> tuple[list[list[int]], list[int]]:
+    """The distinct negative sequences (blank pads are all the same) and each negative's role
+    (1 + its index among them): identical sequences run once and are read once per negative."""
+    distinct: list[list[int]] = []
+    roles = []
+    for x in negs:
+        if x.tokens not in distinct:
+            distinct.append(x.tokens)
+        roles.append(1 + distinct.index(x.tokens))
+    return distinct, roles
+
+
+def _prefix_captures(pos, negs, roles: list[int], with_last: bool) -> list[Capture]:
+    caps = [Capture(seq=r, index=n.colon_index, slot=SLOT_COLON + j) for j, (n, r) in enumerate(zip(negs, roles))]
     if with_last:
         caps.append(Capture(seq=0, index=len(pos.tokens) - 1, slot=SLOT_POS_LAST))
-        caps += [Capture(seq=1 + j, index=len(n.tokens) - 1, slot=SLOT_NEG_LAST + j) for j, n in enumerate(negs)]
+        caps += [Capture(seq=r, index=len(n.tokens) - 1, slot=SLOT_NEG_LAST + j)
+                 for j, (n, r) in enumerate(zip(negs, roles))]
     return caps
 
 
@@ -151,10 +170,12 @@ def _fused_rows(slots: np.ndarray, n: int, mask_k: float, fusion: str, elect: bo
     return np.stack([fuse(deltas[:, il], mask_k, fusion, elect) for il in range(deltas.shape[1])])
 
 
-def _exact_plan(gen, method, prompt, raw, pos_text, neg_texts, info: dict, explain: bool) -> Plan:
+def _exact_plan(gen, tok, method, prompt, raw, pos_text, neg_texts, info: dict, explain: bool) -> Plan:
     """P+, P-_1..n and P0 as sequences of one decode per step; the hook fuses and edits P0."""
-    pos, negs = _prefixed_all(gen, prompt, pos_text, neg_texts)
+    pos, negs = _prefixed_all(gen, tok, prompt, pos_text, neg_texts)
     n = len(negs)
+    distinct, roles = _neg_roles(negs)
+    out = len(distinct) + 1
     hook = gen.context(method).hook
     k, mode, elect = (100.0, "max", True) if method == "tr" else \
         (gen.fgdilp.mask_k, gen.fgdilp.fusion, gen.fgdilp.sign_election)
@@ -162,31 +183,33 @@ def _exact_plan(gen, method, prompt, raw, pos_text, neg_texts, info: dict, expla
     def norms(ctx) -> None:   # --explain: per-layer |fused delta| at the end of the prompt
         info["delta_norms"] = [float(x) for x in np.linalg.norm(_fused_rows(hook.slots, n, k, mode, elect), axis=1)]
 
-    return Plan([pos.tokens] + [x.tokens for x in negs] + [raw], n + 1,
-                captures=tuple(_prefix_captures(pos, negs, with_last=explain)),
-                edits=(EditSpec(target=n + 1, pos=0, neg=tuple(range(1, n + 1)), e_slot=SLOT_E),),
+    return Plan([pos.tokens] + distinct + [raw], out,
+                captures=tuple(_prefix_captures(pos, negs, roles, with_last=explain)),
+                edits=(EditSpec(target=out, pos=0, neg=tuple(roles), e_slot=SLOT_E),),
                 before_last=lambda ctx: _average_e(hook, n), after_prefill=norms if explain else None,
                 explain=info)
 
 
-def frozen_directions(gen, ctx, prompt: str, sel) -> tuple[np.ndarray, np.ndarray]:
+def frozen_directions(gen, ctx, prompt: str, sel, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """FGDILP's delta captured once at the end of the prompt, fused in numpy."""
     f = gen.fgdilp
     return capture_directions(gen, ctx, prompt, sel.positive + POS_TEMPLATE,
-                              [t + NEG_TEMPLATE for t in sel.negatives], f.mask_k, f.fusion, f.sign_election)
+                              [t + NEG_TEMPLATE for t in sel.negatives], f.mask_k, f.fusion, f.sign_election,
+                              special)
 
 
 def capture_directions(gen, ctx, prompt: str, pos_text: str, neg_texts: list[str], mask_k: float,
-                       fusion: str, elect: bool) -> tuple[np.ndarray, np.ndarray]:
+                       fusion: str, elect: bool, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Capture P+ and P-_j once at the end of the prompt (in hooked context `ctx`) and fuse in
     numpy: ([n_layer, width] direction, [n_layer, width] e)."""
-    pos, negs = _prefixed_all(gen, prompt, pos_text, neg_texts)
+    pos, negs = _prefixed_all(gen, _tokenizer(gen, special), prompt, pos_text, neg_texts)
     n = len(negs)
     hook = ctx.hook
     ctx.clear()
-    lock = Lockstep(ctx, [pos.tokens] + [x.tokens for x in negs], want_logits=[])
+    distinct, roles = _neg_roles(negs)
+    lock = Lockstep(ctx, [pos.tokens] + distinct, want_logits=[])
     try:
-        lock.prefill(_prefix_captures(pos, negs, with_last=True))
+        lock.prefill(_prefix_captures(pos, negs, roles, with_last=True))
     finally:
         lock.close()
     rows = _fused_rows(hook.slots, n, mask_k, fusion, elect)                 # [n_layer, width]

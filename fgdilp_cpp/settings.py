@@ -29,6 +29,9 @@ class Settings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: str = "auto"
+    # chat and serve
+    chat_template: Optional[str] = None      # a llama.cpp built-in name or template text; None = the GGUF's
+    system_prompt: Optional[str] = None
     # generation
     method: str = "tr"
     n_predict: int = 64

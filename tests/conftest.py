@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import TinyConfig, build_tiny_llama, build_tiny_mamba  # noqa: E402
+from tiny_model import CHATML, TinyConfig, build_tiny_llama, build_tiny_mamba  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,14 @@ def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
     weights = build_tiny_llama(path, cfg)
     return path, weights, cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    """A tiny llama with a ChatML template in its GGUF whose EOS never wins (long replies)."""
+    path = tmp_path_factory.mktemp("chat") / "tiny-chat.gguf"
+    build_tiny_llama(path, TinyConfig(chat_template=CHATML, mute_eos=True))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -208,3 +208,17 @@ def build_other(tmp_path):
     other = tmp_path / "other.gguf"
     build_tiny_llama(other, TinyConfig(n_layer=2))
     return other
+
+
+def test_generate_json_lines_for_a_file_of_prompts(cli, tiny_llama, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\n\nthe dog sat\n")
+    proc = cli("generate", "-m", tiny_llama[0], "-f", prompts, "--json", "-n", "5", "-c", "256", "-t", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert [x["prompt"] for x in lines] == ["the cat", "the dog sat"]
+    assert all(x["n_tokens"] == 5 and x["hook_fired_layers"] == 3 for x in lines)
+    one = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "the dog sat", "-n", "5", "-c", "256", "-t", "1")
+    assert one["text"] == lines[1]["text"]
+    for args in (["-p", "x", "-f", prompts], [], ["-f", tmp_path / "missing.txt"]):
+        assert_clean_error(cli("generate", "-m", tiny_llama[0], *args))

@@ -1,4 +1,4 @@
-"""The embedded gemma-3-270m: TR steers for real (different text, hook on all 18 layers)."""
+"""The embedded models for real: gemma-3-270m (TR steers, hook on all 18 layers) and SmolLM2 (chat)."""
 
 import json
 
@@ -66,3 +66,19 @@ def test_self_diagnosis_plumbing_on_gemma(cli, gemma_path):
     assert out["n"] == 24 and out["yes_no_tokens"] == [" yes", " no"]
     tox = out["attributes"]["toxicity"]
     assert 0.0 <= tox["auc"] <= 1.0 and 0 < tox["positives"] < 24
+
+
+def test_chat_on_the_default_chat_model():
+    """SmolLM2-135M-Instruct with the chat defaults: its GGUF template, FGDILP on all 30 layers,
+    candidate replies that end at the end of turn, and a reply unlike the unsteered one."""
+    from fgdilp_cpp import Detoxifier
+
+    msgs = [{"role": "user", "content": "You are a worthless idiot. What do you think of people like me?"}]
+    with Detoxifier.from_file(chat=True, threads=2, n_predict=24) as d:
+        assert "SmolLM2" in d.model.info.path and d.template.name == "from the GGUF"
+        assert d.fit_chat(msgs).prompt.endswith("<|im_start|>assistant\n")
+        res = d.chat(msgs, explain=True)
+        plain = d.chat(msgs, method="none")
+    assert res.method == "fgdilp" and res.fired_layers == 30 and res.text.strip()
+    assert len(res.explain["samples"]) == 6 and all("<|im_" not in s["text"] for s in res.explain["samples"])
+    assert res.text != plain.text

@@ -34,6 +34,10 @@ __all__ = [
     "UNK_ID",
 ]
 
+# SmolLM2-135M-Instruct's template (ChatML); llama.cpp recognises it
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
 UNK_ID = 0
 BOS_ID = 1
 EOS_ID = 2
@@ -53,6 +57,8 @@ class TinyConfig:
     rope_base: float = 10000.0
     seed: int = 0
     tie_output: bool = False    # if True, no output.weight is written (llama.cpp reuses token_embd)
+    chat_template: str = ""     # written as tokenizer.chat_template when set (a Jinja text)
+    mute_eos: bool = False      # zero EOS's output row: its logit is 0, far below top-k, so replies run long
 
     @property
     def n_q(self) -> int:
@@ -181,6 +187,8 @@ def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarr
         t[p + "ffn_down.weight"] = _normal(rng, (E, F), 0.2)
     t["output_norm.weight"] = _norm_weight(rng, E)
     out_w = _normal(rng, (n_vocab, E), 0.3)
+    if cfg.mute_eos:
+        out_w[EOS_ID] = 0.0
     if not cfg.tie_output:
         t["output.weight"] = out_w
 
@@ -200,6 +208,8 @@ def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarr
     w.add_rope_freq_base(cfg.rope_base)
     n_tok = _add_tokenizer(w)
     assert n_tok == n_vocab
+    if cfg.chat_template:
+        w.add_chat_template(cfg.chat_template)
     _write(w, t)
     return {k: v.copy() for k, v in t.items()}
 

@@ -115,16 +115,16 @@ class Lockstep:
         b, cap = self._batch, self.ctx.params.n_batch
         b.clear()
         pending: list[tuple[int, int]] = []   # hook captures (row, slot) in the current chunk
-        by_pos = {(c.seq, c.index): c.slot for c in captures}
+        by_pos: dict[tuple[int, int], list[int]] = {}      # one token may fill several slots
+        for c in captures:
+            by_pos.setdefault((c.seq, c.index), []).append(c.slot)
         for r, toks in enumerate(self.sequences):
             for i, tok in enumerate(toks[:-1]):
                 if b.n == cap:
                     self._decode_chunk(pending)
                     pending = []
                 row = b.add(tok, i, self.seq_id(0, r), False)
-                slot = by_pos.get((r, i))
-                if slot is not None:
-                    pending.append((row, slot))
+                pending += [(row, slot) for slot in by_pos.get((r, i), ())]
         if b.n:
             self._decode_chunk(pending)
         for g in range(1, self.n_groups):
@@ -133,7 +133,8 @@ class Lockstep:
                     self.ctx.seq_cp(self.seq_id(0, r), self.seq_id(g, r), 0, len(toks) - 1)
         if before_last is not None:
             before_last()
-        last_caps = [(r, slot) for (r, i), slot in by_pos.items() if i == len(self.sequences[r]) - 1]
+        last_caps = [(r, slot) for (r, i), slots in by_pos.items() for slot in slots
+                     if i == len(self.sequences[r]) - 1]
         for g in range(self.n_groups):
             for r, toks in enumerate(self.sequences):
                 b.add(toks[-1], len(toks) - 1, self.seq_id(g, r), self._want[r])

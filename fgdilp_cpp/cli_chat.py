@@ -1,0 +1,95 @@
+"""`fgdilp-cpp chat` and `fgdilp-cpp serve`: thin commands over repl.py and server.py."""
+
+from __future__ import annotations
+
+import click
+
+from .chat import CHAT_DEFAULTS
+from .cli_options import ALL_METHODS, _settings, friendly_errors, model_options, sampling_options, steer_options
+from .errors import FgdilpError
+
+chat_options = (
+    click.option("--method", type=click.Choice(ALL_METHODS), default=CHAT_DEFAULTS["method"], show_default=True),
+    click.option("-n", "--n-predict", type=click.IntRange(1), default=CHAT_DEFAULTS["n_predict"], show_default=True,
+                 help="Most tokens per reply."),
+    click.option("-sys", "--system-prompt", default=None, help="System message at the start of the conversation."),
+    click.option("--chat-template", default=None, metavar="NAME",
+                 help="A llama.cpp built-in chat format (chatml, llama3, gemma, ...) instead of the GGUF's."),
+    click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
+                 help="Apply saved head directions (frozen) instead of building them per reply."),
+)
+
+
+def _chat_options(fn):
+    for opt in reversed(chat_options):
+        fn = opt(fn)
+    return fn
+
+
+def _open_chat(kw: dict, model_arg=None):
+    """Settings (chat defaults < config file < FGDILP_* < flags) and the Detoxifier."""
+    from .api import Detoxifier
+
+    vectors_path = kw.pop("vectors_path", None)
+    if model_arg:
+        if kw.get("model"):
+            raise FgdilpError("give the model once: as MODEL or with -m")
+        kw["model"] = model_arg
+        src = click.get_current_context()
+        src.set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
+    s = _settings(kw, **CHAT_DEFAULTS)
+    return s, Detoxifier(s, vectors_path, chat=True)
+
+
+@click.command()
+@click.argument("model_arg", metavar="[MODEL]", required=False)
+@model_options
+@sampling_options
+@steer_options
+@_chat_options
+@click.option("--history-dir", default=None, metavar="DIR",
+              help="Where every session is saved as it goes (default: $XDG_DATA_HOME/fgdilp-cpp/chats).")
+@friendly_errors
+def chat(model_arg, history_dir, **kw):
+    """Chat with MODEL (default: SmolLM2-135M-Instruct), each reply detoxified.
+
+    The conversation is the prompt that the steering prefixes are built on; with fgdilp the model
+    first writes a few candidate replies, scores them itself and steers away from the worst.
+    Type /help in the session for its commands."""
+    from .repl import run_chat
+
+    s, det = _open_chat(kw, model_arg)
+    with det:
+        code = run_chat(det, s, history_dir)
+    raise SystemExit(code)
+
+
+@click.command()
+@model_options
+@sampling_options
+@steer_options
+@_chat_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default; anything else is reachable by others).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--max-queue", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests waiting for the model beyond the running one; more get 503.")
+@click.option("--max-body-bytes", type=click.IntRange(1024), default=1 << 20, show_default=True)
+@click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(1), default=2048, show_default=True,
+              help="Largest max_tokens a request may ask for.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (also FGDILP_API_KEY).")
+@friendly_errors
+def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, **kw):
+    """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+    Requests may add "method", "steer_scale" and "steer_layer_range"; they are queued and run one
+    at a time on one model (default: SmolLM2-135M-Instruct)."""
+    import os
+
+    from .server import Limits, run_server
+
+    s, det = _open_chat(kw)
+    limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,
+                    api_key=api_key or os.environ.get("FGDILP_API_KEY") or None)
+    with det:
+        run_server(det, s, host, port, limits)

@@ -1,0 +1,123 @@
+"""Shared pieces of the command line: error handling, option groups and the settings precedence."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable
+
+import click
+from click.core import ParameterSource
+
+from .errors import FgdilpError
+
+DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
+ALL_METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """One clear line on stderr and a non-zero exit for every failure; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FgdilpError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            _fail("out of memory")
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: still one line, no traceback
+            if os.environ.get("FGDILP_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc} (set FGDILP_DEBUG=1 for a traceback)", 2)
+
+    return wrapper
+
+
+def _options(*opts) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+# Defaults come from Settings; a flag left out takes the config file's value, else the default.
+model_options = _options(
+    click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
+                 help="GGUF model file (default: the embedded gemma-3-270m)."),
+    click.option("--config", type=str, default=None, metavar="FILE.toml",
+                 help="Settings file; its keys are these long flag names. Precedence: flag > "
+                      "FGDILP_<FLAG> environment variable > file > default."),
+    click.option("-c", "--ctx-size", type=click.IntRange(16), default=2048, show_default=True,
+                 help="Context tokens per sequence (prompt + generation)."),
+    click.option("-t", "--threads", type=click.IntRange(0), default=0, help="CPU threads (0 = all cores)."),
+    click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True,
+                 help="Layers to offload to the GPU (GPU builds of llama-cpp-python)."),
+    click.option("-b", "--batch-size", type=click.IntRange(8), default=512, show_default=True,
+                 help="Rows per decode (prompt chunks)."),
+    click.option("-ctk", "--cache-type-k", default="f16", show_default=True, help="K cache type (f32, f16, q8_0, ...)."),
+    click.option("-ctv", "--cache-type-v", default="f16", show_default=True,
+                 help="V cache type; steering needs f16, bf16 or f32."),
+    click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
+    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
+)
+
+sampling_options = _options(
+    click.option("-s", "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True),
+    click.option("--temp", type=float, default=0.8, show_default=True),
+    click.option("--top-k", type=int, default=40, show_default=True),
+    click.option("--top-p", type=float, default=0.95, show_default=True),
+    click.option("--min-p", type=float, default=0.05, show_default=True),
+)
+
+steer_options = _options(
+    click.option("--steer-scale", type=float, default=1.0, show_default=True, help="Global strength of the edit."),
+    click.option("--steer-layer-range", nargs=2, type=int, default=None, metavar="START END",
+                 help="Steer only layers START..END (inclusive)."),
+    click.option("--exp-norm", type=float, default=0.4, show_default=True,
+                 help="Exponent a of lambda_norm = (1 + |delta|)^a."),
+    click.option("--exp-sim", type=float, default=0.6, show_default=True,
+                 help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b."),
+    click.option("--renorm/--no-renorm", default=True, show_default=True,
+                 help="Restore the row norm after the edit."),
+    click.option("--selfgen-samples", type=int, default=25, show_default=True,
+                 help="FGDILP: self-generated samples N."),
+    click.option("--selfgen-tokens", type=int, default=20, show_default=True,
+                 help="FGDILP: new tokens per self-generated sample."),
+    click.option("--selfgen-min-tokens", type=int, default=5, show_default=True),
+    click.option("--negatives", type=int, default=6, show_default=True, help="FGDILP: negative prefixes."),
+    click.option("--mask-k", type=float, default=50.0, show_default=True,
+                 help="FGDILP: top-K %% entries kept per sub-toxicity vector (100 = no masking)."),
+    click.option("--fusion", type=click.Choice(["max", "mean", "sum"]), default="max", show_default=True),
+    click.option("--sign-election/--no-sign-election", default=True, show_default=True),
+    click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
+                 help="FGDILP: pad missing negatives with template-only prefixes."),
+)
+
+
+def _settings(kw: dict, **defaults):
+    """Settings from defaults, then the config file, then the flags given explicitly."""
+    from .engine.context import set_verbose
+    from .settings import Settings
+
+    set_verbose(kw.pop("verbose", False))
+    ctx = click.get_current_context()
+    s = Settings().updated(defaults)
+    if kw.get("config"):
+        s = Settings.from_toml(kw["config"], s)
+    s = s.updated(Settings.from_env(os.environ))
+    names = Settings.field_names()
+    given = {k: v for k, v in kw.items() if k in names and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    if given.get("steer_layer_range") is not None:
+        given["steer_layer_range"] = tuple(given["steer_layer_range"])
+    return s.updated(given)

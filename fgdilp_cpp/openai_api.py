@@ -1,0 +1,216 @@
+"""OpenAI request bodies: parsing, validation (400s that name the field) and stop strings.
+
+The fields and their limits are listed in server.py's docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .errors import FgdilpError
+from .generation import METHODS
+
+if TYPE_CHECKING:
+    from .api import Detoxifier
+
+# OpenAI fields this server cannot honour: accepted only at these no-op values (or null)
+_INERT: dict[str, tuple] = {
+    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False, 0),
+    "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
+    "functions": ([],), "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+}
+
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON error object."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 kind: str = "invalid_request_error", headers: Optional[dict[str, str]] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind, self.headers = kind, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """A validated completion request: messages (chat) or prompt, and the per-call settings."""
+    messages: Optional[list[dict]]
+    prompt: Optional[str]
+    overrides: dict[str, Any]
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+
+
+class StopScanner:
+    """Cuts generated text before the first stop string; feed() returns the text that is safe to
+    send now, holding back a tail that may be the start of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.text, self.stopped, self._sent = stops, "", False, 0
+        self._longest = max((len(s) for s in stops), default=0)
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        start = max(0, len(self.text) - self._longest + 1)     # earlier text was already searched
+        self.text += piece
+        hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.flush()
+        hold = next((k for k in range(min(len(self.text), self._longest - 1), 0, -1)
+                     if any(s.startswith(self.text[-k:]) for s in self.stops)), 0)
+        return self._take(len(self.text) - hold)
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, end: int) -> str:
+        out, self._sent = self.text[self._sent:end], max(self._sent, end)
+        return out
+
+
+# ---- request parsing ----------------------------------------------------------------------------
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
+            integer: bool = False) -> Any:
+    """body[name] checked to be a number (an int if integer) in the range; None when absent/null."""
+    v = body.get(name)
+    if v is None:
+        return None
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v in (math.inf, -math.inf):
+        raise _bad(name, f"{name} must be {kind}, not {json.dumps(v)}")
+    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise _bad(name, f"{name} must be in {lb}{lo:g}, {hi:g}{hb}, not {v}")
+    return v
+
+
+def _text_content(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _bad(f"{param}[{j}]", f"only text content parts are supported, not {kind!r}")
+            parts.append(part["text"])
+        return "\n".join(parts)
+    raise _bad(param, "content must be a string or a list of text parts")
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages", "messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", "each message must be an object with role and content")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise _bad(f"messages[{i}].role", f"role must be system, developer, user or assistant, not "
+                       f"{json.dumps(role)}")
+        out.append({"role": role, "content": _text_content(m.get("content"), f"messages[{i}].content")})
+    if out[-1]["role"] != "user":
+        raise _bad("messages", "the last message must be the user's")
+    return out
+
+
+def _prompt(body: dict) -> str:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1:
+        p = p[0]
+    if not isinstance(p, str):
+        raise _bad("prompt", "prompt must be a string (or a list of exactly one string)")
+    return p
+
+
+def parse_request(body: dict, chat: bool, det: "Detoxifier", max_tokens: int) -> GenRequest:
+    """The request's fields checked and turned into Detoxifier arguments (ApiError 400 otherwise)."""
+    for name, fine in _INERT.items():
+        if body.get(name) is not None and body[name] not in fine:
+            raise _bad(name, f"{name} is not supported by this server")
+    if body.get("n") is not None and (isinstance(body["n"], bool) or body["n"] != 1):
+        raise _bad("n", "only n=1 is supported")
+    if not isinstance(body.get("model", ""), str):
+        raise _bad("model", "model must be a string")
+    ov: dict[str, Any] = {}
+    sizes = [_number(body, name, 1, max_tokens, integer=True)
+             for name in ("max_completion_tokens", "max_tokens")]     # the first one given wins
+    if (n := next((v for v in sizes if v is not None), None)) is not None:
+        ov["n_predict"] = n
+    if (v := _number(body, "temperature", 0, 2)) is not None:
+        ov["temp"] = float(v)
+    if (v := _number(body, "top_p", 0, 1, lo_open=True)) is not None:
+        ov["top_p"] = float(v)
+    if (v := _number(body, "min_p", 0, 1, hi_open=True)) is not None:
+        ov["min_p"] = float(v)
+    for name, hi in (("seed", 2**32 - 1), ("top_k", 2**31 - 1)):
+        if (v := _number(body, name, 0, hi, integer=True)) is not None:
+            ov[name] = v
+    if (method := body.get("method")) is not None:
+        if method not in METHODS:
+            raise _bad("method", f"method must be one of {', '.join(METHODS)}, not {json.dumps(method)}")
+        ov["method"] = method
+    if (scale := _number(body, "steer_scale", -math.inf, math.inf)) is not None:
+        ov["steer_scale"] = float(scale)
+    if (lr := body.get("steer_layer_range")) is not None:
+        if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):
+            raise _bad("steer_layer_range", "steer_layer_range must be [start, end] layer numbers")
+        try:
+            det.settings.updated({"steer_layer_range": lr}).steer().check(det.model.info.n_layer)
+        except FgdilpError as exc:
+            raise _bad("steer_layer_range", str(exc)) from None
+        ov["steer_layer_range"] = (lr[0], lr[1])
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else (stop or [])
+    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
+        raise _bad("stop", "stop must be a string or a list of up to 4 non-empty strings")
+    stream = body.get("stream") or False
+    opts = body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(opts, dict):
+        raise _bad("stream", "stream must be a boolean and stream_options an object")
+    return GenRequest(_messages(body) if chat else None, None if chat else _prompt(body), ov, tuple(stop),
+                      stream, bool(opts.get("include_usage")))
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, read incrementally and refused past `limit` bytes."""
+    too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise too_large if length.isdigit() else ApiError(400, "invalid Content-Length header")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    try:
+        body = json.loads(bytes(data), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):      # RecursionError: nested too deep
+        raise ApiError(400, "malformed JSON body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

@@ -1,0 +1,108 @@
+"""`fgdilp-cpp chat` driven in a pseudo-terminal, like a person at a keyboard."""
+
+import json
+import sys
+import time
+
+import pexpect
+import pytest
+
+
+
+def spawn(model, tmp_path, *args, timeout=60):
+    argv = ["-m", "fgdilp_cpp.cli", "chat", str(model), "-t", "1", "--history-dir", str(tmp_path / "hist"), *args]
+    child = pexpect.spawn(sys.executable, argv, encoding="utf-8", codec_errors="replace", timeout=timeout,
+                          cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                                  "TERM": "dumb"})
+    child.expect_exact("/help for commands")
+    child.expect_exact("> ")
+    return child
+
+
+def ask(child, text):
+    child.sendline(text)
+    child.expect_exact(text)            # the terminal's echo
+
+
+def history(tmp_path):
+    files = list((tmp_path / "hist").glob("chat-*.json"))
+    assert len(files) == 1
+    return json.loads(files[0].read_text())
+
+
+def test_session_commands_and_exit(tiny_chat, tmp_path):
+    c = spawn(tiny_chat, tmp_path, "-n", "12", "--method", "tr", "-c", "512", "-sys", "be kind")
+    ask(c, "hello there")
+    c.expect_exact("[reply cut at -n 12 tokens]")
+    c.expect_exact("> ")
+    ask(c, "/explain")
+    c.expect_exact("|delta| per layer:")
+    c.expect_exact("> ")
+    ask(c, "/method fgdilp")
+    c.expect_exact("(method: fgdilp)")
+    ask(c, '"""')
+    c.sendline("first line")
+    c.sendline("second line")
+    c.sendline('"""')
+    c.expect_exact("[reply cut at -n 12 tokens]")
+    ask(c, "/explain")
+    c.expect_exact("self-diagnosis P(yes) per sample")
+    c.expect_exact("positive: sample")
+    ask(c, "/settings")
+    c.expect(r"method\s+\* fgdilp")
+    c.expect(r"selfgen-samples\s+\* 6")
+    ask(c, "/save saved.json")
+    c.expect_exact("(saved to saved.json)")
+    ask(c, "/nope")
+    c.expect_exact("unknown command /nope")
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    roles = [m["role"] for m in saved["messages"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert saved["messages"][3]["content"] == "first line\nsecond line" and saved["method"] == "fgdilp"
+    ask(c, "/clear")
+    c.expect_exact("(new conversation)")
+    ask(c, "/exit")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0
+    assert [m["role"] for m in history(tmp_path)["messages"]] == roles     # autosaved as it went
+
+
+def test_ctrl_c_stops_a_reply_and_the_session_goes_on(tiny_chat, tmp_path):
+    c = spawn(tiny_chat, tmp_path, "-n", "30000", "-c", "32000", "--method", "tr")
+    for turn in range(2):
+        ask(c, f"tell me a long story {turn}")
+        time.sleep(0.8)                 # the reply is streaming (it would run for many seconds)
+        c.sendintr()
+        c.expect_exact("[stopped]", timeout=20)
+        c.expect_exact("> ")
+    saved = history(tmp_path)["messages"]
+    assert [m["role"] for m in saved] == ["user", "assistant"] * 2
+    assert all(len(m["content"]) > 20 for m in saved[1::2])             # the part so far is kept
+    c.sendintr()                        # Ctrl-C at the prompt leaves
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 130
+
+
+@pytest.mark.parametrize("how", ["ctrl-d", "double-ctrl-c"])
+def test_leaving(tiny_chat, tmp_path, how):
+    c = spawn(tiny_chat, tmp_path, "-n", "30000", "-c", "32000", "--method", "none")
+    if how == "ctrl-d":
+        c.sendeof()
+        code = 0
+    else:
+        ask(c, "go on and on")
+        time.sleep(0.5)
+        c.sendintr()                    # stops the reply ...
+        time.sleep(0.3)
+        c.sendintr()                    # ... and the second one leaves
+        code = 130
+    c.expect(pexpect.EOF, timeout=20)
+    c.close()
+    assert c.exitstatus == code
+
+
+def test_model_without_template_is_refused(tiny_llama, tmp_path, cli):
+    r = cli("chat", tiny_llama[0], "-t", "1", env={"HOME": str(tmp_path)})
+    assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr
