@@ -92,4 +92,4 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, **kw
     limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,
                     api_key=api_key or os.environ.get("FGDILP_API_KEY") or None)
     with det:
-        run_server(det, s, host, port, limits)
+        run_server(det, host, port, limits)

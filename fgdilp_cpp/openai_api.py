@@ -27,7 +27,6 @@ _INERT: dict[str, tuple] = {
 }
 
 
-
 class ApiError(Exception):
     """An error answered as OpenAI's JSON error object."""
 

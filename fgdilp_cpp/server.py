@@ -64,7 +64,6 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import ContextLengthError, FgdilpError
 from .openai_api import ApiError, GenRequest, StopScanner, parse_request, read_json
-from .settings import Settings
 
 if TYPE_CHECKING:
     from .api import Detoxifier
@@ -72,6 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("fgdilp_cpp.server")
 
 _FINISH = {"eog": "stop", "length": "length", "context": "length", "cancelled": "stop"}
+
+
 @dataclass(frozen=True)
 class Limits:
     max_queue: int = 16                 # requests waiting beyond the running one; more get 503
@@ -157,8 +158,8 @@ class _Job:
 class _Service:
     """The model, its one worker thread and the admission limit."""
 
-    def __init__(self, det: Detoxifier, settings: Settings, limits: Limits):
-        self.det, self.settings, self.limits = det, settings, limits
+    def __init__(self, det: Detoxifier, limits: Limits):
+        self.det, self.limits = det, limits
         self.model_id = Path(det.model.info.path).stem
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgdilp-model")
         self._lock = threading.Lock()
@@ -404,10 +405,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
 
 
-def create_app(det: Detoxifier, settings: Settings, limits: Limits = Limits()) -> Starlette:
-    """The ASGI app serving `det` (an open Detoxifier, `settings` the ones it was opened with);
+def create_app(det: Detoxifier, limits: Limits = Limits()) -> Starlette:
+    """The ASGI app serving `det` (an open Detoxifier);
     its model thread stops at app shutdown, after which `det` may be closed."""
-    svc = _Service(det, settings, limits)
+    svc = _Service(det, limits)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -442,11 +443,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def run_server(det: Detoxifier, settings: Settings, host: str, port: int, limits: Limits = Limits()) -> None:
+def run_server(det: Detoxifier, host: str, port: int, limits: Limits = Limits()) -> None:
     """Serve until Ctrl-C (or SIGTERM); port 0 picks a free port (printed)."""
     import uvicorn
 
-    app = create_app(det, settings, limits)
+    app = create_app(det, limits)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

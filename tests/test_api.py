@@ -65,3 +65,19 @@ def test_bad_overrides_and_lazy_package(detox):
     assert fgdilp_cpp.Settings().method == "tr"
     with pytest.raises(AttributeError):
         fgdilp_cpp.nope
+
+
+def test_saved_vectors_refuse_another_method(tiny_llama, tmp_path):
+    from fgdilp_cpp.engine import SamplingParams
+
+    with Detoxifier.from_file(tiny_llama[0], ctx_size=256, threads=1, selfgen_samples=3, selfgen_tokens=4,
+                              selfgen_min_tokens=1) as d:
+        d._gen.build_vectors(PROMPT, SamplingParams(), {}).save(tmp_path / "v.gguf")
+        plain = d.generate(PROMPT, method="none", seed=3, n_predict=12).text
+    with Detoxifier.from_file(tiny_llama[0], vectors=str(tmp_path / "v.gguf"), ctx_size=256, n_predict=12,
+                              threads=1) as d:
+        res = d.generate(PROMPT, seed=3)
+        assert res.method == "vectors" and res.fired_layers == 3 and res.text != plain
+        assert d.generate(PROMPT, seed=3, method="fgdilp-frozen").text == res.text
+        with pytest.raises(FgdilpError, match="saved vectors"):
+            d.generate(PROMPT, method="tr")

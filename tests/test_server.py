@@ -93,7 +93,7 @@ def ref(tiny_llama):
 
 @pytest.fixture(scope="module")
 def served(tiny_llama):
-    with open_det(tiny_llama) as det, Served(create_app(det, det.settings, Limits(max_tokens=512))) as srv:
+    with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_tokens=512))) as srv:
         yield srv
 
 
@@ -262,7 +262,7 @@ def test_body_limit_without_content_length(served):
 
 
 def test_api_key(tiny_llama):
-    with open_det(tiny_llama) as det, Served(create_app(det, det.settings, Limits(api_key="sekrit"))) as srv:
+    with open_det(tiny_llama) as det, Served(create_app(det, Limits(api_key="sekrit"))) as srv:
         assert srv.request("GET", "/health")[0] == 200                   # open: for load balancers
         with srv.client() as c, pytest.raises(openai.AuthenticationError):
             c.models.list()
@@ -304,7 +304,7 @@ class Gate:
 
 
 def test_full_queue_is_503(tiny_llama):
-    with open_det(tiny_llama) as det, Served(create_app(det, det.settings, Limits(max_queue=1))) as srv, \
+    with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_queue=1))) as srv, \
             ThreadPoolExecutor(2) as pool:
         gate = Gate(srv)
         body = {"model": "m", "messages": MSGS, "seed": 1}
@@ -353,7 +353,7 @@ class SlowDetoxifier:
 def test_hanging_up_cancels_the_generation(tiny_llama):
     with open_det(tiny_llama) as det:
         slow = SlowDetoxifier(det, 0.05)
-        with Served(create_app(slow, det.settings, Limits())) as srv:
+        with Served(create_app(slow, Limits())) as srv:
             # mid-stream: the decode stops soon after the client leaves
             s = srv.open_raw({"model": "m", "messages": MSGS, "seed": 1, "max_tokens": 200, "stream": True})
             seen = b""
@@ -380,7 +380,7 @@ def test_a_bug_is_a_logged_500(tiny_llama, caplog):
         def stream_chat(self, *args, **kw):
             raise ZeroDivisionError("boom")
 
-    with open_det(tiny_llama) as det, Served(create_app(Broken(det, 0), det.settings, Limits())) as srv:
+    with open_det(tiny_llama) as det, Served(create_app(Broken(det, 0), Limits())) as srv:
         s, _, body = srv.request("POST", "/v1/chat/completions", {"messages": MSGS})
         assert s == 500 and body["error"] == {"message": "internal error: ZeroDivisionError",
                                               "type": "server_error", "param": None, "code": None}
