@@ -38,6 +38,11 @@ def _open_chat(kw: dict, model_arg=None):
         src = click.get_current_context()
         src.set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
     s = _settings(kw, **CHAT_DEFAULTS)
+    if vectors_path:
+        given = click.get_current_context().get_parameter_source("method") != click.core.ParameterSource.DEFAULT
+        if given and s.method != "fgdilp-frozen":
+            raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
+        s = s.updated({"method": "fgdilp-frozen"})
     return s, Detoxifier(s, vectors_path, chat=True)
 
 

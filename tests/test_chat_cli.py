@@ -106,3 +106,21 @@ def test_leaving(tiny_chat, tmp_path, how):
 def test_model_without_template_is_refused(tiny_llama, tmp_path, cli):
     r = cli("chat", tiny_llama[0], "-t", "1", env={"HOME": str(tmp_path)})
     assert r.returncode == 1 and "--chat-template" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_with_saved_vectors_from_a_pipe(tiny_chat, tmp_path):
+    """No terminal: lines from standard input; saved directions steer every reply."""
+    import subprocess
+
+    vec = tmp_path / "v.gguf"
+    fast = ["--selfgen-samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-c", "256", "-t", "1"]
+    build = subprocess.run([sys.executable, "-m", "fgdilp_cpp.cli", "vectors", "build", "-m", str(tiny_chat),
+                            "-p", "the cat sat", "-o", str(vec), *fast], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    base = [sys.executable, "-m", "fgdilp_cpp.cli", "chat", str(tiny_chat), "-n", "8", "-c", "256", "-t", "1",
+            "--history-dir", str(tmp_path / "hist")]
+    run = subprocess.run([*base, "--vectors", str(vec)], input="hello\n/settings\n", capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "[reply cut at -n 8 tokens]" in run.stdout and "fgdilp-frozen" in run.stdout
+    bad = subprocess.run([*base, "--vectors", str(vec), "--method", "tr"], input="", capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --vectors")
