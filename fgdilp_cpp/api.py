@@ -102,6 +102,11 @@ class Detoxifier:
             path = str(smollm2_path())
         self.model = Model(resolve_model(path), n_gpu_layers=settings.n_gpu_layers)
         self._template: Optional[ChatTemplate] = None
+        self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
+        if chat and settings.steer_layer_range is None:
+            n = self.model.info.n_layer
+            self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
+            self.settings = settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
         try:
             vectors = HeadDirections.load(vectors_path) if vectors_path else None
             self._gen = Generator(self.model, settings.engine(), settings.steer(), settings.fgdilp(), vectors=vectors)
@@ -114,7 +119,8 @@ class Detoxifier:
                   **settings) -> "Detoxifier":
         """path None = the embedded default model (SmolLM2-135M-Instruct when chat=True); settings
         are Settings fields (method="fgdilp", steer_scale=0.5, ...). chat=True starts from the
-        interactive defaults (CHAT_DEFAULTS: fewer self-generated samples, longer replies)."""
+        interactive defaults (CHAT_DEFAULTS: fewer self-generated samples, longer replies, and,
+        unless steer_layer_range is given, steering the later half of the layers)."""
         base = Settings(model=None if path is None else str(path))
         if chat:
             base = base.updated(CHAT_DEFAULTS)

@@ -65,7 +65,7 @@ def chat(model_arg, history_dir, **kw):
 
     s, det = _open_chat(kw, model_arg)
     with det:
-        code = run_chat(det, s, history_dir)
+        code = run_chat(det, history_dir)
     raise SystemExit(code)
 
 

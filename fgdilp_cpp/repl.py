@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .chat import CHAT_DEFAULTS
 from .errors import FgdilpError
 from .generation import METHODS
 
@@ -43,9 +42,9 @@ def default_history_dir() -> Path:
 class Session:
     """The conversation, the method in force and the session file."""
 
-    def __init__(self, det, settings, history_dir: Optional[str]):
-        self.det, self.settings = det, settings
-        self.method = settings.method
+    def __init__(self, det, history_dir: Optional[str]):
+        self.det, self.settings = det, det.settings
+        self.method = det.settings.method
         self.messages: list[dict] = self._start()
         self.last_explain: dict = {}
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -132,7 +131,7 @@ def reply(session: Session, text: str, out=sys.stdout) -> None:
     finally:
         stream.close()                      # the worker is joined before anything else happens
         signal.signal(signal.SIGINT, previous)
-        answer = "".join(pieces).strip()
+        answer = "".join(pieces).replace("\x00", "").strip()   # a C string cannot hold NUL
         if answer:      # the conversation as sent (after any trimming) plus the reply
             session.messages = [dict(m) for m in stream.fitted.messages] + [{"role": "assistant", "content": answer}]
             session.autosave()
@@ -149,12 +148,13 @@ def reply(session: Session, text: str, out=sys.stdout) -> None:
 def show_settings(session: Session) -> None:
     s = dataclasses.asdict(session.det.settings)
     s["method"] = session.method
+    defaults = session.det.chat_defaults
     print(f"model          {session.det.model.info.path}")
     print(f"chat template  {session.det.template.name}")
     for k, v in s.items():
         if k in ("model", "chat_template"):
             continue
-        mark = "*" if k in CHAT_DEFAULTS and v == CHAT_DEFAULTS[k] else " "
+        mark = "*" if k in defaults and v == defaults[k] else " "
         print(f"{k.replace('_', '-'):<20}{mark} {v}")
 
 
@@ -194,14 +194,14 @@ def command(session: Session, line: str) -> bool:
     return True
 
 
-def run_chat(det, settings, history_dir: Optional[str] = None) -> int:
+def run_chat(det, history_dir: Optional[str] = None) -> int:
     """The session loop; returns the exit code (0, or 130 after Ctrl-C)."""
     try:
         importlib.import_module("readline")    # line editing and history for input()
     except ImportError:
         pass
     det.template  # refuse a model without a chat template before the first message
-    session = Session(det, settings, history_dir)
+    session = Session(det, history_dir)
     print(f"fgdilp-cpp chat: {det.name}, method {session.method}, template {det.template.name}. "
           f"/help for commands, Ctrl-D to leave.", file=sys.stderr)
     code = 0
