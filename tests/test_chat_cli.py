@@ -124,3 +124,23 @@ def test_chat_with_saved_vectors_from_a_pipe(tiny_chat, tmp_path):
     assert "[reply cut at -n 8 tokens]" in run.stdout and "fgdilp-frozen" in run.stdout
     bad = subprocess.run([*base, "--vectors", str(vec), "--method", "tr"], input="", capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error: --vectors")
+
+
+def test_a_full_context_drops_the_oldest_turns_and_says_so(tiny_chat, tmp_path):
+    c = spawn(tiny_chat, tmp_path, "-n", "12", "-c", "200", "--method", "tr", "-sys", "be kind")
+    told = False
+    for turn in range(12):
+        ask(c, f"message number {turn} with a few more words")
+        i = c.expect([r"the (\d+) oldest messages were dropped", r"\[reply cut at -n 12 tokens\]"])
+        if i == 0:
+            told = True
+            c.expect_exact("[reply cut at -n 12 tokens]")
+            break
+    assert told and turn >= 1
+    ask(c, "/exit")
+    c.expect(pexpect.EOF)
+    c.close()
+    saved = history(tmp_path)["messages"]
+    assert saved[0] == {"role": "system", "content": "be kind"}           # the system prompt stays
+    assert saved[1]["role"] == "user" and "number 0 " not in saved[1]["content"]
+    assert saved[-2]["content"] == f"message number {turn} with a few more words"
