@@ -127,6 +127,11 @@ class Detoxifier:
         return cls(base.updated(settings), vectors, chat=chat)
 
     @property
+    def vectors(self):
+        """The saved HeadDirections this object applies, or None."""
+        return self._gen.vectors
+
+    @property
     def name(self) -> str:
         return self.model.meta("general.name") or self.model.info.architecture
 

@@ -31,6 +31,7 @@ HELP = """commands:
 a line with three double quotes \"\"\" starts and ends a multi-line message;
 Ctrl-C stops a reply, a second Ctrl-C leaves."""
 
+SETUP_STATUS = "(writing candidate replies and scoring them ...)"
 STOP_NOTES = {"length": "[reply cut at -n {n} tokens]", "context": "[context full]", "cancelled": "[stopped]"}
 
 
@@ -115,6 +116,12 @@ def reply(session: Session, text: str, out=sys.stdout) -> None:
         print(f"(the context is full: the {stream.fitted.dropped} oldest messages were dropped)", file=sys.stderr)
     pieces: list[str] = []
     interrupts = [0]
+    # FGDILP's per-reply setup takes seconds: say what is going on (on a terminal only)
+    status = SETUP_STATUS if (session.method.startswith("fgdilp") and det.vectors is None
+                              and out.isatty()) else ""
+    if status:
+        out.write(status)
+        out.flush()
 
     def on_sigint(signum, frame):        # never raises: the decode stops first, then we leave
         interrupts[0] += 1
@@ -123,13 +130,18 @@ def reply(session: Session, text: str, out=sys.stdout) -> None:
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         for piece in stream:
-            if not pieces:
+            if not any(pieces):
                 piece = piece.lstrip()
+                if piece and status:
+                    out.write("\r" + " " * len(status) + "\r")
+                    status = ""
             pieces.append(piece)
             out.write(piece)
             out.flush()
     finally:
         stream.close()                      # the worker is joined before anything else happens
+        if status:
+            out.write("\r" + " " * len(status) + "\r")
         signal.signal(signal.SIGINT, previous)
         answer = "".join(pieces).replace("\x00", "").strip()   # a C string cannot hold NUL
         if answer:      # the conversation as sent (after any trimming) plus the reply

@@ -44,6 +44,7 @@ def test_session_commands_and_exit(tiny_chat, tmp_path):
     c.sendline("first line")
     c.sendline("second line")
     c.sendline('"""')
+    c.expect_exact("(writing candidate replies and scoring them ...)\r")   # FGDILP's setup, then erased
     c.expect_exact("[reply cut at -n 12 tokens]")
     ask(c, "/explain")
     c.expect_exact("self-diagnosis P(yes) per sample")
