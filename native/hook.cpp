@@ -188,28 +188,27 @@ int32_t fgdilp_hook_set_plan(fgdilp_hook * hook,
         hook->out_buf.resize((size_t) n_edits * hook->width);
         hook->out_ok.assign((size_t) n_edits, 0);
         hook->row_index.assign((size_t) max_row + 1, -1);
-        // room for every distinct planned row, so fetch_rows never allocates in the callback
-        size_t n_rows = 0;
-        auto count = [&](int32_t r) {
+        // every distinct planned row gets its place in row_buf once per plan, so fetch_rows
+        // neither walks the plan nor allocates in the callback
+        int32_t n_rows = 0;
+        auto place = [&](int32_t r) {
             if (r >= 0 && hook->row_index[r] < 0) {
-                hook->row_index[r] = 0;
-                ++n_rows;
+                hook->row_index[r] = n_rows++;
             }
         };
         for (const auto & c : hook->captures) {
-            count(c.row);
+            place(c.row);
         }
         for (const auto & e : hook->edits) {
-            count(e.target_row);
+            place(e.target_row);
             if (e.dir_slot < 0) {
-                count(e.pos_row);
+                place(e.pos_row);
                 for (int32_t j = 0; j < e.n_neg; ++j) {
-                    count(e.neg_rows[j]);
+                    place(e.neg_rows[j]);
                 }
             }
         }
-        hook->row_buf.reserve(n_rows * hook->width);
-        std::fill(hook->row_index.begin(), hook->row_index.end(), -1);
+        hook->row_buf.resize((size_t) n_rows * hook->width);
     } catch (const std::bad_alloc &) {
         return FGDILP_ERR_ALLOC;
     }
@@ -318,28 +317,9 @@ static int64_t check_tensor(fgdilp_hook * h, const ggml_tensor * t, int il) {
     return t->ne[1];
 }
 
-// Device buffers: fetch the planned rows into row_buf (one synchronous copy per row).
+// Device buffers: fetch the planned rows into their places in row_buf (set by set_plan; one
+// synchronous copy per row).
 static void fetch_rows(fgdilp_hook * h, const ggml_tensor * t) {
-    std::fill(h->row_index.begin(), h->row_index.end(), -1);
-    int32_t n = 0;
-    auto want = [&](int32_t r) {
-        if (r >= 0 && h->row_index[r] < 0) {
-            h->row_index[r] = n++;
-        }
-    };
-    for (const auto & c : h->captures) {
-        want(c.row);
-    }
-    for (const auto & e : h->edits) {
-        want(e.target_row);
-        if (e.dir_slot < 0) {
-            want(e.pos_row);
-            for (int j = 0; j < e.n_neg; ++j) {
-                want(e.neg_rows[j]);
-            }
-        }
-    }
-    h->row_buf.resize((size_t) n * h->width);
     const size_t row_bytes = t->nb[1];
     for (int32_t r = 0; r <= h->max_row; ++r) {
         if (h->row_index[r] >= 0) {
