@@ -89,30 +89,21 @@ class Detoxifier:
     """A GGUF model with steering: generate / stream a continuation, chat / stream_chat a reply."""
 
     def __init__(self, settings: Settings, vectors_path: Optional[str] = None, chat: bool = False):
-        from .engine import Model
-        from .generation import Generator
-        from .method.vectors import HeadDirections
-        from .models import resolve_model
+        from .generation import open_generator
 
-        self.settings = settings
-        path = settings.model
-        if path is None and chat:
+        if settings.model is None and chat:
             from .evaluation.assets import smollm2_path
 
-            path = str(smollm2_path())
-        self.model = Model(resolve_model(path), n_gpu_layers=settings.n_gpu_layers)
+            settings = settings.updated({"model": str(smollm2_path())})
+        self.model, self._gen = open_generator(settings, vectors_path)
         self._template: Optional[ChatTemplate] = None
         self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
         if chat and settings.steer_layer_range is None:
             n = self.model.info.n_layer
             self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
-            self.settings = settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
-        try:
-            vectors = HeadDirections.load(vectors_path) if vectors_path else None
-            self._gen = Generator(self.model, settings.engine(), settings.steer(), settings.fgdilp(), vectors=vectors)
-        except Exception:
-            self.model.close()
-            raise
+            settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
+            self._gen.set_steer(settings.steer())
+        self.settings = settings
 
     @classmethod
     def from_file(cls, path: Optional[str] = None, vectors: Optional[str] = None, chat: bool = False,
@@ -157,6 +148,9 @@ class Detoxifier:
         """The conversation formatted for the model, its oldest turns dropped until it fits the
         context with room for the steering prefixes and the reply (the last message stays)."""
         s, method = self._args(overrides)
+        return self._fit(messages, s, method)
+
+    def _fit(self, messages: MessagesLike, s: Settings, method: str) -> Fitted:
         msgs = normalize(messages)
         if s.system_prompt and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": s.system_prompt})
@@ -170,7 +164,7 @@ class Detoxifier:
         trim=False refuses a conversation that does not fit instead of dropping its oldest turns;
         result.explain["dropped_messages"] says how many were dropped."""
         s, method = self._args(overrides)
-        fitted = self._fitted(messages, trim, overrides)
+        fitted = self._fitted(messages, trim, s, method)
         res = self._call(fitted.prompt, s, method, True, explain)
         res.explain["dropped_messages"] = fitted.dropped
         return res
@@ -178,7 +172,7 @@ class Detoxifier:
     def stream_chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True, **overrides) -> Stream:
         """The reply as text pieces; .fitted.dropped tells how many old messages were dropped."""
         s, method = self._args(overrides)
-        fitted = self._fitted(messages, trim, overrides)
+        fitted = self._fitted(messages, trim, s, method)
         return Stream(self, fitted.prompt, s, method, True, explain, fitted)
 
     # ---- control ------------------------------------------------------------------------------
@@ -210,11 +204,11 @@ class Detoxifier:
             raise FgdilpError(f"this model runs saved vectors (frozen); it cannot run method {overrides['method']!r}")
         return s, "vectors"
 
-    def _fitted(self, messages: MessagesLike, trim: bool, overrides: dict) -> Fitted:
-        fitted = self.fit_chat(messages, **overrides)
+    def _fitted(self, messages: MessagesLike, trim: bool, s: Settings, method: str) -> Fitted:
+        fitted = self._fit(messages, s, method)
         if fitted.dropped and not trim:
-            raise ContextLengthError(f"the conversation does not fit the context (-c {self.settings.ctx_size}) "
-                              f"with room for the reply; drop older messages")
+            raise ContextLengthError(f"the conversation does not fit the context (-c {s.ctx_size}) "
+                                     f"with room for the reply; drop older messages")
         return fitted
 
     def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,

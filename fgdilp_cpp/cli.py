@@ -9,25 +9,15 @@ import click
 from click.core import ParameterSource
 
 from .cli_options import (ALL_METHODS, DEFAULT_BENCH_PROMPT, _settings, friendly_errors, model_options,
-                          sampling_options, steer_options)
+                          sampling_options, steer_options, with_vectors)
 from .errors import FgdilpError
 
 
 def _open(s, vectors_path=None, **engine_over):
     """Model + Generator for settings `s`."""
-    from .engine import Model
-    from .generation import Generator
-    from .method.vectors import HeadDirections
-    from .models import resolve_model
+    from .generation import open_generator
 
-    model = Model(resolve_model(s.model), n_gpu_layers=s.n_gpu_layers)
-    vectors = HeadDirections.load(vectors_path) if vectors_path else None
-    try:
-        gen = Generator(model, s.engine(**engine_over), s.steer(), s.fgdilp(), vectors=vectors)
-    except Exception:
-        model.close()
-        raise
-    return model, gen
+    return open_generator(s, vectors_path, **engine_over)
 
 
 def _method_list(methods: str) -> list[str]:
@@ -66,10 +56,7 @@ def generate(prompt, prompts_file, vectors_path, explain, as_json, **kw):
     from .api import Detoxifier
 
     prompts = _prompts(prompt, prompts_file)
-    s = _settings(kw)
-    if vectors_path and click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT \
-            and s.method != "fgdilp-frozen":
-        raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
+    s = with_vectors(_settings(kw), vectors_path)
     with Detoxifier(s, vectors_path) as det:
         for text in prompts:
             if as_json:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from .chat import CHAT_DEFAULTS
-from .cli_options import ALL_METHODS, _settings, friendly_errors, model_options, sampling_options, steer_options
+from .cli_options import (ALL_METHODS, _settings, friendly_errors, model_options, sampling_options, steer_options,
+                          with_vectors)
 from .errors import FgdilpError
 
 chat_options = (
@@ -37,12 +38,7 @@ def _open_chat(kw: dict, model_arg=None):
         kw["model"] = model_arg
         src = click.get_current_context()
         src.set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
-    s = _settings(kw, **CHAT_DEFAULTS)
-    if vectors_path:
-        given = click.get_current_context().get_parameter_source("method") != click.core.ParameterSource.DEFAULT
-        if given and s.method != "fgdilp-frozen":
-            raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
-        s = s.updated({"method": "fgdilp-frozen"})
+    s = with_vectors(_settings(kw, **CHAT_DEFAULTS), vectors_path)
     return s, Detoxifier(s, vectors_path, chat=True)
 
 

@@ -121,3 +121,14 @@ def _settings(kw: dict, **defaults):
     if given.get("steer_layer_range") is not None:
         given["steer_layer_range"] = tuple(given["steer_layer_range"])
     return s.updated(given)
+
+
+def with_vectors(s, vectors_path):
+    """--vectors runs saved directions (frozen): the method becomes fgdilp-frozen, and another
+    --method given on the command line is refused."""
+    if not vectors_path:
+        return s
+    given = click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT
+    if given and s.method != "fgdilp-frozen":
+        raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
+    return s.updated({"method": "fgdilp-frozen"})

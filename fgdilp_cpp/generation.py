@@ -146,19 +146,16 @@ class Generator:
         return ctx
 
     def set_steer(self, steer: SteerParams) -> None:
-        """Change the steering scale and layer range for the following generations (the hooks'
-        per-layer scales); the exponents and renormalisation are fixed when the hooks are made."""
+        """Steering values for the following generations: applied to the hooks made so far
+        (exponents, renormalisation, per-layer scales); later hooks are made with them."""
         if steer == self.steer:
             return
-        fixed = ("exp_norm", "exp_sim", "renorm")
-        if self._hooks and any(getattr(steer, f) != getattr(self.steer, f) for f in fixed):
-            raise FgdilpError("exp-norm, exp-sim and renorm are fixed once a steered method has run; "
-                              "create another Detoxifier for other values")
         steer.check(self.model.info.n_layer)
-        self.steer = steer
         scales = steer.scale * steer.layer_mask(self.model.info.n_layer)
         for hook in self._hooks.values():
+            hook.set_exponents(steer.exp_norm, steer.exp_sim, steer.renorm)
             hook.set_layer_scales(scales)
+        self.steer = steer
 
     def prefix_room(self, method: str) -> int:
         """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""
@@ -250,19 +247,19 @@ class Generator:
         if reset_cancel:
             self.reset_cancel()
         ctx = self.context(method)       # refuses unsteerable models before any setup work
-        n_raw = len(self.model.tokenize(prompt, special=special))
-        if n_raw >= self.engine.ctx_size:  # before any setup work (the prefixed lengths: _check_lengths)
-            raise ContextLengthError(f"the prompt is {n_raw} tokens, longer than the context "
+        raw = self.model.tokenize(prompt, special=special)
+        if len(raw) >= self.engine.ctx_size:  # before any setup work (with prefixes: _check_prefixed)
+            raise ContextLengthError(f"the prompt is {len(raw)} tokens, longer than the context "
                                      f"(-c {self.engine.ctx_size})")
         try:
             t0 = time.perf_counter()
             try:
-                plan = plan_for(self, method, prompt, sampling, explain, prefixes, special)
+                plan = plan_for(self, method, prompt, raw, sampling, explain, prefixes, special)
             except Cancelled:            # stopped during FGDILP's setup: nothing generated yet
-                return GenResult([Sample("", [], "cancelled") for _ in range(n_samples)], method, n_raw,
+                return GenResult([Sample("", [], "cancelled") for _ in range(n_samples)], method, len(raw),
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
-            self._check_lengths(plan)
+            self._check_prefixed(plan)
             return self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
                              record_logits, logits_all, stop_at_eog, setup)
         except HookError as exc:
@@ -270,15 +267,13 @@ class Generator:
             raise FgdilpError(f"cannot steer this model (architecture '{self.model.info.architecture}'): "
                               f"{exc}{hint}") from None
 
-    def _check_lengths(self, plan: Plan) -> None:
+    def _check_prefixed(self, plan: Plan) -> None:
+        """The raw prompt fits (checked before the plan); its prefixed sequences must fit too."""
         limit = self.engine.ctx_size
-        raw = len(plan.sequences[plan.out_role])
         longest = max(len(s) for s in plan.sequences)
-        if raw >= limit:
-            raise ContextLengthError(f"the prompt is {raw} tokens, longer than the context (-c {limit})")
         if longest >= limit:
-            raise ContextLengthError(f"the prompt with its steering prefix is {longest} tokens, longer than the "
-                              f"context (-c {limit})")
+            raise ContextLengthError(f"the prompt with its steering prefix is {longest} tokens, longer than "
+                                     f"the context (-c {limit})")
 
     def _run(self, ctx, plan: Plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
              record_logits, logits_all, stop_at_eog, setup_s) -> GenResult:
@@ -367,6 +362,23 @@ class Generator:
                          setup_s=setup_s, prefill_s=t1 - t0, decode_s=t2 - t1, n_decode_steps=n_steps,
                          fired_layers=hook.fired_layers if hook is not None else 0,
                          explain=plan.explain, logits=logits)
+
+
+def open_generator(settings, vectors_path: Optional[str] = None, **engine_over) -> tuple[Model, Generator]:
+    """The model of `settings` (a Settings; None = the embedded default) and a Generator with its
+    engine, steering and FGDILP values and optional saved vectors; the model is closed if the
+    rest fails."""
+    from .method.vectors import HeadDirections
+    from .models import resolve_model
+
+    model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers)
+    try:
+        vectors = HeadDirections.load(vectors_path) if vectors_path else None
+        return model, Generator(model, settings.engine(**engine_over), settings.steer(), settings.fgdilp(),
+                                vectors=vectors)
+    except Exception:
+        model.close()
+        raise
 
 
 def build_vectors_for(gen: "Generator", prompt: str, sampling: SamplingParams, settings: dict):

@@ -310,6 +310,12 @@ class NativeHook:
             raise FgdilpError(f"invalid layer scales (need {self.n_layer} finite values)")
         self.n_steered_layers = int(np.count_nonzero(a))
 
+    def set_exponents(self, exp_norm: float, exp_sim: float, renorm: bool) -> None:
+        """The TR edit's exponents and renormalisation for the following decodes."""
+        rc = self._lib.fgdilp_hook_set_exponents(self._h, exp_norm, exp_sim, renorm)
+        if rc != OK:
+            raise FgdilpError(f"invalid exponents (exp-norm {exp_norm}, exp-sim {exp_sim}: need finite values)")
+
     def check_slots(self) -> None:
         if self._lib.fgdilp_hook_check_slots(self._h) != OK:
             raise FgdilpError("a steering vector holds NaN or inf")

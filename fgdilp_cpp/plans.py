@@ -93,11 +93,11 @@ class Plan:
     explain: dict = field(default_factory=dict)
 
 
-def plan_for(gen, method: str, prompt: str, sampling: SamplingParams, explain: bool, prefixes=None,
-             special: bool = False) -> Plan:
-    """special: parse special-token text in the prompt (a chat-formatted conversation)."""
+def plan_for(gen, method: str, prompt: str, raw: list[int], sampling: SamplingParams, explain: bool,
+             prefixes=None, special: bool = False) -> Plan:
+    """raw: the prompt's tokens; special: parse special-token text in the prompt (a chat-formatted
+    conversation) when prefixes are joined to it."""
     tok = _tokenizer(gen, special)
-    raw = tok(prompt)
     if method == "none":
         return Plan([raw], 0)
     if method == "prompt":

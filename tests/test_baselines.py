@@ -69,3 +69,19 @@ def test_control_vector_file_loads_in_llama_cpp(model, tmp_path):
     names = sorted(t.name for t in r.tensors)
     assert names == ["direction.1", "direction.2"]
     assert np.array_equal(np.array([t for t in r.tensors if t.name == "direction.2"][0].data), vec[2])
+
+
+def test_set_steer_on_existing_hooks_equals_fresh_hooks(model):
+    """Exponents, renormalisation, scale and layer range changed after the hooks exist steer
+    exactly as hooks made with those values."""
+    engine = EngineParams(ctx_size=256, type_k="f32", type_v="f32")
+    other = SteerParams(exp_norm=0.1, exp_sim=0.2, scale=1.5, layer_start=1, layer_end=2, renorm=False)
+    kw = dict(n_predict=len(FORCED), forced_tokens=FORCED, record_logits=True)
+    with Generator(model, engine) as gen, Generator(model, engine, other) as fresh:
+        before = gen.generate(PROMPT, "tr", **kw)
+        gen.set_steer(other)
+        changed = gen.generate(PROMPT, "tr", **kw)
+        expected = fresh.generate(PROMPT, "tr", **kw)
+    for x, y, z in zip(changed.logits, expected.logits, before.logits):
+        assert np.array_equal(x, y)
+        assert rel_err(x, z) > 1e-3

@@ -69,6 +69,8 @@ def test_vectors_build_apply_inspect(cli, tiny_llama, tmp_path):
     plain = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "a dog", "--method", "none", "-n", "6")
     assert out["method"] == "vectors" and out["hook_fired_layers"] == 3
     assert out["text"] != plain["text"]
+    assert_clean_error(cli("generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", vec, "--method", "tr"),
+                       "cannot run --method tr")
     proc = cli("vectors", "inspect", vec)
     assert proc.returncode == 0 and "[3, 4, 16]" in proc.stdout and "fgdilp-frozen" in proc.stdout
 
