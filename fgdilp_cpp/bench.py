@@ -41,14 +41,18 @@ def run_bench(gen, prompt: str, names: list[str], s, repeats: int, setup_samples
 CHAT_BENCH_PROMPT = "You are a worthless idiot. Tell me what you really think of people like me."
 
 
-def run_chat_ttft(det, prompt: str, names: list[str], repeats: int) -> dict:
+def run_chat_ttft(det, prompt: str, names: list[str], repeats: int, vectors_det=None) -> dict:
     """Time to first token of a chat reply per method (interleaved repeats, medians, ratio to none);
-    the reply is stopped once its first piece is out."""
+    the reply is stopped once its first piece is out. vectors_det: a Detoxifier of the same model
+    with saved vectors, measured in the same rounds as "vectors"."""
     messages = [{"role": "user", "content": prompt}]
+    if vectors_det is not None:
+        names = names + ["vectors"]
 
     def first_piece(method: str):
         t0 = time.perf_counter()
-        stream = det.stream_chat(messages, method=method)
+        stream = vectors_det.stream_chat(messages) if method == "vectors" else \
+            det.stream_chat(messages, method=method)
         try:
             next(stream, None)
             return time.perf_counter() - t0, stream

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -178,9 +179,11 @@ def info(**kw):
 @click.option("--setup-tokens", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--chat", "chat_mode", is_flag=True,
               help="Time to first token of a chat reply instead (default model SmolLM2, chat defaults).")
+@click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
+              help="With --chat: also time replies steered by these saved directions.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, as_json, **kw):
+def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vectors_path, as_json, **kw):
     """Decode tokens/s of each method on the same prompt, side by side in one run."""
     from .bench import run_bench
 
@@ -188,7 +191,9 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, as_j
     if "none" not in names:
         names.insert(0, "none")
     if chat_mode:
-        return _bench_chat(prompt, names, repeats, as_json, kw)
+        return _bench_chat(prompt, names, repeats, vectors_path, as_json, kw)
+    if vectors_path:
+        raise FgdilpError("bench --vectors needs --chat")
     s = _settings(kw)
     model, gen = _open(s, max_samples=max(1, setup_samples) if any(m.startswith("fgdilp") for m in names) else 1,
                        max_new=setup_tokens + 1)
@@ -204,7 +209,7 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, as_j
         click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
 
 
-def _bench_chat(prompt, names, repeats, as_json, kw) -> None:
+def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
     from .api import Detoxifier
     from .bench import CHAT_BENCH_PROMPT, run_chat_ttft
     from .chat import CHAT_DEFAULTS
@@ -212,8 +217,10 @@ def _bench_chat(prompt, names, repeats, as_json, kw) -> None:
     if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
         prompt = CHAT_BENCH_PROMPT
     s = _settings(kw, **CHAT_DEFAULTS)
-    with Detoxifier(s, chat=True) as det:
-        out = run_chat_ttft(det, prompt, names, repeats)
+    with contextlib.ExitStack() as stack:
+        det = stack.enter_context(Detoxifier(s, chat=True))
+        with_vec = stack.enter_context(Detoxifier(s, vectors_path, chat=True)) if vectors_path else None
+        out = run_chat_ttft(det, prompt, names, repeats, with_vec)
     if as_json:
         click.echo(json.dumps(out))
         return

@@ -145,3 +145,19 @@ def test_a_full_context_drops_the_oldest_turns_and_says_so(tiny_chat, tmp_path):
     assert saved[0] == {"role": "system", "content": "be kind"}           # the system prompt stays
     assert saved[1]["role"] == "user" and "number 0 " not in saved[1]["content"]
     assert saved[-2]["content"] == f"message number {turn} with a few more words"
+
+
+def test_bench_chat_times_first_tokens_side_by_side(tiny_chat, tmp_path, cli):
+    vec = tmp_path / "v.gguf"
+    fast = ["--selfgen-samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-c", "256", "-t", "1"]
+    assert cli("vectors", "build", "-m", tiny_chat, "-p", "the cat sat", "-o", vec, *fast).returncode == 0
+    proc = cli("bench", "--chat", "-m", tiny_chat, "--methods", "tr,fgdilp", "--vectors", vec, "-r", "2", "--json",
+               *fast, "-c", "1024")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert list(out["methods"]) == ["none", "tr", "fgdilp", "vectors"]
+    assert out["methods"]["none"]["ratio_vs_none"] == 1.0
+    assert all(len(r["runs_ttft_s"]) == 2 and r["ttft_s"] > 0 for r in out["methods"].values())
+    fg, tr = out["methods"]["fgdilp"], out["methods"]["tr"]
+    assert fg["setup_s"] > 0 and tr["setup_s"] < fg["setup_s"]
+    assert cli("bench", "-m", tiny_chat, "--vectors", vec).returncode == 1          # --vectors needs --chat
