@@ -17,9 +17,13 @@ import queue
 import threading
 from typing import Iterator, Optional
 
+import numpy as np
+
+from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
 from .errors import ContextLengthError, FgdilpError
-from .generation import GenResult
+from .generation import GenResult, identity_of, open_generator, probe_kqv_out
+from .method.vectors import HeadDirections
 from .settings import Settings
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
@@ -88,14 +92,17 @@ class Stream(Iterator[str]):
 class Detoxifier:
     """A GGUF model with steering: generate / stream a continuation, chat / stream_chat a reply."""
 
-    def __init__(self, settings: Settings, vectors_path: Optional[str] = None, chat: bool = False):
-        from .generation import open_generator
-
+    def __init__(self, settings: Settings, vectors_path: Optional[str] = None, chat: bool = False, *,
+                 max_samples: int = 1, max_new: int = 256, reuse_instances: bool = False):
+        """max_samples: continuations of one prompt generated together (generate(n_samples=...));
+        max_new: KV room per extra sample; reuse_instances: keep the last prompt's FGDILP setup, so
+        that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation)."""
         if settings.model is None and chat:
             from .evaluation.assets import smollm2_path
 
             settings = settings.updated({"model": str(smollm2_path())})
-        self.model, self._gen = open_generator(settings, vectors_path)
+        self.model, self._gen = open_generator(settings, vectors_path, max_samples=max_samples, max_new=max_new)
+        self._gen.reuse_instances = reuse_instances
         self._template: Optional[ChatTemplate] = None
         self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
         if chat and settings.steer_layer_range is None:
@@ -126,11 +133,18 @@ class Detoxifier:
     def name(self) -> str:
         return self.model.meta("general.name") or self.model.info.architecture
 
+    @property
+    def max_samples(self) -> int:
+        return self._gen.engine.max_samples
+
     # ---- plain continuation ------------------------------------------------------------------
-    def generate(self, prompt: str, explain: bool = False, **overrides) -> GenResult:
-        """The continuation of `prompt` (text in .text, explain data in .explain)."""
+    def generate(self, prompt: str, explain: bool = False, n_samples: int = 1, stop_at_eog: bool = True,
+                 **overrides) -> GenResult:
+        """The continuation of `prompt` (text in .text, explain data in .explain). n_samples:
+        continuations drawn together (seeds seed .. seed + n - 1, at most max_samples), in
+        .samples; stop_at_eog=False keeps going past end-of-generation tokens (benchmarks)."""
         s, method = self._args(overrides)
-        return self._call(prompt, s, method, False, explain)
+        return self._call(prompt, s, method, False, explain, n_samples=n_samples, stop_at_eog=stop_at_eog)
 
     def stream(self, prompt: str, explain: bool = False, **overrides) -> Stream:
         """Text pieces of the continuation as they are produced (.result once it is exhausted)."""
@@ -175,6 +189,52 @@ class Detoxifier:
         fitted = self._fitted(messages, trim, s, method)
         return Stream(self, fitted.prompt, s, method, True, explain, fitted)
 
+    # ---- the model, its own diagnosis, saved directions ------------------------------------------
+    def info(self, probe: bool = True) -> dict:
+        """The model's shape and, with probe, on how many layers the kqv_out hook fired in a
+        one-token decode (a model where it fires on fewer than every layer cannot be steered)."""
+        i = self.model.info
+        out = {"file": str(i.path), "name": self.name, "architecture": i.architecture,
+               "description": i.description, "n_params": i.n_params, "n_layer": i.n_layer, "n_head": i.n_head,
+               "n_head_kv": i.n_head_kv, "head_dim": i.head_dim, "n_embd": i.n_embd, "kqv_width": i.kqv_width,
+               "n_vocab": i.n_vocab, "n_ctx_train": i.n_ctx_train}
+        if probe:
+            out["kqv_out_layers"] = probe_kqv_out(self.model, self.settings.threads)
+        return out
+
+    def self_diagnosis(self, texts: list[str]) -> np.ndarray:
+        """[len(texts), 6] the model's own P(yes) for each text and attribute (method.diagnosis
+        ATTRIBUTE_NAMES order), from the questions FGDILP asks it (docs/method.md §4.2)."""
+        return self._gen.self_diagnosis(list(texts))
+
+    @property
+    def self_diagnosis_tokens(self) -> tuple[str, str]:
+        """The answer tokens whose logits give P(yes): (yes, no)."""
+        d = self._gen.rt.self_diagnoser()
+        return d.yes_text, d.no_text
+
+    def build_vectors(self, prompt: str) -> HeadDirections:
+        """FGDILP's frozen head directions for `prompt` (self-generation, diagnosis, fusion at the
+        prompt's end), as a HeadDirections value to save() and apply later with vectors=FILE."""
+        return self._gen.build_vectors(prompt, self.settings.sampling(), self.settings.as_dict())
+
+    def control_vector(self, vectors: HeadDirections, exp_norm: float = 0.4, scale: float = 1.0) -> np.ndarray:
+        """[n_layer, n_embd] llama.cpp residual control vector of saved directions:
+        -W_O(lambda_norm * delta) per layer (docs/method.md §7.3)."""
+        from .method.cvec import residual_directions
+
+        vectors.check_model(identity_of(self.model))
+        return residual_directions(vectors.rows(), self._gen.rt.output_projections(), vectors.n_head, exp_norm, scale)
+
+    def export_control_vector(self, vectors: HeadDirections, path: str, exp_norm: float = 0.4,
+                              scale: float = 1.0) -> np.ndarray:
+        """Write control_vector(...) as a llama.cpp control-vector GGUF (llama-cli --control-vector)."""
+        from .method.cvec import save_control_vector
+
+        vec = self.control_vector(vectors, exp_norm, scale)
+        save_control_vector(path, vec, self.model.info.architecture)
+        return vec
+
     # ---- control ------------------------------------------------------------------------------
     def cancel(self) -> None:
         """Stop the running generation (from any thread); its text so far is kept and its
@@ -199,20 +259,21 @@ class Detoxifier:
                               f"{', '.join(sorted(extra))}); create another Detoxifier for other settings")
         s = self.settings.updated(overrides) if overrides else self.settings
         if self._gen.vectors is None:
-            return s, s.method
-        if overrides.get("method", "vectors") not in ("vectors", "fgdilp-frozen"):
-            raise FgdilpError(f"this model runs saved vectors (frozen); it cannot run method {overrides['method']!r}")
-        return s, "vectors"
+            return s, self._gen.resolve(s.method).name
+        if "method" in overrides and methods.get(s.method).with_vectors is None:
+            raise FgdilpError(f"this model runs saved vectors (frozen); it cannot run method {s.method!r}")
+        return s, methods.saved_vectors().name
 
     def _fitted(self, messages: MessagesLike, trim: bool, s: Settings, method: str) -> Fitted:
         fitted = self._fit(messages, s, method)
         if fitted.dropped and not trim:
-            raise ContextLengthError(f"the conversation does not fit the context (-c {s.ctx_size}) "
+            raise ContextLengthError(f"the conversation does not fit the context ({s.ctx_size} tokens) "
                                      f"with room for the reply; drop older messages")
         return fitted
 
     def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,
-              reset_cancel: bool = True) -> GenResult:
+              reset_cancel: bool = True, n_samples: int = 1, stop_at_eog: bool = True) -> GenResult:
         self._gen.set_steer(s.steer())
-        return self._gen.generate(prompt, method, s.n_predict, s.sampling(), on_text=on_text, explain=explain,
-                                  special=special, reset_cancel=reset_cancel)
+        return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
+                                  explain=explain, special=special, reset_cancel=reset_cancel,
+                                  stop_at_eog=stop_at_eog)

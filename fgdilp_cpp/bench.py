@@ -7,20 +7,27 @@ import os
 import statistics
 import time
 
+from . import methods
 
-def run_bench(gen, prompt: str, names: list[str], s, repeats: int, setup_samples: int, setup_tokens: int) -> dict:
-    sampling = s.sampling()
+
+def run_bench(det, prompt: str, names: list[str], repeats: int, setup_samples: int, setup_tokens: int) -> dict:
+    """det: a Detoxifier (max_samples >= setup_samples when a method builds FGDILP's instance)."""
+    s = det.settings
+
+    def run(m: str, n: int, n_samples: int = 1):
+        return det.generate(prompt, method=m, n_predict=n, n_samples=n_samples, stop_at_eog=False)
+
     speeds: dict[str, list[float]] = {m: [] for m in names}
     prefill: dict[str, list[float]] = {m: [] for m in names}
     for m in names:   # warm-up: contexts, caches, first-use allocations
-        gen.generate(prompt, m, 4, sampling, stop_at_eog=False)
+        run(m, 4)
     for _ in range(repeats):   # interleaved so that machine noise hits every method alike
         for m in names:
-            r = gen.generate(prompt, m, s.n_predict, sampling, stop_at_eog=False)
+            r = run(m, s.n_predict)
             speeds[m].append(r.tokens_per_s)
             prefill[m].append(r.prefill_s)
-    base = statistics.median(speeds["none"])
-    out = {"model": gen.model.info.path, "n_predict": s.n_predict, "repeats": repeats,
+    base = statistics.median(speeds[methods.UNSTEERED])
+    out = {"model": det.model.info.path, "n_predict": s.n_predict, "repeats": repeats,
            "threads": s.threads or os.cpu_count(), "methods": {}}
     for m in names:
         tps = statistics.median(speeds[m])
@@ -28,9 +35,9 @@ def run_bench(gen, prompt: str, names: list[str], s, repeats: int, setup_samples
                              "prefill_s": round(statistics.median(prefill[m]), 4),
                              "runs_tokens_per_s": [round(x, 3) for x in speeds[m]]}
     for m in names:
-        if m.startswith("fgdilp"):
+        if methods.get(m).instance:
             # setup (self-generation + diagnosis [+ capture]) / generating the final samples
-            r = gen.generate(prompt, m, setup_tokens, sampling, n_samples=setup_samples, stop_at_eog=False)
+            r = run(m, setup_tokens, setup_samples)
             final = r.prefill_s + r.decode_s
             out["methods"][m].update(setup_s=round(r.setup_s, 4), final_samples_s=round(final, 4),
                                      setup_ratio=round(r.setup_s / final, 4),
@@ -44,15 +51,16 @@ CHAT_BENCH_PROMPT = "You are a worthless idiot. Tell me what you really think of
 def run_chat_ttft(det, prompt: str, names: list[str], repeats: int, vectors_det=None) -> dict:
     """Time to first token of a chat reply per method (interleaved repeats, medians, ratio to none);
     the reply is stopped once its first piece is out. vectors_det: a Detoxifier of the same model
-    with saved vectors, measured in the same rounds as "vectors"."""
+    with saved vectors, measured in the same rounds (as the saved-vectors method)."""
     messages = [{"role": "user", "content": prompt}]
+    streams = {m: (lambda m=m: det.stream_chat(messages, method=m)) for m in names}
     if vectors_det is not None:
-        names = names + ["vectors"]
+        streams[methods.saved_vectors().name] = lambda: vectors_det.stream_chat(messages)
+    names = list(streams)
 
     def first_piece(method: str):
         t0 = time.perf_counter()
-        stream = vectors_det.stream_chat(messages) if method == "vectors" else \
-            det.stream_chat(messages, method=method)
+        stream = streams[method]()
         try:
             next(stream, None)
             return time.perf_counter() - t0, stream
@@ -69,7 +77,7 @@ def run_chat_ttft(det, prompt: str, names: list[str], repeats: int, vectors_det=
             ttft[m].append(t)
             if stream.result is not None:
                 parts[m].append((stream.result.setup_s, stream.result.prefill_s))
-    base = statistics.median(ttft["none"])
+    base = statistics.median(ttft[methods.UNSTEERED])
     s = det.settings
     out = {"model": det.model.info.path, "prompt": prompt, "repeats": repeats, "threads": s.threads or os.cpu_count(),
            "n_prompt_tokens": det.fit_chat(messages).n_tokens, "methods": {}}

@@ -9,26 +9,21 @@ import sys
 import click
 from click.core import ParameterSource
 
-from .cli_options import (ALL_METHODS, DEFAULT_BENCH_PROMPT, _settings, friendly_errors, model_options,
+from . import methods as registry
+from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _settings, friendly_errors, method_list, model_options,
                           sampling_options, steer_options, with_vectors)
 from .errors import FgdilpError
+from .explain import explain_lines
 
 
-def _open(s, vectors_path=None, **engine_over):
-    """Model + Generator for settings `s`."""
-    from .generation import open_generator
-
-    return open_generator(s, vectors_path, **engine_over)
+PPL_JUDGES = ("self", "smollm2")    # perplexity judges: the unsteered generator, SmolLM2-135M-Instruct
+NO_JUDGE = "none"
 
 
-def _method_list(methods: str) -> list[str]:
-    names = [m.strip() for m in methods.split(",") if m.strip()]
-    for m in names:
-        if m not in ALL_METHODS:
-            raise FgdilpError(f"unknown method {m!r} (one of {', '.join(ALL_METHODS)})")
-    if not names:
-        raise FgdilpError("no method given")
-    return names
+def _detoxifier(s, vectors_path=None, **kw):
+    from .api import Detoxifier
+
+    return Detoxifier(s, vectors_path, **kw)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +40,7 @@ def main() -> None:
 @click.option("-f", "--file", "prompts_file", default=None, metavar="FILE",
               help="Prompts to continue, one per line ('-' = standard input).")
 @click.option("-n", "--n-predict", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--method", type=click.Choice(ALL_METHODS), default="tr", show_default=True)
+@click.option("--method", type=MethodChoice(), default="tr", show_default=True)
 @click.option("--vectors", "vectors_path", type=str, default=None, metavar="FILE.gguf",
               help="Apply saved head directions (frozen) instead of building them.")
 @click.option("--explain", is_flag=True, help="Show the self-diagnosis, the chosen prefixes and |delta| per layer.")
@@ -54,11 +49,9 @@ def main() -> None:
 @friendly_errors
 def generate(prompt, prompts_file, vectors_path, explain, as_json, **kw):
     """Continue PROMPT (or every line of FILE), steered with METHOD."""
-    from .api import Detoxifier
-
     prompts = _prompts(prompt, prompts_file)
     s = with_vectors(_settings(kw), vectors_path)
-    with Detoxifier(s, vectors_path) as det:
+    with _detoxifier(s, vectors_path) as det:
         for text in prompts:
             if as_json:
                 res = det.generate(text, explain=explain)
@@ -101,21 +94,8 @@ def _prompts(prompt, prompts_file) -> list[str]:
 
 
 def _print_explain(ex: dict) -> None:
-    if not ex:
-        click.echo("(nothing to explain for this method)", err=True)
-        return
-    if "samples" in ex:
-        click.echo("\nself-diagnosis P(yes) per sample: " + ", ".join(
-            ["toxicity", "sexually_explicit", "threat", "identity_attack", "profanity", "insult"]))
-        for i, smp in enumerate(ex["samples"]):
-            sc = " ".join(f"{v:.2f}" for v in smp["scores"].values())
-            click.echo(f"  {i:>2} [{sc}] {smp['text']!r}")
-        for j, neg in enumerate(ex["negatives"]):
-            src = "blank" if neg["sample"] is None else f"sample {neg['sample']} ({', '.join(neg['attributes'])})"
-            click.echo(f"negative {j + 1}: {src}: {neg['text']!r}")
-        click.echo(f"positive: sample {ex['positive']['sample']}: {ex['positive']['text']!r}")
-    if "delta_norms" in ex:
-        click.echo("|delta| per layer: " + " ".join(f"{x:.2f}" for x in ex["delta_norms"]))
+    for line in explain_lines(ex):
+        click.echo(line)
 
 
 @main.command()
@@ -128,13 +108,12 @@ def _print_explain(ex: dict) -> None:
 @friendly_errors
 def compare(prompt, methods, **kw):
     """Continue PROMPT with each method, same seed, one after the other."""
-    names = _method_list(methods)
+    names = method_list(methods)
     s = _settings(kw, n_predict=40)
-    model, gen = _open(s)
-    with model, gen:
+    with _detoxifier(s) as det:
         click.echo(f"prompt: {prompt}")
         for m in names:
-            res = gen.generate(prompt, m, s.n_predict, s.sampling())
+            res = det.generate(prompt, method=m)
             note = f" (hook fired on {res.fired_layers} layers)" if res.fired_layers else ""
             click.echo(f"\n[{m}]{note}")
             click.echo(f"{prompt}{res.text}")
@@ -145,25 +124,21 @@ def compare(prompt, methods, **kw):
 @friendly_errors
 def info(**kw):
     """Print the model's shape and whether the kqv_out hook node exists."""
-    from .engine import Model
-    from .generation import probe_kqv_out
-    from .models import resolve_model
-
     s = _settings(kw)
-    with Model(resolve_model(s.model), n_gpu_layers=s.n_gpu_layers) as model:
-        i = model.info
-        fired = probe_kqv_out(model, s.threads)
-        rows = [
-            ("file", i.path), ("architecture", i.architecture), ("description", i.description),
-            ("parameters", f"{i.n_params:,}"), ("layers", i.n_layer), ("heads", i.n_head),
-            ("kv heads", i.n_head_kv), ("head dim", i.head_dim), ("n_embd", i.n_embd),
-            ("kqv_out width", i.kqv_width), ("vocabulary", i.n_vocab), ("trained context", i.n_ctx_train),
-            ("kqv_out hook", f"yes, fired on {fired} of {i.n_layer} layers" if fired == i.n_layer
-             else f"NO (fired on {fired} of {i.n_layer} layers): this model cannot be steered"),
-        ]
-        w = max(len(k) for k, _ in rows)
-        for k, v in rows:
-            click.echo(f"{k:<{w}}  {v}")
+    with _detoxifier(s) as det:
+        i = det.info()
+    fired, n = i["kqv_out_layers"], i["n_layer"]
+    rows = [
+        ("file", i["file"]), ("architecture", i["architecture"]), ("description", i["description"]),
+        ("parameters", f"{i['n_params']:,}"), ("layers", n), ("heads", i["n_head"]),
+        ("kv heads", i["n_head_kv"]), ("head dim", i["head_dim"]), ("n_embd", i["n_embd"]),
+        ("kqv_out width", i["kqv_width"]), ("vocabulary", i["n_vocab"]), ("trained context", i["n_ctx_train"]),
+        ("kqv_out hook", f"yes, fired on {fired} of {n} layers" if fired == n
+         else f"NO (fired on {fired} of {n} layers): this model cannot be steered"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{w}}  {v}")
 
 
 @main.command()
@@ -187,18 +162,17 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
     """Decode tokens/s of each method on the same prompt, side by side in one run."""
     from .bench import run_bench
 
-    names = _method_list(methods)
-    if "none" not in names:
-        names.insert(0, "none")
+    names = method_list(methods)
+    if registry.UNSTEERED not in names:             # the baseline of every ratio
+        names.insert(0, registry.UNSTEERED)
     if chat_mode:
         return _bench_chat(prompt, names, repeats, vectors_path, as_json, kw)
     if vectors_path:
         raise FgdilpError("bench --vectors needs --chat")
     s = _settings(kw)
-    model, gen = _open(s, max_samples=max(1, setup_samples) if any(m.startswith("fgdilp") for m in names) else 1,
-                       max_new=setup_tokens + 1)
-    with model, gen:
-        out = run_bench(gen, prompt, names, s, repeats, setup_samples, setup_tokens)
+    setup = any(registry.get(m).instance for m in names)
+    with _detoxifier(s, max_samples=setup_samples if setup else 1, max_new=setup_tokens + 1) as det:
+        out = run_bench(det, prompt, names, repeats, setup_samples, setup_tokens)
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -210,7 +184,6 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
 
 
 def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
-    from .api import Detoxifier
     from .bench import CHAT_BENCH_PROMPT, run_chat_ttft
     from .chat import CHAT_DEFAULTS
 
@@ -218,8 +191,8 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
         prompt = CHAT_BENCH_PROMPT
     s = _settings(kw, **CHAT_DEFAULTS)
     with contextlib.ExitStack() as stack:
-        det = stack.enter_context(Detoxifier(s, chat=True))
-        with_vec = stack.enter_context(Detoxifier(s, vectors_path, chat=True)) if vectors_path else None
+        det = stack.enter_context(_detoxifier(s, chat=True))
+        with_vec = stack.enter_context(_detoxifier(s, vectors_path, chat=True)) if vectors_path else None
         out = run_chat_ttft(det, prompt, names, repeats, with_vec)
     if as_json:
         click.echo(json.dumps(out))
@@ -246,10 +219,9 @@ def diagnose(prompts_path, limit, offset, as_json, **kw):
 
     s = _settings(kw)
     records = load_prompts(prompts_path, limit, offset)
-    model, gen = _open(s)
-    with model, gen:
-        out = self_diagnosis_agreement(gen, records)
-    out["model"] = model.info.path
+    with _detoxifier(s) as det:
+        out = self_diagnosis_agreement(det, records)
+        out["model"] = det.model.info.path
     if as_json:
         click.echo(json.dumps(out))
         return
@@ -260,16 +232,13 @@ def diagnose(prompts_path, limit, offset, as_json, **kw):
         click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{r['mean_p_yes']:>13.3f}")
 
 
-EVAL_METHODS = "none,prompt,tr,fgdilp,fgdilp-frozen,cvec,random"
-
-
 @main.group("eval", invoke_without_command=True)
 @model_options
 @steer_options
 @click.option("--prompts", "prompts_path", metavar="FILE", help="RTP JSONL, or plain text with one prompt per line.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Prompts to use (default: all).")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--methods", default=EVAL_METHODS, show_default=True)
+@click.option("--methods", default=None, help="Comma-separated methods (default: every method).")
 @click.option("--samples", "eval_samples", type=click.IntRange(1), default=25, show_default=True,
               help="Samples per prompt and method.")
 @click.option("-n", "--n-predict", type=click.IntRange(1), default=20, show_default=True)
@@ -296,23 +265,21 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     from .evaluation.runner import run_eval
     from .evaluation.scorer import ToxicityScorer
 
-    names = _method_list(methods)
-    judge_names = [j.strip() for j in judges.split(",") if j.strip() and j.strip() != "none"]
+    names = method_list(methods or ",".join(registry.names()))
+    judge_names = [j for j in (x.strip() for x in judges.split(",")) if j and j != NO_JUDGE]
     for j in judge_names:
-        if j not in ("self", "smollm2"):
-            raise FgdilpError(f"unknown judge {j!r} (self, smollm2 or none)")
+        if j not in PPL_JUDGES:
+            raise FgdilpError(f"unknown judge {j!r} ({', '.join(PPL_JUDGES)} or {NO_JUDGE})")
     top_p, seed = kw.pop("top_p"), kw.pop("seed")
     s = _settings(kw)
     records = load_prompts(prompts_path, limit, offset)
     scorer = ToxicityScorer.load()
-    model, gen = _open(s, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1)
-    gen.reuse_instances = True
     judge_objs = {}
     try:
-        with model, gen:
+        with _detoxifier(s, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1, reuse_instances=True) as det:
             for j in judge_names:
-                judge_objs[j] = PerplexityJudge(model if j == "self" else smollm2_path(), n_threads=s.threads)
-            res = run_eval(gen, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
+                judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
+            res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
                            judge_objs, progress=not no_progress)
     finally:
         for j in judge_objs.values():
@@ -399,9 +366,8 @@ def vectors() -> None:
 def vectors_build(prompt, output, **kw):
     """Self-generate, diagnose and fuse for PROMPT; save the per-head directions."""
     s = _settings(kw)
-    model, gen = _open(s)
-    with model, gen:
-        hd = gen.build_vectors(prompt, s.sampling(), s.as_dict())
+    with _detoxifier(s) as det:
+        hd = det.build_vectors(prompt)
         hd.save(output)
         click.echo(f"wrote {output}: {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
                    f"|delta| per layer max {hd.layer_norms().max():.3f}")
@@ -419,19 +385,12 @@ def vectors_build(prompt, output, **kw):
 def vectors_export(path, cvec_path, model, steer_scale, exp_norm):
     """Write head directions as a residual control vector: direction.<il> = -W_O(lambda_norm * delta)
     of block il, added by llama.cpp at the output of block il (block 0 has no slot and is dropped)."""
-    from .engine import Model
-    from .engine.tensors import output_projections
-    from .generation import identity_of
-    from .method.cvec import residual_directions, save_control_vector
     from .method.vectors import HeadDirections
-    from .models import resolve_model
+    from .settings import Settings
 
     hd = HeadDirections.load(path)
-    with Model(resolve_model(model)) as m:
-        hd.check_model(identity_of(m))
-        vec = residual_directions(hd.rows(), output_projections(m.info.path, hd.n_layer), hd.n_head,
-                                  exp_norm, steer_scale)
-        save_control_vector(cvec_path, vec, m.info.architecture)
+    with _detoxifier(Settings(model=model)) as det:
+        vec = det.export_control_vector(hd, cvec_path, exp_norm, steer_scale)
     click.echo(f"wrote {cvec_path}: {hd.n_layer - 1} layer vectors (direction.1..{hd.n_layer - 1}) of "
                f"width {vec.shape[1]}")
 

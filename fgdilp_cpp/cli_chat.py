@@ -5,12 +5,12 @@ from __future__ import annotations
 import click
 
 from .chat import CHAT_DEFAULTS
-from .cli_options import (ALL_METHODS, _settings, friendly_errors, model_options, sampling_options, steer_options,
+from .cli_options import (MethodChoice, _settings, friendly_errors, model_options, sampling_options, steer_options,
                           with_vectors)
 from .errors import FgdilpError
 
 chat_options = (
-    click.option("--method", type=click.Choice(ALL_METHODS), default=CHAT_DEFAULTS["method"], show_default=True),
+    click.option("--method", type=MethodChoice(), default=CHAT_DEFAULTS["method"], show_default=True),
     click.option("-n", "--n-predict", type=click.IntRange(1), default=CHAT_DEFAULTS["n_predict"], show_default=True,
                  help="Most tokens per reply."),
     click.option("-sys", "--system-prompt", default=None, help="System message at the start of the conversation."),

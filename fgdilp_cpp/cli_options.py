@@ -10,10 +10,43 @@ from typing import Callable
 import click
 from click.core import ParameterSource
 
-from .errors import FgdilpError
+from . import methods
+from .errors import FgdilpError, ParamError
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
-ALL_METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random")
+# Settings fields whose flag is not --<field-with-dashes>
+FLAGS = {"n_predict": "-n", "ctx_size": "-c", "threads": "-t", "n_gpu_layers": "-ngl", "batch_size": "-b",
+         "cache_type_k": "-ctk", "cache_type_v": "-ctv", "flash_attn": "-fa", "system_prompt": "-sys"}
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a Settings field (for error messages)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+class MethodChoice(click.ParamType):
+    """A method name from the registry (read when the command runs, so registered methods count)."""
+
+    name = "method"
+
+    def get_metavar(self, param, *args) -> str:
+        return "[" + "|".join(methods.names()) + "]"
+
+    def convert(self, value, param, ctx):
+        if methods.is_method(value):
+            return value
+        self.fail(f"{value!r} is not a method (one of {', '.join(methods.names())})", param, ctx)
+
+
+def method_list(text: str) -> list[str]:
+    """Comma-separated method names, each checked against the registry."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        if not methods.is_method(m):
+            raise FgdilpError(f"unknown method {m!r} (one of {', '.join(methods.names())})")
+    if not names:
+        raise FgdilpError("no method given")
+    return names
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -28,6 +61,8 @@ def friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except ParamError as exc:
+            _fail(f"{flag_of(exc.field)} {exc.reason}")
         except FgdilpError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
@@ -129,6 +164,6 @@ def with_vectors(s, vectors_path):
     if not vectors_path:
         return s
     given = click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT
-    if given and s.method != "fgdilp-frozen":
+    if given and methods.get(s.method).with_vectors is None:
         raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
-    return s.updated({"method": "fgdilp-frozen"})
+    return s if given else s.updated({"method": methods.running_saved_vectors()[0]})

@@ -2,7 +2,7 @@
 
 Steered methods run their prefixed sequences beside the raw one: in exact modes all of them are
 sequences of one decode per step and the native hook reads the prefixed rows and edits the raw
-row at every layer before the next layer runs (method.md sections 1-2). Several samples of one
+row at every layer before the next layer runs (docs/method.md §2-3). Several samples of one
 prompt share its prefill (KV sequence copy) and advance together.
 """
 
@@ -15,27 +15,19 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .engine import Context, ContextParams, Lockstep, Model, Sampler, SamplingParams
+from . import methods
+from .engine import Capture, Context, ContextParams, Lockstep, Model, Sampler
 from .engine.context import UNQUANTISED_CACHE
-from .errors import Cancelled, ContextLengthError, FgdilpError
+from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
+from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
-from .plans import FgdilpParams, Plan, SteerParams, plan_for, N_SLOTS
+from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
+from .plans import N_SLOTS, Plan, PlanRequest, Runtime, build_instance, frozen_directions
 
-METHODS = ("none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random")
-STEERED = ("tr", "fgdilp", "fgdilp-frozen", "vectors", "random")   # contexts with the hook
+__all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
+
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
-
-
-@dataclass(frozen=True)
-class EngineParams:
-    ctx_size: int = 2048             # tokens per sequence (prompt + generation)
-    n_batch: int = 512
-    n_threads: int = 0
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: str = "auto"
-    max_samples: int = 1             # samples of one prompt generated together
-    max_new: int = 256               # KV room per extra sample
+SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
 
 
 @dataclass
@@ -80,67 +72,93 @@ class Generator:
     """One model; a context per method, created on first use and reused for later prompts."""
 
     def __init__(self, model: Model, engine: EngineParams = EngineParams(), steer: SteerParams = SteerParams(),
-                 fgdilp: FgdilpParams = FgdilpParams(), vectors=None, reuse_instances: bool = False):
+                 fgdilp: FgdilpParams = FgdilpParams(), vectors: Optional[HeadDirections] = None,
+                 reuse_instances: bool = False):
         """reuse_instances: keep the last prompt's FGDILP setup (samples, diagnosis, prefixes) so
         that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation)."""
-        self.model, self.engine, self.steer, self.fgdilp, self.vectors = model, engine, steer, fgdilp, vectors
-        self.reuse_instances = reuse_instances
+        self.model, self.engine = model, engine
+        self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances)
         self._cancelled = False
-        self.last_instance: tuple = (None, None)    # (key, (selection, info))
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
         if vectors is not None:
             vectors.check_model(identity_of(model))
 
-    # ---- contexts ---------------------------------------------------------------------------
-    def _check_steerable(self, method: str) -> None:
+    @property
+    def steer(self) -> SteerParams:
+        return self.rt.steer
+
+    @property
+    def fgdilp(self) -> FgdilpParams:
+        return self.rt.fgdilp
+
+    @property
+    def vectors(self) -> Optional[HeadDirections]:
+        return self.rt.vectors
+
+    @property
+    def reuse_instances(self) -> bool:
+        return self.rt.reuse_instances
+
+    @reuse_instances.setter
+    def reuse_instances(self, on: bool) -> None:
+        self.rt.reuse_instances = on
+
+    # ---- methods and contexts -----------------------------------------------------------------
+    def resolve(self, name: str) -> methods.Method:
+        """The registry entry that runs for `name` here: with a vectors file loaded, a method that
+        has a saved-vectors form runs it."""
+        spec = methods.get(name)
+        if self.vectors is not None and spec.with_vectors:
+            spec = methods.get(spec.with_vectors)
+        if spec.saved_vectors and self.vectors is None:
+            raise FgdilpError(f"method {spec.name!r} needs a vectors file")
+        return spec
+
+    def _check_steerable(self, spec: methods.Method) -> None:
         info = self.model.info
         if info.n_head <= 0 or info.head_dim <= 0:
             raise FgdilpError(f"architecture '{info.architecture}' has no attention heads (no kqv_out "
-                              "node to steer); use --method none")
+                              "node to steer); use method none")
         if self.engine.type_v not in UNQUANTISED_CACHE:
             raise FgdilpError(f"steering needs an unquantised V cache (f16, bf16 or f32), not "
                               f"{self.engine.type_v}: a quantised V cache rotates kqv_out")
         self.steer.check(info.n_layer)
-        if method.startswith("fgdilp"):
+        if spec.instance:
             self.fgdilp.check()
 
-    def _roles(self, method: str) -> int:
-        n_neg = self.fgdilp.negatives
-        return {"tr": 3, "fgdilp": n_neg + 2, "fgdilp-frozen": n_neg + 1}.get(method, 1)
-
-    def context(self, method: str) -> Context:
-        """The context of a method ('setup' = self-generation and diagnosis)."""
-        if method in self._ctx:
-            return self._ctx[method]
-        e, info = self.engine, self.model.info
-        roles = self._roles(method)
-        if method == "setup":
+    def context(self, name: str) -> Context:
+        """The context of a method (SETUP: FGDILP's self-generation and diagnosis)."""
+        if name in self._ctx:
+            return self._ctx[name]
+        e, info, hook = self.engine, self.model.info, None
+        if name == SETUP:
             n_seq = max(self.fgdilp.samples, 24)
             n_ctx = e.ctx_size + self.fgdilp.samples * (self.fgdilp.selfgen_tokens + 2) + 2048
         else:
-            # exact methods run their roles per sample; frozen ones capture once, then P0 per sample
-            n_seq = roles * e.max_samples if method in ("fgdilp", "tr") else max(roles, e.max_samples)
+            spec = methods.get(name)
+            roles = spec.n_roles(self.fgdilp)
+            # exact methods run their roles per sample; the others capture once, then P0 per sample
+            n_seq = roles * e.max_samples if spec.exact else max(roles, e.max_samples)
             n_ctx = roles * e.ctx_size + n_seq * min(e.max_new, e.ctx_size) * (e.max_samples > 1)
+            if spec.heads:
+                self._check_steerable(spec)
+            if spec.hook:
+                s = self.steer
+                hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
+                                  exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
+                                  layer_end=s.layer_end, renorm=s.renorm)
+                if spec.fusion:
+                    f = self.fgdilp
+                    hook.set_fusion(f.mask_k, f.fusion, f.sign_election)
+                self._hooks[name] = hook
         if n_seq > MAX_SEQ:
-            raise FgdilpError(f"{method} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
+            raise FgdilpError(f"{name} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
                               f"allows {MAX_SEQ}")
-        hook = None
-        if method in STEERED or method == "cvec":
-            self._check_steerable(method)
-        if method in STEERED:
-            s = self.steer
-            hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
-                              exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
-                              layer_end=s.layer_end, renorm=s.renorm)
-            if method == "fgdilp":
-                f = self.fgdilp
-                hook.set_fusion(f.mask_k, f.fusion, f.sign_election)
-            self._hooks[method] = hook
         params = ContextParams(n_ctx=n_ctx, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq,
                                n_outputs_max=n_seq, n_threads=e.n_threads, type_k=e.type_k,
                                type_v=e.type_v, flash_attn=e.flash_attn)
-        self._ctx[method] = ctx = Context(self.model, params, hook=hook)
+        self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         if self._cancelled:              # cancel() came while this context did not exist yet
             ctx.request_abort()
         return ctx
@@ -155,17 +173,11 @@ class Generator:
         for hook in self._hooks.values():
             hook.set_exponents(steer.exp_norm, steer.exp_sim, steer.renorm)
             hook.set_layer_scales(scales)
-        self.steer = steer
+        self.rt.steer = steer
 
     def prefix_room(self, method: str) -> int:
         """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""
-        from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE
-
-        if method in ("tr", "prompt", "cvec", "random"):
-            return len(self.model.tokenize_plain(NEG_PREFIX)) + 2
-        if method == "fgdilp" or (method == "fgdilp-frozen" and self.vectors is None):
-            return self.fgdilp.selfgen_tokens + len(self.model.tokenize_plain(NEG_TEMPLATE)) + 8
-        return 0
+        return self.resolve(method).room(self.rt)
 
     def reset_cancel(self) -> None:
         """Forget an earlier cancel(): the next generation runs (call before starting one)."""
@@ -195,25 +207,22 @@ class Generator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def build_vectors(self, prompt: str, sampling: SamplingParams, settings: dict):
-        """Frozen FGDILP head directions for `prompt` (HeadDirections)."""
-        return build_vectors_for(self, prompt, sampling, settings)
+    def build_vectors(self, prompt: str, sampling: SamplingParams, settings: dict) -> HeadDirections:
+        """Frozen FGDILP head directions for `prompt`, as a saved-artifact value."""
+        if not prompt.strip():
+            raise FgdilpError("the prompt is empty")
+        method = "fgdilp-frozen"
+        ctx = self.context(method)
+        sel, _ = build_instance(self.rt, prompt, self.model.tokenize(prompt), sampling)
+        rows, e = frozen_directions(self.rt, ctx, prompt, sel)
+        i = self.model.info
+        shape = (i.n_layer, i.n_head, i.head_dim)
+        return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
+                              method=method, settings={**settings, "prompt": prompt}).validate()
 
-    def output_projections(self) -> list[np.ndarray]:
-        """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
-        if getattr(self, "_w_o", None) is None:
-            from .engine.tensors import output_projections
-
-            self._w_o = output_projections(self.model.info.path, self.model.info.n_layer)
-        return self._w_o
-
-    def diagnoser(self):
-        """Self-diagnosis with this model (yes/no tokens chosen once)."""
-        if getattr(self, "_diagnoser", None) is None:
-            from .instance import Diagnoser
-
-            self._diagnoser = Diagnoser.for_model(self.model)
-        return self._diagnoser
+    def self_diagnosis(self, texts: list[str]) -> np.ndarray:
+        """[len(texts), 6] the model's own P(yes) per attribute (docs/method.md §4.2)."""
+        return self.rt.self_diagnoser().scores(self.context(SETUP), texts)
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompt: str, method: str = "none", n_predict: int = 64,
@@ -233,15 +242,11 @@ class Generator:
         special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
         cancel() that came before this call (the caller reset it with reset_cancel())."""
         if n_predict < 1:
-            raise FgdilpError("-n must be at least 1")
+            raise ParamError("n_predict", "must be at least 1")
         if not 1 <= n_samples <= self.engine.max_samples:
             raise FgdilpError(f"n_samples must be in 1..{self.engine.max_samples}")
-        if method not in METHODS + ("vectors",):
-            raise FgdilpError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
-        if method in ("fgdilp-frozen", "vectors") and self.vectors is not None:
-            method = "vectors"
-        if method == "vectors" and self.vectors is None:
-            raise FgdilpError("method 'vectors' needs a vectors file")
+        spec = self.resolve(method)
+        method = spec.name
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         if reset_cancel:
@@ -250,11 +255,12 @@ class Generator:
         raw = self.model.tokenize(prompt, special=special)
         if len(raw) >= self.engine.ctx_size:  # before any setup work (with prefixes: _check_prefixed)
             raise ContextLengthError(f"the prompt is {len(raw)} tokens, longer than the context "
-                                     f"(-c {self.engine.ctx_size})")
+                                     f"({self.engine.ctx_size} tokens)")
         try:
             t0 = time.perf_counter()
             try:
-                plan = plan_for(self, method, prompt, raw, sampling, explain, prefixes, special)
+                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
+                                                                prefixes))
             except Cancelled:            # stopped during FGDILP's setup: nothing generated yet
                 return GenResult([Sample("", [], "cancelled") for _ in range(n_samples)], method, len(raw),
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
@@ -273,7 +279,7 @@ class Generator:
         longest = max(len(s) for s in plan.sequences)
         if longest >= limit:
             raise ContextLengthError(f"the prompt with its steering prefix is {longest} tokens, longer than "
-                                     f"the context (-c {limit})")
+                                     f"the context ({limit} tokens)")
 
     def _run(self, ctx, plan: Plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
              record_logits, logits_all, stop_at_eog, setup_s) -> GenResult:
@@ -368,7 +374,6 @@ def open_generator(settings, vectors_path: Optional[str] = None, **engine_over) 
     """The model of `settings` (a Settings; None = the embedded default) and a Generator with its
     engine, steering and FGDILP values and optional saved vectors; the model is closed if the
     rest fails."""
-    from .method.vectors import HeadDirections
     from .models import resolve_model
 
     model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers)
@@ -381,26 +386,8 @@ def open_generator(settings, vectors_path: Optional[str] = None, **engine_over) 
         raise
 
 
-def build_vectors_for(gen: "Generator", prompt: str, sampling: SamplingParams, settings: dict):
-    """Frozen FGDILP directions for `prompt`, as a saved-artifact value."""
-    from .method.vectors import HeadDirections
-    from .plans import build_instance, frozen_directions
-
-    if not prompt.strip():
-        raise FgdilpError("the prompt is empty")
-    ctx = gen.context("fgdilp-frozen")
-    sel, info = build_instance(gen, prompt, gen.model.tokenize(prompt), sampling)
-    rows, e = frozen_directions(gen, ctx, prompt, sel)
-    i = gen.model.info
-    shape = (i.n_layer, i.n_head, i.head_dim)
-    return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(gen.model),
-                          method="fgdilp-frozen", settings={**settings, "prompt": prompt}).validate()
-
-
-def identity_of(model: Model):
+def identity_of(model: Model) -> ModelIdentity:
     """The model identity that saved vectors are checked against."""
-    from .method.vectors import ModelIdentity
-
     i = model.info
     return ModelIdentity(architecture=i.architecture, n_layer=i.n_layer, n_head=i.n_head, head_dim=i.head_dim,
                          n_embd=i.n_embd, n_vocab=i.n_vocab, name=model.meta("general.name") or "")
@@ -409,8 +396,6 @@ def identity_of(model: Model):
 def probe_kqv_out(model: Model, n_threads: int = 0) -> int:
     """Decode one token with a capture planned on every layer; returns the layers whose kqv_out
     fired (0 when the architecture has no attention heads or no such node)."""
-    from .engine import Capture
-
     info = model.info
     if info.n_head <= 0 or info.head_dim <= 0:
         return 0

@@ -1,4 +1,4 @@
-"""FGDILP's per-prompt setup over the engine: self-generation and self-diagnosis (method.md 2.1-2.2).
+"""FGDILP's per-prompt setup over the engine: self-generation and self-diagnosis (docs/method.md §4.1-4.2).
 
 Self-generation prefills the prompt once and shares its KV with N sequences; self-diagnosis decodes
 the part of the six questions that one sample shares once and copies it to six sequences.

@@ -18,8 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import FgdilpError
-
-MAX_NEG = 8
+from .params import MAX_NEGATIVES as MAX_NEG   # FGDILP_MAX_NEG of native/fgdilp.h
 
 OK = 0
 ERR_ARG = -1

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .errors import FgdilpError
-from .generation import METHODS
+from . import methods
+from .errors import FgdilpError, ParamError
 
 if TYPE_CHECKING:
     from .api import Detoxifier
@@ -25,6 +25,16 @@ _INERT: dict[str, tuple] = {
     "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
     "functions": ([],), "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
 }
+
+
+# Settings fields whose request field has another name
+JSON_FIELDS = {"n_predict": "max_tokens", "temp": "temperature"}
+
+
+def param_error(exc: ParamError) -> "ApiError":
+    """A setting out of range, as a 400 naming the request field."""
+    name = JSON_FIELDS.get(exc.field, exc.field)
+    return ApiError(400, f"{name} {exc.reason}", param=name)
 
 
 class ApiError(Exception):
@@ -166,8 +176,8 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", max_tokens: int) ->
         if (v := _number(body, name, 0, hi, integer=True)) is not None:
             ov[name] = v
     if (method := body.get("method")) is not None:
-        if method not in METHODS:
-            raise _bad("method", f"method must be one of {', '.join(METHODS)}, not {json.dumps(method)}")
+        if not methods.is_method(method):
+            raise _bad("method", f"method must be one of {', '.join(methods.names())}, not {json.dumps(method)}")
         ov["method"] = method
     if (scale := _number(body, "steer_scale", -math.inf, math.inf)) is not None:
         ov["steer_scale"] = float(scale)

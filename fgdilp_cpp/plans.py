@@ -6,19 +6,21 @@ with a fixed direction in a hook slot. Hook slots: see the SLOT_* constants.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
-from .engine import Capture, Lockstep, SamplingParams
+from .engine import Capture, Context, Lockstep, Model
 from .errors import FgdilpError
-from .method.diagnosis import ATTRIBUTE_NAMES
 from .method.cvec import residual_directions
-from .method.fusion import FUSION_MODES, fuse
-from .method.vectors import random_heads
-from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE, prefixed, select_prefixes
+from .method.diagnosis import ATTRIBUTE_NAMES
+from .method.fusion import fuse
+from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE, Selection, prefixed, select_prefixes
+from .method.vectors import HeadDirections, random_heads
 from .native import MAX_NEG, EditSpec
+from .params import FgdilpParams, SamplingParams, SteerParams
 
 # hook slots, each [n_layer, width]
 SLOT_E = 0                      # e: mean of the negatives' template ':' rows
@@ -27,57 +29,6 @@ SLOT_POS_LAST = 2               # P+ last row at the end of the prompt
 SLOT_NEG_LAST = 3               # .. 3 + MAX_NEG: P-_j last rows
 SLOT_COLON = SLOT_NEG_LAST + MAX_NEG   # .. + MAX_NEG: P-_j template ':' rows
 N_SLOTS = SLOT_COLON + MAX_NEG
-
-
-@dataclass(frozen=True)
-class SteerParams:
-    exp_norm: float = 0.4
-    exp_sim: float = 0.6
-    scale: float = 1.0
-    layer_start: int = 0
-    layer_end: int = -1          # inclusive; -1 = last layer
-    renorm: bool = True
-
-    def last_layer(self, n_layer: int) -> int:
-        return n_layer - 1 if self.layer_end < 0 else self.layer_end
-
-    def layer_mask(self, n_layer: int) -> np.ndarray:
-        """[n_layer] 1 for steered layers, 0 elsewhere."""
-        il = np.arange(n_layer)
-        return ((il >= self.layer_start) & (il <= self.last_layer(n_layer))).astype(np.float64)
-
-    def check(self, n_layer: int) -> None:
-        for name, v in (("exp_norm", self.exp_norm), ("exp_sim", self.exp_sim), ("scale", self.scale)):
-            if not np.isfinite(v):
-                raise FgdilpError(f"{name} must be a finite number")
-        end = self.last_layer(n_layer)
-        if not 0 <= self.layer_start <= end < n_layer:
-            raise FgdilpError(f"--steer-layer-range {self.layer_start} {self.layer_end} is outside "
-                              f"the model's layers 0..{n_layer - 1}")
-
-
-@dataclass(frozen=True)
-class FgdilpParams:
-    samples: int = 25            # N self-generated continuations
-    selfgen_tokens: int = 20     # new tokens per self-generated sample
-    selfgen_min_tokens: int = 5  # no end-of-generation before this many
-    negatives: int = 6           # negative prefixes (one per attribute, de-duplicated)
-    mask_k: float = 50.0         # top-K % entries kept per sub-toxicity vector (100 = no masking)
-    fusion: str = "max"          # merge of the agreeing entries: max | mean | sum
-    sign_election: bool = True
-    pad_blank: bool = True       # pad to `negatives` with template-only (blank) negatives
-
-    def check(self) -> None:
-        if self.samples < 1:
-            raise FgdilpError(f"--selfgen-samples must be at least 1, not {self.samples}")
-        if not 1 <= self.negatives <= MAX_NEG:
-            raise FgdilpError(f"--negatives must be in 1..{MAX_NEG}, not {self.negatives}")
-        if not (0.0 < self.mask_k <= 100.0):
-            raise FgdilpError(f"--mask-k must be in (0, 100], not {self.mask_k}")
-        if self.fusion not in FUSION_MODES:
-            raise FgdilpError(f"--fusion must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
-        if not 1 <= self.selfgen_min_tokens <= self.selfgen_tokens:
-            raise FgdilpError("need 1 <= --selfgen-min-tokens <= --selfgen-tokens")
 
 
 @dataclass
@@ -93,50 +44,122 @@ class Plan:
     explain: dict = field(default_factory=dict)
 
 
-def plan_for(gen, method: str, prompt: str, raw: list[int], sampling: SamplingParams, explain: bool,
-             prefixes=None, special: bool = False) -> Plan:
-    """raw: the prompt's tokens; special: parse special-token text in the prompt (a chat-formatted
-    conversation) when prefixes are joined to it."""
-    tok = _tokenizer(gen, special)
-    if method == "none":
-        return Plan([raw], 0)
-    if method == "prompt":
-        return Plan([tok(POS_PREFIX + prompt)], 0)
-    if method == "tr":
-        return _exact_plan(gen, tok, method, prompt, raw, POS_PREFIX, [NEG_PREFIX], {}, explain)
-    if method == "vectors":
-        return _fixed_plan(gen, method, raw, gen.vectors.rows(), None if gen.vectors.e is None else
-                           gen.vectors.e.reshape(gen.vectors.n_layer, -1), {"vectors": gen.vectors.method})
-    if method in ("cvec", "random"):
-        rows, e = capture_directions(gen, gen.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True,
-                                     special)
-        info = {"delta_norms": [float(x) for x in np.linalg.norm(rows, axis=1)]}
-        if method == "random":
-            return _fixed_plan(gen, method, raw, random_like_heads(rows, gen.model.info.n_head, sampling.seed), e, info)
-        s = gen.steer
-        vec = residual_directions(rows * s.layer_mask(gen.model.info.n_layer)[:, None], gen.output_projections(),
-                                  gen.model.info.n_head, s.exp_norm, s.scale)
-        return Plan([raw], 0, explain=info, cvec=vec)
-    sel, info = (prefixes, {}) if prefixes is not None else build_instance(gen, prompt, raw, sampling)
-    if method == "fgdilp":
-        return _exact_plan(gen, tok, method, prompt, raw, sel.positive + POS_TEMPLATE,
-                           [t + NEG_TEMPLATE for t in sel.negatives], info, explain)
-    if method == "fgdilp-frozen":
-        rows, e = frozen_directions(gen, gen.context(method), prompt, sel, special)
-        info["delta_norms"] = [float(x) for x in np.linalg.norm(rows, axis=1)]
-        return _fixed_plan(gen, method, raw, rows, e, info)
-    raise FgdilpError(f"unknown method {method!r}")
+@dataclass
+class Runtime:
+    """What a plan builder may use: the model, the steering values in force, a method's context by
+    name ("setup": FGDILP's self-generation and diagnosis), and per-model memos. Not the Generator."""
+
+    model: Model
+    steer: SteerParams
+    fgdilp: FgdilpParams
+    vectors: Optional[HeadDirections]
+    context: Callable[[str], Context]
+    reuse_instances: bool = False       # keep the last prompt's FGDILP instance (fgdilp and -frozen share it)
+    memo: dict = field(default_factory=dict)
+
+    def output_projections(self) -> list[np.ndarray]:
+        """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
+        if "w_o" not in self.memo:
+            from .engine.tensors import output_projections
+
+            self.memo["w_o"] = output_projections(self.model.info.path, self.model.info.n_layer)
+        return self.memo["w_o"]
+
+    def self_diagnoser(self):
+        """Self-diagnosis with this model (yes/no tokens chosen once)."""
+        if "self_diagnoser" not in self.memo:
+            from .instance import Diagnoser
+
+            self.memo["self_diagnoser"] = Diagnoser.for_model(self.model)
+        return self.memo["self_diagnoser"]
 
 
-def _tokenizer(gen, special: bool):
-    return lambda text: gen.model.tokenize(text, special=special)
+@dataclass(frozen=True)
+class PlanRequest:
+    method: str
+    prompt: str
+    tokens: list[int]                  # the raw prompt's tokens
+    sampling: SamplingParams
+    explain: bool = False
+    special: bool = False              # parse special-token text (a chat-formatted conversation)
+    prefixes: Optional[Selection] = None   # instance prefixes to use instead of building them
+
+    def tokenize(self, rt: Runtime, text: str) -> list[int]:
+        return rt.model.tokenize(text, special=self.special)
 
 
-def _prefixed_all(gen, tok, prompt: str, pos_text: str, neg_texts: list[str]):
-    tb = gen.model.token_bytes
-    pos = prefixed(tok, tb, pos_text, prompt)
-    negs = [prefixed(tok, tb, t, prompt) for t in neg_texts]
-    return pos, negs
+# ---- plan builders (the registry in methods.py names them) --------------------------------------
+def plan_none(rt: Runtime, req: PlanRequest) -> Plan:
+    return Plan([req.tokens], 0)
+
+
+def plan_prompt(rt: Runtime, req: PlanRequest) -> Plan:
+    return Plan([req.tokenize(rt, POS_PREFIX + req.prompt)], 0)
+
+
+def plan_tr(rt: Runtime, req: PlanRequest) -> Plan:
+    return _exact_plan(rt, req, POS_PREFIX, [NEG_PREFIX], {}, (100.0, "max", True))
+
+
+def plan_fgdilp(rt: Runtime, req: PlanRequest) -> Plan:
+    sel, info = instance_for(rt, req)
+    f = rt.fgdilp
+    return _exact_plan(rt, req, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives], info,
+                       (f.mask_k, f.fusion, f.sign_election))
+
+
+def plan_fgdilp_frozen(rt: Runtime, req: PlanRequest) -> Plan:
+    sel, info = instance_for(rt, req)
+    rows, e = frozen_directions(rt, rt.context(req.method), req.prompt, sel, req.special)
+    info["delta_norms"] = _layer_norms(rows)
+    return _fixed_plan(rt, req, rows, e, info)
+
+
+def plan_vectors(rt: Runtime, req: PlanRequest) -> Plan:
+    v = rt.vectors
+    if v is None:
+        raise FgdilpError("method 'vectors' needs a vectors file")
+    e = None if v.e is None else v.e.reshape(v.n_layer, -1)
+    return _fixed_plan(rt, req, v.rows(), e, {"saved_vectors": v.method})
+
+
+def plan_random(rt: Runtime, req: PlanRequest) -> Plan:
+    rows, e, info = _tr_directions(rt, req)
+    return _fixed_plan(rt, req, random_like_heads(rows, rt.model.info.n_head, req.sampling.seed), e, info)
+
+
+def plan_cvec(rt: Runtime, req: PlanRequest) -> Plan:
+    rows, _, info = _tr_directions(rt, req)
+    s, n_layer = rt.steer, rt.model.info.n_layer
+    vec = residual_directions(rows * s.layer_mask(n_layer)[:, None], rt.output_projections(),
+                              rt.model.info.n_head, s.exp_norm, s.scale)
+    return Plan([req.tokens], 0, explain=info, cvec=vec)
+
+
+def tr_prefix_room(rt: Runtime) -> int:
+    return len(rt.model.tokenize_plain(NEG_PREFIX)) + 2
+
+
+def instance_prefix_room(rt: Runtime) -> int:
+    return rt.fgdilp.selfgen_tokens + len(rt.model.tokenize_plain(NEG_TEMPLATE)) + 8
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+def _layer_norms(rows: np.ndarray) -> list[float]:
+    return [float(x) for x in np.linalg.norm(rows, axis=1)]
+
+
+def _tr_directions(rt: Runtime, req: PlanRequest):
+    """TR's delta captured once at the prompt's end in TR's context (cvec and the random control)."""
+    rows, e = capture_directions(rt, rt.context("tr"), req.prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True,
+                                 req.special)
+    return rows, e, {"delta_norms": _layer_norms(rows)}
+
+
+def _prefixed_all(rt: Runtime, prompt: str, pos_text: str, neg_texts: list[str], special: bool):
+    tok = lambda text: rt.model.tokenize(text, special=special)   # noqa: E731
+    tb = rt.model.token_bytes
+    return prefixed(tok, tb, pos_text, prompt), [prefixed(tok, tb, t, prompt) for t in neg_texts]
 
 
 def _neg_roles(negs) -> tuple[list[list[int]], list[int]]:
@@ -170,39 +193,38 @@ def _fused_rows(slots: np.ndarray, n: int, mask_k: float, fusion: str, elect: bo
     return np.stack([fuse(deltas[:, il], mask_k, fusion, elect) for il in range(deltas.shape[1])])
 
 
-def _exact_plan(gen, tok, method, prompt, raw, pos_text, neg_texts, info: dict, explain: bool) -> Plan:
-    """P+, P-_1..n and P0 as sequences of one decode per step; the hook fuses and edits P0."""
-    pos, negs = _prefixed_all(gen, tok, prompt, pos_text, neg_texts)
+def _exact_plan(rt: Runtime, req: PlanRequest, pos_text: str, neg_texts: list[str], info: dict,
+                fusion: tuple[float, str, bool]) -> Plan:
+    """P+, P-_1..n and P0 as sequences of one decode per step; the hook fuses and edits P0
+    (docs/method.md §3, §6.1). fusion: (mask_k, merge, sign election) of the --explain norms."""
+    pos, negs = _prefixed_all(rt, req.prompt, pos_text, neg_texts, req.special)
     n = len(negs)
     distinct, roles = _neg_roles(negs)
     out = len(distinct) + 1
-    hook = gen.context(method).hook
-    k, mode, elect = (100.0, "max", True) if method == "tr" else \
-        (gen.fgdilp.mask_k, gen.fgdilp.fusion, gen.fgdilp.sign_election)
+    hook = rt.context(req.method).hook
 
     def norms(ctx) -> None:   # --explain: per-layer |fused delta| at the end of the prompt
-        info["delta_norms"] = [float(x) for x in np.linalg.norm(_fused_rows(hook.slots, n, k, mode, elect), axis=1)]
+        info["delta_norms"] = _layer_norms(_fused_rows(hook.slots, n, *fusion))
 
-    return Plan([pos.tokens] + distinct + [raw], out,
-                captures=tuple(_prefix_captures(pos, negs, roles, with_last=explain)),
+    return Plan([pos.tokens] + distinct + [req.tokens], out,
+                captures=tuple(_prefix_captures(pos, negs, roles, with_last=req.explain)),
                 edits=(EditSpec(target=out, pos=0, neg=tuple(roles), e_slot=SLOT_E),),
-                before_last=lambda ctx: _average_e(hook, n), after_prefill=norms if explain else None,
+                before_last=lambda ctx: _average_e(hook, n), after_prefill=norms if req.explain else None,
                 explain=info)
 
 
-def frozen_directions(gen, ctx, prompt: str, sel, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """FGDILP's delta captured once at the end of the prompt, fused in numpy."""
-    f = gen.fgdilp
-    return capture_directions(gen, ctx, prompt, sel.positive + POS_TEMPLATE,
-                              [t + NEG_TEMPLATE for t in sel.negatives], f.mask_k, f.fusion, f.sign_election,
-                              special)
+def frozen_directions(rt: Runtime, ctx, prompt: str, sel, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """FGDILP's delta captured once at the end of the prompt, fused in numpy (docs/method.md §6.2)."""
+    f = rt.fgdilp
+    return capture_directions(rt, ctx, prompt, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives],
+                              f.mask_k, f.fusion, f.sign_election, special)
 
 
-def capture_directions(gen, ctx, prompt: str, pos_text: str, neg_texts: list[str], mask_k: float,
+def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: list[str], mask_k: float,
                        fusion: str, elect: bool, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Capture P+ and P-_j once at the end of the prompt (in hooked context `ctx`) and fuse in
     numpy: ([n_layer, width] direction, [n_layer, width] e)."""
-    pos, negs = _prefixed_all(gen, _tokenizer(gen, special), prompt, pos_text, neg_texts)
+    pos, negs = _prefixed_all(rt, prompt, pos_text, neg_texts, special)
     n = len(negs)
     hook = ctx.hook
     ctx.clear()
@@ -222,38 +244,45 @@ def random_like_heads(rows: np.ndarray, n_head: int, seed: int) -> np.ndarray:
     return random_heads(rows.reshape(rows.shape[0], n_head, -1), seed).reshape(rows.shape)
 
 
-def _fixed_plan(gen, method: str, raw, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:
+def _fixed_plan(rt: Runtime, req: PlanRequest, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:
     """P0 alone, edited with a fixed direction (frozen FGDILP, saved vectors, the random control)."""
-    hook = gen.context(method).hook
+    hook = rt.context(req.method).hook
     hook.slots[SLOT_DIR] = rows
     hook.slots[SLOT_E] = 0 if e is None else e
     hook.check_slots()
     edit = EditSpec(target=0, dir_slot=SLOT_DIR, e_slot=-1 if e is None else SLOT_E)
-    return Plan([raw], 0, edits=(edit,), explain=info)
+    return Plan([req.tokens], 0, edits=(edit,), explain=info)
 
 
-def build_instance(gen, prompt: str, raw: list[int], sampling: SamplingParams):
-    """Self-generation, self-diagnosis and prefix selection for one prompt (method.md 2.1-2.3)."""
-    import copy
+# ---- FGDILP's per-prompt instance ------------------------------------------------------------------
+def instance_for(rt: Runtime, req: PlanRequest):
+    """The request's instance prefixes: given ones, or built by self-generation and diagnosis."""
+    if req.prefixes is not None:
+        return req.prefixes, {}
+    return build_instance(rt, req.prompt, req.tokens, req.sampling)
 
-    key = (prompt, sampling, gen.fgdilp)
-    if gen.reuse_instances and gen.last_instance[0] == key:
-        sel, info = gen.last_instance[1]
+
+def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams):
+    """Self-generation, self-diagnosis and prefix selection for one prompt (docs/method.md §4.1-4.3)."""
+    key = (prompt, sampling, rt.fgdilp)
+    last = rt.memo.get("instance")
+    if rt.reuse_instances and last is not None and last[0] == key:
+        sel, info = last[1]
         return sel, copy.deepcopy(info)
-    sel, info = _new_instance(gen, prompt, raw, sampling)
-    if gen.reuse_instances:
-        gen.last_instance = (key, (sel, copy.deepcopy(info)))
+    sel, info = _new_instance(rt, raw, sampling)
+    if rt.reuse_instances:
+        rt.memo["instance"] = (key, (sel, copy.deepcopy(info)))
     return sel, info
 
 
-def _new_instance(gen, prompt: str, raw: list[int], sampling: SamplingParams):
+def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams):
     from .instance import self_generate
 
-    f, model = gen.fgdilp, gen.model
-    ctx = gen.context("setup")
+    f, model = rt.fgdilp, rt.model
+    ctx = rt.context("setup")
     outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens)
     texts = [model.detokenize(o) for o in outs]
-    diag = gen.diagnoser()
+    diag = rt.self_diagnoser()
     scores = diag.scores(ctx, texts)
     sel = select_prefixes(texts, scores, list(ATTRIBUTE_NAMES), f.negatives, f.pad_blank)
     info = {

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from . import methods
 from .errors import FgdilpError
-from .generation import METHODS
+from .explain import explain_lines
 
 HELP = """commands:
   /help            this list
@@ -117,7 +118,7 @@ def reply(session: Session, text: str, out=sys.stdout) -> None:
     pieces: list[str] = []
     interrupts = [0]
     # FGDILP's per-reply setup takes seconds: say what is going on (on a terminal only)
-    status = SETUP_STATUS if (session.method.startswith("fgdilp") and det.vectors is None
+    status = SETUP_STATUS if (methods.get(session.method).instance and det.vectors is None
                               and out.isatty()) else ""
     if status:
         out.write(status)
@@ -172,25 +173,23 @@ def show_settings(session: Session) -> None:
 
 def command(session: Session, line: str) -> bool:
     """Run a /command; False when the session should end."""
-    from .cli import _print_explain
-
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
     if name in ("exit", "quit", "q"):
         return False
     if name == "help":
-        print(HELP.format(methods=", ".join(METHODS)))
+        print(HELP.format(methods=", ".join(methods.names())))
     elif name == "clear":
         session.clear()
         print("(new conversation)")
     elif name == "method":
-        if arg not in METHODS:
-            print(f"usage: /method NAME, one of {', '.join(METHODS)} (now: {session.method})")
+        if not methods.is_method(arg):
+            print(f"usage: /method NAME, one of {', '.join(methods.names())} (now: {session.method})")
         else:
             session.method = arg
             print(f"(method: {arg})")
     elif name == "explain":
-        _print_explain(session.last_explain) if session.last_explain else print("(no reply to explain yet)")
+        print("\n".join(explain_lines(session.last_explain)) if session.last_explain else "(no reply to explain yet)")
     elif name == "settings":
         show_settings(session)
     elif name == "save":

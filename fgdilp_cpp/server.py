@@ -15,7 +15,7 @@ Request fields of both POST endpoints:
     top_k (int >= 0), min_p [0, 1)       llama.cpp-style extensions
     stop                       a string or a list of up to 4: the text is cut before the first one
     n                          1 only;  stream (bool);  stream_options.include_usage (bool)
-    method                     one of generation.METHODS (none, prompt, tr, fgdilp, ...)
+    method                     a method of the registry (methods.names(): none, prompt, tr, fgdilp, ...)
     steer_scale                a finite number;  steer_layer_range  [start, end] layer numbers
 chat: messages [{role: system|developer|user|assistant, content: text or [{"type": "text", ...}]}],
 the last one the user's; a conversation longer than the context is a 400 with code
@@ -62,8 +62,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .errors import ContextLengthError, FgdilpError
-from .openai_api import ApiError, GenRequest, StopScanner, parse_request, read_json
+from .errors import ContextLengthError, FgdilpError, ParamError
+from .openai_api import ApiError, GenRequest, StopScanner, param_error, parse_request, read_json
 
 if TYPE_CHECKING:
     from .api import Detoxifier
@@ -229,6 +229,8 @@ def _sse(obj: Any) -> bytes:
 
 def _from_fgdilp(exc: FgdilpError, chat: bool) -> ApiError:
     msg = str(exc)
+    if isinstance(exc, ParamError):
+        return param_error(exc)
     if isinstance(exc, ContextLengthError):
         return ApiError(400, msg, param="messages" if chat else "prompt", code="context_length_exceeded")
     return ApiError(400, msg)

@@ -1,7 +1,8 @@
-"""One Settings dataclass: CLI flags and TOML config keys map onto its fields by name.
+"""One Settings dataclass: CLI flags, TOML config keys and FGDILP_* variables map onto its fields by name.
 
 A TOML key is the long flag name without its dashes ("steer-scale = 0.5", "renorm = false",
-"steer-layer-range = [12, 17]"); precedence: flag > config file > default.
+"steer-layer-range = [12, 17]"); precedence: flag > environment > config file > default.
+Imports only the value types (params.py): loading settings loads no llama.cpp.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .engine import SamplingParams
-from .errors import FgdilpError
-from .generation import EngineParams
-from .plans import FgdilpParams, SteerParams
+from .errors import FgdilpError, ParamError
+from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
 
 
 @dataclass
@@ -46,7 +45,7 @@ class Settings:
     exp_norm: float = 0.4
     exp_sim: float = 0.6
     renorm: bool = True
-    # FGDILP (method.md section 2 defaults)
+    # FGDILP (docs/method.md §10 defaults)
     selfgen_samples: int = 25
     selfgen_tokens: int = 20
     selfgen_min_tokens: int = 5
@@ -93,7 +92,7 @@ class Settings:
         types = {f.name: f.type for f in fields(self)}
         for name, v in values.items():
             if name not in types:
-                raise FgdilpError(f"unknown setting {name.replace('_', '-')!r}")
+                raise FgdilpError(f"unknown setting {name!r}")
             setattr(out, name, _coerce(name, types[name], v))
         return out
 
@@ -108,6 +107,10 @@ class Settings:
             raise FgdilpError(f"cannot read config file {p}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise FgdilpError(f"config file {p} is not valid TOML: {exc}") from None
+        known = cls.field_names()
+        for k in data:
+            if k.replace("-", "_") not in known:
+                raise FgdilpError(f"config file {p}: unknown setting {k!r}")
         values = {k.replace("-", "_"): v for k, v in data.items()}
         return (base or cls()).updated(values)
 
@@ -138,14 +141,13 @@ class Settings:
                 else:
                     out[name] = raw
             except ValueError:
-                raise FgdilpError(f"{flag}={raw!r} is not a valid {name.replace('_', '-')}") from None
+                raise FgdilpError(f"{flag}={raw!r} is not a valid {name}") from None
         return out
 
 
 def _coerce(name: str, typ: str, v: Any) -> Any:
-    flag = name.replace("_", "-")
     if typ in ("int", "float") and isinstance(v, bool):
-        raise FgdilpError(f"{flag} must be a number, not {v!r}")
+        raise ParamError(name, f"must be a number, not {v!r}")
     if typ == "int" and isinstance(v, int):
         return v
     if typ == "float" and isinstance(v, (int, float)):
@@ -161,5 +163,5 @@ def _coerce(name: str, typ: str, v: Any) -> Any:
             return None
         if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
             return (int(v[0]), int(v[1]))
-        raise FgdilpError(f"{flag} must be two layer numbers [START, END], not {v!r}")
-    raise FgdilpError(f"{flag} has the wrong type: {v!r}")
+        raise ParamError(name, f"must be two layer numbers [START, END], not {v!r}")
+    raise ParamError(name, f"has the wrong type: {v!r}")

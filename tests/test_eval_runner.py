@@ -26,8 +26,9 @@ from fgdilp_cpp.evaluation import runner as runner_mod
 from fgdilp_cpp.evaluation.perplexity import PerplexityJudge
 from fgdilp_cpp.evaluation.prompts import PromptRecord
 from fgdilp_cpp.evaluation.runner import GENERATIONS, TIMINGS, read_jsonl, run_eval
-from fgdilp_cpp.generation import EngineParams, Generator
-from fgdilp_cpp.plans import FgdilpParams
+from fgdilp_cpp.api import Detoxifier
+from fgdilp_cpp.params import EngineParams
+from fgdilp_cpp.settings import Settings
 from torch_reference import TorchLlama
 
 LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
@@ -37,7 +38,7 @@ SAMPLES, N_PREDICT, TOP_P, SEED = 2, 4, 0.9, 7
 F32 = dict(type_k="f32", type_v="f32", flash_attn="off")
 # one thread: the CI runners (and this sandbox) have 2 busy cores, where OpenMP barriers stall
 ENGINE = EngineParams(ctx_size=256, max_samples=2, max_new=8, n_threads=1)
-FGDILP = FgdilpParams(samples=3, selfgen_tokens=4, selfgen_min_tokens=1)
+FGDILP = dict(selfgen_samples=3, selfgen_tokens=4, selfgen_min_tokens=1)
 
 
 class FakeScorer:
@@ -58,10 +59,11 @@ class FakeScorer:
 def evaluate(model_path, out, methods=METHODS, scorer=None, n_predict=N_PREDICT, prompts=PROMPTS,
              engine=ENGINE, **kw):
     with ExitStack() as st:
-        m = st.enter_context(Model(model_path))
-        gen = st.enter_context(Generator(m, engine, fgdilp=FGDILP))
-        judge = st.enter_context(PerplexityJudge(m, n_threads=1))
-        return run_eval(gen, prompts, methods, SAMPLES, n_predict, TOP_P, SEED, out, scorer or FakeScorer(),
+        s = Settings(model=str(model_path), ctx_size=engine.ctx_size, threads=engine.n_threads, **FGDILP)
+        det = st.enter_context(Detoxifier(s, max_samples=engine.max_samples, max_new=engine.max_new,
+                                          reuse_instances=True))
+        judge = st.enter_context(PerplexityJudge(det.model, n_threads=1))
+        return run_eval(det, prompts, methods, SAMPLES, n_predict, TOP_P, SEED, out, scorer or FakeScorer(),
                         {"gen": judge}, progress=False, **kw)
 
 
@@ -316,12 +318,11 @@ def test_signal_while_writing_waits_for_the_group(model_path, tmp_path, monkeypa
 SCRIPT = textwrap.dedent("""
     import hashlib, sys, time
     import numpy as np
-    from fgdilp_cpp.engine import Model
+    from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.evaluation.perplexity import PerplexityJudge
     from fgdilp_cpp.evaluation.prompts import PromptRecord
     from fgdilp_cpp.evaluation.runner import run_eval
-    from fgdilp_cpp.generation import EngineParams, Generator
-    from fgdilp_cpp.plans import FgdilpParams
+    from fgdilp_cpp.settings import Settings
 
     class Scorer:
         LABELS = {labels!r}
@@ -330,11 +331,11 @@ SCRIPT = textwrap.dedent("""
             return np.array([[b / 255.0 for b in hashlib.sha256(t.encode()).digest()[:6]] for t in texts])
 
     prompts = [PromptRecord(i, t) for i, t in {prompts!r}]
-    with Model(sys.argv[1]) as m, \\
-            Generator(m, EngineParams(ctx_size=256, max_samples=2, max_new=8, n_threads=1),
-                      fgdilp=FgdilpParams(samples=3, selfgen_tokens=4, selfgen_min_tokens=1)) as gen, \\
-            PerplexityJudge(m, n_threads=1) as judge:
-        res = run_eval(gen, prompts, {methods!r}, {samples}, {n_predict}, {top_p}, {seed}, sys.argv[2],
+    settings = Settings(model=sys.argv[1], ctx_size=256, threads=1, selfgen_samples=3, selfgen_tokens=4,
+                        selfgen_min_tokens=1)
+    with Detoxifier(settings, max_samples=2, max_new=8, reuse_instances=True) as det, \\
+            PerplexityJudge(det.model, n_threads=1) as judge:
+        res = run_eval(det, prompts, {methods!r}, {samples}, {n_predict}, {top_p}, {seed}, sys.argv[2],
                        Scorer(), {{"gen": judge}}, progress=True)
     print("done", res["generated"], flush=True)
     sys.exit(128 + res["signal"] if res["interrupted"] else 0)

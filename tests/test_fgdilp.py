@@ -115,11 +115,11 @@ def test_several_samples_share_the_prompt(model):
 
 
 @pytest.mark.parametrize("params, needle", [
-    (FgdilpParams(samples=0), "--selfgen-samples"),
-    (FgdilpParams(mask_k=0.0), "--mask-k"),
-    (FgdilpParams(mask_k=100.5), "--mask-k"),
-    (FgdilpParams(negatives=9), "--negatives"),
-    (FgdilpParams(fusion="median"), "--fusion"),
+    (FgdilpParams(samples=0), "selfgen_samples"),
+    (FgdilpParams(mask_k=0.0), "mask_k"),
+    (FgdilpParams(mask_k=100.5), "mask_k"),
+    (FgdilpParams(negatives=9), "negatives"),
+    (FgdilpParams(fusion="median"), "fusion"),
 ])
 def test_bad_fgdilp_settings(model, params, needle):
     with Generator(model, EngineParams(ctx_size=256), SteerParams(), params) as gen:

@@ -2,34 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import llama_cpp.llama_cpp as ll
 
-from ..errors import FgdilpError
+from ..params import SamplingParams
 from .owned import Owned
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temp: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    seed: int = 42
-
-    def validate(self) -> "SamplingParams":
-        if self.temp < 0:
-            raise FgdilpError("--temp must be >= 0")
-        if self.top_k < 0:
-            raise FgdilpError("--top-k must be >= 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise FgdilpError("--top-p must be in (0, 1]")
-        if not 0.0 <= self.min_p < 1.0:
-            raise FgdilpError("--min-p must be in [0, 1)")
-        if not 0 <= self.seed < 2**32:
-            raise FgdilpError("--seed must be in [0, 2^32)")
-        return self
 
 
 class Sampler(Owned):

@@ -184,10 +184,10 @@ def _asdict(x) -> Any:
     return x
 
 
-def run_config(gen, samples: int, n_predict: int, top_p: float, seed: int, labels: Sequence[str],
+def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, labels: Sequence[str],
                judges: Mapping[str, Any]) -> dict:
     """Everything a saved record depends on (methods and prompts may be added on resume)."""
-    info = gen.model.info
+    info = det.model.info
     cfg = {
         "version": RUN_VERSION,
         "samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
@@ -195,10 +195,10 @@ def run_config(gen, samples: int, n_predict: int, top_p: float, seed: int, label
         "sampling": {"temp": 1.0, "top_k": 0, "min_p": 0.0},
         "labels": list(labels),
         "judges": {name: getattr(j, "name", type(j).__name__) for name, j in judges.items()},
-        "model": {"name": gen.model.meta("general.name") or "", "architecture": info.architecture,
+        "model": {"name": det.model.meta("general.name") or "", "architecture": info.architecture,
                   "n_params": info.n_params, "n_layer": info.n_layer, "n_vocab": info.n_vocab},
-        "steer": _asdict(getattr(gen, "steer", None)),
-        "fgdilp": _asdict(getattr(gen, "fgdilp", None)),
+        "steer": _asdict(det.settings.steer()),
+        "fgdilp": _asdict(det.settings.fgdilp()),
     }
     return json.loads(_dumps(cfg))
 
@@ -271,16 +271,17 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def generate_group(gen, prompt: str, method: str, samples: int, n_predict: int, top_p: float, base_seed: int):
-    """All samples of one (prompt, method), in chunks of at most gen.engine.max_samples; sample i
-    uses base_seed + i. Returns (samples, timing dict)."""
-    per = max(1, min(samples, gen.engine.max_samples))
+def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, top_p: float, base_seed: int):
+    """All samples of one (prompt, method), in chunks of at most det.max_samples; sample i uses
+    base_seed + i. Returns (samples, timing dict)."""
+    per = max(1, min(samples, det.max_samples))
     out, tim = [], {"setup_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "n_decode_steps": 0, "n_prompt_tokens": 0}
     t0 = time.perf_counter()
     for start in range(0, samples, per):
         k = min(per, samples - start)
-        res = gen.generate(prompt, method, n_predict, eval_sampling(top_p, (base_seed + start) % 2**32),
-                           n_samples=k)
+        sp = eval_sampling(top_p, (base_seed + start) % 2**32)
+        res = det.generate(prompt, n_samples=k, method=method, n_predict=n_predict, temp=sp.temp, top_k=sp.top_k,
+                           top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed)
         out.extend(res.samples)
         tim["setup_s"] += res.setup_s
         tim["prefill_s"] += res.prefill_s
@@ -291,14 +292,14 @@ def generate_group(gen, prompt: str, method: str, samples: int, n_predict: int, 
     return out, tim
 
 
-def run_eval(gen, records: Sequence, methods: Sequence[str], samples: int, n_predict: int, top_p: float,
+def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_predict: int, top_p: float,
              seed: int, out_dir, scorer, judges: Mapping[str, Any] | None = None, progress: bool = True,
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
              n_boot: int = 1000, write_files: bool = True) -> dict:
     """Run (or resume) an evaluation and write its report.
 
-    gen: a generation.Generator (engine max_samples may be below `samples`: samples are then
-    generated in chunks). records: PromptRecord-like objects (.id, .text). scorer: any object with
+    det: a Detoxifier (its max_samples may be below `samples`: samples are then generated in
+    chunks; make it with reuse_instances=True so that fgdilp and fgdilp-frozen share a prompt's setup). records: PromptRecord-like objects (.id, .text). scorer: any object with
     score(texts) -> [n, len(labels)] probabilities; labels default to scorer.LABELS. judges: name ->
     PerplexityJudge (anything with ppl_many(pairs) -> list[float]).
 
@@ -315,7 +316,7 @@ def run_eval(gen, records: Sequence, methods: Sequence[str], samples: int, n_pre
     if not methods:
         raise FgdilpError("no methods to evaluate")
     if samples < 1 or n_predict < 1:
-        raise FgdilpError("samples and -n must be at least 1")
+        raise FgdilpError("samples and n_predict must be at least 1")
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         raise FgdilpError("prompt ids must be unique")
@@ -324,7 +325,7 @@ def run_eval(gen, records: Sequence, methods: Sequence[str], samples: int, n_pre
     out.mkdir(parents=True, exist_ok=True)
 
     # the settings are checked before anything in out_dir is rewritten
-    check_config(out, run_config(gen, samples, n_predict, top_p, seed, labels, judges))
+    check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges))
     kept, _, done, resume = load_state(out, samples)
     saved = {int(r["prompt_id"]): r.get("prompt") for r in kept}
     for r in records:
@@ -344,7 +345,7 @@ def run_eval(gen, records: Sequence, methods: Sequence[str], samples: int, n_pre
                 base = sample_seed(seed, pid, 0, samples)
                 if bar is not None:
                     bar.set_postfix_str(f"prompt {pid} {method}", refresh=False)
-                outs, tim = generate_group(gen, rec.text, method, samples, n_predict, top_p, base)
+                outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base)
                 texts = [s.text for s in outs]
                 t0 = time.perf_counter()
                 scores = np.asarray(scorer.score(texts), dtype=np.float64)

@@ -11,14 +11,14 @@ from .metrics import auc, spearman
 from .prompts import PromptRecord
 
 
-def self_diagnosis_agreement(gen, records: list[PromptRecord], threshold: float = 0.5) -> dict:
-    """P(yes) of each attribute for each record's human continuation, against the Perspective
-    score of the same attribute: AUC (label = score >= threshold) and Spearman."""
+def self_diagnosis_agreement(det, records: list[PromptRecord], threshold: float = 0.5) -> dict:
+    """P(yes) of each attribute for each record's human continuation (det: a Detoxifier, whose
+    self_diagnosis() asks the model), against the Perspective score of the same attribute: AUC
+    (label = score >= threshold) and Spearman."""
     recs = [r for r in records if r.continuation.strip() and "toxicity" in r.continuation_scores]
     texts = [r.continuation for r in recs]
-    scores = gen.diagnoser().scores(gen.context("setup"), texts)     # [n, 6]
-    out = {"n": len(recs), "threshold": threshold, "yes_no_tokens": [gen.diagnoser().yes_text,
-                                                                     gen.diagnoser().no_text],
+    scores = det.self_diagnosis(texts)     # [n, 6]
+    out = {"n": len(recs), "threshold": threshold, "yes_no_tokens": list(det.self_diagnosis_tokens),
            "attributes": {}}
     for a, name in enumerate(ATTRIBUTE_NAMES):
         ref = np.array([r.continuation_scores.get(name, math.nan) for r in recs], dtype=np.float64)

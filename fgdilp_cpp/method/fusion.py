@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-FUSION_MODES = ("max", "mean", "sum")
+from ..params import FUSION_MODES
 MAX_NEG = 8  # FGDILP_MAX_NEG
 
 

@@ -1,0 +1,27 @@
+"""How a generation was steered, as text lines (the CLI's --explain and the chat's /explain)."""
+
+from __future__ import annotations
+
+from .method.diagnosis import ATTRIBUTE_NAMES
+
+
+def explain_lines(ex: dict) -> list[str]:
+    """GenResult.explain as readable lines: the self-diagnosis of each self-generated sample, the
+    chosen negative and positive prefixes (blank pads marked), and |delta| per layer."""
+    if not ex or not ({"samples", "delta_norms", "saved_vectors"} & ex.keys()):
+        return ["(nothing to explain for this method)"]
+    lines: list[str] = []
+    if "samples" in ex:
+        lines.append("\nself-diagnosis P(yes) per sample: " + ", ".join(ATTRIBUTE_NAMES))
+        for i, smp in enumerate(ex["samples"]):
+            sc = " ".join(f"{v:.2f}" for v in smp["scores"].values())
+            lines.append(f"  {i:>2} [{sc}] {smp['text']!r}")
+        for j, neg in enumerate(ex["negatives"]):
+            src = "blank" if neg["sample"] is None else f"sample {neg['sample']} ({', '.join(neg['attributes'])})"
+            lines.append(f"negative {j + 1}: {src}: {neg['text']!r}")
+        lines.append(f"positive: sample {ex['positive']['sample']}: {ex['positive']['text']!r}")
+    if "saved_vectors" in ex:
+        lines.append(f"saved directions (built with {ex['saved_vectors']})")
+    if "delta_norms" in ex:
+        lines.append("|delta| per layer: " + " ".join(f"{x:.2f}" for x in ex["delta_norms"]))
+    return lines

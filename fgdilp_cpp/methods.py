@@ -1,0 +1,121 @@
+"""The methods, as one registry: each entry says what a method runs, and names the function that
+builds its per-prompt plan. Everything that offers or checks a method name (CLI choices, the server,
+the chat REPL's /method, eval, bench) reads this table; adding a method is one `register()` call
+plus its plan function.
+
+This module is import-light (no llama.cpp, no native library): plan builders and prefix-room
+functions may be given as "module:function" strings inside the package, resolved on first use.
+
+A plan function is `plan(rt: plans.Runtime, req: plans.PlanRequest) -> plans.Plan`; a prefix-room
+function is `room(rt: plans.Runtime) -> int` (tokens its prefixes add in front of a prompt, an
+upper bound: chat trimming keeps that much room).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+from .errors import FgdilpError
+from .params import FgdilpParams
+
+Ref = Union[Callable, str]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str                      # one line, for help texts
+    plan: Ref                         # builds the per-prompt Plan
+    hook: bool = False                # its context carries the native kqv_out hook
+    heads: bool = False               # needs attention heads (a kqv_out to steer), with or without a hook
+    roles: Union[int, Callable[[FgdilpParams], int]] = 1   # sequences of one sample (captures included)
+    exact: bool = False               # every sample runs all its roles (else: roles once, then P0 per sample)
+    prefix_room: Ref = 0              # tokens its prefixes add (an int, or a room function)
+    instance: bool = False            # builds FGDILP's per-prompt setup (self-generation, diagnosis)
+    fusion: bool = False              # the hook fuses the negatives in C++ (mask-k, sign election, merge)
+    saved_vectors: bool = False       # applies a loaded HeadDirections file (needs one)
+    with_vectors: Optional[str] = None   # the method run instead while a vectors file is loaded
+    listed: bool = True               # offered to users by name (CLI, server, REPL)
+
+    def n_roles(self, fgdilp: FgdilpParams) -> int:
+        return self.roles(fgdilp) if callable(self.roles) else int(self.roles)
+
+    def plan_builder(self) -> Callable:
+        return _resolve(self.plan)
+
+    def room(self, rt) -> int:
+        return self.prefix_room if isinstance(self.prefix_room, int) else _resolve(self.prefix_room)(rt)
+
+
+_REGISTRY: dict[str, Method] = {}
+UNSTEERED = "none"                    # the baseline entry: ratios and deltas are taken against it
+
+
+def register(method: Method, replace: bool = False) -> Method:
+    """Add a method to the table (replace=True overrides an entry of the same name)."""
+    if method.name in _REGISTRY and not replace:
+        raise ValueError(f"method {method.name!r} is registered already")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Method:
+    """The entry of `name`; FgdilpError naming the choices for an unknown one."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise FgdilpError(f"unknown method {name!r} (one of {', '.join(names())})") from None
+
+
+def names() -> tuple[str, ...]:
+    """The methods a user may ask for by name, in table order."""
+    return tuple(m.name for m in _REGISTRY.values() if m.listed)
+
+
+def saved_vectors() -> Method:
+    """The method that applies a loaded vectors file."""
+    return next(m for m in _REGISTRY.values() if m.saved_vectors)
+
+
+def running_saved_vectors() -> tuple[str, ...]:
+    """The listed methods that apply a loaded vectors file instead of building directions."""
+    return tuple(m.name for m in _REGISTRY.values() if m.listed and m.with_vectors)
+
+
+def is_method(name: object) -> bool:
+    return isinstance(name, str) and name in _REGISTRY and _REGISTRY[name].listed
+
+
+def _resolve(ref: Ref) -> Callable:
+    if callable(ref):
+        return ref
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+
+
+# ---- the built-in methods (docs/method.md) ----------------------------------------------------
+register(Method("none", "unsteered", plan="plans:plan_none"))
+register(Method("prompt", "the TR authors' prompting baseline: the polite prefix before the prompt",
+                plan="plans:plan_prompt", prefix_room="plans:tr_prefix_room"))
+register(Method("tr", "Toxification Reversal, exact: P+, P- and P0 decode together; the hook edits P0",
+                plan="plans:plan_tr", hook=True, heads=True, roles=3, exact=True,
+                prefix_room="plans:tr_prefix_room"))
+register(Method("fgdilp", "FGDILP, exact: instance prefixes from self-generation and diagnosis, fused in the hook",
+                plan="plans:plan_fgdilp", hook=True, heads=True, roles=lambda f: f.negatives + 2, exact=True,
+                prefix_room="plans:instance_prefix_room", instance=True, fusion=True))
+register(Method("fgdilp-frozen", "FGDILP, frozen: the fused direction captured once at the prompt's end",
+                plan="plans:plan_fgdilp_frozen", hook=True, heads=True, roles=lambda f: f.negatives + 1,
+                prefix_room="plans:instance_prefix_room", instance=True, with_vectors="vectors"))
+register(Method("cvec", "baseline: llama.cpp's residual control vector W_O*delta of TR's prefixes",
+                plan="plans:plan_cvec", heads=True, prefix_room="plans:tr_prefix_room"))
+register(Method("random", "control: the TR edit with random directions of the same per-head norms",
+                plan="plans:plan_random", hook=True, heads=True, prefix_room="plans:tr_prefix_room"))
+register(Method("vectors", "saved head directions (HeadDirections), applied as a fixed direction",
+                plan="plans:plan_vectors", hook=True, heads=True, saved_vectors=True, with_vectors="vectors",
+                listed=False))

@@ -1,0 +1,111 @@
+"""Value types: engine, sampling, steering and FGDILP parameters (a leaf: no llama.cpp, no native
+library, no CLI text). Their checks raise ParamError naming the Settings field, never a flag.
+
+Shapes: a "row" is one token's kqv_out, [n_head * head_dim]; per-layer arrays are [n_layer, ...].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ParamError
+
+MAX_NEGATIVES = 8                     # = FGDILP_MAX_NEG of native/fgdilp.h
+FUSION_MODES = ("max", "mean", "sum")  # merge of the sign-elected entries (docs/method.md §5.4)
+
+
+def _finite(field: str, v: float) -> None:
+    if not math.isfinite(v):
+        raise ParamError(field, f"must be a finite number, not {v!r}")
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    ctx_size: int = 2048             # tokens per sequence (prompt + generation)
+    n_batch: int = 512
+    n_threads: int = 0
+    type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: str = "auto"
+    max_samples: int = 1             # samples of one prompt generated together
+    max_new: int = 256               # KV room per extra sample
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    seed: int = 42
+
+    def validate(self) -> "SamplingParams":
+        for name in ("temp", "top_p", "min_p"):
+            _finite(name, getattr(self, name))
+        if self.temp < 0:
+            raise ParamError("temp", "must be >= 0")
+        if self.top_k < 0:
+            raise ParamError("top_k", "must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ParamError("top_p", "must be in (0, 1]")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ParamError("min_p", "must be in [0, 1)")
+        if not 0 <= self.seed < 2**32:
+            raise ParamError("seed", "must be in [0, 2^32)")
+        return self
+
+
+@dataclass(frozen=True)
+class SteerParams:
+    exp_norm: float = 0.4
+    exp_sim: float = 0.6
+    scale: float = 1.0
+    layer_start: int = 0
+    layer_end: int = -1          # inclusive; -1 = last layer
+    renorm: bool = True
+
+    def last_layer(self, n_layer: int) -> int:
+        return n_layer - 1 if self.layer_end < 0 else self.layer_end
+
+    def layer_mask(self, n_layer: int) -> np.ndarray:
+        """[n_layer] 1 for steered layers, 0 elsewhere."""
+        il = np.arange(n_layer)
+        return ((il >= self.layer_start) & (il <= self.last_layer(n_layer))).astype(np.float64)
+
+    def check(self, n_layer: int) -> None:
+        for name, v in (("exp_norm", self.exp_norm), ("exp_sim", self.exp_sim), ("steer_scale", self.scale)):
+            _finite(name, v)
+        end = self.last_layer(n_layer)
+        if not 0 <= self.layer_start <= end < n_layer:
+            raise ParamError("steer_layer_range", f"{self.layer_start} {self.layer_end} is outside the "
+                                                  f"model's layers 0..{n_layer - 1}")
+
+
+@dataclass(frozen=True)
+class FgdilpParams:
+    samples: int = 25            # N self-generated continuations
+    selfgen_tokens: int = 20     # new tokens per self-generated sample
+    selfgen_min_tokens: int = 5  # no end-of-generation before this many
+    negatives: int = 6           # negative prefixes (one per attribute, de-duplicated)
+    mask_k: float = 50.0         # top-K % entries kept per sub-toxicity vector (100 = no masking)
+    fusion: str = "max"          # merge of the agreeing entries: max | mean | sum
+    sign_election: bool = True
+    pad_blank: bool = True       # pad to `negatives` with template-only (blank) negatives
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise ParamError("selfgen_samples", f"must be at least 1, not {self.samples}")
+        if not 1 <= self.negatives <= MAX_NEGATIVES:
+            raise ParamError("negatives", f"must be in 1..{MAX_NEGATIVES}, not {self.negatives}")
+        if not (0.0 < self.mask_k <= 100.0):
+            raise ParamError("mask_k", f"must be in (0, 100], not {self.mask_k}")
+        if self.fusion not in FUSION_MODES:
+            raise ParamError("fusion", f"must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
+        if self.selfgen_tokens < 1:
+            raise ParamError("selfgen_tokens", f"must be at least 1, not {self.selfgen_tokens}")
+        if not 1 <= self.selfgen_min_tokens <= self.selfgen_tokens:
+            raise ParamError("selfgen_min_tokens", f"must be in 1..selfgen_tokens ({self.selfgen_tokens}), "
+                                                   f"not {self.selfgen_min_tokens}")
