@@ -88,3 +88,31 @@ def test_no_tracked_file_reaches_outside_the_checkout():
             continue                     # binary (models, images, compressed data) or deleted
         found += [f"{path}: {line[:120]}" for line in offences(text)]
     assert not found, "tracked files that name paths outside the checkout:\n" + "\n".join(found)
+
+
+# "docs/method.md §2.2-2.3", "§5, §6.1 and §7": every number after the file name
+CITATION = re.compile(r"docs/method\.md\s+(§\s*\d+(?:\.\d+)?(?:\s*(?:-|–|,|and)\s*§?\s*\d+(?:\.\d+)?)*)")
+
+
+def method_sections() -> set[str]:
+    """Section numbers of docs/method.md: '2' for '## 2. ...', '2.3' for '### 2.3 ...'."""
+    text = (ROOT / "docs" / "method.md").read_text(encoding="utf-8")
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", text, re.MULTILINE))
+
+
+def test_method_citations_name_sections_that_exist():
+    sections = method_sections()
+    assert {"1", "2", "2.2", "5", "11"} <= sections
+    cited: list[tuple[str, str]] = []
+    for path in tracked_files():
+        if is_history(path) or not (ROOT / path).is_file():
+            continue
+        try:
+            text = (ROOT / path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for m in CITATION.finditer(text):
+            cited += [(path, n) for n in re.findall(r"\d+(?:\.\d+)?", m.group(1))]
+    assert len({p for p, _ in cited}) >= 5, cited          # the source comments do cite it
+    missing = [f"{p}: §{n}" for p, n in cited if n not in sections]
+    assert not missing, "citations of docs/method.md sections that do not exist:\n" + "\n".join(missing)
