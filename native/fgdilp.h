@@ -53,7 +53,7 @@ enum fgdilp_fusion_mode {
     FGDILP_FUSION_SUM  = 2, // sum of the agreeing m_j[c]
 };
 
-// FGDILP fusion (method.md section 2 step 6): masking, sign election, merge.
+// FGDILP fusion (docs/method.md §5): masking, sign election, merge.
 struct fgdilp_fusion_params {
     float   k_pct; // keep the top-K % entries of each vector by |value|, K in (0, 100]; 100 keeps all
     int32_t mode;  // enum fgdilp_fusion_mode
@@ -82,7 +82,7 @@ struct fgdilp_capture {
 
 typedef struct fgdilp_hook fgdilp_hook;
 
-// Defaults of method.md: exponents 0.4 / 0.6, scale 1, all layers, renorm on, 4 slots.
+// Defaults of docs/method.md §10: exponents 0.4 / 0.6, scale 1, all layers, renorm on, 4 slots.
 struct fgdilp_hook_params fgdilp_hook_default_params(void);
 
 // Allocate a hook for a model of the given shape; NULL on bad params or no memory.
@@ -142,7 +142,7 @@ int32_t fgdilp_tr_edit_row(float * v, const float * delta, const float * e,
                            int32_t n_head, int32_t head_dim,
                            float exp_norm, float exp_sim, float scale, bool renorm);
 
-// Defaults of method.md: K = 50, max, sign election on.
+// Defaults of docs/method.md §10: K = 50, max, sign election on.
 struct fgdilp_fusion_params fgdilp_fusion_default_params(void);
 
 // Fuse deltas [n][width] (1 <= n <= FGDILP_MAX_NEG) into out [width]; ERR_ARG, or ERR_NONFINITE (out untouched).

@@ -59,9 +59,21 @@ def tiny_mamba(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gemma_path():
+    """The embedded gemma-3-270m: tests that use it carry @pytest.mark.real_model (checked below)."""
     from fgdilp_cpp.models import default_model_path
 
     return default_model_path()
+
+
+REAL_MODEL_FIXTURES = ("gemma_path",)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -m "not real_model"` is the fast loop only if every real-model test says so."""
+    unmarked = [item.nodeid for item in items if item.get_closest_marker("real_model") is None
+                and any(f in getattr(item, "fixturenames", ()) for f in REAL_MODEL_FIXTURES)]
+    if unmarked:
+        raise pytest.UsageError("tests that use a real model lack @pytest.mark.real_model: " + ", ".join(unmarked))
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """fgdilp-cpp eval through a subprocess: a crashed run resumes to the same report, no duplicates."""
 
+import gzip
 import json
 import os
 import signal
@@ -7,9 +8,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-RTP = Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp-toxic-2k.jsonl"
+import pytest
+
+from fgdilp_cpp.evaluation.prompts import builtin_prompts_file
+
+RTP = "rtp-toxic"             # the built-in development prompts (fgdilp_cpp/data/)
 METHODS = "none,tr,fgdilp-frozen,cvec,random"
 
 
@@ -29,9 +33,11 @@ def summary(out):
     return {m: (r["emt"], r["tp"], r["dist"], r["labels"], r["ppl"]["self"]["mean"]) for m, r in rep["methods"].items()}
 
 
+@pytest.mark.real_model                   # eval scores with the tox-block scorer files
 def test_killed_eval_resumes_to_the_same_report(tiny_llama, tmp_path):
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(RTP.read_text().splitlines(keepends=True)[:8]))
+    rtp = gzip.decompress(builtin_prompts_file(RTP).read_bytes()).decode()
+    prompts.write_text("".join(rtp.splitlines(keepends=True)[:8]))
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     done = subprocess.run(eval_args(tiny_llama[0], prompts, full), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -65,6 +71,7 @@ def test_killed_eval_resumes_to_the_same_report(tiny_llama, tmp_path):
     assert third.returncode == 0 and len(records(crashed)) == n_all
 
 
+@pytest.mark.real_model                   # the tox-block scorer files
 def test_eval_calibrate(cli):
     proc = cli("eval", "calibrate", "--prompts", RTP, "--limit", "400", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,4 @@
-"""FGDILP on the tiny model: exact mode against a torch reference of method.md 2.5-2.7 with given
+"""FGDILP on the tiny model: exact mode against a torch reference of docs/method.md §4.4-6.1 with given
 prefixes, frozen mode against the same reference with delta held at its prompt-end value,
 determinism, settings and bad input."""
 

@@ -148,18 +148,12 @@ def test_prompt_files(tmp_path):
     p.write_text("first prompt\n\nsecond one\n")
     recs = load_prompts(p)
     assert [r.text for r in recs] == ["first prompt", "second one"] and recs[1].id == 2
-    rtp = load_prompts("/work/shared/data/rtp-toxic-2k.jsonl" if False else _shared_rtp(), limit=3, offset=1)
+    rtp = load_prompts("rtp-toxic", limit=3, offset=1)
     assert len(rtp) == 3 and rtp[0].id == 1 and rtp[0].prompt_scores["toxicity"] >= 0.5
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": 3}\n')
     with pytest.raises(Exception, match="bad.jsonl:1"):
         load_prompts(bad)
-
-
-def _shared_rtp():
-    from pathlib import Path
-
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp-toxic-2k.jsonl"
 
 
 def test_environment_settings(cli, tiny_llama, tmp_path):

@@ -2,8 +2,8 @@
 
 1. Captured kqv_out rows (several positions, several sequences in one batch) equal the torch
    per-head attention outputs before W_O.
-2. TR-steered P0 logits over several tokens equal a torch reference of method.md section 1 run
-   literally: two passes per step (P+ and P- read, then P0 edited).
+2. TR-steered P0 logits over several tokens equal a torch reference of docs/method.md §2 run
+   literally: two passes per step (P+ and P- read, then P0 edited), which §3 turns into one decode.
 3. P+ and P- logits are bit-identical with steering on and off; P0 logits differ.
 """
 
@@ -68,7 +68,7 @@ def test_captured_rows_equal_torch(model, torch_model, flash_attn, tol):
 
 # ---- TR, literally, in torch -------------------------------------------------------------------
 def torch_tr_edit(v, delta, e, n_head, a, b, scale, renorm=True):
-    """method.md section 1 for one row, written out in torch independently of the numpy reference."""
+    """docs/method.md §2.2-2.3 for one row, written out in torch independently of the numpy reference."""
     vh, dh, eh = v.view(n_head, -1), delta.view(n_head, -1), e.view(n_head, -1)
     out = []
     for h in range(n_head):

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+pytestmark = pytest.mark.real_model       # every test here runs the embedded models
+
 TOXIC = "The ill-fated tale of Phoneys, the stupid"
 
 
@@ -59,8 +61,7 @@ def test_fgdilp_on_gemma(cli, gemma_path, method):
 
 
 def test_self_diagnosis_plumbing_on_gemma(cli, gemma_path):
-    rtp = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "rtp-toxic-2k.jsonl"
-    proc = cli("diagnose", "--prompts", rtp, "--limit", "24", "-t", "2", "--json")
+    proc = cli("diagnose", "--prompts", "rtp-toxic", "--limit", "24", "-t", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["n"] == 24 and out["yes_no_tokens"] == [" yes", " no"]

@@ -19,7 +19,7 @@ from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.evaluation import assets
 from fgdilp_cpp.evaluation.safe_pickle import StandIn, UnsafePickleError, safe_load
 
-RTP = Path("/work/shared/data/rtp-toxic-2k.jsonl")
+RTP = "rtp-toxic"             # the built-in development prompts (fgdilp_cpp/data/)
 
 needs_toxblock = pytest.mark.skipif(
     importlib.util.find_spec("tox_block") is None or importlib.util.find_spec("h5py") is None,
@@ -58,6 +58,7 @@ README_RESCALED = [
 ]
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_readme_example(scorer):
     from fgdilp_cpp.evaluation.scorer import LABELS, rescale
@@ -76,6 +77,7 @@ def test_readme_example(scorer):
                                atol=1e-6)
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_rescale_constants_match_package_source():
     """RESCALE_PROBA is copied from tox_block/config/config.py (read as text, never imported)."""
@@ -118,6 +120,7 @@ def _reference_forward(w, ids: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-(hidden @ w["out_kernel"] + w["out_bias"])))
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_optimised_forward_matches_plain_reference(scorer):
     from fgdilp_cpp.evaluation.scorer import read_keras_h5
@@ -131,6 +134,7 @@ def test_optimised_forward_matches_plain_reference(scorer):
 
 # ------------------------------------------------------------------ batching, order, padding
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_batch_equals_one_by_one(scorer):
     texts = (README_TEXTS + ["", "!!!", "You are a wonderful person.", "shut up, moron",
@@ -145,6 +149,7 @@ def test_batch_equals_one_by_one(scorer):
         np.testing.assert_allclose(batched[i % 10], batched[i], atol=1e-6, rtol=0)
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_order_is_preserved(scorer):
     a = scorer.score(README_TEXTS)
@@ -153,6 +158,7 @@ def test_order_is_preserved(scorer):
     assert scorer.score([]).shape == (0, 6)
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_padding_and_truncation(scorer):
     ids = scorer.encode(["you idiot"])[0]
@@ -173,6 +179,7 @@ def test_padding_and_truncation(scorer):
                            scorer.score(["I will kill you, you fucking idiot!"]), atol=1e-2)
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_empty_and_unknown_text_score_as_all_padding(scorer):
     e = scorer.score(["", "   ", "!!! ... ???", "qzxqzxqzx blorptangle"])
@@ -181,6 +188,7 @@ def test_empty_and_unknown_text_score_as_all_padding(scorer):
     np.testing.assert_allclose(e, np.repeat(e[:1], 4, axis=0), atol=0, rtol=0)
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_tokenizer_punctuation_and_case(scorer, encoder):
     assert scorer.tokenize("Hello, WORLD!!! it's\tme\nyou-know  who?") == \
@@ -289,6 +297,7 @@ def test_unknown_callables_become_inert_stand_ins(tmp_path):
         obj.missing  # noqa: B018
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_real_encoder_loads_into_stand_ins(encoder):
     assert isinstance(encoder, StandIn)
@@ -305,6 +314,7 @@ def test_real_encoder_loads_into_stand_ins(encoder):
 
 # ------------------------------------------------------------------ assets
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_assets_found_without_importing_packages():
     code = ("import sys\n"
@@ -321,6 +331,7 @@ def test_assets_found_without_importing_packages():
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.real_model
 @needs_smollm2
 def test_smollm2_path():
     p = assets.smollm2_path()
@@ -330,6 +341,7 @@ def test_smollm2_path():
     assert assets.smollm2_path() == p            # second call: cached verification
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_wrong_sha256_is_refused(monkeypatch):
     from fgdilp_cpp.evaluation.scorer import ToxicityScorer
@@ -346,6 +358,7 @@ def test_wrong_sha256_is_refused(monkeypatch):
     assert assets.toxblock_files()[1].name == "encoder_0.1.2.pkl"
 
 
+@pytest.mark.real_model
 @needs_smollm2
 def test_wrong_gguf_sha256_is_refused(monkeypatch):
     monkeypatch.setattr(assets, "SMOLLM2_GGUF_SHA256", "f" * 64)
@@ -364,8 +377,8 @@ def test_missing_package_is_refused(monkeypatch):
 
 # ------------------------------------------------------------------ calibration
 
+@pytest.mark.real_model
 @needs_toxblock
-@pytest.mark.skipif(not RTP.is_file(), reason=f"{RTP} not present")
 def test_calibration_on_rtp(scorer):
     from fgdilp_cpp.evaluation.prompts import load_prompts
     from fgdilp_cpp.evaluation.scorer import LABELS, calibrate
@@ -382,6 +395,7 @@ def test_calibration_on_rtp(scorer):
     assert all(math.isfinite(v["auc"]) for v in rep["labels"].values())
 
 
+@pytest.mark.real_model
 @needs_toxblock
 def test_calibration_skips_empty_and_unscored(scorer):
     from fgdilp_cpp.evaluation.prompts import PromptRecord

@@ -1,4 +1,4 @@
-"""The numpy TR edit (the reference) and the native one agree, and both do what method.md says."""
+"""The numpy TR edit (the reference) and the native one agree, and both do what docs/method.md §2.2-2.3 says."""
 
 import numpy as np
 import pytest

@@ -86,7 +86,7 @@ def words(text: str) -> list[str]:
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct-n of one prompt's samples as evaluation.md and the papers' code define it: unique
+    """Distinct-n of one prompt's samples as the papers' evaluation code defines it: unique
     n-grams / total words, n-grams taken inside each sample (never across two samples) and pooled
     over the samples; 0.0 when there is no word. Callers average it over prompts."""
     if n < 1:

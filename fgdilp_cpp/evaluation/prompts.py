@@ -1,12 +1,26 @@
-"""Prompt files: the RealToxicityPrompts JSONL format, or plain text with one prompt per line."""
+"""Prompt sets: the RealToxicityPrompts JSONL format, or plain text with one prompt per line; a
+file (optionally gzip-compressed, `.gz`) or a set shipped in the package, named in BUILTIN_PROMPTS.
+"""
 
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from ..errors import FgdilpError
+
+# Built-in prompt sets (fgdilp_cpp/data/README.md says where they come from): name -> description.
+# A built-in name wins over a file of the same name in the working directory, so that a name means
+# the same prompts wherever a command runs (and a resumed run finds its prompts); such a file is
+# still read as ./rtp-toxic.
+BUILTIN_PROMPTS = {
+    "rtp-toxic": "RealToxicityPrompts, the Toxification Reversal authors' toxic test split (2,122 prompts)",
+    "rtp-benign": "non-toxic RTP human continuations as prompts (550; scripts/build_benign_prompts.py)",
+}
 
 
 @dataclass(frozen=True)
@@ -18,14 +32,9 @@ class PromptRecord:
     continuation_scores: dict = field(default_factory=dict)
 
 
-def load_prompts(path: str | Path, limit: int | None = None, offset: int = 0) -> list[PromptRecord]:
-    p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FgdilpError(f"prompt file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FgdilpError(f"cannot read prompt file {p}: {exc}") from None
+def load_prompts(source: str | Path, limit: int | None = None, offset: int = 0) -> list[PromptRecord]:
+    """Records of a built-in set (a name of BUILTIN_PROMPTS) or of a file; ids are line indices."""
+    lines, p = _read_lines(source)
     out: list[PromptRecord] = []
     for i, line in enumerate(lines):
         if i < offset or not line.strip():
@@ -36,6 +45,36 @@ def load_prompts(path: str | Path, limit: int | None = None, offset: int = 0) ->
     if not out:
         raise FgdilpError(f"no prompts in {p}" + (f" after offset {offset}" if offset else ""))
     return out
+
+
+def builtin_prompts_file(name: str):
+    """The packaged, gzip-compressed JSONL file of a built-in set (an importlib.resources path)."""
+    if name not in BUILTIN_PROMPTS:
+        raise FgdilpError(f"no built-in prompt set {name!r} (built-in: {', '.join(BUILTIN_PROMPTS)})")
+    return resources.files("fgdilp_cpp") / "data" / f"{name}.jsonl.gz"
+
+
+def _read_lines(source: str | Path) -> tuple[list[str], Path]:
+    """The lines of a built-in set or a file, and the name to quote in errors."""
+    if isinstance(source, str) and source in BUILTIN_PROMPTS:
+        p, data = Path(source), builtin_prompts_file(source).read_bytes()
+    else:
+        p = Path(source)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise FgdilpError(f"prompt file not found: {p} (or a built-in set: {', '.join(BUILTIN_PROMPTS)})") \
+                from None
+        except OSError as exc:
+            raise FgdilpError(f"cannot read prompt file {p}: {exc}") from None
+    try:
+        if p.suffix == ".gz" or data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        # split on newlines only: str.splitlines would also break lines at U+2028, form feeds...,
+        # and shift the line indices that record ids are
+        return data.decode("utf-8").replace("\r\n", "\n").split("\n"), p
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise FgdilpError(f"cannot read prompt file {p}: {exc}") from None
 
 
 def _parse(line: str, i: int, p: Path) -> PromptRecord:

@@ -1,4 +1,4 @@
-"""Self-diagnosis (method.md section 2.2): six attribute questions answered by the model itself.
+"""Self-diagnosis (docs/method.md §4.2): six attribute questions answered by the model itself.
 
 score = P(yes) = softmax over the two next-token logits of the yes/no answer tokens after "Answer:".
 """

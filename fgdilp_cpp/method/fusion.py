@@ -1,4 +1,4 @@
-"""FGDILP fusion of sub-toxicity vectors (method.md section 2 step 6): the reference for native/fusion.cpp.
+"""FGDILP fusion of sub-toxicity vectors (docs/method.md §5): the reference for native/fusion.cpp.
 
 Shapes: a sub-toxicity vector Δ_j is one full layer row [W] (W = n_head * head_dim); the n vectors
 of one layer are stacked as deltas [n, W], 1 <= n <= MAX_NEG.

@@ -1,4 +1,4 @@
-"""Toxification-Reversal prefixes and the token span of their final ':' (method.md section 1)."""
+"""Toxification-Reversal prefixes and the token span of their final ':' (docs/method.md §2.1)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def prefixed(tokenize: Tokenize, token_bytes: TokenBytes, template: str, prompt:
     return Prefixed(tokens=toks, colon_index=colon, prompt_start=after)
 
 
-# ---- FGDILP: instance-level prefixes (method.md section 2.3-2.4) --------------------------------
+# ---- FGDILP: instance-level prefixes (docs/method.md §4.3-4.4) -----------------------------------
 POS_TEMPLATE = ("The above text is an example. The following text is also kind, polite, positive, "
                 "respectful and supportive: ")
 NEG_TEMPLATE = ("The above text is an example. The following text is also abusive, harmful, negative, "

@@ -1,4 +1,4 @@
-"""The adaptive TR edit and renormalisation (method.md section 1): the reference for native/edit.cpp.
+"""The adaptive TR edit and renormalisation (docs/method.md §2.2-2.3): the reference for native/edit.cpp.
 
 Shapes: a layer row is [n_head * head_dim]; head h is row[h*head_dim:(h+1)*head_dim].
 """

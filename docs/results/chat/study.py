@@ -3,7 +3,8 @@
 Phase 1 (generate): 30 RTP prompts (offset 500), two message styles (alternating), 2 seeds,
 every configuration on the same (message, seed); one JSONL line per reply, resumable.
 Phase 2 (score): tox-block toxicity, PPL under unsteered SmolLM2, Dist-2, timings -> table.
-Usage: study.py gen|score [OUT_DIR]   (run from anywhere; this checkout and ../shared are used)
+Usage: study.py gen|score [OUT_DIR]   (run from anywhere; this checkout's package and its built-in
+rtp-toxic prompts are used; OUT_DIR defaults to build/chatstudy in this checkout)
 """
 import json, math, os, sys, time
 from pathlib import Path
@@ -12,10 +13,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
-OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/chatstudy")
+OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "build" / "chatstudy"
 OUT.mkdir(parents=True, exist_ok=True)
 GEN = OUT / "replies.jsonl"
-PROMPTS = str(ROOT.parent / "shared/data/rtp-toxic-2k.jsonl")
+PROMPTS = "rtp-toxic"       # the built-in development prompts (fgdilp_cpp/data/)
 OFFSET, LIMIT, SEEDS = 500, 30, (0, 1)
 
 CONFIGS = {   # name -> per-call overrides
