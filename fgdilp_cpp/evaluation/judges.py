@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 from ..errors import FgdilpError
 from . import assets
@@ -120,5 +122,25 @@ def load_judges(text: str = DEFAULT_JUDGES) -> dict[str, object]:
     return {spec.name: load_judge(spec.name) for spec in parse_judges(text)}
 
 
-__all__ = ["JudgeSpec", "TOXBLOCK", "TCC", "JUDGES", "DEFAULT_JUDGES", "judge_spec", "parse_judges",
+def judge_map(scorer) -> dict[str, Any]:
+    """{name: scorer} for the evaluation: a mapping as given (the first judge is the primary one),
+    or one scorer under its ``name``."""
+    if isinstance(scorer, Mapping):
+        out = {str(k): v for k, v in scorer.items()}
+        if not out:
+            raise FgdilpError("no toxicity judge to score the samples with")
+        return out
+    return {str(getattr(scorer, "name", None) or "scorer"): scorer}
+
+
+def score_checked(name: str, scorer, texts: list[str], labels: Sequence[str]) -> np.ndarray:
+    """scorer.score(texts) as float64 [len(texts), len(labels)], or a clear error."""
+    scores = np.asarray(scorer.score(texts), dtype=np.float64)
+    if scores.shape != (len(texts), len(labels)):
+        raise FgdilpError(f"the scorer {name} returned shape {scores.shape}, expected "
+                          f"{(len(texts), len(labels))}")
+    return scores
+
+
+__all__ = ["judge_map", "score_checked", "JudgeSpec", "TOXBLOCK", "TCC", "JUDGES", "DEFAULT_JUDGES", "judge_spec", "parse_judges",
            "build_scorer", "load_judge", "load_judges"]
