@@ -23,7 +23,9 @@ import numpy as np
 
 from ..errors import FgdilpError
 from . import assets
-from .keras_files import LABELS, expected_shapes, read_keras3_weights, read_keras_tokenizer
+from .keras_files import (LABELS, expected_shapes, read_keras3_weights, read_keras_h5, read_keras_tokenizer,
+                          read_tokenizer)
+from .scorer import ToxicityScorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +81,6 @@ def parse_judges(text: str) -> list[JudgeSpec]:
 
 def build_scorer(spec: JudgeSpec, weights_file, tokenizer_file):
     """A ToxicityScorer of ``spec`` from its two files (paths or bytes; not hash-checked here)."""
-    from .keras_files import read_keras_h5, read_tokenizer
-    from .scorer import ToxicityScorer
-
     if spec.layout == "keras2-model":
         weights, tok = read_keras_h5(weights_file), read_tokenizer(tokenizer_file)
     elif spec.layout == "keras3-weights":
@@ -108,8 +107,6 @@ def load_judge(name: str):
     tox-block is ``ToxicityScorer.load()``)."""
     spec = judge_spec(name)
     if spec is TOXBLOCK:
-        from .scorer import ToxicityScorer
-
         return ToxicityScorer.load()
     with _lock:
         if spec.name not in _cache:

@@ -266,11 +266,12 @@ def calibrate(scorer: ToxicityScorer, records, batch_size: int = 256) -> dict:
     Records with an empty continuation are skipped; per label, records whose Perspective score is
     missing (None) are left out of that label's AUC (positive: Perspective >= 0.5) and Spearman.
     """
+    labels = tuple(getattr(scorer, "labels", LABELS))
     recs = [r for r in records if r.continuation and r.continuation.strip()]
     probs = scorer.score([r.continuation for r in recs], batch_size=batch_size) if recs \
-        else np.zeros((0, len(scorer.labels)))
+        else np.zeros((0, len(labels)))
     out = {"judge": getattr(scorer, "name", None), "n": len(recs), "labels": {}}
-    for j, label in enumerate(scorer.labels):
+    for j, label in enumerate(labels):
         name = PERSPECTIVE_OF[label]
         ref, ours = [], []
         for r, p in zip(recs, probs[:, j]):
