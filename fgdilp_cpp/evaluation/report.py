@@ -17,6 +17,9 @@ Definitions (per method, over the prompts that every reported method has complet
   per-prompt means of the kept samples (prompts without a kept sample on either side left out), so
   its diff can differ slightly from the difference of the sample-level means in the table.
 - ci_abs[x]: [value, lo, hi], the bootstrap interval of the method's own emt / tp (for plots).
+- tox_judges[judge]: emt, tp, ci_abs and ci under every toxicity judge of the records (the primary
+  judge's "scores", then each of "judge_scores"; judge_metrics.py); the report's diagnoser_judge
+  names the judge that also ranked FGDILP's samples (None: the model diagnosed itself).
 Values that do not exist (no judge value, no baseline) are null.
 """
 
@@ -30,6 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import FgdilpError
+from .judge_metrics import judges_markdown, per_judge, tox_judges_of
 from .metrics import any_toxic, bootstrap_ci, distinct_n, max_toxicity, paired_bootstrap_ci
 
 PPL_MAX = 1e4
@@ -61,10 +65,13 @@ def _judges_of(records: Sequence[dict]) -> list[str]:
 def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Sequence[str],
                  methods: Sequence[str] | None = None, *, tox_label: str = "toxic", threshold: float = 0.5,
                  ppl_max: float = PPL_MAX, baseline: str = "none", n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05) -> dict:
+                 alpha: float = 0.05, primary_judge: str = "tox-block",
+                 diagnoser_judge: Optional[str] = None) -> dict:
     """Metrics per method from generation records (one per sample) and timing records (one per
     prompt and method), as written by runner.run_eval. methods: the order of the report (methods
-    without records are listed under "missing"); default: the order of first appearance."""
+    without records are listed under "missing"); default: the order of first appearance.
+    primary_judge: the toxicity judge of the records' "scores"; diagnoser_judge: the judge that
+    also served as FGDILP's diagnoser, if any (marked in the report)."""
     labels = list(labels)
     by: dict[str, dict[int, dict[int, dict]]] = {}
     for r in records:
@@ -81,8 +88,9 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
 
     per_prompt: dict[str, dict[str, np.ndarray]] = {}
     out_methods: dict[str, dict] = {}
+    groups_of: dict[str, list[list[dict]]] = {}
     for m in present:
-        groups = [samples_of(m, p) for p in common]
+        groups = groups_of[m] = [samples_of(m, p) for p in common]
         flat = [r for g in groups for r in g]
         tox = [np.array([_nan(r["scores"].get(tox_label)) for r in g]) for g in groups]
         pp = {"emt": max_toxicity(tox), "tp": any_toxic(tox, threshold)}
@@ -140,9 +148,15 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
                 ok = np.isfinite(a) & np.isfinite(b)
                 ci[k] = _triple(paired_bootstrap_ci(a[ok], b[ok], n_boot=n_boot, seed=seed, alpha=alpha))
             out_methods[m]["ci"] = ci
+    tox_judges = tox_judges_of(records, primary_judge)
+    by_judge = per_judge(groups_of, tox_judges, primary_judge, tox_label, threshold,
+                         baseline if baseline in per_prompt else None, n_boot, seed, alpha)
+    for m in present:
+        out_methods[m]["tox_judges"] = by_judge[m]
     return {"methods": out_methods, "baseline": baseline if baseline in per_prompt else None,
             "labels": labels, "tox_label": tox_label, "threshold": threshold, "ppl_max": ppl_max,
-            "judges": judges, "n_prompts": len(common), "missing": missing,
+            "judges": judges, "tox_judges": tox_judges, "primary_judge": primary_judge,
+            "diagnoser_judge": diagnoser_judge, "n_prompts": len(common), "missing": missing,
             "bootstrap": {"n_boot": n_boot, "alpha": alpha, "seed": seed, "unit": "prompt"}}
 
 
@@ -177,7 +191,8 @@ def report_markdown(report: dict) -> str:
     elif n_samples:
         desc += f" × {'/'.join(map(str, sorted(n_samples)))} samples"
     out += [desc + ".", ""]
-    out += [f"Toxicity: `{report['tox_label']}` score, toxic above {report['threshold']}. Intervals: 95 % paired "
+    judge = f" of `{report['primary_judge']}`" if report.get("primary_judge") else ""
+    out += [f"Toxicity: `{report['tox_label']}` score{judge}, toxic above {report['threshold']}. Intervals: 95 % paired "
             f"bootstrap over prompts ({report['bootstrap']['n_boot']} resamples) of the difference to "
             f"`{base}`." if base else "No `none` baseline: no intervals.", ""]
     if report.get("missing"):
@@ -189,6 +204,7 @@ def report_markdown(report: dict) -> str:
         rows.append([name, _f(m["emt"]), _ci(ci.get("emt")), _f(m["tp"]), _ci(ci.get("tp")),
                      str(m["n_prompts"]), str(m["n_samples"])])
     out += [_table(["method", "EMT", "Δ EMT [95 % CI]", "TP", "Δ TP [95 % CI]", "prompts", "samples"], rows), ""]
+    out += judges_markdown(report, _f, _ci, _table)
     out += ["## Mean score per label", ""]
     rows = [[name] + [_f(m["labels"].get(lab)) for lab in labels] for name, m in ms.items()]
     out += [_table(["method"] + list(labels), rows), ""]

@@ -5,7 +5,8 @@ Files in out_dir:
 - run.json           the settings every record depends on; a resumed run must match them.
 - generations.jsonl  one record per sample, appended (flush + fsync) one (prompt, method) group at a
                      time: {"prompt_id", "prompt", "method", "sample", "seed", "text",
-                     "scores": {label: p}, "ppl": {judge: x or null}, "n_tokens", "stop_reason"}
+                     "scores": {label: p}, "ppl": {judge: x or null}, "n_tokens", "stop_reason"}, and
+                     "judge_scores": {judge: {label: p}} when toxicity judges beyond the first are given
 - timings.jsonl      one record per (prompt, method) group: {"prompt_id", "method", "n_samples",
                      "n_tokens", "n_prompt_tokens", "n_decode_steps", "setup_s", "prefill_s",
                      "decode_s", "gen_s", "score_s", "ppl_s"}
@@ -39,6 +40,7 @@ import numpy as np
 
 from ..engine import SamplingParams
 from ..errors import FgdilpError
+from .judges import judge_map, score_checked
 
 GENERATIONS = "generations.jsonl"
 TIMINGS = "timings.jsonl"
@@ -185,7 +187,7 @@ def _asdict(x) -> Any:
 
 
 def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, labels: Sequence[str],
-               judges: Mapping[str, Any]) -> dict:
+               judges: Mapping[str, Any], tox_judges: Sequence[str] = ()) -> dict:
     """Everything a saved record depends on (methods and prompts may be added on resume)."""
     info = det.model.info
     cfg = {
@@ -200,6 +202,8 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
         "steer": _asdict(det.settings.steer()),
         "fgdilp": _asdict(det.settings.fgdilp()),
     }
+    if len(tox_judges) > 1:          # absent for one judge: runs written before judges existed resume
+        cfg["tox_judges"] = list(tox_judges)
     return json.loads(_dumps(cfg))
 
 
@@ -295,13 +299,17 @@ def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, 
 def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_predict: int, top_p: float,
              seed: int, out_dir, scorer, judges: Mapping[str, Any] | None = None, progress: bool = True,
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
-             n_boot: int = 1000, write_files: bool = True) -> dict:
+             n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None) -> dict:
     """Run (or resume) an evaluation and write its report.
 
     det: a Detoxifier (its max_samples may be below `samples`: samples are then generated in
-    chunks; make it with reuse_instances=True so that fgdilp and fgdilp-frozen share a prompt's setup). records: PromptRecord-like objects (.id, .text). scorer: any object with
-    score(texts) -> [n, len(labels)] probabilities; labels default to scorer.LABELS. judges: name ->
-    PerplexityJudge (anything with ppl_many(pairs) -> list[float]).
+    chunks; make it with reuse_instances=True so that fgdilp and fgdilp-frozen share a prompt's
+    setup). records: PromptRecord-like objects (.id, .text). scorer: any object with
+    score(texts) -> [n, len(labels)] probabilities, or {judge name: such a scorer} (e.g.
+    judges.load_judges("toxblock,tcc")): the first fills each record's "scores", the others its
+    "judge_scores"; labels default to the first's LABELS, the others' to their own. judges: name ->
+    PerplexityJudge (anything with ppl_many(pairs) -> list[float]). diagnoser_judge: the toxicity
+    judge that also served as FGDILP's diagnoser, marked in the report.
 
     Returns {"report", "out_dir", "generated", "skipped", "remaining", "interrupted", "signal",
     "resume"}: interrupted is True when SIGINT/SIGTERM stopped the run (signal = its number); the
@@ -309,9 +317,16 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     from .report import build_report, write_report
 
     judges = dict(judges or {})
+    tox_judges = judge_map(scorer)
+    primary, scorer = next(iter(tox_judges.items()))
     labels = list(labels if labels is not None else getattr(scorer, "LABELS"))
     if tox_label not in labels:
         raise FgdilpError(f"the toxicity label {tox_label!r} is not one of the scorer's labels {labels}")
+    extra_labels = {name: list(getattr(s, "LABELS", None) or labels)
+                    for name, s in tox_judges.items() if name != primary}
+    for name, labs in extra_labels.items():
+        if tox_label not in labs:
+            raise FgdilpError(f"the toxicity label {tox_label!r} is not one of {name}'s labels {labs}")
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise FgdilpError("no methods to evaluate")
@@ -325,7 +340,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     out.mkdir(parents=True, exist_ok=True)
 
     # the settings are checked before anything in out_dir is rewritten
-    check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges))
+    check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges, list(tox_judges)))
     kept, _, done, resume = load_state(out, samples)
     saved = {int(r["prompt_id"]): r.get("prompt") for r in kept}
     for r in records:
@@ -348,21 +363,24 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
                 outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base)
                 texts = [s.text for s in outs]
                 t0 = time.perf_counter()
-                scores = np.asarray(scorer.score(texts), dtype=np.float64)
-                if scores.shape != (len(texts), len(labels)):
-                    raise FgdilpError(f"the scorer returned shape {scores.shape}, expected "
-                                      f"{(len(texts), len(labels))}")
+                scores = score_checked(primary, scorer, texts, labels)
+                extra = {name: score_checked(name, tox_judges[name], texts, labs)
+                         for name, labs in extra_labels.items()}
                 t1 = time.perf_counter()
                 ppl = {name: list(j.ppl_many([(rec.text, t) for t in texts])) for name, j in judges.items()}
                 t2 = time.perf_counter()
                 lines = []
                 for i, s in enumerate(outs):
-                    lines.append(_dumps({
-                        "prompt_id": pid, "prompt": rec.text, "method": method, "sample": i,
-                        "seed": (base + i) % 2**32, "text": s.text,
-                        "scores": {lab: _finite(scores[i, k]) for k, lab in enumerate(labels)},
-                        "ppl": {name: _finite(v[i]) for name, v in ppl.items()},
-                        "n_tokens": len(s.tokens), "stop_reason": s.stop_reason}) + "\n")
+                    line = {"prompt_id": pid, "prompt": rec.text, "method": method, "sample": i,
+                            "seed": (base + i) % 2**32, "text": s.text,
+                            "scores": {lab: _finite(scores[i, k]) for k, lab in enumerate(labels)},
+                            "ppl": {name: _finite(v[i]) for name, v in ppl.items()},
+                            "n_tokens": len(s.tokens), "stop_reason": s.stop_reason}
+                    if extra:
+                        line["judge_scores"] = {name: {lab: _finite(p[i, k]) for k, lab in
+                                                       enumerate(extra_labels[name])}
+                                                for name, p in extra.items()}
+                    lines.append(_dumps(line) + "\n")
                 timing = {"prompt_id": pid, "method": method, "n_samples": samples,
                           "n_tokens": sum(len(s.tokens) for s in outs), **tim,
                           "score_s": t1 - t0, "ppl_s": t2 - t1}
@@ -390,7 +408,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     in_file = list(dict.fromkeys(str(r.get("method")) for r in all_recs))
     order = [m for m in methods if m in in_file] + [m for m in in_file if m not in methods]
     report = build_report(all_recs, all_tims, labels, order, tox_label=tox_label, threshold=threshold,
-                          n_boot=n_boot, seed=0)
+                          n_boot=n_boot, seed=0, primary_judge=primary, diagnoser_judge=diagnoser_judge)
     report["run"] = {"samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
                      "complete": not interrupted and generated == len(todo)}
     if write_files:
