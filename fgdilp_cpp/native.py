@@ -178,7 +178,10 @@ def load_library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
         raise FgdilpError(f"cannot load the native library {path}: {exc}") from None
-    _declare(lib)
+    try:
+        _declare(lib)
+    except AttributeError as exc:  # a library built from older (or newer) sources than this package
+        raise FgdilpError(f"{path} does not match this fgdilp-cpp ({exc}); rebuild it with `make install`") from None
     built = lib.fgdilp_build_llama_cpp_python_version().decode()
     running = importlib.metadata.version("llama_cpp_python")
     if built != running:

@@ -144,3 +144,25 @@ def test_cli_overflowing_steering(cli, tiny_llama, args, needle):
     proc = cli("generate", "-m", tiny_llama[0], "-p", "The weather today", "--method", "tr", "-n", "4",
                "-t", "2", *args)
     assert_clean_error(proc, needle)
+
+
+def test_library_from_older_sources_is_refused(monkeypatch, tmp_path):
+    """The library of a checkout before fgdilp_hook_check_params: a clear error, not a traceback."""
+    import ctypes
+
+    real_cdll = ctypes.CDLL
+
+    class Old:  # the library as it loads, less one of the functions this package declares
+        def __init__(self, path):
+            self._real = real_cdll(path)
+
+        def __getattr__(self, name):
+            if name == "fgdilp_hook_check_params":
+                raise AttributeError(f"undefined symbol: {name}")
+            return getattr(self._real, name)
+
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native.ctypes, "CDLL", Old)
+    with pytest.raises(FgdilpError, match="does not match this fgdilp-cpp .*undefined symbol: "
+                                          "fgdilp_hook_check_params.*make install"):
+        native.load_library()
