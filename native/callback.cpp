@@ -146,8 +146,9 @@ static bool on_layer(fgdilp_hook * h, ggml_tensor * t, int il) {
         // an overflow here would reach the logits as NaN: fail the decode instead
         if (!fgdilp::all_finite(out, width)) {
             std::snprintf(msg, sizeof msg, "%s: the steered row %d is not finite (NaN or inf): the steering "
-                          "strength %g or the exponents (%g, %g) overflow", t->name, e.target_row,
-                          (double) scale, (double) h->p.exp_norm, (double) h->p.exp_sim);
+                          "strength %g or the exponents (%g, %g) overflow, or the %s holds NaN or inf",
+                          t->name, e.target_row, (double) scale, (double) h->p.exp_norm, (double) h->p.exp_sim,
+                          e.dir_slot >= 0 ? "direction slot" : (e.e_slot >= 0 ? "e slot" : "row"));
             h->fail(FGDILP_ERR_NONFINITE, msg);
             return false;
         }
