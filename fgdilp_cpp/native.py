@@ -20,6 +20,10 @@ import numpy as np
 from .errors import FgdilpError
 from .params import MAX_NEGATIVES as MAX_NEG   # FGDILP_MAX_NEG of native/fgdilp.h
 
+MAX_LAYER = 4096   # FGDILP_MAX_LAYER
+MAX_SLOTS = 4096   # FGDILP_MAX_SLOTS
+INT32_MAX = 2**31 - 1
+
 OK = 0
 ERR_ARG = -1
 ERR_TENSOR = -2
@@ -27,6 +31,7 @@ ERR_NOT_FIRED = -3
 ERR_ROW = -4
 ERR_NONFINITE = -5
 ERR_ALLOC = -6
+ERR_REFIRED = -7
 
 FUSION_MAX = 0
 FUSION_MEAN = 1
@@ -37,7 +42,9 @@ _LIB_NAME = "libfgdilp.so"
 
 
 class HookError(FgdilpError):
-    """The hook saw something it cannot steer (missing or unexpected kqv_out nodes)."""
+    """A decode the hook had to fail: kqv_out nodes missing, unexpected or out of step with the batch
+    (ERR_TENSOR, ERR_NOT_FIRED, ERR_ROW, ERR_REFIRED), or a steered row that came out NaN or inf
+    (ERR_NONFINITE). That decode's logits must not be used."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
@@ -129,6 +136,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i32, f32, fptr = ctypes.c_int32, ctypes.c_float, ctypes.POINTER(ctypes.c_float)
     sig = {
         "fgdilp_hook_default_params": (HookParams, []),
+        "fgdilp_hook_check_params": (i32, [ctypes.POINTER(HookParams)]),
         "fgdilp_hook_init": (c_hook, [ctypes.POINTER(HookParams)]),
         "fgdilp_hook_free": (None, [c_hook]),
         "fgdilp_hook_set_layer_scales": (i32, [c_hook, fptr, i32]),
@@ -137,7 +145,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fgdilp_hook_set_plan": (i32, [c_hook, ctypes.POINTER(Capture), i32, ctypes.POINTER(Edit), i32]),
         "fgdilp_hook_slots": (fptr, [c_hook]),
         "fgdilp_hook_check_slots": (i32, [c_hook]),
-        "fgdilp_hook_begin": (None, [c_hook]),
+        "fgdilp_hook_begin": (i32, [c_hook, i32]),
         "fgdilp_hook_end": (i32, [c_hook]),
         "fgdilp_hook_fired_layers": (i32, [c_hook]),
         "fgdilp_hook_edits_applied": (i32, [c_hook]),
@@ -170,7 +178,10 @@ def load_library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as exc:
         raise FgdilpError(f"cannot load the native library {path}: {exc}") from None
-    _declare(lib)
+    try:
+        _declare(lib)
+    except AttributeError as exc:  # a library built from older (or newer) sources than this package
+        raise FgdilpError(f"{path} does not match this fgdilp-cpp ({exc}); rebuild it with `make install`") from None
     built = lib.fgdilp_build_llama_cpp_python_version().decode()
     running = importlib.metadata.version("llama_cpp_python")
     if built != running:
@@ -256,9 +267,18 @@ class NativeHook:
         p.n_layer, p.n_head, p.head_dim, p.n_slots = n_layer, n_head, head_dim, n_slots
         p.exp_norm, p.exp_sim, p.scale, p.renorm = exp_norm, exp_sim, scale, renorm
         p.layer_start, p.layer_end = layer_start, layer_end
+        rc = self._lib.fgdilp_hook_check_params(ctypes.byref(p))
+        if rc == ERR_NONFINITE:  # e.g. a scale of 1e39 is finite in Python but inf in float32
+            raise FgdilpError(f"steering values must be finite in float32: scale {scale}, exp-norm {exp_norm}, "
+                              f"exp-sim {exp_sim}")
+        if rc != OK:
+            raise FgdilpError(f"cannot steer a model of this shape with layer range {layer_start}..{layer_end}: "
+                              f"n_layer={n_layer} (1..{MAX_LAYER}), n_head={n_head}, head_dim={head_dim} "
+                              f"(n_head*head_dim <= {INT32_MAX}), n_slots={n_slots} (0..{MAX_SLOTS})")
         self._h = self._lib.fgdilp_hook_init(ctypes.byref(p))
         if not self._h:
-            raise FgdilpError(f"cannot create the hook (n_layer={n_layer}, n_head={n_head}, head_dim={head_dim})")
+            raise FgdilpError(f"out of memory creating the hook (n_layer={n_layer}, n_head={n_head}, "
+                              f"head_dim={head_dim}, n_slots={n_slots})")
         self.n_layer, self.n_head, self.head_dim, self.n_slots = n_layer, n_head, head_dim, n_slots
         self.width = n_head * head_dim
         try:
@@ -289,7 +309,9 @@ class NativeHook:
         caps = (Capture * max(len(captures), 1))(*[Capture(r, s) for r, s in captures])
         eds = (Edit * max(len(edits), 1))(*[e.to_c() for e in edits])
         rc = self._lib.fgdilp_hook_set_plan(self._h, caps, len(captures), eds, len(edits))
-        if rc != OK:
+        if rc == ERR_ALLOC:
+            raise FgdilpError(f"out of memory for a hook plan of {len(captures)} captures and {len(edits)} edits")
+        if rc != OK:  # the previous plan stays in force
             raise FgdilpError(f"invalid hook plan (status {rc}): captures={list(captures)} edits={list(edits)}")
         self.n_planned_edits = len(edits)
         self.planned = bool(captures) or bool(edits)
@@ -303,10 +325,11 @@ class NativeHook:
         self.fusion = (float(p.k_pct), mode, bool(elect))
 
     def set_layer_scales(self, scales: Sequence[float]) -> None:
-        a = np.ascontiguousarray(scales, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a scale past float32 becomes inf, which the library refuses
+            a = np.ascontiguousarray(scales, dtype=np.float32)
         rc = self._lib.fgdilp_hook_set_layer_scales(self._h, _as_fptr(a), a.size)
         if rc != OK:
-            raise FgdilpError(f"invalid layer scales (need {self.n_layer} finite values)")
+            raise FgdilpError(f"invalid layer scales (need {self.n_layer} values, finite in float32)")
         self.n_steered_layers = int(np.count_nonzero(a))
 
     def set_exponents(self, exp_norm: float, exp_sim: float, renorm: bool) -> None:
@@ -319,8 +342,12 @@ class NativeHook:
         if self._lib.fgdilp_hook_check_slots(self._h) != OK:
             raise FgdilpError("a steering vector holds NaN or inf")
 
-    def begin(self) -> None:
-        self._lib.fgdilp_hook_begin(self._h)
+    def begin(self, n_tokens: int) -> None:
+        """Right before llama_decode of a batch of n_tokens rows; raises HookError (do not decode)
+        when n_tokens < 1 or the plan names a row >= n_tokens."""
+        rc = self._lib.fgdilp_hook_begin(self._h, n_tokens)
+        if rc != OK:
+            raise HookError(self._lib.fgdilp_hook_last_error(self._h).decode(errors="replace"), rc)
 
     def end(self) -> None:
         rc = self._lib.fgdilp_hook_end(self._h)

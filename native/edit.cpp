@@ -3,12 +3,13 @@
 #include "internal.h"
 
 #include <cmath>
+#include <cstdint>
 
 namespace fgdilp {
 
-static double dot(const float * a, const float * b, int n) {
+static double dot(const float * a, const float * b, size_t n) {
     double s = 0.0;
-    for (int i = 0; i < n; ++i) {
+    for (size_t i = 0; i < n; ++i) {
         s += (double) a[i] * (double) b[i];
     }
     return s;
@@ -17,7 +18,7 @@ static double dot(const float * a, const float * b, int n) {
 // v [n_head*head_dim] edited in place; delta and e have the same layout; e may be null.
 void tr_edit_row(float * v, const float * delta, const float * e, int n_head, int head_dim,
                  float exp_norm, float exp_sim, float scale, bool renorm) {
-    const int width = n_head * head_dim;
+    const size_t width = (size_t) n_head * (size_t) head_dim;
     const double norm_before = std::sqrt(dot(v, v, width));
     for (int h = 0; h < n_head; ++h) {
         float *       vh = v + (size_t) h * head_dim;
@@ -40,7 +41,7 @@ void tr_edit_row(float * v, const float * delta, const float * e, int n_head, in
         const double norm_after = std::sqrt(dot(v, v, width));
         if (norm_after > 0.0) {
             const double r = norm_before / norm_after;
-            for (int i = 0; i < width; ++i) {
+            for (size_t i = 0; i < width; ++i) {
                 v[i] = (float) ((double) v[i] * r);
             }
         }
@@ -61,7 +62,8 @@ bool all_finite(const float * x, size_t n) {
 extern "C" int32_t fgdilp_tr_edit_row(float * v, const float * delta, const float * e,
                                       int32_t n_head, int32_t head_dim,
                                       float exp_norm, float exp_sim, float scale, bool renorm) {
-    if (v == nullptr || delta == nullptr || n_head <= 0 || head_dim <= 0) {
+    if (v == nullptr || delta == nullptr || n_head <= 0 || head_dim <= 0 ||
+        (int64_t) n_head * (int64_t) head_dim > INT32_MAX) {
         return FGDILP_ERR_ARG;
     }
     fgdilp::tr_edit_row(v, delta, e, n_head, head_dim, exp_norm, exp_sim, scale, renorm);

@@ -5,7 +5,12 @@
 //     cparams.cb_eval_user_data = hook;
 // Before each llama_decode the caller describes what the rows of the batch are (a plan): rows to
 // capture into slots, and rows to edit with the Toxification-Reversal rule. One ubatch per decode
-// (n_ubatch >= the batch) keeps "row i of kqv_out = token i of the batch".
+// (n_ubatch >= the batch) keeps "row i of kqv_out = token i of the batch"; the hook checks it
+// (every kqv_out node must have the n_tokens rows given to fgdilp_hook_begin).
+// A decode in which the hook finds an error (a node it cannot read, a row count that is not the
+// batch's, a layer seen twice, a steered row that is NaN or inf) is cut short: the callback returns
+// false (ggml skips the rest of that graph split), leaves that layer's rows as the model computed
+// them, and fgdilp_hook_end reports the error. That decode's outputs must not be used.
 //
 // Layout: a layer row has width W = n_head * head_dim; head h is [h*head_dim, (h+1)*head_dim).
 // Slots are host vectors [n_slots][n_layer][W] owned by the hook (e vectors, fixed directions,
@@ -25,24 +30,28 @@ struct ggml_tensor;
 
 enum fgdilp_status {
     FGDILP_OK            =  0,
-    FGDILP_ERR_ARG       = -1, // bad argument (null, out of range)
+    FGDILP_ERR_ARG       = -1, // bad argument (null, out of range), or a decode without fgdilp_hook_begin
     FGDILP_ERR_TENSOR    = -2, // kqv_out not F32 / not contiguous / unexpected op / width mismatch
     FGDILP_ERR_NOT_FIRED = -3, // a planned decode saw the hook fire on fewer layers than expected
-    FGDILP_ERR_ROW       = -4, // a planned row is outside the ubatch
-    FGDILP_ERR_NONFINITE = -5, // NaN or inf in an input vector
+    FGDILP_ERR_ROW       = -4, // a planned row >= n_tokens, or a kqv_out whose row count is not n_tokens
+    FGDILP_ERR_NONFINITE = -5, // NaN or inf in an input vector or in a steered row
     FGDILP_ERR_ALLOC     = -6, // out of memory
+    FGDILP_ERR_REFIRED   = -7, // a layer's kqv_out fired twice in one decode
 };
 
+#define FGDILP_MAX_LAYER 4096 // largest n_layer
+#define FGDILP_MAX_SLOTS 4096 // largest n_slots
+
 struct fgdilp_hook_params {
-    int32_t n_layer;     // model layers
-    int32_t n_head;      // query heads
-    int32_t head_dim;    // value head dim (kqv_out width / n_head)
-    int32_t n_slots;     // number of [n_layer][W] slot vectors
-    float   exp_norm;    // a in lambda_norm = (1 + |delta_h|)^a
-    float   exp_sim;     // b in lambda_sim  = (1 + max(0, cos(v_h, e_h)))^b
-    float   scale;       // global strength, multiplies every layer's edit
-    int32_t layer_start; // first steered layer (inclusive)
-    int32_t layer_end;   // last steered layer (inclusive); -1 = last layer
+    int32_t n_layer;     // model layers, 1..FGDILP_MAX_LAYER
+    int32_t n_head;      // query heads, >= 1
+    int32_t head_dim;    // value head dim (kqv_out width / n_head), >= 1; n_head * head_dim <= INT32_MAX
+    int32_t n_slots;     // number of [n_layer][W] slot vectors, 0..FGDILP_MAX_SLOTS
+    float   exp_norm;    // a in lambda_norm = (1 + |delta_h|)^a; finite
+    float   exp_sim;     // b in lambda_sim  = (1 + max(0, cos(v_h, e_h)))^b; finite
+    float   scale;       // global strength, multiplies every layer's edit; finite
+    int32_t layer_start; // first steered layer (inclusive), 0..n_layer-1
+    int32_t layer_end;   // last steered layer (inclusive), layer_start..n_layer-1; -1 = last layer
     bool    renorm;      // rescale the edited layer row to the norm it had before the edit
 };
 
@@ -85,13 +94,18 @@ typedef struct fgdilp_hook fgdilp_hook;
 // Defaults of docs/method.md §10: exponents 0.4 / 0.6, scale 1, all layers, renorm on, 4 slots.
 struct fgdilp_hook_params fgdilp_hook_default_params(void);
 
-// Allocate a hook for a model of the given shape; NULL on bad params or no memory.
+// FGDILP_OK, FGDILP_ERR_ARG (NULL, a size or the layer range out of range) or FGDILP_ERR_NONFINITE
+// (scale or an exponent NaN or inf): what fgdilp_hook_init would refuse, and why.
+int32_t fgdilp_hook_check_params(const struct fgdilp_hook_params * params);
+
+// Allocate a hook for a model of the given shape; NULL on params that fgdilp_hook_check_params refuses or no memory.
 fgdilp_hook * fgdilp_hook_init(const struct fgdilp_hook_params * params);
 
 // Free a hook; the context that uses it must be freed first. NULL is a no-op.
 void fgdilp_hook_free(fgdilp_hook * hook);
 
-// The ggml eval callback; pass the hook as user_data. Always returns true.
+// The ggml eval callback; pass the hook as user_data. Returns false (the scheduler stops the graph
+// split) once the decode has an error; fgdilp_hook_end then reports it.
 bool fgdilp_hook_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 
 // Set the per-layer strength ([n_layer], replaces the params' scale and layer range).
@@ -104,6 +118,7 @@ int32_t fgdilp_hook_set_fusion(fgdilp_hook * hook, const struct fgdilp_fusion_pa
 int32_t fgdilp_hook_set_exponents(fgdilp_hook * hook, float exp_norm, float exp_sim, bool renorm);
 
 // Replace the plan used by the following decodes (arrays are copied). An empty plan asks for no node.
+// On any error (FGDILP_ERR_ARG, FGDILP_ERR_ALLOC) the previous plan stays in force, unchanged.
 int32_t fgdilp_hook_set_plan(fgdilp_hook * hook,
                              const struct fgdilp_capture * captures, int32_t n_captures,
                              const struct fgdilp_edit * edits, int32_t n_edits);
@@ -114,10 +129,12 @@ float * fgdilp_hook_slots(fgdilp_hook * hook);
 // Reject slots holding NaN or inf (call after writing slots): FGDILP_OK or FGDILP_ERR_NONFINITE.
 int32_t fgdilp_hook_check_slots(const fgdilp_hook * hook);
 
-// Call right before llama_decode: clears the per-decode counters and errors.
-void fgdilp_hook_begin(fgdilp_hook * hook);
+// Call right before llama_decode of a batch of n_tokens rows (one ubatch): clears the per-decode
+// counters and errors. FGDILP_ERR_ARG for n_tokens < 1, FGDILP_ERR_ROW when the plan names a row
+// >= n_tokens: then do not decode (a decode run anyway is refused by the callback).
+int32_t fgdilp_hook_begin(fgdilp_hook * hook, int32_t n_tokens);
 
-// Call right after llama_decode: FGDILP_OK, or the first error seen in that decode.
+// Call right after llama_decode: FGDILP_OK, or the first error seen in that decode (or in begin).
 int32_t fgdilp_hook_end(fgdilp_hook * hook);
 
 // Layers whose kqv_out fired in the last decode (with a non-empty plan).
@@ -137,7 +154,8 @@ bool fgdilp_abort_flag(void * data);
 const char * fgdilp_build_llama_cpp_python_version(void);
 
 // The TR edit of one layer row v [n_head*head_dim] in place; the reference the hook uses.
-// e may be NULL (lambda_sim = 1). Returns FGDILP_OK or FGDILP_ERR_ARG.
+// e may be NULL (lambda_sim = 1). Returns FGDILP_OK, or FGDILP_ERR_ARG (n_head * head_dim > INT32_MAX);
+// v is not checked for NaN or inf afterwards (the hook does that).
 int32_t fgdilp_tr_edit_row(float * v, const float * delta, const float * e,
                            int32_t n_head, int32_t head_dim,
                            float exp_norm, float exp_sim, float scale, bool renorm);

@@ -1,14 +1,31 @@
 // internal.h - helpers shared by the native sources (not part of the C API).
 #pragma once
 
+#include "fgdilp.h"
+
 #include <cstddef>
 #include <cstdint>
-
-struct fgdilp_fusion_params;
+#include <cstdio>
+#include <vector>
 
 namespace fgdilp {
 
-// TR edit of one layer row in place (see fgdilp_tr_edit_row).
+// Test builds: treat every kqv_out as living in a device buffer (see fgdilp_test_force_device_path).
+#ifdef FGDILP_TESTING
+bool force_device_path();
+#else
+inline bool force_device_path() { return false; }
+#endif
+
+// Throws std::bad_alloc where a test build (FGDILP_TESTING) asks it to; a no-op otherwise.
+// Called before each allocation of fgdilp_hook_init and fgdilp_hook_set_plan.
+#ifdef FGDILP_TESTING
+void alloc_checkpoint();
+#else
+inline void alloc_checkpoint() {}
+#endif
+
+// TR edit of one layer row in place (see fgdilp_tr_edit_row); n_head * head_dim <= INT32_MAX.
 void tr_edit_row(float * v, const float * delta, const float * e, int n_head, int head_dim,
                  float exp_norm, float exp_sim, float scale, bool renorm);
 
@@ -42,4 +59,79 @@ struct fusion_scratch {
 int32_t fuse(const float * deltas, int n, int width, const fgdilp_fusion_params & params, float * out,
              const fusion_scratch & scratch);
 
+// Places (indices into plan_state::rows and row_buf) of the rows one edit reads.
+struct edit_places {
+    int32_t target;
+    int32_t pos;                       // -1 with a direction slot
+    int32_t neg[FGDILP_MAX_NEG];
+};
+
+// A validated plan laid out for the callback, which then neither walks it nor allocates.
+// Its memory grows with the number of rows the plan names, never with their values.
+struct plan_state {
+    std::vector<fgdilp_capture> captures;
+    std::vector<fgdilp_edit>    edits;
+    std::vector<int32_t>        rows;          // distinct rows the plan names, ascending
+    std::vector<int32_t>        capture_place; // [n_captures] place of each capture's row
+    std::vector<edit_places>    edit_place;    // [n_edits]
+    std::vector<float>          row_buf;       // [rows][width]: rows fetched from a device buffer
+    std::vector<float>          out_buf;       // [n_edits][width]: edited rows, written once all are finite
+    int32_t max_row = -1;                      // largest row named, -1 when none
+
+    bool empty() const { return captures.empty() && edits.empty(); }
+};
+
+// Validate a plan (rows >= 0, slots < n_slots, 1..FGDILP_MAX_NEG negatives) and build it into `out`.
+// FGDILP_OK, FGDILP_ERR_ARG, or FGDILP_ERR_ALLOC; `out` is written only on FGDILP_OK.
+int32_t compile_plan(const fgdilp_capture * captures, int32_t n_captures, const fgdilp_edit * edits,
+                     int32_t n_edits, int32_t n_slots, size_t width, plan_state & out);
+
 } // namespace fgdilp
+
+// The hook behind the opaque fgdilp_hook handle.
+struct fgdilp_hook {
+    fgdilp_hook_params p;
+    size_t width = 0;                      // n_head * head_dim, <= INT32_MAX
+    std::vector<float> slots;              // [n_slots][n_layer][width]
+    std::vector<float> layer_scales;       // [n_layer]
+    fgdilp::plan_state plan;               // replaced whole by set_plan
+    fgdilp_fusion_params fusion;           // how the rows' sub-toxicity vectors are fused
+
+    // per decode
+    int32_t n_tokens = -1;                 // rows of the decode (fgdilp_hook_begin); -1 outside one
+    std::vector<uint8_t> fired;            // [n_layer]
+    int32_t n_fired = 0;
+    int32_t n_edits_applied = 0;
+    int32_t status = FGDILP_OK;
+    char error[320] = "";
+
+    // scratch, reused across calls
+    std::vector<float> deltas;             // a(neg_j) - a(pos) [FGDILP_MAX_NEG][width]
+    std::vector<float> delta;              // fused [width]
+    std::vector<float> fuse_masked;        // fusion scratch [FGDILP_MAX_NEG][width]
+    std::vector<float> fuse_abs;           // fusion scratch [width]
+    std::vector<int8_t> fuse_signs;        // fusion scratch [width]
+
+    // record the decode's first error (later ones would only be its consequences); a fixed
+    // buffer, so that the callback never allocates (nor throws into llama.cpp)
+    void fail(int32_t code, const char * msg) {
+        if (status == FGDILP_OK) {
+            status = code;
+            std::snprintf(error, sizeof error, "%s", msg);
+        }
+    }
+
+    float * slot(int32_t s, int32_t layer) {
+        return slots.data() + ((size_t) s * (size_t) p.n_layer + (size_t) layer) * width;
+    }
+};
+
+#ifdef FGDILP_TESTING
+// Test builds only (not part of the C API).
+extern "C" {
+// The n-th alloc_checkpoint from now throws std::bad_alloc (0 = the next one); -1 never.
+void fgdilp_test_fail_alloc_after(int32_t n);
+// Treat every kqv_out as living in a device buffer (ggml_backend_tensor_get/set), as on a GPU.
+void fgdilp_test_force_device_path(bool on);
+}
+#endif

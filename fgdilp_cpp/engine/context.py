@@ -249,10 +249,11 @@ class Context(Owned):
         return self._ctx
 
     def decode(self, batch) -> None:
-        """Decode one batch; with a hook, check that it fired on every layer it had to."""
+        """Decode one batch; with a hook, check that it fired on every layer it had to, once, on
+        nodes of the batch's row count, and that every steered row is finite (else HookError)."""
         hook = self.hook
         if hook is not None and hook.planned:
-            hook.begin()
+            hook.begin(batch.c.n_tokens)
             rc = ll.llama_decode(self._ctx, batch.c)
             if rc == 0:
                 hook.end()

@@ -1,83 +1,17 @@
 // test_native.cpp - the hook against synthetic kqv_out tensors (run under ASan by `make asan`).
-#include "fgdilp.h"
-#include "ggml.h"
+// Linked against the FGDILP_TESTING build of the sources: every hook test runs twice, once reading
+// kqv_out in place (CPU) and once through ggml_backend_tensor_get/set (the GPU path).
+// The refusals and per-decode checks of issue 12 are in test_checks.cpp.
+#include "fixture.h"
 
-#include <cmath>
-#include <cstdio>
-#include <cstring>
-#include <vector>
+int g_pass = 0, g_fail = 0;
 
-static int g_pass = 0, g_fail = 0;
-#define CHECK(cond)                                                          \
-    do {                                                                     \
-        if (cond) { ++g_pass; }                                              \
-        else { ++g_fail; std::fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); } \
-    } while (0)
-
-static const int N_LAYER = 3, N_HEAD = 4, HEAD_DIM = 8, WIDTH = N_HEAD * HEAD_DIM, ROWS = 5;
-
-struct fixture {
-    ggml_context * ctx = nullptr;
-    std::vector<ggml_tensor *> layers;
-    fixture(ggml_type type = GGML_TYPE_F32, int width = WIDTH, ggml_op op = GGML_OP_CONT) {
-        ggml_init_params ip = {64 * 1024 * 1024, nullptr, false};
-        ctx = ggml_init(ip);
-        for (int il = 0; il < N_LAYER; ++il) {
-            ggml_tensor * t = ggml_new_tensor_2d(ctx, type, width, ROWS);
-            ggml_format_name(t, "kqv_out-%d", il);
-            t->op = op;
-            if (type == GGML_TYPE_F32) {
-                float * d = (float *) t->data;
-                for (int i = 0; i < width * ROWS; ++i) {
-                    d[i] = std::sin(0.37f * i + 1.3f * il) + 0.1f * (float) (i % 7);
-                }
-            }
-            layers.push_back(t);
-        }
-    }
-    ~fixture() { ggml_free(ctx); }
-    float * row(int il, int r) { return (float *) layers[il]->data + (size_t) r * WIDTH; }
-    // what the scheduler does: ask, then call for the asked nodes
-    void run(fgdilp_hook * h, int n_layers = N_LAYER) {
-        fgdilp_hook_begin(h);
-        for (int il = 0; il < n_layers; ++il) {
-            if (fgdilp_hook_eval_callback(layers[il], true, h)) {
-                CHECK(fgdilp_hook_eval_callback(layers[il], false, h));
-            }
-        }
-    }
-};
-
-static fgdilp_hook * make_hook() {
-    fgdilp_hook_params p = fgdilp_hook_default_params();
-    p.n_layer = N_LAYER; p.n_head = N_HEAD; p.head_dim = HEAD_DIM; p.n_slots = 3;
-    return fgdilp_hook_init(&p);
-}
-
-static fgdilp_fusion_params fusion(float k_pct, int32_t mode, bool elect) {
-    fgdilp_fusion_params f = fgdilp_fusion_default_params();
-    f.k_pct = k_pct; f.mode = mode; f.elect = elect;
-    return f;
-}
-
-// a hook that runs plain TR on one negative: K = 100 keeps the delta whole
-static fgdilp_hook * make_tr_hook() {
-    fgdilp_hook * h = make_hook();
-    const fgdilp_fusion_params f = fusion(100.0f, FGDILP_FUSION_MAX, true);
-    CHECK(fgdilp_hook_set_fusion(h, &f) == FGDILP_OK);
-    return h;
-}
-
-static fgdilp_edit tr_edit(int target, int pos, int neg, int e_slot) {
-    fgdilp_edit e;
-    std::memset(&e, 0, sizeof e);
-    e.target_row = target; e.pos_row = pos; e.neg_rows[0] = neg; e.n_neg = 1; e.dir_slot = -1; e.e_slot = e_slot;
-    return e;
-}
-
-static double norm(const float * x, int n) {
-    double s = 0; for (int i = 0; i < n; ++i) s += (double) x[i] * x[i]; return std::sqrt(s);
-}
+void test_init_refusals();
+void test_init_alloc_failure();
+void test_set_plan_alloc_failure();
+void test_nonfinite_steered_row();
+void test_row_count();
+void test_layer_fires_twice();
 
 static void test_params() {
     fgdilp_hook_params p = fgdilp_hook_default_params();
@@ -110,7 +44,7 @@ static void test_capture_and_edit() {
     fgdilp_capture caps[2] = {{3, 0}, {1, 1}};           // e from row 3, P- row 1 copied to slot 1
     fgdilp_edit e = tr_edit(4, 0, 1, 0);                 // P+ row 0, P- row 1, P0 row 4
     CHECK(fgdilp_hook_set_plan(h, caps, 2, &e, 1) == FGDILP_OK);
-    f.run(h);
+    CHECK(f.run(h));
     CHECK(fgdilp_hook_end(h) == FGDILP_OK);
     CHECK(fgdilp_hook_fired_layers(h) == N_LAYER);
     CHECK(fgdilp_hook_edits_applied(h) == N_LAYER);
@@ -158,7 +92,7 @@ static void test_dir_slot_and_scales() {
     e.dir_slot = 2; e.n_neg = 0;
     CHECK(fgdilp_hook_set_plan(h, nullptr, 0, &e, 1) == FGDILP_OK);
     std::vector<float> l0(f.row(0, 0), f.row(0, 0) + WIDTH * ROWS), l1(f.row(1, 0), f.row(1, 0) + WIDTH * ROWS);
-    f.run(h);
+    CHECK(f.run(h));
     CHECK(fgdilp_hook_end(h) == FGDILP_OK);
     CHECK(fgdilp_hook_edits_applied(h) == 1);
     CHECK(std::memcmp(f.row(0, 0), l0.data(), sizeof(float) * WIDTH * ROWS) == 0); // scale 0: untouched
@@ -174,28 +108,28 @@ static void test_errors() {
     CHECK(fgdilp_hook_set_plan(h, nullptr, 0, &e, 1) == FGDILP_OK);
     {   // not every layer fired: an architecture without the node, or a partial graph
         fixture f;
-        f.run(h, 1);
+        CHECK(f.run(h, 1));
         CHECK(fgdilp_hook_end(h) == FGDILP_ERR_NOT_FIRED);
         CHECK(std::strstr(fgdilp_hook_last_error(h), "1 of 3") != nullptr);
-        fgdilp_hook_begin(h);
+        CHECK(fgdilp_hook_begin(h, ROWS) == FGDILP_OK);
         CHECK(fgdilp_hook_end(h) == FGDILP_ERR_NOT_FIRED); // nothing fired at all
     }
     {   fixture f(GGML_TYPE_F16);
-        f.run(h);
+        CHECK(!f.run(h));                  // the decode is stopped
         CHECK(fgdilp_hook_end(h) == FGDILP_ERR_TENSOR);
     }
     {   fixture f(GGML_TYPE_F32, WIDTH + HEAD_DIM);
-        f.run(h);
+        CHECK(!f.run(h));                  // the decode is stopped
         CHECK(fgdilp_hook_end(h) == FGDILP_ERR_TENSOR);
     }
     {   fixture f(GGML_TYPE_F32, WIDTH, GGML_OP_MUL_MAT); // e.g. an output already projected by W_O
-        f.run(h);
+        CHECK(!f.run(h));                  // the decode is stopped
         CHECK(fgdilp_hook_end(h) == FGDILP_ERR_TENSOR);
     }
     {   fixture f;
         fgdilp_edit far = tr_edit(ROWS, 0, 1, 0);
         CHECK(fgdilp_hook_set_plan(h, nullptr, 0, &far, 1) == FGDILP_OK);
-        f.run(h);
+        CHECK(fgdilp_hook_begin(h, ROWS) == FGDILP_ERR_ROW); // refused before any node
         CHECK(fgdilp_hook_end(h) == FGDILP_ERR_ROW);
     }
     fgdilp_edit bad = tr_edit(1, 0, 2, 7); // slot out of range
@@ -278,7 +212,7 @@ static void test_fused_edit() {
         fgdilp_edit e = tr_edit(4, 0, 1, 0);               // P+ row 0, P0 row 4
         e.n_neg = 3; e.neg_rows[1] = 2; e.neg_rows[2] = 3; // P- rows 1, 2, 3
         CHECK(fgdilp_hook_set_plan(h, &cap, 1, &e, 1) == FGDILP_OK);
-        f.run(h);
+        CHECK(f.run(h));
         CHECK(fgdilp_hook_end(h) == FGDILP_OK);
         CHECK(fgdilp_hook_edits_applied(h) == N_LAYER);
         for (int il = 0; il < N_LAYER; ++il) {
@@ -306,7 +240,7 @@ static void test_one_negative_default_masks() {
     std::vector<float> b(f.row(0, 0), f.row(0, 0) + WIDTH * ROWS);
     fgdilp_edit e = tr_edit(4, 0, 1, -1);
     CHECK(fgdilp_hook_set_plan(h, nullptr, 0, &e, 1) == FGDILP_OK);
-    f.run(h);
+    CHECK(f.run(h));
     CHECK(fgdilp_hook_end(h) == FGDILP_OK);
     std::vector<float> d(WIDTH), masked(WIDTH), v(&b[4 * WIDTH], &b[5 * WIDTH]);
     for (int i = 0; i < WIDTH; ++i) d[i] = b[WIDTH + i] - b[i];
@@ -320,7 +254,8 @@ static void test_one_negative_default_masks() {
     fgdilp_hook_free(h);
 }
 
-// NaN in a negative row of one layer: that layer's edit is skipped and reported; the others run.
+// NaN in a negative row of layer 1: the decode stops there, layer 1 is left as computed, and the
+// error names the node.
 static void test_fused_edit_nonfinite() {
     fgdilp_hook * h = make_hook();
     fgdilp_fusion_params fp = fusion(0.0f, FGDILP_FUSION_MAX, true);
@@ -331,16 +266,18 @@ static void test_fused_edit_nonfinite() {
     CHECK(fgdilp_hook_set_fusion(h, &fp) == FGDILP_ERR_ARG);
     fixture f;
     f.row(1, 2)[5] = NAN;
-    std::vector<float> l1(f.row(1, 0), f.row(1, 0) + WIDTH * ROWS), l0(f.row(0, 4), f.row(0, 4) + WIDTH);
+    std::vector<float> l1(f.row(1, 0), f.row(1, 0) + WIDTH * ROWS), l0(f.row(0, 4), f.row(0, 4) + WIDTH),
+        l2(f.row(2, 0), f.row(2, 0) + WIDTH * ROWS);
     fgdilp_edit e = tr_edit(4, 0, 1, -1);
     e.n_neg = 2; e.neg_rows[1] = 2;
     CHECK(fgdilp_hook_set_plan(h, nullptr, 0, &e, 1) == FGDILP_OK);
-    f.run(h);
+    CHECK(!f.run(h));
     CHECK(fgdilp_hook_end(h) == FGDILP_ERR_NONFINITE);
     CHECK(std::strstr(fgdilp_hook_last_error(h), "kqv_out-1") != nullptr);
-    CHECK(fgdilp_hook_fired_layers(h) == N_LAYER);
-    CHECK(fgdilp_hook_edits_applied(h) == N_LAYER - 1);
+    CHECK(fgdilp_hook_fired_layers(h) == 2);
+    CHECK(fgdilp_hook_edits_applied(h) == 1);
     CHECK(std::memcmp(f.row(1, 4), &l1[4 * WIDTH], sizeof(float) * WIDTH) == 0); // layer 1 untouched
+    CHECK(std::memcmp(f.row(2, 0), l2.data(), sizeof(float) * WIDTH * ROWS) == 0); // layer 2 never reached
     CHECK(std::memcmp(f.row(0, 4), l0.data(), sizeof(float) * WIDTH) != 0);      // layer 0 edited
     fgdilp_hook_free(h);
 }
@@ -353,18 +290,32 @@ static void test_abort_flag() {
     CHECK(!fgdilp_abort_flag(nullptr));
 }
 
-int main() {
-    test_abort_flag();
-    test_params();
+// The tests of the hook's decode-time work: run on each of its two paths.
+static void hook_tests() {
     test_ask_filter();
     test_capture_and_edit();
-    test_edit_math();
     test_dir_slot_and_scales();
     test_errors();
-    test_fuse_api();
     test_fused_edit();
     test_one_negative_default_masks();
     test_fused_edit_nonfinite();
+    test_set_plan_alloc_failure();
+    test_nonfinite_steered_row();
+    test_row_count();
+    test_layer_fires_twice();
+}
+
+int main() {
+    test_abort_flag();
+    test_params();
+    test_init_refusals();
+    test_init_alloc_failure();
+    test_edit_math();
+    test_fuse_api();
+    hook_tests();                           // kqv_out read and written in place (CPU buffers)
+    fgdilp_test_force_device_path(true);
+    hook_tests();                           // through ggml_backend_tensor_get/set (GPU buffers)
+    fgdilp_test_force_device_path(false);
     std::printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail == 0 ? 0 : 1;
 }
