@@ -100,16 +100,16 @@ class HashScorer:
 
 
 def run(model_path, out, scorer, **kw):
-    from fgdilp_cpp.engine import Model
+    from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.evaluation.prompts import PromptRecord
     from fgdilp_cpp.evaluation.runner import run_eval
-    from fgdilp_cpp.generation import EngineParams, Generator
+    from fgdilp_cpp.settings import Settings
 
     prompts = [PromptRecord(0, "the cat sat on"), PromptRecord(3, "where is Paris")]
     with ExitStack() as st:
-        m = st.enter_context(Model(model_path))
-        gen = st.enter_context(Generator(m, EngineParams(ctx_size=256, max_samples=2, max_new=8, n_threads=1)))
-        return run_eval(gen, prompts, ["none", "tr"], 2, 4, 0.9, 7, out, scorer, {}, progress=False,
+        det = st.enter_context(Detoxifier(Settings(model=str(model_path), ctx_size=256, threads=1), max_samples=2,
+                                          max_new=8))
+        return run_eval(det, prompts, ["none", "tr"], 2, 4, 0.9, 7, out, scorer, {}, progress=False,
                         n_boot=50, **kw)
 
 
