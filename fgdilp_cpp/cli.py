@@ -290,6 +290,8 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         return
     if not prompts_path or not out_dir:
         raise FgdilpError("eval needs --prompts FILE and --out DIR")
+    from .files import FolderLock
+    FolderLock(out_dir, what="another eval run").acquire()   # refused before loading; held until exit
     from .evaluation.assets import smollm2_path
     from .evaluation.perplexity import PerplexityJudge
     from .evaluation.prompts import load_prompts
@@ -339,12 +341,13 @@ def eval_samples(out_dir, prompt_ids, sample):
     """Print generations of an eval run side by side (Markdown), to read them."""
     from pathlib import Path
 
-    from .evaluation.runner import GENERATIONS, read_jsonl
+    from .evaluation.records import GENERATION_SCHEMA, read_valid
+    from .evaluation.runner import GENERATIONS
 
     path = Path(out_dir) / GENERATIONS
     if not path.is_file():
         raise FgdilpError(f"no {GENERATIONS} in {out_dir}")
-    recs, _ = read_jsonl(path)
+    recs, _ = read_valid(path, GENERATION_SCHEMA)     # a bad record is skipped, not a traceback
     try:
         ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
     except ValueError:
