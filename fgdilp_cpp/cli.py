@@ -448,6 +448,9 @@ def vectors_inspect(path):
 
     hd = HeadDirections.load(path)
     click.echo(f"model        {hd.model.describe()}")
+    fp = hd.model
+    click.echo("fingerprint  " + (f"weights {fp.weights_sha256[:16]}, vocabulary {fp.vocab_sha256[:16]}" if fp.weights_sha256
+                                  else "none (an older file: refused for steering; build it again)"))
     click.echo(f"method       {hd.method}")
     click.echo(f"shape        [{hd.n_layer}, {hd.n_head}, {hd.head_dim}]  e: {'yes' if hd.e is not None else 'no'}")
     click.echo(f"convention   {hd.layer_convention}")

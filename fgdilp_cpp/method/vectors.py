@@ -5,6 +5,13 @@ A small value type in the style of repeng's ControlVector, stored as a GGUF file
 
 Shapes: directions and e are [n_layer, n_head, head_dim] float32; a layer row is
 [n_head * head_dim] (heads concatenated), the width of the graph node kqv_out-<il>.
+
+Model match: a file records its model's shape (ModelIdentity.key()) and two fingerprints
+(fgdilp.model.vocab_sha256, fgdilp.model.weights_sha256; Model.fingerprint()), so that directions
+built on another model of the same shape (another fine-tune, another quantisation) are refused.
+Files written before the fingerprints existed (same format version, no such keys) still load and
+can be inspected, but are refused for steering: their model cannot be verified, steering with the
+wrong one degrades silently, and a rebuild takes seconds.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from fgdilp_cpp.errors import FgdilpError
 FILE_ARCH = "fgdilp-directions"
 FORMAT_VERSION = 1
 _INT_FIELDS = ("n_layer", "n_head", "head_dim", "n_embd", "n_vocab")
+_FINGERPRINTS = ("vocab_sha256", "weights_sha256")     # optional keys: absent in older files
 
 
 class DirectionsError(FgdilpError, ValueError):
@@ -47,6 +55,8 @@ class ModelIdentity:
     n_embd: int
     n_vocab: int
     name: str = ""  # general.name or file name: informative only, not part of key()
+    vocab_sha256: str = ""    # Model.fingerprint(); "" in files written before fingerprints existed
+    weights_sha256: str = ""
 
     def key(self) -> str:
         """What must match between the vectors and the model they are applied to."""
@@ -114,9 +124,24 @@ class HeadDirections:
         return self
 
     def check_model(self, identity: ModelIdentity) -> None:
-        if identity.key() != self.model.key():
-            raise DirectionsError(f"vectors were built for {self.model.describe()}, "
+        """Refuse another model: another shape, or the same shape with other weights or vocabulary
+        (see the module doc; files without fingerprints are refused too)."""
+        mine = self.model
+        if identity.key() != mine.key():
+            raise DirectionsError(f"vectors were built for {mine.describe()}, "
                                   f"not for {identity.describe()}")
+        if not (mine.vocab_sha256 and mine.weights_sha256):
+            raise DirectionsError(f"these vectors have no model fingerprint (written by an older "
+                                  f"fgdilp-cpp), so they cannot be matched to {identity.describe()} beyond "
+                                  "its shape; build them again for this model with `fgdilp-cpp vectors build`")
+        other = [f"{what} {a[:12]}, this model's {b[:12] or 'unknown'}"
+                 for what, a, b in (("vocabulary", mine.vocab_sha256, identity.vocab_sha256),
+                                    ("weights", mine.weights_sha256, identity.weights_sha256)) if a != b]
+        if other:
+            raise DirectionsError(f"vectors were built for {mine.describe()}, a model of the same shape as "
+                                  f"{identity.name or 'this one'} but with other {'; '.join(other)} "
+                                  "(fingerprints): another fine-tune or "
+                                  "quantisation? Build them for this model with `fgdilp-cpp vectors build`")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HeadDirections):
@@ -160,6 +185,9 @@ class HeadDirections:
             for f in _INT_FIELDS:
                 w.add_uint32(f"fgdilp.model.{f}", getattr(self.model, f))
             w.add_string("fgdilp.model.key", self.model.key())
+            for f in _FINGERPRINTS:
+                if getattr(self.model, f):
+                    w.add_string(f"fgdilp.model.{f}", getattr(self.model, f))
             w.add_string("fgdilp.method", self.method)
             w.add_string("fgdilp.settings", json.dumps(self.settings, sort_keys=True, allow_nan=False))
             w.add_string("fgdilp.layer_convention", self.layer_convention)
@@ -231,6 +259,7 @@ class HeadDirections:
                                   f"(this build reads version {FORMAT_VERSION})")
         model = ModelIdentity(architecture=get("fgdilp.model.architecture", str),
                               name=get("fgdilp.model.name", str, required=False) or "",
+                              **{f: get(f"fgdilp.model.{f}", str, required=False) or "" for f in _FINGERPRINTS},
                               **{f: get(f"fgdilp.model.{f}", int) for f in _INT_FIELDS})
         try:
             settings = json.loads(get("fgdilp.settings", str))
