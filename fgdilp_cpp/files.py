@@ -1,6 +1,7 @@
 """Files that cannot be clobbered: atomic writes and an exclusive lock on a folder.
 
-write_atomic(path, data): the new content goes to a unique temp file in the same folder
+write_atomic(path, data) (or write_atomic_with(path, write) for writers that need a file name):
+the new content goes to a unique temp file in the same folder
 (tempfile.mkstemp, so two writers never share one), is flushed and fsynced, gets its mode, and is
 renamed over `path` (os.replace, atomic on POSIX); the folder is fsynced so that the rename itself
 survives a crash. A reader sees the old file or the new one, never a mix.
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from .errors import FgdilpError
 
@@ -82,16 +83,30 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[str, bytes], *, priv
                  mode: int = 0o644) -> Path:
     """Replace `path` with `data` (str: UTF-8) atomically and durably; see the module doc.
     private: mode 0600. Raises FgdilpError for a symlink target, OSError for I/O failures."""
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "r+b") as f:
+            f.write(raw)
+
+    return write_atomic_with(path, write, private=private, mode=mode)
+
+
+def write_atomic_with(path: Union[str, os.PathLike], write: Callable[[str], None], *, private: bool = False,
+                      mode: int = 0o644) -> Path:
+    """write_atomic for writers that need a file name (gguf.GGUFWriter): write(tmp) fills the
+    unique temp file `tmp` (created empty, 0600, in the target's folder); it is then fsynced, given
+    its mode and renamed over `path`. On any failure the temp file is removed and `path` is as
+    it was."""
     p = refuse_symlink(path)
     if p.exists() and not p.is_file():
         raise FgdilpError(f"{p} exists and is not a regular file")
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     folder = p.parent if str(p.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{p.name}.", suffix=".tmp")   # 0600, O_EXCL
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fchmod(f.fileno(), (0o600 if private else mode) & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, p)

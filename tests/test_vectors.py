@@ -103,6 +103,17 @@ def test_save_failure_leaves_no_temp_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_save_refuses_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep")
+    (tmp_path / "v.gguf").symlink_to(target)
+    from fgdilp_cpp.errors import FgdilpError
+
+    with pytest.raises(FgdilpError, match="symbolic link"):
+        _hd().save(tmp_path / "v.gguf")
+    assert target.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["elsewhere.txt", "v.gguf"]
+
+
 # ---- load refusals ----
 
 def test_load_missing_file(tmp_path):

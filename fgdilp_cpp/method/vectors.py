@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 
 import gguf
 import numpy as np
 
 from fgdilp_cpp.errors import FgdilpError
+from fgdilp_cpp.files import write_atomic_with
 
 FILE_ARCH = "fgdilp-directions"
 FORMAT_VERSION = 1
@@ -170,13 +170,11 @@ class HeadDirections:
     # ---- file format ----
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a GGUF file atomically (temp file in the same directory, then os.replace)."""
+        """Write a GGUF file atomically (files.write_atomic_with: a unique temp file in the same
+        folder, fsync, os.replace; a symlink at `path` is refused)."""
         self.validate()
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=".fgdilp-", suffix=".gguf.tmp")
-        os.close(fd)
-        try:
+
+        def write(tmp: str) -> None:
             w = gguf.GGUFWriter(tmp, FILE_ARCH)
             w.add_name(f"{self.method} head directions for {self.model.name or self.model.key()}")
             w.add_uint32("fgdilp.format_version", FORMAT_VERSION)
@@ -198,14 +196,8 @@ class HeadDirections:
                 w.add_tensor("e", np.ascontiguousarray(self.e))
             for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
                 step()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved artifact is an ordinary file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        write_atomic_with(path, write)      # mode 0644: a saved artifact is an ordinary file
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadDirections:
