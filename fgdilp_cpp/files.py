@@ -19,8 +19,9 @@ FolderLock(folder): an exclusive fcntl.flock on FOLDER/.fgdilp.lock, held while 
 A second holder, in this process or another, is refused at once with FolderLockedError naming the
 holder (pid and command line, which the holder writes into the lock file). The kernel drops a
 flock when its process dies, so the lock file of a crashed run is no obstacle; the file is never
-deleted (deleting it would let two processes lock two different inodes). The same process may
-take the lock again while it holds it (nested blocks share one flock).
+deleted (deleting it would let two processes lock two different inodes). The thread that holds
+the lock may take it again (nested blocks share one flock: the CLI locks before loading models,
+then run_eval locks for its run); another thread of the same process is refused like a process.
 
 This module imports nothing of the package but errors.py.
 """
@@ -135,7 +136,7 @@ def make_private_dir(folder: Union[str, os.PathLike]) -> Path:
 
 
 # ---- folder lock -----------------------------------------------------------------------------------
-_held: dict[tuple[int, int], list] = {}      # (st_dev, st_ino) of the folder -> [fd, depth]
+_held: dict[tuple[int, int], list] = {}      # (st_dev, st_ino) of the folder -> [fd, depth, thread]
 _held_guard = threading.Lock()
 
 
@@ -175,8 +176,11 @@ class FolderLock:
             raise FgdilpError(f"cannot use the folder {self.folder}: {exc.strerror}") from None
         key = (st.st_dev, st.st_ino)
         with _held_guard:
-            if key in _held:                       # nested: this process already holds it
-                _held[key][1] += 1
+            if key in _held:
+                if _held[key][2] != threading.get_ident():
+                    raise FolderLockedError(f"{self.folder} is in use by {self.what} in another thread of "
+                                            "this process; wait for it to finish or use another folder")
+                _held[key][1] += 1                 # nested in the thread that holds it
                 self._key = key
                 return self
             path = self.folder / LOCK_NAME
@@ -201,7 +205,7 @@ class FolderLock:
             cmd = " ".join(sys.argv).replace("\n", " ")
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n{cmd}\n".encode("utf-8", "replace"), 0)
-            _held[key] = [fd, 1]
+            _held[key] = [fd, 1, threading.get_ident()]
             self._key = key
             return self
 

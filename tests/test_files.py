@@ -193,3 +193,24 @@ def test_eval_cli_refuses_a_second_run_and_a_corrupt_run_json(tiny_llama, tmp_pa
     assert "run.json is corrupt" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert (out / "run.json").read_text() == '{"config": {"samples": 2, "n_pre'
     assert (out / "generations.jsonl").read_bytes() == gens
+
+
+def test_lock_is_refused_to_another_thread_of_the_holder(tmp_path):
+    errors = []
+
+    def other_thread():
+        try:
+            with FolderLock(tmp_path):
+                pass
+        except FolderLockedError as exc:
+            errors.append(str(exc))
+
+    with FolderLock(tmp_path):
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "another thread of this process" in errors[0]
+    t = threading.Thread(target=other_thread)             # released: now it may
+    t.start()
+    t.join()
+    assert len(errors) == 1
