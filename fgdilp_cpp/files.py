@@ -1,10 +1,10 @@
 """Files that cannot be clobbered: atomic writes and an exclusive lock on a folder.
 
-write_atomic(path, data) (or write_atomic_with(path, write) for writers that need a file name):
-the new content goes to a unique temp file in the same folder
-(tempfile.mkstemp, so two writers never share one), is flushed and fsynced, gets its mode, and is
-renamed over `path` (os.replace, atomic on POSIX); the folder is fsynced so that the rename itself
-survives a crash. A reader sees the old file or the new one, never a mix.
+write_atomic(path, data), or write_atomic_with(path, write) for writers that need a file name:
+the new content goes to a unique temp file in the same folder (tempfile.mkstemp, so two writers
+never share one), is flushed and fsynced, gets its mode, and is renamed over `path` (os.replace,
+atomic on POSIX); the folder is fsynced so that the rename itself survives a crash. A reader sees
+the old file or the new one, never a mix, and a failed write leaves no temp file behind.
 
 Symbolic links: a target that is a symlink is REFUSED (FgdilpError), never written through and
 never silently replaced. Writing through a link would let whoever planted it redirect our output
@@ -43,7 +43,7 @@ LOCK_NAME = ".fgdilp.lock"
 
 
 class FolderLockedError(FgdilpError):
-    """Another process (or another open lock in this one) holds the folder's lock."""
+    """Another process (or another thread of this one) holds the folder's lock."""
 
 
 def _umask() -> int:
