@@ -259,6 +259,8 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         return
     if not prompts_path or not out_dir:
         raise FgdilpError("eval needs --prompts FILE and --out DIR")
+    from .files import FolderLock
+    FolderLock(out_dir, what="another eval run").acquire()   # refused before loading; held until exit
     from .evaluation.assets import smollm2_path
     from .evaluation.perplexity import PerplexityJudge
     from .evaluation.prompts import load_prompts
@@ -306,12 +308,13 @@ def eval_samples(out_dir, prompt_ids, sample):
     """Print generations of an eval run side by side (Markdown), to read them."""
     from pathlib import Path
 
-    from .evaluation.runner import GENERATIONS, read_jsonl
+    from .evaluation.records import GENERATION_SCHEMA, read_valid
+    from .evaluation.runner import GENERATIONS
 
     path = Path(out_dir) / GENERATIONS
     if not path.is_file():
         raise FgdilpError(f"no {GENERATIONS} in {out_dir}")
-    recs, _ = read_jsonl(path)
+    recs, _ = read_valid(path, GENERATION_SCHEMA)     # a bad record is skipped, not a traceback
     try:
         ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
     except ValueError:
@@ -404,6 +407,9 @@ def vectors_inspect(path):
 
     hd = HeadDirections.load(path)
     click.echo(f"model        {hd.model.describe()}")
+    fp = hd.model
+    click.echo("fingerprint  " + (f"weights {fp.weights_sha256[:16]}, vocabulary {fp.vocab_sha256[:16]}" if fp.weights_sha256
+                                  else "none (an older file: refused for steering; build it again)"))
     click.echo(f"method       {hd.method}")
     click.echo(f"shape        [{hd.n_layer}, {hd.n_head}, {hd.head_dim}]  e: {'yes' if hd.e is not None else 'no'}")
     click.echo(f"convention   {hd.layer_convention}")

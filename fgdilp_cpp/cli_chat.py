@@ -50,6 +50,8 @@ def _open_chat(kw: dict, model_arg=None):
 @_chat_options
 @click.option("--history-dir", default=None, metavar="DIR",
               help="Where every session is saved as it goes (default: $XDG_DATA_HOME/fgdilp-cpp/chats).")
+@click.option("--history/--no-history", default=True, show_default=True,
+              help="Autosave the session (files 0600); also FGDILP_HISTORY=0 or history = false in --config.")
 @friendly_errors
 def chat(model_arg, history_dir, **kw):
     """Chat with MODEL (default: SmolLM2-135M-Instruct), each reply detoxified.

@@ -390,7 +390,8 @@ def identity_of(model: Model) -> ModelIdentity:
     """The model identity that saved vectors are checked against."""
     i = model.info
     return ModelIdentity(architecture=i.architecture, n_layer=i.n_layer, n_head=i.n_head, head_dim=i.head_dim,
-                         n_embd=i.n_embd, n_vocab=i.n_vocab, name=model.meta("general.name") or "")
+                         n_embd=i.n_embd, n_vocab=i.n_vocab, name=model.meta("general.name") or "",
+                         **model.fingerprint())
 
 
 def probe_kqv_out(model: Model, n_threads: int = 0) -> int:

@@ -2,7 +2,10 @@
 
 Keys: Enter sends; a line `\"\"\"` starts and ends a multi-line message; Ctrl-C stops a reply
 (a second Ctrl-C, or one at the prompt, leaves with exit code 130); Ctrl-D leaves (0).
-Every turn is saved to the session file as it ends, so a crash or Ctrl-C loses nothing.
+Every turn is saved to the session file as it ends, so a crash or Ctrl-C loses nothing: written
+through files.write_atomic (a unique temp file, mode 0600, fsync, atomic rename; a symlink in its
+place is refused) in a folder created 0700. `--no-history`, FGDILP_HISTORY=0 or `history = false`
+in the config file turn the autosave off (an explicit /save still writes).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Optional
 from . import methods
 from .errors import FgdilpError
 from .explain import explain_lines
+from .files import make_private_dir, write_atomic
 
 HELP = """commands:
   /help            this list
@@ -51,7 +55,8 @@ class Session:
         self.last_explain: dict = {}
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         folder = Path(history_dir) if history_dir else default_history_dir()
-        self.path = folder / f"chat-{stamp}-{os.getpid()}.json"
+        # None: history is off, nothing is written unless asked for with /save
+        self.path: Optional[Path] = folder / f"chat-{stamp}-{os.getpid()}.json" if det.settings.history else None
 
     def _start(self) -> list[dict]:
         sp = self.settings.system_prompt
@@ -67,14 +72,16 @@ class Session:
                 "messages": self.messages}
 
     def autosave(self) -> None:
-        """Write the session file (atomically); failures are reported once, never fatal."""
-        if not any(m["role"] == "assistant" for m in self.messages):
+        """Write the session file (atomically, private); failures are reported once, never fatal."""
+        if self.path is None or not any(m["role"] == "assistant" for m in self.messages):
             return
         try:
-            write_atomic(self.path, json.dumps(self.document(), indent=1, ensure_ascii=False))
-        except OSError as exc:
+            make_private_dir(self.path.parent)
+            write_atomic(self.path, json.dumps(self.document(), indent=1, ensure_ascii=False), private=True)
+        except (OSError, FgdilpError) as exc:
             if not getattr(self, "_warned", False):
-                print(f"(could not save the session to {self.path}: {exc.strerror})", file=sys.stderr)
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                print(f"(could not save the session to {self.path}: {why})", file=sys.stderr)
                 self._warned = True
 
     def save(self, target: str) -> str:
@@ -83,15 +90,9 @@ class Session:
             text = json.dumps(self.document(), indent=1, ensure_ascii=False)
         else:
             text = "".join(f"{m['role']}: {m['content']}\n\n" for m in self.messages)
-        write_atomic(p, text)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(p, text, private=True)      # a conversation is private wherever it is saved
         return str(p)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_message(prompt: str = "> ") -> Optional[str]:
@@ -200,6 +201,8 @@ def command(session: Session, line: str) -> bool:
                 print(f"(saved to {session.save(arg)})")
             except OSError as exc:
                 print(f"error: cannot write {arg}: {exc.strerror}")
+            except FgdilpError as exc:
+                print(f"error: {exc}")
     else:
         print(f"unknown command /{name}; /help lists them")
     return True
@@ -238,6 +241,6 @@ def run_chat(det, history_dir: Optional[str] = None) -> int:
         code = 130
     finally:
         session.autosave()
-        if session.path.exists():
+        if session.path is not None and session.path.exists():
             print(f"(conversation saved to {session.path})", file=sys.stderr)
     return code

@@ -31,6 +31,7 @@ class Settings:
     # chat and serve
     chat_template: Optional[str] = None      # a llama.cpp built-in name or template text; None = the GGUF's
     system_prompt: Optional[str] = None
+    history: bool = True                     # chat: autosave each session (off: --no-history, FGDILP_HISTORY=0)
     # generation
     method: str = "tr"
     n_predict: int = 64

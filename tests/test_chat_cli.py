@@ -161,3 +161,57 @@ def test_bench_chat_times_first_tokens_side_by_side(tiny_chat, tmp_path, cli):
     fg, tr = out["methods"]["fgdilp"], out["methods"]["tr"]
     assert fg["setup_s"] > 0 and tr["setup_s"] < fg["setup_s"]
     assert cli("bench", "-m", tiny_chat, "--vectors", vec).returncode == 1          # --vectors needs --chat
+
+
+# ---- the chat history: private files, written atomically, and a way to turn it off ----------------
+def _chat_piped(model, tmp_path, stdin, *args, env=None):
+    import os
+    import subprocess
+
+    argv = [sys.executable, "-m", "fgdilp_cpp.cli", "chat", str(model), "-n", "6", "-c", "256", "-t", "1",
+            "--method", "none", *args]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FGDILP_")}
+    full_env.update({"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "xdg"), **(env or {})})
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                          env=full_env)
+
+
+def test_history_is_private_atomic_and_never_follows_a_symlink(tiny_chat, tmp_path):
+    import os
+    import stat
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "link.json").symlink_to(victim)
+    run = _chat_piped(tiny_chat, tmp_path, "hello\n/save link.json\n/save plain.txt\n")
+    assert run.returncode == 0, run.stderr
+    assert "error: link.json is a symbolic link" in run.stdout and "(saved to plain.txt)" in run.stdout
+    assert victim.read_text() == "precious" and (tmp_path / "link.json").is_symlink()
+    folder = tmp_path / "xdg" / "fgdilp-cpp" / "chats"                   # the default: $XDG_DATA_HOME
+    files = list(folder.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("chat-") and files[0].suffix == ".json"
+    assert f"(conversation saved to {files[0]})" in run.stderr
+    assert [m["role"] for m in json.loads(files[0].read_text())["messages"]] == ["user", "assistant"]
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600 and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o600
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "toml"])
+def test_history_can_be_turned_off(tiny_chat, tmp_path, how):
+    args, env = [], {}
+    if how == "flag":
+        args = ["--no-history"]
+    elif how == "env":
+        env = {"FGDILP_HISTORY": "0"}
+    else:
+        (tmp_path / "c.toml").write_text("history = false\n")
+        args = ["--config", str(tmp_path / "c.toml")]
+    run = _chat_piped(tiny_chat, tmp_path, "hello\n/settings\n", *args, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "[reply cut at -n 6 tokens]" in run.stdout and "conversation saved" not in run.stderr
+    assert not (tmp_path / "xdg").exists()
+    assert [line.split() for line in run.stdout.splitlines() if line.startswith("history ")] == [["history", "False"]]
+    if how == "env":        # the flag wins over the environment
+        on = _chat_piped(tiny_chat, tmp_path, "hello\n", "--history", env=env)
+        assert on.returncode == 0 and len(list((tmp_path / "xdg" / "fgdilp-cpp" / "chats").iterdir())) == 1

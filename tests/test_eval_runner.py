@@ -369,3 +369,82 @@ def test_subprocess_killed_mid_run_resumes(full_run, model_path, tmp_path, sig):
     assert_consistent(out)
     rep = json.loads((out / "report.json").read_text())
     assert key_metrics(rep) == key_metrics(full_run[1]["report"])
+
+
+# ---- files: records off the schema, a corrupt run.json, the folder lock ----------------------------
+def test_records_off_the_schema_are_dropped_counted_and_regenerated(full_run, model_path, tmp_path):
+    out = copy_run(full_run, tmp_path)
+    lines = (out / GENERATIONS).read_text().splitlines(keepends=True)
+    recs = [json.loads(l) for l in lines]
+    bad_at = {0: ("scores", {"toxic": "high"}), 3: ("sample", "1"), 5: ("prompt_id", True),
+              7: ("text", None)}
+    for i, (key, value) in bad_at.items():
+        recs[i][key] = value
+    recs[9]["judge_scores"] = {"j": {"toxic": 0.5}}      # an unknown extra key is allowed and kept
+    (out / GENERATIONS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tims = [json.loads(l) for l in (out / TIMINGS).read_text().splitlines()]
+    assert (tims[0]["prompt_id"], tims[0]["method"]) == (recs[0]["prompt_id"], recs[0]["method"])
+    tims[0]["gen_s"] = "fast"                            # the timing of a group regenerated anyway
+    (out / TIMINGS).write_text("".join(json.dumps(t) + "\n" for t in tims))
+    groups = {(json.loads(lines[i])["prompt_id"], json.loads(lines[i])["method"]) for i in bad_at}
+    res = evaluate(model_path, out)
+    assert res["resume"]["bad_records"] == len(bad_at) + 1 and res["resume"]["bad_lines"] == 0
+    assert res["generated"] == len(groups) and res["skipped"] == 6 - len(groups)
+    assert res["report"]["run"]["bad_records"] == len(bad_at) + 1
+    assert json.loads((out / "report.json").read_text())["run"]["bad_records"] == len(bad_at) + 1
+    assert f"Resuming dropped {len(bad_at) + 1} records off the schema" in (out / "report.md").read_text()
+    assert assert_consistent(out) == {(p.id, m) for p in PROMPTS for m in METHODS}
+    assert key_metrics(res["report"]) == key_metrics(full_run[1]["report"])
+    kept = read_jsonl(out / GENERATIONS)[0]
+    assert (recs[9]["prompt_id"], recs[9]["method"]) not in groups
+    assert [r["judge_scores"] for r in kept if "judge_scores" in r] == [{"j": {"toxic": 0.5}}]
+
+
+def test_the_report_never_sees_a_record_off_the_schema(full_run, model_path, tmp_path, monkeypatch):
+    """Records that go bad after the resume check (another writer, a disk fault) are left out of
+    the report instead of crashing it."""
+    out = copy_run(full_run, tmp_path)
+    real = runner_mod.load_state
+
+    def load_then_spoil(folder, samples):
+        state = real(folder, samples)
+        with open(folder / GENERATIONS, "a") as f:
+            f.write(json.dumps({"prompt_id": 0, "method": "none", "sample": 0, "scores": None}) + "\n")
+        return state
+
+    monkeypatch.setattr(runner_mod, "load_state", load_then_spoil)
+    res = evaluate(model_path, out)
+    assert key_metrics(res["report"]) == key_metrics(full_run[1]["report"])
+
+
+@pytest.mark.parametrize("content", [b"{\"config\": {\"samples\": 2", b"\xff\xfe", b"[]", b"{}", b""])
+def test_a_corrupt_run_json_is_refused_not_overwritten(full_run, model_path, tmp_path, content):
+    out = copy_run(full_run, tmp_path)
+    (out / "run.json").write_bytes(content)
+    before = (out / GENERATIONS).read_bytes()
+    with pytest.raises(FgdilpError, match="run.json is corrupt"):
+        evaluate(model_path, out)
+    assert (out / "run.json").read_bytes() == content and (out / GENERATIONS).read_bytes() == before
+
+
+def test_a_second_run_on_a_locked_folder_is_refused(full_run, model_path, tmp_path):
+    from fgdilp_cpp.files import FolderLockedError
+
+    out = copy_run(full_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from fgdilp_cpp.files import FolderLock
+        FolderLock({str(out)!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (out / GENERATIONS).read_bytes()
+        with pytest.raises(FolderLockedError, match=f"pid {holder.pid} "):
+            evaluate(model_path, out)
+        assert (out / GENERATIONS).read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert evaluate(model_path, out)["skipped"] == 6          # the dead holder's lock is no obstacle

@@ -297,6 +297,92 @@ def test_unknown_callables_become_inert_stand_ins(tmp_path):
         obj.missing  # noqa: B018
 
 
+BIG = 1 << 36     # 64 GiB: building it would take minutes (or the machine's memory)
+
+
+@pytest.mark.parametrize("raw", [
+    b"cbuiltins\nbytes\n(I%d\ntR." % BIG,                                   # protocol 0 GLOBAL + REDUCE
+    b"c__builtin__\nbytes\n(I%d\ntR." % BIG,                                # the Python 2 spelling
+    b"\x80\x04\x8c\x08builtins\x8c\x05bytes\x93\x8a\x05" + BIG.to_bytes(5, "little") + b"\x85R.",  # STACK_GLOBAL
+    b"\x80\x02cbuiltins\nint\nV" + b"9" * 4000 + b"\n\x85R.",                   # int from a huge text
+    b"\x80\x02cbuiltins\nint\nK\x07\x85\x81.",                                 # NEWOBJ of int
+], ids=["bytes-p0", "bytes-py2", "bytes-p4", "int-text", "int-newobj"])
+def test_unpickler_builds_no_bytes_or_int_from_pickled_arguments(raw):
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(pickle.UnpicklingError):
+            safe_load(raw)
+        took = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(raw) < 4100 and took < 1.0 and peak < 16 << 20     # refused at once, nothing near BIG allocated
+
+
+def test_unpickler_keeps_int_as_a_factory_and_checks_what_it_returns():
+    from collections import defaultdict
+
+    from fgdilp_cpp.evaluation.safe_pickle import NoArgsFactory, check_data
+
+    dd = safe_load(pickle.dumps(defaultdict(int, {"a": 3}), protocol=3))
+    assert isinstance(dd.default_factory, NoArgsFactory) and dd["missing"] == 0 and dd["a"] == 3
+    with pytest.raises(UnsafePickleError, match="builtins.int"):
+        dd.default_factory("99")
+    shared: list = []
+    for _ in range(60):              # 2**60 paths through one memo: visited once each, not per path
+        shared = [shared, shared]
+    loaded, depth = safe_load(pickle.dumps(shared)), 0
+    while loaded:
+        assert loaded[0] is loaded[1]
+        loaded, depth = loaded[0], depth + 1
+    assert depth == 60
+    assert check_data({"x": [1, 2.5, None, b"b", ("t", frozenset({1}))], 2: {3}}) is not None
+    for bad in ([1, {"k": object()}], {"f": os.system}, [iter([])], {"s": slice(1, 2)}):
+        with pytest.raises(UnsafePickleError, match="not plain data"):
+            check_data(bad)
+    stand_in = safe_load(b"cmypkg.mod\nThing\n)\x81.")
+    object.__setattr__(stand_in, "args", (os.system,))      # a stand-in carrying code is refused too
+    with pytest.raises(UnsafePickleError, match="builtin_function_or_method"):
+        check_data(stand_in)
+
+
+def _tokenizer_pickle(monkeypatch, word_index) -> bytes:
+    """A pickle shaped like tox-block's encoder, from stand-in classes registered under its names."""
+    import types
+
+    def fake_class(module: str, name: str) -> type:
+        for i in range(1, module.count(".") + 2):
+            part = module.rsplit(".", module.count(".") + 1 - i)[0] if i <= module.count(".") else module
+            if part not in sys.modules or not getattr(sys.modules[part], "__fake__", False):
+                mod = types.ModuleType(part)
+                mod.__fake__ = True
+                monkeypatch.setitem(sys.modules, part, mod)
+        cls = type(name, (), {"__module__": module, "__qualname__": name})
+        setattr(sys.modules[module], name, cls)
+        return cls
+
+    seq = fake_class("tox_block.data_processing.preprocessors", "TokenSequencer")()
+    tok = fake_class("keras_preprocessing.text", "Tokenizer")()
+    tok.__dict__.update(word_index=word_index, num_words=20000, filters="!?", split=" ", lower=True,
+                        char_level=False, oov_token=None)
+    seq.__dict__.update(tokenizer=tok, max_sequence_length=100, max_features=20000)
+    return pickle.dumps(seq, protocol=3)
+
+
+def test_read_tokenizer_type_checks_the_word_index(monkeypatch):
+    from fgdilp_cpp.evaluation.scorer import read_tokenizer
+
+    good = read_tokenizer(_tokenizer_pickle(monkeypatch, {"the": 1, "cat": 2, "rare": 30000}))
+    assert good["vocab"] == {"the": 1, "cat": 2} and good["max_len"] == 100
+    for bad in ({"the": "1"}, {"the": True}, {1: 2}, {"the": 1.0}):
+        with pytest.raises(FgdilpError, match="word_index is not a dict of str -> int"):
+            read_tokenizer(_tokenizer_pickle(monkeypatch, bad))
+
+
 @pytest.mark.real_model
 @needs_toxblock
 def test_real_encoder_loads_into_stand_ins(encoder):

@@ -15,7 +15,7 @@ L, H, D = 4, 3, 8  # n_layer, n_head, head_dim
 
 def _identity(**kw) -> ModelIdentity:
     base = dict(architecture="llama", n_layer=L, n_head=H, head_dim=D, n_embd=32, n_vocab=100,
-                name="tiny-llama")
+                name="tiny-llama", vocab_sha256="ab" * 32, weights_sha256="cd" * 32)
     return ModelIdentity(**{**base, **kw})
 
 
@@ -101,6 +101,17 @@ def test_save_failure_leaves_no_temp_file(tmp_path):
     with pytest.raises(ValueError, match="JSON"):
         bad.save(tmp_path / "x.gguf")
     assert os.listdir(tmp_path) == []
+
+
+def test_save_refuses_a_symlink(tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep")
+    (tmp_path / "v.gguf").symlink_to(target)
+    from fgdilp_cpp.errors import FgdilpError
+
+    with pytest.raises(FgdilpError, match="symbolic link"):
+        _hd().save(tmp_path / "v.gguf")
+    assert target.read_text() == "keep" and sorted(os.listdir(tmp_path)) == ["elsewhere.txt", "v.gguf"]
 
 
 # ---- load refusals ----
@@ -276,3 +287,97 @@ def test_reversed(tmp_path):
     assert rv.e is hd.e and rv.method.endswith("reversed")
     rv.save(tmp_path / "rev.gguf")
     assert HeadDirections.load(tmp_path / "rev.gguf") == rv
+
+
+# ---- model fingerprints: a same-shape other model is refused ----
+
+def test_fingerprints_round_trip_and_are_checked(tmp_path):
+    hd = _hd()
+    hd.save(tmp_path / "v.gguf")
+    back = HeadDirections.load(tmp_path / "v.gguf")
+    assert back.model == hd.model and back.model.weights_sha256 == "cd" * 32
+    back.check_model(_identity(name="renamed"))
+    with pytest.raises(ValueError, match=r"same shape as tuned but with other weights cdcdcdcdcdcd, "
+                                         r"this model's 000000000000 \(fingerprints\)"):
+        back.check_model(_identity(name="tuned", weights_sha256="0" * 64))
+    with pytest.raises(ValueError, match="other vocabulary abababababab"):
+        back.check_model(_identity(vocab_sha256="1" * 64))
+
+
+def test_a_file_without_fingerprints_loads_but_is_refused_for_steering(tmp_path):
+    old = HeadDirections.load(_write_raw(tmp_path / "old.gguf"))       # as an older fgdilp-cpp wrote it
+    assert (old.model.vocab_sha256, old.model.weights_sha256) == ("", "")
+    with pytest.raises(ValueError, match=r"no model fingerprint \(written by an older fgdilp-cpp\).*"
+                                         r"build them again for this model with `fgdilp-cpp vectors build`"):
+        old.check_model(_identity())
+
+
+@pytest.fixture(scope="module")
+def same_shape_models(tmp_path_factory):
+    """Three tiny llamas of one shape: the original, another seed (a fine-tune), and the original
+    weights under a vocabulary with one token spelled differently."""
+    import tiny_model
+    from tiny_model import TinyConfig, build_tiny_llama
+
+    folder = tmp_path_factory.mktemp("same-shape")
+    paths = {"a": folder / "a.gguf", "tuned": folder / "tuned.gguf", "vocab": folder / "vocab.gguf"}
+    build_tiny_llama(paths["a"], TinyConfig())
+    build_tiny_llama(paths["tuned"], TinyConfig(seed=1))
+    real = tiny_model.tokenizer_vocab
+
+    def respelled():
+        tokens, scores, types = real()
+        return tokens[:-1] + ["\u2581zq"], scores, types
+
+    tiny_model.tokenizer_vocab = respelled
+    try:
+        build_tiny_llama(paths["vocab"], TinyConfig())
+    finally:
+        tiny_model.tokenizer_vocab = real
+    return paths
+
+
+def test_vectors_of_a_same_shape_model_are_refused_through_the_api(same_shape_models, tmp_path):
+    from fgdilp_cpp.api import Detoxifier
+    from fgdilp_cpp.engine import Model
+    from fgdilp_cpp.errors import FgdilpError
+    from fgdilp_cpp.generation import identity_of
+
+    paths = same_shape_models
+    with Model(paths["a"]) as m:
+        ident = identity_of(m)
+        assert m.fingerprint() is m.fingerprint()                      # computed once per model
+    with Model(paths["tuned"]) as m:
+        tuned = identity_of(m)
+    with Model(paths["vocab"]) as m:
+        vocab = identity_of(m)
+    assert ident.key() == tuned.key() == vocab.key()
+    assert ident.vocab_sha256 == tuned.vocab_sha256 and ident.weights_sha256 != tuned.weights_sha256
+    assert ident.vocab_sha256 != vocab.vocab_sha256 and ident.weights_sha256 == vocab.weights_sha256
+    n_layer, n_head, head_dim = ident.n_layer, ident.n_head, ident.head_dim
+    rng = np.random.default_rng(0)
+    d = (0.1 * rng.standard_normal((n_layer, n_head, head_dim))).astype(np.float32)
+    HeadDirections(directions=d, e=None, model=ident, method="fgdilp-frozen").save(tmp_path / "a.gguf")
+    vec = str(tmp_path / "a.gguf")
+
+    with Detoxifier.from_file(paths["a"], vectors=vec, n_predict=3, threads=1, ctx_size=128) as det:
+        assert det.generate("the cat").text is not None                # the same model: accepted
+    for other, what in (("tuned", "other weights"), ("vocab", "other vocabulary")):
+        with pytest.raises(FgdilpError, match=f"same shape as tiny-llama-test but with {what}"):
+            Detoxifier.from_file(paths[other], vectors=vec, n_predict=3, threads=1, ctx_size=128)
+
+
+def test_cli_refuses_vectors_of_a_fine_tune_and_inspect_shows_the_fingerprint(same_shape_models, tmp_path, cli):
+    vec = tmp_path / "tuned.gguf"
+    fast = ["--selfgen-samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-c", "256", "-t", "1"]
+    built = cli("vectors", "build", "-m", same_shape_models["tuned"], "-p", "the cat", "-o", vec, *fast)
+    assert built.returncode == 0, built.stderr
+    proc = cli("generate", "-m", same_shape_models["a"], "-p", "a dog", "--vectors", vec, "-n", "3", "-t", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "but with other weights" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    hd = HeadDirections.load(vec)
+    shown = cli("vectors", "inspect", vec)
+    assert shown.returncode == 0 and f"fingerprint  weights {hd.model.weights_sha256[:16]}, vocabulary" in shown.stdout
+    old = cli("vectors", "inspect", _write_raw(tmp_path / "old.gguf"))
+    assert old.returncode == 0 and "fingerprint  none (an older file: refused for steering" in old.stdout

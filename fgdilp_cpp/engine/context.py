@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ class Model(Owned):
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
+        self._fingerprint: dict[str, str] | None = None
 
     def meta(self, key: str) -> Optional[str]:
         buf = ctypes.create_string_buffer(512)
@@ -143,6 +145,21 @@ class Model(Owned):
     @property
     def ptr(self):
         return self._m
+
+    def fingerprint(self) -> dict[str, str]:
+        """{"vocab_sha256", "weights_sha256"}: what tells this model from another of the same
+        shape (saved vectors are checked against it). The vocabulary: every token's text and
+        attributes as llama.cpp loaded them; the weights: tensors.weights_fingerprint (a bounded
+        read). Computed once per Model."""
+        if self._fingerprint is None:
+            from .tensors import weights_fingerprint
+
+            h = hashlib.sha256()
+            for t in range(self.info.n_vocab):
+                text = ll.llama_vocab_get_text(self.vocab, t) or b""
+                h.update(b"%d\0%d\0%s\0" % (len(text), ll.llama_vocab_get_attr(self.vocab, t), text))
+            self._fingerprint = {"vocab_sha256": h.hexdigest(), "weights_sha256": weights_fingerprint(self.info.path)}
+        return self._fingerprint
 
     # ---- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:

@@ -4,6 +4,7 @@ it skips the big tokenizer arrays), bytes through a memory map, dequantised by g
 from __future__ import annotations
 
 import ctypes
+import hashlib
 from pathlib import Path
 
 import llama_cpp  # noqa: F401  (loads libggml-base)
@@ -36,7 +37,46 @@ def _ggml_base() -> ctypes.CDLL:
     lib.gguf_get_tensor_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.gguf_get_tensor_size.restype = ctypes.c_size_t
     lib.gguf_get_tensor_size.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_n_tensors.restype = ctypes.c_int64
+    lib.gguf_get_n_tensors.argtypes = [ctypes.c_void_p]
+    lib.gguf_get_tensor_name.restype = ctypes.c_char_p
+    lib.gguf_get_tensor_name.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     return lib
+
+
+FINGERPRINT_SAMPLE = 4096      # bytes hashed at the start, middle and end of every tensor
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """SHA-256 over every tensor's name, type and size and three samples of its data (start,
+    middle, end; FINGERPRINT_SAMPLE bytes each), tensors in name order. Bounded: about 12 KiB
+    read per tensor (~3.5 MB for a 7B model), whatever the file size. Metadata (name, chat
+    template) does not enter it; a fine-tune or another quantisation changes every weight matrix
+    and so the fingerprint. A change confined to bytes outside the samples would go unseen."""
+    lib = _ggml_base()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+    if not ctx:
+        raise FgdilpError(f"cannot read the GGUF tensors of {path}")
+    try:
+        base = lib.gguf_get_data_offset(ctx)
+        entries = []
+        for tid in range(lib.gguf_get_n_tensors(ctx)):
+            entries.append((lib.gguf_get_tensor_name(ctx, tid), lib.gguf_get_tensor_type(ctx, tid),
+                            base + lib.gguf_get_tensor_offset(ctx, tid), lib.gguf_get_tensor_size(ctx, tid)))
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for name, qtype, start, size in sorted(entries):
+                h.update(b"%s\0%d\0%d\0" % (name, qtype, size))
+                k = min(FINGERPRINT_SAMPLE, size)
+                for at in sorted({start, start + (size - k) // 2, start + size - k}):
+                    f.seek(at)
+                    chunk = f.read(k)
+                    if len(chunk) != k:
+                        raise FgdilpError(f"{path} is truncated (tensor {name.decode(errors='replace')})")
+                    h.update(chunk)
+        return h.hexdigest()
+    finally:
+        lib.gguf_free(ctx)
 
 
 def output_projections(path: str | Path, n_layer: int) -> list[np.ndarray]:

@@ -87,10 +87,12 @@ def _tokenizer_settings(st: dict, what: str, max_len) -> dict:
     if st.get("analyzer") is not None:
         raise FgdilpError(f"the {what} tokenizer has a custom analyzer")
     word_index = st.get("word_index")
-    if not isinstance(word_index, dict):
+    if type(word_index) is not dict:
         raise FgdilpError(f"the {what} tokenizer has no word_index")
-    vocab = {w: i for w, i in word_index.items()
-             if isinstance(w, str) and isinstance(i, int) and 0 < i < num_words}
+    # exactly str -> int (not bool, not a stand-in): anything else is not the file we verified
+    if not set(map(type, word_index)) <= {str} or not set(map(type, word_index.values())) <= {int}:
+        raise FgdilpError(f"the {what} tokenizer's word_index is not a dict of str -> int")
+    vocab = {w: i for w, i in word_index.items() if 0 < i < num_words}
     return {"vocab": vocab, "filters": st["filters"], "lower": bool(st.get("lower", True)),
             "split": st["split"], "max_len": max_len, "num_words": num_words}
 

@@ -25,6 +25,7 @@ Values that do not exist (no judge value, no baseline) are null.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import FgdilpError
+from ..files import write_atomic
 from .judge_metrics import judges_markdown, per_judge, tox_judges_of
 from .metrics import any_toxic, bootstrap_ci, distinct_n, max_toxicity, paired_bootstrap_ci
 
@@ -191,6 +193,9 @@ def report_markdown(report: dict) -> str:
     elif n_samples:
         desc += f" × {'/'.join(map(str, sorted(n_samples)))} samples"
     out += [desc + ".", ""]
+    if run.get("bad_records") or run.get("bad_lines"):
+        out += [f"Resuming dropped {run.get('bad_records', 0)} records off the schema and "
+                f"{run.get('bad_lines', 0)} unreadable lines (their groups were generated again).", ""]
     judge = f" of `{report['primary_judge']}`" if report.get("primary_judge") else ""
     out += [f"Toxicity: `{report['tox_label']}` score{judge}, toxic above {report['threshold']}. Intervals: 95 % paired "
             f"bootstrap over prompts ({report['bootstrap']['n_boot']} resamples) of the difference to "
@@ -252,8 +257,6 @@ def _sanitize(o: Any) -> Any:
 def write_report(report: dict, out_dir) -> list[Path]:
     """report.json, report.md and the plots (toxicity.png, labels.png, emt_vs_ppl.png); returns the
     paths written. JSON and Markdown are written first, so they exist even if plotting fails."""
-    from .runner import write_atomic
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -350,8 +353,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path, plt) -> Path:
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, buf.getvalue())

@@ -11,15 +11,19 @@ Files in out_dir:
                      "n_tokens", "n_prompt_tokens", "n_decode_steps", "setup_s", "prefill_s",
                      "decode_s", "gen_s", "score_s", "ppl_s"}
 - report.json, report.md, *.png (report.py)
+- .fgdilp.lock       the folder's lock (files.FolderLock), held for the whole run: a second run on
+                     the same folder is refused at once, naming the process that holds it.
 
 Seeds: sample i of the prompt with id p (its line index in the prompt file) is drawn with seed
 (seed + stride * p + i) mod 2^32, stride = max(1000, samples), the same for every method (and for
 FGDILP's self-generation, which starts from the prompt's first seed). Sampling is top-p only:
 temperature 1, top-k 0, min-p 0.
 
-Resume: the records already in generations.jsonl are read first; a truncated or unreadable line is
-dropped; groups with all their samples are kept and skipped, groups with only some are removed
-(the files are rewritten without them, atomically) and generated again. SIGINT and SIGTERM stop the
+Resume: run.json must be readable and hold the same settings (a corrupt one is refused, never
+overwritten); the records already in generations.jsonl are read first; a truncated or unreadable line,
+or a record off the schema of records.py, is dropped and counted (stderr, report.json "run");
+groups with all their samples are kept and skipped, groups with only some are removed (the files
+are rewritten without them, atomically) and generated again. SIGINT and SIGTERM stop the
 run between two groups (a group being written is finished first); what was written stays.
 """
 
@@ -40,7 +44,10 @@ import numpy as np
 
 from ..engine import SamplingParams
 from ..errors import FgdilpError
+from ..files import FolderLock, write_atomic
 from .judges import judge_map, score_checked
+from .report import build_report, write_report
+from .records import GENERATION_SCHEMA, TIMING_SCHEMA, read_jsonl, read_valid, split_valid
 
 GENERATIONS = "generations.jsonl"
 TIMINGS = "timings.jsonl"
@@ -81,93 +88,41 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_json_default)
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """The records of a JSONL file and how many lines were dropped (a truncated last line, a line
-    that is not a JSON object)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], 0
-    parts = data.split(b"\n")
-    tail = parts.pop()                   # b"" when the file ends with a newline, else a cut line
-    dropped = int(bool(tail.strip()))
-    out = []
-    for line in parts:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            dropped += 1
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-        else:
-            dropped += 1
-    return out, dropped
+def _gen_key(r: dict) -> tuple[int, str, int]:
+    return r["prompt_id"], r["method"], r["sample"]        # types checked by GENERATION_SCHEMA
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _gen_key(r: dict):
-    try:
-        return int(r["prompt_id"]), str(r["method"]), int(r["sample"])
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _group_key(r: dict):
-    try:
-        return int(r["prompt_id"]), str(r["method"])
-    except (KeyError, TypeError, ValueError):
-        return None
+def _group_key(r: dict) -> tuple[int, str]:
+    return r["prompt_id"], r["method"]
 
 
 def load_state(out_dir: Path, samples: int) -> tuple[list[dict], list[dict], set, dict]:
-    """Read generations and timings, keep the complete groups (rewriting the files when anything
-    was dropped). Returns (records, timings, complete group keys, stats)."""
+    """Read generations and timings, drop what is unreadable or off the schema (records.py), keep
+    the complete groups (rewriting the files when anything was dropped). Returns (records,
+    timings, complete group keys, stats); stats counts "bad_lines" (unreadable) and "bad_records"
+    (readable but off the schema)."""
     gpath, tpath = out_dir / GENERATIONS, out_dir / TIMINGS
     recs, bad = read_jsonl(gpath)
+    valid, bad_recs = split_valid(recs, GENERATION_SCHEMA)
     seen, unique = set(), []
-    for r in recs:
+    for r in valid:
         k = _gen_key(r)
-        if k is None or k in seen or not 0 <= k[2] < samples:
-            bad += k is None
+        if k in seen or not k[2] < samples:
             continue
         seen.add(k)
         unique.append(r)
     by_group: dict[tuple, set] = {}
     for r in unique:
-        by_group.setdefault(_group_key(r), set()).add(int(r["sample"]))
+        by_group.setdefault(_group_key(r), set()).add(r["sample"])
     complete = {g for g, s in by_group.items() if len(s) == samples}
     kept = [r for r in unique if _group_key(r) in complete]
     partial = len(by_group) - len(complete)
     if len(kept) != len(recs) or bad:
         write_atomic(gpath, "".join(_dumps(r) + "\n" for r in kept))
     tims, tbad = read_jsonl(tpath)
+    tvalid, tbad_recs = split_valid(tims, TIMING_SCHEMA)
     last: dict[tuple, dict] = {}
-    for t in tims:
+    for t in tvalid:
         k = _group_key(t)
         if k in complete:
             last[k] = t                  # a group timed twice keeps its last timing
@@ -175,7 +130,8 @@ def load_state(out_dir: Path, samples: int) -> tuple[list[dict], list[dict], set
     if len(tkept) != len(tims) or tbad:
         write_atomic(tpath, "".join(_dumps(t) + "\n" for t in tkept))
     stats = {"records": len(kept), "groups": len(complete), "partial_groups_removed": partial,
-             "records_removed": len(recs) - len(kept), "bad_lines": bad + tbad}
+             "records_removed": len(recs) - len(kept), "bad_lines": bad + tbad,
+             "bad_records": bad_recs + tbad_recs}
     return kept, tkept, complete, stats
 
 
@@ -208,19 +164,26 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
 
 
 def check_config(out_dir: Path, cfg: dict) -> None:
-    """Refuse a folder whose run.json holds other settings; write run.json when there is none."""
+    """Refuse a folder whose run.json holds other settings, or is corrupt (it is the only record of
+    the settings its generations were made with: overwriting it would skip this check); write
+    run.json when there is none."""
     path = out_dir / RUN
-    if path.exists():
+    if path.exists() or path.is_symlink():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            old = None
-        if isinstance(old, dict) and old.get("config") is not None:
-            if old["config"] != cfg:
-                diff = sorted(k for k in set(old["config"]) | set(cfg) if old["config"].get(k) != cfg.get(k))
-                raise FgdilpError(f"{out_dir} holds a run with other settings ({', '.join(diff)}); resume "
-                                  "with the same settings or use another --out")
-            return
+        except (OSError, ValueError, RecursionError) as exc:   # JSON and Unicode errors are ValueErrors
+            old, why = None, str(getattr(exc, "strerror", None) or exc).splitlines()[0][:120]
+        else:
+            why = "no \"config\" object in it"
+        if not (isinstance(old, dict) and isinstance(old.get("config"), dict)):
+            raise FgdilpError(f"{path} is corrupt ({why}); it records the settings of the generations in "
+                              f"{out_dir}, so the run cannot be resumed safely: restore it, remove it to "
+                              "accept this run's settings for the records there, or use another --out")
+        if old["config"] != cfg:
+            diff = sorted(k for k in set(old["config"]) | set(cfg) if old["config"].get(k) != cfg.get(k))
+            raise FgdilpError(f"{out_dir} holds a run with other settings ({', '.join(diff)}); resume "
+                              "with the same settings or use another --out")
+        return
     # no run.json yet (a new folder, or records written before it existed): record these settings
     write_atomic(path, _dumps({"config": cfg}) + "\n")
 
@@ -314,7 +277,6 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     Returns {"report", "out_dir", "generated", "skipped", "remaining", "interrupted", "signal",
     "resume"}: interrupted is True when SIGINT/SIGTERM stopped the run (signal = its number); the
     report then covers what was written."""
-    from .report import build_report, write_report
 
     judges = dict(judges or {})
     tox_judges = judge_map(scorer)
@@ -339,80 +301,88 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # the settings are checked before anything in out_dir is rewritten
-    check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges, list(tox_judges)))
-    kept, _, done, resume = load_state(out, samples)
-    saved = {int(r["prompt_id"]): r.get("prompt") for r in kept}
-    for r in records:
-        if int(r.id) in saved and saved[int(r.id)] != r.text:
-            raise FgdilpError(f"prompt {r.id} differs from the one saved in {out / GENERATIONS}; resume "
-                              "with the same prompt file, limit and offset, or use another --out")
-    todo = [(r, m) for r in records for m in methods if (int(r.id), m) not in done]
-    skipped = len(records) * len(methods) - len(todo)
-    bar = _progress_bar(len(records) * len(methods), skipped, progress)
-    generated, interrupted = 0, False
-    stop = _StopOnSignal()
-    gpath, tpath = out / GENERATIONS, out / TIMINGS
-    try:
-        with stop, open(gpath, "ab") as gf, open(tpath, "ab") as tf:
-            for rec, method in todo:
-                pid = int(rec.id)
-                base = sample_seed(seed, pid, 0, samples)
-                if bar is not None:
-                    bar.set_postfix_str(f"prompt {pid} {method}", refresh=False)
-                outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base)
-                texts = [s.text for s in outs]
-                t0 = time.perf_counter()
-                scores = score_checked(primary, scorer, texts, labels)
-                extra = {name: score_checked(name, tox_judges[name], texts, labs)
-                         for name, labs in extra_labels.items()}
-                t1 = time.perf_counter()
-                ppl = {name: list(j.ppl_many([(rec.text, t) for t in texts])) for name, j in judges.items()}
-                t2 = time.perf_counter()
-                lines = []
-                for i, s in enumerate(outs):
-                    line = {"prompt_id": pid, "prompt": rec.text, "method": method, "sample": i,
-                            "seed": (base + i) % 2**32, "text": s.text,
-                            "scores": {lab: _finite(scores[i, k]) for k, lab in enumerate(labels)},
-                            "ppl": {name: _finite(v[i]) for name, v in ppl.items()},
-                            "n_tokens": len(s.tokens), "stop_reason": s.stop_reason}
-                    if extra:
-                        line["judge_scores"] = {name: {lab: _finite(p[i, k]) for k, lab in
-                                                       enumerate(extra_labels[name])}
-                                                for name, p in extra.items()}
-                    lines.append(_dumps(line) + "\n")
-                timing = {"prompt_id": pid, "method": method, "n_samples": samples,
-                          "n_tokens": sum(len(s.tokens) for s in outs), **tim,
-                          "score_s": t1 - t0, "ppl_s": t2 - t1}
-                stop.begin()             # a signal now waits until both files have the group
-                try:
-                    gf.write("".join(lines).encode("utf-8"))
-                    gf.flush()
-                    os.fsync(gf.fileno())
-                    tf.write((_dumps(timing) + "\n").encode("utf-8"))
-                    tf.flush()
-                    os.fsync(tf.fileno())
-                    generated += 1
+    # one run per folder: a second one appending to the same files would lose records when either
+    # rewrites them (load_state); the lock is held until the report is written
+    with FolderLock(out, what="another eval run"):
+        # the settings are checked before anything in out_dir is rewritten
+        check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges, list(tox_judges)))
+        kept, _, done, resume = load_state(out, samples)
+        if resume["bad_lines"] or resume["bad_records"]:
+            print(f"(resume: dropped {resume['bad_records']} records that do not follow the schema and "
+                  f"{resume['bad_lines']} unreadable lines from {out}; their groups are generated again)",
+                  file=sys.stderr)
+        saved = {int(r["prompt_id"]): r.get("prompt") for r in kept}
+        for r in records:
+            if int(r.id) in saved and saved[int(r.id)] != r.text:
+                raise FgdilpError(f"prompt {r.id} differs from the one saved in {out / GENERATIONS}; resume "
+                                  "with the same prompt file, limit and offset, or use another --out")
+        todo = [(r, m) for r in records for m in methods if (int(r.id), m) not in done]
+        skipped = len(records) * len(methods) - len(todo)
+        bar = _progress_bar(len(records) * len(methods), skipped, progress)
+        generated, interrupted = 0, False
+        stop = _StopOnSignal()
+        gpath, tpath = out / GENERATIONS, out / TIMINGS
+        try:
+            with stop, open(gpath, "ab") as gf, open(tpath, "ab") as tf:
+                for rec, method in todo:
+                    pid = int(rec.id)
+                    base = sample_seed(seed, pid, 0, samples)
                     if bar is not None:
-                        bar.update(1)
-                finally:
-                    stop.end()
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        if bar is not None:
-            bar.close()
+                        bar.set_postfix_str(f"prompt {pid} {method}", refresh=False)
+                    outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base)
+                    texts = [s.text for s in outs]
+                    t0 = time.perf_counter()
+                    scores = score_checked(primary, scorer, texts, labels)
+                    extra = {name: score_checked(name, tox_judges[name], texts, labs)
+                             for name, labs in extra_labels.items()}
+                    t1 = time.perf_counter()
+                    ppl = {name: list(j.ppl_many([(rec.text, t) for t in texts])) for name, j in judges.items()}
+                    t2 = time.perf_counter()
+                    lines = []
+                    for i, s in enumerate(outs):
+                        line = {"prompt_id": pid, "prompt": rec.text, "method": method, "sample": i,
+                                "seed": (base + i) % 2**32, "text": s.text,
+                                "scores": {lab: _finite(scores[i, k]) for k, lab in enumerate(labels)},
+                                "ppl": {name: _finite(v[i]) for name, v in ppl.items()},
+                                "n_tokens": len(s.tokens), "stop_reason": s.stop_reason}
+                        if extra:
+                            line["judge_scores"] = {name: {lab: _finite(p[i, k]) for k, lab in
+                                                           enumerate(extra_labels[name])}
+                                                    for name, p in extra.items()}
+                        lines.append(_dumps(line) + "\n")
+                    timing = {"prompt_id": pid, "method": method, "n_samples": samples,
+                              "n_tokens": sum(len(s.tokens) for s in outs), **tim,
+                              "score_s": t1 - t0, "ppl_s": t2 - t1}
+                    stop.begin()             # a signal now waits until both files have the group
+                    try:
+                        gf.write("".join(lines).encode("utf-8"))
+                        gf.flush()
+                        os.fsync(gf.fileno())
+                        tf.write((_dumps(timing) + "\n").encode("utf-8"))
+                        tf.flush()
+                        os.fsync(tf.fileno())
+                        generated += 1
+                        if bar is not None:
+                            bar.update(1)
+                    finally:
+                        stop.end()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
 
-    all_recs, _ = read_jsonl(gpath)
-    all_tims, _ = read_jsonl(tpath)
-    in_file = list(dict.fromkeys(str(r.get("method")) for r in all_recs))
-    order = [m for m in methods if m in in_file] + [m for m in in_file if m not in methods]
-    report = build_report(all_recs, all_tims, labels, order, tox_label=tox_label, threshold=threshold,
-                          n_boot=n_boot, seed=0, primary_judge=primary, diagnoser_judge=diagnoser_judge)
-    report["run"] = {"samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
-                     "complete": not interrupted and generated == len(todo)}
-    if write_files:
-        write_report(report, out)
-    return {"report": report, "out_dir": str(out), "generated": generated, "skipped": skipped,
-            "remaining": len(todo) - generated, "interrupted": interrupted, "signal": stop.signum,
-            "resume": resume}
+        all_recs, _ = read_valid(gpath, GENERATION_SCHEMA)      # never a record the report cannot use
+        all_tims, _ = read_valid(tpath, TIMING_SCHEMA)
+        in_file = list(dict.fromkeys(str(r.get("method")) for r in all_recs))
+        order = [m for m in methods if m in in_file] + [m for m in in_file if m not in methods]
+        report = build_report(all_recs, all_tims, labels, order, tox_label=tox_label, threshold=threshold,
+                              n_boot=n_boot, seed=0, primary_judge=primary, diagnoser_judge=diagnoser_judge)
+        report["run"] = {"samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
+                         "complete": not interrupted and generated == len(todo),
+                         "bad_records": resume["bad_records"], "bad_lines": resume["bad_lines"]}
+        if write_files:
+            write_report(report, out)
+        return {"report": report, "out_dir": str(out), "generated": generated, "skipped": skipped,
+                "remaining": len(todo) - generated, "interrupted": interrupted, "signal": stop.signum,
+                "resume": resume}

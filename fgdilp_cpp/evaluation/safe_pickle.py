@@ -4,7 +4,11 @@
 unpickler resolves globals itself:
 
 - a short allow-list of plain container / scalar types is resolved to the real type (calling
-  those with pickled arguments only builds data);
+  those with pickled arguments only builds data, no bigger than the pickle's own data);
+- ``int`` and ``bytes`` are resolved to a stand-in that can only be called without arguments
+  (a defaultdict's factory: ``defaultdict(int)``): by REDUCE, ``bytes(10**12)`` would allocate a
+  terabyte from a 30-byte pickle and ``int`` can parse huge texts, so building them from pickled
+  arguments is refused (the pickle's own BININT/BINBYTES opcodes still give ints and bytes);
 - modules that can run code, touch the system or reach arbitrary attributes (``os``, ``subprocess``,
   ``builtins`` beyond the allow-list, ``importlib``, ``operator``, ``functools``, ...) are refused
   with :class:`UnsafePickleError`;
@@ -12,6 +16,11 @@ unpickler resolves globals itself:
   inert :class:`StandIn` subclass named after it. Constructing one (NEWOBJ, REDUCE, INST/OBJ)
   records the arguments; BUILD stores the state (``obj.state``; a dict state is also readable as
   attributes: ``tokenizer.word_index``); nothing from the original library is imported or run.
+
+What comes back is type-checked (``check_data``): only None, bool, int, float, complex, str,
+bytes, bytearray, list, tuple, dict, set, frozenset, OrderedDict, defaultdict, the stand-ins and
+the argument-less factories, all the way down; anything else is refused. Callers check the shape
+they expect on top (scorer.read_tokenizer: the word index is a dict of str -> int).
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ from typing import Any
 
 from ..errors import FgdilpError
 
-__all__ = ["StandIn", "UnsafePickleError", "SafeUnpickler", "safe_load", "safe_loads"]
+__all__ = ["StandIn", "UnsafePickleError", "SafeUnpickler", "NoArgsFactory", "check_data", "safe_load",
+           "safe_loads"]
 
 
 class UnsafePickleError(pickle.UnpicklingError, FgdilpError):
@@ -37,10 +47,32 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("collections", "defaultdict"): collections.defaultdict,
 }
-for _name in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool",
-              "complex"):
+
+
+class NoArgsFactory:
+    """``int`` or ``bytes`` as a pickle may name them: a value (a defaultdict's default_factory)
+    that gives 0 or b"" when called without arguments and refuses any argument (REDUCE)."""
+
+    def __init__(self, typ: type):
+        self.type = typ
+
+    def __call__(self, *args, **kwargs):
+        if args or kwargs:
+            raise UnsafePickleError(f"refusing to construct builtins.{self.type.__name__} from pickled "
+                                    "arguments (it could allocate any size from a tiny file)")
+        return self.type()
+
+    def __repr__(self):
+        return f"<argument-less {self.type.__name__}>"
+
+
+for _name in ("dict", "list", "tuple", "set", "frozenset", "str", "float", "bool", "complex"):
     _ALLOWED[("builtins", _name)] = getattr(builtins, _name)
-    _ALLOWED[("__builtin__", _name)] = _ALLOWED[("builtins", _name)]   # protocol 0-2 spelling
+for _name in ("int", "bytes"):
+    _ALLOWED[("builtins", _name)] = NoArgsFactory(getattr(builtins, _name))
+for _name in list(_ALLOWED):
+    if _name[0] == "builtins":
+        _ALLOWED[("__builtin__", _name[1])] = _ALLOWED[_name]         # protocol 0-2 spelling
 del _name
 
 # Top-level modules whose globals are refused outright (rather than stood in for): asking for one
@@ -138,14 +170,52 @@ class SafeUnpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing a pickle with persistent ids")
 
 
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes, bytearray, NoArgsFactory})
+_CONTAINERS = frozenset({list, tuple, dict, set, frozenset, collections.OrderedDict, collections.defaultdict})
+
+
+def check_data(obj: object) -> object:
+    """Return obj when it is data only (see the module doc), else raise UnsafePickleError. Each
+    object is visited once (a pickle can share one object many times through its memo)."""
+    seen: set[int] = set()
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        t = type(x)
+        if t in _ATOMS:
+            continue
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if t in _CONTAINERS:
+            if t is collections.defaultdict and x.default_factory is not None:
+                todo.append(x.default_factory)
+            items = (x.keys(), x.values()) if isinstance(x, dict) else (x,)
+            for part in items:
+                if not set(map(type, part)) <= _ATOMS:          # the fast path (C loops) for plain data
+                    todo.extend(v for v in part if type(v) not in _ATOMS)
+        elif isinstance(x, StandIn):
+            d = x.__dict__
+            todo += [d["args"], d["kwargs"], d["state"], d["items"], d["list_items"]]
+        elif isinstance(x, type) and (issubclass(x, StandIn) or x in _REAL_TYPES):
+            continue                     # a stand-in class, or an allowed type used as a value
+        else:
+            raise UnsafePickleError(f"the pickle produced a {t.__module__}.{t.__qualname__}, which is not "
+                                    "plain data")
+    return obj
+
+
+_REAL_TYPES = frozenset(v for v in _ALLOWED.values() if isinstance(v, type))
+
+
 def safe_loads(data: bytes | bytearray | memoryview) -> object:
     # a buffered reader lets the C unpickler prefetch with peek(): ~1.7x faster than bare BytesIO
-    return SafeUnpickler(io.BufferedReader(io.BytesIO(bytes(data)), 1 << 20)).load()
+    return check_data(SafeUnpickler(io.BufferedReader(io.BytesIO(bytes(data)), 1 << 20)).load())
 
 
 def safe_load(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview) -> object:
-    """Unpickle a file path or the pickle's bytes with :class:`SafeUnpickler`."""
+    """Unpickle a file path or the pickle's bytes with :class:`SafeUnpickler` (and check_data)."""
     if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
         return safe_loads(path_or_bytes)
     with open(path_or_bytes, "rb", buffering=1 << 20) as fh:
-        return SafeUnpickler(fh).load()
+        return check_data(SafeUnpickler(fh).load())

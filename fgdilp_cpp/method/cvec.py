@@ -25,15 +25,21 @@ def residual_directions(rows: np.ndarray, w_o: list[np.ndarray], n_head: int, ex
 
 
 def save_control_vector(path, vectors: np.ndarray, model_hint: str) -> None:
-    """llama.cpp control-vector GGUF: direction.<il> (il >= 1) F32 [n_embd]."""
+    """llama.cpp control-vector GGUF: direction.<il> (il >= 1) F32 [n_embd]; written atomically
+    (files.write_atomic_with; a symlink at `path` is refused)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "controlvector")
-    w.add_string("controlvector.model_hint", model_hint)
-    w.add_int32("controlvector.layer_count", int(vectors.shape[0]) - 1)
-    for il in range(1, vectors.shape[0]):
-        w.add_tensor(f"direction.{il}", np.ascontiguousarray(vectors[il], dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    from ..files import write_atomic_with
+
+    def write(tmp: str) -> None:
+        w = gguf.GGUFWriter(tmp, "controlvector")
+        w.add_string("controlvector.model_hint", model_hint)
+        w.add_int32("controlvector.layer_count", int(vectors.shape[0]) - 1)
+        for il in range(1, vectors.shape[0]):
+            w.add_tensor(f"direction.{il}", np.ascontiguousarray(vectors[il], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    write_atomic_with(path, write)

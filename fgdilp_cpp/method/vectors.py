@@ -5,23 +5,31 @@ A small value type in the style of repeng's ControlVector, stored as a GGUF file
 
 Shapes: directions and e are [n_layer, n_head, head_dim] float32; a layer row is
 [n_head * head_dim] (heads concatenated), the width of the graph node kqv_out-<il>.
+
+Model match: a file records its model's shape (ModelIdentity.key()) and two fingerprints
+(fgdilp.model.vocab_sha256, fgdilp.model.weights_sha256; Model.fingerprint()), so that directions
+built on another model of the same shape (another fine-tune, another quantisation) are refused.
+Files written before the fingerprints existed (same format version, no such keys) still load and
+can be inspected, but are refused for steering: their model cannot be verified, steering with the
+wrong one degrades silently, and a rebuild takes seconds.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 
 import gguf
 import numpy as np
 
 from fgdilp_cpp.errors import FgdilpError
+from fgdilp_cpp.files import write_atomic_with
 
 FILE_ARCH = "fgdilp-directions"
 FORMAT_VERSION = 1
 _INT_FIELDS = ("n_layer", "n_head", "head_dim", "n_embd", "n_vocab")
+_FINGERPRINTS = ("vocab_sha256", "weights_sha256")     # optional keys: absent in older files
 
 
 class DirectionsError(FgdilpError, ValueError):
@@ -47,6 +55,8 @@ class ModelIdentity:
     n_embd: int
     n_vocab: int
     name: str = ""  # general.name or file name: informative only, not part of key()
+    vocab_sha256: str = ""    # Model.fingerprint(); "" in files written before fingerprints existed
+    weights_sha256: str = ""
 
     def key(self) -> str:
         """What must match between the vectors and the model they are applied to."""
@@ -114,9 +124,24 @@ class HeadDirections:
         return self
 
     def check_model(self, identity: ModelIdentity) -> None:
-        if identity.key() != self.model.key():
-            raise DirectionsError(f"vectors were built for {self.model.describe()}, "
+        """Refuse another model: another shape, or the same shape with other weights or vocabulary
+        (see the module doc; files without fingerprints are refused too)."""
+        mine = self.model
+        if identity.key() != mine.key():
+            raise DirectionsError(f"vectors were built for {mine.describe()}, "
                                   f"not for {identity.describe()}")
+        if not (mine.vocab_sha256 and mine.weights_sha256):
+            raise DirectionsError(f"these vectors have no model fingerprint (written by an older "
+                                  f"fgdilp-cpp), so they cannot be matched to {identity.describe()} beyond "
+                                  "its shape; build them again for this model with `fgdilp-cpp vectors build`")
+        other = [f"{what} {a[:12]}, this model's {b[:12] or 'unknown'}"
+                 for what, a, b in (("vocabulary", mine.vocab_sha256, identity.vocab_sha256),
+                                    ("weights", mine.weights_sha256, identity.weights_sha256)) if a != b]
+        if other:
+            raise DirectionsError(f"vectors were built for {mine.describe()}, a model of the same shape as "
+                                  f"{identity.name or 'this one'} but with other {'; '.join(other)} "
+                                  "(fingerprints): another fine-tune or "
+                                  "quantisation? Build them for this model with `fgdilp-cpp vectors build`")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HeadDirections):
@@ -145,13 +170,11 @@ class HeadDirections:
     # ---- file format ----
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a GGUF file atomically (temp file in the same directory, then os.replace)."""
+        """Write a GGUF file atomically (files.write_atomic_with: a unique temp file in the same
+        folder, fsync, os.replace; a symlink at `path` is refused)."""
         self.validate()
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=".fgdilp-", suffix=".gguf.tmp")
-        os.close(fd)
-        try:
+
+        def write(tmp: str) -> None:
             w = gguf.GGUFWriter(tmp, FILE_ARCH)
             w.add_name(f"{self.method} head directions for {self.model.name or self.model.key()}")
             w.add_uint32("fgdilp.format_version", FORMAT_VERSION)
@@ -160,6 +183,9 @@ class HeadDirections:
             for f in _INT_FIELDS:
                 w.add_uint32(f"fgdilp.model.{f}", getattr(self.model, f))
             w.add_string("fgdilp.model.key", self.model.key())
+            for f in _FINGERPRINTS:
+                if getattr(self.model, f):
+                    w.add_string(f"fgdilp.model.{f}", getattr(self.model, f))
             w.add_string("fgdilp.method", self.method)
             w.add_string("fgdilp.settings", json.dumps(self.settings, sort_keys=True, allow_nan=False))
             w.add_string("fgdilp.layer_convention", self.layer_convention)
@@ -170,14 +196,8 @@ class HeadDirections:
                 w.add_tensor("e", np.ascontiguousarray(self.e))
             for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
                 step()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a saved artifact is an ordinary file
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        write_atomic_with(path, write)      # mode 0644: a saved artifact is an ordinary file
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> HeadDirections:
@@ -231,6 +251,7 @@ class HeadDirections:
                                   f"(this build reads version {FORMAT_VERSION})")
         model = ModelIdentity(architecture=get("fgdilp.model.architecture", str),
                               name=get("fgdilp.model.name", str, required=False) or "",
+                              **{f: get(f"fgdilp.model.{f}", str, required=False) or "" for f in _FINGERPRINTS},
                               **{f: get(f"fgdilp.model.{f}", int) for f in _INT_FIELDS})
         try:
             settings = json.loads(get("fgdilp.settings", str))
