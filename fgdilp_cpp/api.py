@@ -13,18 +13,22 @@ generate(), chat() or a stream runs.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
 from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
 from .errors import ContextLengthError, FgdilpError
+from .engine import Model
 from .generation import GenResult, identity_of, open_generator, probe_kqv_out
 from .method.vectors import HeadDirections
-from .settings import Settings
+from .models import resolve_model
+from .profiles import Profile, apply_profile, find_profile, model_identity
+from .settings import Settings, default_sources
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
@@ -93,36 +97,70 @@ class Detoxifier:
     """A GGUF model with steering: generate / stream a continuation, chat / stream_chat a reply."""
 
     def __init__(self, settings: Settings, vectors_path: Optional[str] = None, chat: bool = False, *,
-                 max_samples: int = 1, max_new: int = 256, reuse_instances: bool = False):
+                 max_samples: int = 1, max_new: int = 256, reuse_instances: bool = False,
+                 sources: Optional[dict[str, str]] = None, profile: Union[Profile, bool, None] = None):
         """max_samples: continuations of one prompt generated together (generate(n_samples=...));
         max_new: KV room per extra sample; reuse_instances: keep the last prompt's FGDILP setup, so
-        that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation)."""
+        that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation).
+        sources: where each setting came from ("flag", "env", "config", "api", "default",
+        "chat default"); a field not named counts as the caller's when it differs from the default.
+        profile: the model profile to apply to the settings left at their defaults: None looks the
+        model's up (unless settings.profile is False), False applies none, or a Profile."""
         if settings.model is None and chat:
             from .evaluation.assets import smollm2_path
 
             settings = settings.updated({"model": str(smollm2_path())})
-        self.model, self._gen = open_generator(settings, vectors_path, max_samples=max_samples, max_new=max_new)
+        sources = {**default_sources(settings, chat), **(sources or {})}
+        model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers)
+        try:
+            self.profile, self.profile_path = self._find_profile(model, settings, profile)
+            values, sources = apply_profile(dict(vars(settings)), sources, self.profile)
+            settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
+            self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
+            if chat and settings.steer_layer_range is None:
+                # no profile for this model: steer the later half of the layers (docs/results.md, chat study)
+                n = model.info.n_layer
+                self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
+                settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
+                sources["steer_layer_range"] = "chat default"
+            self._gen = open_generator(model, settings, vectors_path, max_samples=max_samples, max_new=max_new)
+        except BaseException:
+            model.close()
+            raise
+        self.model = model
         self._gen.reuse_instances = reuse_instances
         self._template: Optional[ChatTemplate] = None
-        self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
-        if chat and settings.steer_layer_range is None:
-            n = self.model.info.n_layer
-            self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
-            settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
-            self._gen.set_steer(settings.steer())
-        self.settings = settings
+        self.settings, self.sources = settings, sources
+
+    @staticmethod
+    def _find_profile(model, settings: Settings, profile) -> tuple[Optional[Profile], Optional[str]]:
+        if isinstance(profile, Profile):
+            if not profile.matches(model_identity(model)):
+                raise FgdilpError("this profile was made for another model (its weights differ)")
+            return profile, None
+        if profile is False or (profile is None and not settings.profile):
+            return None, None
+        found, path = find_profile(model_identity(model))
+        return found, None if path is None else str(path)
 
     @classmethod
     def from_file(cls, path: Optional[str] = None, vectors: Optional[str] = None, chat: bool = False,
                   **settings) -> "Detoxifier":
         """path None = the embedded default model (SmolLM2-135M-Instruct when chat=True); settings
-        are Settings fields (method="fgdilp", steer_scale=0.5, ...). chat=True starts from the
-        interactive defaults (CHAT_DEFAULTS: fewer self-generated samples, longer replies, and,
-        unless steer_layer_range is given, steering the later half of the layers)."""
+        are Settings fields (method="fgdilp", steer_scale=0.5, ...), and win over the model's
+        profile. chat=True starts from the interactive defaults (CHAT_DEFAULTS: fewer
+        self-generated samples, longer replies; without a profile, steering the later half of
+        the layers unless steer_layer_range is given)."""
         base = Settings(model=None if path is None else str(path))
         if chat:
             base = base.updated(CHAT_DEFAULTS)
-        return cls(base.updated(settings), vectors, chat=chat)
+        sources = {k: "api" for k in settings}
+        return cls(base.updated(settings), vectors, chat=chat, sources=sources)
+
+    def setting_sources(self) -> dict[str, tuple[object, str]]:
+        """{field: (value, where it came from)}: flag, env, config, api, profile, default, chat default."""
+        return {f.name: (getattr(self.settings, f.name), self.sources.get(f.name, "default"))
+                for f in dataclasses.fields(Settings)}
 
     @property
     def vectors(self):
@@ -200,6 +238,7 @@ class Detoxifier:
                "n_vocab": i.n_vocab, "n_ctx_train": i.n_ctx_train}
         if probe:
             out["kqv_out_layers"] = probe_kqv_out(self.model, self.settings.threads)
+        out["profile"] = self.profile_path if self.profile is not None else None
         return out
 
     def self_diagnosis(self, texts: list[str]) -> np.ndarray:
@@ -258,6 +297,11 @@ class Detoxifier:
             raise FgdilpError(f"per-call settings are limited to {', '.join(sorted(PER_CALL))} (not "
                               f"{', '.join(sorted(extra))}); create another Detoxifier for other settings")
         s = self.settings.updated(overrides) if overrides else self.settings
+        if self.profile is not None and overrides.get("method", s.method) != self.settings.method:
+            # another method this call: its profile values, where neither the caller nor this call set one
+            srcs = {**self.sources, **{k: "call" for k in overrides}}
+            values, _ = apply_profile(dict(vars(s)), srcs, self.profile, method=s.method)
+            s = s.updated({k: v for k, v in values.items() if k in PER_CALL and v != getattr(s, k)})
         if self._gen.vectors is None:
             return s, self._gen.resolve(s.method).name
         if "method" in overrides and methods.get(s.method).with_vectors is None:

@@ -16,20 +16,11 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import llama_cpp.llama_cpp as ll
 
 from .errors import ContextLengthError, FgdilpError
+from .settings import CHAT_DEFAULTS  # noqa: F401 - the chat commands read them here
 
 ROLES = ("system", "user", "assistant")
 Message = Mapping[str, str]                 # {"role": ..., "content": ...}
 MessagesLike = Sequence[Union[Message, tuple]]
-
-# the interactive defaults of `chat` (and `serve`): setup sized for a reply that starts quickly
-CHAT_DEFAULTS = {
-    "method": "fgdilp",
-    "n_predict": 256,
-    "ctx_size": 4096,
-    "selfgen_samples": 6,
-    "selfgen_tokens": 12,
-    "selfgen_min_tokens": 4,
-}
 
 
 def builtin_templates() -> list[str]:

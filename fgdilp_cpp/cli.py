@@ -11,7 +11,7 @@ from click.core import ParameterSource
 
 from . import methods as registry
 from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _settings, friendly_errors, method_list, model_options,
-                          sampling_options, steer_options, with_vectors)
+                          sampling_options, sources, steer_options, with_vectors)
 from .errors import FgdilpError
 from .explain import explain_lines
 
@@ -23,7 +23,7 @@ NO_JUDGE = "none"
 def _detoxifier(s, vectors_path=None, **kw):
     from .api import Detoxifier
 
-    return Detoxifier(s, vectors_path, **kw)
+    return Detoxifier(s, vectors_path, sources=sources(), **kw)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,12 +121,18 @@ def compare(prompt, methods, **kw):
 
 @main.command()
 @model_options
+@steer_options
+@click.option("--method", type=MethodChoice(), default="tr", show_default=True)
 @friendly_errors
 def info(**kw):
-    """Print the model's shape and whether the kqv_out hook node exists."""
+    """Print the model's shape, whether the kqv_out hook node exists, its profile, and the steering
+    settings these flags resolve to (and where each value came from)."""
+    from .profiles import PROFILE_FIELDS
+
     s = _settings(kw)
     with _detoxifier(s) as det:
         i = det.info()
+        steering = [(k, v, src) for k, (v, src) in det.setting_sources().items() if k in PROFILE_FIELDS]
     fired, n = i["kqv_out_layers"], i["n_layer"]
     rows = [
         ("file", i["file"]), ("architecture", i["architecture"]), ("description", i["description"]),
@@ -136,9 +142,13 @@ def info(**kw):
         ("kqv_out hook", f"yes, fired on {fired} of {n} layers" if fired == n
          else f"NO (fired on {fired} of {n} layers): this model cannot be steered"),
     ]
+    rows.append(("profile", i["profile"] or "none (fgdilp-cpp calibrate makes one)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{w}}  {v}")
+    click.echo("settings (value, from):")
+    for k, v, src in steering:
+        click.echo(f"  {k.replace('_', '-'):<20}{str(v):<14} {src}")
 
 
 @main.command()
@@ -189,7 +199,7 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
 
     if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
         prompt = CHAT_BENCH_PROMPT
-    s = _settings(kw, **CHAT_DEFAULTS)
+    s = _settings(kw, default_source="chat default", **CHAT_DEFAULTS)
     with contextlib.ExitStack() as stack:
         det = stack.enter_context(_detoxifier(s, chat=True))
         with_vec = stack.enter_context(_detoxifier(s, vectors_path, chat=True)) if vectors_path else None

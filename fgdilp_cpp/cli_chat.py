@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from .chat import CHAT_DEFAULTS
-from .cli_options import (MethodChoice, _settings, friendly_errors, model_options, sampling_options, steer_options,
-                          with_vectors)
+from .cli_options import (MethodChoice, _settings, friendly_errors, model_options, sampling_options, sources,
+                          steer_options, with_vectors)
 from .errors import FgdilpError
 
 chat_options = (
@@ -38,8 +38,8 @@ def _open_chat(kw: dict, model_arg=None):
         kw["model"] = model_arg
         src = click.get_current_context()
         src.set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
-    s = with_vectors(_settings(kw, **CHAT_DEFAULTS), vectors_path)
-    return s, Detoxifier(s, vectors_path, chat=True)
+    s = with_vectors(_settings(kw, default_source="chat default", **CHAT_DEFAULTS), vectors_path)
+    return s, Detoxifier(s, vectors_path, chat=True, sources=sources())
 
 
 @click.command()

@@ -104,6 +104,8 @@ model_options = _options(
     click.option("-ctv", "--cache-type-v", default="f16", show_default=True,
                  help="V cache type; steering needs f16, bf16 or f32."),
     click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
+    click.option("--profile/--no-profile", "profile", default=True, show_default=True,
+                 help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
 )
 
@@ -140,22 +142,32 @@ steer_options = _options(
 )
 
 
-def _settings(kw: dict, **defaults):
-    """Settings from defaults, then the config file, then the flags given explicitly."""
+def _settings(kw: dict, default_source: str = "default", **defaults):
+    """Settings from defaults, then the config file, then FGDILP_* variables, then the flags given
+    explicitly. Where each value came from is kept in the click context (sources()): a model's
+    profile then fills only the fields that nobody set."""
     from .engine.context import set_verbose
     from .settings import Settings
 
     set_verbose(kw.pop("verbose", False))
     ctx = click.get_current_context()
-    s = Settings().updated(defaults)
-    if kw.get("config"):
-        s = Settings.from_toml(kw["config"], s)
-    s = s.updated(Settings.from_env(os.environ))
+    config = Settings.toml_values(kw["config"]) if kw.get("config") else {}
+    env = Settings.from_env(os.environ)
     names = Settings.field_names()
     given = {k: v for k, v in kw.items() if k in names and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     if given.get("steer_layer_range") is not None:
         given["steer_layer_range"] = tuple(given["steer_layer_range"])
-    return s.updated(given)
+    sources = {k: default_source for k in defaults}
+    for layer, where in ((config, "config"), (env, "env"), (given, "flag")):
+        sources.update(dict.fromkeys(layer, where))
+    ctx.meta["fgdilp.sources"] = sources
+    return Settings().updated(defaults).updated(config).updated(env).updated(given)
+
+
+def sources() -> dict[str, str]:
+    """Where the settings of the running command came from (see _settings)."""
+    ctx = click.get_current_context(silent=True)
+    return dict(ctx.meta.get("fgdilp.sources", {})) if ctx is not None else {}
 
 
 def with_vectors(s, vectors_path):
@@ -166,4 +178,8 @@ def with_vectors(s, vectors_path):
     given = click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT
     if given and methods.get(s.method).with_vectors is None:
         raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
-    return s if given else s.updated({"method": methods.running_saved_vectors()[0]})
+    if given:
+        return s
+    ctx = click.get_current_context()
+    ctx.meta.setdefault("fgdilp.sources", {})["method"] = "flag"      # --vectors chose it
+    return s.updated({"method": methods.running_saved_vectors()[0]})

@@ -370,20 +370,11 @@ class Generator:
                          explain=plan.explain, logits=logits)
 
 
-def open_generator(settings, vectors_path: Optional[str] = None, **engine_over) -> tuple[Model, Generator]:
-    """The model of `settings` (a Settings; None = the embedded default) and a Generator with its
-    engine, steering and FGDILP values and optional saved vectors; the model is closed if the
-    rest fails."""
-    from .models import resolve_model
-
-    model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers)
-    try:
-        vectors = HeadDirections.load(vectors_path) if vectors_path else None
-        return model, Generator(model, settings.engine(**engine_over), settings.steer(), settings.fgdilp(),
-                                vectors=vectors)
-    except Exception:
-        model.close()
-        raise
+def open_generator(model: Model, settings, vectors_path: Optional[str] = None, **engine_over) -> Generator:
+    """A Generator of `model` with the engine, steering and FGDILP values of `settings` (a
+    Settings) and optional saved vectors."""
+    vectors = HeadDirections.load(vectors_path) if vectors_path else None
+    return Generator(model, settings.engine(**engine_over), settings.steer(), settings.fgdilp(), vectors=vectors)
 
 
 def identity_of(model: Model) -> ModelIdentity:

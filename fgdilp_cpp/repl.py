@@ -160,16 +160,23 @@ def reply(session: Session, text: str, out=sys.stdout) -> None:
 
 
 def show_settings(session: Session) -> None:
-    s = dataclasses.asdict(session.det.settings)
+    """Each setting, * where it is an interactive default of chat, and where its value came from
+    (flag, env, config, profile, default, ...)."""
+    det = session.det
+    s = dataclasses.asdict(det.settings)
     s["method"] = session.method
-    defaults = session.det.chat_defaults
-    print(f"model          {session.det.model.info.path}")
-    print(f"chat template  {session.det.template.name}")
+    sources = dict(det.sources)
+    if session.method != det.settings.method:
+        sources["method"] = "/method"
+    defaults = det.chat_defaults
+    print(f"model          {det.model.info.path}")
+    print(f"chat template  {det.template.name}")
+    print(f"profile file   {det.profile_path or ('none' if det.profile is None else 'given')}")
     for k, v in s.items():
         if k in ("model", "chat_template"):
             continue
         mark = "*" if k in defaults and v == defaults[k] else " "
-        print(f"{k.replace('_', '-'):<20}{mark} {v}")
+        print(f"{k.replace('_', '-'):<20}{mark} {str(v):<14} ({sources.get(k, 'default')})")
 
 
 def command(session: Session, line: str) -> bool:

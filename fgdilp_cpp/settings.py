@@ -17,6 +17,18 @@ from .errors import FgdilpError, ParamError
 from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
 
 
+# the interactive defaults of `chat` (and `serve`): setup sized for a reply that starts quickly;
+# marked * by the chat's /settings; a model's profile wins over them
+CHAT_DEFAULTS = {
+    "method": "fgdilp",
+    "n_predict": 256,
+    "ctx_size": 4096,
+    "selfgen_samples": 6,
+    "selfgen_tokens": 12,
+    "selfgen_min_tokens": 4,
+}
+
+
 @dataclass
 class Settings:
     # model and engine
@@ -28,6 +40,7 @@ class Settings:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     flash_attn: str = "auto"
+    profile: bool = True                     # apply the model's calibrated profile (--no-profile: off)
     # chat and serve
     chat_template: Optional[str] = None      # a llama.cpp built-in name or template text; None = the GGUF's
     system_prompt: Optional[str] = None
@@ -98,7 +111,8 @@ class Settings:
         return out
 
     @classmethod
-    def from_toml(cls, path: str | Path, base: Optional["Settings"] = None) -> "Settings":
+    def toml_values(cls, path: str | Path) -> dict[str, Any]:
+        """The field values a TOML settings file sets (keys are long flag names: steer-scale)."""
         p = Path(path)
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
@@ -112,9 +126,11 @@ class Settings:
         for k in data:
             if k.replace("-", "_") not in known:
                 raise FgdilpError(f"config file {p}: unknown setting {k!r}")
-        values = {k.replace("-", "_"): v for k, v in data.items()}
-        return (base or cls()).updated(values)
+        return {k.replace("-", "_"): v for k, v in data.items()}
 
+    @classmethod
+    def from_toml(cls, path: str | Path, base: Optional["Settings"] = None) -> "Settings":
+        return (base or cls()).updated(cls.toml_values(path))
 
     @classmethod
     def from_env(cls, environ) -> dict[str, Any]:
@@ -166,3 +182,17 @@ def _coerce(name: str, typ: str, v: Any) -> Any:
             return (int(v[0]), int(v[1]))
         raise ParamError(name, f"must be two layer numbers [START, END], not {v!r}")
     raise ParamError(name, f"has the wrong type: {v!r}")
+
+
+def default_sources(settings: "Settings", chat: bool = False) -> dict[str, str]:
+    """Where each value of `settings` came from when nobody said: "api" where it differs from the
+    built-in default (or the chat default), else "default" / "chat default"."""
+    from_chat = CHAT_DEFAULTS if chat else {}
+    base = Settings().updated(from_chat)
+    out = {}
+    for name in Settings.field_names():
+        if getattr(settings, name) != getattr(base, name):
+            out[name] = "api"
+        else:
+            out[name] = "chat default" if name in from_chat else "default"
+    return out

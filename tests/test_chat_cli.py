@@ -211,7 +211,9 @@ def test_history_can_be_turned_off(tiny_chat, tmp_path, how):
     assert run.returncode == 0, run.stderr
     assert "[reply cut at -n 6 tokens]" in run.stdout and "conversation saved" not in run.stderr
     assert not (tmp_path / "xdg").exists()
-    assert [line.split() for line in run.stdout.splitlines() if line.startswith("history ")] == [["history", "False"]]
+    source = {"flag": "(flag)", "env": "(env)", "toml": "(config)"}[how]      # /settings says where it came from
+    assert [line.split() for line in run.stdout.splitlines() if line.startswith("history ")] == \
+        [["history", "False", source]]
     if how == "env":        # the flag wins over the environment
         on = _chat_piped(tiny_chat, tmp_path, "hello\n", "--history", env=env)
         assert on.returncode == 0 and len(list((tmp_path / "xdg" / "fgdilp-cpp" / "chats").iterdir())) == 1

@@ -1,0 +1,160 @@
+"""Model profiles: the steering settings `fgdilp-cpp calibrate` measured best for one model, and
+the figures behind them. A profile is keyed by the model's weights fingerprint, so it is never
+applied to another model (another fine-tune or quantisation of the same shape included).
+
+Where they live: the user's `$XDG_CONFIG_HOME/fgdilp-cpp/profiles/` (written by calibrate), then
+the ones shipped in the package (fgdilp_cpp/profiles/, for the embedded models).
+Precedence of a setting: flag > FGDILP_* environment > --config file > profile > built-in default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import FgdilpError
+from .files import write_atomic
+
+FORMAT = "fgdilp-profile"
+VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
+# what a profile may set: steering and FGDILP values, the method; never the model or the engine
+PROFILE_FIELDS = frozenset({
+    "method", "steer_scale", "steer_layer_range", "exp_norm", "exp_sim", "renorm", "selfgen_samples",
+    "selfgen_tokens", "selfgen_min_tokens", "negatives", "mask_k", "fusion", "sign_election", "pad_blank",
+    "diagnoser", "edit", "gate", "fused_norm",
+})
+
+
+def user_profile_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "fgdilp-cpp" / "profiles"
+
+
+@dataclass
+class Profile:
+    model: dict                       # {"name", "key" (shape), "weights_sha256"}
+    method: Optional[str]             # the recommended method (the winner within the budgets)
+    methods: dict                     # method -> {"settings": {field: value}, "figures": {...}}
+    budgets: dict = field(default_factory=dict)     # {"ppl_ratio": 1.25, "benign_ppl_ratio": 1.05}
+    diagnosis: dict = field(default_factory=dict)   # {"self_auc": x, "scorer_auc": x}
+    made_by: str = ""                 # the command that wrote it
+    created: str = ""
+
+    def settings_for(self, method: str) -> dict[str, Any]:
+        """The profile's values for `method` (Settings field names), without "method"."""
+        entry = self.methods.get(method) or {}
+        return {k: v for k, v in (entry.get("settings") or {}).items() if k != "method"}
+
+    def matches(self, identity: Mapping[str, str]) -> bool:
+        return (self.model.get("weights_sha256") == identity.get("weights_sha256")
+                and self.model.get("key") == identity.get("key"))
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
+                "methods": self.methods, "budgets": self.budgets, "diagnosis": self.diagnosis,
+                "made_by": self.made_by, "created": self.created}
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(p, json.dumps(self.to_json(), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        return p
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "profile") -> "Profile":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise FgdilpError(f"{where} is not an fgdilp-cpp profile")
+        if data.get("version") != VERSION:
+            raise FgdilpError(f"{where} has profile version {data.get('version')!r}; this fgdilp-cpp reads "
+                              f"version {VERSION}: run calibrate again")
+        model, methods = data.get("model"), data.get("methods")
+        if not isinstance(model, dict) or not isinstance(model.get("weights_sha256"), str) \
+                or not isinstance(methods, dict):
+            raise FgdilpError(f"{where} lacks its model fingerprint or its methods")
+        for name, entry in methods.items():
+            settings = (entry or {}).get("settings") if isinstance(entry, dict) else None
+            if not isinstance(settings, dict) or not set(settings) <= PROFILE_FIELDS:
+                extra = sorted(set(settings or {}) - PROFILE_FIELDS) if isinstance(settings, dict) else "?"
+                raise FgdilpError(f"{where}: method {name!r} has settings a profile may not set: {extra}")
+        method = data.get("method")
+        if method is not None and method not in methods:
+            raise FgdilpError(f"{where}: its method {method!r} has no entry")
+        return cls(model, method, methods, data.get("budgets") or {}, data.get("diagnosis") or {},
+                   str(data.get("made_by") or ""), str(data.get("created") or ""))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FgdilpError(f"profile not found: {p}") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FgdilpError(f"cannot read profile {p}: {exc}") from None
+        return cls.from_json(data, str(p))
+
+
+def model_identity(model) -> dict[str, str]:
+    """What a profile is keyed by: the shape and the weights fingerprint (a bounded read)."""
+    from .engine.tensors import weights_fingerprint
+
+    i = model.info
+    return {"name": model.meta("general.name") or Path(i.path).name,
+            "key": f"{i.architecture}/L{i.n_layer}/H{i.n_head}x{i.head_dim}/E{i.n_embd}/V{i.n_vocab}",
+            "weights_sha256": weights_fingerprint(i.path)}
+
+
+def profile_path_for(identity: Mapping[str, str], folder: Optional[Path] = None) -> Path:
+    return (folder or user_profile_dir()) / f"{identity['weights_sha256'][:24]}.json"
+
+
+def find_profile(identity: Mapping[str, str], folders: Optional[list[Path]] = None) -> tuple[Optional[Profile], Optional[Path]]:
+    """The profile for this model: the user's first, then the shipped ones; (None, None) if none.
+    A file that names another model is skipped; a damaged file for this model is an error."""
+    for folder in folders if folders is not None else [user_profile_dir(), SHIPPED_DIR]:
+        if not folder.is_dir():
+            continue
+        named = profile_path_for(identity, folder)
+        candidates = [named] + sorted(p for p in folder.glob("*.json") if p != named)
+        for p in candidates:
+            if not p.is_file():
+                continue
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                if p == named:
+                    raise FgdilpError(f"cannot read profile {p}: {exc} (remove it or run calibrate again)") from None
+                continue
+            if not isinstance(data, dict) or (data.get("model") or {}).get("weights_sha256") != identity["weights_sha256"]:
+                continue
+            prof = Profile.from_json(data, str(p))
+            if prof.matches(identity):
+                return prof, p
+    return None, None
+
+
+def apply_profile(values: dict[str, Any], sources: dict[str, str], profile: Optional[Profile],
+                  method: Optional[str] = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Profile values for every field whose source is a default ("default"/"chat default"):
+    values and sources are {field: value} / {field: source}; the method is the profile's unless
+    given or set explicitly. Returns new (values, sources)."""
+    if profile is None:
+        return dict(values), dict(sources)
+    out, src = dict(values), dict(sources)
+
+    def soft(name: str) -> bool:
+        return src.get(name, "default") in ("default", "chat default", "profile")
+
+    if method is None:
+        if soft("method") and profile.method:
+            out["method"], src["method"] = profile.method, "profile"
+        method = out.get("method")
+    for name, value in profile.settings_for(method).items():
+        if soft(name):
+            out[name] = tuple(value) if isinstance(value, list) else value
+            src[name] = "profile"
+    return out, src
