@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
 from fgdilp_cpp.api import Detoxifier
 from fgdilp_cpp.openai_api import StopScanner
-from fgdilp_cpp.server import Limits, create_app
+from fgdilp_cpp.server import Limits, Server, create_app
 
 MSGS = [{"role": "user", "content": "hello there"}]
 PROMPT = "the cat sat on a mat"
@@ -34,17 +33,18 @@ def open_det(tiny_llama) -> Detoxifier:
 class Served:
     """An app served by uvicorn in a background thread on 127.0.0.1 (an ephemeral port)."""
 
-    def __init__(self, app):
-        self.app, self.service = app, app.state.service
+    def __init__(self, app, wait_ready: bool = True):
+        self.app, self.service, self.wait_ready = app, app.state.service, wait_ready
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=3))
+        self.server = Server(app, self.service.limits)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "Served":
         self.thread.start()
         wait_until(lambda: self.server.started, "the server did not start")
+        if self.wait_ready:
+            wait_until(self.service.ready.is_set, "the allowed methods were not warmed up", 60)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -71,7 +71,7 @@ class Served:
         """A POST /v1/chat/completions sent on a bare socket (to hang up on it later)."""
         data = json.dumps(body).encode()
         s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
         return s
 
@@ -93,7 +93,8 @@ def ref(tiny_llama):
 
 @pytest.fixture(scope="module")
 def served(tiny_llama):
-    with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_tokens=512))) as srv:
+    limits = Limits(max_tokens=512, allow_methods=("tr", "none", "fgdilp"))
+    with open_det(tiny_llama) as det, Served(create_app(det, limits)) as srv:
         yield srv
 
 
@@ -254,7 +255,8 @@ def test_body_limit_without_content_length(served):
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
     try:
         chunks = (b"x" * 65536 for _ in range(40))                      # 2.5 MiB, never all buffered
-        conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True)
+        conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
+                     headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
     finally:
@@ -382,7 +384,7 @@ def test_a_bug_is_a_logged_500(tiny_llama, caplog):
 
     with open_det(tiny_llama) as det, Served(create_app(Broken(det, 0), Limits())) as srv:
         s, _, body = srv.request("POST", "/v1/chat/completions", {"messages": MSGS})
-        assert s == 500 and body["error"] == {"message": "internal error: ZeroDivisionError",
+        assert s == 500 and body["error"] == {"message": "internal error (the details are in the server log)",
                                               "type": "server_error", "param": None, "code": None}
         assert srv.request("POST", "/v1/completions", {"prompt": PROMPT})[0] == 200   # still serving
     assert "ZeroDivisionError: boom" in caplog.text
