@@ -174,7 +174,8 @@ def test_no_host_header_is_refused_and_other_binds_skip_the_check(srv, det):
 
 
 def test_a_slow_body_is_cut_off_and_the_server_stays_healthy(srv, ref_replies):
-    """Slowloris: headers, then a byte every 0.2 s; body_timeout is 1 s here."""
+    """Slowloris: headers, then a byte every 0.2 s; body_timeout is 1 s here. The client gets a 408
+    and the connection is closed (a reset when the server closes on bytes it did not read)."""
     def dribble() -> tuple[bytes, float]:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=0.2) as s:
             s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -186,9 +187,11 @@ def test_a_slow_body_is_cut_off_and_the_server_stays_healthy(srv, ref_replies):
                 except socket.timeout:
                     try:
                         s.sendall(b" ")
-                    except OSError:
+                    except OSError:                 # closed by the server
                         break
                     continue
+                except ConnectionResetError:
+                    break
                 if not chunk:
                     break
                 got += chunk
@@ -197,7 +200,9 @@ def test_a_slow_body_is_cut_off_and_the_server_stays_healthy(srv, ref_replies):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: dribble(), range(4)))
     for got, took in results:
-        assert got.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in got and took < 4, (got, took)
+        assert got == b"" or (got.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in got), got
+        assert 0.9 < took < 4, took
+    assert any(got for got, _ in results)
     status, body = chat(srv, seed=4)
     assert status == 200 and body["choices"][0]["message"]["content"] == ref_replies()
 
