@@ -77,18 +77,22 @@ class Job:
     def _generate(self, stream: Stream) -> Outcome:
         req = self._req
         scan = StopScanner(req.stop)
+        cut = False
         try:
             for piece in stream:
                 self._send(scan.feed(piece))
-                if scan.stopped or self.reason:
+                if scan.stopped:
+                    break
+                if self.reason:                # the decode may have finished: the text we send has not
+                    cut = True
                     break
             else:
                 self._send(scan.flush())
         finally:
             stream.close()                     # cancels and joins the decode when we stopped early
         res = stream.result
-        if not scan.stopped and (res is None or res.stop_reason == "cancelled"):
-            raise JobCancelled(self.reason or "cancelled")     # never reported as a normal "stop"
+        if cut or (not scan.stopped and (res is None or res.stop_reason == "cancelled")):
+            raise JobCancelled(self.reason or "cancelled")     # never reported as a whole reply
         stats = {"method": res.method, "stop_reason": "stop" if scan.stopped else res.stop_reason,
                  "setup_s": round(res.setup_s, 4), "prefill_s": round(res.prefill_s, 4),
                  "decode_s": round(res.decode_s, 4)}

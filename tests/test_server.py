@@ -284,14 +284,24 @@ def test_serve_command_port_zero_and_ctrl_c(tiny_llama):
     env.pop("FGDILP_DEBUG", None)
     proc = subprocess.Popen([sys.executable, "-m", "fgdilp_cpp.cli", "serve", "-m", str(tiny_llama[0]),
                              "--chat-template", "chatml", "-c", "256", "--method", "tr", "-n", "4",
-                             "--port", "0"], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
+                             "--allow-methods", "tr,none", "--max-steer-scale", "0.5", "--port", "0"],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
     try:
         line = proc.stderr.readline()
         assert line.startswith("serving tiny-llama on http://127.0.0.1:") and "(OpenAI API at /v1)" in line
         port = int(line.split("127.0.0.1:")[1].split()[0])
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as c:
             r = c.chat.completions.create(model="m", messages=MSGS)
+            assert c.chat.completions.create(model="m", messages=MSGS, extra_body={"method": "none"}).choices
+            for extra, param in (({"method": "fgdilp"}, "method"), ({"steer_scale": 0.6}, "steer_scale")):
+                with pytest.raises(openai.BadRequestError) as e:
+                    c.chat.completions.create(model="m", messages=MSGS, extra_body=extra)
+                assert error_of(e.value)["param"] == param
         assert r.usage.completion_tokens <= 4
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health", headers={"Host": "rebound.example:%d" % port})
+        assert conn.getresponse().status == 421                    # a loopback bind: DNS rebinding refused
+        conn.close()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
         assert "stopped" in proc.stderr.read()

@@ -317,6 +317,17 @@ def test_shutdown_mid_reply_is_an_error_not_a_stop(tiny_llama):
         assert (status, body["error"]["code"]) == (503, "shutting_down")
 
 
+def test_shutdown_mid_reply_without_streaming_is_a_503(tiny_llama):
+    with open_det(tiny_llama) as d:
+        slow = SlowDetoxifier(d, 0.05)
+        with Served(create_app(slow, Limits())) as s, ThreadPoolExecutor(1) as pool:
+            running = pool.submit(s.request, "POST", CHAT, {"messages": MSGS, "seed": 1, "max_tokens": 200})
+            wait_until(lambda: slow.pieces >= 2, "the reply did not start")
+            s.server.should_exit = True
+            status, _, body = running.result(10)
+        assert (status, body["error"]["code"]) == (503, "shutting_down") and slow.pieces < 100
+
+
 class Held(SlowDetoxifier):
     """A Detoxifier whose streams wait before their first piece until `release` is set; records
     the real streams and whether the server cancelled them."""
