@@ -39,7 +39,8 @@ FGDILP's setup or mid-stream) has its generation cancelled; a reply cut by shutd
 error event (a 503 if nothing was sent yet), never as a complete one.
 
 Abuse: POST bodies must be Content-Type application/json (415: a web page may send text/plain
-cross-origin without asking) and arrive within --body-timeout seconds (408, slowloris); on a
+cross-origin without asking); headers and then the body must each arrive within --read-timeout
+seconds (slowloris: the connection is closed, or a 408 for a slow body); on a
 loopback bind the Host header must be a loopback name (421, DNS rebinding); past
 --max-connections open connections uvicorn answers 503. Any string field with a lone surrogate,
 an integer out of range (however large) and a non-finite number are 400s. A fault of the server
@@ -73,6 +74,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .errors import ContextLengthError, FgdilpError
+from .http_guard import header_deadline_protocol, loopback_host_header
 from .model_queue import Job, JobCancelled, ModelQueue, Outcome
 from .openai_api import ApiError, Policy, check_methods, parse_request, read_json
 
@@ -91,7 +93,8 @@ class Limits:
     allow_methods: Optional[tuple[str, ...]] = None   # methods a request may name; None: the configured one
     max_steer_scale: float = 2.0        # steer_scale in [0, this]: negative toxifies, large wrecks fluency
     max_connections: int = 64           # uvicorn's limit_concurrency: connections past it get 503
-    body_timeout: float = 10.0          # seconds a request body may take to arrive (slowloris): 408
+    read_timeout: float = 10.0          # seconds a request's headers, and then its body, may take to
+                                        # arrive (slowloris): the connection is closed, or a 408
     loopback_host: bool = True          # require a loopback Host header (DNS rebinding); run_server
                                         # turns it off when listening on another address
 
@@ -129,26 +132,9 @@ class _Service(ModelQueue):
         """On a loopback bind, a Host header that is not a loopback name means a browser was led
         here by DNS rebinding (a page's own name resolving to 127.0.0.1): refused (421)."""
         host = request.headers.get("host", "")
-        if self.limits.loopback_host and not _loopback_host_header(host):
+        if self.limits.loopback_host and not loopback_host_header(host):
             raise ApiError(421, "this server answers only requests addressed to localhost, 127.0.0.1 or [::1] "
                            "(Host header)", code="invalid_host")
-
-
-def _loopback_host_header(host: str) -> bool:
-    """localhost, a loopback IPv4 address or [::1], each with an optional :port."""
-    if host.startswith("["):
-        name, _, rest = host[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else (None if rest else "")
-    else:
-        name, _, port = host.partition(":")
-    if port is None or (port and not port.isdigit()):
-        return False
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -232,7 +218,7 @@ async def _unless_gone(request: Request, job: Job, waiting: Awaitable[Any]) -> A
 
 
 async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
-    body = await read_json(request, svc.limits.max_body_bytes, svc.limits.body_timeout)
+    body = await read_json(request, svc.limits.max_body_bytes, svc.limits.read_timeout)
     req = parse_request(body, chat, svc.det, svc.policy)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -402,14 +388,15 @@ def _is_loopback(host: str) -> bool:
 
 
 class Server(uvicorn.Server):
-    """uvicorn with this server's limits: at most --max-connections connections (503 past it), and
-    a shutdown that first cancels the running and queued replies, so that a reply cut by shutdown
+    """uvicorn with this server's limits: at most --max-connections connections (503 past it), a
+    deadline for request headers (http_guard.py), and a shutdown that first cancels the running and queued replies, so that a reply cut by shutdown
     ends with an error event (or a 503) before uvicorn waits for the connections to close."""
 
     def __init__(self, app: Starlette, limits: Limits, **config):
         svc: _Service = app.state.service
         super().__init__(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, lifespan="on",
-                                        limit_concurrency=limits.max_connections, **config))
+                                        limit_concurrency=limits.max_connections,
+                                        http=header_deadline_protocol(limits.read_timeout), **config))
         svc.on_warm_error = self._stop
         self.service = svc
 

@@ -30,7 +30,7 @@ def det(tiny_llama):
 
 @pytest.fixture(scope="module")
 def srv(det):
-    limits = Limits(max_tokens=16, allow_methods=("tr", "fgdilp"), body_timeout=1.0)
+    limits = Limits(max_tokens=16, allow_methods=("tr", "fgdilp"), read_timeout=1.0)
     with Served(create_app(det, limits)) as s:
         yield s
 
@@ -174,7 +174,7 @@ def test_no_host_header_is_refused_and_other_binds_skip_the_check(srv, det):
 
 
 def test_a_slow_body_is_cut_off_and_the_server_stays_healthy(srv, ref_replies):
-    """Slowloris: headers, then a byte every 0.2 s; body_timeout is 1 s here. The client gets a 408
+    """Slowloris: headers, then a byte every 0.2 s; read_timeout is 1 s here. The client gets a 408
     and the connection is closed (a reset when the server closes on bytes it did not read)."""
     def dribble() -> tuple[bytes, float]:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=0.2) as s:
@@ -205,6 +205,38 @@ def test_a_slow_body_is_cut_off_and_the_server_stays_healthy(srv, ref_replies):
     assert any(got for got, _ in results)
     status, body = chat(srv, seed=4)
     assert status == 200 and body["choices"][0]["message"]["content"] == ref_replies()
+
+
+@pytest.mark.parametrize("dribble", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: "],
+                         ids=["silent", "dribbling"])
+def test_slow_or_missing_headers_are_cut_off(srv, dribble):
+    """A connection that sends nothing, or dribbles its headers a byte every 0.2 s, is closed after
+    read_timeout (1 s here), on a fresh connection and on a kept-alive one after a reply."""
+    body = json.dumps({"messages": MSGS, "max_tokens": 1}).encode()
+    for kept_alive in (False, True):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=0.2) as s:
+            if kept_alive:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                s.settimeout(10)
+                assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+                s.settimeout(0.2)
+            t0, sent, closed = time.monotonic(), 0, False
+            while not closed and time.monotonic() - t0 < 6:
+                try:
+                    closed = s.recv(4096) == b""
+                except socket.timeout:
+                    if sent < len(dribble):
+                        try:
+                            s.sendall(dribble[sent:sent + 1])
+                        except OSError:
+                            closed = True
+                        sent += 1
+                except ConnectionResetError:
+                    closed = True
+            took = time.monotonic() - t0
+            assert closed and 0.8 < took < 3, (kept_alive, took)
+    assert chat(srv)[0] == 200
 
 
 def test_connections_past_the_limit_get_503(det):
