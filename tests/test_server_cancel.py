@@ -127,3 +127,14 @@ def test_a_hang_up_during_fgdilp_setup_is_honoured(tiny_llama, monkeypatch):
             assert res.stop_reason == "cancelled" and res.tokens == [] and res.prefill_s == 0.0
             monkeypatch.undo()
             assert s.request("POST", CHAT, {"messages": MSGS, "method": "fgdilp", "max_tokens": 2})[0] == 200
+
+
+def test_a_stream_cancelled_before_it_starts_generates_nothing(tiny_llama):
+    """The API piece the server relies on: Stream.cancel() before the first next() is kept."""
+    with open_det(tiny_llama) as d:
+        for method in ("tr", "fgdilp"):
+            stream = d.stream_chat(MSGS, method=method, n_predict=50)
+            stream.cancel()
+            assert list(stream) == [] and stream.result.stop_reason == "cancelled" and stream.result.tokens == []
+        d.cancel()                                  # a stray Detoxifier.cancel() is still forgotten
+        assert len(d.chat(MSGS, n_predict=3, method="fgdilp").tokens) == 3
