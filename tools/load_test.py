@@ -156,9 +156,9 @@ def load(port: int, clients: int, total: int, hang_up_share: float, max_tokens: 
                 return
             body, path, hang = job
             t0 = time.monotonic()
-            for _ in range(retries + 1):
+            for attempt in range(retries + 1):
                 outcome, _ = request(port, body, path, hang)
-                if outcome != "busy":
+                if outcome != "busy" or attempt == retries:
                     break
                 with lock:
                     outcomes["503 (retried)"] += 1
