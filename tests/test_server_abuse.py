@@ -296,6 +296,16 @@ def test_huge_and_non_finite_numbers_are_400(srv, field, value, param):
 
 
 # ---- faults -------------------------------------------------------------------------------------
+def forget_output_projections(det: Detoxifier) -> None:
+    """Drop the cached W_O that cvec reads from the model file once (kept on the Generator, or
+    in its Runtime's memo since the method registry)."""
+    gen = det._gen
+    if hasattr(gen, "rt"):
+        gen.rt.memo.pop("w_o", None)
+    else:
+        gen._w_o = None
+
+
 def test_a_server_fault_is_a_500_without_paths(tiny_llama, tmp_path, caplog):
     """A real cvec fault (W_O unreadable: the model file is gone) and an injected FgdilpError."""
     hidden = tmp_path / "private-dir"
@@ -305,7 +315,7 @@ def test_a_server_fault_is_a_500_without_paths(tiny_llama, tmp_path, caplog):
         with Served(create_app(d, Limits(allow_methods=("tr", "cvec")))) as s:
             assert chat(s, method="cvec")[0] == 200
             (hidden / "m.gguf").unlink()
-            d._gen._w_o = None                  # read again: now it fails
+            forget_output_projections(d)        # read again: now it fails
             for stream in (False, True):
                 status, _, body = s.request("POST", CHAT, {"messages": MSGS, "method": "cvec", "stream": stream})
                 assert status == 500 and body["error"] == {
