@@ -131,6 +131,8 @@ class ModelQueue:
     def _warm(self) -> None:
         try:
             for method in self.methods:
+                if self._closed:               # shut down while warming up: not ready, not failed
+                    return
                 self.det.generate(WARM_PROMPT, method=method, n_predict=1, seed=0)
         except Exception as exc:  # noqa: BLE001 - reported by /health and run_server, logged here
             log.error("warm-up failed", exc_info=exc)
@@ -138,7 +140,8 @@ class ModelQueue:
             if self.on_warm_error is not None:
                 self.on_warm_error()
         else:
-            self.ready.set()
+            if not self._closed:
+                self.ready.set()
 
     # ---- requests -------------------------------------------------------------------------
     @property
@@ -178,6 +181,8 @@ class ModelQueue:
         with self._lock:
             self._closed = True
             jobs = list(self._jobs)
+        if not self.ready.is_set():
+            self.det.cancel()                  # the warm-up (FGDILP's setup may take seconds)
         for job in jobs:
             job.cancel("shutting_down")
 
