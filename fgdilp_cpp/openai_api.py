@@ -67,9 +67,9 @@ class ApiError(Exception):
 @dataclass(frozen=True)
 class Policy:
     """What a request may ask for on this server (--max-tokens, --allow-methods, --max-steer-scale)."""
-    max_tokens: int = 2048
-    methods: tuple[str, ...] = ("tr",)
-    max_steer_scale: float = 2.0
+    max_tokens: int
+    methods: tuple[str, ...]
+    max_steer_scale: float
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def _text_content(content: Any, param: str) -> str:
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise _bad(f"{param}[{j}]", f"only text content parts are supported, not {kind!r}")
+                raise _bad(f"{param}[{j}]", f"only text content parts are supported, not {_show(kind)}")
             parts.append(_no_nul(part["text"], f"{param}[{j}].text"))
         return "\n".join(parts)
     raise _bad(param, "content must be a string or a list of text parts")
@@ -255,18 +255,22 @@ async def read_json(request: Request, limit: int, timeout: float) -> dict:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise too_large if length.isdigit() else ApiError(400, "invalid Content-Length header")
-    data = bytearray()
+
+    async def read() -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+        return bytes(data)
+
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > limit:
-                    raise too_large
-    except TimeoutError:
+        data = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:               # (TimeoutError itself only from Python 3.11)
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
                        headers={"Connection": "close"}) from None
     try:
-        body = json.loads(bytes(data), parse_constant=_reject_constant)
+        body = json.loads(data, parse_constant=_reject_constant)
     except (ValueError, RecursionError):      # RecursionError: nested too deep; ValueError: also an
         raise ApiError(400, "malformed JSON body") from None     # integer past Python's 4300 digits
     if not isinstance(body, dict):
