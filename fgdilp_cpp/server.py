@@ -254,7 +254,8 @@ async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
             yield _sse({**chunk, "choices": [_choice(True, None, None, first=True)]})
         while not isinstance(item, Future):
             yield _sse({**chunk, "choices": [_choice(chat, item, None)]})
-            item = await events.get()
+            await asyncio.sleep(0)                  # let a hang-up be seen before the next write: queued
+            item = await events.get()               # pieces would go to a dead socket, and asyncio logs it
         try:
             with _job_errors(chat):
                 o = item.result()

@@ -12,7 +12,8 @@ status 1 if one fails):
 - every request is answered: a whole reply, a 503 or, for the hang-ups, cancelled by the
   client; none lost (no error, no timeout, no cut stream);
 - the server's peak RSS after the load is within 10 % of its peak after a warm-up round;
-- a fixed request answers after the load exactly as it did one at a time before it.
+- a fixed request answers after the load exactly as it did one at a time before it;
+- the server logs no error (nor asyncio's complaint about writing to a hung-up client).
 """
 
 from __future__ import annotations
@@ -61,11 +62,13 @@ class ServerProcess:
             raise SystemExit(f"the server did not start: {line.strip()}")
         self.port = int(line.split("127.0.0.1:")[1].split()[0])
         self.log: list[str] = []
+        self.drained = threading.Event()
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
         for line in self.proc.stderr:
             self.log.append(line.rstrip())
+        self.drained.set()
 
     def rss_kib(self) -> tuple[int, int]:
         """(current, peak) resident set size of the server process."""
@@ -204,7 +207,11 @@ def run(model: Optional[Path], clients: int, total: int, hang_up_share: float = 
             after = request(srv.port, PROBE)
         finally:
             code = srv.stop()
+            srv.drained.wait(10)
     failures = []
+    noise = [line for line in srv.log if any(w in line for w in ("Traceback", "ERROR", "raised exception"))]
+    if noise:
+        failures.append(f"the server logged errors: {noise[:5]}")
     counted = sum(n for k, n in report["outcomes"].items() if k != "503 (retried)")
     if report["lost"] or counted != total:
         failures.append(f"{total - counted + len(report['lost'])} requests lost: {report['lost']}")
@@ -221,6 +228,7 @@ def run(model: Optional[Path], clients: int, total: int, hang_up_share: float = 
                                "after": {"rss": rss_after[0], "peak": rss_after[1]},
                                "peak_growth": round(growth, 4)},
                    "probe_equal": after == alone, "server_exit": code,
+                   "server_log": dict(Counter(line[:60] for line in srv.log)),
                    "failures": failures, "passed": not failures})
     return report
 
