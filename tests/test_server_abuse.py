@@ -198,7 +198,7 @@ def test_a_slow_body_is_cut_off_and_the_server_stays_healthy(srv, ref_replies):
         results = list(pool.map(lambda _: dribble(), range(4)))
     for got, took in results:
         assert got == b"" or (got.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in got), got
-        assert 0.9 < took < 4, took
+        assert 0.9 < took < 6, took
     assert any(got for got, _ in results)
     status, body = chat(srv, seed=4)
     assert status == 200 and body["choices"][0]["message"]["content"] == ref_replies()
@@ -219,7 +219,7 @@ def test_slow_or_missing_headers_are_cut_off(srv, dribble):
                 assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
                 s.settimeout(0.2)
             t0, sent, closed = time.monotonic(), 0, False
-            while not closed and time.monotonic() - t0 < 6:
+            while not closed and time.monotonic() - t0 < 10:
                 try:
                     closed = s.recv(4096) == b""
                 except socket.timeout:
@@ -232,7 +232,7 @@ def test_slow_or_missing_headers_are_cut_off(srv, dribble):
                 except ConnectionResetError:
                     closed = True
             took = time.monotonic() - t0
-            assert closed and 0.8 < took < 3, (kept_alive, took)
+            assert closed and 0.8 < took < 6, (kept_alive, took)
     assert chat(srv)[0] == 200
 
 
@@ -240,7 +240,7 @@ def test_connections_past_the_limit_get_503(det):
     with Served(create_app(det, Limits(max_connections=4))) as s:
         idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(4)]
         try:
-            time.sleep(0.3)                         # let the server accept them
+            wait_until(lambda: len(s.server.server_state.connections) >= 4, "the idle connections were not accepted")
             reply = raw_exchange(s.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             assert reply.startswith(b"HTTP/1.1 503 ")
         finally:
