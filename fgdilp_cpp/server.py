@@ -390,8 +390,9 @@ def _is_loopback(host: str) -> bool:
 
 class Server(uvicorn.Server):
     """uvicorn with this server's limits: at most --max-connections connections (503 past it), a
-    deadline for request headers (http_guard.py), and a shutdown that first cancels the running and queued replies, so that a reply cut by shutdown
-    ends with an error event (or a 503) before uvicorn waits for the connections to close."""
+    deadline for request headers (http_guard.py), and a shutdown that first cancels the running
+    and queued replies, so that a reply cut by shutdown ends with an error event (or a 503) before
+    uvicorn waits for the connections to close."""
 
     def __init__(self, app: Starlette, limits: Limits, **config):
         svc: _Service = app.state.service

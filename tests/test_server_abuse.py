@@ -240,7 +240,7 @@ def test_connections_past_the_limit_get_503(det):
     with Served(create_app(det, Limits(max_connections=4))) as s:
         idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(4)]
         try:
-            wait_until(lambda: len(s.server.server_state.connections) >= 4, "the idle connections were not accepted")
+            wait_until(lambda: len(s.server.server_state.connections) >= 4, "idle connections not accepted")
             reply = raw_exchange(s.port, b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             assert reply.startswith(b"HTTP/1.1 503 ")
         finally:
