@@ -47,6 +47,7 @@ class Stream(Iterator[str]):
         self.fitted = fitted                  # chat: the conversation that was sent (after trimming)
         self.result: Optional[GenResult] = None
         self._it: Optional[Iterator[str]] = None
+        self._cancel_asked = False
 
     def __iter__(self) -> "Stream":
         return self
@@ -55,6 +56,12 @@ class Stream(Iterator[str]):
         if self._it is None:
             self._it = self._run()
         return next(self._it)
+
+    def cancel(self) -> None:
+        """Stop this stream from any thread, also before its first piece: unlike Detoxifier.cancel(),
+        a cancel that lands before the decode starts (FGDILP's setup included) is kept."""
+        self._cancel_asked = True
+        self._det._gen.cancel()
 
     def close(self) -> None:
         """Stop early: the decode is cancelled and its worker joined."""
@@ -80,6 +87,8 @@ class Stream(Iterator[str]):
                 pieces.put(done)
 
         det._gen.reset_cancel()           # here, so that a cancel() from now on is never lost
+        if self._cancel_asked:            # ... and one that came before is kept (set before, read after)
+            det._gen.cancel()
         worker = threading.Thread(target=work, name="fgdilp-stream", daemon=True)
         worker.start()
         try:

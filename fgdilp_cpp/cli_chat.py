@@ -81,8 +81,17 @@ def chat(model_arg, history_dir, **kw):
 @click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(1), default=2048, show_default=True,
               help="Largest max_tokens a request may ask for.")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' (also FGDILP_API_KEY).")
+@click.option("--allow-methods", default=None, metavar="LIST",
+              help="Methods a request may ask for, comma-separated (default: --method only).")
+@click.option("--max-steer-scale", type=click.FloatRange(0, 1e6), default=2.0, show_default=True,
+              help="Largest steer_scale a request may ask for (negative ones are always refused).")
+@click.option("--max-connections", type=click.IntRange(2), default=64, show_default=True,
+              help="Open connections at most; more get 503.")
+@click.option("--read-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+              help="Seconds a client may take to send a request's headers, and again its body (slowloris).")
 @friendly_errors
-def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, **kw):
+def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allow_methods, max_steer_scale,
+          max_connections, read_timeout, **kw):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Requests may add "method", "steer_scale" and "steer_layer_range"; they are queued and run one
@@ -92,7 +101,9 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, **kw
     from .server import Limits, run_server
 
     s, det = _open_chat(kw)
+    methods = tuple(m.strip() for m in allow_methods.split(",") if m.strip()) if allow_methods is not None else None
     limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,
-                    api_key=api_key or os.environ.get("FGDILP_API_KEY") or None)
+                    api_key=api_key or os.environ.get("FGDILP_API_KEY") or None, allow_methods=methods,
+                    max_steer_scale=max_steer_scale, max_connections=max_connections, read_timeout=read_timeout)
     with det:
         run_server(det, host, port, limits)

@@ -5,8 +5,10 @@ The fields and their limits are listed in server.py's docstring.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -37,6 +39,25 @@ def param_error(exc: ParamError) -> "ApiError":
     return ApiError(400, f"{name} {exc.reason}", param=name)
 
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 256      # the hold-back scan costs O(longest stop) per piece
+
+
+def known_methods() -> tuple[str, ...]:
+    """Every method a request or --allow-methods may name (the registry's listed methods)."""
+    return methods.names()
+
+
+def check_methods(names: "tuple[str, ...] | list[str]") -> tuple[str, ...]:
+    """--allow-methods checked against the known methods (FgdilpError naming the unknown one)."""
+    known = known_methods()
+    for name in names:
+        if name not in known:
+            raise FgdilpError(f"--allow-methods: unknown method {name!r} (one of {', '.join(known)})")
+    if not names:
+        raise FgdilpError("--allow-methods needs at least one method")
+    return tuple(dict.fromkeys(names))
+
+
 class ApiError(Exception):
     """An error answered as OpenAI's JSON error object."""
 
@@ -49,6 +70,14 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What a request may ask for on this server (--max-tokens, --allow-methods, --max-steer-scale)."""
+    max_tokens: int
+    methods: tuple[str, ...]
+    max_steer_scale: float
 
 
 @dataclass(frozen=True)
@@ -96,6 +125,12 @@ def _bad(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+def _show(v: Any) -> str:
+    """A value for an error message, cut short (a 4000-digit number is not worth echoing)."""
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
             integer: bool = False) -> Any:
     """body[name] checked to be a number (an int if integer) in the range; None when absent/null."""
@@ -103,24 +138,31 @@ def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False, 
     if v is None:
         return None
     kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or v in (math.inf, -math.inf):
-        raise _bad(name, f"{name} must be {kind}, not {json.dumps(v)}")
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) \
+            or (isinstance(v, float) and not math.isfinite(v)):
+        raise _bad(name, f"{name} must be {kind}, not {_show(v)}")
     if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
         lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise _bad(name, f"{name} must be in {lb}{lo:g}, {hi:g}{hb}, not {v}")
+        raise _bad(name, f"{name} must be in {lb}{lo:g}, {hi:g}{hb}, not {_show(v)}")
     return v
+
+
+def _no_nul(text: str, param: str) -> str:
+    if "\x00" in text:
+        raise _bad(param, f"{param} contains a NUL character")
+    return text
 
 
 def _text_content(content: Any, param: str) -> str:
     if isinstance(content, str):
-        return content
+        return _no_nul(content, param)
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise _bad(f"{param}[{j}]", f"only text content parts are supported, not {kind!r}")
-            parts.append(part["text"])
+                raise _bad(f"{param}[{j}]", f"only text content parts are supported, not {_show(kind)}")
+            parts.append(_no_nul(part["text"], f"{param}[{j}].text"))
         return "\n".join(parts)
     raise _bad(param, "content must be a string or a list of text parts")
 
@@ -149,11 +191,15 @@ def _prompt(body: dict) -> str:
         p = p[0]
     if not isinstance(p, str):
         raise _bad("prompt", "prompt must be a string (or a list of exactly one string)")
-    return p
+    if not p.strip():
+        raise _bad("prompt", "the prompt is empty")
+    return _no_nul(p, "prompt")
 
 
-def parse_request(body: dict, chat: bool, det: "Detoxifier", max_tokens: int) -> GenRequest:
-    """The request's fields checked and turned into Detoxifier arguments (ApiError 400 otherwise)."""
+def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> GenRequest:
+    """The request's fields checked and turned into Detoxifier arguments (ApiError 400 otherwise).
+    Everything a client can get wrong is caught here, so that an error while generating is the
+    server's fault (a 500), apart from a conversation longer than the context."""
     for name, fine in _INERT.items():
         if body.get(name) is not None and body[name] not in fine:
             raise _bad(name, f"{name} is not supported by this server")
@@ -162,7 +208,7 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", max_tokens: int) ->
     if not isinstance(body.get("model", ""), str):
         raise _bad("model", "model must be a string")
     ov: dict[str, Any] = {}
-    sizes = [_number(body, name, 1, max_tokens, integer=True)
+    sizes = [_number(body, name, 1, policy.max_tokens, integer=True)
              for name in ("max_completion_tokens", "max_tokens")]     # the first one given wins
     if (n := next((v for v in sizes if v is not None), None)) is not None:
         ov["n_predict"] = n
@@ -176,11 +222,12 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", max_tokens: int) ->
         if (v := _number(body, name, 0, hi, integer=True)) is not None:
             ov[name] = v
     if (method := body.get("method")) is not None:
-        if not methods.is_method(method):
-            raise _bad("method", f"method must be one of {', '.join(methods.names())}, not {json.dumps(method)}")
+        if method not in policy.methods:
+            raise _bad("method", f"method must be one of {', '.join(policy.methods)} on this server, "
+                       f"not {_show(method)}")
         ov["method"] = method
-    if (scale := _number(body, "steer_scale", -math.inf, math.inf)) is not None:
-        ov["steer_scale"] = float(scale)
+    if (scale := _number(body, "steer_scale", 0, policy.max_steer_scale)) is not None:
+        ov["steer_scale"] = float(scale)     # negative would toxify; past the cap, fluency is gone
     if (lr := body.get("steer_layer_range")) is not None:
         if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):
             raise _bad("steer_layer_range", "steer_layer_range must be [start, end] layer numbers")
@@ -191,8 +238,10 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", max_tokens: int) ->
         ov["steer_layer_range"] = (lr[0], lr[1])
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
-    if not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise _bad("stop", "stop must be a string or a list of up to 4 non-empty strings")
+    if not (isinstance(stop, list) and len(stop) <= MAX_STOPS
+            and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise _bad("stop", f"stop must be a string or a list of up to {MAX_STOPS} strings of 1 to "
+                   f"{MAX_STOP_CHARS} characters")
     stream = body.get("stream") or False
     opts = body.get("stream_options") or {}
     if not isinstance(stream, bool) or not isinstance(opts, dict):
@@ -201,24 +250,65 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", max_tokens: int) ->
                       stream, bool(opts.get("include_usage")))
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, read incrementally and refused past `limit` bytes."""
+async def read_json(request: Request, limit: int, timeout: float) -> dict:
+    """The body as a JSON object: Content-Type application/json (415 otherwise: a web page can
+    send text/plain to localhost without asking), read incrementally, refused past `limit` bytes
+    (413) or when it takes longer than `timeout` seconds (408: a client dribbling its body would
+    hold a connection forever), with no lone surrogate in any string (400)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, not {_show(kind or None)}",
+                       code="unsupported_media_type")
     too_large = ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise too_large if length.isdigit() else ApiError(400, "invalid Content-Length header")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise too_large
+
+    async def read() -> bytes:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+        return bytes(data)
+
     try:
-        body = json.loads(bytes(data), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):      # RecursionError: nested too deep
-        raise ApiError(400, "malformed JSON body") from None
+        data = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:               # (TimeoutError itself only from Python 3.11)
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from None
+    try:
+        body = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):      # RecursionError: nested too deep; ValueError: also an
+        raise ApiError(400, "malformed JSON body") from None     # integer past Python's 4300 digits
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    if (where := _lone_surrogate(body)) is not None:
+        raise _bad(where, f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
     return body
+
+
+def _lone_surrogate(body: dict) -> Optional[str]:
+    """The path of the first string (key or value) with a lone surrogate: JSON's \\ud800 escapes
+    decode to one, and it cannot be encoded as UTF-8 for the tokenizer."""
+    todo: list[tuple[str, Any]] = [("", body)]
+    while todo:                                # iterative: bodies may nest 1000 levels deep
+        path, v = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                name = f"{path}.{k}" if path else k
+                if _SURROGATE.search(k):
+                    return path or "body"
+                todo.append((name, x))
+        elif isinstance(v, list):
+            todo.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _reject_constant(name: str) -> Any:

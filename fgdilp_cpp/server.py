@@ -3,6 +3,7 @@
 Endpoints (every error is JSON: {"error": {"message", "type", "param", "code"}}):
 
     GET  /health                  {"status": "ok", "model": ID}            (no API key needed)
+                                  503 {"status": "loading"} until every allowed method's contexts exist
     GET  /v1/models               the one served model (ID = the GGUF file's stem)
     GET  /v1/models/{id}          that model, or 404
     POST /v1/chat/completions     messages -> the assistant's reply ("stream": true for SSE)
@@ -13,10 +14,11 @@ Request fields of both POST endpoints:
     max_tokens / max_completion_tokens   int 1..--max-tokens (default: the server's -n)
     temperature                0..2, 0 = greedy;  top_p (0, 1];  seed 0..2^32-1
     top_k (int >= 0), min_p [0, 1)       llama.cpp-style extensions
-    stop                       a string or a list of up to 4: the text is cut before the first one
+    stop                       a string or a list of up to 4 of at most 256 characters: the text is cut
+                               before the first one
     n                          1 only;  stream (bool);  stream_options.include_usage (bool)
-    method                     a method of the registry (methods.names(): none, prompt, tr, fgdilp, ...)
-    steer_scale                a finite number;  steer_layer_range  [start, end] layer numbers
+    method                     one of --allow-methods (default: the server's --method only)
+    steer_scale                [0, --max-steer-scale (2)];  steer_layer_range  [start, end] layer numbers
 chat: messages [{role: system|developer|user|assistant, content: text or [{"type": "text", ...}]}],
 the last one the user's; a conversation longer than the context is a 400 with code
 "context_length_exceeded" (never trimmed silently). completions: prompt, a string or [string].
@@ -31,14 +33,24 @@ best_of, suffix) are accepted only at their no-op values (null, 0, false, empty)
 otherwise, since ignoring them would change results silently. usage.completion_tokens counts
 the tokens generated, including any that a stop string cut off.
 
-Requests are queued FIFO and run one at a time on one model thread (a Detoxifier is not
-thread-safe); more than --max-queue waiting is a 503 with Retry-After. A client that hangs up
-(while queued or mid-stream) has its generation cancelled.
+Requests are queued FIFO and run one at a time on one model thread (model_queue.py); more than
+--max-queue waiting is a 503 with Retry-After. A client that hangs up (while queued, during
+FGDILP's setup or mid-stream) has its generation cancelled; a reply cut by shutdown ends with an
+error event (a 503 if nothing was sent yet), never as a complete one.
+
+Abuse: POST bodies must be Content-Type application/json (415: a web page may send text/plain
+cross-origin without asking); headers and then the body must each arrive within --read-timeout
+seconds (slowloris: the connection is closed, or a 408 for a slow body); on a
+loopback bind the Host header must be a loopback name (421, DNS rebinding); past
+--max-connections open connections uvicorn answers 503. Any string field with a lone surrogate,
+an integer out of range (however large) and a non-finite number are 400s. A fault of the server
+is a 500 whose body says nothing about it (it is logged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import ipaddress
@@ -46,31 +58,30 @@ import json
 import logging
 import socket
 import sys
-import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterator, Optional
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .errors import ContextLengthError, FgdilpError, ParamError
-from .openai_api import ApiError, GenRequest, StopScanner, param_error, parse_request, read_json
+from .http_guard import header_deadline_protocol, loopback_host_header
+from .model_queue import Job, JobCancelled, ModelQueue, Outcome
+from .openai_api import ApiError, Policy, check_methods, param_error, parse_request, read_json
 
 if TYPE_CHECKING:
     from .api import Detoxifier
 
 log = logging.getLogger("fgdilp_cpp.server")
-
-_FINISH = {"eog": "stop", "length": "length", "context": "length", "cancelled": "stop"}
 
 
 @dataclass(frozen=True)
@@ -79,115 +90,34 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_tokens: int = 2048              # the largest max_tokens a request may ask for
     api_key: Optional[str] = None       # require "Authorization: Bearer KEY" on /v1
+    allow_methods: Optional[tuple[str, ...]] = None   # methods a request may name; None: the configured one
+    max_steer_scale: float = 2.0        # steer_scale in [0, this]: negative toxifies, large wrecks fluency
+    max_connections: int = 64           # uvicorn's limit_concurrency: connections past it get 503
+    read_timeout: float = 10.0          # seconds a request's headers, and then its body, may take to
+                                        # arrive (slowloris): the connection is closed, or a 408
+    loopback_host: bool = True          # require a loopback Host header (DNS rebinding); run_server
+                                        # turns it off when listening on another address
 
 
 class _ClientGone(Exception):
     """The client hung up before its answer was ready."""
 
 
-class _Cancelled(Exception):
-    """The job was cancelled before it produced a result (its client left, or shutdown)."""
-
-
-# ---- generation on the model thread ------------------------------------------------------------
-@dataclass(frozen=True)
-class Outcome:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    stats: dict[str, Any]
-
-
-class _Job:
-    """One request's generation. run() executes on the model thread; cancel() from anywhere."""
-
-    def __init__(self, det: Detoxifier, req: GenRequest, emit: Optional[Callable[[str], None]]):
-        self._det, self._req, self._emit = det, req, emit
-        self._lock = threading.Lock()
-        self._cancelled = self._running = False
-
-    def cancel(self) -> None:
-        """Stop this job (a no-op once it has finished; never touches another request's decode)."""
-        with self._lock:
-            self._cancelled = True
-            if self._running:
-                self._det.cancel()
-
-    def run(self) -> Outcome:
-        with self._lock:
-            if self._cancelled:
-                raise _Cancelled()
-            self._running = True
-        try:
-            return self._generate()
-        finally:
-            with self._lock:
-                self._running = False
-
-    def _generate(self) -> Outcome:
-        det, req = self._det, self._req
-        stream = (det.stream_chat(req.messages, trim=False, **req.overrides) if req.messages is not None
-                  else det.stream(req.prompt, **req.overrides))
-        scan = StopScanner(req.stop)
-        try:
-            for piece in stream:
-                self._send(scan.feed(piece))
-                if scan.stopped or self._cancelled:   # a cancel() that came before the decode began
-                    break
-            else:
-                self._send(scan.flush())
-        finally:
-            stream.close()                  # cancels and joins the decode when we stopped early
-        res = stream.result
-        if res is None:
-            raise _Cancelled()
-        stats = {"method": res.method, "stop_reason": res.stop_reason, "setup_s": round(res.setup_s, 4),
-                 "prefill_s": round(res.prefill_s, 4), "decode_s": round(res.decode_s, 4)}
-        return Outcome(scan.text, "stop" if scan.stopped else _FINISH.get(res.stop_reason, "stop"),
-                       res.n_prompt_tokens, len(res.tokens), stats)
-
-    def _send(self, text: str) -> None:
-        if text and self._emit is not None:
-            try:
-                self._emit(text)
-            except RuntimeError:            # the event loop is gone (shutdown): nobody is listening
-                self._cancelled = True
-
-
-class _Service:
-    """The model, its one worker thread and the admission limit."""
+class _Service(ModelQueue):
+    """The model queue plus what the endpoints need: limits, the request policy, the API key."""
 
     def __init__(self, det: Detoxifier, limits: Limits):
-        self.det, self.limits = det, limits
-        self.model_id = Path(det.model.info.path).stem
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgdilp-model")
-        self._lock = threading.Lock()
-        self._jobs: set[_Job] = set()
-        self._closed = False
-
-    @property
-    def in_flight(self) -> int:
-        """Requests admitted and not finished (the running one included)."""
-        return len(self._jobs)
-
-    def submit(self, req: GenRequest, emit: Optional[Callable[[str], None]] = None) -> tuple[_Job, Future]:
-        job = _Job(self.det, req, emit)
-        with self._lock:
-            if self._closed:
-                raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
-            if len(self._jobs) > self.limits.max_queue:
-                raise ApiError(503, f"the server is busy ({self.limits.max_queue} requests already waiting); "
-                               "retry later", kind="server_error", code="queue_full",
-                               headers={"Retry-After": "1"})
-            self._jobs.add(job)
-            fut = self.executor.submit(job.run)
-        fut.add_done_callback(lambda _: self._release(job))
-        return job, fut
-
-    def _release(self, job: _Job) -> None:
-        with self._lock:
-            self._jobs.discard(job)
+        allowed = limits.allow_methods if limits.allow_methods is not None else (det.settings.method,)
+        methods = check_methods(list(allowed))
+        if det.settings.method not in methods:
+            raise FgdilpError(f"--allow-methods must include --method {det.settings.method} (what a request "
+                              "that names no method runs)")
+        if not 0 <= limits.max_steer_scale < float("inf"):
+            raise FgdilpError(f"--max-steer-scale must be a finite number >= 0, not {limits.max_steer_scale}")
+        super().__init__(det, limits.max_queue, methods)
+        self.limits = limits
+        self.policy = Policy(max_tokens=limits.max_tokens, methods=methods,
+                             max_steer_scale=limits.max_steer_scale)
 
     def authorize(self, request: Request) -> None:
         key = self.limits.api_key
@@ -198,14 +128,13 @@ class _Service:
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def close(self) -> None:
-        """Cancel every job and wait for the model thread (the Detoxifier may be closed after)."""
-        with self._lock:
-            self._closed = True
-            jobs = list(self._jobs)
-        for job in jobs:
-            job.cancel()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+    def check_host(self, request: Request) -> None:
+        """On a loopback bind, a Host header that is not a loopback name means a browser was led
+        here by DNS rebinding (a page's own name resolving to 127.0.0.1): refused (421)."""
+        host = request.headers.get("host", "")
+        if self.limits.loopback_host and not loopback_host_header(host):
+            raise ApiError(421, "this server answers only requests addressed to localhost, 127.0.0.1 or [::1] "
+                           "(Host header)", code="invalid_host")
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -227,31 +156,38 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
-def _from_fgdilp(exc: FgdilpError, chat: bool) -> ApiError:
-    msg = str(exc)
-    if isinstance(exc, ParamError):
-        return param_error(exc)
-    if isinstance(exc, ContextLengthError):
-        return ApiError(400, msg, param="messages" if chat else "prompt", code="context_length_exceeded")
-    return ApiError(400, msg)
+def _internal_error() -> ApiError:
+    return ApiError(500, "internal error (the details are in the server log)", kind="server_error")
 
 
 @contextmanager
 def _job_errors(chat: bool) -> Iterator[None]:
-    """A job's failures as HTTP errors (bad input is a 400; a bug is left to the 500 handler)."""
+    """A job's failures as HTTP errors. Everything a client can get wrong was refused by
+    parse_request except a conversation longer than the context (400); a cancel is a 503; anything
+    else is the server's fault: logged with its details, a 500 without them (no paths)."""
     try:
         yield
-    except FgdilpError as exc:
-        raise _from_fgdilp(exc, chat) from None
-    except _Cancelled:
-        raise ApiError(503, "the request was cancelled", kind="server_error", code="cancelled") from None
+    except (ApiError, _ClientGone):
+        raise
+    except ContextLengthError as exc:
+        raise ApiError(400, str(exc), param="messages" if chat else "prompt",
+                       code="context_length_exceeded") from None
+    except ParamError as exc:           # a setting out of range that parse_request let through
+        raise param_error(exc) from None
+    except JobCancelled as exc:
+        message = ("the server is shutting down; the reply was not finished" if exc.reason == "shutting_down"
+                   else "the request was cancelled")
+        raise ApiError(503, message, kind="server_error", code=exc.reason) from None
+    except Exception as exc:  # noqa: BLE001 - FgdilpError included: input errors cannot reach here
+        log.error("generation failed", exc_info=exc)
+        raise _internal_error() from None
 
 
 class _EventStream(StreamingResponse):
     """Server-sent events; when the response ends for any reason (the client hung up, shutdown)
     the job is cancelled, which is a no-op if it already finished."""
 
-    def __init__(self, events: AsyncIterator[bytes], job: _Job):
+    def __init__(self, events: AsyncIterator[bytes], job: Job):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._job = job
@@ -263,7 +199,7 @@ class _EventStream(StreamingResponse):
             self._job.cancel()
 
 
-async def _unless_gone(request: Request, job: _Job, waiting: Awaitable[Any]) -> Any:
+async def _unless_gone(request: Request, job: Job, waiting: Awaitable[Any]) -> Any:
     """The result of `waiting`; if the client hangs up first, the job is cancelled (_ClientGone)."""
     async def hangup() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -284,7 +220,8 @@ async def _unless_gone(request: Request, job: _Job, waiting: Awaitable[Any]) -> 
 
 
 async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
-    req = parse_request(await read_json(request, svc.limits.max_body_bytes), chat, svc.det, svc.limits.max_tokens)
+    body = await read_json(request, svc.limits.max_body_bytes, svc.limits.read_timeout)
+    req = parse_request(body, chat, svc.det, svc.policy)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": svc.model_id}
@@ -319,7 +256,8 @@ async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
             yield _sse({**chunk, "choices": [_choice(True, None, None, first=True)]})
         while not isinstance(item, Future):
             yield _sse({**chunk, "choices": [_choice(chat, item, None)]})
-            item = await events.get()
+            await asyncio.sleep(0)                  # let a hang-up be seen before the next write: queued
+            item = await events.get()               # pieces would go to a dead socket, and asyncio logs it
         try:
             with _job_errors(chat):
                 o = item.result()
@@ -338,22 +276,24 @@ async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
 
 # ---- the app ------------------------------------------------------------------------------------
 def _endpoint(auth: bool = True) -> Callable:
-    """A route handler(request, service): API key check, errors as JSON, 500 for bugs (logged)."""
+    """A route handler(request, service): Host and API key checks, errors as JSON, 500 for bugs
+    (logged, with no details in the body)."""
     def deco(fn: Callable[[Request, _Service], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         @functools.wraps(fn)
         async def handler(request: Request) -> Response:
             svc: _Service = request.app.state.service
             try:
+                svc.check_host(request)
                 if auth:
                     svc.authorize(request)
                 return await fn(request, svc)
             except ApiError as exc:
                 return exc.response()
-            except _ClientGone:
+            except (_ClientGone, ClientDisconnect):
                 return Response(status_code=499)    # never sent: the client is gone
-            except Exception as exc:  # noqa: BLE001 - a bug: logged here, one line to the client
+            except Exception:  # noqa: BLE001 - a bug: logged here, one line to the client
                 log.exception("internal error on %s %s", request.method, request.url.path)
-                return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
+                return _internal_error().response()
         return handler
     return deco
 
@@ -364,7 +304,11 @@ def _model_card(svc: _Service) -> dict:
 
 @_endpoint(auth=False)
 async def health(request: Request, svc: _Service) -> Response:
-    return JSONResponse({"status": "ok", "model": svc.model_id})
+    """200 once the allowed methods' contexts exist; 503 while they are made, or if that failed."""
+    if svc.ready.is_set():
+        return JSONResponse({"status": "ok", "model": svc.model_id})
+    status = "error" if svc.warm_error is not None else "loading"
+    return JSONResponse({"status": status, "model": svc.model_id}, status_code=503, headers={"Retry-After": "1"})
 
 
 @_endpoint()
@@ -404,7 +348,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
+    return _internal_error().response()
 
 
 def create_app(det: Detoxifier, limits: Limits = Limits()) -> Starlette:
@@ -414,6 +358,7 @@ def create_app(det: Detoxifier, limits: Limits = Limits()) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        svc.start()
         try:
             yield
         finally:
@@ -445,24 +390,47 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class Server(uvicorn.Server):
+    """uvicorn with this server's limits: at most --max-connections connections (503 past it), a
+    deadline for request headers (http_guard.py), and a shutdown that first cancels the running
+    and queued replies, so that a reply cut by shutdown ends with an error event (or a 503) before
+    uvicorn waits for the connections to close."""
+
+    def __init__(self, app: Starlette, limits: Limits, **config):
+        svc: _Service = app.state.service
+        super().__init__(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3, lifespan="on",
+                                        limit_concurrency=limits.max_connections,
+                                        http=header_deadline_protocol(limits.read_timeout), **config))
+        svc.on_warm_error = self._stop
+        self.service = svc
+
+    def _stop(self) -> None:                   # on the model thread: the warm-up failed
+        self.should_exit = True
+
+    async def shutdown(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        self.service.begin_shutdown()
+        await super().shutdown(sockets)
+
+
 def run_server(det: Detoxifier, host: str, port: int, limits: Limits = Limits()) -> None:
     """Serve until Ctrl-C (or SIGTERM); port 0 picks a free port (printed)."""
-    import uvicorn
-
+    limits = dataclasses.replace(limits, loopback_host=_is_loopback(host))
     app = create_app(det, limits)
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving {app.state.service.model_id} on http://{shown}:{bound} (OpenAI API at /v1)", file=sys.stderr)
-    if not _is_loopback(host):
+    svc: _Service = app.state.service
+    print(f"serving {svc.model_id} on http://{shown}:{bound} (OpenAI API at /v1)", file=sys.stderr)
+    if not limits.loopback_host:
         print(f"warning: listening on {host}: anyone who can reach it can use the model"
               + ("" if limits.api_key else " (no --api-key set)"), file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3,
-                                           lifespan="on"))
+    server = Server(app, limits)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:                   # uvicorn re-raises the Ctrl-C it shut down on
         print("stopped", file=sys.stderr)
     finally:
-        app.state.service.close()
+        svc.close()
         sock.close()
+    if svc.warm_error is not None:
+        raise FgdilpError(f"the model could not start: {svc.warm_error}")

@@ -84,14 +84,18 @@ def test_toy_method_through_the_cli(toy, tiny_llama):
 
 def test_toy_method_in_server_validation_and_repl(toy, tiny_llama, capsys):
     from fgdilp_cpp.api import Detoxifier
-    from fgdilp_cpp.openai_api import ApiError, parse_request
+    from fgdilp_cpp.openai_api import ApiError, Policy, check_methods, parse_request
     from fgdilp_cpp.repl import Session, command
 
+    assert check_methods(["none", TOY]) == ("none", TOY)          # serve --allow-methods reads the registry
+    with pytest.raises(FgdilpError, match="unknown method 'toy-nope'.*toy-shift"):
+        check_methods(["toy-nope"])
     with Detoxifier.from_file(tiny_llama[0], ctx_size=128, threads=1) as det:
-        req = parse_request({"prompt": "hi", "method": TOY}, False, det, 64)
+        policy = Policy(max_tokens=64, methods=("none", TOY), max_steer_scale=2.0)
+        req = parse_request({"prompt": "hi", "method": TOY}, False, det, policy)
         assert req.overrides["method"] == TOY
         with pytest.raises(ApiError) as err:
-            parse_request({"prompt": "hi", "method": "toy-nope"}, False, det, 64)
+            parse_request({"prompt": "hi", "method": "tr"}, False, det, policy)
         assert err.value.status == 400 and err.value.param == "method" and TOY in err.value.message
         session = Session(det, None)
         assert command(session, f"/method {TOY}") and session.method == TOY

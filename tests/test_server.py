@@ -6,83 +6,16 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-import uvicorn
 
-from fgdilp_cpp.api import Detoxifier
 from fgdilp_cpp.openai_api import StopScanner
 from fgdilp_cpp.server import Limits, create_app
-
-MSGS = [{"role": "user", "content": "hello there"}]
-PROMPT = "the cat sat on a mat"
-DET_KW = dict(chat=True, chat_template="chatml", ctx_size=256, n_predict=8, threads=1, method="tr",
-              selfgen_samples=2, selfgen_tokens=4, selfgen_min_tokens=1)
-
-
-def open_det(tiny_llama) -> Detoxifier:
-    return Detoxifier.from_file(str(tiny_llama[0]), **DET_KW)
-
-
-class Served:
-    """An app served by uvicorn in a background thread on 127.0.0.1 (an ephemeral port)."""
-
-    def __init__(self, app):
-        self.app, self.service = app, app.state.service
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=3))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> "Served":
-        self.thread.start()
-        wait_until(lambda: self.server.started, "the server did not start")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        assert not self.thread.is_alive()
-
-    def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0,
-                             timeout=30, **kw)
-
-    def request(self, method: str, path: str, body=None, headers=None) -> tuple[int, dict, dict]:
-        """(status, headers, JSON body) of one raw request; body: bytes, or an object sent as JSON."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-            resp = conn.getresponse()
-            return resp.status, dict(resp.getheaders()), json.loads(resp.read() or b"null")
-        finally:
-            conn.close()
-
-    def open_raw(self, body: dict) -> socket.socket:
-        """A POST /v1/chat/completions sent on a bare socket (to hang up on it later)."""
-        data = json.dumps(body).encode()
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
-        return s
-
-
-def wait_until(cond, what: str, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(what)
-        time.sleep(0.005)
-
+from server_helpers import MSGS, PROMPT, Gate, Served, SlowDetoxifier, open_det, wait_until
 
 @pytest.fixture(scope="module")
 def ref(tiny_llama):
@@ -93,7 +26,8 @@ def ref(tiny_llama):
 
 @pytest.fixture(scope="module")
 def served(tiny_llama):
-    with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_tokens=512))) as srv:
+    limits = Limits(max_tokens=512, allow_methods=("tr", "none", "fgdilp"))
+    with open_det(tiny_llama) as det, Served(create_app(det, limits)) as srv:
         yield srv
 
 
@@ -254,7 +188,8 @@ def test_body_limit_without_content_length(served):
     conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
     try:
         chunks = (b"x" * 65536 for _ in range(40))                      # 2.5 MiB, never all buffered
-        conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True)
+        conn.request("POST", "/v1/completions", body=chunks, encode_chunked=True,
+                     headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
     finally:
@@ -291,18 +226,6 @@ def test_concurrent_requests_run_one_at_a_time(served, ref):
     assert served.service.in_flight == 0
 
 
-class Gate:
-    """Holds the model thread of a served app until released."""
-
-    def __init__(self, srv: Served):
-        self.event = threading.Event()
-        self.done = srv.service.executor.submit(self.event.wait)
-
-    def release(self) -> None:
-        self.event.set()
-        self.done.result(5)
-
-
 def test_full_queue_is_503(tiny_llama):
     with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_queue=1))) as srv, \
             ThreadPoolExecutor(2) as pool:
@@ -315,39 +238,6 @@ def test_full_queue_is_503(tiny_llama):
         gate.release()
         assert [f.result(10)[0] for f in waiting] == [200, 200]
         assert srv.request("POST", "/v1/chat/completions", body)[0] == 200
-
-
-class SlowDetoxifier:
-    """A Detoxifier whose chat streams pause before every piece (a slow model, for hang-ups)."""
-
-    def __init__(self, det: Detoxifier, delay: float):
-        self._det, self.delay, self.pieces, self.closed = det, delay, 0, threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._det, name)
-
-    def stream_chat(self, *args, **kw):
-        outer, inner = self, self._det.stream_chat(*args, **kw)
-
-        class Slow:
-            def __iter__(self):
-                return self
-
-            def __next__(self):
-                time.sleep(outer.delay)
-                piece = next(inner)
-                outer.pieces += 1
-                return piece
-
-            def close(self):
-                inner.close()
-                outer.closed.set()
-
-            @property
-            def result(self):
-                return inner.result
-
-        return Slow()
 
 
 def test_hanging_up_cancels_the_generation(tiny_llama):
@@ -382,7 +272,7 @@ def test_a_bug_is_a_logged_500(tiny_llama, caplog):
 
     with open_det(tiny_llama) as det, Served(create_app(Broken(det, 0), Limits())) as srv:
         s, _, body = srv.request("POST", "/v1/chat/completions", {"messages": MSGS})
-        assert s == 500 and body["error"] == {"message": "internal error: ZeroDivisionError",
+        assert s == 500 and body["error"] == {"message": "internal error (the details are in the server log)",
                                               "type": "server_error", "param": None, "code": None}
         assert srv.request("POST", "/v1/completions", {"prompt": PROMPT})[0] == 200   # still serving
     assert "ZeroDivisionError: boom" in caplog.text
@@ -394,14 +284,24 @@ def test_serve_command_port_zero_and_ctrl_c(tiny_llama):
     env.pop("FGDILP_DEBUG", None)
     proc = subprocess.Popen([sys.executable, "-m", "fgdilp_cpp.cli", "serve", "-m", str(tiny_llama[0]),
                              "--chat-template", "chatml", "-c", "256", "--method", "tr", "-n", "4",
-                             "--port", "0"], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
+                             "--allow-methods", "tr,none", "--max-steer-scale", "0.5", "--port", "0"],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
     try:
         line = proc.stderr.readline()
         assert line.startswith("serving tiny-llama on http://127.0.0.1:") and "(OpenAI API at /v1)" in line
         port = int(line.split("127.0.0.1:")[1].split()[0])
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0) as c:
             r = c.chat.completions.create(model="m", messages=MSGS)
+            assert c.chat.completions.create(model="m", messages=MSGS, extra_body={"method": "none"}).choices
+            for extra, param in (({"method": "fgdilp"}, "method"), ({"steer_scale": 0.6}, "steer_scale")):
+                with pytest.raises(openai.BadRequestError) as e:
+                    c.chat.completions.create(model="m", messages=MSGS, extra_body=extra)
+                assert error_of(e.value)["param"] == param
         assert r.usage.completion_tokens <= 4
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health", headers={"Host": "rebound.example:%d" % port})
+        assert conn.getresponse().status == 421                    # a loopback bind: DNS rebinding refused
+        conn.close()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
         assert "stopped" in proc.stderr.read()

@@ -1,0 +1,192 @@
+"""`serve`'s model thread: requests queued FIFO and run one at a time on one Detoxifier (it is not
+thread-safe), its contexts created at start-up, and cancellation from any thread (a client that
+hangs up, shutdown) that is honoured at every stage: queued, during FGDILP's setup, mid-reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from .openai_api import ApiError, GenRequest, StopScanner
+
+if TYPE_CHECKING:
+    from .api import Detoxifier, Stream
+
+log = logging.getLogger("fgdilp_cpp.server")
+
+_FINISH = {"eog": "stop", "length": "length", "context": "length"}
+WARM_PROMPT = "Hello"
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before it produced a whole result; reason: "cancelled" (its client
+    left) or "shutting_down"."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    stats: dict[str, Any]
+
+
+class Job:
+    """One request's generation. run() executes on the model thread; cancel() from anywhere."""
+
+    def __init__(self, det: Detoxifier, req: GenRequest, emit: Optional[Callable[[str], None]]):
+        self._det, self._req, self._emit = det, req, emit
+        self._lock = threading.Lock()
+        self._stream: Optional[Stream] = None
+        self.reason: Optional[str] = None      # set once cancelled
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop this job: a no-op once it has finished, and never touches another request's
+        decode (the stream is cancelled under the lock that run() releases it under)."""
+        with self._lock:
+            self.reason = self.reason or reason
+            if self._stream is not None:
+                self._stream.cancel()          # kept even before the stream's first piece
+
+    def run(self) -> Outcome:
+        det, req = self._det, self._req
+        if self.reason:
+            raise JobCancelled(self.reason)
+        stream = (det.stream_chat(req.messages, trim=False, **req.overrides) if req.messages is not None
+                  else det.stream(req.prompt, **req.overrides))
+        with self._lock:
+            if self.reason:                    # cancelled while the stream was being made
+                raise JobCancelled(self.reason)
+            self._stream = stream
+        try:
+            return self._generate(stream)
+        finally:
+            with self._lock:
+                self._stream = None
+
+    def _generate(self, stream: Stream) -> Outcome:
+        req = self._req
+        scan = StopScanner(req.stop)
+        cut = False
+        try:
+            for piece in stream:
+                self._send(scan.feed(piece))
+                if scan.stopped:
+                    break
+                if self.reason:                # the decode may have finished: the text we send has not
+                    cut = True
+                    break
+            else:
+                self._send(scan.flush())
+        finally:
+            stream.close()                     # cancels and joins the decode when we stopped early
+        res = stream.result
+        if cut or (not scan.stopped and (res is None or res.stop_reason == "cancelled")):
+            raise JobCancelled(self.reason or "cancelled")     # never reported as a whole reply
+        stats = {"method": res.method, "stop_reason": "stop" if scan.stopped else res.stop_reason,
+                 "setup_s": round(res.setup_s, 4), "prefill_s": round(res.prefill_s, 4),
+                 "decode_s": round(res.decode_s, 4)}
+        return Outcome(scan.text, "stop" if scan.stopped else _FINISH.get(res.stop_reason, "stop"),
+                       res.n_prompt_tokens, len(res.tokens), stats)
+
+    def _send(self, text: str) -> None:
+        if text and self._emit is not None:
+            try:
+                self._emit(text)
+            except RuntimeError:               # the event loop is gone (shutdown): nobody is listening
+                self.reason = self.reason or "shutting_down"
+
+
+class ModelQueue:
+    """The model, its one worker thread, the warm-up and the admission limit."""
+
+    def __init__(self, det: Detoxifier, max_queue: int, methods: tuple[str, ...]):
+        self.det, self.max_queue, self.methods = det, max_queue, methods
+        self.model_id = Path(det.model.info.path).stem
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgdilp-model")
+        self.ready = threading.Event()
+        self.warm_error: Optional[str] = None
+        self.on_warm_error: Optional[Callable[[], None]] = None
+        self._lock = threading.Lock()
+        self._jobs: set[Job] = set()
+        self._closed = False
+
+    # ---- start-up -------------------------------------------------------------------------
+    def start(self) -> Future:
+        """Create the contexts of every allowed method on the model thread (a 1-token reply each,
+        FGDILP's setup context included), so that no request grows memory later; requests that
+        come meanwhile wait behind it."""
+        return self.executor.submit(self._warm)
+
+    def _warm(self) -> None:
+        try:
+            for method in self.methods:
+                if self._closed:               # shut down while warming up: not ready, not failed
+                    return
+                self.det.generate(WARM_PROMPT, method=method, n_predict=1, seed=0)
+        except Exception as exc:  # noqa: BLE001 - reported by /health and run_server, logged here
+            log.error("warm-up failed", exc_info=exc)
+            self.warm_error = str(exc) or type(exc).__name__
+            if self.on_warm_error is not None:
+                self.on_warm_error()
+        else:
+            if not self._closed:
+                self.ready.set()
+
+    # ---- requests -------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not finished (the running one included)."""
+        return len(self._jobs)
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._closed
+
+    def submit(self, req: GenRequest, emit: Optional[Callable[[str], None]] = None) -> tuple[Job, Future]:
+        job = Job(self.det, req, emit)
+        with self._lock:
+            if self._closed:
+                raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
+            if self.warm_error is not None:
+                raise ApiError(503, "the model could not start (see the server log)", kind="server_error",
+                               code="not_ready")
+            if len(self._jobs) > self.max_queue:
+                raise ApiError(503, f"the server is busy ({self.max_queue} requests already waiting); "
+                               "retry later", kind="server_error", code="queue_full",
+                               headers={"Retry-After": "1"})
+            self._jobs.add(job)
+            fut = self.executor.submit(job.run)
+        fut.add_done_callback(lambda _: self._release(job))
+        return job, fut
+
+    def _release(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+
+    # ---- shutdown -------------------------------------------------------------------------
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and cancel the admitted ones (without waiting): a reply cut here
+        ends with an error, not as if it were complete."""
+        with self._lock:
+            self._closed = True
+            jobs = list(self._jobs)
+        if not self.ready.is_set():
+            self.det.cancel()                  # the warm-up (FGDILP's setup may take seconds)
+        for job in jobs:
+            job.cancel("shutting_down")
+
+    def close(self) -> None:
+        """Cancel every job and wait for the model thread (the Detoxifier may be closed after)."""
+        self.begin_shutdown()
+        self.executor.shutdown(wait=True)
