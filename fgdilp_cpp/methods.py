@@ -38,6 +38,7 @@ class Method:
     saved_vectors: bool = False       # applies a loaded HeadDirections file (needs one)
     with_vectors: Optional[str] = None   # the method run instead while a vectors file is loaded
     listed: bool = True               # offered to users by name (CLI, server, REPL)
+    control: bool = False             # a control of the evaluation (measured, never recommended)
 
     def n_roles(self, fgdilp: FgdilpParams) -> int:
         return self.roles(fgdilp) if callable(self.roles) else int(self.roles)
@@ -115,7 +116,8 @@ register(Method("fgdilp-frozen", "FGDILP, frozen: the fused direction captured o
 register(Method("cvec", "baseline: llama.cpp's residual control vector W_O*delta of TR's prefixes",
                 plan="plans:plan_cvec", heads=True, prefix_room="plans:tr_prefix_room"))
 register(Method("random", "control: the TR edit with random directions of the same per-head norms",
-                plan="plans:plan_random", hook=True, heads=True, prefix_room="plans:tr_prefix_room"))
+                plan="plans:plan_random", hook=True, heads=True, prefix_room="plans:tr_prefix_room",
+                control=True))
 register(Method("vectors", "saved head directions (HeadDirections), applied as a fixed direction",
                 plan="plans:plan_vectors", hook=True, heads=True, saved_vectors=True, with_vectors="vectors",
                 listed=False))
