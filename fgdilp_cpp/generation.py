@@ -9,6 +9,7 @@ prompt share its prefill (KV sequence copy) and advance together.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -174,6 +175,21 @@ class Generator:
             hook.set_exponents(steer.exp_norm, steer.exp_sim, steer.renorm)
             hook.set_layer_scales(scales)
         self.rt.steer = steer
+
+    def set_fgdilp(self, fgdilp: FgdilpParams) -> None:
+        """FGDILP values for the following generations: only the fusion of the negatives (mask-k,
+        merge, sign election) may change, applied to the hooks that fuse; the rest sizes contexts."""
+        if fgdilp == self.fgdilp:
+            return
+        fgdilp.check()
+        fixed = dataclasses.replace(fgdilp, mask_k=self.fgdilp.mask_k, fusion=self.fgdilp.fusion,
+                                    sign_election=self.fgdilp.sign_election)
+        if fixed != self.fgdilp:
+            raise FgdilpError("only mask_k, fusion and sign_election of FGDILP can change on an open model")
+        for name, hook in self._hooks.items():
+            if methods.get(name).fusion:
+                hook.set_fusion(fgdilp.mask_k, fgdilp.fusion, fgdilp.sign_election)
+        self.rt.fgdilp = fgdilp
 
     def prefix_room(self, method: str) -> int:
         """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""
