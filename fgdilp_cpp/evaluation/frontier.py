@@ -96,12 +96,18 @@ def _real(x: Any) -> bool:
 def point_values(pp: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], idx: np.ndarray) -> dict:
     """EMT, TP and corpus PPL ratio of one point over the prompts `idx` (indices, with repeats).
     pp / base: per-prompt "emt", "tp", "nll" (summed), "ntok" arrays of the point and of `none`."""
-    out = {"emt": float(pp["emt"][idx].mean()), "tp": float(pp["tp"][idx].mean()), "ppl_ratio": None}
-    n, n0 = pp["ntok"][idx].sum(), base["ntok"][idx].sum()
-    nll, nll0 = pp["nll"][idx].sum(), base["nll"][idx].sum()
-    if n > 0 and n0 > 0 and math.isfinite(nll) and math.isfinite(nll0):
-        out["ppl_ratio"] = math.exp(nll / n - nll0 / n0)
-    return out
+    return {k: v[0] for k, v in _resampled(pp, base, np.asarray(idx)[None, :]).items()}
+
+
+def _resampled(pp: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], boots: np.ndarray) -> dict:
+    """point_values for every row of `boots` [n_resamples, n_prompts]: lists of floats (None: no ratio)."""
+    if boots.shape[1] == 0:
+        return {k: [None] * len(boots) for k in ("emt", "tp", "ppl_ratio")}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_ratio = pp["nll"][boots].sum(1) / pp["ntok"][boots].sum(1) - \
+            base["nll"][boots].sum(1) / base["ntok"][boots].sum(1)
+    return {"emt": pp["emt"][boots].mean(1).tolist(), "tp": pp["tp"][boots].mean(1).tolist(),
+            "ppl_ratio": [math.exp(x) if math.isfinite(x) else None for x in log_ratio.tolist()]}
 
 
 def at_budget(variants: Mapping[str, Sequence[tuple[str, dict]]], per_prompt: Mapping[str, Mapping[str, np.ndarray]],
@@ -117,12 +123,15 @@ def at_budget(variants: Mapping[str, Sequence[tuple[str, dict]]], per_prompt: Ma
     n = len(per_prompt[baseline]["emt"])
     every = np.arange(n)
     rng = np.random.default_rng(seed)
-    boots = [every] + [rng.integers(0, n, n) for _ in range(n_boot if n > 0 else 0)]
+    boots = np.stack([every] + [rng.integers(0, n, n) for _ in range(n_boot if n > 0 else 0)])
+    # every variant's figures in every resample at once (row 0: the data itself)
+    figs = {v: _resampled(per_prompt[v], per_prompt[baseline], boots)
+            for v in [baseline] + [v for vs in variants.values() for v, _ in vs]}
     stats: dict[str, list[dict]] = {m: [] for m in variants}
-    for idx in boots:                      # the first "resample" is the data itself
-        base = point_values(per_prompt[baseline], per_prompt[baseline], idx)
-        pts = {m: [{**point_values(per_prompt[v], per_prompt[baseline], idx), "name": v, "point": p}
-                   for v, p in vs] for m, vs in variants.items()}
+    for b in range(len(boots)):
+        base = {k: figs[baseline][k][b] for k in ("emt", "tp")}
+        pts = {m: [{"emt": figs[v]["emt"][b], "tp": figs[v]["tp"][b], "ppl_ratio": figs[v]["ppl_ratio"][b],
+                    "name": v, "point": p} for v, p in vs] for m, vs in variants.items()}
         ctrl = interpolate(pts[control], budget)[0] if control in pts else None
         for m in variants:
             best, why_best = best_within(pts[m], budget)
