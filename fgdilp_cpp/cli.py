@@ -329,6 +329,7 @@ def eval_samples(out_dir, prompt_ids, sample):
 
     from .evaluation.records import GENERATION_SCHEMA, read_valid
     from .evaluation.runner import GENERATIONS
+    from .evaluation.sweep import variant_name
 
     path = Path(out_dir) / GENERATIONS
     if not path.is_file():
@@ -346,7 +347,8 @@ def eval_samples(out_dir, prompt_ids, sample):
         click.echo("| method | toxic | continuation |\n|---|---|---|")
         for r in rows:
             text = r["text"].replace("\n", " ").replace("|", "\\|")
-            click.echo(f"| {r['method']} | {r['scores'].get('toxic', float('nan')):.3f} | {text} |")
+            click.echo(f"| {variant_name(r['method'], r.get('point'))} | {r['scores'].get('toxic', float('nan')):.3f} "
+                       f"| {text} |")
 
 
 def _num(x) -> float:

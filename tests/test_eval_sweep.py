@@ -125,8 +125,9 @@ def test_greedy_benign_identical_share(model_path, tmp_path):
     cfg = json.loads((tmp_path / "g" / "run.json").read_text())["config"]
     assert cfg["sampling"]["temp"] == 0.0
     assert "## Benign text" in (tmp_path / "g" / "report.md").read_text()
-    best = best_points(rep, ppl_budget=1e9)
-    assert best["tr"]["point"] == {"steer_scale": 4.0} or best["tr"]["emt"] <= figs["tr[steer_scale=4.0]"]["emt"]
+    best = best_points(rep, ppl_budget=1e9)             # no fluency limit: the lowest EMT of TR's points
+    assert best["tr"]["emt"] == min(f["emt"] for f in figs.values() if f["method"] == "tr")
+    assert best["tr"]["variant"] in figs and best["tr"]["point"] == figs[best["tr"]["variant"]]["point"]
 
 
 def test_per_call_settings_equal_a_fresh_detoxifier(model_path):

@@ -50,7 +50,7 @@ from ..files import FolderLock, write_atomic
 from .judges import judge_map, score_checked
 from .report import build_report, write_report
 from .records import GENERATION_SCHEMA, TIMING_SCHEMA, read_jsonl, read_valid, split_valid
-from .sweep import check_grid, normalize, point_key, schedule
+from .sweep import check_grid, normalize, point_key, schedule, variant_name
 
 GENERATIONS = "generations.jsonl"
 TIMINGS = "timings.jsonl"
@@ -354,7 +354,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
                     pid = int(rec.id)
                     base = sample_seed(seed, pid, 0, samples)
                     if bar is not None:
-                        bar.set_postfix_str(f"prompt {pid} {method}", refresh=False)
+                        bar.set_postfix_str(f"prompt {pid} {variant_name(method, point)}", refresh=False)
                     outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base, point, greedy)
                     texts = [s.text for s in outs]
                     t0 = time.perf_counter()
