@@ -9,7 +9,6 @@ prompt share its prefill (KV sequence copy) and advance together.
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -29,6 +28,7 @@ __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
 SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
+CONTEXT_SHAPING = ("samples", "selfgen_tokens", "negatives")   # FgdilpParams that size contexts (context())
 
 
 @dataclass
@@ -177,15 +177,15 @@ class Generator:
         self.rt.steer = steer
 
     def set_fgdilp(self, fgdilp: FgdilpParams) -> None:
-        """FGDILP values for the following generations: only the fusion of the negatives (mask-k,
-        merge, sign election) may change, applied to the hooks that fuse; the rest sizes contexts."""
+        """FGDILP values for the following generations: the fusion of the negatives (mask-k, merge,
+        sign election) goes to the hooks that fuse; the per-prompt setup follows the new values
+        (its memo is keyed by them). The values that size contexts (CONTEXT_SHAPING) cannot change."""
         if fgdilp == self.fgdilp:
             return
         fgdilp.check()
-        fixed = dataclasses.replace(fgdilp, mask_k=self.fgdilp.mask_k, fusion=self.fgdilp.fusion,
-                                    sign_election=self.fgdilp.sign_election)
-        if fixed != self.fgdilp:
-            raise FgdilpError("only mask_k, fusion and sign_election of FGDILP can change on an open model")
+        fixed = [f for f in CONTEXT_SHAPING if getattr(fgdilp, f) != getattr(self.fgdilp, f)]
+        if fixed:
+            raise FgdilpError(f"{', '.join(fixed)} size the model's contexts: they cannot change per call")
         for name, hook in self._hooks.items():
             if methods.get(name).fusion:
                 hook.set_fusion(fgdilp.mask_k, fgdilp.fusion, fgdilp.sign_election)

@@ -241,3 +241,14 @@ def test_grid_from_a_mapping_for_calibrate():
         grid_from({"ctx_size": [1]})
     with pytest.raises(FgdilpError, match="repeated"):
         grid_from({"steer_scale": [1, 1.0]})
+
+
+def test_fgdilp_values_that_size_contexts_cannot_change_per_call(model_path):
+    import dataclasses
+
+    with Detoxifier(Settings(model=str(model_path), ctx_size=256, threads=1, **FGDILP)) as det:
+        f = det._gen.fgdilp
+        with pytest.raises(FgdilpError, match="samples size the model's contexts"):
+            det._gen.set_fgdilp(dataclasses.replace(f, samples=f.samples + 1))
+        det._gen.set_fgdilp(dataclasses.replace(f, mask_k=20.0))
+        assert det._gen.fgdilp.mask_k == 20.0
