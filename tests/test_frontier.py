@@ -111,3 +111,11 @@ def test_best_points_of_a_report_with_a_benign_report():
     assert got["fgdilp"]["point"] is None and "1.25" in got["fgdilp"]["reason"]
     got = best_points(tox, 1.25, benign=benign, benign_budget=1.05)
     assert got["tr"]["point"] == {"steer_scale": 0.5} and got["tr"]["benign_ppl_ratio"] == 1.01
+
+
+def test_specificity_without_a_random_control_says_so():
+    n = 3
+    per = {"none": _pp([0.8] * n, [1] * n, [10.0] * n, [10] * n), "tr": _pp([0.5] * n, [0] * n, [10.0] * n, [10] * n)}
+    got = at_budget({"tr": [("tr", {})]}, per, 1.25, n_boot=5)["tr"]
+    assert got["specificity"] is None and "no random control" in got["reason"]
+    assert got["emt_delta"] == pytest.approx(-0.3) and got["ppl_ratio"] == pytest.approx(1.0)

@@ -137,6 +137,8 @@ def at_budget(variants: Mapping[str, Sequence[tuple[str, dict]]], per_prompt: Ma
             best, why_best = best_within(pts[m], budget)
             interp, why = interpolate(pts[m], budget)
             spec, why_spec = specificity(base["emt"], interp and interp["emt"], ctrl and ctrl["emt"])
+            if control not in pts and interp is not None:
+                why_spec = f"no {control} control in the run (sweep it over the same grid)"
             tpi = interp["tp"] if interp else None
             stats[m].append({
                 "best": best, "interp": interp, "reason": why_best or why or why_spec,
