@@ -252,3 +252,21 @@ def test_fgdilp_values_that_size_contexts_cannot_change_per_call(model_path):
             det._gen.set_fgdilp(dataclasses.replace(f, samples=f.samples + 1))
         det._gen.set_fgdilp(dataclasses.replace(f, mask_k=20.0))
         assert det._gen.fgdilp.mask_k == 20.0
+
+
+def test_each_method_at_its_own_points(model_path, tmp_path):
+    """A grid {method: points} (calibrate's confirmation): tr at 0.5, random at 1, none once."""
+    grid = {"tr": [{"steer_scale": 0.5}], "random": [{"steer_scale": 1.0}, {"steer_scale": 0.5}]}
+    plan = [(m, p) for _, m, p in schedule(METHODS, grid)]
+    assert plan == [("none", {}), ("tr", {"steer_scale": 0.5}), ("random", {"steer_scale": 0.5}),
+                    ("random", {"steer_scale": 1.0})]          # point-major: both methods at 0.5 together
+    with ExitStack() as st:
+        s = Settings(model=str(model_path), ctx_size=256, threads=1, **FGDILP)
+        det = st.enter_context(Detoxifier(s, max_samples=2, max_new=8, reuse_instances=True))
+        res = run_eval(det, PROMPTS[:1], METHODS, 1, N_PREDICT, TOP_P, SEED, tmp_path / "c", FakeScorer(), {},
+                       progress=False, grid=grid, n_boot=10)
+        assert set(res["report"]["methods"]) == {"none", "tr[steer_scale=0.5]", "random[steer_scale=1.0]",
+                                                 "random[steer_scale=0.5]"}
+        with pytest.raises(FgdilpError, match="not run: cvec"):
+            run_eval(det, PROMPTS[:1], METHODS, 1, N_PREDICT, TOP_P, SEED, tmp_path / "d", FakeScorer(), {},
+                     progress=False, grid={"cvec": [{}]})

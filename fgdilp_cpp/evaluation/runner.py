@@ -50,7 +50,7 @@ from ..files import FolderLock, write_atomic
 from .judges import judge_map, score_checked
 from .report import build_report, write_report
 from .records import GENERATION_SCHEMA, TIMING_SCHEMA, read_jsonl, read_valid, split_valid
-from .sweep import check_grid, normalize, point_key, schedule, variant_name
+from .sweep import check_grid, normalize, per_method, point_key, schedule, variant_name
 
 GENERATIONS = "generations.jsonl"
 TIMINGS = "timings.jsonl"
@@ -276,7 +276,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
              seed: int, out_dir, scorer, judges: Mapping[str, Any] | None = None, progress: bool = True,
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
              n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None,
-             grid: Sequence[Mapping[str, Any]] = ({},), greedy: bool = False, ppl_budget: Optional[float] = 1.25,
+             grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},), greedy: bool = False, ppl_budget: Optional[float] = 1.25,
              benign: bool = False) -> dict:
     """Run (or resume) an evaluation and write its report.
 
@@ -292,7 +292,8 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     grid: the sweep points (sweep.make_grid; [{}] = the Detoxifier's settings only): every method
     runs at the projection of each point on the settings that change it (sweep.schedule), the loop
     prompt-major (prompt -> point -> method) so that FGDILP's per-prompt setup is reused across
-    steering points; each record carries its "point". greedy: temperature 0 (use samples=1).
+    steering points; each record carries its "point". grid may also be {method: [points]} (each
+    method at its own points, e.g. to confirm chosen settings). greedy: temperature 0 (use samples=1).
     ppl_budget: the report's fluency budget (corpus PPL ratio); benign: the prompts are benign.
 
     Returns {"report", "out_dir", "generated", "skipped", "remaining", "interrupted", "signal",
@@ -319,8 +320,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     if len(set(ids)) != len(ids):
         raise FgdilpError("prompt ids must be unique")
     eval_sampling(top_p, seed)           # refuses a bad top-p or seed before anything is written
-    grid = [dict(p) for p in grid] or [{}]
-    check_grid(det.settings, grid, det.model.info.n_layer)
+    check_grid(det.settings, [p for p, _ in per_method(methods, grid)], det.model.info.n_layer)
     if ppl_budget is not None and not (math.isfinite(ppl_budget) and ppl_budget > 0):
         raise FgdilpError(f"the PPL budget must be a positive ratio, not {ppl_budget}")
     plan = schedule(methods, grid)

@@ -178,12 +178,30 @@ def variant_name(method: str, point: Mapping[str, Any] | None) -> str:
     return f"{method}[{label}]" if label else method
 
 
-def schedule(methods: Sequence[str], grid: Sequence[Point]) -> list[tuple[Point, str, Point]]:
+def per_method(methods: Sequence[str], grid: "Sequence[Point] | Mapping[str, Sequence[Point]]") -> list[tuple[Point, list[str]]]:
+    """[(point, the methods that run at it)] in grid order. grid: points for every method, or
+    {method: its own points} (e.g. each method's chosen point, to confirm them; a method not in
+    it runs at the empty point)."""
+    if not isinstance(grid, Mapping):
+        points = [dict(p) for p in grid] or [{}]
+        return [(p, list(methods)) for p in points]
+    extra = [m for m in grid if m not in methods]
+    if extra:
+        raise FgdilpError(f"the grid names methods that are not run: {', '.join(extra)}")
+    order: dict[str, tuple[Point, list[str]]] = {}
+    for m in methods:
+        for p in (grid.get(m) or [{}]):
+            order.setdefault(point_key(p), (dict(p), []))[1].append(m)
+    return list(order.values())
+
+
+def schedule(methods: Sequence[str], grid: "Sequence[Point] | Mapping[str, Sequence[Point]]"
+             ) -> list[tuple[Point, str, Point]]:
     """(grid point, method, the method's projected point) in point-major, then method order, each
     (method, projected point) once: where a method runs in a sweep."""
     seen, out = set(), []
-    for p in grid:
-        for m in methods:
+    for p, ms in per_method(methods, grid):
+        for m in ms:
             proj = project(p, m)
             k = (m, point_key(proj))
             if k not in seen:
