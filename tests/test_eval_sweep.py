@@ -270,3 +270,15 @@ def test_each_method_at_its_own_points(model_path, tmp_path):
         with pytest.raises(FgdilpError, match="not run: cvec"):
             run_eval(det, PROMPTS[:1], METHODS, 1, N_PREDICT, TOP_P, SEED, tmp_path / "d", FakeScorer(), {},
                      progress=False, grid={"cvec": [{}]})
+
+
+def test_fgdilp_setup_is_built_once_per_prompt_across_steering_points(model_path, tmp_path, monkeypatch):
+    from fgdilp_cpp import plans
+
+    calls = []
+    real = plans._new_instance
+    monkeypatch.setattr(plans, "_new_instance", lambda rt, raw, sampling: calls.append(1) or real(rt, raw, sampling))
+    res = evaluate(model_path, tmp_path / "f", sweeps=["steer-scale=0.5,1", "exp-sim=0.3,0.6"],
+                   methods=["fgdilp", "fgdilp-frozen"])
+    assert res["generated"] == len(PROMPTS) * 2 * 4
+    assert len(calls) == len(PROMPTS)          # prompt-major: one self-generation + diagnosis per prompt
