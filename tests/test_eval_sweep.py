@@ -282,3 +282,16 @@ def test_fgdilp_setup_is_built_once_per_prompt_across_steering_points(model_path
                    methods=["fgdilp", "fgdilp-frozen"])
     assert res["generated"] == len(PROMPTS) * 2 * 4
     assert len(calls) == len(PROMPTS)          # prompt-major: one self-generation + diagnosis per prompt
+
+
+def test_records_with_a_bad_point_or_nll_are_off_the_schema():
+    from fgdilp_cpp.evaluation.records import GENERATION_SCHEMA, schema_problem
+
+    good = {"prompt_id": 0, "prompt": "p", "method": "tr", "sample": 0, "seed": 1, "text": "t", "scores": {},
+            "ppl": {}, "n_tokens": 1, "stop_reason": "length"}
+    assert schema_problem(good, GENERATION_SCHEMA) is None                      # before sweeps: no point
+    assert schema_problem({**good, "point": {"steer_layer_range": [1, 2], "steer_scale": 0.5},
+                           "nll": {"self": [3.5, 2]}, "tokens": [1, 2]}, GENERATION_SCHEMA) is None
+    for bad in ({"point": 3}, {"point": {"steer_layer_range": [1, 2, 3]}}, {"nll": {"self": [1.0]}},
+                {"nll": {"self": [float("nan"), 2]}}, {"tokens": ["a"]}):
+        assert "wrong type" in schema_problem({**good, **bad}, GENERATION_SCHEMA), bad
