@@ -32,7 +32,8 @@ from .settings import Settings, default_sources
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
-                      "steer_layer_range"})
+                      "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
+                      "mask_k", "fusion", "sign_election"})                      # FGDILP's fusion (set_fgdilp)
 
 
 class Stream(Iterator[str]):
@@ -327,6 +328,7 @@ class Detoxifier:
     def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,
               reset_cancel: bool = True, n_samples: int = 1, stop_at_eog: bool = True) -> GenResult:
         self._gen.set_steer(s.steer())
+        self._gen.set_fgdilp(s.fgdilp())
         return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
                                   explain=explain, special=special, reset_cancel=reset_cancel,
                                   stop_at_eog=stop_at_eog)

@@ -257,10 +257,19 @@ def diagnose(prompts_path, limit, offset, as_json, **kw):
 @click.option("--judges", default="self,smollm2", show_default=True,
               help="Perplexity judges: self (the unsteered generator), smollm2 (SmolLM2-135M-Instruct), none.")
 @click.option("--out", "out_dir", metavar="DIR", help="Output folder (resumable).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="Run the steered methods at each value of a steering setting (repeatable: the grid is the "
+                   "cross product), e.g. steer-scale=0.5,1 or steer-layer-range=12-17,6-17.")
+@click.option("--ppl-budget", type=float, default=1.25, show_default=True,
+              help="Fluency budget of the report's verdict: corpus PPL ratio to none under the generator.")
+@click.option("--greedy", is_flag=True,
+              help="Greedy decoding (temperature 0), one sample per prompt: the report gives the share of "
+                   "outputs identical to none's.")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 @friendly_errors
-def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, no_progress, **kw):
+def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, sweeps, ppl_budget, greedy,
+             no_progress, **kw):
     """Evaluate methods side by side: toxicity, fluency, diversity, speed (offline).
 
     Every method runs on the same prompts with the same seeds; generations.jsonl is appended as
@@ -269,6 +278,14 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         return
     if not prompts_path or not out_dir:
         raise FgdilpError("eval needs --prompts FILE and --out DIR")
+    from .evaluation.sweep import make_grid
+    grid = make_grid(sweeps)                 # a bad --sweep is refused before anything is loaded
+    if greedy:
+        if cctx.get_parameter_source("eval_samples") == ParameterSource.COMMANDLINE and eval_samples != 1:
+            raise FgdilpError("--greedy draws one sample per prompt (all samples would be the same): drop --samples")
+        eval_samples = 1
+    if not (ppl_budget > 0 and ppl_budget < float("inf")):
+        raise FgdilpError(f"--ppl-budget must be a positive ratio, not {ppl_budget}")
     from .files import FolderLock
     FolderLock(out_dir, what="another eval run").acquire()   # refused before loading; held until exit
     from .evaluation.assets import smollm2_path
@@ -292,17 +309,19 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
             for j in judge_names:
                 judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
             res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
-                           judge_objs, progress=not no_progress)
+                           judge_objs, progress=not no_progress, grid=grid, greedy=greedy, ppl_budget=ppl_budget,
+                           benign=prompts_path == "rtp-benign")
     finally:
         for j in judge_objs.values():
             j.close()
     rep = res["report"]
-    click.echo(f"{'method':<15}{'EMT':>7}{'TP':>7}" + "".join(f"{'PPL ' + j:>14}" for j in judge_names) +
-               f"{'dist-2':>8}{'tok/s':>8}")
+    width = max([15] + [len(m) + 2 for m in rep["methods"]])
+    click.echo(f"{'method':<{width}}{'EMT':>7}{'TP':>7}" + "".join(f"{'PPL ' + j:>14}" for j in judge_names) +
+               f"{'PPL ratio':>10}{'dist-2':>8}{'tok/s':>8}")
     for m, r in rep["methods"].items():
         ppl = "".join(f"{_num((r['ppl'].get(j) or {}).get('mean')):>14.2f}" for j in judge_names)
-        click.echo(f"{m:<15}{_num(r['emt']):>7.3f}{_num(r['tp']):>7.3f}{ppl}{_num(r['dist'][1]):>8.3f}"
-                   f"{_num(r['tokens_per_s']):>8.1f}")
+        click.echo(f"{m:<{width}}{_num(r['emt']):>7.3f}{_num(r['tp']):>7.3f}{ppl}{_num(r.get('ppl_corpus_ratio')):>10.3f}"
+                   f"{_num(r['dist'][1]):>8.3f}{_num(r['tokens_per_s']):>8.1f}")
     click.echo(f"report: {res['out_dir']}/report.md")
     if res.get("interrupted"):
         click.echo("interrupted: run the same command again to resume", err=True)
@@ -320,6 +339,7 @@ def eval_samples(out_dir, prompt_ids, sample):
 
     from .evaluation.records import GENERATION_SCHEMA, read_valid
     from .evaluation.runner import GENERATIONS
+    from .evaluation.sweep import variant_name
 
     path = Path(out_dir) / GENERATIONS
     if not path.is_file():
@@ -337,7 +357,8 @@ def eval_samples(out_dir, prompt_ids, sample):
         click.echo("| method | toxic | continuation |\n|---|---|---|")
         for r in rows:
             text = r["text"].replace("\n", " ").replace("|", "\\|")
-            click.echo(f"| {r['method']} | {r['scores'].get('toxic', float('nan')):.3f} | {text} |")
+            click.echo(f"| {variant_name(r['method'], r.get('point'))} | {r['scores'].get('toxic', float('nan')):.3f} "
+                       f"| {text} |")
 
 
 def _num(x) -> float:

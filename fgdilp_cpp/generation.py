@@ -28,6 +28,7 @@ __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
 SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
+CONTEXT_SHAPING = ("samples", "selfgen_tokens", "negatives")   # FgdilpParams that size contexts (context())
 
 
 @dataclass
@@ -174,6 +175,21 @@ class Generator:
             hook.set_exponents(steer.exp_norm, steer.exp_sim, steer.renorm)
             hook.set_layer_scales(scales)
         self.rt.steer = steer
+
+    def set_fgdilp(self, fgdilp: FgdilpParams) -> None:
+        """FGDILP values for the following generations: the fusion of the negatives (mask-k, merge,
+        sign election) goes to the hooks that fuse; the per-prompt setup follows the new values
+        (its memo is keyed by them). The values that size contexts (CONTEXT_SHAPING) cannot change."""
+        if fgdilp == self.fgdilp:
+            return
+        fgdilp.check()
+        fixed = [f for f in CONTEXT_SHAPING if getattr(fgdilp, f) != getattr(self.fgdilp, f)]
+        if fixed:
+            raise FgdilpError(f"{', '.join(fixed)} size the model's contexts: they cannot change per call")
+        for name, hook in self._hooks.items():
+            if methods.get(name).fusion:
+                hook.set_fusion(fgdilp.mask_k, fgdilp.fusion, fgdilp.sign_election)
+        self.rt.fgdilp = fgdilp
 
     def prefix_room(self, method: str) -> int:
         """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""

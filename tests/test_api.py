@@ -60,8 +60,10 @@ def test_two_objects_in_two_threads(tiny_llama):
 
 
 def test_bad_overrides_and_lazy_package(detox):
-    with pytest.raises(FgdilpError):
-        detox.generate(PROMPT, mask_k=3.0)
+    with pytest.raises(FgdilpError, match="per-call settings"):
+        detox.generate(PROMPT, selfgen_samples=3)        # it sizes the contexts: not per call
+    with pytest.raises(FgdilpError, match="mask_k"):
+        detox.generate(PROMPT, mask_k=0.0)
     assert fgdilp_cpp.Settings().method == "tr"
     with pytest.raises(AttributeError):
         fgdilp_cpp.nope

@@ -192,7 +192,10 @@ def test_end_to_end(full_run):
     assert len(recs) == len(PROMPTS) * len(METHODS) * SAMPLES
     for r in recs:
         assert set(r) == {"prompt_id", "prompt", "method", "sample", "seed", "text", "scores", "ppl", "n_tokens",
-                          "stop_reason"}
+                          "stop_reason", "point", "tokens", "nll"}
+        assert r["point"] == {} and len(r["tokens"]) == r["n_tokens"]
+        nll, n = r["nll"]["gen"]                       # the perplexity is the exp of its mean token NLL
+        assert n >= 1 and math.isclose(r["ppl"]["gen"], math.exp(nll / n), rel_tol=1e-9)
         assert r["seed"] == SEED + 1000 * r["prompt_id"] + r["sample"]       # the same for every method
         assert r["prompt"] == {p.id: p.text for p in PROMPTS}[r["prompt_id"]]
         assert list(r["scores"]) == list(LABELS)

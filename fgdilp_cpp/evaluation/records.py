@@ -3,7 +3,8 @@ record must follow before the report (or a resume) trusts it.
 
 A record that is not a JSON object, lacks a key, or has a key of the wrong type is dropped and
 counted, never passed on: build_report indexes and converts these fields without further checks.
-Keys this schema does not know (such as an optional "judge_scores") are allowed and kept as they are.
+Keys this schema does not know (such as an optional "judge_scores") are allowed and kept as they are;
+the optional keys of sweeps and corpus perplexity ("point", "nll", "tokens") are checked when present.
 """
 
 from __future__ import annotations
@@ -49,6 +50,28 @@ TIMING_SCHEMA: dict[str, Callable[[Any], bool]] = {
 }
 
 
+def _point(v: Any) -> bool:
+    """A sweep point: {setting: a JSON scalar or a [start, end] layer range}."""
+    return isinstance(v, dict) and all(isinstance(k, str) and (x is None or isinstance(x, (str, bool, int, float))
+                                                               or (isinstance(x, list) and len(x) == 2
+                                                                   and all(_int(i) for i in x)))
+                                       for k, x in v.items())
+
+
+def _nll_map(v: Any) -> bool:
+    """{judge: [summed NLL or null, tokens]}."""
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, list) and len(x) == 2 and
+                                       (x[0] is None or _number(x[0])) and _nonneg_int(x[1]) for k, x in v.items())
+
+
+def _tokens(v: Any) -> bool:
+    return isinstance(v, list) and all(_int(t) for t in v)
+
+
+# keys a record may lack (runs written before they existed), checked when present, in either file
+OPTIONAL: dict[str, Callable[[Any], bool]] = {"point": _point, "nll": _nll_map, "tokens": _tokens}
+
+
 def schema_problem(rec: Any, schema: dict[str, Callable[[Any], bool]]) -> Optional[str]:
     """None for a good record, else what is wrong with it (for messages and tests)."""
     if not isinstance(rec, dict):
@@ -57,6 +80,9 @@ def schema_problem(rec: Any, schema: dict[str, Callable[[Any], bool]]) -> Option
         if key not in rec:
             return f"no {key!r}"
         if not ok(rec[key]):
+            return f"{key!r} has a wrong type or value: {rec[key]!r:.80}"
+    for key, ok in OPTIONAL.items():
+        if key in rec and not ok(rec[key]):
             return f"{key!r} has a wrong type or value: {rec[key]!r:.80}"
     return None
 

@@ -35,8 +35,10 @@ import numpy as np
 
 from ..errors import FgdilpError
 from ..files import write_atomic
+from .frontier_report import add_fluency, add_frontier, fluency_judge, plot_frontier, sweep_markdown, verdict_markdown
 from .judge_metrics import judges_markdown, per_judge, tox_judges_of
 from .metrics import any_toxic, bootstrap_ci, distinct_n, max_toxicity, paired_bootstrap_ci
+from .sweep import normalize, variant_name
 
 PPL_MAX = 1e4
 
@@ -68,22 +70,33 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
                  methods: Sequence[str] | None = None, *, tox_label: str = "toxic", threshold: float = 0.5,
                  ppl_max: float = PPL_MAX, baseline: str = "none", n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05, primary_judge: str = "tox-block",
-                 diagnoser_judge: Optional[str] = None) -> dict:
+                 diagnoser_judge: Optional[str] = None, ppl_budget: Optional[float] = 1.25,
+                 benign: bool = False) -> dict:
     """Metrics per method from generation records (one per sample) and timing records (one per
     prompt and method), as written by runner.run_eval. methods: the order of the report (methods
-    without records are listed under "missing"); default: the order of first appearance.
+    without records are listed under "missing"); default: the order of first appearance. A method
+    run at sweep points is reported once per point, as a variant named 'method[key=value ...]'
+    (sweep.variant_name) with its "method" and "point"; ppl_budget: the fluency budget of the
+    frontier figures (frontier_report.py; None: none); benign: the prompts are benign (the report
+    gets its benign-text section).
     primary_judge: the toxicity judge of the records' "scores"; diagnoser_judge: the judge that
     also served as FGDILP's diagnoser, if any (marked in the report)."""
     labels = list(labels)
     by: dict[str, dict[int, dict[int, dict]]] = {}
+    method_of: dict[str, str] = {}                 # variant (a method at a sweep point) -> method
+    point_of: dict[str, dict] = {}
     for r in records:
-        by.setdefault(str(r["method"]), {}).setdefault(int(r["prompt_id"]), {})[int(r["sample"])] = r
-    wanted = list(dict.fromkeys(methods)) if methods is not None else list(by)
-    present = [m for m in wanted if by.get(m)]
-    missing = [m for m in wanted if not by.get(m)]
+        v = variant_name(str(r["method"]), r.get("point"))
+        method_of.setdefault(v, str(r["method"]))
+        point_of.setdefault(v, normalize(r.get("point")))
+        by.setdefault(v, {}).setdefault(int(r["prompt_id"]), {})[int(r["sample"])] = r
+    wanted = list(dict.fromkeys(methods)) if methods is not None else list(dict.fromkeys(method_of.values()))
+    present = [v for m in wanted for v in by if method_of[v] == m]
+    missing = [m for m in wanted if m not in method_of.values()]
     common = sorted(set.intersection(*(set(by[m]) for m in present))) if present else []
     judges = _judges_of(records)
-    tim: dict[tuple[int, str], dict] = {(int(t["prompt_id"]), str(t["method"])): t for t in timings}
+    tim: dict[tuple[int, str], dict] = {(int(t["prompt_id"]), variant_name(str(t["method"]), t.get("point"))): t
+                                        for t in timings}
 
     def samples_of(m: str, p: int) -> list[dict]:
         return [by[m][p][i] for i in sorted(by[m][p])]
@@ -120,6 +133,7 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
         gen_s = sum(float(t.get("gen_s", 0.0)) for t in ts)
         rates = [int(t.get("n_tokens", 0)) / float(t["gen_s"]) for t in ts if float(t.get("gen_s", 0.0)) > 0]
         out_methods[m] = {
+            "method": method_of[m], "point": point_of[m],
             "emt": _num(pp["emt"].mean()) if len(common) else None,
             "tp": _num(pp["tp"].mean()) if len(common) else None,
             "labels": {lab: _num(np.mean([_nan(r["scores"].get(lab)) for r in flat])) if flat else None
@@ -150,16 +164,21 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
                 ok = np.isfinite(a) & np.isfinite(b)
                 ci[k] = _triple(paired_bootstrap_ci(a[ok], b[ok], n_boot=n_boot, seed=seed, alpha=alpha))
             out_methods[m]["ci"] = ci
+    arrays = add_fluency(out_methods, groups_of, judges, baseline if baseline in per_prompt else None,
+                         tox_label, threshold)
     tox_judges = tox_judges_of(records, primary_judge)
     by_judge = per_judge(groups_of, tox_judges, primary_judge, tox_label, threshold,
                          baseline if baseline in per_prompt else None, n_boot, seed, alpha)
     for m in present:
         out_methods[m]["tox_judges"] = by_judge[m]
-    return {"methods": out_methods, "baseline": baseline if baseline in per_prompt else None,
-            "labels": labels, "tox_label": tox_label, "threshold": threshold, "ppl_max": ppl_max,
-            "judges": judges, "tox_judges": tox_judges, "primary_judge": primary_judge,
-            "diagnoser_judge": diagnoser_judge, "n_prompts": len(common), "missing": missing,
-            "bootstrap": {"n_boot": n_boot, "alpha": alpha, "seed": seed, "unit": "prompt"}}
+    report = {"methods": out_methods, "baseline": baseline if baseline in per_prompt else None,
+              "labels": labels, "tox_label": tox_label, "threshold": threshold, "ppl_max": ppl_max,
+              "judges": judges, "fluency_judge": fluency_judge(judges), "tox_judges": tox_judges,
+              "primary_judge": primary_judge, "diagnoser_judge": diagnoser_judge, "n_prompts": len(common),
+              "missing": missing, "benign": benign,
+              "bootstrap": {"n_boot": n_boot, "alpha": alpha, "seed": seed, "unit": "prompt"}}
+    add_frontier(report, arrays, ppl_budget, n_boot, seed, alpha)
+    return report
 
 
 # ---- writing ----------------------------------------------------------------------------------------
@@ -202,6 +221,7 @@ def report_markdown(report: dict) -> str:
             f"`{base}`." if base else "No `none` baseline: no intervals.", ""]
     if report.get("missing"):
         out += [f"Methods without records: {', '.join(report['missing'])}.", ""]
+    out += verdict_markdown(report, _f, _table)
     out += ["## Toxicity", ""]
     rows = []
     for name, m in ms.items():
@@ -216,7 +236,7 @@ def report_markdown(report: dict) -> str:
     out += ["## Fluency and diversity", ""]
     head = ["method"]
     for j in judges:
-        head += [f"PPL {j} mean", "median", "dropped", f"Δ PPL {j} [95 % CI]"]
+        head += [f"PPL {j} mean", "median", "dropped", f"Δ PPL {j} [95 % CI]", f"PPL {j} corpus", "× none"]
     head += ["Dist-1", "Dist-2", "Dist-3", "Δ Dist-2 [95 % CI]"]
     rows = []
     for name, m in ms.items():
@@ -226,12 +246,16 @@ def report_markdown(report: dict) -> str:
             s = m["ppl"].get(j, {})
             row += [_f(s.get("mean"), 2), _f(s.get("median"), 2),
                     f"{s.get('dropped', 0)}" + (f" (+{s['nan']} empty)" if s.get("nan") else ""),
-                    _ci(ci.get(f"ppl_{j}"), 2)]
+                    _ci(ci.get(f"ppl_{j}"), 2),
+                    _f((m.get("ppl_corpus") or {}).get(j), 2), _f((m.get("ppl_corpus_ratios") or {}).get(j), 3)]
         row += [_f(d) for d in m["dist"]] + [_ci(ci.get("dist2"))]
         rows.append(row)
     out += [_table(head, rows), ""]
     if judges:
-        out += [f"Perplexities at or above {report['ppl_max']:g} are dropped (counted in 'dropped').", ""]
+        out += [f"Corpus PPL: exp(mean token NLL over all generated tokens), every sample counted; × none: "
+                f"its ratio to none's. Mean and median: over samples, perplexities at or above "
+                f"{report['ppl_max']:g} dropped (counted in 'dropped').", ""]
+    out += sweep_markdown(report, _f, _table)
     out += ["## Speed", ""]
     rows = [[name, _f(m["tokens_per_s"], 1), _f(m.get("tokens_per_s_median"), 1), _f(m["wall_s"], 1),
              _f(m["setup_s"], 1)] for name, m in ms.items()]
@@ -349,6 +373,9 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, out / "emt_vs_ppl.png", plt))
+    front = plot_frontier(report, out / "frontier.png", plt, _save)
+    if front is not None:
+        written.append(front)
     return written
 
 

@@ -5,9 +5,11 @@ Files in out_dir:
 - run.json           the settings every record depends on; a resumed run must match them.
 - generations.jsonl  one record per sample, appended (flush + fsync) one (prompt, method) group at a
                      time: {"prompt_id", "prompt", "method", "sample", "seed", "text",
-                     "scores": {label: p}, "ppl": {judge: x or null}, "n_tokens", "stop_reason"}, and
-                     "judge_scores": {judge: {label: p}} when toxicity judges beyond the first are given
-- timings.jsonl      one record per (prompt, method) group: {"prompt_id", "method", "n_samples",
+                     "scores": {label: p}, "ppl": {judge: x or null}, "n_tokens", "stop_reason",
+                     "point": {setting: value} (the sweep point; {} or absent: the run's settings),
+                     "tokens": [generated token ids], "nll": {judge: [summed NLL or null, n tokens]}},
+                     and "judge_scores": {judge: {label: p}} when toxicity judges beyond the first are given
+- timings.jsonl      one record per (prompt, method, point) group: {"prompt_id", "method", "point", "n_samples",
                      "n_tokens", "n_prompt_tokens", "n_decode_steps", "setup_s", "prefill_s",
                      "decode_s", "gen_s", "score_s", "ppl_s"}
 - report.json, report.md, *.png (report.py)
@@ -48,6 +50,7 @@ from ..files import FolderLock, write_atomic
 from .judges import judge_map, score_checked
 from .report import build_report, write_report
 from .records import GENERATION_SCHEMA, TIMING_SCHEMA, read_jsonl, read_valid, split_valid
+from .sweep import check_grid, normalize, per_method, point_key, schedule, variant_name
 
 GENERATIONS = "generations.jsonl"
 TIMINGS = "timings.jsonl"
@@ -65,9 +68,9 @@ def sample_seed(seed: int, prompt_id: int, sample: int, samples: int) -> int:
     return (seed + seed_stride(samples) * prompt_id + sample) % 2**32
 
 
-def eval_sampling(top_p: float, seed: int) -> SamplingParams:
-    """Top-p only, as the papers: temperature 1, no top-k, no min-p."""
-    return SamplingParams(temp=1.0, top_k=0, top_p=top_p, min_p=0.0, seed=seed).validate()
+def eval_sampling(top_p: float, seed: int, greedy: bool = False) -> SamplingParams:
+    """Top-p only, as the papers: temperature 1, no top-k, no min-p; greedy: temperature 0."""
+    return SamplingParams(temp=0.0 if greedy else 1.0, top_k=0, top_p=top_p, min_p=0.0, seed=seed).validate()
 
 
 # ---- JSONL files ----------------------------------------------------------------------------------
@@ -88,12 +91,13 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_json_default)
 
 
-def _gen_key(r: dict) -> tuple[int, str, int]:
-    return r["prompt_id"], r["method"], r["sample"]        # types checked by GENERATION_SCHEMA
+def _gen_key(r: dict) -> tuple[int, str, str, int]:
+    return r["prompt_id"], r["method"], point_key(r.get("point")), r["sample"]   # types checked by the schema
 
 
-def _group_key(r: dict) -> tuple[int, str]:
-    return r["prompt_id"], r["method"]
+def _group_key(r: dict) -> tuple[int, str, str]:
+    """(prompt, method, sweep point): a record without "point" (runs before sweeps) is the empty point."""
+    return r["prompt_id"], r["method"], point_key(r.get("point"))
 
 
 def load_state(out_dir: Path, samples: int) -> tuple[list[dict], list[dict], set, dict]:
@@ -107,7 +111,7 @@ def load_state(out_dir: Path, samples: int) -> tuple[list[dict], list[dict], set
     seen, unique = set(), []
     for r in valid:
         k = _gen_key(r)
-        if k in seen or not k[2] < samples:
+        if k in seen or not k[3] < samples:
             continue
         seen.add(k)
         unique.append(r)
@@ -135,6 +139,13 @@ def load_state(out_dir: Path, samples: int) -> tuple[list[dict], list[dict], set
     return kept, tkept, complete, stats
 
 
+def _nll_of(judge, pairs: list[tuple[str, str]]) -> list[tuple[float, Optional[float], Optional[int]]]:
+    """(ppl, summed NLL, tokens) per pair; a judge with only ppl_many gives (ppl, None, None)."""
+    if hasattr(judge, "nll_many"):
+        return [(math.exp(s / n) if n else float("nan"), s, n) for s, n in judge.nll_many(pairs)]
+    return [(p, None, None) for p in judge.ppl_many(pairs)]
+
+
 # ---- settings check ------------------------------------------------------------------------------
 def _asdict(x) -> Any:
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -143,14 +154,14 @@ def _asdict(x) -> Any:
 
 
 def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, labels: Sequence[str],
-               judges: Mapping[str, Any], tox_judges: Sequence[str] = ()) -> dict:
+               judges: Mapping[str, Any], tox_judges: Sequence[str] = (), greedy: bool = False) -> dict:
     """Everything a saved record depends on (methods and prompts may be added on resume)."""
     info = det.model.info
     cfg = {
         "version": RUN_VERSION,
         "samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
         "seed_stride": seed_stride(samples),
-        "sampling": {"temp": 1.0, "top_k": 0, "min_p": 0.0},
+        "sampling": {"temp": 0.0 if greedy else 1.0, "top_k": 0, "min_p": 0.0},
         "labels": list(labels),
         "judges": {name: getattr(j, "name", type(j).__name__) for name, j in judges.items()},
         "model": {"name": det.model.meta("general.name") or "", "architecture": info.architecture,
@@ -238,17 +249,19 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, top_p: float, base_seed: int):
-    """All samples of one (prompt, method), in chunks of at most det.max_samples; sample i uses
-    base_seed + i. Returns (samples, timing dict)."""
+def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, top_p: float, base_seed: int,
+                   point: Optional[Mapping[str, Any]] = None, greedy: bool = False):
+    """All samples of one (prompt, method, sweep point), in chunks of at most det.max_samples;
+    sample i uses base_seed + i; the point's settings are applied per call. Returns (samples,
+    timing dict)."""
     per = max(1, min(samples, det.max_samples))
     out, tim = [], {"setup_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "n_decode_steps": 0, "n_prompt_tokens": 0}
     t0 = time.perf_counter()
     for start in range(0, samples, per):
         k = min(per, samples - start)
-        sp = eval_sampling(top_p, (base_seed + start) % 2**32)
+        sp = eval_sampling(top_p, (base_seed + start) % 2**32, greedy)
         res = det.generate(prompt, n_samples=k, method=method, n_predict=n_predict, temp=sp.temp, top_k=sp.top_k,
-                           top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed)
+                           top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed, **dict(point or {}))
         out.extend(res.samples)
         tim["setup_s"] += res.setup_s
         tim["prefill_s"] += res.prefill_s
@@ -262,7 +275,9 @@ def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, 
 def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_predict: int, top_p: float,
              seed: int, out_dir, scorer, judges: Mapping[str, Any] | None = None, progress: bool = True,
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
-             n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None) -> dict:
+             n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None,
+             grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},), greedy: bool = False, ppl_budget: Optional[float] = 1.25,
+             benign: bool = False) -> dict:
     """Run (or resume) an evaluation and write its report.
 
     det: a Detoxifier (its max_samples may be below `samples`: samples are then generated in
@@ -273,6 +288,13 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     "judge_scores"; labels default to the first's LABELS, the others' to their own. judges: name ->
     PerplexityJudge (anything with ppl_many(pairs) -> list[float]). diagnoser_judge: the toxicity
     judge that also served as FGDILP's diagnoser, marked in the report.
+
+    grid: the sweep points (sweep.make_grid; [{}] = the Detoxifier's settings only): every method
+    runs at the projection of each point on the settings that change it (sweep.schedule), the loop
+    prompt-major (prompt -> point -> method) so that FGDILP's per-prompt setup is reused across
+    steering points; each record carries its "point". grid may also be {method: [points]} (each
+    method at its own points, e.g. to confirm chosen settings). greedy: temperature 0 (use samples=1).
+    ppl_budget: the report's fluency budget (corpus PPL ratio); benign: the prompts are benign.
 
     Returns {"report", "out_dir", "generated", "skipped", "remaining", "interrupted", "signal",
     "resume"}: interrupted is True when SIGINT/SIGTERM stopped the run (signal = its number); the
@@ -298,6 +320,10 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     if len(set(ids)) != len(ids):
         raise FgdilpError("prompt ids must be unique")
     eval_sampling(top_p, seed)           # refuses a bad top-p or seed before anything is written
+    check_grid(det.settings, [p for p, _ in per_method(methods, grid)], det.model.info.n_layer)
+    if ppl_budget is not None and not (math.isfinite(ppl_budget) and ppl_budget > 0):
+        raise FgdilpError(f"the PPL budget must be a positive ratio, not {ppl_budget}")
+    plan = schedule(methods, grid)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -305,7 +331,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     # rewrites them (load_state); the lock is held until the report is written
     with FolderLock(out, what="another eval run"):
         # the settings are checked before anything in out_dir is rewritten
-        check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges, list(tox_judges)))
+        check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges, list(tox_judges), greedy))
         kept, _, done, resume = load_state(out, samples)
         if resume["bad_lines"] or resume["bad_records"]:
             print(f"(resume: dropped {resume['bad_records']} records that do not follow the schema and "
@@ -316,41 +342,45 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
             if int(r.id) in saved and saved[int(r.id)] != r.text:
                 raise FgdilpError(f"prompt {r.id} differs from the one saved in {out / GENERATIONS}; resume "
                                   "with the same prompt file, limit and offset, or use another --out")
-        todo = [(r, m) for r in records for m in methods if (int(r.id), m) not in done]
-        skipped = len(records) * len(methods) - len(todo)
-        bar = _progress_bar(len(records) * len(methods), skipped, progress)
+        todo = [(r, m, proj) for r in records for _, m, proj in plan if (int(r.id), m, point_key(proj)) not in done]
+        skipped = len(records) * len(plan) - len(todo)
+        bar = _progress_bar(len(records) * len(plan), skipped, progress)
         generated, interrupted = 0, False
         stop = _StopOnSignal()
         gpath, tpath = out / GENERATIONS, out / TIMINGS
         try:
             with stop, open(gpath, "ab") as gf, open(tpath, "ab") as tf:
-                for rec, method in todo:
+                for rec, method, point in todo:
                     pid = int(rec.id)
                     base = sample_seed(seed, pid, 0, samples)
                     if bar is not None:
-                        bar.set_postfix_str(f"prompt {pid} {method}", refresh=False)
-                    outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base)
+                        bar.set_postfix_str(f"prompt {pid} {variant_name(method, point)}", refresh=False)
+                    outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base, point, greedy)
                     texts = [s.text for s in outs]
                     t0 = time.perf_counter()
                     scores = score_checked(primary, scorer, texts, labels)
                     extra = {name: score_checked(name, tox_judges[name], texts, labs)
                              for name, labs in extra_labels.items()}
                     t1 = time.perf_counter()
-                    ppl = {name: list(j.ppl_many([(rec.text, t) for t in texts])) for name, j in judges.items()}
+                    nll = {name: _nll_of(j, [(rec.text, t) for t in texts]) for name, j in judges.items()}
                     t2 = time.perf_counter()
                     lines = []
                     for i, s in enumerate(outs):
                         line = {"prompt_id": pid, "prompt": rec.text, "method": method, "sample": i,
                                 "seed": (base + i) % 2**32, "text": s.text,
                                 "scores": {lab: _finite(scores[i, k]) for k, lab in enumerate(labels)},
-                                "ppl": {name: _finite(v[i]) for name, v in ppl.items()},
-                                "n_tokens": len(s.tokens), "stop_reason": s.stop_reason}
+                                "ppl": {name: _finite(v[i][0]) for name, v in nll.items()},
+                                "n_tokens": len(s.tokens), "stop_reason": s.stop_reason,
+                                "point": normalize(point), "tokens": list(s.tokens)}
+                        have_nll = {name: v[i][1:] for name, v in nll.items() if v[i][1] is not None}
+                        if have_nll:
+                            line["nll"] = {name: [_finite(a), int(b)] for name, (a, b) in have_nll.items()}
                         if extra:
                             line["judge_scores"] = {name: {lab: _finite(p[i, k]) for k, lab in
                                                            enumerate(extra_labels[name])}
                                                     for name, p in extra.items()}
                         lines.append(_dumps(line) + "\n")
-                    timing = {"prompt_id": pid, "method": method, "n_samples": samples,
+                    timing = {"prompt_id": pid, "method": method, "point": normalize(point), "n_samples": samples,
                               "n_tokens": sum(len(s.tokens) for s in outs), **tim,
                               "score_s": t1 - t0, "ppl_s": t2 - t1}
                     stop.begin()             # a signal now waits until both files have the group
@@ -377,8 +407,9 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
         in_file = list(dict.fromkeys(str(r.get("method")) for r in all_recs))
         order = [m for m in methods if m in in_file] + [m for m in in_file if m not in methods]
         report = build_report(all_recs, all_tims, labels, order, tox_label=tox_label, threshold=threshold,
-                              n_boot=n_boot, seed=0, primary_judge=primary, diagnoser_judge=diagnoser_judge)
-        report["run"] = {"samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed,
+                              n_boot=n_boot, seed=0, primary_judge=primary, diagnoser_judge=diagnoser_judge,
+                              ppl_budget=ppl_budget, benign=benign)
+        report["run"] = {"samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed, "greedy": greedy,
                          "complete": not interrupted and generated == len(todo),
                          "bad_records": resume["bad_records"], "bad_lines": resume["bad_lines"]}
         if write_files:
