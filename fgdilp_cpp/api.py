@@ -187,12 +187,13 @@ class Detoxifier:
 
     # ---- plain continuation ------------------------------------------------------------------
     def generate(self, prompt: str, explain: bool = False, n_samples: int = 1, stop_at_eog: bool = True,
-                 **overrides) -> GenResult:
+                 special: bool = False, **overrides) -> GenResult:
         """The continuation of `prompt` (text in .text, explain data in .explain). n_samples:
         continuations drawn together (seeds seed .. seed + n - 1, at most max_samples), in
-        .samples; stop_at_eog=False keeps going past end-of-generation tokens (benchmarks)."""
+        .samples; stop_at_eog=False keeps going past end-of-generation tokens (benchmarks);
+        special: parse special-token text (a prompt already formatted with fit_chat())."""
         s, method = self._args(overrides)
-        return self._call(prompt, s, method, False, explain, n_samples=n_samples, stop_at_eog=stop_at_eog)
+        return self._call(prompt, s, method, special, explain, n_samples=n_samples, stop_at_eog=stop_at_eog)
 
     def stream(self, prompt: str, explain: bool = False, **overrides) -> Stream:
         """Text pieces of the continuation as they are produced (.result once it is exhausted)."""

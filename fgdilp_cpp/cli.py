@@ -13,6 +13,7 @@ from . import methods as registry
 from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _settings, friendly_errors, method_list, model_options,
                           sampling_options, sources, steer_options, with_vectors)
 from .errors import FgdilpError
+from .evaluation.judges import DEFAULT_JUDGES
 from .explain import explain_lines
 
 
@@ -265,11 +266,16 @@ def diagnose(prompts_path, limit, offset, as_json, **kw):
 @click.option("--greedy", is_flag=True,
               help="Greedy decoding (temperature 0), one sample per prompt: the report gives the share of "
                    "outputs identical to none's.")
+@click.option("--tox-judges", default=DEFAULT_JUDGES, show_default=True,
+              help="Toxicity judges: toxblock (tox-block's BiLSTM, the first fills the main tables), tcc "
+                   "(toxic-comment-classifier's BiLSTM).")
+@click.option("--chat", "as_chat", is_flag=True,
+              help="Each prompt is a user message in the model's chat template; the reply is scored.")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 @friendly_errors
 def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, sweeps, ppl_budget, greedy,
-             no_progress, **kw):
+             tox_judges, as_chat, no_progress, **kw):
     """Evaluate methods side by side: toxicity, fluency, diversity, speed (offline).
 
     Every method runs on the same prompts with the same seeds; generations.jsonl is appended as
@@ -291,8 +297,8 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     from .evaluation.assets import smollm2_path
     from .evaluation.perplexity import PerplexityJudge
     from .evaluation.prompts import load_prompts
+    from .evaluation.judges import load_judges
     from .evaluation.runner import run_eval
-    from .evaluation.scorer import ToxicityScorer
 
     names = method_list(methods or ",".join(registry.names()))
     judge_names = [j for j in (x.strip() for x in judges.split(",")) if j and j != NO_JUDGE]
@@ -302,7 +308,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     top_p, seed = kw.pop("top_p"), kw.pop("seed")
     s = _settings(kw)
     records = load_prompts(prompts_path, limit, offset)
-    scorer = ToxicityScorer.load()
+    scorer = load_judges(tox_judges)
     judge_objs = {}
     try:
         with _detoxifier(s, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1, reuse_instances=True) as det:
@@ -310,7 +316,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
                 judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
             res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
                            judge_objs, progress=not no_progress, grid=grid, greedy=greedy, ppl_budget=ppl_budget,
-                           benign=prompts_path == "rtp-benign")
+                           benign=prompts_path == "rtp-benign", chat=as_chat)
     finally:
         for j in judge_objs.values():
             j.close()
@@ -448,10 +454,12 @@ def vectors_inspect(path):
     click.echo(f"settings     {json.dumps(hd.settings, sort_keys=True)}")
 
 
-from .cli_chat import chat, serve  # noqa: E402 - commands kept in their own module
+from .cli_calibrate import calibrate  # noqa: E402 - commands kept in their own modules
+from .cli_chat import chat, serve  # noqa: E402
 
 main.add_command(chat)
 main.add_command(serve)
+main.add_command(calibrate)
 
 if __name__ == "__main__":
     main()

@@ -154,7 +154,8 @@ def _asdict(x) -> Any:
 
 
 def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, labels: Sequence[str],
-               judges: Mapping[str, Any], tox_judges: Sequence[str] = (), greedy: bool = False) -> dict:
+               judges: Mapping[str, Any], tox_judges: Sequence[str] = (), greedy: bool = False,
+               chat: bool = False) -> dict:
     """Everything a saved record depends on (methods and prompts may be added on resume)."""
     info = det.model.info
     cfg = {
@@ -171,6 +172,8 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
     }
     if len(tox_judges) > 1:          # absent for one judge: runs written before judges existed resume
         cfg["tox_judges"] = list(tox_judges)
+    if chat:                         # likewise absent for plain continuation
+        cfg["chat"] = True
     return json.loads(_dumps(cfg))
 
 
@@ -250,18 +253,21 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, top_p: float, base_seed: int,
-                   point: Optional[Mapping[str, Any]] = None, greedy: bool = False):
+                   point: Optional[Mapping[str, Any]] = None, greedy: bool = False, chat: bool = False):
     """All samples of one (prompt, method, sweep point), in chunks of at most det.max_samples;
-    sample i uses base_seed + i; the point's settings are applied per call. Returns (samples,
-    timing dict)."""
+    sample i uses base_seed + i; the point's settings are applied per call. chat: the prompt is a
+    user message, formatted with the model's chat template (the reply is the continuation).
+    Returns (samples, timing dict)."""
+    if chat:
+        prompt = det.fit_chat([{"role": "user", "content": prompt}], method=method).prompt
     per = max(1, min(samples, det.max_samples))
     out, tim = [], {"setup_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "n_decode_steps": 0, "n_prompt_tokens": 0}
     t0 = time.perf_counter()
     for start in range(0, samples, per):
         k = min(per, samples - start)
         sp = eval_sampling(top_p, (base_seed + start) % 2**32, greedy)
-        res = det.generate(prompt, n_samples=k, method=method, n_predict=n_predict, temp=sp.temp, top_k=sp.top_k,
-                           top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed, **dict(point or {}))
+        res = det.generate(prompt, n_samples=k, special=chat, method=method, n_predict=n_predict, temp=sp.temp,
+                           top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed, **dict(point or {}))
         out.extend(res.samples)
         tim["setup_s"] += res.setup_s
         tim["prefill_s"] += res.prefill_s
@@ -277,7 +283,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
              n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None,
              grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},), greedy: bool = False, ppl_budget: Optional[float] = 1.25,
-             benign: bool = False) -> dict:
+             benign: bool = False, chat: bool = False) -> dict:
     """Run (or resume) an evaluation and write its report.
 
     det: a Detoxifier (its max_samples may be below `samples`: samples are then generated in
@@ -331,7 +337,8 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     # rewrites them (load_state); the lock is held until the report is written
     with FolderLock(out, what="another eval run"):
         # the settings are checked before anything in out_dir is rewritten
-        check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges, list(tox_judges), greedy))
+        check_config(out, run_config(det, samples, n_predict, top_p, seed, labels, judges, list(tox_judges), greedy,
+                                     chat))
         kept, _, done, resume = load_state(out, samples)
         if resume["bad_lines"] or resume["bad_records"]:
             print(f"(resume: dropped {resume['bad_records']} records that do not follow the schema and "
@@ -355,7 +362,8 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
                     base = sample_seed(seed, pid, 0, samples)
                     if bar is not None:
                         bar.set_postfix_str(f"prompt {pid} {variant_name(method, point)}", refresh=False)
-                    outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base, point, greedy)
+                    outs, tim = generate_group(det, rec.text, method, samples, n_predict, top_p, base, point, greedy,
+                                                   chat)
                     texts = [s.text for s in outs]
                     t0 = time.perf_counter()
                     scores = score_checked(primary, scorer, texts, labels)

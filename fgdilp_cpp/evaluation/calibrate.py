@@ -1,0 +1,181 @@
+"""`fgdilp-cpp calibrate`: find, per method, the steering setting that removes the most toxicity
+at a fluency cost a user accepts, confirm it on other prompts, and write the model's profile.
+
+1. The prompt set is split once, by id: even ids calibrate, odd ids test (disjoint, fixed).
+2. Every method is swept over strength x layer range (and any other sweepable setting) on the
+   calibration part (one resumable eval run), and on benign prompts with greedy decoding.
+3. Per method, the point with the lowest EMT whose corpus PPL ratio to `none` is within the
+   fluency budget (1.25) and whose benign corpus PPL ratio is within the benign budget (1.05).
+4. Each chosen point runs again on the test part (the confirmation: the figures in the profile).
+5. The recommended method is the one with the lowest confirmed EMT among the detoxifiers (the
+   random control is measured, never recommended). The profile also records the agreement of
+   self-diagnosis and of the offline scorer with Perspective (for --diagnoser auto).
+Every step is an eval run in its own folder under out_dir: a killed calibration resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .. import methods as registry
+from ..errors import FgdilpError
+from ..profiles import Profile, model_identity, profile_path_for
+from .frontier import best_points
+from .prompts import load_prompts
+from .runner import run_eval
+from .sweep import grid_from
+
+CALIBRATION, BENIGN, TEST = "calibration", "benign", "test"
+
+
+@dataclass(frozen=True)
+class CalibrationSizes:
+    cal_prompts: int = 32
+    test_prompts: int = 64
+    benign_prompts: int = 32
+    samples: int = 3
+    n_predict: int = 20
+    scales: tuple[float, ...] = (0.25, 0.5, 1.0)
+    n_ranges: int = 3                 # late layer ranges tried (layer_ranges())
+
+    @classmethod
+    def quick(cls) -> "CalibrationSizes":
+        return cls(cal_prompts=8, test_prompts=12, benign_prompts=8, samples=2, n_predict=12, scales=(0.5, 1.0),
+                   n_ranges=1)
+
+
+def layer_ranges(n_layer: int, count: int = 3) -> list[tuple[int, int]]:
+    """Late-layer ranges, the most promising first: the last third, the last half, the last sixth
+    (18 layers: 12-17, 9-17, 15-17). On gemma-3-270m, early layers cost fluency for little gain."""
+    last = n_layer - 1
+    spans = [max(1, n_layer // 3), max(1, n_layer // 2), max(1, n_layer // 6)]
+    out: list[tuple[int, int]] = []
+    for s in spans:
+        r = (n_layer - s, last)
+        if r not in out:
+            out.append(r)
+    return out[:count]
+
+
+def split(records: Sequence, n_cal: int, n_test: int) -> tuple[list, list]:
+    """(calibration, test): even ids, odd ids; the first n of each."""
+    cal = [r for r in records if int(r.id) % 2 == 0][:n_cal]
+    test = [r for r in records if int(r.id) % 2 == 1][:n_test]
+    if not cal or not test:
+        raise FgdilpError("the prompt set is too small to split into calibration and test parts")
+    return cal, test
+
+
+@dataclass
+class Calibration:
+    profile: Profile
+    best: dict                         # method -> best_points() entry on the calibration part
+    confirmed: dict                    # method -> test-part figures at the chosen point
+    reports: dict = field(default_factory=dict)   # step -> report.json dict
+    interrupted: bool = False
+
+
+def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[Sequence[str]] = None,
+              prompts: str = "rtp-toxic", benign: str = "rtp-benign", sizes: CalibrationSizes = CalibrationSizes(),
+              axes: Optional[dict[str, list]] = None, ppl_budget: float = 1.25, benign_budget: float = 1.05,
+              top_p: float = 0.9, seed: int = 42, progress: bool = True, chat: bool = False,
+              log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Calibration:
+    """Run the calibration with `det` (a Detoxifier opened without a profile, reuse_instances=True,
+    max_samples >= sizes.samples) and return its profile (not yet saved)."""
+    out = Path(out_dir)
+    names = [m for m in (methods or registry.names()) if m != registry.UNSTEERED]
+    all_methods = [registry.UNSTEERED] + names
+    axes = dict(axes or {})
+    axes.setdefault("steer_scale", list(sizes.scales))
+    axes.setdefault("steer_layer_range", layer_ranges(det.model.info.n_layer, sizes.n_ranges))
+    grid = grid_from(axes)
+    records = load_prompts(prompts)
+    cal, test = split(records, sizes.cal_prompts, sizes.test_prompts)
+    benign_recs = [r for r in load_prompts(benign) if int(r.id) % 2 == 0][:sizes.benign_prompts]
+    common = dict(scorer=scorer, judges=judges, progress=progress, top_p=top_p, seed=seed, n_predict=sizes.n_predict)
+    reports: dict[str, dict] = {}
+
+    def step(name: str, records, methods_, samples: int, grid_, **kw) -> Optional[dict]:
+        log(f"calibrate: {name}: {len(records)} prompts x {samples} samples, {len(grid_)} points")
+        res = run_eval(det, records, methods_, samples, common["n_predict"], common["top_p"], common["seed"],
+                       out / name, common["scorer"], common["judges"], progress=common["progress"], grid=grid_,
+                       ppl_budget=ppl_budget, chat=chat, **kw)
+        reports[name] = res["report"]
+        if res["interrupted"]:
+            return None
+        return res["report"]
+
+    cal_report = step(CALIBRATION, cal, all_methods, sizes.samples, grid)
+    benign_report = cal_report and step(BENIGN, benign_recs, all_methods, 1, grid, greedy=True, benign=True)
+    if cal_report is None or benign_report is None:
+        return Calibration(Profile(model_identity(det.model), None, {}), {}, {}, reports, interrupted=True)
+    best = best_points(cal_report, ppl_budget, benign=benign_report, benign_budget=benign_budget)
+    chosen = {m: [b["point"]] for m, b in best.items() if b.get("point") is not None and m in names}
+    for m, b in best.items():
+        if b.get("point") is None:
+            log(f"calibrate: {m}: no setting within the budgets ({b.get('reason')})")
+    confirmed: dict[str, dict] = {}
+    if chosen:
+        test_report = step(TEST, test, [registry.UNSTEERED] + list(chosen), sizes.samples,
+                           {registry.UNSTEERED: [{}], **chosen})
+        if test_report is None:
+            return Calibration(Profile(model_identity(det.model), None, {}), best, {}, reports, interrupted=True)
+        base = test_report["methods"].get(registry.UNSTEERED, {})
+        for name, m in test_report["methods"].items():
+            method = m.get("method", name)
+            if method in chosen:
+                confirmed[method] = _figures(m, base)
+    diag_recs = [r for r in records if int(r.id) % 2 == 0]          # the calibration half only
+    profile = _profile(det, best, confirmed, ppl_budget, benign_budget, sizes, _diagnosis(det, diag_recs, scorer))
+    return Calibration(profile, best, confirmed, reports)
+
+
+def _figures(m: dict, base: dict) -> dict[str, Any]:
+    def delta(k: str) -> Optional[float]:
+        a, b = m.get(k), base.get(k)
+        return None if a is None or b is None else a - b
+
+    return {"emt": m.get("emt"), "tp": m.get("tp"), "emt_delta": delta("emt"), "tp_delta": delta("tp"),
+            "ppl_ratio": m.get("ppl_corpus_ratio"), "emt_none": base.get("emt"), "tp_none": base.get("tp"),
+            "n_prompts": m.get("n_prompts"), "n_samples": m.get("n_samples")}
+
+
+def _diagnosis(det, records, scorer, n: int = 100) -> dict[str, Any]:
+    """Agreement with Perspective (toxicity AUC) of the model's self-diagnosis and of the scorer,
+    on the calibration part's human continuations: what --diagnoser auto decides by."""
+    from .agreement import diagnosis_agreement, scorer_agreement
+
+    recs = [r for r in records if r.continuation.strip() and "toxicity" in r.continuation_scores][:n]
+    if len(recs) < 10:
+        return {}
+    self_table = diagnosis_agreement(det.self_diagnosis, recs)
+    scorer_table = scorer_agreement(scorer, recs)
+    pick = lambda t: (t.get("attributes", {}).get("toxicity") or {}).get("auc")   # noqa: E731
+    return {"self_auc": pick(self_table), "scorer_auc": pick(scorer_table), "n": len(recs)}
+
+
+def _profile(det, best: dict, confirmed: dict, ppl_budget: float, benign_budget: float, sizes: CalibrationSizes,
+             diagnosis: dict) -> Profile:
+    entries: dict[str, dict] = {}
+    for method, fig in confirmed.items():
+        point = {k: list(v) if isinstance(v, tuple) else v for k, v in (best[method]["point"] or {}).items()}
+        cal = {k: best[method].get(k) for k in ("emt", "tp", "emt_delta", "tp_delta", "ppl_ratio",
+                                                "benign_ppl_ratio", "identical_share")}
+        entries[method] = {"settings": point, "figures": {"calibration": cal, "test": fig}}
+    candidates = [m for m in entries if not registry.get(m).control and entries[m]["figures"]["test"]["emt"] is not None]
+    winner = min(candidates, key=lambda m: entries[m]["figures"]["test"]["emt"], default=None)
+    argv = " ".join(["fgdilp-cpp", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("fgdilp-cpp", "cli.py")) else ""
+    return Profile(model=model_identity(det.model), method=winner, methods=entries,
+                   budgets={"ppl_ratio": ppl_budget, "benign_ppl_ratio": benign_budget,
+                            "sizes": json.loads(json.dumps(sizes.__dict__))},
+                   diagnosis=diagnosis, made_by=argv,
+                   created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def default_profile_path(det) -> Path:
+    return profile_path_for(model_identity(det.model))
