@@ -76,7 +76,7 @@ else
   THREADS=${GPU_CHECK_THREADS:-2}
   NGL=99            # a CPU build has nowhere to offload to: the same command changes nothing
   CAP=none
-  if ((QUICK)); then SHAPE=${GPU_CHECK_SHAPE:-quick} TOKENS=${GPU_CHECK_TOKENS:-16} REPEATS=${GPU_CHECK_REPEATS:-3} SELFGEN=2
+  if ((QUICK)); then SHAPE=${GPU_CHECK_SHAPE:-quick} TOKENS=${GPU_CHECK_TOKENS:-12} REPEATS=${GPU_CHECK_REPEATS:-3} SELFGEN=2
   else SHAPE=${GPU_CHECK_SHAPE:-small} TOKENS=${GPU_CHECK_TOKENS:-64} REPEATS=${GPU_CHECK_REPEATS:-5} SELFGEN=4; fi
 fi
 export FGDILP_TEST_NGL=$NGL

@@ -195,8 +195,8 @@ def bench_hook(path: Path, ngl: int, threads: int, n_tokens: int, repeats: int) 
                 return n / dt
 
             for name in HOOK_VARIANTS:      # warm-up: allocations, and CUDA graphs need two runs
-                run(name, 4)
-                run(name, 4)
+                for _ in range(2 if ngl > 0 else 1):
+                    run(name, 4)
             runs: dict[str, list[float]] = {name: [] for name in HOOK_VARIANTS}
             for _ in range(repeats):        # interleaved: machine noise hits every variant alike
                 for name in HOOK_VARIANTS:
@@ -245,10 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--selfgen-samples", type=int, default=8, help="FGDILP setup: self-generated samples")
     ap.add_argument("--selfgen-tokens", type=int, default=12, help="FGDILP setup: tokens per sample")
+    ap.add_argument("--parts", default="hook,methods", help="which tables: hook, methods or both")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     a = ap.parse_args(argv)
     if a.tokens < 1 or a.repeats < 1 or a.threads < 1 or a.ngl < 0:
         ap.error("--tokens, --repeats and --threads must be positive, --ngl 0 or more")
+    parts = set(a.parts.split(","))
+    if not parts or parts - {"hook", "methods"}:
+        ap.error(f"--parts takes hook, methods or hook,methods, not {a.parts!r}")
 
     shape = SHAPES[a.shape]
     model_path = a.model or Path(f"bench-{a.shape}.gguf")
@@ -262,21 +266,23 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     out = {"model": built, "n_gpu_layers": a.ngl, "threads": a.threads, "tokens": a.tokens, "repeats": a.repeats,
            "prompt": PROMPT}
-    t0 = time.perf_counter()
-    out["hook"] = bench_hook(model_path, a.ngl, a.threads, a.tokens, a.repeats)
-    out["hook_s"] = round(time.perf_counter() - t0, 1)
-    # per-token cost of asking for the nodes (splits, synchronisation, one row copied per layer)
-    ask = out["hook"]["hook_ask"]["ratio_vs_no_hook"]
-    out["hook_overhead_pct"] = round((1 / ask - 1) * 100, 2) if ask > 0 else float("nan")
-    print(json.dumps({k: v["tokens_per_s"] for k, v in out["hook"].items()}), flush=True)
-    t0 = time.perf_counter()
-    out["methods"] = bench_methods(model_path, a.ngl, a.threads, a.tokens, a.repeats, a.selfgen_samples,
-                                   a.selfgen_tokens)
-    out["methods_s"] = round(time.perf_counter() - t0, 1)
-    out["fgdilp_setup"] = {"selfgen_samples": a.selfgen_samples, "selfgen_tokens": a.selfgen_tokens}
-    print(json.dumps({k: v["tokens_per_s"] for k, v in out["methods"].items()}), flush=True)
-    bad = [k for t in ("hook", "methods") for k, v in out[t].items() if not math.isfinite(v["tokens_per_s"])
-           or v["tokens_per_s"] <= 0]
+    if "hook" in parts:
+        t0 = time.perf_counter()
+        out["hook"] = bench_hook(model_path, a.ngl, a.threads, a.tokens, a.repeats)
+        out["hook_s"] = round(time.perf_counter() - t0, 1)
+        # per-token cost of asking for the nodes (splits, synchronisation, one row copied per layer)
+        ask = out["hook"]["hook_ask"]["ratio_vs_no_hook"]
+        out["hook_overhead_pct"] = round((1 / ask - 1) * 100, 2) if ask > 0 else float("nan")
+        print(json.dumps({k: v["tokens_per_s"] for k, v in out["hook"].items()}), flush=True)
+    if "methods" in parts:
+        t0 = time.perf_counter()
+        out["methods"] = bench_methods(model_path, a.ngl, a.threads, a.tokens, a.repeats, a.selfgen_samples,
+                                       a.selfgen_tokens)
+        out["methods_s"] = round(time.perf_counter() - t0, 1)
+        out["fgdilp_setup"] = {"selfgen_samples": a.selfgen_samples, "selfgen_tokens": a.selfgen_tokens}
+        print(json.dumps({k: v["tokens_per_s"] for k, v in out["methods"].items()}), flush=True)
+    bad = [k for t in ("hook", "methods") if t in out for k, v in out[t].items()
+           if not math.isfinite(v["tokens_per_s"]) or v["tokens_per_s"] <= 0]
     a.out.write_text(json.dumps(out, indent=1) + "\n")
     if bad:
         print(f"error: no finite positive speed for {', '.join(bad)}", file=sys.stderr)
