@@ -24,7 +24,7 @@ def test_cpu_quick_check_writes_the_results(tmp_path):
     for var in ("OUT", "FGDILP_TEST_NGL", "FGDILP_N_GPU_LAYERS", "FGDILP_NATIVE_LIB"):
         env.pop(var, None)
     proc = subprocess.run(["bash", SCRIPT, "--cpu", "--quick", "--out", tmp_path], capture_output=True, text=True,
-                          env=env, timeout=300, stdin=subprocess.DEVNULL)
+                          env=env, timeout=600, stdin=subprocess.DEVNULL)
     report = tmp_path / "gpu-check.json"
     assert report.is_file(), proc.stdout + proc.stderr
     res = json.loads(report.read_text())

@@ -69,6 +69,8 @@ if [[ $MODE == cuda ]]; then
   NGL=99
   export PYTHONPATH=$ROOT:$SITE
   export FGDILP_NATIVE_LIB=$WORK/native/libfgdilp.so
+  # the CUDA runtime and cuBLAS that libggml-cuda links, wherever the image's loader misses them
+  if [[ -d /usr/local/cuda/lib64 ]]; then export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}; fi
   SHAPE=${GPU_CHECK_SHAPE:-1b}
   TOKENS=${GPU_CHECK_TOKENS:-128} REPEATS=${GPU_CHECK_REPEATS:-5} SELFGEN=8
 else
@@ -113,6 +115,9 @@ phase_build_llama() {
     -C build-dir="$WORK/llama-build" -C cmake.build-type=Release "$src"
   ls "$SITE"/llama_cpp/lib
   test -e "$SITE"/llama_cpp/lib/libggml-cuda.so || { echo "no libggml-cuda.so: not a CUDA build" >&2; return 1; }
+  # it must load (cuBLAS and the CUDA runtime found) and see the GPU before anything relies on it
+  "$PY" -c "import llama_cpp.llama_cpp as ll; ll.llama_backend_init(); ok = ll.llama_supports_gpu_offload(); \
+print('gpu offload:', ok); raise SystemExit(0 if ok else 1)"
   touch "$stamp"
 }
 
@@ -207,7 +212,7 @@ echo "gpu-check: mode $MODE$( ((QUICK)) && echo ' (quick)'), python $("$PY" -c '
 if [[ $MODE == cuda ]]; then
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv,noheader
   run_phase wheels 60 phase_wheels
-  run_phase build-llama 360 phase_build_llama
+  run_phase build-llama 400 phase_build_llama
   if [[ -f $SITE/.fgdilp-llama-$LLAMA_VERSION-sm$CAP ]]; then
     run_phase build-native 90 phase_build_native
   fi
