@@ -19,9 +19,9 @@ normal values (one buffer, views per tensor, written as they are made), F32 norm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -162,51 +162,46 @@ def bench_hook(path: Path, ngl: int, threads: int, n_tokens: int, repeats: int) 
     from fgdilp_cpp.engine import Batch, Context, ContextParams, Model
     from fgdilp_cpp.native import EditSpec, NativeHook
 
-    with Model(path, n_gpu_layers=ngl) as model:
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(Model(path, n_gpu_layers=ngl))
         info = model.info
         prompt = model.tokenize(PROMPT)
         params = ContextParams(n_ctx=len(prompt) + n_tokens + 16, n_batch=max(64, len(prompt)), n_threads=threads)
-        hooks = {name: NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=2)
+        hooks = {name: stack.enter_context(NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=2))
                  for name in HOOK_VARIANTS if name != "no_hook"}
         hooks["hook_ask"].set_plan([(0, 0)])                                # row 0 -> slot 0, every layer
         rng = np.random.default_rng(1)
         hooks["hook_edit"].slots[1] = rng.standard_normal(hooks["hook_edit"].slots[1].shape) * 0.01
         hooks["hook_edit"].set_plan([(0, 0)], [EditSpec(target=0, dir_slot=1)])   # a fixed direction
-        contexts = {name: Context(model, params, hook=hooks.get(name)) for name in HOOK_VARIANTS}
-        try:
-            def run(name: str, n: int) -> float:
-                ctx = contexts[name]
-                ctx.clear()
-                with Batch(params.n_batch) as batch:
-                    for i, tok in enumerate(prompt):
-                        batch.add(tok, i, 0, i == len(prompt) - 1)
-                    ctx.decode(batch)
-                    tok, pos = int(np.argmax(ctx.logits(batch.n - 1))), len(prompt)
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        batch.clear()
-                        batch.add(tok, pos, 0, True)
-                        ctx.decode(batch)
-                        tok, pos = int(np.argmax(ctx.logits(0))), pos + 1
-                    dt = time.perf_counter() - t0
-                hook = hooks.get(name)
-                if hook is not None and hook.planned and hook.fired_layers != info.n_layer:
-                    raise RuntimeError(f"{name}: the hook fired on {hook.fired_layers} of {info.n_layer} layers")
-                return n / dt
+        # contexts close before their hooks (the stack unwinds in reverse)
+        contexts = {name: stack.enter_context(Context(model, params, hook=hooks.get(name))) for name in HOOK_VARIANTS}
+        batch = stack.enter_context(Batch(params.n_batch))
 
-            for name in HOOK_VARIANTS:      # warm-up: allocations, and CUDA graphs need two runs
-                for _ in range(2 if ngl > 0 else 1):
-                    run(name, 4)
-            runs: dict[str, list[float]] = {name: [] for name in HOOK_VARIANTS}
-            for _ in range(repeats):        # interleaved: machine noise hits every variant alike
-                for name in HOOK_VARIANTS:
-                    runs[name].append(run(name, n_tokens))
-            edits = hooks["hook_edit"].edits_applied
-        finally:
-            for ctx in contexts.values():
-                ctx.close()
-            for hook in hooks.values():
-                hook.close()
+        def run(name: str, n: int) -> float:
+            """Prefill, then n timed greedy steps; a planned hook that misses a layer raises in decode."""
+            ctx = contexts[name]
+            ctx.clear()
+            batch.clear()
+            for i, tok in enumerate(prompt):
+                batch.add(tok, i, 0, i == len(prompt) - 1)
+            ctx.decode(batch)
+            tok, pos = int(np.argmax(ctx.logits(batch.n - 1))), len(prompt)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                batch.clear()
+                batch.add(tok, pos, 0, True)
+                ctx.decode(batch)
+                tok, pos = int(np.argmax(ctx.logits(0))), pos + 1
+            return n / (time.perf_counter() - t0)
+
+        for name in HOOK_VARIANTS:      # warm-up: allocations, and CUDA graphs need two runs
+            for _ in range(2 if ngl > 0 else 1):
+                run(name, 4)
+        runs: dict[str, list[float]] = {name: [] for name in HOOK_VARIANTS}
+        for _ in range(repeats):        # interleaved: machine noise hits every variant alike
+            for name in HOOK_VARIANTS:
+                runs[name].append(run(name, n_tokens))
+        edits = hooks["hook_edit"].edits_applied
     table = _median_table(runs, "no_hook", "ratio_vs_no_hook")
     table["hook_edit"]["edits_applied_last_decode"] = edits
     return table
