@@ -89,6 +89,7 @@ export SLIM=${SLIM:-}
 phase_wheels() {
   local missing=() whl dist mod
   for whl in "$ROOT"/.gpu/wheels/*.whl; do
+    [[ -f $whl ]] || continue
     dist=$(basename "$whl" | cut -d- -f1 | tr 'A-Z' 'a-z')
     case $dist in pyyaml) mod=yaml ;; *) mod=$dist ;; esac
     if "$PY" -c "import $mod" 2>/dev/null; then echo "present: $mod"; else missing+=("$whl"); fi
