@@ -12,7 +12,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import CHATML, TinyConfig, build_tiny_llama, build_tiny_mamba  # noqa: E402
+from tiny_model import (CHATML, TinyConfig, build_tiny_llama, build_tiny_mamba,  # noqa: E402
+                        gpu_layers_for_tests)
+
+# FGDILP_TEST_NGL=99 (tools/gpu-check.sh): the tiny models' layers on the GPU, in-process and in the CLI
+TEST_NGL = gpu_layers_for_tests()
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +41,7 @@ def model(tiny_llama):
     """The tiny llama model loaded through the engine."""
     from fgdilp_cpp.engine import Model
 
-    with Model(tiny_llama[0]) as m:
+    with Model(tiny_llama[0], n_gpu_layers=TEST_NGL) as m:
         yield m
 
 
@@ -79,6 +83,8 @@ def pytest_collection_modifyitems(config, items):
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     full_env.pop("FGDILP_DEBUG", None)
+    if TEST_NGL:
+        full_env.setdefault("FGDILP_N_GPU_LAYERS", str(TEST_NGL))
     return subprocess.run([sys.executable, "-m", "fgdilp_cpp.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
 

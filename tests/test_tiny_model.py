@@ -16,11 +16,13 @@ import llama_cpp as L
 
 try:  # tests/ as a package
     from .tiny_model import (BOS_ID, EOS_ID, TinyConfig, build_tiny_llama, build_tiny_mamba,
-                             tokenizer_vocab, write_non_gguf, write_truncated_copy)
+                             tokenizer_vocab, write_non_gguf, write_truncated_copy,
+                             gpu_layers_for_tests)
     from .torch_reference import TorchLlama
 except ImportError:  # tests/ on sys.path (pytest rootdir-less "prepend" import mode)
     from tiny_model import (BOS_ID, EOS_ID, TinyConfig, build_tiny_llama, build_tiny_mamba,
-                            tokenizer_vocab, write_non_gguf, write_truncated_copy)
+                            tokenizer_vocab, write_non_gguf, write_truncated_copy,
+                            gpu_layers_for_tests)
     from torch_reference import TorchLlama
 
 
@@ -78,7 +80,7 @@ class Runner:
     def __init__(self, path, n_ctx=128, n_batch=64, flash_attn=L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
                  kv_type=L.GGML_TYPE_F32, cb_eval=None):
         mp = L.llama_model_default_params()
-        mp.n_gpu_layers = 0
+        mp.n_gpu_layers = gpu_layers_for_tests()
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"failed to load {path}")

@@ -32,11 +32,27 @@ __all__ = [
     "BOS_ID",
     "EOS_ID",
     "UNK_ID",
+    "gpu_layers_for_tests",
 ]
 
 # SmolLM2-135M-Instruct's template (ChatML); llama.cpp recognises it
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+def gpu_layers_for_tests() -> int:
+    """Layers the tests offload (n_gpu_layers): FGDILP_TEST_NGL, 0 when unset.
+
+    tools/gpu-check.sh sets it to 99 on a CUDA build to run the oracle tests with every layer on
+    the GPU; on a CPU-only build llama.cpp has nowhere to offload to, so it changes nothing."""
+    raw = os.environ.get("FGDILP_TEST_NGL", "0").strip() or "0"
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"FGDILP_TEST_NGL={raw!r} is not a whole number of layers") from None
+    if n < 0:
+        raise ValueError(f"FGDILP_TEST_NGL={raw!r} must be 0 or more")
+    return n
+
 
 UNK_ID = 0
 BOS_ID = 1
