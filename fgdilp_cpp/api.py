@@ -28,7 +28,7 @@ from .settings import Settings
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
-                      "steer_layer_range"})
+                      "steer_layer_range", "edit", "gate"})
 
 
 class Stream(Iterator[str]):

@@ -148,10 +148,12 @@ class Generator:
                 hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
                                   exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
                                   layer_end=s.layer_end, renorm=s.renorm)
+                self._hooks[name] = hook
+                hook.set_edit_rule(s.edit)
+                hook.set_gate(s.gate)
                 if spec.fusion:
                     f = self.fgdilp
-                    hook.set_fusion(f.mask_k, f.fusion, f.sign_election)
-                self._hooks[name] = hook
+                    hook.set_fusion(f.mask_k, f.fusion, f.sign_election, f.norm_to_mean_delta)
         if n_seq > MAX_SEQ:
             raise FgdilpError(f"{name} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
                               f"allows {MAX_SEQ}")
@@ -165,7 +167,7 @@ class Generator:
 
     def set_steer(self, steer: SteerParams) -> None:
         """Steering values for the following generations: applied to the hooks made so far
-        (exponents, renormalisation, per-layer scales); later hooks are made with them."""
+        (exponents, renormalisation, per-layer scales, edit rule, gate); later hooks are made with them."""
         if steer == self.steer:
             return
         steer.check(self.model.info.n_layer)
@@ -173,6 +175,8 @@ class Generator:
         for hook in self._hooks.values():
             hook.set_exponents(steer.exp_norm, steer.exp_sim, steer.renorm)
             hook.set_layer_scales(scales)
+            hook.set_edit_rule(steer.edit)
+            hook.set_gate(steer.gate)
         self.rt.steer = steer
 
     def prefix_room(self, method: str) -> int:
