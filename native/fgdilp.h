@@ -4,7 +4,8 @@
 //     cparams.cb_eval           = fgdilp_hook_eval_callback;
 //     cparams.cb_eval_user_data = hook;
 // Before each llama_decode the caller describes what the rows of the batch are (a plan): rows to
-// capture into slots, and rows to edit with the Toxification-Reversal rule. One ubatch per decode
+// capture into slots, and rows to edit (the Toxification-Reversal rule, or rotate; optionally gated per
+// head and with per-head strengths: fgdilp_hook_set_edit_rule / _set_gate / _set_head_scales). One ubatch per decode
 // (n_ubatch >= the batch) keeps "row i of kqv_out = token i of the batch"; the hook checks it
 // (every kqv_out node must have the n_tokens rows given to fgdilp_hook_begin).
 // A decode in which the hook finds an error (a node it cannot read, a row count that is not the

@@ -55,16 +55,21 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, np.sum(a * b, axis=-1) / np.where(den > 0, den, 1.0), 0.0)
 
 
+def _head_scales(head_scales: Optional[np.ndarray], n_head: int) -> np.ndarray:
+    """[n_head] float64 of the float32 strengths the hook holds (all 1 without)."""
+    return np.ones(n_head) if head_scales is None else np.asarray(head_scales, np.float32).astype(np.float64)
+
+
 def edited_heads(v: np.ndarray, delta: np.ndarray, n_head: int, scale: float = 1.0,
                  gate: Optional[float] = None, head_scales: Optional[np.ndarray] = None) -> np.ndarray:
     """[n_head] bool: heads the edit touches; the others keep their bits. A head is left alone where
     its strength scale * head_scale is 0, or (gate on) where cos(v_h, delta_h) <= gate."""
-    vh = np.asarray(v, np.float64).reshape(n_head, -1)
-    dh = np.asarray(delta, np.float64).reshape(n_head, -1)
-    hs = np.ones(n_head) if head_scales is None else np.asarray(head_scales, np.float64)
-    on = scale * hs != 0
+    vh = np.asarray(v, np.float32).astype(np.float64).reshape(n_head, -1)
+    dh = np.asarray(delta, np.float32).astype(np.float64).reshape(n_head, -1)
+    hs = _head_scales(head_scales, n_head)
+    on = float(np.float32(scale)) * hs != 0                           # the hook holds float32 strengths
     if gate is not None:
-        on &= _cos(vh, dh) > gate
+        on &= _cos(vh, dh) > float(np.float32(gate))
     return on
 
 
@@ -82,7 +87,8 @@ def edit_row(v: np.ndarray, delta: np.ndarray, e: Optional[np.ndarray], n_head: 
     vh = v32.astype(np.float64).reshape(n_head, -1)                   # [n_head, head_dim]
     dh = np.asarray(delta, np.float64).reshape(n_head, -1)
     eh = None if e is None else np.asarray(e, np.float64).reshape(n_head, -1)
-    hs = np.ones(n_head) if head_scales is None else np.asarray(head_scales, np.float64)
+    hs = _head_scales(head_scales, n_head)
+    scale = float(np.float32(scale))
     on = edited_heads(v32, delta, n_head, scale, gate, hs)            # [n_head]
     k = scale * hs * lambda_norm(dh, exp_norm) * lambda_sim(vh, eh, exp_sim)  # [n_head]
     out = v32.reshape(n_head, -1).copy()                              # float32: untouched heads keep their bits
