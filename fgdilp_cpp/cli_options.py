@@ -12,6 +12,7 @@ from click.core import ParameterSource
 
 from . import methods
 from .errors import FgdilpError, ParamError
+from .settings import OFF_WORDS
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
 # Settings fields whose flag is not --<field-with-dashes>
@@ -27,7 +28,7 @@ class OptionalFloat(click.ParamType):
     def convert(self, value, param, ctx):
         if value is None or isinstance(value, float):
             return value
-        if str(value).strip().lower() in ("off", "none"):
+        if str(value).strip().lower() in OFF_WORDS:
             return None
         try:
             return float(value)

@@ -17,7 +17,10 @@ from .errors import ParamError
 MAX_NEGATIVES = 8                     # = FGDILP_MAX_NEG of native/fgdilp.h
 FUSION_MODES = ("max", "mean", "sum")  # merge of the sign-elected entries (docs/method.md §5.4)
 EDIT_RULES = ("tr", "rotate")          # how a steered head is changed (docs/method.md §2.2, §2.6)
-FUSED_NORMS = ("none", "tr")           # FGDILP: rescale of the fused delta (docs/method.md §5.6)
+# FGDILP: rescale of the fused delta (docs/method.md §5.6): the name -> whether each head of the
+# fused delta is brought to the norm of the mean delta (names that happen to be method names too)
+FUSED_NORM_TO_MEAN_DELTA = {"none": False, "tr": True}
+FUSED_NORMS = tuple(FUSED_NORM_TO_MEAN_DELTA)
 
 
 def _finite(field: str, v: float) -> None:
@@ -109,7 +112,7 @@ class FgdilpParams:
 
     @property
     def norm_to_mean_delta(self) -> bool:
-        return self.fused_norm == "tr"
+        return FUSED_NORM_TO_MEAN_DELTA[self.fused_norm]
 
     def check(self) -> None:
         if self.samples < 1:
