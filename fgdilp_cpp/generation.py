@@ -270,8 +270,12 @@ class Generator:
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
             self._check_prefixed(plan)
-            return self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
-                             record_logits, logits_all, stop_at_eog, setup)
+            res = self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
+                            record_logits, logits_all, stop_at_eog, setup)
+            if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through
+                res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate,
+                                       "heads_edited_share": ctx.hook.heads_edited_share}
+            return res
         except HookError as exc:
             hint = " (its graph lacks kqv_out-<layer> nodes)" if exc.code == ERR_NOT_FIRED else ""
             raise FgdilpError(f"cannot steer this model (architecture '{self.model.info.architecture}'): "
@@ -294,6 +298,8 @@ class Generator:
             Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
                                    (sampling.seed + g) % 2**32)) for g in range(n_samples)]
         ctx.clear()
+        if ctx.hook is not None:
+            ctx.hook.reset_totals()
         lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq)
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_samples)]
         samples = [Sample("", [], "length") for _ in range(n_samples)]

@@ -333,6 +333,7 @@ class NativeHook:
         self.n_layer, self.n_head, self.head_dim, self.n_slots = n_layer, n_head, head_dim, n_slots
         self.width = n_head * head_dim
         self.edit_rule, self.gate = "tr", None
+        self.reset_totals()
         try:
             self.set_fusion(fusion_k_pct, fusion_mode, fusion_elect)
         except FusionError:
@@ -435,6 +436,8 @@ class NativeHook:
 
     def end(self) -> None:
         rc = self._lib.fgdilp_hook_end(self._h)
+        self.heads_total += self.heads_edited
+        self.head_edits_total += self.edits_applied * self.n_head
         if rc != OK:
             raise HookError(self._lib.fgdilp_hook_last_error(self._h).decode(errors="replace"), rc)
 
@@ -445,6 +448,17 @@ class NativeHook:
     @property
     def edits_applied(self) -> int:
         return self._lib.fgdilp_hook_edits_applied(self._h)
+
+    def reset_totals(self) -> None:
+        """Zero heads_total / head_edits_total: heads edited, and heads the plan's edits reached
+        (rows edited x n_head), summed over the decodes (end()) since."""
+        self.heads_total = self.head_edits_total = 0
+
+    @property
+    def heads_edited_share(self) -> float | None:
+        """Share of the planned head edits since reset_totals() that were made (the rest: gated or
+        at strength 0); None before any edit."""
+        return self.heads_total / self.head_edits_total if self.head_edits_total else None
 
     @property
     def heads_edited(self) -> int:

@@ -333,3 +333,17 @@ def test_per_call_edit_and_gate(model, tiny_llama):
 def test_cli_refuses_bad_rules(cli, tiny_llama, args, needle):
     proc = cli("generate", "-m", tiny_llama[0], "-p", "hello", "--method", "tr", *args)
     assert proc.returncode > 0 and "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr
+
+
+def test_explain_reports_the_share_of_heads_edited(model):
+    """--explain: the rule, the gate and the share of the planned head edits the gate let through."""
+    def share(gate):
+        with Generator(model, EngineParams(ctx_size=256, **F32), SteerParams(edit="rotate", gate=gate)) as gen:
+            res = gen.generate(PROMPT, "tr", n_predict=len(FORCED), forced_tokens=FORCED, explain=True)
+            assert gen.generate(PROMPT, "tr", n_predict=2, forced_tokens=FORCED).explain.get("edit") is None
+        assert res.explain["edit"]["rule"] == "rotate" and res.explain["edit"]["gate"] == gate
+        return res.explain["edit"]["heads_edited_share"]
+
+    assert share(None) == 1.0
+    assert 0.0 < share(GATE) < 1.0
+    assert share(0.999) == 0.0
