@@ -90,7 +90,9 @@ class SteerParams:
             raise ParamError("edit", f"must be one of {', '.join(EDIT_RULES)}, not {self.edit!r}")
         if self.gate is not None:
             _finite("gate", self.gate)
-            if not -1.0 <= self.gate < 1.0:   # a cosine never exceeds 1: gate >= 1 would steer nothing
+            with np.errstate(over="ignore"):
+                gate32 = float(np.float32(self.gate))   # the value the hook holds
+            if not -1.0 <= gate32 < 1.0:   # a cosine never exceeds 1: gate >= 1 would steer nothing
                 raise ParamError("gate", f"must be in [-1, 1) (a cosine), not {self.gate}")
         end = self.last_layer(n_layer)
         if not 0 <= self.layer_start <= end < n_layer:

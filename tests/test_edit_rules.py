@@ -301,7 +301,7 @@ def test_settings_sources(tmp_path):
     assert env == {"gate": None, "edit": "tr", "fused_norm": "none"}
     assert Settings.from_env({"FGDILP_GATE": "-0.5"}) == {"gate": -0.5}
     assert s.updated({"gate": "off"}).gate is None
-    for field, bad in (("edit", "spin"), ("gate", 1.0), ("gate", -2.0), ("gate", float("nan"))):
+    for field, bad in (("edit", "spin"), ("gate", 1.0), ("gate", 1 - 1e-9), ("gate", -2.0), ("gate", float("nan"))):
         with pytest.raises(ParamError) as err:
             s.updated({field: bad}).steer().check(3)
         assert err.value.field == field
