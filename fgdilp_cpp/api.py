@@ -33,7 +33,8 @@ from .settings import Settings, default_sources
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
                       "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
-                      "mask_k", "fusion", "sign_election"})                      # FGDILP's fusion (set_fgdilp)
+                      "edit", "gate",                                            # the edit rule (set_steer)
+                      "mask_k", "fusion", "sign_election", "fused_norm"})        # FGDILP's fusion (set_fgdilp)
 
 
 class Stream(Iterator[str]):

@@ -12,11 +12,28 @@ from click.core import ParameterSource
 
 from . import methods
 from .errors import FgdilpError, ParamError
+from .settings import OFF_WORDS
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
 # Settings fields whose flag is not --<field-with-dashes>
 FLAGS = {"n_predict": "-n", "ctx_size": "-c", "threads": "-t", "n_gpu_layers": "-ngl", "batch_size": "-b",
          "cache_type_k": "-ctk", "cache_type_v": "-ctv", "flash_attn": "-fa", "system_prompt": "-sys"}
+
+
+class OptionalFloat(click.ParamType):
+    """A number, or "off" for None (--gate off turns off a gate set in the config file)."""
+
+    name = "number|off"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() in OFF_WORDS:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor \"off\"", param, ctx)
 
 
 def flag_of(field: str) -> str:
@@ -127,6 +144,12 @@ steer_options = _options(
                  help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b."),
     click.option("--renorm/--no-renorm", default=True, show_default=True,
                  help="Restore the row norm after the edit."),
+    click.option("--edit", type=click.Choice(["tr", "rotate"]), default="tr", show_default=True,
+                 help="Edit rule: tr subtracts the delta (then --renorm); rotate turns each head away "
+                      "from the delta and keeps its norm."),
+    click.option("--gate", type=OptionalFloat(), default=None, metavar="THETA|off",
+                 help="Edit a head only where cos(head output, delta) > THETA, in [-1, 1); the other "
+                      "heads stay unsteered (default: off, every head)."),
     click.option("--selfgen-samples", type=int, default=25, show_default=True,
                  help="FGDILP: self-generated samples N."),
     click.option("--selfgen-tokens", type=int, default=20, show_default=True,
@@ -139,6 +162,9 @@ steer_options = _options(
     click.option("--sign-election/--no-sign-election", default=True, show_default=True),
     click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
                  help="FGDILP: pad missing negatives with template-only prefixes."),
+    click.option("--fused-norm", type=click.Choice(["none", "tr"]), default="none", show_default=True,
+                 help="FGDILP: tr rescales each head of the fused delta to the norm of the mean delta "
+                      "(TR's strength, for comparing at equal strength)."),
 )
 
 

@@ -149,10 +149,12 @@ class Generator:
                 hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
                                   exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
                                   layer_end=s.layer_end, renorm=s.renorm)
+                self._hooks[name] = hook
+                hook.set_edit_rule(s.edit)
+                hook.set_gate(s.gate)
                 if spec.fusion:
                     f = self.fgdilp
-                    hook.set_fusion(f.mask_k, f.fusion, f.sign_election)
-                self._hooks[name] = hook
+                    hook.set_fusion(f.mask_k, f.fusion, f.sign_election, f.norm_to_mean_delta)
         if n_seq > MAX_SEQ:
             raise FgdilpError(f"{name} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
                               f"allows {MAX_SEQ}")
@@ -166,7 +168,7 @@ class Generator:
 
     def set_steer(self, steer: SteerParams) -> None:
         """Steering values for the following generations: applied to the hooks made so far
-        (exponents, renormalisation, per-layer scales); later hooks are made with them."""
+        (exponents, renormalisation, per-layer scales, edit rule, gate); later hooks are made with them."""
         if steer == self.steer:
             return
         steer.check(self.model.info.n_layer)
@@ -174,6 +176,8 @@ class Generator:
         for hook in self._hooks.values():
             hook.set_exponents(steer.exp_norm, steer.exp_sim, steer.renorm)
             hook.set_layer_scales(scales)
+            hook.set_edit_rule(steer.edit)
+            hook.set_gate(steer.gate)
         self.rt.steer = steer
 
     def set_fgdilp(self, fgdilp: FgdilpParams) -> None:
@@ -188,7 +192,7 @@ class Generator:
             raise FgdilpError(f"{', '.join(fixed)} size the model's contexts: they cannot change per call")
         for name, hook in self._hooks.items():
             if methods.get(name).fusion:
-                hook.set_fusion(fgdilp.mask_k, fgdilp.fusion, fgdilp.sign_election)
+                hook.set_fusion(fgdilp.mask_k, fgdilp.fusion, fgdilp.sign_election, fgdilp.norm_to_mean_delta)
         self.rt.fgdilp = fgdilp
 
     def prefix_room(self, method: str) -> int:
@@ -282,8 +286,12 @@ class Generator:
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
             self._check_prefixed(plan)
-            return self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
-                             record_logits, logits_all, stop_at_eog, setup)
+            res = self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
+                            record_logits, logits_all, stop_at_eog, setup)
+            if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through
+                res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate,
+                                       "heads_edited_share": ctx.hook.heads_edited_share}
+            return res
         except HookError as exc:
             hint = " (its graph lacks kqv_out-<layer> nodes)" if exc.code == ERR_NOT_FIRED else ""
             raise FgdilpError(f"cannot steer this model (architecture '{self.model.info.architecture}'): "
@@ -306,6 +314,8 @@ class Generator:
             Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
                                    (sampling.seed + g) % 2**32)) for g in range(n_samples)]
         ctx.clear()
+        if ctx.hook is not None:
+            ctx.hook.reset_totals()
         lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq)
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_samples)]
         samples = [Sample("", [], "length") for _ in range(n_samples)]

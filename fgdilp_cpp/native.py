@@ -38,6 +38,10 @@ FUSION_MEAN = 1
 FUSION_SUM = 2
 FUSION_MODE_IDS = {"max": FUSION_MAX, "mean": FUSION_MEAN, "sum": FUSION_SUM}
 
+EDIT_TR = 0
+EDIT_ROTATE = 1
+EDIT_RULE_IDS = {"tr": EDIT_TR, "rotate": EDIT_ROTATE}   # enum fgdilp_edit_rule
+
 _LIB_NAME = "libfgdilp.so"
 
 
@@ -90,6 +94,19 @@ class FusionParams(ctypes.Structure):
         ("k_pct", ctypes.c_float),
         ("mode", ctypes.c_int32),
         ("elect", ctypes.c_bool),
+        ("norm_heads", ctypes.c_int32),
+    ]
+
+
+class EditParams(ctypes.Structure):
+    _fields_ = [
+        ("rule", ctypes.c_int32),
+        ("exp_norm", ctypes.c_float),
+        ("exp_sim", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("renorm", ctypes.c_bool),
+        ("gated", ctypes.c_bool),
+        ("gate", ctypes.c_float),
     ]
 
 
@@ -142,6 +159,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fgdilp_hook_set_layer_scales": (i32, [c_hook, fptr, i32]),
         "fgdilp_hook_set_exponents": (i32, [c_hook, f32, f32, ctypes.c_bool]),
         "fgdilp_hook_set_fusion": (i32, [c_hook, ctypes.POINTER(FusionParams)]),
+        "fgdilp_hook_set_edit_rule": (i32, [c_hook, i32]),
+        "fgdilp_hook_set_gate": (i32, [c_hook, ctypes.c_bool, f32]),
+        "fgdilp_hook_set_head_scales": (i32, [c_hook, fptr, i32]),
+        "fgdilp_hook_heads_edited": (i32, [c_hook]),
+        "fgdilp_edit_default_params": (EditParams, []),
+        "fgdilp_edit_row": (i32, [fptr, fptr, fptr, fptr, i32, i32, ctypes.POINTER(EditParams)]),
         "fgdilp_hook_set_plan": (i32, [c_hook, ctypes.POINTER(Capture), i32, ctypes.POINTER(Edit), i32]),
         "fgdilp_hook_slots": (fptr, [c_hook]),
         "fgdilp_hook_check_slots": (i32, [c_hook]),
@@ -221,7 +244,32 @@ def tr_edit_row(v, delta, e, n_head: int, exp_norm: float, exp_sim: float, scale
     return out
 
 
-def _fusion_params(lib: ctypes.CDLL, k_pct: float, mode: str | int, elect: bool) -> FusionParams:
+def edit_row(v, delta, e, n_head: int, *, rule: str = "tr", exp_norm: float = 0.4, exp_sim: float = 0.6,
+             scale: float = 1.0, renorm: bool = True, gate: float | None = None,
+             head_scales=None) -> tuple[np.ndarray, int]:
+    """The native edit (fgdilp_edit_row) of one row, as the hook runs it: (new row, heads edited).
+    For tests against method/steering.py; gate None = off; head_scales [n_head] or None."""
+    lib = load_library()
+    if rule not in EDIT_RULE_IDS:
+        raise FgdilpError(f"unknown edit rule {rule!r} (expected one of {', '.join(EDIT_RULE_IDS)})")
+    out = np.array(v, dtype=np.float32, copy=True)
+    d = np.ascontiguousarray(delta, dtype=np.float32)
+    ev = None if e is None else np.ascontiguousarray(e, dtype=np.float32)
+    hs = None if head_scales is None else np.ascontiguousarray(head_scales, dtype=np.float32)
+    if d.size != out.size or (ev is not None and ev.size != out.size) or (hs is not None and hs.size != n_head):
+        raise FgdilpError("edit_row: delta, e and v need the same size, head_scales n_head values")
+    p = lib.fgdilp_edit_default_params()
+    p.rule, p.exp_norm, p.exp_sim, p.scale, p.renorm = EDIT_RULE_IDS[rule], exp_norm, exp_sim, scale, renorm
+    p.gated, p.gate = gate is not None, 0.0 if gate is None else gate
+    rc = lib.fgdilp_edit_row(_as_fptr(out), _as_fptr(d), None if ev is None else _as_fptr(ev),
+                             None if hs is None else _as_fptr(hs), n_head, out.size // n_head, ctypes.byref(p))
+    if rc < 0:
+        raise FgdilpError(f"fgdilp_edit_row failed ({rc})")
+    return out, rc
+
+
+def _fusion_params(lib: ctypes.CDLL, k_pct: float, mode: str | int, elect: bool,
+                   norm_heads: int = 0) -> FusionParams:
     """The C params; a mode name is mapped to its enum value, an int is passed through unchecked."""
     p = lib.fgdilp_fusion_default_params()
     if isinstance(mode, str):
@@ -229,12 +277,14 @@ def _fusion_params(lib: ctypes.CDLL, k_pct: float, mode: str | int, elect: bool)
             raise FusionError(f"unknown fusion mode {mode!r} (expected one of {', '.join(FUSION_MODE_IDS)})",
                               ERR_ARG)
         mode = FUSION_MODE_IDS[mode]
-    p.k_pct, p.mode, p.elect = k_pct, mode, elect
+    p.k_pct, p.mode, p.elect, p.norm_heads = k_pct, mode, elect, norm_heads
     return p
 
 
-def fuse(deltas, k_pct: float = 50.0, mode: str | int = "max", elect: bool = True) -> np.ndarray:
+def fuse(deltas, k_pct: float = 50.0, mode: str | int = "max", elect: bool = True,
+         norm_heads: int = 0) -> np.ndarray:
     """The native fusion (fgdilp_fuse) of deltas [n, W] -> float32 [W]; see method/fusion.py.
+    norm_heads > 0: each of that many head blocks rescaled to the mean delta's norm (--fused-norm tr).
 
     Raises FusionError (a ValueError) where the C function refuses its input."""
     lib = load_library()
@@ -242,14 +292,15 @@ def fuse(deltas, k_pct: float = 50.0, mode: str | int = "max", elect: bool = Tru
     if d.ndim != 2:
         raise FusionError(f"fuse needs deltas [n, W], got shape {d.shape}", ERR_ARG)
     n, width = d.shape
-    p = _fusion_params(lib, k_pct, mode, elect)
+    p = _fusion_params(lib, k_pct, mode, elect, norm_heads)
     out = np.zeros(max(width, 1), np.float32)
     src = d if d.size else np.zeros(1, np.float32)  # a valid pointer even for n = 0 or W = 0
     rc = lib.fgdilp_fuse(_as_fptr(src), n, width, ctypes.byref(p), _as_fptr(out))
     if rc == ERR_NONFINITE:
         raise FusionError("fusion input holds NaN or inf", rc)
     if rc != OK:
-        raise FusionError(f"fgdilp_fuse refused n={n}, width={width}, K={k_pct}, mode={mode!r} (status {rc})", rc)
+        raise FusionError(f"fgdilp_fuse refused n={n}, width={width}, K={k_pct}, mode={mode!r}, "
+                          f"norm_heads={norm_heads} (status {rc})", rc)
     return out[:width]
 
 
@@ -281,6 +332,8 @@ class NativeHook:
                               f"head_dim={head_dim}, n_slots={n_slots})")
         self.n_layer, self.n_head, self.head_dim, self.n_slots = n_layer, n_head, head_dim, n_slots
         self.width = n_head * head_dim
+        self.edit_rule, self.gate = "tr", None
+        self.reset_totals()
         try:
             self.set_fusion(fusion_k_pct, fusion_mode, fusion_elect)
         except FusionError:
@@ -316,13 +369,45 @@ class NativeHook:
         self.n_planned_edits = len(edits)
         self.planned = bool(captures) or bool(edits)
 
-    def set_fusion(self, k_pct: float = 50.0, mode: str = "max", elect: bool = True) -> None:
-        """Fusion params (K in (0, 100], max | mean | sum, sign election) of the following decodes."""
-        p = _fusion_params(self._lib, k_pct, mode, elect)
+    def set_fusion(self, k_pct: float = 50.0, mode: str = "max", elect: bool = True,
+                   norm_to_mean_delta: bool = False) -> None:
+        """Fusion params (K in (0, 100], max | mean | sum, sign election; norm_to_mean_delta: each
+        head of the fused delta rescaled to the norm of the mean delta, --fused-norm tr) of the
+        following decodes."""
+        p = _fusion_params(self._lib, k_pct, mode, elect, self.n_head if norm_to_mean_delta else 0)
         rc = self._lib.fgdilp_hook_set_fusion(self._h, ctypes.byref(p))
         if rc != OK:
             raise FusionError(f"invalid fusion params (K={k_pct}, mode={mode!r}; K must be in (0, 100])", rc)
         self.fusion = (float(p.k_pct), mode, bool(elect))
+        self.norm_to_mean_delta = bool(norm_to_mean_delta)
+
+    def set_edit_rule(self, rule: str) -> None:
+        """The edit of the following decodes: "tr" (subtract, renormalise) or "rotate" (per-head norm kept)."""
+        if rule not in EDIT_RULE_IDS:
+            raise FgdilpError(f"unknown edit rule {rule!r} (expected one of {', '.join(EDIT_RULE_IDS)})")
+        if self._lib.fgdilp_hook_set_edit_rule(self._h, EDIT_RULE_IDS[rule]) != OK:
+            raise FgdilpError(f"the hook refused edit rule {rule!r}")
+        self.edit_rule = rule
+
+    def set_gate(self, theta: float | None) -> None:
+        """Edit a head only where cos(v_h, delta_h) > theta (theta in [-1, 1)); None = every head."""
+        rc = self._lib.fgdilp_hook_set_gate(self._h, theta is not None, 0.0 if theta is None else theta)
+        if rc != OK:
+            raise FgdilpError(f"invalid gate {theta!r}: needs a finite value in [-1, 1)")
+        self.gate = theta
+
+    def set_head_scales(self, scales: np.ndarray | None) -> None:
+        """Per-head strength [n_layer, n_head] (>= 0, finite; 0 leaves a head untouched); None = all 1."""
+        if scales is None:
+            self._lib.fgdilp_hook_set_head_scales(self._h, None, 0)
+            return
+        with np.errstate(over="ignore"):
+            a = np.ascontiguousarray(scales, dtype=np.float32)
+        if a.shape != (self.n_layer, self.n_head):
+            raise FgdilpError(f"head scales need shape ({self.n_layer}, {self.n_head}), not {a.shape}")
+        rc = self._lib.fgdilp_hook_set_head_scales(self._h, _as_fptr(a), a.size)
+        if rc != OK:
+            raise FgdilpError("invalid head scales: need finite values >= 0 (in float32)")
 
     def set_layer_scales(self, scales: Sequence[float]) -> None:
         with np.errstate(over="ignore"):  # a scale past float32 becomes inf, which the library refuses
@@ -351,6 +436,8 @@ class NativeHook:
 
     def end(self) -> None:
         rc = self._lib.fgdilp_hook_end(self._h)
+        self.heads_total += self.heads_edited
+        self.head_edits_total += self.edits_applied * self.n_head
         if rc != OK:
             raise HookError(self._lib.fgdilp_hook_last_error(self._h).decode(errors="replace"), rc)
 
@@ -361,6 +448,22 @@ class NativeHook:
     @property
     def edits_applied(self) -> int:
         return self._lib.fgdilp_hook_edits_applied(self._h)
+
+    def reset_totals(self) -> None:
+        """Zero heads_total / head_edits_total: heads edited, and heads the plan's edits reached
+        (rows edited x n_head), summed over the decodes (end()) since."""
+        self.heads_total = self.head_edits_total = 0
+
+    @property
+    def heads_edited_share(self) -> float | None:
+        """Share of the planned head edits since reset_totals() that were made (the rest: gated or
+        at strength 0); None before any edit."""
+        return self.heads_total / self.head_edits_total if self.head_edits_total else None
+
+    @property
+    def heads_edited(self) -> int:
+        """Heads edited in the last decode, summed over rows and layers (gated heads not counted)."""
+        return self._lib.fgdilp_hook_heads_edited(self._h)
 
     def close(self) -> None:
         if self._h:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -15,6 +16,11 @@ from .errors import ParamError
 
 MAX_NEGATIVES = 8                     # = FGDILP_MAX_NEG of native/fgdilp.h
 FUSION_MODES = ("max", "mean", "sum")  # merge of the sign-elected entries (docs/method.md §5.4)
+EDIT_RULES = ("tr", "rotate")          # how a steered head is changed (docs/method.md §2.2, §2.6)
+# FGDILP: rescale of the fused delta (docs/method.md §5.6): the name -> whether each head of the
+# fused delta is brought to the norm of the mean delta (names that happen to be method names too)
+FUSED_NORM_TO_MEAN_DELTA = {"none": False, "tr": True}
+FUSED_NORMS = tuple(FUSED_NORM_TO_MEAN_DELTA)
 
 
 def _finite(field: str, v: float) -> None:
@@ -66,6 +72,8 @@ class SteerParams:
     layer_start: int = 0
     layer_end: int = -1          # inclusive; -1 = last layer
     renorm: bool = True
+    edit: str = "tr"             # edit rule: tr | rotate
+    gate: Optional[float] = None  # edit a head only where cos(v_h, delta_h) > gate; None = every head
 
     def last_layer(self, n_layer: int) -> int:
         return n_layer - 1 if self.layer_end < 0 else self.layer_end
@@ -78,6 +86,14 @@ class SteerParams:
     def check(self, n_layer: int) -> None:
         for name, v in (("exp_norm", self.exp_norm), ("exp_sim", self.exp_sim), ("steer_scale", self.scale)):
             _finite(name, v)
+        if self.edit not in EDIT_RULES:
+            raise ParamError("edit", f"must be one of {', '.join(EDIT_RULES)}, not {self.edit!r}")
+        if self.gate is not None:
+            _finite("gate", self.gate)
+            with np.errstate(over="ignore"):
+                gate32 = float(np.float32(self.gate))   # the value the hook holds
+            if not -1.0 <= gate32 < 1.0:   # a cosine never exceeds 1: gate >= 1 would steer nothing
+                raise ParamError("gate", f"must be in [-1, 1) (a cosine), not {self.gate}")
         end = self.last_layer(n_layer)
         if not 0 <= self.layer_start <= end < n_layer:
             raise ParamError("steer_layer_range", f"{self.layer_start} {self.layer_end} is outside the "
@@ -94,6 +110,11 @@ class FgdilpParams:
     fusion: str = "max"          # merge of the agreeing entries: max | mean | sum
     sign_election: bool = True
     pad_blank: bool = True       # pad to `negatives` with template-only (blank) negatives
+    fused_norm: str = "none"     # tr: each head of the fused delta at the norm of the mean delta
+
+    @property
+    def norm_to_mean_delta(self) -> bool:
+        return FUSED_NORM_TO_MEAN_DELTA[self.fused_norm]
 
     def check(self) -> None:
         if self.samples < 1:
@@ -102,6 +123,8 @@ class FgdilpParams:
             raise ParamError("negatives", f"must be in 1..{MAX_NEGATIVES}, not {self.negatives}")
         if not (0.0 < self.mask_k <= 100.0):
             raise ParamError("mask_k", f"must be in (0, 100], not {self.mask_k}")
+        if self.fused_norm not in FUSED_NORMS:
+            raise ParamError("fused_norm", f"must be one of {', '.join(FUSED_NORMS)}, not {self.fused_norm!r}")
         if self.fusion not in FUSION_MODES:
             raise ParamError("fusion", f"must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
         if self.selfgen_tokens < 1:

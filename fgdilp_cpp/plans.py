@@ -98,14 +98,14 @@ def plan_prompt(rt: Runtime, req: PlanRequest) -> Plan:
 
 
 def plan_tr(rt: Runtime, req: PlanRequest) -> Plan:
-    return _exact_plan(rt, req, POS_PREFIX, [NEG_PREFIX], {}, (100.0, "max", True))
+    return _exact_plan(rt, req, POS_PREFIX, [NEG_PREFIX], {}, (100.0, "max", True, 0))
 
 
 def plan_fgdilp(rt: Runtime, req: PlanRequest) -> Plan:
     sel, info = instance_for(rt, req)
     f = rt.fgdilp
     return _exact_plan(rt, req, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives], info,
-                       (f.mask_k, f.fusion, f.sign_election))
+                       (f.mask_k, f.fusion, f.sign_election, _norm_heads(rt)))
 
 
 def plan_fgdilp_frozen(rt: Runtime, req: PlanRequest) -> Plan:
@@ -187,16 +187,22 @@ def _average_e(hook, n: int) -> None:
     hook.slots[SLOT_E] = hook.slots[SLOT_COLON:SLOT_COLON + n].mean(axis=0)
 
 
-def _fused_rows(slots: np.ndarray, n: int, mask_k: float, fusion: str, elect: bool) -> np.ndarray:
+def _norm_heads(rt: Runtime) -> int:
+    """Heads whose fused delta --fused-norm tr rescales (0: none), as the hook's set_fusion does."""
+    return rt.model.info.n_head if rt.fgdilp.norm_to_mean_delta else 0
+
+
+def _fused_rows(slots: np.ndarray, n: int, mask_k: float, fusion: str, elect: bool,
+                norm_heads: int = 0) -> np.ndarray:
     """Fusion of the captured prompt-end rows: [n_layer, width]."""
     deltas = slots[SLOT_NEG_LAST:SLOT_NEG_LAST + n] - slots[SLOT_POS_LAST]   # [n, n_layer, width]
-    return np.stack([fuse(deltas[:, il], mask_k, fusion, elect) for il in range(deltas.shape[1])])
+    return np.stack([fuse(deltas[:, il], mask_k, fusion, elect, norm_heads) for il in range(deltas.shape[1])])
 
 
 def _exact_plan(rt: Runtime, req: PlanRequest, pos_text: str, neg_texts: list[str], info: dict,
-                fusion: tuple[float, str, bool]) -> Plan:
+                fusion: tuple[float, str, bool, int]) -> Plan:
     """P+, P-_1..n and P0 as sequences of one decode per step; the hook fuses and edits P0
-    (docs/method.md §3, §6.1). fusion: (mask_k, merge, sign election) of the --explain norms."""
+    (docs/method.md §3, §6.1). fusion: (mask_k, merge, sign election, norm heads) of the --explain norms."""
     pos, negs = _prefixed_all(rt, req.prompt, pos_text, neg_texts, req.special)
     n = len(negs)
     distinct, roles = _neg_roles(negs)
@@ -217,13 +223,14 @@ def frozen_directions(rt: Runtime, ctx, prompt: str, sel, special: bool = False)
     """FGDILP's delta captured once at the end of the prompt, fused in numpy (docs/method.md §6.2)."""
     f = rt.fgdilp
     return capture_directions(rt, ctx, prompt, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives],
-                              f.mask_k, f.fusion, f.sign_election, special)
+                              f.mask_k, f.fusion, f.sign_election, special, norm_heads=_norm_heads(rt))
 
 
 def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: list[str], mask_k: float,
-                       fusion: str, elect: bool, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                       fusion: str, elect: bool, special: bool = False, *,
+                       norm_heads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Capture P+ and P-_j once at the end of the prompt (in hooked context `ctx`) and fuse in
-    numpy: ([n_layer, width] direction, [n_layer, width] e)."""
+    numpy: ([n_layer, width] direction, [n_layer, width] e). norm_heads: --fused-norm tr (n_head)."""
     pos, negs = _prefixed_all(rt, prompt, pos_text, neg_texts, special)
     n = len(negs)
     hook = ctx.hook
@@ -234,7 +241,7 @@ def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: 
         lock.prefill(_prefix_captures(pos, negs, roles, with_last=True))
     finally:
         lock.close()
-    rows = _fused_rows(hook.slots, n, mask_k, fusion, elect)                 # [n_layer, width]
+    rows = _fused_rows(hook.slots, n, mask_k, fusion, elect, norm_heads)     # [n_layer, width]
     _average_e(hook, n)
     return rows.astype(np.float32), hook.slots[SLOT_E].copy()                # e: [n_layer, width]
 

@@ -16,6 +16,8 @@ from typing import Any, Optional
 from .errors import FgdilpError, ParamError
 from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
 
+OFF_WORDS = ("off", "none", "")   # an Optional[float] setting given as text: off (FGDILP_GATE=off, gate = "off")
+
 
 # the interactive defaults of `chat` (and `serve`): setup sized for a reply that starts quickly;
 # marked * by the chat's /settings; a model's profile wins over them
@@ -59,6 +61,8 @@ class Settings:
     exp_norm: float = 0.4
     exp_sim: float = 0.6
     renorm: bool = True
+    edit: str = "tr"                         # tr | rotate (docs/method.md §2.6)
+    gate: Optional[float] = None             # cos(v_h, delta_h) above which a head is edited; None = off (§2.7)
     # FGDILP (docs/method.md §10 defaults)
     selfgen_samples: int = 25
     selfgen_tokens: int = 20
@@ -68,6 +72,7 @@ class Settings:
     fusion: str = "max"
     sign_election: bool = True
     pad_blank: bool = True
+    fused_norm: str = "none"                 # none | tr (docs/method.md §5.6)
 
     # ---- views for the engine and the method ------------------------------------------------
     def engine(self, **over) -> EngineParams:
@@ -78,13 +83,13 @@ class Settings:
     def steer(self) -> SteerParams:
         start, end = self.steer_layer_range or (0, -1)
         return SteerParams(exp_norm=self.exp_norm, exp_sim=self.exp_sim, scale=self.steer_scale,
-                           layer_start=start, layer_end=end, renorm=self.renorm)
+                           layer_start=start, layer_end=end, renorm=self.renorm, edit=self.edit, gate=self.gate)
 
     def fgdilp(self) -> FgdilpParams:
         p = FgdilpParams(samples=self.selfgen_samples, selfgen_tokens=self.selfgen_tokens,
                          selfgen_min_tokens=self.selfgen_min_tokens, negatives=self.negatives,
                          mask_k=self.mask_k, fusion=self.fusion, sign_election=self.sign_election,
-                         pad_blank=self.pad_blank)
+                         pad_blank=self.pad_blank, fused_norm=self.fused_norm)
         p.check()
         return p
 
@@ -152,6 +157,8 @@ class Settings:
                     if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                         raise ValueError(raw)
                     out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif typ == "Optional[float]":
+                    out[name] = None if raw.strip().lower() in OFF_WORDS else float(raw)
                 elif typ == "Optional[tuple[int, int]]":
                     a, b = raw.replace(",", " ").split()
                     out[name] = (int(a), int(b))
@@ -175,6 +182,12 @@ def _coerce(name: str, typ: str, v: Any) -> Any:
         return v
     if typ == "Optional[str]" and (v is None or isinstance(v, str)):
         return v
+    if typ == "Optional[float]":
+        if v is None or (isinstance(v, str) and v.strip().lower() in OFF_WORDS):
+            return None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        raise ParamError(name, f"must be a number or \"off\", not {v!r}")
     if typ == "Optional[tuple[int, int]]":
         if v is None:
             return None

@@ -1,5 +1,5 @@
 // callback.cpp - the eval callback: ask for kqv_out-<il>, check each node against the decode,
-// capture planned rows, edit P0 rows in place (host buffers) or through copies (device buffers).
+// capture planned rows, edit P0 rows (TR or rotate, gated, per-head strengths) in place (host buffers) or through copies (device buffers).
 #include "fgdilp.h"
 #include "internal.h"
 
@@ -111,6 +111,14 @@ static bool on_layer(fgdilp_hook * h, ggml_tensor * t, int il) {
         return true;
     }
     const fgdilp::fusion_scratch scratch = {h->fuse_masked.data(), h->fuse_abs.data(), h->fuse_signs.data()};
+    fgdilp_edit_params rule = fgdilp_edit_default_params();
+    rule.rule     = h->edit_rule;
+    rule.exp_norm = h->p.exp_norm;
+    rule.exp_sim  = h->p.exp_sim;
+    rule.scale    = scale;
+    rule.renorm   = h->p.renorm;
+    rule.gated    = h->gated;
+    rule.gate     = h->gate;
     char msg[320];
     // compute every edit before writing any, so an edit never reads another's output, and a
     // row that is not finite leaves the whole layer as the model computed it
@@ -141,8 +149,8 @@ static bool on_layer(fgdilp_hook * h, ggml_tensor * t, int il) {
         float * out = plan.out_buf.data() + k * width;
         std::memcpy(out, row(e.target_row, at.target), sizeof(float) * width);
         const float * ev = e.e_slot >= 0 ? h->slot(e.e_slot, il) : nullptr;
-        fgdilp::tr_edit_row(out, delta, ev, h->p.n_head, h->p.head_dim, h->p.exp_norm, h->p.exp_sim,
-                            scale, h->p.renorm);
+        h->n_heads_edited += fgdilp::edit_row(out, delta, ev, h->head_scales.data() + (size_t) il * h->p.n_head,
+                                              h->p.n_head, h->p.head_dim, rule, h->head_edited.data());
         // an overflow here would reach the logits as NaN: fail the decode instead
         if (!fgdilp::all_finite(out, width)) {
             std::snprintf(msg, sizeof msg, "%s: the steered row %d is not finite (NaN or inf): the steering "

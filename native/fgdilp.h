@@ -4,7 +4,8 @@
 //     cparams.cb_eval           = fgdilp_hook_eval_callback;
 //     cparams.cb_eval_user_data = hook;
 // Before each llama_decode the caller describes what the rows of the batch are (a plan): rows to
-// capture into slots, and rows to edit with the Toxification-Reversal rule. One ubatch per decode
+// capture into slots, and rows to edit (the Toxification-Reversal rule, or rotate; optionally gated per
+// head and with per-head strengths: fgdilp_hook_set_edit_rule / _set_gate / _set_head_scales). One ubatch per decode
 // (n_ubatch >= the batch) keeps "row i of kqv_out = token i of the batch"; the hook checks it
 // (every kqv_out node must have the n_tokens rows given to fgdilp_hook_begin).
 // A decode in which the hook finds an error (a node it cannot read, a row count that is not the
@@ -64,9 +65,28 @@ enum fgdilp_fusion_mode {
 
 // FGDILP fusion (docs/method.md §5): masking, sign election, merge.
 struct fgdilp_fusion_params {
-    float   k_pct; // keep the top-K % entries of each vector by |value|, K in (0, 100]; 100 keeps all
-    int32_t mode;  // enum fgdilp_fusion_mode
-    bool    elect; // sign election on; off: every nonzero entry agrees
+    float   k_pct;      // keep the top-K % entries of each vector by |value|, K in (0, 100]; 100 keeps all
+    int32_t mode;       // enum fgdilp_fusion_mode
+    bool    elect;      // sign election on; off: every nonzero entry agrees
+    int32_t norm_heads; // 0: no rescale; n > 0 (width % n == 0): rescale each of the n head blocks of the
+                        // fused row to the norm of that block of mean_j(delta_j) (--fused-norm tr, §5.6)
+};
+
+// How a steered row is changed (docs/method.md §2.2, §2.6).
+enum fgdilp_edit_rule {
+    FGDILP_EDIT_TR     = 0, // v_h - k_h * delta_h, then the row renormalised (renorm on)
+    FGDILP_EDIT_ROTATE = 1, // |v_h| * unit(unit(v_h) - k_h * unit(delta_h)): every head keeps its norm
+};
+
+// One row edit's rule and values; k_h = scale * head_scale_h * lambda_norm_h * lambda_sim_h.
+struct fgdilp_edit_params {
+    int32_t rule;     // enum fgdilp_edit_rule
+    float   exp_norm; // a of lambda_norm
+    float   exp_sim;  // b of lambda_sim
+    float   scale;    // the layer's strength s_l
+    bool    renorm;   // TR only: rescale the edited heads together to their norm before the edit
+    bool    gated;    // edit head h only where cos(v_h, delta_h) > gate (docs/method.md §2.7)
+    float   gate;     // theta in [-1, 1)
 };
 
 // One P0 row edited in place at every steered layer.
@@ -117,6 +137,19 @@ int32_t fgdilp_hook_set_fusion(fgdilp_hook * hook, const struct fgdilp_fusion_pa
 // Change exponents / renorm between decodes.
 int32_t fgdilp_hook_set_exponents(fgdilp_hook * hook, float exp_norm, float exp_sim, bool renorm);
 
+// Edit rule of the following decodes (init: FGDILP_EDIT_TR); FGDILP_ERR_ARG on an unknown rule.
+int32_t fgdilp_hook_set_edit_rule(fgdilp_hook * hook, int32_t rule);
+
+// Gate of the following decodes (init: off): with on, a head is edited only where
+// cos(v_h, delta_h) > theta, the others keep their bits. FGDILP_ERR_NONFINITE (theta NaN / inf),
+// FGDILP_ERR_ARG (theta outside [-1, 1)); theta is ignored when off.
+int32_t fgdilp_hook_set_gate(fgdilp_hook * hook, bool on, float theta);
+
+// Per-head strength [n_layer * n_head] (layer-major) multiplying each head's k (init: all 1); a head at
+// 0 keeps its bits. NULL resets to 1. FGDILP_ERR_ARG (n != n_layer * n_head, a negative value),
+// FGDILP_ERR_NONFINITE.
+int32_t fgdilp_hook_set_head_scales(fgdilp_hook * hook, const float * scales, int32_t n);
+
 // Replace the plan used by the following decodes (arrays are copied). An empty plan asks for no node.
 // On any error (FGDILP_ERR_ARG, FGDILP_ERR_ALLOC) the previous plan stays in force, unchanged.
 int32_t fgdilp_hook_set_plan(fgdilp_hook * hook,
@@ -143,6 +176,9 @@ int32_t fgdilp_hook_fired_layers(const fgdilp_hook * hook);
 // Rows edited in the last decode, summed over layers.
 int32_t fgdilp_hook_edits_applied(const fgdilp_hook * hook);
 
+// Heads edited in the last decode, summed over rows and layers (gated and zero-scale heads not counted).
+int32_t fgdilp_hook_heads_edited(const fgdilp_hook * hook);
+
 // Last error as text ("" when none).
 const char * fgdilp_hook_last_error(const fgdilp_hook * hook);
 
@@ -160,7 +196,16 @@ int32_t fgdilp_tr_edit_row(float * v, const float * delta, const float * e,
                            int32_t n_head, int32_t head_dim,
                            float exp_norm, float exp_sim, float scale, bool renorm);
 
-// Defaults of docs/method.md §10: K = 50, max, sign election on.
+// Defaults of the edit: TR, exponents 0.4 / 0.6, scale 1, renorm on, gate off.
+struct fgdilp_edit_params fgdilp_edit_default_params(void);
+
+// One layer row v [n_head*head_dim] edited in place by params (the hook's own code); head_scales
+// [n_head] or NULL (all 1). Returns the number of heads edited (>= 0), or FGDILP_ERR_ARG (a NULL
+// pointer, a bad size or rule), FGDILP_ERR_ALLOC. v is not checked for NaN or inf afterwards.
+int32_t fgdilp_edit_row(float * v, const float * delta, const float * e, const float * head_scales,
+                        int32_t n_head, int32_t head_dim, const struct fgdilp_edit_params * params);
+
+// Defaults of docs/method.md §10: K = 50, max, sign election on, no rescale.
 struct fgdilp_fusion_params fgdilp_fusion_default_params(void);
 
 // Fuse deltas [n][width] (1 <= n <= FGDILP_MAX_NEG) into out [width]; ERR_ARG, or ERR_NONFINITE (out untouched).

@@ -16,7 +16,31 @@ namespace fgdilp {
 
 bool fusion_params_ok(const fgdilp_fusion_params & p) {
     return p.k_pct > 0.0f && p.k_pct <= 100.0f && // false for NaN
-           (p.mode == FGDILP_FUSION_MAX || p.mode == FGDILP_FUSION_MEAN || p.mode == FGDILP_FUSION_SUM);
+           (p.mode == FGDILP_FUSION_MAX || p.mode == FGDILP_FUSION_MEAN || p.mode == FGDILP_FUSION_SUM) &&
+           p.norm_heads >= 0;
+}
+
+void rescale_to_mean_delta(const float * deltas, int n, int width, int n_heads, float * fused) {
+    const int head_dim = width / n_heads;
+    for (int h = 0; h < n_heads; ++h) {
+        float * fh = fused + (size_t) h * head_dim;
+        double target2 = 0.0, fused2 = 0.0; // left to right, like numpy's cumsum in method/fusion.py
+        for (int i = 0; i < head_dim; ++i) {
+            const size_t c = (size_t) h * head_dim + i;
+            double total = 0.0; // mean over j of delta_j[c], summed in j order
+            for (int j = 0; j < n; ++j) {
+                total += (double) deltas[(size_t) j * width + c];
+            }
+            const double mean = total / (double) n;
+            target2 += mean * mean;
+            fused2  += (double) fh[i] * (double) fh[i];
+        }
+        // a zero mean delta asks for no edit of this head; a zero fused head stays zero
+        const double r = (target2 > 0.0 && fused2 > 0.0) ? std::sqrt(target2) / std::sqrt(fused2) : 0.0;
+        for (int i = 0; i < head_dim; ++i) {
+            fh[i] = (float) ((double) fh[i] * r) + 0.0f; // + 0 turns -0 into +0, like the numpy
+        }
+    }
 }
 
 int keep_count(int width, float k_pct) {
@@ -130,6 +154,9 @@ int32_t fuse(const float * deltas, int n, int width, const fgdilp_fusion_params 
                 break;
         }
     }
+    if (params.norm_heads > 0) {
+        rescale_to_mean_delta(deltas, n, width, params.norm_heads, out);
+    }
     return FGDILP_OK;
 }
 
@@ -142,13 +169,15 @@ struct fgdilp_fusion_params fgdilp_fusion_default_params(void) {
     p.k_pct = 50.0f;
     p.mode  = FGDILP_FUSION_MAX;
     p.elect = true;
+    p.norm_heads = 0;
     return p;
 }
 
 int32_t fgdilp_fuse(const float * deltas, int32_t n, int32_t width,
                     const struct fgdilp_fusion_params * params, float * out) {
     if (deltas == nullptr || params == nullptr || out == nullptr || n < 1 || n > FGDILP_MAX_NEG ||
-        width < 1 || !fgdilp::fusion_params_ok(*params)) {
+        width < 1 || !fgdilp::fusion_params_ok(*params) ||
+        (params->norm_heads > 0 && width % params->norm_heads != 0)) {
         return FGDILP_ERR_ARG;
     }
     if (!fgdilp::all_finite(deltas, (size_t) n * width)) {

@@ -4,6 +4,7 @@
 #include "internal.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <exception>
 #include <new>
@@ -90,6 +91,9 @@ fgdilp_hook * fgdilp_hook_init(const struct fgdilp_hook_params * params) {
         h->fuse_masked.assign((size_t) FGDILP_MAX_NEG * h->width, 0.0f);
         h->fuse_abs.assign(h->width, 0.0f);
         h->fuse_signs.assign(h->width, 0);
+        fgdilp::alloc_checkpoint();
+        h->head_scales.assign(n_layer * (size_t) params->n_head, 1.0f);
+        h->head_edited.assign((size_t) params->n_head, 0);
     } catch (const std::exception &) { // bad_alloc, or length_error past max_size()
         delete h;
         return nullptr;
@@ -113,10 +117,57 @@ int32_t fgdilp_hook_set_layer_scales(fgdilp_hook * hook, const float * scales, i
 }
 
 int32_t fgdilp_hook_set_fusion(fgdilp_hook * hook, const struct fgdilp_fusion_params * params) {
-    if (hook == nullptr || params == nullptr || !fgdilp::fusion_params_ok(*params)) {
+    if (hook == nullptr || params == nullptr || !fgdilp::fusion_params_ok(*params) ||
+        (params->norm_heads != 0 && params->norm_heads != hook->p.n_head)) {
         return FGDILP_ERR_ARG;
     }
     hook->fusion = *params;
+    return FGDILP_OK;
+}
+
+int32_t fgdilp_hook_set_edit_rule(fgdilp_hook * hook, int32_t rule) {
+    if (hook == nullptr || !fgdilp::edit_rule_ok(rule)) {
+        return FGDILP_ERR_ARG;
+    }
+    hook->edit_rule = rule;
+    return FGDILP_OK;
+}
+
+int32_t fgdilp_hook_set_gate(fgdilp_hook * hook, bool on, float theta) {
+    if (hook == nullptr) {
+        return FGDILP_ERR_ARG;
+    }
+    if (on && !std::isfinite(theta)) {
+        return FGDILP_ERR_NONFINITE;
+    }
+    if (on && !(theta >= -1.0f && theta < 1.0f)) { // cos > theta >= 1 would never edit: refused
+        return FGDILP_ERR_ARG;
+    }
+    hook->gated = on;
+    hook->gate  = on ? theta : 0.0f;
+    return FGDILP_OK;
+}
+
+int32_t fgdilp_hook_set_head_scales(fgdilp_hook * hook, const float * scales, int32_t n) {
+    if (hook == nullptr) {
+        return FGDILP_ERR_ARG;
+    }
+    if (scales == nullptr) {
+        std::fill(hook->head_scales.begin(), hook->head_scales.end(), 1.0f);
+        return FGDILP_OK;
+    }
+    if (n < 0 || (size_t) n != hook->head_scales.size()) {
+        return FGDILP_ERR_ARG;
+    }
+    if (!fgdilp::all_finite(scales, (size_t) n)) {
+        return FGDILP_ERR_NONFINITE;
+    }
+    for (int32_t i = 0; i < n; ++i) {
+        if (scales[i] < 0.0f) {
+            return FGDILP_ERR_ARG;
+        }
+    }
+    std::copy(scales, scales + n, hook->head_scales.begin());
     return FGDILP_OK;
 }
 
@@ -162,6 +213,7 @@ int32_t fgdilp_hook_begin(fgdilp_hook * hook, int32_t n_tokens) {
     std::fill(hook->fired.begin(), hook->fired.end(), 0);
     hook->n_fired         = 0;
     hook->n_edits_applied = 0;
+    hook->n_heads_edited  = 0;
     hook->status          = FGDILP_OK;
     hook->error[0]        = '\0';
     hook->n_tokens        = -1; // until the checks below pass: the callback refuses the decode
@@ -199,6 +251,10 @@ int32_t fgdilp_hook_fired_layers(const fgdilp_hook * hook) {
 
 int32_t fgdilp_hook_edits_applied(const fgdilp_hook * hook) {
     return hook == nullptr ? 0 : hook->n_edits_applied;
+}
+
+int32_t fgdilp_hook_heads_edited(const fgdilp_hook * hook) {
+    return hook == nullptr ? 0 : hook->n_heads_edited;
 }
 
 const char * fgdilp_hook_last_error(const fgdilp_hook * hook) {

@@ -25,9 +25,17 @@ void alloc_checkpoint();
 inline void alloc_checkpoint() {}
 #endif
 
-// TR edit of one layer row in place (see fgdilp_tr_edit_row); n_head * head_dim <= INT32_MAX.
-void tr_edit_row(float * v, const float * delta, const float * e, int n_head, int head_dim,
-                 float exp_norm, float exp_sim, float scale, bool renorm);
+// A known enum fgdilp_edit_rule.
+bool edit_rule_ok(int32_t rule);
+
+// The edit of one layer row in place by params (see fgdilp_edit_row): rule, gate, per-head scales
+// [n_head] or null. edited [n_head] is scratch. Returns the number of heads edited.
+int edit_row(float * v, const float * delta, const float * e, const float * head_scales, int n_head,
+             int head_dim, const fgdilp_edit_params & params, uint8_t * edited);
+
+// --fused-norm tr: rescale each of n_heads blocks of fused [width] to the norm of that block of
+// mean_j(deltas[j]) (a block whose mean is zero becomes zero). Mirrors method/fusion.py.
+void rescale_to_mean_delta(const float * deltas, int n, int width, int n_heads, float * fused);
 
 // True when no element is NaN or inf.
 bool all_finite(const float * x, size_t n);
@@ -96,12 +104,17 @@ struct fgdilp_hook {
     std::vector<float> layer_scales;       // [n_layer]
     fgdilp::plan_state plan;               // replaced whole by set_plan
     fgdilp_fusion_params fusion;           // how the rows' sub-toxicity vectors are fused
+    int32_t edit_rule = FGDILP_EDIT_TR;    // enum fgdilp_edit_rule
+    bool gated = false;                    // fgdilp_hook_set_gate
+    float gate = 0.0f;
+    std::vector<float> head_scales;        // [n_layer][n_head], 1 unless set
 
     // per decode
     int32_t n_tokens = -1;                 // rows of the decode (fgdilp_hook_begin); -1 outside one
     std::vector<uint8_t> fired;            // [n_layer]
     int32_t n_fired = 0;
     int32_t n_edits_applied = 0;
+    int32_t n_heads_edited = 0;
     int32_t status = FGDILP_OK;
     char error[320] = "";
 
@@ -111,6 +124,7 @@ struct fgdilp_hook {
     std::vector<float> fuse_masked;        // fusion scratch [FGDILP_MAX_NEG][width]
     std::vector<float> fuse_abs;           // fusion scratch [width]
     std::vector<int8_t> fuse_signs;        // fusion scratch [width]
+    std::vector<uint8_t> head_edited;      // edit scratch [n_head]
 
     // record the decode's first error (later ones would only be its consequences); a fixed
     // buffer, so that the callback never allocates (nor throws into llama.cpp)

@@ -25,17 +25,21 @@ from ..settings import Settings
 # which methods a setting changes (a registry entry -> bool)
 STEERING: Callable[[registry.Method], bool] = lambda m: m.heads          # noqa: E731  TR edit, cvec, random, fgdilp
 INSTANCE: Callable[[registry.Method], bool] = lambda m: m.instance       # noqa: E731  FGDILP's fusion of its prefixes
+HOOKED: Callable[[registry.Method], bool] = lambda m: m.hook             # noqa: E731  the hook's edit (not cvec)
 
 # Settings field -> the methods it changes. Only settings that can change per call (api.PER_CALL).
 SWEEPABLE: dict[str, Callable[[registry.Method], bool]] = {
     "steer_scale": STEERING,
     "steer_layer_range": STEERING,
     "exp_norm": STEERING,
-    "exp_sim": STEERING,
-    "renorm": STEERING,
+    "exp_sim": HOOKED,
+    "renorm": HOOKED,
+    "edit": HOOKED,
+    "gate": HOOKED,
     "mask_k": INSTANCE,
     "fusion": INSTANCE,
     "sign_election": INSTANCE,
+    "fused_norm": INSTANCE,
 }
 
 Point = dict[str, Any]

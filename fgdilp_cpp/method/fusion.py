@@ -80,8 +80,30 @@ def elect_signs(masked: np.ndarray) -> np.ndarray:
     return np.where(s == 0, majority, s).astype(np.int8)
 
 
-def fuse(deltas: np.ndarray, k_pct: float = 50.0, mode: str = "max", elect: bool = True) -> np.ndarray:
-    """Fuse deltas [n, W] (1 <= n <= 8) into one float32 row [W]: mask, elect signs, merge.
+def rescale_to_mean_delta(fused: np.ndarray, deltas: np.ndarray, n_heads: int) -> np.ndarray:
+    """--fused-norm tr (docs/method.md §5.6): each of the n_heads blocks of fused [W] rescaled to the
+    norm of that block of mean_j(deltas[j]) (the TR-style single delta of the same prefixes); a
+    block whose mean is zero becomes zero. float32 [W], the same bits as the C++."""
+    d = np.asarray(deltas, dtype=np.float32).astype(np.float64)     # [n, W]
+    f = np.asarray(fused, dtype=np.float32).astype(np.float64)      # [W]
+    if d.ndim != 2 or f.shape != (d.shape[1],) or n_heads < 1 or d.shape[1] % n_heads:
+        raise ValueError(f"rescale_to_mean_delta: fused [W], deltas [n, W], W divisible by {n_heads} heads")
+    total = np.zeros(d.shape[1])
+    for j in range(d.shape[0]):                                      # summed in j order, like the C++
+        total += d[j]
+    mean = (total / d.shape[0]).reshape(n_heads, -1)                 # [n_heads, head_dim]
+    fh = f.reshape(n_heads, -1)
+    target2 = np.cumsum(mean * mean, axis=1)[:, -1]                  # [n_heads], left to right
+    fused2 = np.cumsum(fh * fh, axis=1)[:, -1]
+    ok = (target2 > 0) & (fused2 > 0)
+    r = np.where(ok, np.sqrt(target2) / np.sqrt(np.where(ok, fused2, 1.0)), 0.0)
+    return ((fh * r[:, None]).astype(np.float32) + np.float32(0)).reshape(-1)
+
+
+def fuse(deltas: np.ndarray, k_pct: float = 50.0, mode: str = "max", elect: bool = True,
+         norm_heads: int = 0) -> np.ndarray:
+    """Fuse deltas [n, W] (1 <= n <= 8) into one float32 row [W]: mask, elect signs, merge; with
+    norm_heads > 0 then rescale each head block to the mean delta's norm (rescale_to_mean_delta).
 
     mode: "max" (elect on: s_c * max |m_j[c]| over the agreeing j; elect off: the m_j[c] of largest
     |.|, first j on ties), "mean" or "sum" of the agreeing m_j[c]; 0 where none agrees. With elect
@@ -124,4 +146,5 @@ def fuse(deltas: np.ndarray, k_pct: float = 50.0, mode: str = "max", elect: bool
         else:
             count = agree.sum(axis=0)                          # [W] |A_c|
             out = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    return np.asarray(out, dtype=np.float32) + np.float32(0)   # + 0 turns -0 into +0, like the C++
+    fused = np.asarray(out, dtype=np.float32) + np.float32(0)  # + 0 turns -0 into +0, like the C++
+    return rescale_to_mean_delta(fused, d, norm_heads) if norm_heads else fused

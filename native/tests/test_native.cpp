@@ -1,7 +1,7 @@
 // test_native.cpp - the hook against synthetic kqv_out tensors (run under ASan by `make asan`).
 // Linked against the FGDILP_TESTING build of the sources: every hook test runs twice, once reading
 // kqv_out in place (CPU) and once through ggml_backend_tensor_get/set (the GPU path).
-// The refusals and per-decode checks of issue 12 are in test_checks.cpp.
+// The refusals and per-decode checks of issue 12 are in test_checks.cpp, the edit rules in test_rules.cpp.
 #include "fixture.h"
 
 int g_pass = 0, g_fail = 0;
@@ -12,6 +12,10 @@ void test_set_plan_alloc_failure();
 void test_nonfinite_steered_row();
 void test_row_count();
 void test_layer_fires_twice();
+void test_edit_rule_math();
+void test_rule_setters();
+void test_fuse_norm_heads();
+void test_hook_rules();
 
 static void test_params() {
     fgdilp_hook_params p = fgdilp_hook_default_params();
@@ -303,6 +307,7 @@ static void hook_tests() {
     test_nonfinite_steered_row();
     test_row_count();
     test_layer_fires_twice();
+    test_hook_rules();
 }
 
 int main() {
@@ -312,6 +317,9 @@ int main() {
     test_init_alloc_failure();
     test_edit_math();
     test_fuse_api();
+    test_edit_rule_math();
+    test_rule_setters();
+    test_fuse_norm_heads();
     hook_tests();                           // kqv_out read and written in place (CPU buffers)
     fgdilp_test_force_device_path(true);
     hook_tests();                           // through ggml_backend_tensor_get/set (GPU buffers)
