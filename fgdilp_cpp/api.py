@@ -207,6 +207,15 @@ class Detoxifier:
         ATTRIBUTE_NAMES order), from the questions FGDILP asks it (docs/method.md §4.2)."""
         return self._gen.self_diagnosis(list(texts))
 
+    def diagnose(self, texts: list[str], diagnoser: str = "self") -> np.ndarray:
+        """[len(texts), 6] attribute scores (ATTRIBUTE_NAMES order) from a diagnoser: "self" (the
+        model's P(yes)), "scorer" (the offline toxicity scorer, labels mapped onto the attributes:
+        method.scorer_diagnosis) or "auto" (the one FGDILP would use here, --diagnoser auto)."""
+        from .method.scorer_diagnosis import choose_diagnoser
+
+        rt = self._gen.rt
+        return rt.diagnose(list(texts), choose_diagnoser(diagnoser, rt.self_diagnosis_auc, rt.scorer_auc))
+
     @property
     def self_diagnosis_tokens(self) -> tuple[str, str]:
         """The answer tokens whose logits give P(yes): (yes, no)."""

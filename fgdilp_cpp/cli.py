@@ -210,26 +210,41 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
               help="RealToxicityPrompts JSONL (the human continuations are scored).")
 @click.option("--limit", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--diagnoser", "which", type=click.Choice(["self", "scorer"]), default="self", show_default=True,
+              help="self: the model's own P(yes); scorer: the offline toxicity scorer (tox-block), its labels "
+                   "mapped onto the attributes.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def diagnose(prompts_path, limit, offset, as_json, **kw):
-    """Self-diagnosis agreement: the model's P(yes) per attribute vs Perspective (AUC, Spearman)."""
+def diagnose(prompts_path, limit, offset, which, as_json, **kw):
+    """Diagnosis agreement: a diagnoser's score per attribute vs Perspective (AUC, Spearman) on the
+    human continuations of the prompts."""
     from .evaluation.prompts import load_prompts
-    from .evaluation.selfdiag import self_diagnosis_agreement
 
     s = _settings(kw)
     records = load_prompts(prompts_path, limit, offset)
-    with _detoxifier(s) as det:
-        out = self_diagnosis_agreement(det, records)
-        out["model"] = det.model.info.path
+    if which == "scorer":                  # no llama model needed: the scorer reads the texts
+        from .evaluation.agreement import scorer_agreement
+        from .evaluation.scorer import ToxicityScorer
+
+        out = scorer_agreement(ToxicityScorer.load(), records)
+        head = f"scorer {out['diagnoser']['judge']} (labels mapped onto the attributes)"
+    else:
+        from .evaluation.selfdiag import self_diagnosis_agreement
+
+        with _detoxifier(s) as det:
+            out = self_diagnosis_agreement(det, records)
+            out["model"] = det.model.info.path
+        head = f"model {out['model']} (self-diagnosis, answer tokens {out['yes_no_tokens']})"
+    out["diagnoser_source"] = which
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"model {out['model']}: {out['n']} continuations, label = Perspective score >= "
-               f"{out['threshold']}, answer tokens {out['yes_no_tokens']}")
-    click.echo(f"{'attribute':<18}{'AUC':>7}{'Spearman':>10}{'positives':>11}{'mean P(yes)':>13}")
+    click.echo(f"{head}: {out['n']} continuations, label = Perspective score >= {out['threshold']}")
+    mean = "mean P(yes)" if which == "self" else "mean score"
+    click.echo(f"{'attribute':<18}{'AUC':>7}{'Spearman':>10}{'positives':>11}{mean:>13}")
     for name, r in out["attributes"].items():
-        click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{r['mean_p_yes']:>13.3f}")
+        m = r.get("mean_p_yes", r.get("mean_score"))
+        click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{m:>13.3f}")
 
 
 @main.group("eval", invoke_without_command=True)

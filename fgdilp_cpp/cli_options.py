@@ -137,6 +137,9 @@ steer_options = _options(
     click.option("--sign-election/--no-sign-election", default=True, show_default=True),
     click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
                  help="FGDILP: pad missing negatives with template-only prefixes."),
+    click.option("--diagnoser", type=click.Choice(["self", "scorer", "auto"]), default="self", show_default=True,
+                 help="FGDILP: who ranks the self-generated samples: the model itself, the offline "
+                      "toxicity scorer (tox-block), or auto (self only where its measured AUC reaches the scorer's)."),
 )
 
 

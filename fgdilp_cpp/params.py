@@ -15,6 +15,7 @@ from .errors import ParamError
 
 MAX_NEGATIVES = 8                     # = FGDILP_MAX_NEG of native/fgdilp.h
 FUSION_MODES = ("max", "mean", "sum")  # merge of the sign-elected entries (docs/method.md §5.4)
+DIAGNOSERS = ("self", "scorer", "auto")  # who ranks the self-generated samples (docs/method.md §4.2a)
 
 
 def _finite(field: str, v: float) -> None:
@@ -94,6 +95,7 @@ class FgdilpParams:
     fusion: str = "max"          # merge of the agreeing entries: max | mean | sum
     sign_election: bool = True
     pad_blank: bool = True       # pad to `negatives` with template-only (blank) negatives
+    diagnoser: str = "self"      # self | scorer | auto: who ranks the self-generated samples
 
     def check(self) -> None:
         if self.samples < 1:
@@ -104,6 +106,8 @@ class FgdilpParams:
             raise ParamError("mask_k", f"must be in (0, 100], not {self.mask_k}")
         if self.fusion not in FUSION_MODES:
             raise ParamError("fusion", f"must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
+        if self.diagnoser not in DIAGNOSERS:
+            raise ParamError("diagnoser", f"must be one of {', '.join(DIAGNOSERS)}, not {self.diagnoser!r}")
         if self.selfgen_tokens < 1:
             raise ParamError("selfgen_tokens", f"must be at least 1, not {self.selfgen_tokens}")
         if not 1 <= self.selfgen_min_tokens <= self.selfgen_tokens:

@@ -56,6 +56,9 @@ class Runtime:
     context: Callable[[str], Context]
     reuse_instances: bool = False       # keep the last prompt's FGDILP instance (fgdilp and -frozen share it)
     memo: dict = field(default_factory=dict)
+    scorer: Optional[object] = None     # the diagnosing scorer (None: tox-block, loaded on first use)
+    self_diagnosis_auc: Optional[float] = None   # measured AUCs (a model profile) for --diagnoser auto
+    scorer_auc: Optional[float] = None
 
     def output_projections(self) -> list[np.ndarray]:
         """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
@@ -72,6 +75,30 @@ class Runtime:
 
             self.memo["self_diagnoser"] = Diagnoser.for_model(self.model)
         return self.memo["self_diagnoser"]
+
+    def scorer_diagnoser(self):
+        """The offline toxicity scorer as diagnoser (tox-block unless `scorer` is set), loaded once."""
+        if "scorer_diagnoser" not in self.memo:
+            from .method.scorer_diagnosis import ScorerDiagnoser
+
+            if self.scorer is None:
+                from .evaluation.scorer import ToxicityScorer
+
+                self.scorer = ToxicityScorer.load()
+            self.memo["scorer_diagnoser"] = ScorerDiagnoser(self.scorer)
+        return self.memo["scorer_diagnoser"]
+
+    def diagnoser_choice(self) -> str:
+        """"self" or "scorer": the diagnoser that ranks the samples under --diagnoser."""
+        from .method.scorer_diagnosis import choose_diagnoser
+
+        return choose_diagnoser(self.fgdilp.diagnoser, self.self_diagnosis_auc, self.scorer_auc)
+
+    def diagnose(self, texts: list[str], which: str) -> np.ndarray:
+        """[len(texts), 6] scores (ATTRIBUTE_NAMES order) of diagnoser `which` ("self" or "scorer")."""
+        if which == "scorer":
+            return self.scorer_diagnoser().scores(texts)
+        return self.self_diagnoser().scores(self.context("setup"), texts)
 
 
 @dataclass(frozen=True)
@@ -282,14 +309,19 @@ def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams):
     ctx = rt.context("setup")
     outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens)
     texts = [model.detokenize(o) for o in outs]
-    diag = rt.self_diagnoser()
-    scores = diag.scores(ctx, texts)
+    which = rt.diagnoser_choice()
+    scores = rt.diagnose(texts, which)
     sel = select_prefixes(texts, scores, list(ATTRIBUTE_NAMES), f.negatives, f.pad_blank)
     info = {
         "samples": [{"text": t, "scores": dict(zip(ATTRIBUTE_NAMES, map(float, sc)))} for t, sc in zip(texts, scores)],
         "negatives": [{"text": t, "sample": src, "attributes": a}
                       for t, src, a in zip(sel.negatives, sel.negative_sources, sel.negative_attributes)],
         "positive": {"text": sel.positive, "sample": sel.positive_source},
-        "yes_no_tokens": [diag.yes_text, diag.no_text],
+        "diagnoser": {"source": which, "choice": f.diagnoser},
     }
+    if which == "scorer":
+        info["diagnoser"]["scorer"] = rt.scorer_diagnoser().name
+    else:
+        diag = rt.self_diagnoser()
+        info["yes_no_tokens"] = [diag.yes_text, diag.no_text]
     return sel, info

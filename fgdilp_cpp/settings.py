@@ -55,6 +55,7 @@ class Settings:
     fusion: str = "max"
     sign_election: bool = True
     pad_blank: bool = True
+    diagnoser: str = "self"                  # self | scorer | auto (docs/method.md §4.2a)
 
     # ---- views for the engine and the method ------------------------------------------------
     def engine(self, **over) -> EngineParams:
@@ -71,7 +72,7 @@ class Settings:
         p = FgdilpParams(samples=self.selfgen_samples, selfgen_tokens=self.selfgen_tokens,
                          selfgen_min_tokens=self.selfgen_min_tokens, negatives=self.negatives,
                          mask_k=self.mask_k, fusion=self.fusion, sign_election=self.sign_election,
-                         pad_blank=self.pad_blank)
+                         pad_blank=self.pad_blank, diagnoser=self.diagnoser)
         p.check()
         return p
 
