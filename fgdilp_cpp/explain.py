@@ -22,6 +22,9 @@ def explain_lines(ex: dict) -> list[str]:
         lines.append(f"positive: sample {ex['positive']['sample']}: {ex['positive']['text']!r}")
     if "saved_vectors" in ex:
         lines.append(f"saved directions (built with {ex['saved_vectors']})")
+        if "head_weights" in ex:
+            hw = ex["head_weights"]
+            lines.append(f"head selection by probes: {hw['steered_heads']} of {hw['heads']} heads steered")
     if "delta_norms" in ex:
         lines.append("|delta| per layer: " + " ".join(f"{x:.2f}" for x in ex["delta_norms"]))
     return lines

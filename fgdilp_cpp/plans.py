@@ -147,7 +147,10 @@ def plan_vectors(rt: Runtime, req: PlanRequest) -> Plan:
     if v is None:
         raise FgdilpError("method 'vectors' needs a vectors file")
     e = None if v.e is None else v.e.reshape(v.n_layer, -1)
-    return _fixed_plan(rt, req, v.rows(), e, {"saved_vectors": v.method})
+    info = {"saved_vectors": v.method}
+    if v.head_weights is not None:
+        info["head_weights"] = {"steered_heads": int((v.head_weights > 0).sum()), "heads": int(v.head_weights.size)}
+    return _fixed_plan(rt, req, v.steering_rows(), e, info)
 
 
 def plan_random(rt: Runtime, req: PlanRequest) -> Plan:
