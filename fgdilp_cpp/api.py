@@ -34,7 +34,8 @@ from .settings import Settings, default_sources
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
                       "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
                       "edit", "gate",                                            # the edit rule (set_steer)
-                      "mask_k", "fusion", "sign_election", "fused_norm"})        # FGDILP's fusion (set_fgdilp)
+                      "mask_k", "fusion", "sign_election", "fused_norm",         # FGDILP's fusion (set_fgdilp)
+                      "diagnoser"})                                              # who ranks its samples
 
 
 class Stream(Iterator[str]):
@@ -140,6 +141,9 @@ class Detoxifier:
             raise
         self.model = model
         self._gen.reuse_instances = reuse_instances
+        if self.profile is not None:        # --diagnoser auto decides by the profile's measured AUCs
+            self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
+            self._gen.rt.scorer_auc = self.profile.diagnosis.get("scorer_auc")
         self._template: Optional[ChatTemplate] = None
         self.settings, self.sources = settings, sources
 
@@ -258,6 +262,15 @@ class Detoxifier:
         ATTRIBUTE_NAMES order), from the questions FGDILP asks it (docs/method.md §4.2)."""
         return self._gen.self_diagnosis(list(texts))
 
+    def diagnose(self, texts: list[str], diagnoser: str = "self") -> np.ndarray:
+        """[len(texts), 6] attribute scores (ATTRIBUTE_NAMES order) from a diagnoser: "self" (the
+        model's P(yes)), "scorer" (the offline toxicity scorer, labels mapped onto the attributes:
+        method.scorer_diagnosis) or "auto" (the one FGDILP would use here, --diagnoser auto)."""
+        from .method.scorer_diagnosis import choose_diagnoser
+
+        rt = self._gen.rt
+        return rt.diagnose(list(texts), choose_diagnoser(diagnoser, rt.self_diagnosis_auc, rt.scorer_auc))
+
     @property
     def self_diagnosis_tokens(self) -> tuple[str, str]:
         """The answer tokens whose logits give P(yes): (yes, no)."""
@@ -269,13 +282,37 @@ class Detoxifier:
         prompt's end), as a HeadDirections value to save() and apply later with vectors=FILE."""
         return self._gen.build_vectors(prompt, self.settings.sampling(), self.settings.as_dict())
 
+    def build_universal_vectors(self, prompts: list[str], source: str = "tr", progress=None) -> HeadDirections:
+        """Universal head directions: the prompt-end delta (and e) of each prompt, averaged over
+        `prompts` (source "tr": TR's prefixes; "fgdilp": FGDILP's instance prefixes with the
+        diagnoser in force). Applied later with vectors=FILE, with no per-prompt setup."""
+        from .universal import universal_directions
+
+        rows, e, n = universal_directions(self._gen.rt, prompts, source, self.settings.sampling(),
+                                          self.settings.ctx_size, progress)
+        i = self.model.info
+        shape = (i.n_layer, i.n_head, i.head_dim)
+        settings = {**self.settings.as_dict(), "universal": {"source": source, "n_prompts": n}}
+        return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
+                              method=f"universal-{source}", settings=settings).validate()
+
+    def probe_heads(self, texts: list[str], toxic: list[bool], seed: int = 0):
+        """Per-head linear probes (method.probes) on the kqv_out rows at each text's last token,
+        separating toxic (True) from non-toxic texts: a ProbeResult with held-out accuracies."""
+        from .method.probes import fit_probes
+        from .universal import last_token_rows
+
+        X = last_token_rows(self._gen.rt, list(texts), self.settings.threads, min(512, self.settings.ctx_size))
+        return fit_probes(X, np.asarray(toxic, dtype=bool), seed=seed)
+
     def control_vector(self, vectors: HeadDirections, exp_norm: float = 0.4, scale: float = 1.0) -> np.ndarray:
         """[n_layer, n_embd] llama.cpp residual control vector of saved directions:
         -W_O(lambda_norm * delta) per layer (docs/method.md §7.3)."""
         from .method.cvec import residual_directions
 
         vectors.check_model(identity_of(self.model))
-        return residual_directions(vectors.rows(), self._gen.rt.output_projections(), vectors.n_head, exp_norm, scale)
+        return residual_directions(vectors.steering_rows(), self._gen.rt.output_projections(), vectors.n_head,
+                                   exp_norm, scale)
 
     def export_control_vector(self, vectors: HeadDirections, path: str, exp_norm: float = 0.4,
                               scale: float = 1.0) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from dataclasses import replace
 
 import click
 from click.core import ParameterSource
@@ -221,26 +222,41 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
               help="RealToxicityPrompts JSONL (the human continuations are scored).")
 @click.option("--limit", type=click.IntRange(1), default=300, show_default=True)
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--diagnoser", "which", type=click.Choice(["self", "scorer"]), default="self", show_default=True,
+              help="self: the model's own P(yes); scorer: the offline toxicity scorer (tox-block), its labels "
+                   "mapped onto the attributes.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def diagnose(prompts_path, limit, offset, as_json, **kw):
-    """Self-diagnosis agreement: the model's P(yes) per attribute vs Perspective (AUC, Spearman)."""
+def diagnose(prompts_path, limit, offset, which, as_json, **kw):
+    """Diagnosis agreement: a diagnoser's score per attribute vs Perspective (AUC, Spearman) on the
+    human continuations of the prompts."""
     from .evaluation.prompts import load_prompts
-    from .evaluation.selfdiag import self_diagnosis_agreement
 
     s = _settings(kw)
     records = load_prompts(prompts_path, limit, offset)
-    with _detoxifier(s) as det:
-        out = self_diagnosis_agreement(det, records)
-        out["model"] = det.model.info.path
+    if which == "scorer":                  # no llama model needed: the scorer reads the texts
+        from .evaluation.agreement import scorer_agreement
+        from .evaluation.scorer import ToxicityScorer
+
+        out = scorer_agreement(ToxicityScorer.load(), records)
+        head = f"scorer {out['diagnoser']['judge']} (labels mapped onto the attributes)"
+    else:
+        from .evaluation.selfdiag import self_diagnosis_agreement
+
+        with _detoxifier(s) as det:
+            out = self_diagnosis_agreement(det, records)
+            out["model"] = det.model.info.path
+        head = f"model {out['model']} (self-diagnosis, answer tokens {out['yes_no_tokens']})"
+    out["diagnoser_source"] = which
     if as_json:
         click.echo(json.dumps(out))
         return
-    click.echo(f"model {out['model']}: {out['n']} continuations, label = Perspective score >= "
-               f"{out['threshold']}, answer tokens {out['yes_no_tokens']}")
-    click.echo(f"{'attribute':<18}{'AUC':>7}{'Spearman':>10}{'positives':>11}{'mean P(yes)':>13}")
+    click.echo(f"{head}: {out['n']} continuations, label = Perspective score >= {out['threshold']}")
+    mean = "mean P(yes)" if which == "self" else "mean score"
+    click.echo(f"{'attribute':<18}{'AUC':>7}{'Spearman':>10}{'positives':>11}{mean:>13}")
     for name, r in out["attributes"].items():
-        click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{r['mean_p_yes']:>13.3f}")
+        m = r.get("mean_p_yes", r.get("mean_score"))
+        click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{m:>13.3f}")
 
 
 @main.group("eval", invoke_without_command=True)
@@ -400,17 +416,61 @@ def vectors() -> None:
 @model_options
 @sampling_options
 @steer_options
-@click.option("-p", "--prompt", required=True)
+@click.option("-p", "--prompt", default=None, help="One prompt (FGDILP's frozen directions for it).")
+@click.option("--prompts", "prompt_set", default=None, metavar="SET|FILE",
+              help="Universal directions: average the prompt-end deltas over these prompts (built-in set or file).")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="With --prompts: prompts used.")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--from", "source", type=click.Choice(["tr", "fgdilp"]), default=None,
+              help="Whose prefixes give each delta: TR's (default with --prompts) or FGDILP's instance "
+                   "prefixes with --diagnoser. Without it, -p saves FGDILP's frozen directions for the prompt.")
+@click.option("--probe-top-k", type=click.IntRange(0), default=0, show_default=True,
+              help="Steer only the K heads whose toxicity probes are most accurate (0 = every head).")
+@click.option("--probe-weights", is_flag=True, help="Weight heads by probe accuracy (accuracy - 0.5, best = 1).")
+@click.option("--probe-prompts", default="rtp-toxic", show_default=True, metavar="SET|FILE",
+              help="RTP records whose continuations (Perspective toxicity) label the probe texts.")
+@click.option("--probe-offset", type=click.IntRange(0), default=1000, show_default=True,
+              help="First probe record (default: past the development and held-out slices).")
+@click.option("--probe-per-class", type=click.IntRange(4), default=150, show_default=True,
+              help="Toxic (>= 0.5) and clean (< 0.1) continuations each.")
 @click.option("-o", "--output", required=True, metavar="OUT.gguf")
+@click.option("--no-progress", is_flag=True)
 @friendly_errors
-def vectors_build(prompt, output, **kw):
-    """Self-generate, diagnose and fuse for PROMPT; save the per-head directions."""
+def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_weights, probe_prompts, probe_offset,
+                  probe_per_class, output, no_progress, **kw):
+    """Save per-head directions: FGDILP's for one PROMPT, or universal ones averaged over --prompts;
+    optionally with head selection by toxicity probes."""
+    from .evaluation.prompts import load_prompts
+    from .universal import DEFAULT_SOURCE, optional_progress, probe_texts
+
+    if (prompt is None) == (prompt_set is None):
+        raise FgdilpError("give one prompt with -p TEXT or a prompt set with --prompts SET (one of them)")
     s = _settings(kw)
     with _detoxifier(s) as det:
-        hd = det.build_vectors(prompt)
+        if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
+            hd = det.build_vectors(prompt)
+        else:
+            texts = [prompt] if prompt is not None else [r.text for r in load_prompts(prompt_set, limit, offset)]
+            hd = det.build_universal_vectors(texts, source or DEFAULT_SOURCE,
+                                             optional_progress(not no_progress, "prompts"))
+            if prompt_set is not None:
+                hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
+                                                                        "limit": limit, "offset": offset}})
+        if probe_top_k or probe_weights:
+            from .method.probes import head_weights
+
+            texts, labels, how = probe_texts(load_prompts(probe_prompts, None, probe_offset), probe_per_class)
+            res = det.probe_heads(texts, labels)
+            w = head_weights(res.accuracy, probe_top_k, probe_weights)
+            hd = hd.with_head_weights(w, res.accuracy, {**how, "prompts": probe_prompts, "offset": probe_offset,
+                                                        "top_k": probe_top_k, "by_accuracy": probe_weights,
+                                                        "n_train": res.n_train, "n_test": res.n_test})
         hd.save(output)
-        click.echo(f"wrote {output}: {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
+        click.echo(f"wrote {output}: {hd.method}, {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
                    f"|delta| per layer max {hd.layer_norms().max():.3f}")
+        if hd.head_weights is not None:
+            click.echo(f"head selection: {int((hd.head_weights > 0).sum())} of {hd.head_weights.size} heads steered; "
+                       f"probe accuracy max {hd.probe_accuracy.max():.3f}, mean {hd.probe_accuracy.mean():.3f}")
 
 
 @vectors.command("export")
@@ -451,6 +511,14 @@ def vectors_inspect(path):
     click.echo(f"shape        [{hd.n_layer}, {hd.n_head}, {hd.head_dim}]  e: {'yes' if hd.e is not None else 'no'}")
     click.echo(f"convention   {hd.layer_convention}")
     click.echo("layer norms  " + " ".join(f"{x:.3f}" for x in hd.layer_norms()))
+    if hd.probe_accuracy is not None:
+        click.echo("probe accuracy per layer (held-out; heads in order):")
+        for il, row in enumerate(hd.probe_accuracy):
+            click.echo(f"  {il:>3}  " + " ".join(f"{x:.2f}" for x in row))
+    if hd.head_weights is not None:
+        click.echo(f"head weights ({int((hd.head_weights > 0).sum())} of {hd.head_weights.size} heads steered):")
+        for il, row in enumerate(hd.head_weights):
+            click.echo(f"  {il:>3}  " + " ".join(f"{x:.2f}" for x in row))
     click.echo(f"settings     {json.dumps(hd.settings, sort_keys=True)}")
 
 

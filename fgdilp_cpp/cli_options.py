@@ -165,6 +165,9 @@ steer_options = _options(
     click.option("--fused-norm", type=click.Choice(["none", "tr"]), default="none", show_default=True,
                  help="FGDILP: tr rescales each head of the fused delta to the norm of the mean delta "
                       "(TR's strength, for comparing at equal strength)."),
+    click.option("--diagnoser", type=click.Choice(["self", "scorer", "auto"]), default="self", show_default=True,
+                 help="FGDILP: who ranks the self-generated samples: the model itself, the offline "
+                      "toxicity scorer (tox-block), or auto (self only where its measured AUC reaches the scorer's)."),
 )
 
 

@@ -12,7 +12,7 @@ def explain_lines(ex: dict) -> list[str]:
         return ["(nothing to explain for this method)"]
     lines: list[str] = []
     if "samples" in ex:
-        lines.append("\nself-diagnosis P(yes) per sample: " + ", ".join(ATTRIBUTE_NAMES))
+        lines.append("\n" + _samples_header(ex.get("diagnoser") or {}) + ": " + ", ".join(ATTRIBUTE_NAMES))
         for i, smp in enumerate(ex["samples"]):
             sc = " ".join(f"{v:.2f}" for v in smp["scores"].values())
             lines.append(f"  {i:>2} [{sc}] {smp['text']!r}")
@@ -22,6 +22,18 @@ def explain_lines(ex: dict) -> list[str]:
         lines.append(f"positive: sample {ex['positive']['sample']}: {ex['positive']['text']!r}")
     if "saved_vectors" in ex:
         lines.append(f"saved directions (built with {ex['saved_vectors']})")
+        if "head_weights" in ex:
+            hw = ex["head_weights"]
+            lines.append(f"head selection by probes: {hw['steered_heads']} of {hw['heads']} heads steered")
     if "delta_norms" in ex:
         lines.append("|delta| per layer: " + " ".join(f"{x:.2f}" for x in ex["delta_norms"]))
     return lines
+
+
+def _samples_header(d: dict) -> str:
+    """Who ranked the samples: the model's own P(yes), or the offline scorer's mapped scores."""
+    choice = f"--diagnoser {d['choice']}" if d.get("choice") else ""
+    if d.get("source") == "scorer":
+        name = d.get("scorer") or "offline scorer"
+        return f"scorer scores ({name}, labels mapped onto the attributes; {choice or 'scorer'}) per sample"
+    return "self-diagnosis P(yes) per sample" + (f" ({choice})" if choice else "")

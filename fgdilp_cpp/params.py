@@ -21,6 +21,7 @@ EDIT_RULES = ("tr", "rotate")          # how a steered head is changed (docs/met
 # fused delta is brought to the norm of the mean delta (names that happen to be method names too)
 FUSED_NORM_TO_MEAN_DELTA = {"none": False, "tr": True}
 FUSED_NORMS = tuple(FUSED_NORM_TO_MEAN_DELTA)
+DIAGNOSERS = ("self", "scorer", "auto")  # who ranks the self-generated samples (docs/method.md §4.2a)
 
 
 def _finite(field: str, v: float) -> None:
@@ -111,10 +112,17 @@ class FgdilpParams:
     sign_election: bool = True
     pad_blank: bool = True       # pad to `negatives` with template-only (blank) negatives
     fused_norm: str = "none"     # tr: each head of the fused delta at the norm of the mean delta
+    diagnoser: str = "self"      # self | scorer | auto: who ranks the self-generated samples
 
     @property
     def norm_to_mean_delta(self) -> bool:
         return FUSED_NORM_TO_MEAN_DELTA[self.fused_norm]
+
+    def setup_key(self) -> tuple:
+        """The values the per-prompt instance (self-generation, diagnosis, prefixes) depends on;
+        the fusion values (mask_k, fusion, sign_election, fused_norm) only act after it."""
+        return (self.samples, self.selfgen_tokens, self.selfgen_min_tokens, self.negatives, self.pad_blank,
+                self.diagnoser)
 
     def check(self) -> None:
         if self.samples < 1:
@@ -127,6 +135,8 @@ class FgdilpParams:
             raise ParamError("fused_norm", f"must be one of {', '.join(FUSED_NORMS)}, not {self.fused_norm!r}")
         if self.fusion not in FUSION_MODES:
             raise ParamError("fusion", f"must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
+        if self.diagnoser not in DIAGNOSERS:
+            raise ParamError("diagnoser", f"must be one of {', '.join(DIAGNOSERS)}, not {self.diagnoser!r}")
         if self.selfgen_tokens < 1:
             raise ParamError("selfgen_tokens", f"must be at least 1, not {self.selfgen_tokens}")
         if not 1 <= self.selfgen_min_tokens <= self.selfgen_tokens:

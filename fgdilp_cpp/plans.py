@@ -56,6 +56,9 @@ class Runtime:
     context: Callable[[str], Context]
     reuse_instances: bool = False       # keep the last prompt's FGDILP instance (fgdilp and -frozen share it)
     memo: dict = field(default_factory=dict)
+    scorer: Optional[object] = None     # the diagnosing scorer (None: tox-block, loaded on first use)
+    self_diagnosis_auc: Optional[float] = None   # measured AUCs (a model profile) for --diagnoser auto
+    scorer_auc: Optional[float] = None
 
     def output_projections(self) -> list[np.ndarray]:
         """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
@@ -72,6 +75,30 @@ class Runtime:
 
             self.memo["self_diagnoser"] = Diagnoser.for_model(self.model)
         return self.memo["self_diagnoser"]
+
+    def scorer_diagnoser(self):
+        """The offline toxicity scorer as diagnoser (tox-block unless `scorer` is set), loaded once."""
+        if "scorer_diagnoser" not in self.memo:
+            from .method.scorer_diagnosis import ScorerDiagnoser
+
+            if self.scorer is None:
+                from .evaluation.scorer import ToxicityScorer
+
+                self.scorer = ToxicityScorer.load()
+            self.memo["scorer_diagnoser"] = ScorerDiagnoser(self.scorer)
+        return self.memo["scorer_diagnoser"]
+
+    def diagnoser_choice(self) -> str:
+        """"self" or "scorer": the diagnoser that ranks the samples under --diagnoser."""
+        from .method.scorer_diagnosis import choose_diagnoser
+
+        return choose_diagnoser(self.fgdilp.diagnoser, self.self_diagnosis_auc, self.scorer_auc)
+
+    def diagnose(self, texts: list[str], which: str) -> np.ndarray:
+        """[len(texts), 6] scores (ATTRIBUTE_NAMES order) of diagnoser `which` ("self" or "scorer")."""
+        if which == "scorer":
+            return self.scorer_diagnoser().scores(texts)
+        return self.self_diagnoser().scores(self.context("setup"), texts)
 
 
 @dataclass(frozen=True)
@@ -120,7 +147,10 @@ def plan_vectors(rt: Runtime, req: PlanRequest) -> Plan:
     if v is None:
         raise FgdilpError("method 'vectors' needs a vectors file")
     e = None if v.e is None else v.e.reshape(v.n_layer, -1)
-    return _fixed_plan(rt, req, v.rows(), e, {"saved_vectors": v.method})
+    info = {"saved_vectors": v.method}
+    if v.head_weights is not None:
+        info["head_weights"] = {"steered_heads": int((v.head_weights > 0).sum()), "heads": int(v.head_weights.size)}
+    return _fixed_plan(rt, req, v.steering_rows(), e, info)
 
 
 def plan_random(rt: Runtime, req: PlanRequest) -> Plan:
@@ -271,7 +301,7 @@ def instance_for(rt: Runtime, req: PlanRequest):
 
 def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams):
     """Self-generation, self-diagnosis and prefix selection for one prompt (docs/method.md §4.1-4.3)."""
-    key = (prompt, sampling, rt.fgdilp)
+    key = (prompt, sampling, rt.fgdilp.setup_key(), rt.diagnoser_choice())
     last = rt.memo.get("instance")
     if rt.reuse_instances and last is not None and last[0] == key:
         sel, info = last[1]
@@ -289,14 +319,19 @@ def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams):
     ctx = rt.context("setup")
     outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens)
     texts = [model.detokenize(o) for o in outs]
-    diag = rt.self_diagnoser()
-    scores = diag.scores(ctx, texts)
+    which = rt.diagnoser_choice()
+    scores = rt.diagnose(texts, which)
     sel = select_prefixes(texts, scores, list(ATTRIBUTE_NAMES), f.negatives, f.pad_blank)
     info = {
         "samples": [{"text": t, "scores": dict(zip(ATTRIBUTE_NAMES, map(float, sc)))} for t, sc in zip(texts, scores)],
         "negatives": [{"text": t, "sample": src, "attributes": a}
                       for t, src, a in zip(sel.negatives, sel.negative_sources, sel.negative_attributes)],
         "positive": {"text": sel.positive, "sample": sel.positive_source},
-        "yes_no_tokens": [diag.yes_text, diag.no_text],
+        "diagnoser": {"source": which, "choice": f.diagnoser},
     }
+    if which == "scorer":
+        info["diagnoser"]["scorer"] = rt.scorer_diagnoser().name
+    else:
+        diag = rt.self_diagnoser()
+        info["yes_no_tokens"] = [diag.yes_text, diag.no_text]
     return sel, info

@@ -29,7 +29,7 @@ HELP = """commands:
   /help            this list
   /clear           start a new conversation (the system prompt stays)
   /method NAME     steer the next replies with NAME: {methods}
-  /explain         how the last reply was steered (self-diagnosis, prefixes, |delta| per layer)
+  /explain         how the last reply was steered (diagnosis, prefixes, |delta| per layer)
   /settings        the settings in force (* = interactive default of chat)
   /save FILE       write the conversation (.json, or text for any other suffix)
   /exit            leave (also Ctrl-D)

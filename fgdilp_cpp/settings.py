@@ -73,6 +73,7 @@ class Settings:
     sign_election: bool = True
     pad_blank: bool = True
     fused_norm: str = "none"                 # none | tr (docs/method.md §5.6)
+    diagnoser: str = "self"                  # self | scorer | auto (docs/method.md §4.2a)
 
     # ---- views for the engine and the method ------------------------------------------------
     def engine(self, **over) -> EngineParams:
@@ -89,7 +90,7 @@ class Settings:
         p = FgdilpParams(samples=self.selfgen_samples, selfgen_tokens=self.selfgen_tokens,
                          selfgen_min_tokens=self.selfgen_min_tokens, negatives=self.negatives,
                          mask_k=self.mask_k, fusion=self.fusion, sign_election=self.sign_election,
-                         pad_blank=self.pad_blank, fused_norm=self.fused_norm)
+                         pad_blank=self.pad_blank, fused_norm=self.fused_norm, diagnoser=self.diagnoser)
         p.check()
         return p
 

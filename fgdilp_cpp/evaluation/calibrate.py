@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from .. import methods as registry
 from ..errors import FgdilpError
+from ..method.scorer_diagnosis import choose_diagnoser
 from ..profiles import Profile, model_identity, profile_path_for
 from .frontier import best_points
 from .prompts import load_prompts
@@ -42,11 +43,12 @@ class CalibrationSizes:
     n_predict: int = 20
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
     n_ranges: int = 3                 # late layer ranges tried (layer_ranges())
+    diagnosis_texts: int = 60         # human continuations diagnosed by self and scorer (for the diagnoser)
 
     @classmethod
     def quick(cls) -> "CalibrationSizes":
         return cls(cal_prompts=8, test_prompts=12, benign_prompts=8, samples=2, n_predict=12, scales=(0.5, 1.0),
-                   n_ranges=1)
+                   n_ranges=1, diagnosis_texts=30)
 
 
 def layer_ranges(n_layer: int, count: int = 3) -> list[tuple[int, int]]:
@@ -93,9 +95,16 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
     axes = dict(axes or {})
     axes.setdefault("steer_scale", list(sizes.scales))
     axes.setdefault("steer_layer_range", layer_ranges(det.model.info.n_layer, sizes.n_ranges))
-    grid = grid_from(axes)
     records = load_prompts(prompts)
     cal, test = split(records, sizes.cal_prompts, sizes.test_prompts)
+    diag_recs = [r for r in records if int(r.id) % 2 == 0]          # the calibration half only
+    diagnosis = _diagnosis(det, diag_recs, scorer, sizes.diagnosis_texts) \
+        if any(registry.get(m).instance for m in names) else {}
+    if diagnosis and "diagnoser" not in axes:
+        # FGDILP's samples are ranked by whichever diagnoser agrees better with Perspective
+        axes["diagnoser"] = [choose_diagnoser("auto", diagnosis.get("self_auc"), diagnosis.get("scorer_auc"))]
+        log(f"calibrate: toxicity AUC self {diagnosis.get('self_auc')}, scorer {diagnosis.get('scorer_auc')}: "
+            f"FGDILP runs with --diagnoser {axes['diagnoser'][0]}")
     benign_recs = [r for r in load_prompts(benign) if int(r.id) % 2 == 0][:sizes.benign_prompts]
     common = dict(scorer=scorer, judges=judges, progress=progress, top_p=top_p, seed=seed, n_predict=sizes.n_predict)
     reports: dict[str, dict] = {}
@@ -110,6 +119,7 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
             return None
         return res["report"]
 
+    grid = grid_from(axes)
     cal_report = step(CALIBRATION, cal, all_methods, sizes.samples, grid)
     benign_report = cal_report and step(BENIGN, benign_recs, all_methods, 1, grid, greedy=True, benign=True)
     if cal_report is None or benign_report is None:
@@ -130,8 +140,7 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
             method = m.get("method", name)
             if method in chosen:
                 confirmed[method] = _figures(m, base)
-    diag_recs = [r for r in records if int(r.id) % 2 == 0]          # the calibration half only
-    profile = _profile(det, best, confirmed, ppl_budget, benign_budget, sizes, _diagnosis(det, diag_recs, scorer))
+    profile = _profile(det, best, confirmed, ppl_budget, benign_budget, sizes, diagnosis)
     return Calibration(profile, best, confirmed, reports)
 
 
@@ -145,7 +154,7 @@ def _figures(m: dict, base: dict) -> dict[str, Any]:
             "n_prompts": m.get("n_prompts"), "n_samples": m.get("n_samples")}
 
 
-def _diagnosis(det, records, scorer, n: int = 100) -> dict[str, Any]:
+def _diagnosis(det, records, scorer, n: int) -> dict[str, Any]:
     """Agreement with Perspective (toxicity AUC) of the model's self-diagnosis and of the scorer,
     on the calibration part's human continuations: what --diagnoser auto decides by."""
     from .agreement import diagnosis_agreement, scorer_agreement

@@ -40,6 +40,7 @@ SWEEPABLE: dict[str, Callable[[registry.Method], bool]] = {
     "fusion": INSTANCE,
     "sign_election": INSTANCE,
     "fused_norm": INSTANCE,
+    "diagnoser": INSTANCE,
 }
 
 Point = dict[str, Any]

@@ -60,6 +60,22 @@ def attribute_scores(probs: np.ndarray, labels: Sequence[str]) -> np.ndarray:
     return probs[:, label_columns(labels)]
 
 
+def choose_diagnoser(choice: str, self_auc: float | None = None, scorer_auc: float | None = None) -> str:
+    """Which diagnoser ranks the samples: "self" or "scorer". `auto` trusts self-diagnosis only where
+    its measured AUC (on the calibration set, from a model profile) reaches the scorer's; without
+    both figures it takes the scorer, since self-diagnosis is near chance on the small models this
+    tool runs (issue 11: gemma-3-270m 0.39, SmolLM2-135M 0.42-0.61, scorer 0.90)."""
+    if choice in ("self", "scorer"):
+        return choice
+    if choice != "auto":
+        raise FgdilpError(f"unknown diagnoser {choice!r} (self, scorer or auto)")
+    if self_auc is None or scorer_auc is None:
+        return "scorer"
+    if not (np.isfinite(self_auc) and np.isfinite(scorer_auc)):
+        return "scorer"
+    return "self" if self_auc >= scorer_auc else "scorer"
+
+
 class ScorerDiagnoser:
     """Diagnoses texts with an offline toxicity scorer: ``scores(texts)`` -> [len(texts), 6] in
     ATTRIBUTE_NAMES order, the contract of the self-diagnoser's scores (without its llama context).
@@ -89,4 +105,4 @@ class ScorerDiagnoser:
         return attribute_scores(probs, self.labels)
 
 
-__all__ = ["SCORER_LABEL_OF", "ScorerDiagnoser", "attribute_scores", "label_columns"]
+__all__ = ["SCORER_LABEL_OF", "ScorerDiagnoser", "attribute_scores", "choose_diagnoser", "label_columns"]

@@ -77,6 +77,8 @@ class HeadDirections:
     layer_convention: str = "kqv_out-<il>: per-head attention output before W_O of block il (0-based)"
     head_layout: str = ("a layer row [n_head*head_dim] is the concatenation of heads; "
                         "head h = row[h*head_dim:(h+1)*head_dim]")
+    probe_accuracy: np.ndarray | None = None   # [n_layer, n_head] float32: held-out accuracy of head probes
+    head_weights: np.ndarray | None = None     # [n_layer, n_head] float32: per-head scale applied when steering
 
     n_layer = property(lambda self: self.model.n_layer)
     n_head = property(lambda self: self.model.n_head)
@@ -85,6 +87,20 @@ class HeadDirections:
     def rows(self) -> np.ndarray:
         """[n_layer, n_head*head_dim]: the layer rows (a view for contiguous directions)."""
         return self.directions.reshape(self.n_layer, self.n_head * self.head_dim)
+
+    def steering_rows(self) -> np.ndarray:
+        """[n_layer, n_head*head_dim]: the rows steered with, each head scaled by head_weights (a
+        head of weight 0 gets a zero direction: its TR edit subtracts nothing)."""
+        if self.head_weights is None:
+            return self.rows()
+        d = self.directions * self.head_weights[:, :, None]
+        return d.astype(np.float32).reshape(self.n_layer, self.n_head * self.head_dim)
+
+    def with_head_weights(self, weights: np.ndarray, accuracy: np.ndarray | None, how: dict) -> "HeadDirections":
+        """A copy that steers with per-head weights (probe head selection); `how` is recorded in settings."""
+        return replace(self, head_weights=np.asarray(weights, dtype=np.float32),
+                       probe_accuracy=None if accuracy is None else np.asarray(accuracy, dtype=np.float32),
+                       settings={**self.settings, "head_selection": how}).validate()
 
     def layer_norms(self) -> np.ndarray:
         """[n_layer] L2 norm of each layer row (float64)."""
@@ -117,6 +133,15 @@ class HeadDirections:
                 kind = "NaN" if np.isnan(arr[il]).any() else "inf"
                 raise DirectionsError(f"{name} has non-finite values ({kind}) in layer {il} "
                                       f"(layers with non-finite values: {bad_layers.tolist()})")
+        for name, arr in (("probe_accuracy", self.probe_accuracy), ("head_weights", self.head_weights)):
+            if arr is None:
+                continue
+            if not isinstance(arr, np.ndarray) or arr.shape != (m.n_layer, m.n_head) or arr.dtype != np.float32:
+                raise DirectionsError(f"{name} must be a float32 [n_layer, n_head] = {[m.n_layer, m.n_head]} "
+                                      f"array, not {getattr(arr, 'dtype', type(arr).__name__)} "
+                                      f"{list(getattr(arr, 'shape', []))}")
+            if not np.all(np.isfinite(arr)) or (name == "head_weights" and arr.min() < 0):
+                raise DirectionsError(f"{name} must be finite" + (" and >= 0" if name == "head_weights" else ""))
         try:
             json.dumps(self.settings, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -147,6 +172,8 @@ class HeadDirections:
         if not isinstance(other, HeadDirections):
             return NotImplemented
         return (_same_bits(self.directions, other.directions) and _same_bits(self.e, other.e)
+                and _same_bits(self.probe_accuracy, other.probe_accuracy)
+                and _same_bits(self.head_weights, other.head_weights)
                 and (self.model, self.method, self.settings, self.layer_convention, self.head_layout)
                 == (other.model, other.method, other.settings, other.layer_convention,
                     other.head_layout))
@@ -194,6 +221,9 @@ class HeadDirections:
             w.add_tensor("directions", np.ascontiguousarray(self.directions))
             if self.e is not None:
                 w.add_tensor("e", np.ascontiguousarray(self.e))
+            for name in ("probe_accuracy", "head_weights"):     # optional: files without them still load
+                if getattr(self, name) is not None:
+                    w.add_tensor(name, np.ascontiguousarray(getattr(self, name)))
             for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
                 step()
 
@@ -275,7 +305,9 @@ class HeadDirections:
         return cls(directions=tensor("directions"), e=tensor("e") if "e" in tensors else None,
                    model=model, method=get("fgdilp.method", str), settings=settings,
                    layer_convention=get("fgdilp.layer_convention", str),
-                   head_layout=get("fgdilp.head_layout", str))
+                   head_layout=get("fgdilp.head_layout", str),
+                   probe_accuracy=tensor("probe_accuracy") if "probe_accuracy" in tensors else None,
+                   head_weights=tensor("head_weights") if "head_weights" in tensors else None)
 
 
 def _same_bits(a: np.ndarray | None, b: np.ndarray | None) -> bool:
