@@ -47,6 +47,7 @@ class GenResult:
     decode_s: float                  # the per-token decode steps (sampling included)
     n_decode_steps: int
     fired_layers: int = 0            # layers the hook fired on in the last steered decode
+    n_reused_tokens: int = 0         # prompt tokens of the output sequence whose KV an earlier run left
     explain: dict = field(default_factory=dict)
     logits: list[np.ndarray] = field(default_factory=list)   # per step [rows wanted, n_vocab]
 
@@ -289,8 +290,13 @@ class Generator:
         samplers = [] if forced_tokens is not None else [
             Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
                                    (sampling.seed + g) % 2**32)) for g in range(n_samples)]
-        ctx.clear()
-        lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq)
+        # KV reuse (docs/method.md §9): the cells of the last run's sequences keep the common prefix;
+        # a control vector changes every token's KV, so its runs start from an empty context
+        reuse = self.engine.kv_reuse and plan.cvec is None
+        if not reuse:
+            ctx.clear()
+        lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq,
+                        reuse=reuse)
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_samples)]
         samples = [Sample("", [], "length") for _ in range(n_samples)]
         pieces: list[list[str]] = [[] for _ in range(n_samples)]
@@ -353,6 +359,8 @@ class Generator:
             if self._cancelled:
                 for g in lock.active:
                     samples[g].stop_reason = "cancelled"
+            else:
+                lock.record(edited_roles={e.target for e in plan.edits})
             t2 = time.perf_counter()
         finally:
             lock.close()
@@ -366,6 +374,7 @@ class Generator:
         hook = ctx.hook
         return GenResult(samples=samples, method=method, n_prompt_tokens=len(plan.sequences[out]),
                          setup_s=setup_s, prefill_s=t1 - t0, decode_s=t2 - t1, n_decode_steps=n_steps,
+                         n_reused_tokens=lock.reused[out],
                          fired_layers=hook.fired_layers if hook is not None else 0,
                          explain=plan.explain, logits=logits)
 

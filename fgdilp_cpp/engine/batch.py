@@ -68,10 +68,15 @@ class Lockstep:
 
     want_logits: roles whose rows ask for logits (others do not pay for the vocabulary).
     Sequence ids: first_seq + g*R + role.
+
+    reuse: keep the longest common token prefix of each role with what group 0's sequences held
+    after the last recorded run of this context (Context.kv) and decode only the rest; group 0
+    keeps its cells when it stops, and record() says what they hold. Without reuse the caller
+    clears the context first.
     """
 
     def __init__(self, ctx, sequences: Sequence[Sequence[int]], want_logits: Sequence[int],
-                 n_groups: int = 1, first_seq: int = 0):
+                 n_groups: int = 1, first_seq: int = 0, reuse: bool = False):
         self.ctx, self.sequences = ctx, [list(s) for s in sequences]
         self.n_roles, self.n_groups, self.first_seq = len(sequences), n_groups, first_seq
         if self.n_roles == 0 or any(len(s) == 0 for s in self.sequences):
@@ -88,6 +93,9 @@ class Lockstep:
         self._batch = Batch(cap)
         self._want = [r in set(want_logits) for r in range(self.n_roles)]
         self._plan = None
+        self.reuse = reuse
+        self.appended: list[list[int]] = [[] for _ in range(n_groups)]   # tokens each group stepped
+        self.reused = [0] * self.n_roles          # per role: prompt tokens whose KV was kept
 
     def seq_id(self, group: int, role: int) -> int:
         return self.first_seq + group * self.n_roles + role
@@ -114,17 +122,18 @@ class Lockstep:
         hook = self.ctx.hook
         b, cap = self._batch, self.ctx.params.n_batch
         b.clear()
-        pending: list[tuple[int, int]] = []   # hook captures (row, slot) in the current chunk
+        pending: list[tuple[int, int, int, int]] = []   # hook captures (row, slot, role, index) in this chunk
         by_pos: dict[tuple[int, int], list[int]] = {}      # one token may fill several slots
         for c in captures:
             by_pos.setdefault((c.seq, c.index), []).append(c.slot)
+        starts = self._kept_prefixes(by_pos)
         for r, toks in enumerate(self.sequences):
-            for i, tok in enumerate(toks[:-1]):
+            for i in range(starts[r], len(toks) - 1):
                 if b.n == cap:
                     self._decode_chunk(pending)
                     pending = []
-                row = b.add(tok, i, self.seq_id(0, r), False)
-                pending += [(row, slot) for slot in by_pos.get((r, i), ())]
+                row = b.add(toks[i], i, self.seq_id(0, r), False)
+                pending += [(row, slot, r, i) for slot in by_pos.get((r, i), ())]
         if b.n:
             self._decode_chunk(pending)
         for g in range(1, self.n_groups):
@@ -145,12 +154,49 @@ class Lockstep:
         self._check_edits(placed)
         self._plan = None  # the prefill plan may have captures: the first step sets its own
 
-    def _decode_chunk(self, pending: list[tuple[int, int]]) -> None:
+    def _kept_prefixes(self, by_pos: dict[tuple[int, int], list[int]]) -> list[int]:
+        """Per role, the first prompt index to decode: 0, or with reuse the common prefix with the
+        recorded tokens of its group-0 sequence (never the last token: it carries the edits and
+        the logits). A capture inside a kept prefix gets back the row it saved then; where none
+        is saved, the prefix is cut there and the capture runs again. Every other sequence is
+        emptied, and so is the whole context when its records are unknown."""
+        ctx = self.ctx
+        known = ctx.take_kv()
+        if not self.reuse:
+            return [0] * self.n_roles
+        if known is None:
+            ctx.clear()
+            known = {}
+        ctx.kv = None
+        mine = {self.seq_id(0, r) for r in range(self.n_roles)}
+        for seq in known:
+            if seq not in mine:
+                ctx.seq_rm(seq)
+        starts = []
+        for r, toks in enumerate(self.sequences):
+            seq = self.seq_id(0, r)
+            old = known.get(seq, ())
+            keep, limit = 0, min(len(old), len(toks) - 1)
+            while keep < limit and old[keep] == toks[keep]:
+                keep += 1
+            for i in sorted(i for (rr, i) in by_pos if rr == r and i < keep):
+                if not all(ctx.restore_slot(slot, seq, toks[:i + 1]) for slot in by_pos[(r, i)]):
+                    keep = i
+                    break
+            ctx.seq_rm(seq, keep, -1)
+            starts.append(keep)
+        self.reused = starts
+        return starts
+
+    def _decode_chunk(self, pending: list[tuple[int, int, int, int]]) -> None:
         hook = self.ctx.hook
         if hook is not None:
-            hook.set_plan(pending, ())
+            hook.set_plan([(row, slot) for row, slot, _, _ in pending], ())
         self.ctx.decode(self._batch)
         self._batch.clear()
+        if hook is not None and self.reuse:
+            for _, slot, r, i in pending:
+                self.ctx.save_slot(slot, self.seq_id(0, r), self.sequences[r][:i + 1], hook.slots[slot])
 
     def _check_edits(self, edits: Sequence) -> None:
         hook = self.ctx.hook
@@ -160,16 +206,32 @@ class Lockstep:
                 raise FgdilpError(f"steering edited {hook.edits_applied} rows, expected {want}")
 
     def deactivate(self, group: int) -> None:
-        """Stop advancing `group` (its rows leave the following batches)."""
+        """Stop advancing `group` (its rows leave the following batches); with reuse group 0
+        keeps its cells for the next run."""
         self.active.remove(group)
+        if self.reuse and group == 0:
+            return
         for r in range(self.n_roles):
             self.ctx.seq_rm(self.seq_id(group, r))
+
+    def record(self, edited_roles: Sequence[int] = ()) -> None:
+        """After a run that ended with every group stopped: note in the context what group 0's
+        cells hold, for the next run's reuse. edited_roles: roles whose rows the hook edited (their
+        last prompt token and later tokens differ from an unsteered prefill; only the part before
+        is kept)."""
+        if not self.reuse or self.active:
+            return
+        kv = {}
+        for r, toks in enumerate(self.sequences):
+            kv[self.seq_id(0, r)] = toks[:-1] if r in edited_roles else toks + self.appended[0]
+        self.ctx.kv = kv
 
     def step(self, tokens: Sequence[int], edits: Sequence = ()) -> None:
         """Append tokens[k] to every role of the k-th active group and decode the new rows."""
         b, hook, R = self._batch, self.ctx.hook, self.n_roles
         b.clear()
         for k, g in enumerate(self.active):
+            self.appended[g].append(tokens[k])
             for r in range(R):
                 b.add(tokens[k], self.lengths[r], self.seq_id(g, r), self._want[r])
         for r in range(R):
