@@ -32,7 +32,7 @@ from .settings import Settings, default_sources
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
-                      "steer_layer_range"})
+                      "steer_layer_range", "instance_reuse"})
 
 
 class Stream(Iterator[str]):
@@ -320,4 +320,4 @@ class Detoxifier:
         self._gen.set_steer(s.steer())
         return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
                                   explain=explain, special=special, reset_cancel=reset_cancel,
-                                  stop_at_eog=stop_at_eog)
+                                  stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse)

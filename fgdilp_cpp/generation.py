@@ -27,6 +27,7 @@ from .plans import N_SLOTS, Plan, PlanRequest, Runtime, build_instance, frozen_d
 __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
+INSTANCE_REUSE = ("turn", "conversation")   # when FGDILP's instance is rebuilt (Settings.instance_reuse)
 SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
 
 
@@ -82,6 +83,8 @@ class Generator:
         self._cancelled = False
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
+        self._conversation = None        # (key, prompt tokens, Selection) of instance_reuse="conversation"
+        self._conversation_turns = 0
         if vectors is not None:
             vectors.check_model(identity_of(model))
 
@@ -232,7 +235,7 @@ class Generator:
                  forced_tokens: Optional[list[int]] = None,
                  record_logits: bool = False, logits_all: bool = False,
                  stop_at_eog: bool = True, explain: bool = False, prefixes=None, special: bool = False,
-                 reset_cancel: bool = True) -> GenResult:
+                 reset_cancel: bool = True, instance_reuse: str = "turn") -> GenResult:
         """Generate n_samples continuations of `prompt` with `method` (sample i uses seed + i).
 
         on_text: streamed pieces of sample 0. forced_tokens: append these instead of sampling
@@ -241,9 +244,13 @@ class Generator:
         end-of-generation tokens (benchmarks). explain: fill GenResult.explain.
         prefixes: a method.prefixes.Selection to use instead of self-generation and diagnosis.
         special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
-        cancel() that came before this call (the caller reset it with reset_cancel())."""
+        cancel() that came before this call (the caller reset it with reset_cancel()).
+        instance_reuse: "turn" builds FGDILP's instance for every prompt; "conversation" keeps the
+        one built for an earlier prompt that this prompt extends (see conversation_instance)."""
         if n_predict < 1:
             raise ParamError("n_predict", "must be at least 1")
+        if instance_reuse not in INSTANCE_REUSE:
+            raise ParamError("instance_reuse", f"must be one of {', '.join(INSTANCE_REUSE)}, not {instance_reuse!r}")
         if not 1 <= n_samples <= self.engine.max_samples:
             raise FgdilpError(f"n_samples must be in 1..{self.engine.max_samples}")
         spec = self.resolve(method)
@@ -259,9 +266,14 @@ class Generator:
                                      f"({self.engine.ctx_size} tokens)")
         try:
             t0 = time.perf_counter()
+            instance_info = None
             try:
+                if spec.instance and prefixes is None and instance_reuse == "conversation":
+                    prefixes, instance_info = self.conversation_instance(prompt, raw, sampling)
                 plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
                                                                 prefixes))
+                if instance_info is not None:
+                    plan.explain.update(instance_info)
             except Cancelled:            # stopped during FGDILP's setup: nothing generated yet
                 return GenResult([Sample("", [], "cancelled") for _ in range(n_samples)], method, len(raw),
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
@@ -273,6 +285,26 @@ class Generator:
             hint = " (its graph lacks kqv_out-<layer> nodes)" if exc.code == ERR_NOT_FIRED else ""
             raise FgdilpError(f"cannot steer this model (architecture '{self.model.info.architecture}'): "
                               f"{exc}{hint}") from None
+
+    def conversation_instance(self, prompt: str, raw: list[int], sampling: SamplingParams):
+        """FGDILP's instance (prefix selection) for a conversation: the one built for an earlier
+        prompt that this one extends (same sampling and FGDILP values), else built now from this
+        prompt and kept. Its P+/P-_j prefixes stay the same from turn to turn, so their sequences
+        reuse their KV like TR's. A trimmed, cleared or other conversation builds a new one.
+        Returns (selection, explain entries)."""
+        key = (sampling, self.fgdilp)
+        last = self._conversation
+        # the last two tokens of the earlier prompt may merge with the reply that follows them
+        if last is not None and last[0] == key and len(raw) > len(last[1]) and raw[:len(last[1])] == last[1]:
+            return last[2], {"instance": "kept from an earlier turn", "instance_turns": self._count_turn()}
+        sel, info = build_instance(self.rt, prompt, raw, sampling)
+        self._conversation = (key, raw[:max(1, len(raw) - 2)], sel)
+        self._conversation_turns = 1
+        return sel, {**info, "instance": "built for this turn", "instance_turns": 1}
+
+    def _count_turn(self) -> int:
+        self._conversation_turns += 1
+        return self._conversation_turns
 
     def _check_prefixed(self, plan: Plan) -> None:
         """The raw prompt fits (checked before the plan); its prefixed sequences must fit too."""

@@ -90,7 +90,7 @@ def test_tr_explain_captures_survive_reuse(chat_model):
         ctx.hook.slots[SLOT_COLON] = 7.0          # another plan wrote the slot
         restored = []
         keep = ctx.restore_slot
-        ctx.restore_slot = lambda slot, seq, toks: restored.append(slot) or keep(slot, seq, toks)
+        ctx.restore_slot = lambda slot, toks: restored.append(slot) or keep(slot, toks)
         a, la = logits_of(reuse, SECOND, "tr", explain=True)
         assert restored == [SLOT_COLON]           # P-'s prefix was kept, its ':' row put back
         b, lb = logits_of(full, SECOND, "tr", explain=True)
@@ -132,3 +132,42 @@ def test_several_samples_after_reuse(chat_model):
                 a = reuse.generate(prompt, method, n_predict=5, n_samples=n, special=True)
                 b = full.generate(prompt, method, n_predict=5, n_samples=n, special=True)
                 assert [s.tokens for s in a.samples] == [s.tokens for s in b.samples]
+
+
+def test_conversation_instance_is_kept_while_the_conversation_extends(chat_model):
+    """instance_reuse="conversation": later turns keep the first turn's prefixes (no setup), so
+    P+/P-_j reuse their KV; a conversation that does not extend it builds a new instance."""
+    reuse, full = generators(chat_model)
+    with reuse, full:
+        first = reuse.generate(FIRST, "fgdilp", n_predict=3, special=True, instance_reuse="conversation")
+        kept = reuse._conversation[2]
+        second = reuse.generate(SECOND, "fgdilp", n_predict=6, special=True, instance_reuse="conversation",
+                                record_logits=True)
+        assert first.explain["instance"] == "built for this turn" and first.setup_s > 0
+        assert second.explain["instance"] == "kept from an earlier turn" and second.explain["instance_turns"] == 2
+        assert second.setup_s < first.setup_s / 4 and second.n_reused_tokens > 0
+        same = full.generate(SECOND, "fgdilp", n_predict=6, special=True, prefixes=kept, record_logits=True)
+        assert same.tokens == second.tokens
+        assert_close(np.stack(same.logits), np.stack(second.logits))
+        other = reuse.generate(CLEARED, "fgdilp", n_predict=3, special=True, instance_reuse="conversation")
+        assert other.explain["instance"] == "built for this turn"
+        with pytest.raises(Exception, match="instance_reuse"):
+            reuse.generate(FIRST, "fgdilp", n_predict=3, instance_reuse="sometimes")
+
+
+def test_bench_chat_turns_json(tiny_chat, cli):
+    import json
+
+    fast = ["--selfgen-samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-t", "1", "-c", "1024"]
+    proc = cli("bench", "--chat", "--turns", "2", "--json", "-m", tiny_chat, "--methods", "tr,fgdilp", *fast)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["turns"] == 2 and out["kv_reuse"] is True and list(out["methods"]) == ["none", "tr", "fgdilp"]
+    for name, r in out["methods"].items():
+        assert len(r["turns"]) == 2 and all(t > 0 for t in r["turns"]) and r["ttft_s"] == r["turns"][1]
+        assert r["reused_tokens"][0] == 0 and r["reused_tokens"][1] > 0   # the second turn reused the first
+        assert r["prompt_tokens"][1] > r["prompt_tokens"][0]
+    assert out["methods"]["none"]["ratio_vs_none"] == 1.0
+    assert out["methods"]["fgdilp"]["setup_s"][1] > 0
+    bad = cli("bench", "--chat", "--turns", "99", "-m", tiny_chat, *fast)
+    assert bad.returncode == 1 and "--turns must be in 1..8" in bad.stderr and "Traceback" not in bad.stderr

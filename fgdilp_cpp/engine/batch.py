@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
+import numpy as np
 
 from ..errors import FgdilpError
 from .owned import Owned
@@ -96,8 +97,11 @@ class Lockstep:
         self.reuse = reuse
         self.appended: list[list[int]] = [[] for _ in range(n_groups)]   # tokens each group stepped
         self.reused = [0] * self.n_roles          # per role: prompt tokens whose KV was kept
+        self._ids: Optional[list[list[int]]] = None   # [group][role] sequence ids chosen by reuse
 
     def seq_id(self, group: int, role: int) -> int:
+        if self._ids is not None:
+            return self._ids[group][role]
         return self.first_seq + group * self.n_roles + role
 
     def row(self, group: int, role: int) -> int:
@@ -168,25 +172,39 @@ class Lockstep:
             ctx.clear()
             known = {}
         ctx.kv = None
-        mine = {self.seq_id(0, r) for r in range(self.n_roles)}
+        self._ids = self._assign(known)
+        mine = set(self._ids[0])
         for seq in known:
             if seq not in mine:
                 ctx.seq_rm(seq)
         starts = []
         for r, toks in enumerate(self.sequences):
             seq = self.seq_id(0, r)
-            old = known.get(seq, ())
-            keep, limit = 0, min(len(old), len(toks) - 1)
-            while keep < limit and old[keep] == toks[keep]:
-                keep += 1
+            keep = _common_prefix(known.get(seq, ()), toks, len(toks) - 1)
             for i in sorted(i for (rr, i) in by_pos if rr == r and i < keep):
-                if not all(ctx.restore_slot(slot, seq, toks[:i + 1]) for slot in by_pos[(r, i)]):
+                if not all(ctx.restore_slot(slot, toks[:i + 1]) for slot in by_pos[(r, i)]):
                     keep = i
                     break
             ctx.seq_rm(seq, keep, -1)
             starts.append(keep)
         self.reused = starts
         return starts
+
+    def _assign(self, known: dict[int, list[int]]) -> list[list[int]]:
+        """Sequence ids per (group, role): each role of group 0 takes the recorded sequence that
+        shares the longest prefix with it (the hook finds roles by batch row, not by id, so a
+        role may move: FGDILP's P0 follows a varying number of negatives); the rest take free ids."""
+        R, lo, hi = self.n_roles, self.first_seq, self.ctx.params.n_seq_max
+        pairs = sorted(((_common_prefix(old, toks, len(toks) - 1), r, seq) for r, toks in enumerate(self.sequences)
+                        for seq, old in known.items() if lo <= seq < hi), reverse=True)
+        group0: dict[int, int] = {}
+        for n, r, seq in pairs:
+            if n > 0 and r not in group0 and seq not in group0.values():
+                group0[r] = seq
+        free = iter(i for i in range(lo, hi) if i not in group0.values())
+        ids = [[group0[r] if r in group0 else next(free) for r in range(R)]]
+        ids += [[next(free) for _ in range(R)] for _ in range(1, self.n_groups)]
+        return ids
 
     def _decode_chunk(self, pending: list[tuple[int, int, int, int]]) -> None:
         hook = self.ctx.hook
@@ -196,7 +214,7 @@ class Lockstep:
         self._batch.clear()
         if hook is not None and self.reuse:
             for _, slot, r, i in pending:
-                self.ctx.save_slot(slot, self.seq_id(0, r), self.sequences[r][:i + 1], hook.slots[slot])
+                self.ctx.save_slot(slot, self.sequences[r][:i + 1], hook.slots[slot])
 
     def _check_edits(self, edits: Sequence) -> None:
         hook = self.ctx.hook
@@ -249,3 +267,12 @@ class Lockstep:
 
     def close(self) -> None:
         self._batch.close()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most limit."""
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n

@@ -265,9 +265,9 @@ class Context(Owned):
         # removed before the sequence is reused); a sequence with cells has a record. None: unknown
         # (any decode, copy or removal outside Lockstep's bookkeeping), so the next reuse clears.
         self.kv: Optional[dict[int, list[int]]] = {}
-        # hook slot values captured during a prefill, keyed by slot: (seq id, the tokens up to and
-        # including the captured one, the row). A reused prefix that covers a capture restores it.
-        self._slot_saves: dict[int, tuple[int, tuple[int, ...], np.ndarray]] = {}
+        # hook slot values captured during a prefill, keyed by slot: (the tokens up to and including
+        # the captured one, the row). A reused prefix that covers a capture restores it.
+        self._slot_saves: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
 
     @property
     def ptr(self):
@@ -278,16 +278,17 @@ class Context(Owned):
         known, self.kv = self.kv, None
         return known
 
-    def save_slot(self, slot: int, seq: int, tokens: Sequence[int], row: np.ndarray) -> None:
-        self._slot_saves[slot] = (seq, tuple(tokens), row.copy())
+    def save_slot(self, slot: int, tokens: Sequence[int], row: np.ndarray) -> None:
+        self._slot_saves[slot] = (tuple(tokens), row.copy())
 
-    def restore_slot(self, slot: int, seq: int, tokens: Sequence[int]) -> bool:
-        """Put back the row that `slot` captured at the last of `tokens` in sequence `seq`; False
-        when no such capture is saved (the caller recomputes from there)."""
+    def restore_slot(self, slot: int, tokens: Sequence[int]) -> bool:
+        """Put back the row that `slot` captured at the last of `tokens` (a captured row depends on
+        those tokens alone, whichever sequence held them); False when no such capture is saved
+        (the caller recomputes from there)."""
         saved = self._slot_saves.get(slot)
-        if self.hook is None or saved is None or saved[0] != seq or saved[1] != tuple(tokens):
+        if self.hook is None or saved is None or saved[0] != tuple(tokens):
             return False
-        self.hook.slots[slot] = saved[2]
+        self.hook.slots[slot] = saved[1]
         return True
 
     def decode(self, batch) -> None:
