@@ -107,17 +107,24 @@ def chat_turns(n: int) -> list[str]:
     return users[:n]
 
 
-def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_tokens: int = 24) -> dict:
+def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_tokens: int = 24,
+                   conversation_det=None) -> dict:
     """Replay an n-turn conversation once per method and time each reply's first piece.
 
     Every method keeps its own conversation (its replies, at most reply_tokens tokens each, become
     its assistant turns), so its contexts reuse their KV from turn to turn as in `chat`. Methods
     are interleaved within a turn, so machine noise hits all alike. ttft_s: the median from the
-    second turn on (the first turn prefills the whole system prompt and builds contexts)."""
+    second turn on (the first turn prefills the whole system prompt and builds contexts).
+    conversation_det: a Detoxifier with instance_reuse="conversation"; each method that builds
+    FGDILP's instance gets a row "<method>+conversation" run by it."""
     users = chat_turns(n_turns)
     calls = {m: (det, {"method": m}) for m in names}
     if vectors_det is not None:
         calls[methods.saved_vectors().name] = (vectors_det, {})
+    if conversation_det is not None:
+        for m in names:
+            if methods.get(m).instance:
+                calls[f"{m}+conversation"] = (conversation_det, {"method": m})
     history: dict[str, list[dict]] = {m: [] for m in calls}
     rows: dict[str, dict[str, list]] = {m: {"turns": [], "setup_s": [], "prefill_s": [], "prompt_tokens": [],
                                             "reused_tokens": []} for m in calls}

@@ -206,7 +206,11 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -
         det = stack.enter_context(_detoxifier(s, chat=True))
         with_vec = stack.enter_context(_detoxifier(s, vectors_path, chat=True)) if vectors_path else None
         if turns:
-            out = run_chat_turns(det, names, turns, with_vec)
+            # FGDILP's instance kept for the conversation, in its own contexts (a row of its own)
+            conv = None
+            if s.instance_reuse == "turn" and any(registry.get(m).instance for m in names):
+                conv = stack.enter_context(_detoxifier(s.updated({"instance_reuse": "conversation"}), chat=True))
+            out = run_chat_turns(det, names, turns, with_vec, conversation_det=conv)
         else:
             out = run_chat_ttft(det, prompt, names, repeats, with_vec)
     if as_json:

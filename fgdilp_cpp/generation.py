@@ -161,7 +161,7 @@ class Generator:
                               f"allows {MAX_SEQ}")
         params = ContextParams(n_ctx=n_ctx, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq,
                                n_outputs_max=n_seq, n_threads=e.n_threads, type_k=e.type_k,
-                               type_v=e.type_v, flash_attn=e.flash_attn)
+                               type_v=e.type_v, flash_attn=e.flash_attn, kv_reuse=e.kv_reuse)
         self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         if self._cancelled:              # cancel() came while this context did not exist yet
             ctx.request_abort()

@@ -162,12 +162,28 @@ def test_bench_chat_turns_json(tiny_chat, cli):
     proc = cli("bench", "--chat", "--turns", "2", "--json", "-m", tiny_chat, "--methods", "tr,fgdilp", *fast)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["turns"] == 2 and out["kv_reuse"] is True and list(out["methods"]) == ["none", "tr", "fgdilp"]
+    assert out["turns"] == 2 and out["kv_reuse"] is True and list(out["methods"]) == ["none", "tr", "fgdilp", "fgdilp+conversation"]
     for name, r in out["methods"].items():
         assert len(r["turns"]) == 2 and all(t > 0 for t in r["turns"]) and r["ttft_s"] == r["turns"][1]
         assert r["reused_tokens"][0] == 0 and r["reused_tokens"][1] > 0   # the second turn reused the first
         assert r["prompt_tokens"][1] > r["prompt_tokens"][0]
     assert out["methods"]["none"]["ratio_vs_none"] == 1.0
-    assert out["methods"]["fgdilp"]["setup_s"][1] > 0
+    fg, conv = out["methods"]["fgdilp"], out["methods"]["fgdilp+conversation"]
+    assert fg["setup_s"][1] > 0 and conv["setup_s"][0] > 0 and conv["setup_s"][1] < conv["setup_s"][0] / 4
     bad = cli("bench", "--chat", "--turns", "99", "-m", tiny_chat, *fast)
     assert bad.returncode == 1 and "--turns must be in 1..8" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_self_generation_reuses_the_conversation(chat_model):
+    """FGDILP's candidate replies prefill the conversation through the same reuse: the next
+    self-generation of a longer conversation draws the candidates a full prefill draws."""
+    from fgdilp_cpp.instance import self_generate
+
+    reuse, full = generators(chat_model)
+    with reuse, full:
+        for prompt in (FIRST, SECOND, THIRD):
+            toks = chat_model.tokenize(prompt, special=True)
+            a = self_generate(reuse.context("setup"), chat_model, toks, 3, SamplingParams(seed=4), 5, 1)
+            kept = reuse.context("setup").kv
+            b = self_generate(full.context("setup"), chat_model, toks, 3, SamplingParams(seed=4), 5, 1)
+            assert a == b and kept is not None and full.context("setup").kv is None

@@ -219,6 +219,7 @@ class ContextParams:
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: str = "auto"
+    kv_reuse: bool = True             # runs that support it keep their common prefix (engine/batch.py)
 
 
 class Context(Owned):
