@@ -187,3 +187,17 @@ def test_self_generation_reuses_the_conversation(chat_model):
             kept = reuse.context("setup").kv
             b = self_generate(full.context("setup"), chat_model, toks, 3, SamplingParams(seed=4), 5, 1)
             assert a == b and kept is not None and full.context("setup").kv is None
+
+
+@pytest.mark.parametrize("kv_reuse", [True, False])
+def test_detoxifier_chat_turns_reuse_unless_turned_off(tiny_chat, kv_reuse):
+    from fgdilp_cpp.api import Detoxifier
+
+    with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=512, n_predict=6, threads=1, method="tr",
+                              kv_reuse=kv_reuse) as d:
+        msgs = [{"role": "user", "content": "the cat sat on a mat"}]
+        first = d.chat(msgs, seed=1)
+        msgs += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+        second = d.chat(msgs, seed=1)
+        assert first.n_reused_tokens == 0
+        assert (second.n_reused_tokens > 0) == kv_reuse
