@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import methods
+from .conversation import ConversationInstance
 from .engine import Capture, Context, ContextParams, Lockstep, Model, Sampler
 from .engine.context import UNQUANTISED_CACHE
 from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
@@ -83,8 +84,7 @@ class Generator:
         self._cancelled = False
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
-        self._conversation = None        # (key, prompt tokens, Selection) of instance_reuse="conversation"
-        self._conversation_turns = 0
+        self.conversation = ConversationInstance()    # FGDILP's instance of instance_reuse="conversation"
         if vectors is not None:
             vectors.check_model(identity_of(model))
 
@@ -246,7 +246,7 @@ class Generator:
         special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
         cancel() that came before this call (the caller reset it with reset_cancel()).
         instance_reuse: "turn" builds FGDILP's instance for every prompt; "conversation" keeps the
-        one built for an earlier prompt that this prompt extends (see conversation_instance)."""
+        one built for an earlier prompt that this prompt extends (conversation.py)."""
         if n_predict < 1:
             raise ParamError("n_predict", "must be at least 1")
         if instance_reuse not in INSTANCE_REUSE:
@@ -269,7 +269,7 @@ class Generator:
             instance_info = None
             try:
                 if spec.instance and prefixes is None and instance_reuse == "conversation":
-                    prefixes, instance_info = self.conversation_instance(prompt, raw, sampling)
+                    prefixes, instance_info = self.conversation.get(self.rt, prompt, raw, sampling)
                 plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
                                                                 prefixes))
                 if instance_info is not None:
@@ -285,26 +285,6 @@ class Generator:
             hint = " (its graph lacks kqv_out-<layer> nodes)" if exc.code == ERR_NOT_FIRED else ""
             raise FgdilpError(f"cannot steer this model (architecture '{self.model.info.architecture}'): "
                               f"{exc}{hint}") from None
-
-    def conversation_instance(self, prompt: str, raw: list[int], sampling: SamplingParams):
-        """FGDILP's instance (prefix selection) for a conversation: the one built for an earlier
-        prompt that this one extends (same sampling and FGDILP values), else built now from this
-        prompt and kept. Its P+/P-_j prefixes stay the same from turn to turn, so their sequences
-        reuse their KV like TR's. A trimmed, cleared or other conversation builds a new one.
-        Returns (selection, explain entries)."""
-        key = (sampling, self.fgdilp)
-        last = self._conversation
-        # the last two tokens of the earlier prompt may merge with the reply that follows them
-        if last is not None and last[0] == key and len(raw) > len(last[1]) and raw[:len(last[1])] == last[1]:
-            return last[2], {"instance": "kept from an earlier turn", "instance_turns": self._count_turn()}
-        sel, info = build_instance(self.rt, prompt, raw, sampling)
-        self._conversation = (key, raw[:max(1, len(raw) - 2)], sel)
-        self._conversation_turns = 1
-        return sel, {**info, "instance": "built for this turn", "instance_turns": 1}
-
-    def _count_turn(self) -> int:
-        self._conversation_turns += 1
-        return self._conversation_turns
 
     def _check_prefixed(self, plan: Plan) -> None:
         """The raw prompt fits (checked before the plan); its prefixed sequences must fit too."""

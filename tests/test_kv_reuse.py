@@ -140,7 +140,7 @@ def test_conversation_instance_is_kept_while_the_conversation_extends(chat_model
     reuse, full = generators(chat_model)
     with reuse, full:
         first = reuse.generate(FIRST, "fgdilp", n_predict=3, special=True, instance_reuse="conversation")
-        kept = reuse._conversation[2]
+        kept = reuse.conversation._selection
         second = reuse.generate(SECOND, "fgdilp", n_predict=6, special=True, instance_reuse="conversation",
                                 record_logits=True)
         assert first.explain["instance"] == "built for this turn" and first.setup_s > 0
