@@ -35,7 +35,8 @@ PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "
                       "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
                       "edit", "gate",                                            # the edit rule (set_steer)
                       "mask_k", "fusion", "sign_election", "fused_norm",         # FGDILP's fusion (set_fgdilp)
-                      "diagnoser"})                                              # who ranks its samples
+                      "diagnoser",                                               # who ranks its samples
+                      "instance_reuse"})                                         # chat: the instance per reply or conversation
 
 
 class Stream(Iterator[str]):
@@ -370,4 +371,4 @@ class Detoxifier:
         self._gen.set_fgdilp(s.fgdilp())
         return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
                                   explain=explain, special=special, reset_cancel=reset_cancel,
-                                  stop_at_eog=stop_at_eog)
+                                  stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse)

@@ -3,9 +3,11 @@ and FGDILP's per-prompt setup cost against the time to generate the final sample
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
+from importlib import resources
 
 from . import methods
 
@@ -88,5 +90,75 @@ def run_chat_ttft(det, prompt: str, names: list[str], repeats: int, vectors_det=
         out["methods"][m] = {"ttft_s": round(med, 4), "ratio_vs_none": round(med / base, 3),
                              "setup_s": round(setup, 4), "prefill_s": round(prefill, 4),
                              "runs_ttft_s": [round(x, 4) for x in ttft[m]]}
+    out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size")}
+    return out
+
+
+CHAT_TURNS_FILE = "chat-turns.json"
+
+
+def chat_turns(n: int) -> list[str]:
+    """The first n user messages of the shipped benchmark conversation (data/chat-turns.json)."""
+    users = json.loads(resources.files(__package__).joinpath("data", CHAT_TURNS_FILE).read_text("utf-8"))["user"]
+    if not 1 <= n <= len(users):
+        from .errors import FgdilpError
+
+        raise FgdilpError(f"--turns must be in 1..{len(users)} (the messages of {CHAT_TURNS_FILE})")
+    return users[:n]
+
+
+def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_tokens: int = 24,
+                   conversation_det=None) -> dict:
+    """Replay an n-turn conversation once per method and time each reply's first piece.
+
+    Every method keeps its own conversation (its replies, at most reply_tokens tokens each, become
+    its assistant turns), so its contexts reuse their KV from turn to turn as in `chat`. Methods
+    are interleaved within a turn, so machine noise hits all alike. ttft_s: the median from the
+    second turn on (the first turn prefills the whole system prompt and builds contexts).
+    conversation_det: a Detoxifier with instance_reuse="conversation"; each method that builds
+    FGDILP's instance gets a row "<method>+conversation" run by it."""
+    users = chat_turns(n_turns)
+    calls = {m: (det, {"method": m}) for m in names}
+    if vectors_det is not None:
+        calls[methods.saved_vectors().name] = (vectors_det, {})
+    if conversation_det is not None:
+        for m in names:
+            if methods.get(m).instance:
+                calls[f"{m}+conversation"] = (conversation_det, {"method": m})
+    history: dict[str, list[dict]] = {m: [] for m in calls}
+    rows: dict[str, dict[str, list]] = {m: {"turns": [], "setup_s": [], "prefill_s": [], "prompt_tokens": [],
+                                            "reused_tokens": []} for m in calls}
+    for text in users:
+        for m, (d, over) in calls.items():
+            msgs = history[m]
+            msgs.append({"role": "user", "content": text})
+            t0 = time.perf_counter()
+            first = None
+            stream = d.stream_chat(msgs, n_predict=reply_tokens, **over)
+            pieces = []
+            for piece in stream:
+                if first is None:
+                    first = time.perf_counter() - t0
+                pieces.append(piece)
+            r = stream.result
+            msgs.append({"role": "assistant", "content": "".join(pieces)})
+            row = rows[m]
+            row["turns"].append(round(first if first is not None else time.perf_counter() - t0, 4))
+            row["setup_s"].append(round(r.setup_s, 4))
+            row["prefill_s"].append(round(r.prefill_s, 4))
+            row["prompt_tokens"].append(r.n_prompt_tokens)
+            row["reused_tokens"].append(r.n_reused_tokens)
+
+    def median_later(xs: list[float]) -> float:
+        return statistics.median(xs[1:] if len(xs) > 1 else xs)
+
+    base = median_later(rows[methods.UNSTEERED]["turns"])
+    s = det.settings
+    out = {"model": det.model.info.path, "turns": n_turns, "reply_tokens": reply_tokens,
+           "threads": s.threads or os.cpu_count(), "kv_reuse": s.kv_reuse, "instance_reuse": s.instance_reuse,
+           "methods": {}}
+    for m, row in rows.items():
+        med = median_later(row["turns"])
+        out["methods"][m] = {"ttft_s": round(med, 4), "ratio_vs_none": round(med / base, 3), **row}
     out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size")}
     return out

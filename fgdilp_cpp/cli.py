@@ -168,9 +168,11 @@ def info(**kw):
               help="Time to first token of a chat reply instead (default model SmolLM2, chat defaults).")
 @click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
               help="With --chat: also time replies steered by these saved directions.")
+@click.option("--turns", type=click.IntRange(1), default=None,
+              help="With --chat: replay a conversation of this many turns (the shipped one), time each reply.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vectors_path, as_json, **kw):
+def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vectors_path, turns, as_json, **kw):
     """Decode tokens/s of each method on the same prompt, side by side in one run."""
     from .bench import run_bench
 
@@ -178,9 +180,9 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
     if registry.UNSTEERED not in names:             # the baseline of every ratio
         names.insert(0, registry.UNSTEERED)
     if chat_mode:
-        return _bench_chat(prompt, names, repeats, vectors_path, as_json, kw)
-    if vectors_path:
-        raise FgdilpError("bench --vectors needs --chat")
+        return _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns)
+    if vectors_path or turns:
+        raise FgdilpError("bench --vectors and --turns need --chat")
     s = _settings(kw)
     setup = any(registry.get(m).instance for m in names)
     with _detoxifier(s, max_samples=setup_samples if setup else 1, max_new=setup_tokens + 1) as det:
@@ -195,8 +197,8 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
         click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
 
 
-def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
-    from .bench import CHAT_BENCH_PROMPT, run_chat_ttft
+def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -> None:
+    from .bench import CHAT_BENCH_PROMPT, run_chat_ttft, run_chat_turns
     from .chat import CHAT_DEFAULTS
 
     if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
@@ -205,9 +207,23 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw) -> None:
     with contextlib.ExitStack() as stack:
         det = stack.enter_context(_detoxifier(s, chat=True))
         with_vec = stack.enter_context(_detoxifier(s, vectors_path, chat=True)) if vectors_path else None
-        out = run_chat_ttft(det, prompt, names, repeats, with_vec)
+        if turns:
+            # FGDILP's instance kept for the conversation, in its own contexts (a row of its own)
+            conv = None
+            if s.instance_reuse == "turn" and any(registry.get(m).instance for m in names):
+                conv = stack.enter_context(_detoxifier(s.updated({"instance_reuse": "conversation"}), chat=True))
+            out = run_chat_turns(det, names, turns, with_vec, conversation_det=conv)
+        else:
+            out = run_chat_ttft(det, prompt, names, repeats, with_vec)
     if as_json:
         click.echo(json.dumps(out))
+        return
+    if turns:
+        click.echo(f"model {out['model']}  {turns} turns  threads={out['threads']}  kv_reuse={out['kv_reuse']}  "
+                   f"instance_reuse={out['instance_reuse']}")
+        click.echo(f"{'method':<15}{'TTFT s':>9}{'ratio':>8}  per turn")
+        for m, r in out["methods"].items():
+            click.echo(f"{m:<15}{r['ttft_s']:>9.3f}{r['ratio_vs_none']:>8.2f}  {' '.join(f'{x:.3f}' for x in r['turns'])}")
         return
     click.echo(f"model {out['model']}  chat prompt {out['n_prompt_tokens']} tokens  repeats={repeats}  "
                f"threads={out['threads']}  {json.dumps(out['settings'])}")

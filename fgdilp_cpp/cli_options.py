@@ -121,6 +121,8 @@ model_options = _options(
     click.option("-ctv", "--cache-type-v", default="f16", show_default=True,
                  help="V cache type; steering needs f16, bf16 or f32."),
     click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
+    click.option("--kv-reuse/--no-kv-reuse", default=True, show_default=True,
+                 help="Keep each sequence's KV between replies and decode only what changed (off: re-prefill)."),
     click.option("--profile/--no-profile", "profile", default=True, show_default=True,
                  help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
@@ -168,6 +170,8 @@ steer_options = _options(
     click.option("--diagnoser", type=click.Choice(["self", "scorer", "auto"]), default="self", show_default=True,
                  help="FGDILP: who ranks the self-generated samples: the model itself, the offline "
                       "toxicity scorer (tox-block), or auto (self only where its measured AUC reaches the scorer's)."),
+    click.option("--instance-reuse", type=click.Choice(["turn", "conversation"]), default="turn", show_default=True,
+                 help="FGDILP in chat: build the instance prefixes every reply, or once per conversation."),
 )
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import methods
+from .conversation import ConversationInstance
 from .engine import Capture, Context, ContextParams, Lockstep, Model, Sampler
 from .engine.context import UNQUANTISED_CACHE
 from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
@@ -27,6 +28,7 @@ from .plans import N_SLOTS, Plan, PlanRequest, Runtime, build_instance, frozen_d
 __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
+INSTANCE_REUSE = ("turn", "conversation")   # when FGDILP's instance is rebuilt (Settings.instance_reuse)
 SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
 CONTEXT_SHAPING = ("samples", "selfgen_tokens", "negatives")   # FgdilpParams that size contexts (context())
 
@@ -48,6 +50,7 @@ class GenResult:
     decode_s: float                  # the per-token decode steps (sampling included)
     n_decode_steps: int
     fired_layers: int = 0            # layers the hook fired on in the last steered decode
+    n_reused_tokens: int = 0         # prompt tokens of the output sequence whose KV an earlier run left
     explain: dict = field(default_factory=dict)
     logits: list[np.ndarray] = field(default_factory=list)   # per step [rows wanted, n_vocab]
 
@@ -82,6 +85,7 @@ class Generator:
         self._cancelled = False
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
+        self.conversation = ConversationInstance()    # FGDILP's instance of instance_reuse="conversation"
         if vectors is not None:
             vectors.check_model(identity_of(model))
 
@@ -160,7 +164,7 @@ class Generator:
                               f"allows {MAX_SEQ}")
         params = ContextParams(n_ctx=n_ctx, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq,
                                n_outputs_max=n_seq, n_threads=e.n_threads, type_k=e.type_k,
-                               type_v=e.type_v, flash_attn=e.flash_attn)
+                               type_v=e.type_v, flash_attn=e.flash_attn, kv_reuse=e.kv_reuse)
         self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         if self._cancelled:              # cancel() came while this context did not exist yet
             ctx.request_abort()
@@ -251,7 +255,7 @@ class Generator:
                  forced_tokens: Optional[list[int]] = None,
                  record_logits: bool = False, logits_all: bool = False,
                  stop_at_eog: bool = True, explain: bool = False, prefixes=None, special: bool = False,
-                 reset_cancel: bool = True) -> GenResult:
+                 reset_cancel: bool = True, instance_reuse: str = "turn") -> GenResult:
         """Generate n_samples continuations of `prompt` with `method` (sample i uses seed + i).
 
         on_text: streamed pieces of sample 0. forced_tokens: append these instead of sampling
@@ -260,9 +264,13 @@ class Generator:
         end-of-generation tokens (benchmarks). explain: fill GenResult.explain.
         prefixes: a method.prefixes.Selection to use instead of self-generation and diagnosis.
         special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
-        cancel() that came before this call (the caller reset it with reset_cancel())."""
+        cancel() that came before this call (the caller reset it with reset_cancel()).
+        instance_reuse: "turn" builds FGDILP's instance for every prompt; "conversation" keeps the
+        one built for an earlier prompt that this prompt extends (conversation.py)."""
         if n_predict < 1:
             raise ParamError("n_predict", "must be at least 1")
+        if instance_reuse not in INSTANCE_REUSE:
+            raise ParamError("instance_reuse", f"must be one of {', '.join(INSTANCE_REUSE)}, not {instance_reuse!r}")
         if not 1 <= n_samples <= self.engine.max_samples:
             raise FgdilpError(f"n_samples must be in 1..{self.engine.max_samples}")
         spec = self.resolve(method)
@@ -278,9 +286,14 @@ class Generator:
                                      f"({self.engine.ctx_size} tokens)")
         try:
             t0 = time.perf_counter()
+            instance_info = None
             try:
+                if spec.instance and prefixes is None and instance_reuse == "conversation":
+                    prefixes, instance_info = self.conversation.get(self.rt, prompt, raw, sampling)
                 plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
                                                                 prefixes))
+                if instance_info is not None:
+                    plan.explain.update(instance_info)
             except Cancelled:            # stopped during FGDILP's setup: nothing generated yet
                 return GenResult([Sample("", [], "cancelled") for _ in range(n_samples)], method, len(raw),
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
@@ -313,10 +326,15 @@ class Generator:
         samplers = [] if forced_tokens is not None else [
             Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
                                    (sampling.seed + g) % 2**32)) for g in range(n_samples)]
-        ctx.clear()
+        # KV reuse (docs/method.md §9): the cells of the last run's sequences keep the common prefix;
+        # a control vector changes every token's KV, so its runs start from an empty context
+        reuse = self.engine.kv_reuse and plan.cvec is None
+        if not reuse:
+            ctx.clear()
         if ctx.hook is not None:
             ctx.hook.reset_totals()
-        lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq)
+        lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq,
+                        reuse=reuse)
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_samples)]
         samples = [Sample("", [], "length") for _ in range(n_samples)]
         pieces: list[list[str]] = [[] for _ in range(n_samples)]
@@ -379,6 +397,8 @@ class Generator:
             if self._cancelled:
                 for g in lock.active:
                     samples[g].stop_reason = "cancelled"
+            else:
+                lock.record(edited_roles={e.target for e in plan.edits})
             t2 = time.perf_counter()
         finally:
             lock.close()
@@ -392,6 +412,7 @@ class Generator:
         hook = ctx.hook
         return GenResult(samples=samples, method=method, n_prompt_tokens=len(plan.sequences[out]),
                          setup_s=setup_s, prefill_s=t1 - t0, decode_s=t2 - t1, n_decode_steps=n_steps,
+                         n_reused_tokens=lock.reused[out],
                          fired_layers=hook.fired_layers if hook is not None else 0,
                          explain=plan.explain, logits=logits)
 

@@ -19,12 +19,14 @@ def self_generate(ctx: Context, model: Model, prompt_tokens: list[int], n: int, 
                   n_new: int = 20, min_new: int = 5) -> list[list[int]]:
     """n continuations of the prompt (seeds seed+1 .. seed+n), at most n_new tokens each, and at
     least min_new before an end-of-generation token may be drawn."""
-    ctx.clear()
     samplers = [Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
                                        (sampling.seed + 1 + i) % 2**32)) for i in range(n)]
     eog = np.array(model.eog_tokens, dtype=np.int64)
     outs: list[list[int]] = [[] for _ in range(n)]
-    lock = Lockstep(ctx, [prompt_tokens], want_logits=[0], n_groups=n)
+    # the prompt (a conversation) keeps the KV an earlier self-generation left in this context
+    if not ctx.params.kv_reuse:
+        ctx.clear()
+    lock = Lockstep(ctx, [prompt_tokens], want_logits=[0], n_groups=n, reuse=ctx.params.kv_reuse)
     try:
         lock.prefill()
         for step in range(n_new):
@@ -44,6 +46,9 @@ def self_generate(ctx: Context, model: Model, prompt_tokens: list[int], n: int, 
             if not lock.active or step == n_new - 1:
                 break
             lock.step(toks)
+        for g in list(lock.active):
+            lock.deactivate(g)
+        lock.record()
     finally:
         lock.close()
         for s in samplers:

@@ -39,6 +39,7 @@ class EngineParams:
     flash_attn: str = "auto"
     max_samples: int = 1             # samples of one prompt generated together
     max_new: int = 256               # KV room per extra sample
+    kv_reuse: bool = True            # keep each sequence's common token prefix with the last run (chat turns)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,8 @@ class Settings:
     chat_template: Optional[str] = None      # a llama.cpp built-in name or template text; None = the GGUF's
     system_prompt: Optional[str] = None
     history: bool = True                     # chat: autosave each session (off: --no-history, FGDILP_HISTORY=0)
+    kv_reuse: bool = True                    # keep the conversation's KV between replies (--no-kv-reuse: re-prefill)
+    instance_reuse: str = "turn"             # FGDILP's instance: rebuilt every "turn", or once per "conversation"
     # generation
     method: str = "tr"
     n_predict: int = 64
@@ -79,7 +81,7 @@ class Settings:
     def engine(self, **over) -> EngineParams:
         return EngineParams(ctx_size=self.ctx_size, n_batch=self.batch_size, n_threads=self.threads,
                             type_k=self.cache_type_k, type_v=self.cache_type_v, flash_attn=self.flash_attn,
-                            **over)
+                            kv_reuse=self.kv_reuse, **over)
 
     def steer(self) -> SteerParams:
         start, end = self.steer_layer_range or (0, -1)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
+import numpy as np
 
 from ..errors import FgdilpError
 from .owned import Owned
@@ -68,10 +69,15 @@ class Lockstep:
 
     want_logits: roles whose rows ask for logits (others do not pay for the vocabulary).
     Sequence ids: first_seq + g*R + role.
+
+    reuse: keep the longest common token prefix of each role with what group 0's sequences held
+    after the last recorded run of this context (Context.kv) and decode only the rest; group 0
+    keeps its cells when it stops, and record() says what they hold. Without reuse the caller
+    clears the context first.
     """
 
     def __init__(self, ctx, sequences: Sequence[Sequence[int]], want_logits: Sequence[int],
-                 n_groups: int = 1, first_seq: int = 0):
+                 n_groups: int = 1, first_seq: int = 0, reuse: bool = False):
         self.ctx, self.sequences = ctx, [list(s) for s in sequences]
         self.n_roles, self.n_groups, self.first_seq = len(sequences), n_groups, first_seq
         if self.n_roles == 0 or any(len(s) == 0 for s in self.sequences):
@@ -88,8 +94,14 @@ class Lockstep:
         self._batch = Batch(cap)
         self._want = [r in set(want_logits) for r in range(self.n_roles)]
         self._plan = None
+        self.reuse = reuse
+        self.appended: list[list[int]] = [[] for _ in range(n_groups)]   # tokens each group stepped
+        self.reused = [0] * self.n_roles          # per role: prompt tokens whose KV was kept
+        self._ids: Optional[list[list[int]]] = None   # [group][role] sequence ids chosen by reuse
 
     def seq_id(self, group: int, role: int) -> int:
+        if self._ids is not None:
+            return self._ids[group][role]
         return self.first_seq + group * self.n_roles + role
 
     def row(self, group: int, role: int) -> int:
@@ -114,17 +126,18 @@ class Lockstep:
         hook = self.ctx.hook
         b, cap = self._batch, self.ctx.params.n_batch
         b.clear()
-        pending: list[tuple[int, int]] = []   # hook captures (row, slot) in the current chunk
+        pending: list[tuple[int, int, int, int]] = []   # hook captures (row, slot, role, index) in this chunk
         by_pos: dict[tuple[int, int], list[int]] = {}      # one token may fill several slots
         for c in captures:
             by_pos.setdefault((c.seq, c.index), []).append(c.slot)
+        starts = self._kept_prefixes(by_pos)
         for r, toks in enumerate(self.sequences):
-            for i, tok in enumerate(toks[:-1]):
+            for i in range(starts[r], len(toks) - 1):
                 if b.n == cap:
                     self._decode_chunk(pending)
                     pending = []
-                row = b.add(tok, i, self.seq_id(0, r), False)
-                pending += [(row, slot) for slot in by_pos.get((r, i), ())]
+                row = b.add(toks[i], i, self.seq_id(0, r), False)
+                pending += [(row, slot, r, i) for slot in by_pos.get((r, i), ())]
         if b.n:
             self._decode_chunk(pending)
         for g in range(1, self.n_groups):
@@ -145,12 +158,63 @@ class Lockstep:
         self._check_edits(placed)
         self._plan = None  # the prefill plan may have captures: the first step sets its own
 
-    def _decode_chunk(self, pending: list[tuple[int, int]]) -> None:
+    def _kept_prefixes(self, by_pos: dict[tuple[int, int], list[int]]) -> list[int]:
+        """Per role, the first prompt index to decode: 0, or with reuse the common prefix with the
+        recorded tokens of its group-0 sequence (never the last token: it carries the edits and
+        the logits). A capture inside a kept prefix gets back the row it saved then; where none
+        is saved, the prefix is cut there and the capture runs again. Every other sequence is
+        emptied, and so is the whole context when its records are unknown."""
+        ctx = self.ctx
+        known = ctx.take_kv()
+        if not self.reuse:
+            return [0] * self.n_roles
+        if known is None:
+            ctx.clear()
+            known = {}
+        ctx.kv = None
+        self._ids = self._assign(known)
+        mine = set(self._ids[0])
+        for seq in known:
+            if seq not in mine:
+                ctx.seq_rm(seq)
+        starts = []
+        for r, toks in enumerate(self.sequences):
+            seq = self.seq_id(0, r)
+            keep = _common_prefix(known.get(seq, ()), toks, len(toks) - 1)
+            for i in sorted(i for (rr, i) in by_pos if rr == r and i < keep):
+                if not all(ctx.restore_slot(slot, toks[:i + 1]) for slot in by_pos[(r, i)]):
+                    keep = i
+                    break
+            ctx.seq_rm(seq, keep, -1)
+            starts.append(keep)
+        self.reused = starts
+        return starts
+
+    def _assign(self, known: dict[int, list[int]]) -> list[list[int]]:
+        """Sequence ids per (group, role): each role of group 0 takes the recorded sequence that
+        shares the longest prefix with it (the hook finds roles by batch row, not by id, so a
+        role may move: FGDILP's P0 follows a varying number of negatives); the rest take free ids."""
+        R, lo, hi = self.n_roles, self.first_seq, self.ctx.params.n_seq_max
+        pairs = sorted(((_common_prefix(old, toks, len(toks) - 1), r, seq) for r, toks in enumerate(self.sequences)
+                        for seq, old in known.items() if lo <= seq < hi), reverse=True)
+        group0: dict[int, int] = {}
+        for n, r, seq in pairs:
+            if n > 0 and r not in group0 and seq not in group0.values():
+                group0[r] = seq
+        free = iter(i for i in range(lo, hi) if i not in group0.values())
+        ids = [[group0[r] if r in group0 else next(free) for r in range(R)]]
+        ids += [[next(free) for _ in range(R)] for _ in range(1, self.n_groups)]
+        return ids
+
+    def _decode_chunk(self, pending: list[tuple[int, int, int, int]]) -> None:
         hook = self.ctx.hook
         if hook is not None:
-            hook.set_plan(pending, ())
+            hook.set_plan([(row, slot) for row, slot, _, _ in pending], ())
         self.ctx.decode(self._batch)
         self._batch.clear()
+        if hook is not None and self.reuse:
+            for _, slot, r, i in pending:
+                self.ctx.save_slot(slot, self.sequences[r][:i + 1], hook.slots[slot])
 
     def _check_edits(self, edits: Sequence) -> None:
         hook = self.ctx.hook
@@ -160,16 +224,32 @@ class Lockstep:
                 raise FgdilpError(f"steering edited {hook.edits_applied} rows, expected {want}")
 
     def deactivate(self, group: int) -> None:
-        """Stop advancing `group` (its rows leave the following batches)."""
+        """Stop advancing `group` (its rows leave the following batches); with reuse group 0
+        keeps its cells for the next run."""
         self.active.remove(group)
+        if self.reuse and group == 0:
+            return
         for r in range(self.n_roles):
             self.ctx.seq_rm(self.seq_id(group, r))
+
+    def record(self, edited_roles: Sequence[int] = ()) -> None:
+        """After a run that ended with every group stopped: note in the context what group 0's
+        cells hold, for the next run's reuse. edited_roles: roles whose rows the hook edited (their
+        last prompt token and later tokens differ from an unsteered prefill; only the part before
+        is kept)."""
+        if not self.reuse or self.active:
+            return
+        kv = {}
+        for r, toks in enumerate(self.sequences):
+            kv[self.seq_id(0, r)] = toks[:-1] if r in edited_roles else toks + self.appended[0]
+        self.ctx.kv = kv
 
     def step(self, tokens: Sequence[int], edits: Sequence = ()) -> None:
         """Append tokens[k] to every role of the k-th active group and decode the new rows."""
         b, hook, R = self._batch, self.ctx.hook, self.n_roles
         b.clear()
         for k, g in enumerate(self.active):
+            self.appended[g].append(tokens[k])
             for r in range(R):
                 b.add(tokens[k], self.lengths[r], self.seq_id(g, r), self._want[r])
         for r in range(R):
@@ -187,3 +267,12 @@ class Lockstep:
 
     def close(self) -> None:
         self._batch.close()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most limit."""
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n

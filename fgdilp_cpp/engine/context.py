@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
 import numpy as np
@@ -219,6 +219,7 @@ class ContextParams:
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: str = "auto"
+    kv_reuse: bool = True             # runs that support it keep their common prefix (engine/batch.py)
 
 
 class Context(Owned):
@@ -260,14 +261,41 @@ class Context(Owned):
         self.n_ctx = ll.llama_n_ctx(self._ctx)
         self.n_vocab = model.info.n_vocab
         self._mem = ll.llama_get_memory(self._ctx)
+        # KV reuse across generations (engine/batch.py's Lockstep): per sequence id, the tokens at
+        # positions 0.. whose cells hold reusable KV. Cells past a record's end may exist (they are
+        # removed before the sequence is reused); a sequence with cells has a record. None: unknown
+        # (any decode, copy or removal outside Lockstep's bookkeeping), so the next reuse clears.
+        self.kv: Optional[dict[int, list[int]]] = {}
+        # hook slot values captured during a prefill, keyed by slot: (the tokens up to and including
+        # the captured one, the row). A reused prefix that covers a capture restores it.
+        self._slot_saves: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
 
     @property
     def ptr(self):
         return self._ctx
 
+    def take_kv(self) -> Optional[dict[int, list[int]]]:
+        """The KV records, now marked unknown until a finished run records them again."""
+        known, self.kv = self.kv, None
+        return known
+
+    def save_slot(self, slot: int, tokens: Sequence[int], row: np.ndarray) -> None:
+        self._slot_saves[slot] = (tuple(tokens), row.copy())
+
+    def restore_slot(self, slot: int, tokens: Sequence[int]) -> bool:
+        """Put back the row that `slot` captured at the last of `tokens` (a captured row depends on
+        those tokens alone, whichever sequence held them); False when no such capture is saved
+        (the caller recomputes from there)."""
+        saved = self._slot_saves.get(slot)
+        if self.hook is None or saved is None or saved[0] != tuple(tokens):
+            return False
+        self.hook.slots[slot] = saved[1]
+        return True
+
     def decode(self, batch) -> None:
         """Decode one batch; with a hook, check that it fired on every layer it had to, once, on
         nodes of the batch's row count, and that every steered row is finite (else HookError)."""
+        self.kv = None
         hook = self.hook
         if hook is not None and hook.planned:
             hook.begin(batch.c.n_tokens)
@@ -312,13 +340,16 @@ class Context(Owned):
             raise FgdilpError(f"llama.cpp refused the control vector: {last_log_error()}")
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.kv = None
         ll.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
 
     def seq_rm(self, seq: int, p0: int = -1, p1: int = -1) -> None:
+        self.kv = None
         ll.llama_memory_seq_rm(self._mem, seq, p0, p1)
 
     def clear(self) -> None:
         ll.llama_memory_clear(self._mem, True)
+        self.kv = {}
 
     def _free(self) -> None:
         ll.llama_free(self._ctx)
