@@ -81,7 +81,7 @@ class Stream(Iterator[str]):
         def work() -> None:
             try:
                 res = det._call(self._prompt, s, self._method, self._special, self._explain,
-                                on_text=pieces.put, reset_cancel=False)
+                                on_text=pieces.put, reset_cancel=False, chat=self.fitted is not None)
                 if self.fitted is not None:
                     res.explain["dropped_messages"] = self.fitted.dropped
                 self.result = res
@@ -234,7 +234,7 @@ class Detoxifier:
         result.explain["dropped_messages"] says how many were dropped."""
         s, method = self._args(overrides)
         fitted = self._fitted(messages, trim, s, method)
-        res = self._call(fitted.prompt, s, method, True, explain)
+        res = self._call(fitted.prompt, s, method, True, explain, chat=True)
         res.explain["dropped_messages"] = fitted.dropped
         return res
 
@@ -366,9 +366,12 @@ class Detoxifier:
         return fitted
 
     def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,
-              reset_cancel: bool = True, n_samples: int = 1, stop_at_eog: bool = True) -> GenResult:
+              reset_cancel: bool = True, n_samples: int = 1, stop_at_eog: bool = True,
+              chat: bool = False) -> GenResult:
+        """chat: a conversation turn, which may keep the KV of the turns before it (kv_reuse);
+        anything else prefills afresh, so its result never depends on what ran before."""
         self._gen.set_steer(s.steer())
         self._gen.set_fgdilp(s.fgdilp())
         return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
                                   explain=explain, special=special, reset_cancel=reset_cancel,
-                                  stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse)
+                                  stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat)

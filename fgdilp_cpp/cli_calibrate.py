@@ -23,11 +23,11 @@ from .errors import FgdilpError
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="Replace or add a grid axis (default: steer-scale 0.25,0.5,1 x three late layer ranges).")
 @click.option("--quick", is_flag=True, help="A small grid on few prompts (about 5 minutes for gemma-3-270m).")
-@click.option("--cal-prompts", type=click.IntRange(2), default=None, help="Calibration prompts (default 32; quick 8).")
-@click.option("--test-prompts", type=click.IntRange(2), default=None, help="Confirmation prompts (default 64; quick 12).")
-@click.option("--benign-prompts", type=click.IntRange(2), default=None, help="Benign prompts (default 32; quick 8).")
-@click.option("--samples", "cal_samples", type=click.IntRange(1), default=None, help="Samples per prompt (default 3).")
-@click.option("-n", "--n-predict", type=click.IntRange(1), default=None, help="Tokens per sample (default 20).")
+@click.option("--cal-prompts", type=click.IntRange(2), default=None, help="Calibration prompts (default 24; quick 8).")
+@click.option("--test-prompts", type=click.IntRange(2), default=None, help="Confirmation prompts (default 48; quick 12).")
+@click.option("--benign-prompts", type=click.IntRange(2), default=None, help="Benign prompts (default 16; quick 8).")
+@click.option("--samples", "cal_samples", type=click.IntRange(1), default=None, help="Samples per prompt (default 2).")
+@click.option("-n", "--n-predict", type=click.IntRange(1), default=None, help="Tokens per sample (default 16).")
 @click.option("--ppl-budget", type=click.FloatRange(1.0, min_open=False), default=1.25, show_default=True,
               help="Fluency budget: corpus perplexity (generator judge) at most this times unsteered.")
 @click.option("--benign-budget", type=click.FloatRange(1.0), default=1.05, show_default=True,

@@ -255,7 +255,8 @@ class Generator:
                  forced_tokens: Optional[list[int]] = None,
                  record_logits: bool = False, logits_all: bool = False,
                  stop_at_eog: bool = True, explain: bool = False, prefixes=None, special: bool = False,
-                 reset_cancel: bool = True, instance_reuse: str = "turn") -> GenResult:
+                 reset_cancel: bool = True, instance_reuse: str = "turn",
+                 kv_reuse: Optional[bool] = None) -> GenResult:
         """Generate n_samples continuations of `prompt` with `method` (sample i uses seed + i).
 
         on_text: streamed pieces of sample 0. forced_tokens: append these instead of sampling
@@ -266,7 +267,10 @@ class Generator:
         special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
         cancel() that came before this call (the caller reset it with reset_cancel()).
         instance_reuse: "turn" builds FGDILP's instance for every prompt; "conversation" keeps the
-        one built for an earlier prompt that this prompt extends (conversation.py)."""
+        one built for an earlier prompt that this prompt extends (conversation.py).
+        kv_reuse: keep the KV cells an earlier run left for the common prefix (chat turns; None =
+        the engine's kv_reuse). Reused and fresh prefills agree to float rounding, not bit for bit,
+        so runs that must not depend on what ran before (evaluation, generate) pass False."""
         if n_predict < 1:
             raise ParamError("n_predict", "must be at least 1")
         if instance_reuse not in INSTANCE_REUSE:
@@ -275,6 +279,7 @@ class Generator:
             raise FgdilpError(f"n_samples must be in 1..{self.engine.max_samples}")
         spec = self.resolve(method)
         method = spec.name
+        self.rt.kv_reuse = self.engine.kv_reuse and (kv_reuse is None or kv_reuse)
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         if reset_cancel:
@@ -328,7 +333,7 @@ class Generator:
                                    (sampling.seed + g) % 2**32)) for g in range(n_samples)]
         # KV reuse (docs/method.md §9): the cells of the last run's sequences keep the common prefix;
         # a control vector changes every token's KV, so its runs start from an empty context
-        reuse = self.engine.kv_reuse and plan.cvec is None
+        reuse = self.rt.kv_reuse and plan.cvec is None
         if not reuse:
             ctx.clear()
         if ctx.hook is not None:

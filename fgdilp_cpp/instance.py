@@ -7,7 +7,7 @@ the part of the six questions that one sample shares once and copies it to six s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -16,17 +16,19 @@ from .method.diagnosis import ATTRIBUTES, choose_yes_no, common_prefix_len, p_ye
 
 
 def self_generate(ctx: Context, model: Model, prompt_tokens: list[int], n: int, sampling: SamplingParams,
-                  n_new: int = 20, min_new: int = 5) -> list[list[int]]:
+                  n_new: int = 20, min_new: int = 5, reuse: Optional[bool] = None) -> list[list[int]]:
     """n continuations of the prompt (seeds seed+1 .. seed+n), at most n_new tokens each, and at
-    least min_new before an end-of-generation token may be drawn."""
+    least min_new before an end-of-generation token may be drawn. reuse: keep the KV an earlier
+    self-generation left for the common prefix (None: the context's kv_reuse)."""
     samplers = [Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
                                        (sampling.seed + 1 + i) % 2**32)) for i in range(n)]
     eog = np.array(model.eog_tokens, dtype=np.int64)
     outs: list[list[int]] = [[] for _ in range(n)]
     # the prompt (a conversation) keeps the KV an earlier self-generation left in this context
-    if not ctx.params.kv_reuse:
+    reuse = ctx.params.kv_reuse if reuse is None else (reuse and ctx.params.kv_reuse)
+    if not reuse:
         ctx.clear()
-    lock = Lockstep(ctx, [prompt_tokens], want_logits=[0], n_groups=n, reuse=ctx.params.kv_reuse)
+    lock = Lockstep(ctx, [prompt_tokens], want_logits=[0], n_groups=n, reuse=reuse)
     try:
         lock.prefill()
         for step in range(n_new):

@@ -57,6 +57,7 @@ class Runtime:
     reuse_instances: bool = False       # keep the last prompt's FGDILP instance (fgdilp and -frozen share it)
     memo: dict = field(default_factory=dict)
     scorer: Optional[object] = None     # the diagnosing scorer (None: tox-block, loaded on first use)
+    kv_reuse: bool = False              # this call may keep KV cells an earlier run left (chat turns)
     self_diagnosis_auc: Optional[float] = None   # measured AUCs (a model profile) for --diagnoser auto
     scorer_auc: Optional[float] = None
 
@@ -317,7 +318,8 @@ def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams):
 
     f, model = rt.fgdilp, rt.model
     ctx = rt.context("setup")
-    outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens)
+    outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens,
+                         reuse=rt.kv_reuse)
     texts = [model.detokenize(o) for o in outs]
     which = rt.diagnoser_choice()
     scores = rt.diagnose(texts, which)
