@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import llama_cpp  # noqa: F401  (loads libggml-base)
 import numpy as np
@@ -44,6 +46,19 @@ def _ggml_base() -> ctypes.CDLL:
     return lib
 
 
+@contextmanager
+def _gguf(path: str | Path) -> Iterator[tuple[ctypes.CDLL, int, int]]:
+    """(lib, gguf context, data offset) of a GGUF file's header (no tensor data loaded); freed after."""
+    lib = _ggml_base()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
+    if not ctx:
+        raise FgdilpError(f"cannot read the GGUF tensors of {path}")
+    try:
+        yield lib, ctx, lib.gguf_get_data_offset(ctx)
+    finally:
+        lib.gguf_free(ctx)
+
+
 FINGERPRINT_SAMPLE = 4096      # bytes hashed at the start, middle and end of every tensor
 
 
@@ -53,12 +68,7 @@ def weights_fingerprint(path: str | Path) -> str:
     read per tensor (~3.5 MB for a 7B model), whatever the file size. Metadata (name, chat
     template) does not enter it; a fine-tune or another quantisation changes every weight matrix
     and so the fingerprint. A change confined to bytes outside the samples would go unseen."""
-    lib = _ggml_base()
-    ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
-    if not ctx:
-        raise FgdilpError(f"cannot read the GGUF tensors of {path}")
-    try:
-        base = lib.gguf_get_data_offset(ctx)
+    with _gguf(path) as (lib, ctx, base):
         entries = []
         for tid in range(lib.gguf_get_n_tensors(ctx)):
             entries.append((lib.gguf_get_tensor_name(ctx, tid), lib.gguf_get_tensor_type(ctx, tid),
@@ -75,8 +85,6 @@ def weights_fingerprint(path: str | Path) -> str:
                         raise FgdilpError(f"{path} is truncated (tensor {name.decode(errors='replace')})")
                     h.update(chunk)
         return h.hexdigest()
-    finally:
-        lib.gguf_free(ctx)
 
 
 def output_projections(path: str | Path, n_layer: int) -> list[np.ndarray]:
@@ -88,12 +96,7 @@ def output_projections(path: str | Path, n_layer: int) -> list[np.ndarray]:
 
 def read_tensors(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
     """Named 2-D tensors as float32 numpy arrays of shape (ne1, ne0) (torch Linear layout)."""
-    lib = _ggml_base()
-    ctx = lib.gguf_init_from_file(str(path).encode(), _InitParams(True, None))
-    if not ctx:
-        raise FgdilpError(f"cannot read the GGUF tensors of {path}")
-    try:
-        base = lib.gguf_get_data_offset(ctx)
+    with _gguf(path) as (lib, ctx, base):
         mm = np.memmap(path, dtype=np.uint8, mode="r")
         out = {}
         for name in names:
@@ -109,5 +112,3 @@ def read_tensors(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
             w = raw.view(np.float32) if qtype == GGMLQuantizationType.F32 else dequantize(raw, qtype)
             out[name] = np.ascontiguousarray(w.reshape(ne1, ne0), dtype=np.float32)
         return out
-    finally:
-        lib.gguf_free(ctx)
