@@ -27,6 +27,8 @@ from .errors import FgdilpError
 @click.option("--test-prompts", type=click.IntRange(2), default=None, help="Confirmation prompts (default 48; quick 12).")
 @click.option("--benign-prompts", type=click.IntRange(2), default=None, help="Benign prompts (default 16; quick 8).")
 @click.option("--samples", "cal_samples", type=click.IntRange(1), default=None, help="Samples per prompt (default 2).")
+@click.option("--test-samples", type=click.IntRange(1), default=None,
+              help="Samples per confirmation prompt (default: --samples).")
 @click.option("-n", "--n-predict", type=click.IntRange(1), default=None, help="Tokens per sample (default 16).")
 @click.option("--ppl-budget", type=click.FloatRange(1.0, min_open=False), default=1.25, show_default=True,
               help="Fluency budget: corpus perplexity (generator judge) at most this times unsteered.")
@@ -36,14 +38,16 @@ from .errors import FgdilpError
               help="Working folder (resumable; default: calibration/<model fingerprint> in the user cache).")
 @click.option("-o", "--profile-out", default=None, metavar="FILE.json",
               help="Write the profile here instead of the user's profile folder.")
+@click.option("--tox-judges", default="toxblock,tcc", show_default=True,
+              help="Toxicity judges (the first also diagnoses FGDILP's samples when the scorer is the diagnoser).")
 @click.option("--chat", "as_chat", is_flag=True,
               help="Prompts as user messages in the model's chat template (chat models).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_prompts, test_prompts,
-              benign_prompts, cal_samples, n_predict, ppl_budget, benign_budget, out_dir, profile_out, as_chat,
-              no_progress, as_json, **kw):
+              benign_prompts, cal_samples, test_samples, n_predict, ppl_budget, benign_budget, out_dir, profile_out,
+              tox_judges, as_chat, no_progress, as_json, **kw):
     """Measure per method the steering setting with the least toxicity within the fluency budgets,
     confirm it on held-apart prompts, and write MODEL's profile (applied from then on)."""
     import dataclasses
@@ -52,7 +56,7 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
 
     from .api import Detoxifier
     from .evaluation.calibrate import CalibrationSizes, calibrate as run_calibration, default_profile_path
-    from .evaluation.judges import load_judge
+    from .evaluation.judges import load_judges
     from .evaluation.perplexity import PerplexityJudge
     from .evaluation.sweep import parse_sweep
 
@@ -66,17 +70,18 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
     sizes = CalibrationSizes.quick() if quick else CalibrationSizes()
     over = {k: v for k, v in (("cal_prompts", cal_prompts), ("test_prompts", test_prompts),
                               ("benign_prompts", benign_prompts), ("samples", cal_samples),
-                              ("n_predict", n_predict)) if v is not None}
+                              ("test_samples", test_samples), ("n_predict", n_predict)) if v is not None}
     sizes = dataclasses.replace(sizes, **over)
     s = _settings(kw)
-    with Detoxifier(s, sources=sources(), profile=False, max_samples=sizes.samples, max_new=sizes.n_predict + 1,
+    with Detoxifier(s, sources=sources(), profile=False, max_new=sizes.n_predict + 1,
+                    max_samples=max(sizes.samples, sizes.test_samples or 0),
                     reuse_instances=True) as det:
         if out_dir is None:
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             out_dir = str(Path(cache) / "fgdilp-cpp" / "calibration" / default_profile_path(det).stem)
         click.echo(f"calibrating {det.name} in {out_dir} (resumable: run the same command again)", err=True)
         with PerplexityJudge(det.model, n_threads=s.threads) as judge:
-            result = run_calibration(det, out_dir, load_judge("toxblock"), {"self": judge}, names, prompts_path,
+            result = run_calibration(det, out_dir, load_judges(tox_judges), {"self": judge}, names, prompts_path,
                                      benign_path, sizes, axes or None, ppl_budget, benign_budget,
                                      progress=not no_progress, chat=as_chat)
         if result.interrupted:

@@ -3,7 +3,8 @@ the figures behind them. A profile is keyed by the model's weights fingerprint, 
 applied to another model (another fine-tune or quantisation of the same shape included).
 
 Where they live: the user's `$XDG_CONFIG_HOME/fgdilp-cpp/profiles/` (written by calibrate), then
-the ones shipped in the package (fgdilp_cpp/profiles/, for the embedded models).
+the ones shipped in the package (fgdilp_cpp/profiles/, for the embedded models);
+FGDILP_PROFILE_PATH replaces that search path.
 Precedence of a setting: flag > FGDILP_* environment > --config file > profile > built-in default.
 """
 
@@ -27,6 +28,14 @@ PROFILE_FIELDS = frozenset({
     "selfgen_tokens", "selfgen_min_tokens", "negatives", "mask_k", "fusion", "sign_election", "pad_blank",
     "diagnoser", "edit", "gate", "fused_norm",
 })
+
+
+def search_path(environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """Where profiles are looked up, in order: FGDILP_PROFILE_PATH (folders joined by os.pathsep) if
+    set, else the user's folder, then the package's."""
+    if "FGDILP_PROFILE_PATH" in environ:
+        return [Path(p) for p in environ["FGDILP_PROFILE_PATH"].split(os.pathsep) if p]
+    return [user_profile_dir(environ), SHIPPED_DIR]
 
 
 def user_profile_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -115,7 +124,7 @@ def profile_path_for(identity: Mapping[str, str], folder: Optional[Path] = None)
 def find_profile(identity: Mapping[str, str], folders: Optional[list[Path]] = None) -> tuple[Optional[Profile], Optional[Path]]:
     """The profile for this model: the user's first, then the shipped ones; (None, None) if none.
     A file that names another model is skipped; a damaged file for this model is an error."""
-    for folder in folders if folders is not None else [user_profile_dir(), SHIPPED_DIR]:
+    for folder in folders if folders is not None else search_path():
         if not folder.is_dir():
             continue
         named = profile_path_for(identity, folder)

@@ -19,6 +19,13 @@ from tiny_model import (CHATML, TinyConfig, build_tiny_llama, build_tiny_mamba, 
 TEST_NGL = gpu_layers_for_tests()
 
 
+@pytest.fixture(autouse=True)
+def no_model_profiles(tmp_path_factory, monkeypatch):
+    """Tests see no model profile (neither the user's nor the shipped ones) unless they make one:
+    what a test checks must not depend on this machine's calibrations. Subprocesses inherit it."""
+    monkeypatch.setenv("FGDILP_PROFILE_PATH", str(tmp_path_factory.mktemp("no-profiles")))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """(path, weights, cfg) of a tiny llama-architecture model with GQA."""

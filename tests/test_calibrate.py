@@ -43,6 +43,7 @@ def test_calibration_on_the_tiny_model_writes_a_profile_that_applies(tiny_llama,
     from fgdilp_cpp.settings import Settings
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.delenv("FGDILP_PROFILE_PATH")
     sizes = CalibrationSizes(cal_prompts=3, test_prompts=2, benign_prompts=2, samples=2, n_predict=4,
                              scales=(0.0, 0.5), n_ranges=1)
     s = Settings(model=str(tiny_llama[0]), ctx_size=256, threads=1)
@@ -52,7 +53,7 @@ def test_calibration_on_the_tiny_model_writes_a_profile_that_applies(tiny_llama,
                         ppl_budget=100.0, benign_budget=100.0, progress=False, log=lambda _: None)
         identity = model_identity(det.model)
     assert not res.interrupted
-    assert set(res.reports) == {"calibration", "benign", "test"}
+    assert set(res.reports) == {"calibration", "benign", "test-2x2"}
     prof = res.profile
     assert set(prof.methods) == {"tr", "random"} and prof.method == "tr"      # the control is never recommended
     tr = prof.methods["tr"]

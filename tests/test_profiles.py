@@ -32,6 +32,7 @@ def _profile(identity, **over) -> Profile:
 def profiled(tiny_llama, tmp_path, monkeypatch):
     """The tiny model with a profile in a private XDG_CONFIG_HOME."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    monkeypatch.delenv("FGDILP_PROFILE_PATH")          # the default search: the user's folder, the package's
     ident = _identity(tiny_llama[0])
     path = _profile(ident).save(profile_path_for(ident, tmp_path / "cfg" / "fgdilp-cpp" / "profiles"))
     return tiny_llama[0], ident, path
@@ -150,3 +151,31 @@ def test_chat_settings_show_where_values_came_from(profiled, capsys):
     assert lines["steer-scale"].endswith("(profile)") and " 0.25 " in lines["steer-scale"]
     assert lines["method"].split()[1] == "random" and lines["method"].endswith("(/method)")
     assert lines["n-predict"].endswith("(api)")
+
+
+def test_search_path(monkeypatch, tmp_path):
+    from fgdilp_cpp.profiles import SHIPPED_DIR, search_path, user_profile_dir
+
+    monkeypatch.delenv("FGDILP_PROFILE_PATH")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert search_path() == [tmp_path / "fgdilp-cpp" / "profiles", SHIPPED_DIR] and user_profile_dir() == search_path()[0]
+    monkeypatch.setenv("FGDILP_PROFILE_PATH", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    assert search_path() == [tmp_path / "a", tmp_path / "b"]
+
+
+@pytest.mark.real_model
+def test_shipped_profiles_match_the_embedded_models():
+    """The package's profiles are found for the models they were made for (and only by weights)."""
+    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_model_path
+    from fgdilp_cpp.profiles import SHIPPED_DIR
+
+    shipped = sorted(SHIPPED_DIR.glob("*.json"))
+    assert shipped, "no profile ships in the package"
+    found = {}
+    for path in (default_model_path(), smollm2_path()):
+        prof, where = find_profile(_identity(path), folders=[SHIPPED_DIR])
+        if prof is not None:
+            found[where.name] = prof
+            assert prof.method in prof.methods and prof.methods[prof.method]["settings"]
+    assert set(found) == {p.name for p in shipped}

@@ -44,6 +44,12 @@ class CalibrationSizes:
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
     n_ranges: int = 3                 # late layer ranges tried (layer_ranges())
     diagnosis_texts: int = 60         # human continuations diagnosed by self and scorer (for the diagnoser)
+    test_samples: Optional[int] = None   # samples per confirmation prompt (None: samples)
+
+    def test_folder(self) -> str:
+        """The confirmation's run folder: named by its size, so a larger confirmation of the same
+        calibration (the same command with more test prompts or samples) runs beside it."""
+        return f"{TEST}-{self.test_prompts}x{self.test_samples or self.samples}"
 
     @classmethod
     def quick(cls) -> "CalibrationSizes":
@@ -88,7 +94,9 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
               top_p: float = 0.9, seed: int = 42, progress: bool = True, chat: bool = False,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Calibration:
     """Run the calibration with `det` (a Detoxifier opened without a profile, reuse_instances=True,
-    max_samples >= sizes.samples) and return its profile (not yet saved)."""
+    max_samples >= sizes.samples) and return its profile (not yet saved). scorer: a toxicity
+    scorer, or {judge name: scorer} (the first one judges, and diagnoses FGDILP's samples when the
+    scorer is the diagnoser; the others judge beside it)."""
     out = Path(out_dir)
     names = [m for m in (methods or registry.names()) if m != registry.UNSTEERED]
     all_methods = [registry.UNSTEERED] + names
@@ -98,7 +106,9 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
     records = load_prompts(prompts)
     cal, test = split(records, sizes.cal_prompts, sizes.test_prompts)
     diag_recs = [r for r in records if int(r.id) % 2 == 0]          # the calibration half only
-    diagnosis = _diagnosis(det, diag_recs, scorer, sizes.diagnosis_texts) \
+    judges_tox = scorer if isinstance(scorer, dict) else {"tox-block": scorer}
+    first_judge, first_scorer = next(iter(judges_tox.items()))
+    diagnosis = _diagnosis(det, diag_recs, first_scorer, sizes.diagnosis_texts) \
         if any(registry.get(m).instance for m in names) else {}
     if diagnosis and "diagnoser" not in axes:
         # FGDILP's samples are ranked by whichever diagnoser agrees better with Perspective
@@ -107,13 +117,14 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
             f"FGDILP runs with --diagnoser {axes['diagnoser'][0]}")
     benign_recs = [r for r in load_prompts(benign) if int(r.id) % 2 == 0][:sizes.benign_prompts]
     common = dict(scorer=scorer, judges=judges, progress=progress, top_p=top_p, seed=seed, n_predict=sizes.n_predict)
+    diagnoser_judge = first_judge if axes.get("diagnoser") == ["scorer"] else None     # marked in the reports
     reports: dict[str, dict] = {}
 
     def step(name: str, records, methods_, samples: int, grid_, **kw) -> Optional[dict]:
         log(f"calibrate: {name}: {len(records)} prompts x {samples} samples, {len(grid_)} points")
         res = run_eval(det, records, methods_, samples, common["n_predict"], common["top_p"], common["seed"],
                        out / name, common["scorer"], common["judges"], progress=common["progress"], grid=grid_,
-                       ppl_budget=ppl_budget, chat=chat, **kw)
+                       ppl_budget=ppl_budget, chat=chat, diagnoser_judge=diagnoser_judge, **kw)
         reports[name] = res["report"]
         if res["interrupted"]:
             return None
@@ -131,8 +142,8 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
             log(f"calibrate: {m}: no setting within the budgets ({b.get('reason')})")
     confirmed: dict[str, dict] = {}
     if chosen:
-        test_report = step(TEST, test, [registry.UNSTEERED] + list(chosen), sizes.samples,
-                           {registry.UNSTEERED: [{}], **chosen})
+        test_report = step(sizes.test_folder(), test, [registry.UNSTEERED] + list(chosen),
+                           sizes.test_samples or sizes.samples, {registry.UNSTEERED: [{}], **chosen})
         if test_report is None:
             return Calibration(Profile(model_identity(det.model), None, {}), best, {}, reports, interrupted=True)
         base = test_report["methods"].get(registry.UNSTEERED, {})

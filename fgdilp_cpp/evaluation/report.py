@@ -41,6 +41,7 @@ from .metrics import any_toxic, bootstrap_ci, distinct_n, max_toxicity, paired_b
 from .sweep import normalize, variant_name
 
 PPL_MAX = 1e4
+LABELLED_POINTS = 12        # EMT-vs-PPL plots name their points (and have a legend) up to this many
 
 
 def _num(x: Any) -> Optional[float]:
@@ -365,12 +366,14 @@ def write_plots(report: dict, out: Path) -> list[Path]:
             c = ms[n].get("ci_abs", {}).get("emt")
             yerr = [[max(y - c[1], 0.0)], [max(c[2] - y, 0.0)]] if c and c[1] is not None else None
             ax.errorbar([x], [y], yerr=yerr, fmt="o", color=col[n], capsize=4, ms=8, label=n)
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
+            if len(names) <= LABELLED_POINTS:      # a sweep's many points: frontier.png names them
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
         ax.set_xlabel(f"mean perplexity ({j} judge; ppl ≥ {report['ppl_max']:g} dropped)")
         ax.set_ylabel("expected maximum toxicity")
         ax.set_title("Toxicity against fluency (lower left is better)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(names) <= LABELLED_POINTS:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, out / "emt_vs_ppl.png", plt))
     front = plot_frontier(report, out / "frontier.png", plt, _save)
