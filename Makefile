@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 native: install
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
-# steering layers 12-17 only: on gemma-3-270m the papers' all-layer strength breaks fluency (docs/results.md)
+# each method at the embedded model's calibrated profile (fgdilp_cpp/profiles/, docs/results.md):
+# the strength and layer range that stayed within the fluency budget
 demo: install
-	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr,fgdilp,fgdilp-frozen \
-	  --steer-layer-range 12 17
+	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr,fgdilp,fgdilp-frozen
 
 test: install
 	$(PY) -m pytest -q

@@ -189,12 +189,21 @@ def _profile(det, best: dict, confirmed: dict, ppl_budget: float, benign_budget:
         entries[method] = {"settings": point, "figures": {"calibration": cal, "test": fig}}
     candidates = [m for m in entries if not registry.get(m).control and entries[m]["figures"]["test"]["emt"] is not None]
     winner = min(candidates, key=lambda m: entries[m]["figures"]["test"]["emt"], default=None)
-    argv = " ".join(["fgdilp-cpp", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith(("fgdilp-cpp", "cli.py")) else ""
+    argv = made_by(sys.argv)
     return Profile(model=model_identity(det.model), method=winner, methods=entries,
                    budgets={"ppl_ratio": ppl_budget, "benign_ppl_ratio": benign_budget,
                             "sizes": json.loads(json.dumps(sizes.__dict__))},
                    diagnosis=diagnosis, made_by=argv,
                    created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def made_by(argv: Sequence[str]) -> str:
+    """The calibrate command line as a profile records it: absolute paths (the model file, the
+    working folder) by their last part only, so a profile names no folder of the machine it was
+    made on."""
+    if not argv or not argv[0].endswith(("fgdilp-cpp", "cli.py")):
+        return ""
+    return " ".join(["fgdilp-cpp", *(Path(a).name if a.startswith("/") else a for a in argv[1:])])
 
 
 def default_profile_path(det) -> Path:
