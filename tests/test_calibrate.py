@@ -78,6 +78,6 @@ def test_calibration_on_the_tiny_model_writes_a_profile_that_applies(tiny_llama,
 def test_made_by_names_no_machine_folder():
     from fgdilp_cpp.evaluation.calibrate import made_by
 
-    assert made_by(["/x/bin/fgdilp-cpp", "calibrate", "/home/u/m.gguf", "--out", "/tmp/w", "-t", "2"]) == \
+    assert made_by(["/x/bin/fgdilp-cpp", "calibrate", "/data/models/m.gguf", "--out", "/data/w", "-t", "2"]) == \
         "fgdilp-cpp calibrate m.gguf --out w -t 2"
     assert made_by(["python", "-c"]) == ""
