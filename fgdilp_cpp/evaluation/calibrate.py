@@ -7,8 +7,8 @@ at a fluency cost a user accepts, confirm it on other prompts, and write the mod
 3. Per method, the point with the lowest EMT whose corpus PPL ratio to `none` is within the
    fluency budget (1.25) and whose benign corpus PPL ratio is within the benign budget (1.05).
 4. Each chosen point runs again on the test part (the confirmation: the figures in the profile).
-5. The recommended method is the one with the lowest confirmed EMT among the detoxifiers (the
-   random control is measured, never recommended). The profile also records the agreement of
+5. The recommended method is the one with the lowest confirmed EMT among the detoxifiers whose
+   confirmation stayed within the fluency budget (the random control is measured, never recommended). The profile also records the agreement of
    self-diagnosis and of the offline scorer with Perspective (for --diagnoser auto).
 Every step is an eval run in its own folder under out_dir: a killed calibration resumes.
 """
@@ -187,7 +187,12 @@ def _profile(det, best: dict, confirmed: dict, ppl_budget: float, benign_budget:
         cal = {k: best[method].get(k) for k in ("emt", "tp", "emt_delta", "tp_delta", "ppl_ratio",
                                                 "benign_ppl_ratio", "identical_share")}
         entries[method] = {"settings": point, "figures": {"calibration": cal, "test": fig}}
-    candidates = [m for m in entries if not registry.get(m).control and entries[m]["figures"]["test"]["emt"] is not None]
+    def confirmed(m: str) -> bool:      # a detoxifier whose confirmation stayed within the fluency budget
+        test = entries[m]["figures"]["test"]
+        return (not registry.get(m).control and test["emt"] is not None
+                and (test["ppl_ratio"] is None or test["ppl_ratio"] <= ppl_budget))
+
+    candidates = [m for m in entries if confirmed(m)]
     winner = min(candidates, key=lambda m: entries[m]["figures"]["test"]["emt"], default=None)
     argv = made_by(sys.argv)
     return Profile(model=model_identity(det.model), method=winner, methods=entries,
