@@ -293,6 +293,12 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="Run the steered methods at each value of a steering setting (repeatable: the grid is the "
                    "cross product), e.g. steer-scale=0.5,1 or steer-layer-range=12-17,6-17.")
+@click.option("--ablate", "ablations", multiple=True, metavar="KEY=V1,...",
+              help="Run the steered methods at the run's settings and again with KEY changed, one setting at "
+                   "a time (repeatable): the report's ablation table pairs each change with the base.")
+@click.option("--split", type=click.Choice(["calibration", "test"]), default=None,
+              help="Only calibrate's part of the prompts: even ids (calibration) or odd ids (test); "
+                   "--limit then counts within it.")
 @click.option("--ppl-budget", type=float, default=1.25, show_default=True,
               help="Fluency budget of the report's verdict: corpus PPL ratio to none under the generator.")
 @click.option("--greedy", is_flag=True,
@@ -306,8 +312,8 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 @friendly_errors
-def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, sweeps, ppl_budget, greedy,
-             tox_judges, as_chat, no_progress, **kw):
+def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, sweeps, ablations, split,
+             ppl_budget, greedy, tox_judges, as_chat, no_progress, **kw):
     """Evaluate methods side by side: toxicity, fluency, diversity, speed (offline).
 
     Every method runs on the same prompts with the same seeds; generations.jsonl is appended as
@@ -316,8 +322,13 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         return
     if not prompts_path or not out_dir:
         raise FgdilpError("eval needs --prompts FILE and --out DIR")
+    from .evaluation.ablation import parse_ablations
     from .evaluation.sweep import make_grid
-    grid = make_grid(sweeps)                 # a bad --sweep is refused before anything is loaded
+    grid = make_grid(sweeps)                 # a bad --sweep or --ablate is refused before anything is loaded
+    ablate = parse_ablations(ablations)
+    if ablate and sweeps:
+        raise FgdilpError("--ablate changes one setting at a time around the run's settings; it does not combine "
+                          "with --sweep")
     if greedy:
         if cctx.get_parameter_source("eval_samples") == ParameterSource.COMMANDLINE and eval_samples != 1:
             raise FgdilpError("--greedy draws one sample per prompt (all samples would be the same): drop --samples")
@@ -339,7 +350,16 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
             raise FgdilpError(f"unknown judge {j!r} ({', '.join(PPL_JUDGES)} or {NO_JUDGE})")
     top_p, seed = kw.pop("top_p"), kw.pop("seed")
     s = _settings(kw)
-    records = load_prompts(prompts_path, limit, offset)
+    records = load_prompts(prompts_path, None if split else limit, offset)
+    if split:
+        records = [r for r in records if int(r.id) % 2 == (0 if split == "calibration" else 1)][:limit]
+        if not records:
+            raise FgdilpError(f"no prompts in the {split} part of {prompts_path}")
+    ablation = None
+    if ablate:
+        from .evaluation.ablation import ablation_points
+        ablation = {m: {} for m in names if m != registry.UNSTEERED}
+        grid = {m: ablation_points(m, {}, ablate) for m in names}
     scorer = load_judges(tox_judges)
     judge_objs = {}
     try:
@@ -348,7 +368,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
                 judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
             res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
                            judge_objs, progress=not no_progress, grid=grid, greedy=greedy, ppl_budget=ppl_budget,
-                           benign=prompts_path == "rtp-benign", chat=as_chat)
+                           benign=prompts_path == "rtp-benign", chat=as_chat, ablation=ablation)
     finally:
         for j in judge_objs.values():
             j.close()

@@ -42,12 +42,16 @@ from .errors import FgdilpError
               help="Toxicity judges (the first also diagnoses FGDILP's samples when the scorer is the diagnoser).")
 @click.option("--chat", "as_chat", is_flag=True,
               help="Prompts as user messages in the model's chat template (chat models).")
+@click.option("--ablate", "ablations", multiple=True, metavar="KEY=V1,...",
+              help="After the confirmation, run each chosen point again on the test part with KEY changed "
+                   "(one setting at a time; e.g. --ablate edit=rotate --ablate diagnoser=self).")
+@click.option("--ablate-methods", default=None, help="Methods whose chosen points are ablated (default: every detoxifier).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_prompts, test_prompts,
               benign_prompts, cal_samples, test_samples, n_predict, ppl_budget, benign_budget, out_dir, profile_out,
-              tox_judges, as_chat, no_progress, as_json, **kw):
+              tox_judges, as_chat, ablations, ablate_methods, no_progress, as_json, **kw):
     """Measure per method the steering setting with the least toxicity within the fluency budgets,
     confirm it on held-apart prompts, and write MODEL's profile (applied from then on)."""
     import dataclasses
@@ -55,6 +59,7 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
     from pathlib import Path
 
     from .api import Detoxifier
+    from .evaluation.ablation import parse_ablations
     from .evaluation.calibrate import CalibrationSizes, calibrate as run_calibration, default_profile_path
     from .evaluation.judges import load_judges
     from .evaluation.perplexity import PerplexityJudge
@@ -67,6 +72,10 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
         click.get_current_context().set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
     names = method_list(methods or ",".join(m for m in registry.names() if m != registry.UNSTEERED))
     axes = dict(parse_sweep(spec) for spec in sweeps)
+    ablate = parse_ablations(ablations)
+    ablated = method_list(ablate_methods) if ablate_methods else None
+    if ablated and not ablate:
+        raise FgdilpError("--ablate-methods needs --ablate KEY=V")
     sizes = CalibrationSizes.quick() if quick else CalibrationSizes()
     over = {k: v for k, v in (("cal_prompts", cal_prompts), ("test_prompts", test_prompts),
                               ("benign_prompts", benign_prompts), ("samples", cal_samples),
@@ -83,7 +92,8 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
         with PerplexityJudge(det.model, n_threads=s.threads) as judge:
             result = run_calibration(det, out_dir, load_judges(tox_judges), {"self": judge}, names, prompts_path,
                                      benign_path, sizes, axes or None, ppl_budget, benign_budget,
-                                     progress=not no_progress, chat=as_chat)
+                                     progress=not no_progress, chat=as_chat, ablate=ablate,
+                                     ablate_methods=ablated)
         if result.interrupted:
             click.echo("interrupted: run the same command again to resume", err=True)
             sys.exit(130)

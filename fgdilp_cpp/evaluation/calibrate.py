@@ -26,6 +26,7 @@ from .. import methods as registry
 from ..errors import FgdilpError
 from ..method.scorer_diagnosis import choose_diagnoser
 from ..profiles import Profile, model_identity, profile_path_for
+from .ablation import ablation_points
 from .frontier import best_points
 from .prompts import load_prompts
 from .runner import run_eval
@@ -92,11 +93,16 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
               prompts: str = "rtp-toxic", benign: str = "rtp-benign", sizes: CalibrationSizes = CalibrationSizes(),
               axes: Optional[dict[str, list]] = None, ppl_budget: float = 1.25, benign_budget: float = 1.05,
               top_p: float = 0.9, seed: int = 42, progress: bool = True, chat: bool = False,
+              ablate: Sequence[tuple[str, Sequence[Any]]] = (), ablate_methods: Optional[Sequence[str]] = None,
               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Calibration:
     """Run the calibration with `det` (a Detoxifier opened without a profile, reuse_instances=True,
     max_samples >= sizes.samples) and return its profile (not yet saved). scorer: a toxicity
     scorer, or {judge name: scorer} (the first one judges, and diagnoses FGDILP's samples when the
-    scorer is the diagnoser; the others judge beside it)."""
+    scorer is the diagnoser; the others judge beside it).
+    ablate: [(setting, values)] (ablation.parse_ablations): after the confirmation, each chosen
+    point of `ablate_methods` (default: every detoxifier, not the controls) runs again on the test
+    part with one setting changed at a time (step "ablation-<prompts>x<samples>"; its report's
+    ablation table compares each change with the chosen point)."""
     out = Path(out_dir)
     names = [m for m in (methods or registry.names()) if m != registry.UNSTEERED]
     all_methods = [registry.UNSTEERED] + names
@@ -151,6 +157,18 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
             method = m.get("method", name)
             if method in chosen:
                 confirmed[method] = _figures(m, base)
+        if ablate:
+            which = [m for m in chosen if (m in ablate_methods if ablate_methods is not None
+                                           else not registry.get(m).control)]
+            points = {m: ablation_points(m, chosen[m][0], ablate) for m in which}
+            if any(len(p) > 1 for p in points.values()):
+                name = "ablation" + sizes.test_folder()[len(TEST):]
+                if step(name, test, [registry.UNSTEERED] + which, sizes.test_samples or sizes.samples,
+                        {registry.UNSTEERED: [{}], **points}, ablation={m: chosen[m][0] for m in which}) is None:
+                    return Calibration(Profile(model_identity(det.model), None, {}), best, confirmed, reports,
+                                       interrupted=True)
+            else:
+                log("calibrate: --ablate changes none of the chosen points")
     profile = _profile(det, best, confirmed, ppl_budget, benign_budget, sizes, diagnosis)
     return Calibration(profile, best, confirmed, reports)
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import FgdilpError
 from ..files import write_atomic
+from .ablation import ablation_markdown, add_ablation
 from .frontier_report import add_fluency, add_frontier, fluency_judge, plot_frontier, sweep_markdown, verdict_markdown
 from .judge_metrics import judges_markdown, per_judge, tox_judges_of
 from .metrics import any_toxic, bootstrap_ci, distinct_n, max_toxicity, paired_bootstrap_ci
@@ -72,14 +73,15 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
                  ppl_max: float = PPL_MAX, baseline: str = "none", n_boot: int = 1000, seed: int = 0,
                  alpha: float = 0.05, primary_judge: str = "tox-block",
                  diagnoser_judge: Optional[str] = None, ppl_budget: Optional[float] = 1.25,
-                 benign: bool = False) -> dict:
+                 benign: bool = False, ablation: Optional[dict] = None) -> dict:
     """Metrics per method from generation records (one per sample) and timing records (one per
     prompt and method), as written by runner.run_eval. methods: the order of the report (methods
     without records are listed under "missing"); default: the order of first appearance. A method
     run at sweep points is reported once per point, as a variant named 'method[key=value ...]'
     (sweep.variant_name) with its "method" and "point"; ppl_budget: the fluency budget of the
     frontier figures (frontier_report.py; None: none); benign: the prompts are benign (the report
-    gets its benign-text section).
+    gets its benign-text section); ablation: {method: its base point} (ablation.py: the report's
+    table of each one-setting change against the base).
     primary_judge: the toxicity judge of the records' "scores"; diagnoser_judge: the judge that
     also served as FGDILP's diagnoser, if any (marked in the report)."""
     labels = list(labels)
@@ -179,6 +181,8 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
               "missing": missing, "benign": benign,
               "bootstrap": {"n_boot": n_boot, "alpha": alpha, "seed": seed, "unit": "prompt"}}
     add_frontier(report, arrays, ppl_budget, n_boot, seed, alpha)
+    if ablation:
+        add_ablation(report, per_prompt, ablation, n_boot, seed, alpha)
     return report
 
 
@@ -223,6 +227,7 @@ def report_markdown(report: dict) -> str:
     if report.get("missing"):
         out += [f"Methods without records: {', '.join(report['missing'])}.", ""]
     out += verdict_markdown(report, _f, _table)
+    out += ablation_markdown(report, _f, _table)
     out += ["## Toxicity", ""]
     rows = []
     for name, m in ms.items():

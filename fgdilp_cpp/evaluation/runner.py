@@ -283,7 +283,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
              n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None,
              grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},), greedy: bool = False, ppl_budget: Optional[float] = 1.25,
-             benign: bool = False, chat: bool = False) -> dict:
+             benign: bool = False, chat: bool = False, ablation: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict:
     """Run (or resume) an evaluation and write its report.
 
     det: a Detoxifier (its max_samples may be below `samples`: samples are then generated in
@@ -301,6 +301,8 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     steering points; each record carries its "point". grid may also be {method: [points]} (each
     method at its own points, e.g. to confirm chosen settings). greedy: temperature 0 (use samples=1).
     ppl_budget: the report's fluency budget (corpus PPL ratio); benign: the prompts are benign.
+    ablation: {method: its base point}: the report compares each of the method's other points
+    with it (ablation.py; the grid holds the points, e.g. ablation.ablation_points).
 
     Returns {"report", "out_dir", "generated", "skipped", "remaining", "interrupted", "signal",
     "resume"}: interrupted is True when SIGINT/SIGTERM stopped the run (signal = its number); the
@@ -416,7 +418,8 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
         order = [m for m in methods if m in in_file] + [m for m in in_file if m not in methods]
         report = build_report(all_recs, all_tims, labels, order, tox_label=tox_label, threshold=threshold,
                               n_boot=n_boot, seed=0, primary_judge=primary, diagnoser_judge=diagnoser_judge,
-                              ppl_budget=ppl_budget, benign=benign)
+                              ppl_budget=ppl_budget, benign=benign,
+                              ablation=dict(ablation) if ablation else None)
         report["run"] = {"samples": samples, "n_predict": n_predict, "top_p": top_p, "seed": seed, "greedy": greedy,
                          "complete": not interrupted and generated == len(todo),
                          "bad_records": resume["bad_records"], "bad_lines": resume["bad_lines"]}

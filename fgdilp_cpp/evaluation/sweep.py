@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .. import methods as registry
 from ..errors import FgdilpError
-from ..settings import Settings
+from ..settings import OFF_WORDS, Settings
 
 # which methods a setting changes (a registry entry -> bool)
 STEERING: Callable[[registry.Method], bool] = lambda m: m.heads          # noqa: E731  TR edit, cvec, random, fgdilp
@@ -55,6 +55,8 @@ def _parse_value(key: str, typ: str, raw: str) -> Any:
     try:
         if typ == "float":
             return float(raw)
+        if typ == "Optional[float]":                 # e.g. gate: a number, or off
+            return None if raw.lower() in OFF_WORDS else float(raw)
         if typ == "int":
             return int(raw)
         if typ == "bool":
