@@ -46,7 +46,7 @@ class MethodChoice(click.ParamType):
 
     name = "method"
 
-    def get_metavar(self, param, *args) -> str:
+    def get_metavar(self, param, *args, **kwargs) -> str:     # click >= 8.2 also passes ctx=
         return "[" + "|".join(methods.names()) + "]"
 
     def convert(self, value, param, ctx):
@@ -123,6 +123,9 @@ model_options = _options(
     click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
     click.option("--kv-reuse/--no-kv-reuse", default=True, show_default=True,
                  help="Keep each sequence's KV between replies and decode only what changed (off: re-prefill)."),
+    click.option("--kv-conversations", type=click.IntRange(1, 16), default=1, show_default=True,
+                 help="With --kv-reuse: conversations whose KV each method keeps, the least recently used "
+                      "dropped first (serve: one per concurrent user; memory grows with it)."),
     click.option("--profile/--no-profile", "profile", default=True, show_default=True,
                  help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),

@@ -80,3 +80,24 @@ def test_usage_errors_are_not_tracebacks(cli):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "bogus" in proc.stderr
     proc = cli("bench", "-m", "/nonexistent.gguf", "--methods", "none,frob")
     assert proc.returncode == 1 and "frob" in proc.stderr
+
+
+def test_every_command_prints_its_help():
+    """--help of every command and subcommand (a parameter type's metavar once broke it)."""
+    from click.testing import CliRunner
+
+    import click
+
+    from fgdilp_cpp.cli import main
+
+    def walk(cmd, path):
+        yield path
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+
+    paths = list(walk(main, []))
+    assert len(paths) > 10
+    for path in paths:
+        r = CliRunner().invoke(main, path + ["--help"])
+        assert r.exit_code == 0 and "Usage:" in r.output, (path, r.output, r.exception)
