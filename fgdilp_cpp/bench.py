@@ -127,7 +127,7 @@ def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_
                 calls[f"{m}+conversation"] = (conversation_det, {"method": m})
     history: dict[str, list[dict]] = {m: [] for m in calls}
     rows: dict[str, dict[str, list]] = {m: {"turns": [], "setup_s": [], "prefill_s": [], "prompt_tokens": [],
-                                            "reused_tokens": []} for m in calls}
+                                            "reused_tokens": [], "instance_kept": []} for m in calls}
     for text in users:
         for m, (d, over) in calls.items():
             msgs = history[m]
@@ -148,6 +148,7 @@ def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_
             row["prefill_s"].append(round(r.prefill_s, 4))
             row["prompt_tokens"].append(r.n_prompt_tokens)
             row["reused_tokens"].append(r.n_reused_tokens)
+            row["instance_kept"].append((r.explain or {}).get("instance") == "kept from an earlier turn")
 
     def median_later(xs: list[float]) -> float:
         return statistics.median(xs[1:] if len(xs) > 1 else xs)

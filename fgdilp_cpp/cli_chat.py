@@ -27,8 +27,8 @@ def _chat_options(fn):
     return fn
 
 
-def _open_chat(kw: dict, model_arg=None):
-    """Settings (chat defaults < config file < FGDILP_* < flags) and the Detoxifier."""
+def _open_chat(kw: dict, model_arg=None, **defaults):
+    """Settings (chat defaults and `defaults` < config file < FGDILP_* < flags) and the Detoxifier."""
     from .api import Detoxifier
 
     vectors_path = kw.pop("vectors_path", None)
@@ -38,7 +38,7 @@ def _open_chat(kw: dict, model_arg=None):
         kw["model"] = model_arg
         src = click.get_current_context()
         src.set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
-    s = with_vectors(_settings(kw, default_source="chat default", **CHAT_DEFAULTS), vectors_path)
+    s = with_vectors(_settings(kw, default_source="chat default", **{**CHAT_DEFAULTS, **defaults}), vectors_path)
     return s, Detoxifier(s, vectors_path, chat=True, sources=sources())
 
 
@@ -65,6 +65,9 @@ def chat(model_arg, history_dir, **kw):
     with det:
         code = run_chat(det, history_dir)
     raise SystemExit(code)
+
+
+SERVE_KV_CONVERSATIONS = 4      # serve keeps the KV of this many conversations per method by default
 
 
 @click.command()
@@ -95,12 +98,13 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Requests may add "method", "steer_scale" and "steer_layer_range"; they are queued and run one
-    at a time on one model (default: SmolLM2-135M-Instruct)."""
+    at a time on one model (default: SmolLM2-135M-Instruct). The KV of the last 4 conversations
+    is kept per method (--kv-conversations), so a client's next turn decodes only its new tokens."""
     import os
 
     from .server import Limits, run_server
 
-    s, det = _open_chat(kw)
+    s, det = _open_chat(kw, kv_conversations=SERVE_KV_CONVERSATIONS)
     methods = tuple(m.strip() for m in allow_methods.split(",") if m.strip()) if allow_methods is not None else None
     limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,
                     api_key=api_key or os.environ.get("FGDILP_API_KEY") or None, allow_methods=methods,

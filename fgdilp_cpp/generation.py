@@ -146,6 +146,9 @@ class Generator:
             # exact methods run their roles per sample; the others capture once, then P0 per sample
             n_seq = roles * e.max_samples if spec.exact else max(roles, e.max_samples)
             n_ctx = roles * e.ctx_size + n_seq * min(e.max_new, e.ctx_size) * (e.max_samples > 1)
+            if e.kv_reuse and spec.hook:     # P0's unedited twin (engine/batch.py): a sequence, the reply's cells
+                n_seq += 1
+                n_ctx += min(e.max_new, e.ctx_size) + 1
             if spec.heads:
                 self._check_steerable(spec)
             if spec.hook:
@@ -162,9 +165,12 @@ class Generator:
         if n_seq > MAX_SEQ:
             raise FgdilpError(f"{name} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
                               f"allows {MAX_SEQ}")
-        params = ContextParams(n_ctx=n_ctx, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq,
-                               n_outputs_max=n_seq, n_threads=e.n_threads, type_k=e.type_k,
-                               type_v=e.type_v, flash_attn=e.flash_attn, kv_reuse=e.kv_reuse)
+        # several conversations kept (serve): room for each one's sequences and cells
+        convs = max(1, min(e.kv_conversations, MAX_SEQ // n_seq)) if e.kv_reuse else 1
+        params = ContextParams(n_ctx=n_ctx * convs, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq * convs,
+                               n_outputs_max=n_seq * convs, n_threads=e.n_threads, type_k=e.type_k,
+                               type_v=e.type_v, flash_attn=e.flash_attn, kv_reuse=e.kv_reuse,
+                               kv_conversations=convs)
         self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         if self._cancelled:              # cancel() came while this context did not exist yet
             ctx.request_abort()
@@ -338,8 +344,9 @@ class Generator:
             ctx.clear()
         if ctx.hook is not None:
             ctx.hook.reset_totals()
+        edited = {e.target for e in plan.edits}
         lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq,
-                        reuse=reuse)
+                        reuse=reuse, twin=out if out in edited else None)
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_samples)]
         samples = [Sample("", [], "length") for _ in range(n_samples)]
         pieces: list[list[str]] = [[] for _ in range(n_samples)]
@@ -403,7 +410,7 @@ class Generator:
                 for g in lock.active:
                     samples[g].stop_reason = "cancelled"
             else:
-                lock.record(edited_roles={e.target for e in plan.edits})
+                lock.record(edited_roles=edited)
             t2 = time.perf_counter()
         finally:
             lock.close()

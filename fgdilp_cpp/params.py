@@ -40,6 +40,7 @@ class EngineParams:
     max_samples: int = 1             # samples of one prompt generated together
     max_new: int = 256               # KV room per extra sample
     kv_reuse: bool = True            # keep each sequence's common token prefix with the last run (chat turns)
+    kv_conversations: int = 1        # with kv_reuse: conversations whose KV a context keeps (least recently used out)
 
 
 @dataclass(frozen=True)

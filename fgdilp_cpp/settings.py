@@ -48,6 +48,7 @@ class Settings:
     system_prompt: Optional[str] = None
     history: bool = True                     # chat: autosave each session (off: --no-history, FGDILP_HISTORY=0)
     kv_reuse: bool = True                    # keep the conversation's KV between replies (--no-kv-reuse: re-prefill)
+    kv_conversations: int = 1                # conversations kept in KV per method (serve: several users)
     instance_reuse: str = "turn"             # FGDILP's instance: rebuilt every "turn", or once per "conversation"
     # generation
     method: str = "tr"
@@ -81,7 +82,7 @@ class Settings:
     def engine(self, **over) -> EngineParams:
         return EngineParams(ctx_size=self.ctx_size, n_batch=self.batch_size, n_threads=self.threads,
                             type_k=self.cache_type_k, type_v=self.cache_type_v, flash_attn=self.flash_attn,
-                            kv_reuse=self.kv_reuse, **over)
+                            kv_reuse=self.kv_reuse, kv_conversations=self.kv_conversations, **over)
 
     def steer(self) -> SteerParams:
         start, end = self.steer_layer_range or (0, -1)

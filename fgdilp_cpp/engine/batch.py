@@ -74,12 +74,25 @@ class Lockstep:
     after the last recorded run of this context (Context.kv) and decode only the rest; group 0
     keeps its cells when it stops, and record() says what they hold. Without reuse the caller
     clears the context first.
+
+    twin (with reuse and one group): a role the hook edits (P0). Its edited rows are no use to the
+    next run (a full prefill of the next prompt decodes them unedited), so an extra last role, its
+    unedited twin with the same tokens, decodes beside it and is what the next run keeps: the
+    twin's prompt cells are copied from it (llama_memory_seq_cp, not decoded twice), and a new turn
+    decodes only the new tokens, not the steered reply again (docs/method.md §9.1). The twin's
+    row is not edited and asks for no logits; row() and the edits' roles are unchanged.
     """
 
     def __init__(self, ctx, sequences: Sequence[Sequence[int]], want_logits: Sequence[int],
-                 n_groups: int = 1, first_seq: int = 0, reuse: bool = False):
+                 n_groups: int = 1, first_seq: int = 0, reuse: bool = False, twin: Optional[int] = None):
         self.ctx, self.sequences = ctx, [list(s) for s in sequences]
         self.n_roles, self.n_groups, self.first_seq = len(sequences), n_groups, first_seq
+        self.twin = self.shadow = None
+        if (reuse and twin is not None and n_groups == 1 and 0 <= twin < self.n_roles
+                and self.n_roles + 1 <= ctx.params.n_batch and first_seq + self.n_roles + 1 <= ctx.params.n_seq_max):
+            self.twin, self.shadow = twin, self.n_roles        # the unedited twin is the last role
+            self.sequences.append(list(self.sequences[twin]))
+            self.n_roles += 1
         if self.n_roles == 0 or any(len(s) == 0 for s in self.sequences):
             raise FgdilpError("empty sequence")
         if n_groups < 1:
@@ -129,7 +142,10 @@ class Lockstep:
         pending: list[tuple[int, int, int, int]] = []   # hook captures (row, slot, role, index) in this chunk
         by_pos: dict[tuple[int, int], list[int]] = {}      # one token may fill several slots
         for c in captures:
-            by_pos.setdefault((c.seq, c.index), []).append(c.slot)
+            seq = c.seq
+            if seq == self.twin and c.index < len(self.sequences[seq]) - 1:
+                seq = self.shadow              # the twin holds the same unedited prompt rows
+            by_pos.setdefault((seq, c.index), []).append(c.slot)
         starts = self._kept_prefixes(by_pos)
         for r, toks in enumerate(self.sequences):
             for i in range(starts[r], len(toks) - 1):
@@ -140,6 +156,9 @@ class Lockstep:
                 pending += [(row, slot, r, i) for slot in by_pos.get((r, i), ())]
         if b.n:
             self._decode_chunk(pending)
+        if self.twin is not None and len(self.sequences[self.twin]) > 1:
+            self.ctx.seq_cp(self.seq_id(0, self.shadow), self.seq_id(0, self.twin), 0,
+                            len(self.sequences[self.twin]) - 1)
         for g in range(1, self.n_groups):
             for r, toks in enumerate(self.sequences):
                 if len(toks) > 1:
@@ -163,7 +182,8 @@ class Lockstep:
         recorded tokens of its group-0 sequence (never the last token: it carries the edits and
         the logits). A capture inside a kept prefix gets back the row it saved then; where none
         is saved, the prefix is cut there and the capture runs again. Every other sequence is
-        emptied, and so is the whole context when its records are unknown."""
+        emptied (kept, with kv_conversations > 1, until its id is needed), and so is the whole
+        context when its records are unknown."""
         ctx = self.ctx
         known = ctx.take_kv()
         if not self.reuse:
@@ -172,39 +192,81 @@ class Lockstep:
             ctx.clear()
             known = {}
         ctx.kv = None
-        self._ids = self._assign(known)
+        self._ids, copies = self._assign(known)
         mine = set(self._ids[0])
-        for seq in known:
-            if seq not in mine:
+        used = {i for ids in self._ids for i in ids}
+        retain = ctx.params.kv_conversations > 1
+        self._retained = {}
+        for seq, toks in known.items():
+            if seq in mine:
+                continue
+            if retain and seq not in used:
+                self._retained[seq] = toks                     # another conversation's, left as it is
+            else:
                 ctx.seq_rm(seq)
         starts = []
         for r, toks in enumerate(self.sequences):
             seq = self.seq_id(0, r)
-            keep = _common_prefix(known.get(seq, ()), toks, len(toks) - 1)
+            if r in copies:                                    # a prefix of another conversation's record
+                src, keep = copies[r]
+                ctx.seq_rm(seq)
+                ctx.seq_cp(src, seq, 0, keep)
+            else:
+                keep = _common_prefix(known.get(seq, ()), toks, len(toks) - 1)
             for i in sorted(i for (rr, i) in by_pos if rr == r and i < keep):
                 if not all(ctx.restore_slot(slot, toks[:i + 1]) for slot in by_pos[(r, i)]):
                     keep = i
                     break
-            ctx.seq_rm(seq, keep, -1)
+            if r == self.twin:                 # its prompt cells come from the twin (prefill)
+                keep = len(toks) - 1
+                ctx.seq_rm(seq)
+            else:
+                ctx.seq_rm(seq, keep, -1)
             starts.append(keep)
-        self.reused = starts
+        self.reused = list(starts)
+        if self.twin is not None:
+            self.reused[self.twin] = starts[self.shadow]
         return starts
 
-    def _assign(self, known: dict[int, list[int]]) -> list[list[int]]:
-        """Sequence ids per (group, role): each role of group 0 takes the recorded sequence that
-        shares the longest prefix with it (the hook finds roles by batch row, not by id, so a
-        role may move: FGDILP's P0 follows a varying number of negatives); the rest take free ids."""
+    def _assign(self, known: dict[int, list[int]]) -> tuple[list[list[int]], dict[int, tuple[int, int]]]:
+        """Sequence ids per (group, role), and the roles that start from a copy of another record
+        ({role: (record's sequence, tokens copied)}). Each role of group 0 takes the recorded
+        sequence that shares the longest prefix with it (the hook finds roles by batch row, not by
+        id, so a role may move: FGDILP's P0 follows a varying number of negatives); the rest take
+        free ids. With kv_conversations > 1 a record whose prompt the role does not extend belongs
+        to another conversation: the role copies the shared prefix (cells are shared, not
+        duplicated) and the record stays; free ids are those without a record first, then the
+        least recently used records'."""
         R, lo, hi = self.n_roles, self.first_seq, self.ctx.params.n_seq_max
+        ctx = self.ctx
         pairs = sorted(((_common_prefix(old, toks, len(toks) - 1), r, seq) for r, toks in enumerate(self.sequences)
-                        for seq, old in known.items() if lo <= seq < hi), reverse=True)
+                        for seq, old in known.items() if lo <= seq < hi and r != self.twin), reverse=True)
         group0: dict[int, int] = {}
         for n, r, seq in pairs:
             if n > 0 and r not in group0 and seq not in group0.values():
                 group0[r] = seq
-        free = iter(i for i in range(lo, hi) if i not in group0.values())
+        copies: dict[int, tuple[int, int]] = {}
+        if ctx.params.kv_conversations > 1:
+            for r, seq in list(group0.items()):
+                toks = self.sequences[r]
+                n = _common_prefix(known[seq], toks, len(toks) - 1)
+                if n < ctx.kv_prompt_len.get(seq, len(known[seq])):
+                    copies[r] = (seq, n)
+                    del group0[r]
+        sources = {src for src, _ in copies.values()}
+        taken = set(group0.values())
+        stamp = ctx.kv_stamp
+        free_ids = ([i for i in range(lo, hi) if i not in known and i not in taken] +
+                    sorted((i for i in range(lo, hi) if i in known and i not in taken and i not in sources),
+                           key=lambda i: stamp.get(i, 0)) +
+                    sorted((i for i in sources if lo <= i < hi and i not in taken), key=lambda i: stamp.get(i, 0)))
+        free = iter(free_ids)
         ids = [[group0[r] if r in group0 else next(free) for r in range(R)]]
         ids += [[next(free) for _ in range(R)] for _ in range(1, self.n_groups)]
-        return ids
+        for r in list(copies):            # a copy whose source was taken as a free id cannot be made
+            if copies[r][0] in {i for g in ids for i in g}:
+                del copies[r]
+        return ids, copies
 
     def _decode_chunk(self, pending: list[tuple[int, int, int, int]]) -> None:
         hook = self.ctx.hook
@@ -239,10 +301,21 @@ class Lockstep:
         is kept)."""
         if not self.reuse or self.active:
             return
-        kv = {}
+        ctx = self.ctx
+        kv = dict(getattr(self, "_retained", {}))
+        lens = {seq: ctx.kv_prompt_len.get(seq, len(t)) for seq, t in kv.items()}
+        ctx.kv_clock += 1
         for r, toks in enumerate(self.sequences):
-            kv[self.seq_id(0, r)] = toks[:-1] if r in edited_roles else toks + self.appended[0]
-        self.ctx.kv = kv
+            seq = self.seq_id(0, r)
+            if r == self.twin:                 # its unedited prompt is the twin's; the rest is edited
+                ctx.seq_rm(seq)
+                continue
+            kv[seq] = toks[:-1] if r in edited_roles else toks + self.appended[0]
+            lens[seq] = min(len(toks), len(kv[seq]))
+            ctx.kv_stamp[seq] = ctx.kv_clock
+        ctx.kv_prompt_len = lens
+        ctx.kv_stamp = {seq: t for seq, t in ctx.kv_stamp.items() if seq in kv}
+        ctx.kv = kv
 
     def step(self, tokens: Sequence[int], edits: Sequence = ()) -> None:
         """Append tokens[k] to every role of the k-th active group and decode the new rows."""

@@ -209,6 +209,9 @@ class Model(Owned):
         self._m = None
 
 
+MAX_SLOT_SAVES = 64                   # captured rows kept for restoring (a few per conversation and slot)
+
+
 @dataclass
 class ContextParams:
     n_ctx: int = 2048                 # KV cells in total (shared by all sequences)
@@ -220,6 +223,7 @@ class ContextParams:
     type_v: str = "f16"
     flash_attn: str = "auto"
     kv_reuse: bool = True             # runs that support it keep their common prefix (engine/batch.py)
+    kv_conversations: int = 1         # >1: records of other conversations stay until their ids are needed
 
 
 class Context(Owned):
@@ -266,9 +270,16 @@ class Context(Owned):
         # removed before the sequence is reused); a sequence with cells has a record. None: unknown
         # (any decode, copy or removal outside Lockstep's bookkeeping), so the next reuse clears.
         self.kv: Optional[dict[int, list[int]]] = {}
-        # hook slot values captured during a prefill, keyed by slot: (the tokens up to and including
-        # the captured one, the row). A reused prefix that covers a capture restores it.
-        self._slot_saves: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
+        # per recorded sequence: how many of its tokens were the prompt of the run that recorded it
+        # (a later prompt that extends that prompt continues the same conversation), and when it
+        # was last used (a counter: the least recently used record is dropped first)
+        self.kv_prompt_len: dict[int, int] = {}
+        self.kv_stamp: dict[int, int] = {}
+        self.kv_clock = 0
+        # hook slot values captured during a prefill, keyed by (slot, the tokens up to and including
+        # the captured one): the row. A reused prefix that covers a capture restores it. Bounded:
+        # the oldest saves are dropped first.
+        self._slot_saves: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
 
     @property
     def ptr(self):
@@ -280,16 +291,20 @@ class Context(Owned):
         return known
 
     def save_slot(self, slot: int, tokens: Sequence[int], row: np.ndarray) -> None:
-        self._slot_saves[slot] = (tuple(tokens), row.copy())
+        key = (slot, tuple(tokens))
+        self._slot_saves.pop(key, None)
+        self._slot_saves[key] = row.copy()
+        while len(self._slot_saves) > MAX_SLOT_SAVES:
+            del self._slot_saves[next(iter(self._slot_saves))]
 
     def restore_slot(self, slot: int, tokens: Sequence[int]) -> bool:
         """Put back the row that `slot` captured at the last of `tokens` (a captured row depends on
         those tokens alone, whichever sequence held them); False when no such capture is saved
         (the caller recomputes from there)."""
-        saved = self._slot_saves.get(slot)
-        if self.hook is None or saved is None or saved[0] != tuple(tokens):
+        saved = self._slot_saves.get((slot, tuple(tokens)))
+        if self.hook is None or saved is None:
             return False
-        self.hook.slots[slot] = saved[1]
+        self.hook.slots[slot] = saved
         return True
 
     def decode(self, batch) -> None:
@@ -350,6 +365,7 @@ class Context(Owned):
     def clear(self) -> None:
         ll.llama_memory_clear(self._mem, True)
         self.kv = {}
+        self.kv_prompt_len, self.kv_stamp = {}, {}
 
     def _free(self) -> None:
         ll.llama_free(self._ctx)
