@@ -21,7 +21,7 @@ from .errors import FgdilpError
               help="Benign prompts for the benign fluency budget (greedy).")
 @click.option("--methods", default=None, help="Comma-separated methods (default: every method).")
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
-              help="Replace or add a grid axis (default: steer-scale 0.25,0.5,1 x three late layer ranges).")
+              help="Replace or add a grid axis (default: steer-scale 0.25,0.5,1 x two late layer ranges: the last third and sixth).")
 @click.option("--quick", is_flag=True, help="A small grid on few prompts (about 5 minutes for gemma-3-270m).")
 @click.option("--cal-prompts", type=click.IntRange(2), default=None, help="Calibration prompts (default 24; quick 8).")
 @click.option("--test-prompts", type=click.IntRange(2), default=None, help="Confirmation prompts (default 48; quick 12).")

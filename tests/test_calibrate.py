@@ -25,8 +25,10 @@ class FakeScorer:
 
 
 def test_layer_ranges_are_late_and_distinct():
-    assert layer_ranges(18) == [(12, 17), (9, 17), (15, 17)]
-    assert layer_ranges(30, 2) == [(20, 29), (15, 29)]
+    assert layer_ranges(18, 3) == [(12, 17), (15, 17), (9, 17)]
+    assert layer_ranges(18) == [(12, 17), (15, 17), (9, 17)]
+    assert layer_ranges(30, 2) == [(20, 29), (25, 29)]
+    assert CalibrationSizes().n_ranges == 2 and CalibrationSizes.quick().n_ranges == 1
     assert layer_ranges(2) == [(1, 1)]
 
 

@@ -37,13 +37,14 @@ CALIBRATION, BENIGN, TEST = "calibration", "benign", "test"
 
 @dataclass(frozen=True)
 class CalibrationSizes:
-    cal_prompts: int = 24             # sized so that gemma-3-270m calibrates in about 30 minutes on 2 cores
+    cal_prompts: int = 24             # sized so that gemma-3-270m calibrates within 30 minutes on 2 cores
     test_prompts: int = 48
     benign_prompts: int = 16
     samples: int = 2
     n_predict: int = 16
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
-    n_ranges: int = 3                 # late layer ranges tried (layer_ranges())
+    n_ranges: int = 2                 # late layer ranges tried (layer_ranges(); the third, the last half, was
+                                      # never chosen on either embedded model and cost a third of the time)
     diagnosis_texts: int = 60         # human continuations diagnosed by self and scorer (for the diagnoser)
     test_samples: Optional[int] = None   # samples per confirmation prompt (None: samples)
 
@@ -59,10 +60,10 @@ class CalibrationSizes:
 
 
 def layer_ranges(n_layer: int, count: int = 3) -> list[tuple[int, int]]:
-    """Late-layer ranges, the most promising first: the last third, the last half, the last sixth
-    (18 layers: 12-17, 9-17, 15-17). On gemma-3-270m, early layers cost fluency for little gain."""
+    """Late-layer ranges, the most promising first: the last third, the last sixth, the last half
+    (18 layers: 12-17, 15-17, 9-17). On gemma-3-270m, early layers cost fluency for little gain."""
     last = n_layer - 1
-    spans = [max(1, n_layer // 3), max(1, n_layer // 2), max(1, n_layer // 6)]
+    spans = [max(1, n_layer // 3), max(1, n_layer // 6), max(1, n_layer // 2)]
     out: list[tuple[int, int]] = []
     for s in spans:
         r = (n_layer - s, last)
