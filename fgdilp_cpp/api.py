@@ -141,6 +141,7 @@ class Detoxifier:
             model.close()
             raise
         self.model = model
+        self.vectors_sha256 = _file_sha256(vectors_path) if vectors_path else None   # eval ties a run to its file
         self._gen.reuse_instances = reuse_instances
         if self.profile is not None:        # --diagnoser auto decides by the profile's measured AUCs
             self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
@@ -354,7 +355,10 @@ class Detoxifier:
             s = s.updated({k: v for k, v in values.items() if k in PER_CALL and v != getattr(s, k)})
         if self._gen.vectors is None:
             return s, self._gen.resolve(s.method).name
-        if "method" in overrides and methods.get(s.method).with_vectors is None:
+        spec = methods.get(s.method)
+        if "method" in overrides and spec.with_vectors is None:
+            if not spec.heads:            # unsteered methods (the baselines of an eval) run as themselves
+                return s, spec.name
             raise FgdilpError(f"this model runs saved vectors (frozen); it cannot run method {s.method!r}")
         return s, methods.saved_vectors().name
 
@@ -375,3 +379,13 @@ class Detoxifier:
         return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
                                   explain=explain, special=special, reset_cancel=reset_cancel,
                                   stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat)
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

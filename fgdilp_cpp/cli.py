@@ -296,6 +296,9 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
 @click.option("--ablate", "ablations", multiple=True, metavar="KEY=V1,...",
               help="Run the steered methods at the run's settings and again with KEY changed, one setting at "
                    "a time (repeatable): the report's ablation table pairs each change with the base.")
+@click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
+              help="Saved directions: fgdilp-frozen applies them instead of building its own (as in generate); "
+                   "the file's hash is part of the run's settings.")
 @click.option("--split", type=click.Choice(["calibration", "test"]), default=None,
               help="Only calibrate's part of the prompts: even ids (calibration) or odd ids (test); "
                    "--limit then counts within it.")
@@ -312,8 +315,8 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 @friendly_errors
-def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, sweeps, ablations, split,
-             ppl_budget, greedy, tox_judges, as_chat, no_progress, **kw):
+def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, out_dir, sweeps, ablations,
+             vectors_path, split, ppl_budget, greedy, tox_judges, as_chat, no_progress, **kw):
     """Evaluate methods side by side: toxicity, fluency, diversity, speed (offline).
 
     Every method runs on the same prompts with the same seeds; generations.jsonl is appended as
@@ -363,7 +366,8 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     scorer = load_judges(tox_judges)
     judge_objs = {}
     try:
-        with _detoxifier(s, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1, reuse_instances=True) as det:
+        with _detoxifier(s, vectors_path, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1,
+                         reuse_instances=True) as det:
             for j in judge_names:
                 judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
             res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,

@@ -83,3 +83,6 @@ def test_saved_vectors_refuse_another_method(tiny_llama, tmp_path):
         assert d.generate(PROMPT, seed=3, method="fgdilp-frozen").text == res.text
         with pytest.raises(FgdilpError, match="saved vectors"):
             d.generate(PROMPT, method="tr")
+        # an unsteered baseline still runs as itself (eval --vectors compares with none)
+        base = d.generate(PROMPT, seed=3, method="none")
+        assert base.method == "none" and base.fired_layers == 0 and base.text == plain
