@@ -200,6 +200,13 @@ def _settings(kw: dict, default_source: str = "default", **defaults):
     return Settings().updated(defaults).updated(config).updated(env).updated(given)
 
 
+def _detoxifier(s, vectors_path=None, **kw):
+    """The command's Detoxifier, with where each setting came from (sources())."""
+    from .api import Detoxifier
+
+    return Detoxifier(s, vectors_path, sources=sources(), **kw)
+
+
 def sources() -> dict[str, str]:
     """Where the settings of the running command came from (see _settings)."""
     ctx = click.get_current_context(silent=True)
