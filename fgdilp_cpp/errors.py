@@ -20,3 +20,7 @@ class ContextLengthError(FgdilpError):
 
 class Cancelled(FgdilpError):
     """A decode was aborted because cancel() was called."""
+
+
+class ContextFullError(FgdilpError):
+    """llama.cpp found no free KV cell for a batch (llama_decode returned 1; nothing was decoded)."""

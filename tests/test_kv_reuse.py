@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fgdilp_cpp.engine import Model
+from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.generation import Generator
 from fgdilp_cpp.params import EngineParams, FgdilpParams, SamplingParams
 from fgdilp_cpp.plans import SLOT_COLON
@@ -285,3 +286,35 @@ def test_serve_keeps_several_conversations_by_default(tiny_chat, monkeypatch):
         assert seen[-1] == want
     r = CliRunner().invoke(main, ["chat", "--help"])
     assert "--kv-conversations" in r.output
+
+
+def test_a_full_context_drops_kept_conversations_before_failing(chat_model):
+    """Cells too few for the kept conversations and a new one: the least recently used kept
+    records are dropped and the decode tried again, instead of a 'context is full' error."""
+    from fgdilp_cpp.engine.batch import Lockstep
+    from fgdilp_cpp.engine.context import Context, ContextParams
+
+    with Context(chat_model, ContextParams(n_ctx=256, n_batch=512, n_seq_max=3, kv_conversations=3,
+                                           n_threads=1)) as ctx:
+        cells = ctx.n_ctx                              # llama.cpp may round the size up
+        words = ("cat", "dog", "bird")
+        toks = []
+        for w in words:                                # three conversations, each over a third of the cells
+            t = chat_model.tokenize(SYSTEM + turn(" ".join([w] * cells)), special=True)
+            toks.append(t[: cells // 2])
+        for t in toks:
+            lock = Lockstep(ctx, [t], want_logits=[0], reuse=True)
+            try:
+                lock.prefill()
+                lock.deactivate(0)
+                lock.record()
+            finally:
+                lock.close()
+        kept = list(ctx.kv.values())
+        assert toks[2] in kept and toks[0] not in kept      # the oldest conversation was dropped
+    with Context(chat_model, ContextParams(n_ctx=256, n_batch=512, n_seq_max=1, n_threads=1)) as ctx:
+        too_long = chat_model.tokenize(" ".join(["fish"] * (2 * ctx.n_ctx)), special=True)[: ctx.n_ctx + 8]
+        lock = Lockstep(ctx, [too_long], want_logits=[0], reuse=True)
+        with pytest.raises(FgdilpError, match="context is full"):
+            lock.prefill()
+        lock.close()

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from ..errors import FgdilpError
+from ..errors import ContextFullError, FgdilpError
 from .owned import Owned
 
 
@@ -111,6 +111,7 @@ class Lockstep:
         self.appended: list[list[int]] = [[] for _ in range(n_groups)]   # tokens each group stepped
         self.reused = [0] * self.n_roles          # per role: prompt tokens whose KV was kept
         self._ids: Optional[list[list[int]]] = None   # [group][role] sequence ids chosen by reuse
+        self._retained: dict[int, list[int]] = {}      # other conversations' records kept (kv_conversations > 1)
 
     def seq_id(self, group: int, role: int) -> int:
         if self._ids is not None:
@@ -173,7 +174,7 @@ class Lockstep:
         placed = self._place(edits)
         if hook is not None:
             hook.set_plan(last_caps, placed)
-        self.ctx.decode(b)
+        self._decode(b)
         self._check_edits(placed)
         self._plan = None  # the prefill plan may have captures: the first step sets its own
 
@@ -272,11 +273,27 @@ class Lockstep:
         hook = self.ctx.hook
         if hook is not None:
             hook.set_plan([(row, slot) for row, slot, _, _ in pending], ())
-        self.ctx.decode(self._batch)
+        self._decode(self._batch)
         self._batch.clear()
         if hook is not None and self.reuse:
             for _, slot, r, i in pending:
                 self.ctx.save_slot(slot, self.sequences[r][:i + 1], hook.slots[slot])
+
+    def _decode(self, batch) -> None:
+        """Decode; when the cells are full and other conversations' records are kept, drop the
+        least recently used of them and try again (llama.cpp decoded nothing of the batch)."""
+        ctx = self.ctx
+        while True:
+            try:
+                ctx.decode(batch)
+                return
+            except ContextFullError:
+                kept = self._retained
+                if not kept:
+                    raise
+                seq = min(kept, key=lambda i: ctx.kv_stamp.get(i, 0))
+                del kept[seq]
+                ctx.seq_rm(seq)
 
     def _check_edits(self, edits: Sequence) -> None:
         hook = self.ctx.hook
@@ -302,7 +319,7 @@ class Lockstep:
         if not self.reuse or self.active:
             return
         ctx = self.ctx
-        kv = dict(getattr(self, "_retained", {}))
+        kv = dict(self._retained)
         lens = {seq: ctx.kv_prompt_len.get(seq, len(t)) for seq, t in kv.items()}
         ctx.kv_clock += 1
         for r, toks in enumerate(self.sequences):
@@ -331,7 +348,7 @@ class Lockstep:
         if hook is not None and placed != self._plan:
             hook.set_plan((), placed)
             self._plan = placed
-        self.ctx.decode(b)
+        self._decode(b)
         self._check_edits(placed)
 
     def logits(self, group: int, role: int):

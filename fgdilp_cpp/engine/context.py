@@ -10,14 +10,14 @@ import collections
 import ctypes
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
 import numpy as np
 
-from ..errors import Cancelled, FgdilpError
+from ..errors import Cancelled, ContextFullError, FgdilpError
 from .owned import Owned
 
 # KV cache types by llama.cpp's -ctk/-ctv spelling
@@ -263,6 +263,9 @@ class Context(Owned):
             raise FgdilpError("llama.cpp could not create a context" + (f": {detail}" if detail else ""))
         self._open = True
         self.n_ctx = ll.llama_n_ctx(self._ctx)
+        n_batch = ll.llama_n_batch(self._ctx)
+        if n_batch < params.n_batch:     # llama.cpp caps a batch at the context size: chunk to what it takes
+            self.params = params = replace(params, n_batch=n_batch)
         self.n_vocab = model.info.n_vocab
         self._mem = ll.llama_get_memory(self._ctx)
         # KV reuse across generations (engine/batch.py's Lockstep): per sequence id, the tokens at
@@ -320,7 +323,7 @@ class Context(Owned):
         else:
             rc = ll.llama_decode(self._ctx, batch.c)
         if rc == 1:
-            raise FgdilpError("the context is full (no KV cell free for this batch); raise -c")
+            raise ContextFullError("the context is full (no KV cell free for this batch); raise -c")
         if rc == 2:
             raise Cancelled("cancelled")  # aborted through the abort callback
         if rc != 0:
