@@ -46,12 +46,15 @@ from .errors import FgdilpError
               help="After the confirmation, run each chosen point again on the test part with KEY changed "
                    "(one setting at a time; e.g. --ablate edit=rotate --ablate diagnoser=self).")
 @click.option("--ablate-methods", default=None, help="Methods whose chosen points are ablated (default: every detoxifier).")
+@click.option("--merge", "merge", is_flag=True,
+              help="Merge into the profile already at the output path (e.g. a calibration of other levers): "
+                   "per method the better confirmed entry, the recommendation made again.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
 def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_prompts, test_prompts,
               benign_prompts, cal_samples, test_samples, n_predict, ppl_budget, benign_budget, out_dir, profile_out,
-              tox_judges, as_chat, ablations, ablate_methods, no_progress, as_json, **kw):
+              tox_judges, as_chat, ablations, ablate_methods, merge, no_progress, as_json, **kw):
     """Measure per method the steering setting with the least toxicity within the fluency budgets,
     confirm it on held-apart prompts, and write MODEL's profile (applied from then on)."""
     import dataclasses
@@ -97,7 +100,14 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
         if result.interrupted:
             click.echo("interrupted: run the same command again to resume", err=True)
             sys.exit(130)
-        path = result.profile.save(profile_out or default_profile_path(det))
+        target = Path(profile_out or default_profile_path(det))
+        profile = result.profile
+        if merge and target.exists():
+            from .evaluation.calibrate import merge_profiles
+            from .profiles import Profile
+
+            profile = result.profile = merge_profiles(Profile.load(target), profile)
+        path = profile.save(target)
     if as_json:
         click.echo(json.dumps({"profile": str(path), **result.profile.to_json()}))
         return

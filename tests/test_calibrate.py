@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fgdilp_cpp.evaluation.calibrate import CalibrationSizes, calibrate, layer_ranges, split
+from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.evaluation.prompts import PromptRecord
 from fgdilp_cpp.profiles import Profile, find_profile, model_identity
 
@@ -83,3 +84,31 @@ def test_made_by_names_no_machine_folder():
     assert made_by(["/x/bin/fgdilp-cpp", "calibrate", "/data/models/m.gguf", "--out", "/data/w", "-t", "2"]) == \
         "fgdilp-cpp calibrate m.gguf --out w -t 2"
     assert made_by(["python", "-c"]) == ""
+
+
+def test_merging_profiles_keeps_the_better_confirmed_entry_per_method():
+    from fgdilp_cpp.evaluation.calibrate import merge_profiles
+    from fgdilp_cpp.profiles import Profile
+
+    def entry(emt, ppl, n=100, **settings):
+        return {"settings": {"steer_scale": 0.5, **settings},
+                "figures": {"test": {"emt": emt, "ppl_ratio": ppl, "n_prompts": n, "n_samples": 500}}}
+
+    model = {"name": "m", "key": "k", "weights_sha256": "a" * 64}
+    old = Profile(model, "fgdilp-frozen", {"tr": entry(0.22, 0.98), "fgdilp-frozen": entry(0.17, 1.09),
+                                           "cvec": entry(0.26, 0.97)}, {"ppl_ratio": 1.25}, made_by="first")
+    new = Profile(model, "tr", {"tr": entry(0.12, 1.2, edit="rotate"), "fgdilp-frozen": entry(0.10, 1.40, edit="rotate"),
+                                "random": entry(0.05, 1.1)}, {"ppl_ratio": 1.25}, made_by="second")
+    m = merge_profiles(old, new)
+    assert m.methods["tr"]["settings"]["edit"] == "rotate"              # better and within the budget
+    assert "edit" not in m.methods["fgdilp-frozen"]["settings"]         # the new one is over the budget
+    assert set(m.methods) == {"tr", "fgdilp-frozen", "cvec", "random"}
+    assert m.method == "tr"                                             # random is a control: never recommended
+    assert m.made_by == "first ; second" and m.budgets["merged"] is True
+    # confirmed on other sizes: the later calibration's entry wins
+    other = Profile(model, None, {"cvec": entry(0.30, 1.0, n=48)}, {"ppl_ratio": 1.25})
+    assert merge_profiles(old, other).methods["cvec"]["figures"]["test"]["n_prompts"] == 48
+    with pytest.raises(FgdilpError, match="different models"):
+        merge_profiles(old, Profile({**model, "weights_sha256": "b" * 64}, None, {}, {}))
+    with pytest.raises(FgdilpError, match="fluency budgets"):
+        merge_profiles(old, Profile(model, None, {}, {"ppl_ratio": 1.5}))

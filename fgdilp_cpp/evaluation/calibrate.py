@@ -206,19 +206,54 @@ def _profile(det, best: dict, confirmed: dict, ppl_budget: float, benign_budget:
         cal = {k: best[method].get(k) for k in ("emt", "tp", "emt_delta", "tp_delta", "ppl_ratio",
                                                 "benign_ppl_ratio", "identical_share")}
         entries[method] = {"settings": point, "figures": {"calibration": cal, "test": fig}}
-    def confirmed(m: str) -> bool:      # a detoxifier whose confirmation stayed within the fluency budget
-        test = entries[m]["figures"]["test"]
-        return (not registry.get(m).control and test["emt"] is not None
-                and (test["ppl_ratio"] is None or test["ppl_ratio"] <= ppl_budget))
-
-    candidates = [m for m in entries if confirmed(m)]
-    winner = min(candidates, key=lambda m: entries[m]["figures"]["test"]["emt"], default=None)
+    winner = recommend(entries, ppl_budget)
     argv = made_by(sys.argv)
     return Profile(model=model_identity(det.model), method=winner, methods=entries,
                    budgets={"ppl_ratio": ppl_budget, "benign_ppl_ratio": benign_budget,
                             "sizes": json.loads(json.dumps(sizes.__dict__))},
                    diagnosis=diagnosis, made_by=argv,
                    created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _within(entry: dict, ppl_budget: float) -> bool:
+    """A confirmation with a toxicity figure and within the fluency budget."""
+    test = (entry.get("figures") or {}).get("test") or {}
+    return test.get("emt") is not None and (test.get("ppl_ratio") is None or test["ppl_ratio"] <= ppl_budget)
+
+
+def recommend(entries: dict, ppl_budget: float) -> Optional[str]:
+    """The detoxifier (never a control) with the lowest confirmed EMT among those whose
+    confirmation stayed within the fluency budget; None when there is none."""
+    candidates = [m for m, e in entries.items() if registry.is_method(m) and not registry.get(m).control
+                  and _within(e, ppl_budget)]
+    return min(candidates, key=lambda m: entries[m]["figures"]["test"]["emt"], default=None)
+
+
+def merge_profiles(old: Profile, new: Profile) -> Profile:
+    """`new` (a later calibration of the same model, e.g. of other levers) merged into `old`: per
+    method the entry with the lower confirmed EMT within the fluency budget, where both were
+    confirmed on the same number of prompts and samples (else the new one); methods only one of
+    them has are kept; the recommendation is made again from the merged entries."""
+    if old.model.get("weights_sha256") != new.model.get("weights_sha256"):
+        raise FgdilpError("the profiles are of different models; they cannot be merged")
+    budget = float(new.budgets.get("ppl_ratio") or old.budgets.get("ppl_ratio") or 1.25)
+    if old.budgets.get("ppl_ratio") not in (None, budget):
+        raise FgdilpError(f"the profiles were made with other fluency budgets ({old.budgets.get('ppl_ratio')} and "
+                          f"{budget}); they cannot be compared")
+    entries = dict(old.methods)
+    for m, e in new.methods.items():
+        o = entries.get(m)
+        if o is None:
+            entries[m] = e
+            continue
+        ot, nt = (o.get("figures") or {}).get("test") or {}, (e.get("figures") or {}).get("test") or {}
+        same = (ot.get("n_prompts"), ot.get("n_samples")) == (nt.get("n_prompts"), nt.get("n_samples"))
+        if not same or not _within(o, budget) or (_within(e, budget) and nt["emt"] < ot["emt"]):
+            entries[m] = e
+    made = " ; ".join(x for x in (old.made_by, new.made_by) if x)
+    return Profile(model=new.model, method=recommend(entries, budget), methods=entries,
+                   budgets={**old.budgets, **new.budgets, "merged": True}, diagnosis=new.diagnosis or old.diagnosis,
+                   made_by=made, created=new.created)
 
 
 def made_by(argv: Sequence[str]) -> str:
