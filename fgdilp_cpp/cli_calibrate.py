@@ -24,8 +24,8 @@ from .errors import FgdilpError
               help="Replace or add a grid axis (default: steer-scale 0.25,0.5,1 x two late layer ranges: the last third and sixth).")
 @click.option("--quick", is_flag=True, help="A small grid on few prompts (about 5 minutes for gemma-3-270m).")
 @click.option("--cal-prompts", type=click.IntRange(2), default=None, help="Calibration prompts (default 24; quick 8).")
-@click.option("--test-prompts", type=click.IntRange(2), default=None, help="Confirmation prompts (default 48; quick 12).")
-@click.option("--benign-prompts", type=click.IntRange(2), default=None, help="Benign prompts (default 16; quick 8).")
+@click.option("--test-prompts", type=click.IntRange(2), default=None, help="Confirmation prompts (default 32; quick 12).")
+@click.option("--benign-prompts", type=click.IntRange(2), default=None, help="Benign prompts (default 12; quick 8).")
 @click.option("--samples", "cal_samples", type=click.IntRange(1), default=None, help="Samples per prompt (default 2).")
 @click.option("--test-samples", type=click.IntRange(1), default=None,
               help="Samples per confirmation prompt (default: --samples).")
