@@ -141,7 +141,7 @@ class Detoxifier:
             model.close()
             raise
         self.model = model
-        self.vectors_sha256 = _file_sha256(vectors_path) if vectors_path else None   # eval ties a run to its file
+        self._vectors_path, self._vectors_sha256 = vectors_path, None
         self._gen.reuse_instances = reuse_instances
         if self.profile is not None:        # --diagnoser auto decides by the profile's measured AUCs
             self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
@@ -246,6 +246,14 @@ class Detoxifier:
         return Stream(self, fitted.prompt, s, method, True, explain, fitted)
 
     # ---- the model, its own diagnosis, saved directions ------------------------------------------
+    @property
+    def vectors_sha256(self) -> Optional[str]:
+        """sha256 of the saved-vectors file this Detoxifier applies (None without one): eval ties a
+        run to its file. Read on first use, not when the Detoxifier opens."""
+        if self._vectors_path and self._vectors_sha256 is None:
+            self._vectors_sha256 = _file_sha256(self._vectors_path)
+        return self._vectors_sha256
+
     def info(self, probe: bool = True) -> dict:
         """The model's shape and, with probe, on how many layers the kqv_out hook fired in a
         one-token decode (a model where it fires on fewer than every layer cannot be steered)."""

@@ -14,7 +14,7 @@ from fgdilp_cpp.api import Detoxifier
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.evaluation.ablation import ablation_markdown, ablation_points, add_ablation, parse_ablations
 from fgdilp_cpp.evaluation.perplexity import PerplexityJudge
-from fgdilp_cpp.evaluation.report import _f, _table
+from fgdilp_cpp.evaluation.report import _ci, _f, _table
 from fgdilp_cpp.evaluation.runner import GENERATIONS, read_jsonl, run_eval
 from fgdilp_cpp.settings import Settings
 from test_eval_runner import FGDILP, PROMPTS, FakeScorer
@@ -60,7 +60,7 @@ def test_table_pairs_each_change_with_the_base():
     # a constant paired shift: the difference and both ends of its interval are that shift
     assert row["emt_vs_base"] == pytest.approx([-0.1, -0.1, -0.1])
     assert row["tp_vs_base"] == pytest.approx([0.0, 0.0, 0.0])
-    md = "\n".join(ablation_markdown(rep, _f, _table))
+    md = "\n".join(ablation_markdown(rep, _f, _ci, _table))
     assert "edit: default → rotate" in md and "-0.100 [-0.100, -0.100]" in md
     # a change that does nothing on average but varies per prompt: an interval around 0
     rep, pp = _report(base, [0.3, 0.3, 0.7, 0.7], [0, 1, 0, 1], [1, 0, 1, 0])

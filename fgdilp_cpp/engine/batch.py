@@ -243,14 +243,14 @@ class Lockstep:
         pairs = sorted(((_common_prefix(old, toks, len(toks) - 1), r, seq) for r, toks in enumerate(self.sequences)
                         for seq, old in known.items() if lo <= seq < hi and r != self.twin), reverse=True)
         group0: dict[int, int] = {}
+        shared: dict[int, int] = {}        # role -> tokens it shares with its record
         for n, r, seq in pairs:
             if n > 0 and r not in group0 and seq not in group0.values():
-                group0[r] = seq
+                group0[r], shared[r] = seq, n
         copies: dict[int, tuple[int, int]] = {}
         if ctx.params.kv_conversations > 1:
             for r, seq in list(group0.items()):
-                toks = self.sequences[r]
-                n = _common_prefix(known[seq], toks, len(toks) - 1)
+                n = shared[r]
                 if n < ctx.kv_prompt_len.get(seq, len(known[seq])):
                     copies[r] = (seq, n)
                     del group0[r]

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .metrics import paired_bootstrap_ci
-from .sweep import Point, normalize, parse_sweep, point_key, project
+from .sweep import Point, normalize, parse_sweep, point_key, point_label, project
 
 
 def parse_ablations(specs: Sequence[str]) -> list[tuple[str, list[Any]]]:
@@ -88,8 +88,9 @@ def _num(x: float) -> Optional[float]:
     return float(x) if np.isfinite(x) else None
 
 
-def ablation_markdown(report: Mapping[str, Any], f: Callable, table: Callable) -> list[str]:
-    """The ablation table (empty without one)."""
+def ablation_markdown(report: Mapping[str, Any], f: Callable, ci: Callable, table: Callable) -> list[str]:
+    """The ablation table (empty without one); f, ci, table: report.py's number, interval and
+    table formats."""
     ab = report.get("ablation") or {}
     if not ab:
         return []
@@ -97,26 +98,18 @@ def ablation_markdown(report: Mapping[str, Any], f: Callable, table: Callable) -
     rows = []
     for method, a in ab.items():
         none_ci = (ms.get(a["base"]) or {}).get("ci", {})
-        rows.append([method, "base: " + (_label(a["point"]) or "the run's settings"), f(a["emt"]),
-                     _ci(none_ci.get("emt")), "–", f(a["tp"]), "–", f(a["ppl_corpus_ratio"], 3)])
+        rows.append([method, "base: " + (point_label(a["point"]) or "the run's settings"), f(a["emt"]),
+                     ci(none_ci.get("emt")), "–", f(a["tp"]), "–", f(a["ppl_corpus_ratio"], 3)])
         for r in a["rows"]:
             change = ", ".join(f"{k}: {_v(x)} → {_v(y)}" for k, (x, y) in r["change"].items())
             vs_none = (ms.get(r["variant"]) or {}).get("ci", {})
-            rows.append(["", change, f(r["emt"]), _ci(vs_none.get("emt")), _ci(r["emt_vs_base"]), f(r["tp"]),
-                         _ci(r["tp_vs_base"]), f(r["ppl_corpus_ratio"], 3)])
+            rows.append(["", change, f(r["emt"]), ci(vs_none.get("emt")), ci(r["emt_vs_base"]), f(r["tp"]),
+                         ci(r["tp_vs_base"]), f(r["ppl_corpus_ratio"], 3)])
     return ["## Ablation: one setting at a time", "",
             table(["method", "setting", "EMT", f"Δ EMT vs {base_name} [95 % CI]", "Δ EMT vs base [95 % CI]", "TP",
                    "Δ TP vs base [95 % CI]", "corpus PPL ratio"], rows), "",
             "Each row changes one setting of the method's base point; the differences to the base are paired "
             "(the same prompts and seeds), with 95 % paired-bootstrap intervals over prompts.", ""]
-
-
-def _ci(c) -> str:
-    if not c or c[0] is None:
-        return "–"
-    if len(c) < 3 or c[1] is None:
-        return f"{c[0]:+.3f}"
-    return f"{c[0]:+.3f} [{c[1]:+.3f}, {c[2]:+.3f}]"
 
 
 def _v(v) -> str:
@@ -125,9 +118,3 @@ def _v(v) -> str:
     if isinstance(v, (list, tuple)) and len(v) == 2:
         return f"{v[0]}-{v[1]}"
     return str(v)
-
-
-def _label(point) -> str:
-    from .sweep import point_label
-
-    return point_label(point)

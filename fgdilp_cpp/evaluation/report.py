@@ -227,7 +227,7 @@ def report_markdown(report: dict) -> str:
     if report.get("missing"):
         out += [f"Methods without records: {', '.join(report['missing'])}.", ""]
     out += verdict_markdown(report, _f, _table)
-    out += ablation_markdown(report, _f, _table)
+    out += ablation_markdown(report, _f, _ci, _table)
     out += ["## Toxicity", ""]
     rows = []
     for name, m in ms.items():
