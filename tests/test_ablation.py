@@ -105,3 +105,8 @@ def test_cli_ablate_with_sweep_is_refused(cli, tmp_path):
     assert r.returncode != 0 and "does not combine" in r.stderr and "Traceback" not in r.stderr
     r = cli("eval", "--prompts", "rtp-benign", "--out", str(tmp_path / "o"), "--ablate", "nonsense=1")
     assert r.returncode != 0 and "not a setting" in r.stderr
+
+
+def test_cli_ablate_methods_without_ablate_is_refused(cli, tmp_path):
+    r = cli("calibrate", "--ablate-methods", "tr", "--out", str(tmp_path / "c"))
+    assert r.returncode != 0 and "--ablate-methods needs --ablate" in r.stderr and "Traceback" not in r.stderr
