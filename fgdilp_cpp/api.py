@@ -34,6 +34,7 @@ from .settings import Settings, default_sources
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
                       "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
                       "edit", "gate",                                            # the edit rule (set_steer)
+                      "contrast",                                                # what P+ / P-_j hold
                       "mask_k", "fusion", "sign_election", "fused_norm",         # FGDILP's fusion (set_fgdilp)
                       "diagnoser",                                               # who ranks its samples
                       "instance_reuse"})                                         # chat: the instance per reply or conversation

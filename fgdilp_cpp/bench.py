@@ -8,6 +8,7 @@ import os
 import statistics
 import time
 from importlib import resources
+from typing import Sequence
 
 from . import methods
 
@@ -90,7 +91,8 @@ def run_chat_ttft(det, prompt: str, names: list[str], repeats: int, vectors_det=
         out["methods"][m] = {"ttft_s": round(med, 4), "ratio_vs_none": round(med / base, 3),
                              "setup_s": round(setup, 4), "prefill_s": round(prefill, 4),
                              "runs_ttft_s": [round(x, 4) for x in ttft[m]]}
-    out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size")}
+    out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size",
+                                                  "contrast")}
     return out
 
 
@@ -107,24 +109,38 @@ def chat_turns(n: int) -> list[str]:
     return users[:n]
 
 
+# the settings a bench variant may change, and the methods each one changes
+VARIANT_CHANGES = {"instance_reuse": lambda m: m.instance,
+                   "contrast": lambda m: m.hook and not m.saved_vectors}
+
+
+def variant_applies(base, other, spec: "methods.Method") -> bool:
+    """Whether Settings `other` runs method `spec` differently from `base` in every setting it
+    changes (so "+conversation+reply" is a row for fgdilp, not for tr)."""
+    changed = [k for k in VARIANT_CHANGES if getattr(other, k) != getattr(base, k)]
+    return bool(changed) and all(VARIANT_CHANGES[k](spec) for k in changed)
+
+
 def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_tokens: int = 24,
-                   conversation_det=None) -> dict:
+                   variants: Sequence[tuple[str, object]] = ()) -> dict:
     """Replay an n-turn conversation once per method and time each reply's first piece.
 
     Every method keeps its own conversation (its replies, at most reply_tokens tokens each, become
     its assistant turns), so its contexts reuse their KV from turn to turn as in `chat`. Methods
     are interleaved within a turn, so machine noise hits all alike. ttft_s: the median from the
     second turn on (the first turn prefills the whole system prompt and builds contexts).
-    conversation_det: a Detoxifier with instance_reuse="conversation"; each method that builds
-    FGDILP's instance gets a row "<method>+conversation" run by it."""
+    variants: (suffix, Detoxifier with other settings) pairs; each method the variant changes gets
+    a row "<method><suffix>" run by that Detoxifier (its own contexts, so its own kept KV): an
+    instance kept per conversation changes the methods that build an instance, --contrast reply
+    the methods that decode prefixed sequences (variant_applies)."""
     users = chat_turns(n_turns)
     calls = {m: (det, {"method": m}) for m in names}
     if vectors_det is not None:
         calls[methods.saved_vectors().name] = (vectors_det, {})
-    if conversation_det is not None:
+    for suffix, vdet in variants:
         for m in names:
-            if methods.get(m).instance:
-                calls[f"{m}+conversation"] = (conversation_det, {"method": m})
+            if variant_applies(det.settings, vdet.settings, methods.get(m)):
+                calls[f"{m}{suffix}"] = (vdet, {"method": m})
     history: dict[str, list[dict]] = {m: [] for m in calls}
     rows: dict[str, dict[str, list]] = {m: {"turns": [], "setup_s": [], "prefill_s": [], "prompt_tokens": [],
                                             "reused_tokens": [], "instance_kept": []} for m in calls}
@@ -161,5 +177,6 @@ def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_
     for m, row in rows.items():
         med = median_later(row["turns"])
         out["methods"][m] = {"ttft_s": round(med, 4), "ratio_vs_none": round(med / base, 3), **row}
-    out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size")}
+    out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size",
+                                                  "contrast")}
     return out

@@ -187,7 +187,7 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
 
 
 def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -> None:
-    from .bench import CHAT_BENCH_PROMPT, run_chat_ttft, run_chat_turns
+    from .bench import CHAT_BENCH_PROMPT, run_chat_ttft, run_chat_turns, variant_applies
     from .chat import CHAT_DEFAULTS
 
     if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
@@ -197,11 +197,16 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -
         det = stack.enter_context(_detoxifier(s, chat=True))
         with_vec = stack.enter_context(_detoxifier(s, vectors_path, chat=True)) if vectors_path else None
         if turns:
-            # FGDILP's instance kept for the conversation, in its own contexts (a row of its own)
-            conv = None
-            if s.instance_reuse == "turn" and any(registry.get(m).instance for m in names):
-                conv = stack.enter_context(_detoxifier(s.updated({"instance_reuse": "conversation"}), chat=True))
-            out = run_chat_turns(det, names, turns, with_vec, conversation_det=conv)
+            # rows of their own, in their own contexts: FGDILP's instance kept for the conversation,
+            # the reply contrast (docs/method.md §2.9), and both
+            variants = []
+            for suffix, over in (("+conversation", {"instance_reuse": "conversation"}), ("+reply", {"contrast": "reply"}),
+                                 ("+conversation+reply", {"instance_reuse": "conversation", "contrast": "reply"})):
+                other = s.updated(over)
+                if all(getattr(s, k) != v for k, v in over.items()) and any(
+                        variant_applies(s, other, registry.get(m)) for m in names):
+                    variants.append((suffix, stack.enter_context(_detoxifier(other, chat=True))))
+            out = run_chat_turns(det, names, turns, with_vec, variants=variants)
         else:
             out = run_chat_ttft(det, prompt, names, repeats, with_vec)
     if as_json:

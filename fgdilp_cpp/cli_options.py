@@ -155,6 +155,10 @@ steer_options = _options(
     click.option("--gate", type=OptionalFloat(), default=None, metavar="THETA|off",
                  help="Edit a head only where cos(head output, delta) > THETA, in [-1, 1); the other "
                       "heads stay unsteered (default: off, every head)."),
+    click.option("--contrast", type=click.Choice(["full", "reply"]), default="full", show_default=True,
+                 help="What the prefixed sequences P+ / P- hold after their prefix: the prompt and the "
+                      "reply (the papers), or the reply alone (chat: a new message is decoded once, not "
+                      "three times)."),
     click.option("--selfgen-samples", type=int, default=25, show_default=True,
                  help="FGDILP: self-generated samples N."),
     click.option("--selfgen-tokens", type=int, default=20, show_default=True,

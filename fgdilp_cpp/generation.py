@@ -313,7 +313,7 @@ class Generator:
             res = self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
                             record_logits, logits_all, stop_at_eog, setup)
             if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through
-                res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate,
+                res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate, "contrast": self.steer.contrast,
                                        "heads_edited_share": ctx.hook.heads_edited_share}
             return res
         except HookError as exc:

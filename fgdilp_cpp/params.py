@@ -17,6 +17,9 @@ from .errors import ParamError
 MAX_NEGATIVES = 8                     # = FGDILP_MAX_NEG of native/fgdilp.h
 FUSION_MODES = ("max", "mean", "sum")  # merge of the sign-elected entries (docs/method.md §5.4)
 EDIT_RULES = ("tr", "rotate")          # how a steered head is changed (docs/method.md §2.2, §2.6)
+# what the contrast sequences (P+, P-_j) hold after their prefix (docs/method.md §2.9): the prompt
+# and the reply (the papers), or the reply alone (cheap in chat: a new message is decoded in P0 only)
+CONTRASTS = ("full", "reply")
 # FGDILP: rescale of the fused delta (docs/method.md §5.6): the name -> whether each head of the
 # fused delta is brought to the norm of the mean delta (names that happen to be method names too)
 FUSED_NORM_TO_MEAN_DELTA = {"none": False, "tr": True}
@@ -77,6 +80,7 @@ class SteerParams:
     renorm: bool = True
     edit: str = "tr"             # edit rule: tr | rotate
     gate: Optional[float] = None  # edit a head only where cos(v_h, delta_h) > gate; None = every head
+    contrast: str = "full"       # P+ / P-_j: prefix + prompt + reply ("full"), or prefix + reply ("reply")
 
     def last_layer(self, n_layer: int) -> int:
         return n_layer - 1 if self.layer_end < 0 else self.layer_end
@@ -91,6 +95,8 @@ class SteerParams:
             _finite(name, v)
         if self.edit not in EDIT_RULES:
             raise ParamError("edit", f"must be one of {', '.join(EDIT_RULES)}, not {self.edit!r}")
+        if self.contrast not in CONTRASTS:
+            raise ParamError("contrast", f"must be one of {', '.join(CONTRASTS)}, not {self.contrast!r}")
         if self.gate is not None:
             _finite("gate", self.gate)
             with np.errstate(over="ignore"):

@@ -17,7 +17,8 @@ from .errors import FgdilpError
 from .method.cvec import residual_directions
 from .method.diagnosis import ATTRIBUTE_NAMES
 from .method.fusion import fuse
-from .method.prefixes import NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE, Selection, prefixed, select_prefixes
+from .method.prefixes import (NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE, Selection, prefix_alone, prefixed,
+                              select_prefixes)
 from .method.vectors import HeadDirections, random_heads
 from .native import MAX_NEG, EditSpec
 from .params import FgdilpParams, SamplingParams, SteerParams
@@ -188,8 +189,12 @@ def _tr_directions(rt: Runtime, req: PlanRequest):
 
 
 def _prefixed_all(rt: Runtime, prompt: str, pos_text: str, neg_texts: list[str], special: bool):
+    """P+ and P-_j: each prefix before the prompt, or alone under --contrast reply (§2.9)."""
     tok = lambda text: rt.model.tokenize(text, special=special)   # noqa: E731
     tb = rt.model.token_bytes
+    if rt.steer.contrast == "reply":
+        last = tok(prompt)[-1]
+        return prefix_alone(tok, tb, pos_text, last), [prefix_alone(tok, tb, t, last) for t in neg_texts]
     return prefixed(tok, tb, pos_text, prompt), [prefixed(tok, tb, t, prompt) for t in neg_texts]
 
 

@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import FgdilpError, ParamError
-from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
+from .params import (CONTRASTS, DIAGNOSERS, EDIT_RULES, FUSED_NORM_TO_MEAN_DELTA, FUSION_MODES, EngineParams,
+                     FgdilpParams, SamplingParams, SteerParams)
+
+# settings with a fixed set of values: refused when set (a flag, a config file, a sweep), not
+# only when a generation first uses them
+CHOICES = {"edit": EDIT_RULES, "contrast": CONTRASTS, "fusion": FUSION_MODES,
+           "fused_norm": tuple(FUSED_NORM_TO_MEAN_DELTA), "diagnoser": DIAGNOSERS}
 
 OFF_WORDS = ("off", "none", "")   # an Optional[float] setting given as text: off (FGDILP_GATE=off, gate = "off")
 
@@ -66,6 +72,7 @@ class Settings:
     renorm: bool = True
     edit: str = "tr"                         # tr | rotate (docs/method.md §2.6)
     gate: Optional[float] = None             # cos(v_h, delta_h) above which a head is edited; None = off (§2.7)
+    contrast: str = "full"                   # full | reply: what P+ / P-_j hold after their prefix (§2.9)
     # FGDILP (docs/method.md §10 defaults)
     selfgen_samples: int = 25
     selfgen_tokens: int = 20
@@ -87,7 +94,8 @@ class Settings:
     def steer(self) -> SteerParams:
         start, end = self.steer_layer_range or (0, -1)
         return SteerParams(exp_norm=self.exp_norm, exp_sim=self.exp_sim, scale=self.steer_scale,
-                           layer_start=start, layer_end=end, renorm=self.renorm, edit=self.edit, gate=self.gate)
+                           layer_start=start, layer_end=end, renorm=self.renorm, edit=self.edit, gate=self.gate,
+                           contrast=self.contrast)
 
     def fgdilp(self) -> FgdilpParams:
         p = FgdilpParams(samples=self.selfgen_samples, selfgen_tokens=self.selfgen_tokens,
@@ -183,6 +191,8 @@ def _coerce(name: str, typ: str, v: Any) -> Any:
     if typ == "bool" and isinstance(v, bool):
         return v
     if typ == "str" and isinstance(v, str):
+        if name in CHOICES and v not in CHOICES[name]:
+            raise ParamError(name, f"must be one of {', '.join(CHOICES[name])}, not {v!r}")
         return v
     if typ == "Optional[str]" and (v is None or isinstance(v, str)):
         return v

@@ -57,9 +57,10 @@ class FakeScorer:
 
 
 def evaluate(model_path, out, methods=METHODS, scorer=None, n_predict=N_PREDICT, prompts=PROMPTS,
-             engine=ENGINE, **kw):
+             engine=ENGINE, settings=None, **kw):
     with ExitStack() as st:
-        s = Settings(model=str(model_path), ctx_size=engine.ctx_size, threads=engine.n_threads, **FGDILP)
+        s = Settings(model=str(model_path), ctx_size=engine.ctx_size, threads=engine.n_threads, **FGDILP,
+                     **(settings or {}))
         det = st.enter_context(Detoxifier(s, max_samples=engine.max_samples, max_new=engine.max_new,
                                           reuse_instances=True))
         judge = st.enter_context(PerplexityJudge(det.model, n_threads=1))
@@ -258,6 +259,16 @@ def test_other_settings_are_refused(full_run, model_path, tmp_path):
     with pytest.raises(FgdilpError, match="prompt 3 differs"):
         evaluate(model_path, out, prompts=[PROMPTS[0], PromptRecord(3, "another prompt")])
     assert (out / GENERATIONS).read_bytes() == before
+
+
+def test_runs_from_before_the_contrast_setting_resume(full_run, model_path, tmp_path):
+    """run.json records --contrast only when it is not the papers' (a run written before the
+    setting existed resumes); a run at the reply contrast is another run."""
+    out = copy_run(full_run, tmp_path)
+    assert "contrast" not in json.loads((out / "run.json").read_text())["config"]["steer"]
+    with pytest.raises(FgdilpError, match="steer"):
+        evaluate(model_path, out, settings={"contrast": "reply"})
+    assert evaluate(model_path, out)["generated"] == 0
 
 
 def test_new_methods_and_prompts_extend_a_run(full_run, model_path, tmp_path):

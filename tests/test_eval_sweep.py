@@ -61,6 +61,16 @@ def test_grid_and_schedule():
     assert make_grid(["steer-layer-range=1-2,all"]) == [{"steer_layer_range": (1, 2)}, {"steer_layer_range": None}]
 
 
+def test_contrast_is_swept_for_the_methods_with_prefixed_sequences():
+    plan = schedule(["none", "prompt", "tr", "fgdilp-frozen", "cvec", "random"], make_grid(["contrast=full,reply"]))
+    runs = [(m, p) for _, m, p in plan]
+    for m in ("tr", "fgdilp-frozen", "cvec", "random"):
+        assert [p for n, p in runs if n == m] == [{"contrast": "full"}, {"contrast": "reply"}]
+    assert runs.count(("none", {})) == 1 and runs.count(("prompt", {})) == 1
+    with pytest.raises(FgdilpError, match="contrast"):
+        make_grid(["contrast=full,both"])
+
+
 def test_every_sweepable_setting_changes_per_call():
     assert set(SWEEPABLE) <= PER_CALL and set(SWEEPABLE) <= Settings.field_names()
 

@@ -9,7 +9,7 @@ import pytest
 from fgdilp_cpp.engine import Model
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.generation import Generator
-from fgdilp_cpp.params import EngineParams, FgdilpParams, SamplingParams
+from fgdilp_cpp.params import EngineParams, FgdilpParams, SamplingParams, SteerParams
 from fgdilp_cpp.plans import SLOT_COLON
 
 SYSTEM = "<|im_start|>system\nbe kind<|im_end|>\n"
@@ -79,6 +79,28 @@ def test_reused_conversation_equals_full_prefill(chat_model, method):
     reuse, full = generators(chat_model)
     with reuse, full:
         assert_same_conversation(reuse, full, method)
+
+
+def test_reply_contrast_reuse_equals_full_prefill_and_decodes_a_new_message_once(chat_model):
+    """--contrast reply: P+ / P- hold their prefix and the reply only. A reused conversation equals
+    a full prefill, and a new turn decodes its new tokens in P0 alone: P+ and P- keep their prefix
+    and decode one token each (their last, which carries the edit), where the papers' contrast
+    decodes every new token in them too."""
+    reuse, full = generators(chat_model, steer=SteerParams(contrast="reply"))
+    with reuse, full:
+        assert_same_conversation(reuse, full, "tr")
+    rows = {}
+    for contrast in ("full", "reply"):
+        reuse, _ = generators(chat_model, steer=SteerParams(contrast=contrast))
+        with reuse:
+            logits_of(reuse, FIRST, "tr")
+            ctx = reuse.context("tr")
+            decode, count = ctx.decode, []
+            ctx.decode = lambda batch: count.append(batch.n) or decode(batch)
+            a, _ = logits_of(reuse, SECOND, "tr")
+            rows[contrast] = sum(count)
+    new = len(chat_model.tokenize(SECOND, special=True)) - a.n_reused_tokens
+    assert new > 1 and rows["full"] - rows["reply"] == 2 * (new - 1), (rows, new)
 
 
 def test_tr_explain_captures_survive_reuse(chat_model):
@@ -166,7 +188,9 @@ def test_bench_chat_turns_json(tiny_chat, cli):
     proc = cli("bench", "--chat", "--turns", "2", "--json", "-m", tiny_chat, "--methods", "tr,fgdilp", *fast)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["turns"] == 2 and out["kv_reuse"] is True and list(out["methods"]) == ["none", "tr", "fgdilp", "fgdilp+conversation"]
+    assert out["turns"] == 2 and out["kv_reuse"] is True and list(out["methods"]) == [
+        "none", "tr", "fgdilp", "fgdilp+conversation", "tr+reply", "fgdilp+reply", "fgdilp+conversation+reply"]
+    assert out["settings"]["contrast"] == "full"
     for name, r in out["methods"].items():
         assert len(r["turns"]) == 2 and all(t > 0 for t in r["turns"]) and r["ttft_s"] == r["turns"][1]
         assert r["reused_tokens"][0] == 0 and r["reused_tokens"][1] > 0   # the second turn reused the first

@@ -138,3 +138,26 @@ def test_pos_neg_rows_untouched_raw_row_changed(model):
         assert np.array_equal(a[0], b[0]), f"P+ changed at step {step}"
         assert np.array_equal(a[1], b[1]), f"P- changed at step {step}"
         assert not np.allclose(a[2], b[2], atol=1e-3), f"P0 not steered at step {step}"
+
+
+def test_tr_reply_contrast_equals_torch(model, torch_model):
+    """--contrast reply: P+ and P- are the prefixes up to their ':' and the prompt's last token, the
+    reply's tokens follow them; P0 is the prompt as before. The same two-pass torch reference,
+    other sequences."""
+    info = model.info
+    steer = SteerParams(contrast="reply")
+    with Generator(model, EngineParams(ctx_size=256, flash_attn="off", **F32_CACHE), steer) as gen:
+        res = gen.generate(PROMPT, "tr", n_predict=len(FORCED), forced_tokens=FORCED, record_logits=True,
+                           explain=True)
+        gen.set_steer(SteerParams())
+        full = gen.generate(PROMPT, "tr", n_predict=len(FORCED), forced_tokens=FORCED, record_logits=True)
+    assert res.fired_layers == info.n_layer
+    assert res.explain["edit"]["contrast"] == "reply"
+    raw = model.tokenize(PROMPT)
+    pos, neg = model.tokenize(POS_PREFIX.rstrip()) + raw[-1:], model.tokenize(NEG_PREFIX.rstrip()) + raw[-1:]
+    assert model.detokenize(neg[-2:-1]).endswith(":") and PROMPT not in model.detokenize(neg)
+    ref = torch_tr_logits(torch_model, pos, neg, raw, len(neg) - 2, FORCED,
+                          info.n_head, 0.4, 0.6, 1.0)
+    for step, (got, want, paper) in enumerate(zip(res.logits, ref, full.logits)):
+        assert rel_err(got[0], want) < 1e-4, step
+        assert rel_err(paper[0], want) > 1e-3, step     # not the prompt-contrast TR

@@ -3,7 +3,7 @@
 import pytest
 
 from fgdilp_cpp.errors import FgdilpError
-from fgdilp_cpp.method.prefixes import NEG_PREFIX, POS_PREFIX, locate_template_end, prefixed
+from fgdilp_cpp.method.prefixes import NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, locate_template_end, prefix_alone, prefixed
 
 
 class FakeTokenizer:
@@ -66,3 +66,15 @@ def test_prompt_repeating_the_template():
     tok = FakeTokenizer([])
     p = prefixed(tok.tokenize, tok.token_bytes, "Say: ", "x Say: y")
     assert p.colon_index == 4   # BOS, S, a, y, ':' of the template, not of the prompt
+
+
+@pytest.mark.parametrize("pieces", [[], ["toxic:", " The"], ["supportive:", "abusive"]])
+@pytest.mark.parametrize("template", [NEG_PREFIX, POS_PREFIX, "a sample with: a colon" + NEG_TEMPLATE])
+def test_prefix_alone_ends_at_the_colon_then_the_prompts_last_token(pieces, template):
+    """--contrast reply: the template up to its final ':' (trailing space dropped), then the given
+    token; the ':' is the second-last token, so its row is decoded before the last tokens."""
+    tok = FakeTokenizer(pieces)
+    p = prefix_alone(tok.tokenize, tok.token_bytes, template, 12345)
+    assert p.tokens[-1] == 12345 and p.colon_index == len(p.tokens) - 2 == p.prompt_start - 1
+    assert b"".join(tok.token_bytes(t) for t in p.tokens[:-1]) == template.rstrip().encode()
+    assert tok.token_bytes(p.tokens[p.colon_index]).endswith(b":")

@@ -170,6 +170,8 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
         "steer": _asdict(det.settings.steer()),
         "fgdilp": _asdict(det.settings.fgdilp()),
     }
+    if cfg["steer"].get("contrast") == "full":     # absent at the papers' contrast: runs written before
+        del cfg["steer"]["contrast"]                 # --contrast existed resume
     if len(tox_judges) > 1:          # absent for one judge: runs written before judges existed resume
         cfg["tox_judges"] = list(tox_judges)
     if chat:                         # likewise absent for plain continuation

@@ -59,6 +59,19 @@ def prefixed(tokenize: Tokenize, token_bytes: TokenBytes, template: str, prompt:
     return Prefixed(tokens=toks, colon_index=colon, prompt_start=after)
 
 
+def prefix_alone(tokenize: Tokenize, token_bytes: TokenBytes, template: str, last_token: int) -> Prefixed:
+    """The template up to its ':', then the prompt's last token (contrast "reply", docs/method.md
+    §2.9): the prompt is left out of P+ / P-_j except the token whose row predicts the reply's first
+    token (in chat, the assistant header's end), and the reply's tokens follow. The ':' is then
+    never the last token, so its row is captured before the last tokens decode, as with a prompt."""
+    head = template.rstrip()
+    toks = tokenize(head)
+    colon, after = locate_template_end(toks, token_bytes, head, head)
+    if b":" not in token_bytes(toks[colon]):
+        raise FgdilpError("could not locate the ':' ending the prefix template")
+    return Prefixed(tokens=toks[:after] + [last_token], colon_index=colon, prompt_start=after)
+
+
 # ---- FGDILP: instance-level prefixes (docs/method.md §4.3-4.4) -----------------------------------
 POS_TEMPLATE = ("The above text is an example. The following text is also kind, polite, positive, "
                 "respectful and supportive: ")
