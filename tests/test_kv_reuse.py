@@ -181,6 +181,34 @@ def test_conversation_instance_is_kept_while_the_conversation_extends(chat_model
             reuse.generate(FIRST, "fgdilp", n_predict=3, instance_reuse="sometimes")
 
 
+class KeywordScorer:
+    """Toxicity 0.9 for a text that says "hate", 0.1 otherwise (the real scorer's interface)."""
+
+    LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
+
+    def score(self, texts):
+        return np.array([[0.9 if "hate" in t else 0.1] * 6 for t in texts])
+
+
+def test_a_turn_that_escalates_rebuilds_the_conversation_instance(chat_model):
+    """The instance is kept through benign turns, rebuilt on the first turn that reads toxic and
+    more toxic than what built it, then kept again through turns no more toxic."""
+    fg = FgdilpParams(samples=3, selfgen_tokens=4, selfgen_min_tokens=1, negatives=2)
+    with Generator(chat_model, EngineParams(kv_reuse=True, ctx_size=2048, n_threads=1), fgdilp=fg) as reuse:
+        reuse.rt.scorer = KeywordScorer()
+        hostile = THIRD + "fine" + "<|im_end|>\n" + turn("i hate you")
+        again = hostile + "ok" + "<|im_end|>\n" + turn("i hate all of you")
+        calm = again + "sorry" + "<|im_end|>\n" + turn("what about birds")
+        seen = []
+        for prompt in (FIRST, SECOND, THIRD, hostile, again, calm):
+            r = reuse.generate(prompt, "fgdilp", n_predict=2, special=True, instance_reuse="conversation")
+            seen.append((r.explain["instance"].split(":")[0], r.explain["instance_turns"], r.setup_s))
+        assert [x[:2] for x in seen] == [("built for this turn", 1), ("kept from an earlier turn", 2),
+                                         ("kept from an earlier turn", 3), ("rebuilt", 1),
+                                         ("kept from an earlier turn", 2), ("kept from an earlier turn", 3)]
+        assert seen[3][2] > 4 * max(seen[1][2], seen[4][2])     # only a rebuild pays the setup
+
+
 def test_bench_chat_turns_json(tiny_chat, cli):
     import json
 
