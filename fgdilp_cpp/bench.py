@@ -11,6 +11,7 @@ from importlib import resources
 from typing import Sequence
 
 from . import methods
+from .evaluation.sweep import PREFIXED
 
 
 def run_bench(det, prompt: str, names: list[str], repeats: int, setup_samples: int, setup_tokens: int) -> dict:
@@ -110,8 +111,7 @@ def chat_turns(n: int) -> list[str]:
 
 
 # the settings a bench variant may change, and the methods each one changes
-VARIANT_CHANGES = {"instance_reuse": lambda m: m.instance,
-                   "contrast": lambda m: m.hook and not m.saved_vectors}
+VARIANT_CHANGES = {"instance_reuse": lambda m: m.instance, "contrast": PREFIXED}
 
 
 def variant_applies(base, other, spec: "methods.Method") -> bool:

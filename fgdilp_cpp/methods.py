@@ -39,6 +39,8 @@ class Method:
     with_vectors: Optional[str] = None   # the method run instead while a vectors file is loaded
     listed: bool = True               # offered to users by name (CLI, server, REPL)
     control: bool = False             # a control of the evaluation (measured, never recommended)
+    chat: bool = True                 # keeps a conversation's KV between turns (False: every turn decodes
+                                      # it all again; never recommended by a chat calibration)
 
     def n_roles(self, fgdilp: FgdilpParams) -> int:
         return self.roles(fgdilp) if callable(self.roles) else int(self.roles)
@@ -113,8 +115,10 @@ register(Method("fgdilp", "FGDILP, exact: instance prefixes from self-generation
 register(Method("fgdilp-frozen", "FGDILP, frozen: the fused direction captured once at the prompt's end",
                 plan="plans:plan_fgdilp_frozen", hook=True, heads=True, roles=lambda f: f.negatives + 1,
                 prefix_room="plans:instance_prefix_room", instance=True, with_vectors="vectors"))
+# its control vector changes with every prompt and shifts every KV cell: in chat each turn decodes
+# the whole conversation again (measured x18 time to first token on SmolLM2, docs/results.md)
 register(Method("cvec", "baseline: llama.cpp's residual control vector W_O*delta of TR's prefixes",
-                plan="plans:plan_cvec", heads=True, prefix_room="plans:tr_prefix_room"))
+                plan="plans:plan_cvec", heads=True, prefix_room="plans:tr_prefix_room", chat=False))
 register(Method("random", "control: the TR edit with random directions of the same per-head norms",
                 plan="plans:plan_random", hook=True, heads=True, prefix_room="plans:tr_prefix_room",
                 control=True))

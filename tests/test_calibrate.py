@@ -112,3 +112,21 @@ def test_merging_profiles_keeps_the_better_confirmed_entry_per_method():
         merge_profiles(old, Profile({**model, "weights_sha256": "b" * 64}, None, {}, {}))
     with pytest.raises(FgdilpError, match="fluency budgets"):
         merge_profiles(old, Profile(model, None, {}, {"ppl_ratio": 1.5}))
+
+
+def test_a_chat_calibration_never_recommends_a_method_that_re_decodes_every_turn():
+    """cvec's control vector changes every prompt, so chat decodes the whole conversation again
+    each turn: a chat profile recommends the best of the others; a plain one may recommend it."""
+    from fgdilp_cpp.evaluation.calibrate import merge_profiles, recommend
+    from fgdilp_cpp.profiles import Profile
+
+    def entry(emt, ppl=1.0):
+        return {"settings": {}, "figures": {"test": {"emt": emt, "ppl_ratio": ppl, "n_prompts": 100, "n_samples": 500}}}
+
+    entries = {"cvec": entry(0.20), "tr": entry(0.25), "fgdilp": entry(0.22, ppl=1.3), "random": entry(0.1)}
+    assert recommend(entries, 1.25) == "cvec"
+    assert recommend(entries, 1.25, chat=True) == "tr"
+    model = {"name": "m", "key": "k", "weights_sha256": "a" * 64}
+    chat = Profile(model, "tr", {"tr": entries["tr"]}, {"ppl_ratio": 1.25, "chat": True})
+    plain = Profile(model, "cvec", {"cvec": entries["cvec"]}, {"ppl_ratio": 1.25})
+    assert merge_profiles(chat, plain).method == "tr" and merge_profiles(plain, chat).method == "tr"

@@ -170,7 +170,7 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
                                        interrupted=True)
             else:
                 log("calibrate: --ablate changes none of the chosen points")
-    profile = _profile(det, best, confirmed, ppl_budget, benign_budget, sizes, diagnosis)
+    profile = _profile(det, best, confirmed, ppl_budget, benign_budget, sizes, diagnosis, chat)
     return Calibration(profile, best, confirmed, reports)
 
 
@@ -199,18 +199,19 @@ def _diagnosis(det, records, scorer, n: int) -> dict[str, Any]:
 
 
 def _profile(det, best: dict, confirmed: dict, ppl_budget: float, benign_budget: float, sizes: CalibrationSizes,
-             diagnosis: dict) -> Profile:
+             diagnosis: dict, chat: bool = False) -> Profile:
     entries: dict[str, dict] = {}
     for method, fig in confirmed.items():
         point = {k: list(v) if isinstance(v, tuple) else v for k, v in (best[method]["point"] or {}).items()}
         cal = {k: best[method].get(k) for k in ("emt", "tp", "emt_delta", "tp_delta", "ppl_ratio",
                                                 "benign_ppl_ratio", "identical_share")}
         entries[method] = {"settings": point, "figures": {"calibration": cal, "test": fig}}
-    winner = recommend(entries, ppl_budget)
+    winner = recommend(entries, ppl_budget, chat)
     argv = made_by(sys.argv)
-    return Profile(model=model_identity(det.model), method=winner, methods=entries,
-                   budgets={"ppl_ratio": ppl_budget, "benign_ppl_ratio": benign_budget,
-                            "sizes": json.loads(json.dumps(sizes.__dict__))},
+    budgets = {"ppl_ratio": ppl_budget, "benign_ppl_ratio": benign_budget, "sizes": json.loads(json.dumps(sizes.__dict__))}
+    if chat:
+        budgets["chat"] = True
+    return Profile(model=model_identity(det.model), method=winner, methods=entries, budgets=budgets,
                    diagnosis=diagnosis, made_by=argv,
                    created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -221,11 +222,12 @@ def _within(entry: dict, ppl_budget: float) -> bool:
     return test.get("emt") is not None and (test.get("ppl_ratio") is None or test["ppl_ratio"] <= ppl_budget)
 
 
-def recommend(entries: dict, ppl_budget: float) -> Optional[str]:
+def recommend(entries: dict, ppl_budget: float, chat: bool = False) -> Optional[str]:
     """The detoxifier (never a control) with the lowest confirmed EMT among those whose
-    confirmation stayed within the fluency budget; None when there is none."""
+    confirmation stayed within the fluency budget; None when there is none. chat (a calibration of
+    chat replies): only methods that keep a conversation's KV between turns."""
     candidates = [m for m, e in entries.items() if registry.is_method(m) and not registry.get(m).control
-                  and _within(e, ppl_budget)]
+                  and (registry.get(m).chat or not chat) and _within(e, ppl_budget)]
     return min(candidates, key=lambda m: entries[m]["figures"]["test"]["emt"], default=None)
 
 
@@ -251,7 +253,8 @@ def merge_profiles(old: Profile, new: Profile) -> Profile:
         if not same or not _within(o, budget) or (_within(e, budget) and nt["emt"] < ot["emt"]):
             entries[m] = e
     made = " ; ".join(x for x in (old.made_by, new.made_by) if x)
-    return Profile(model=new.model, method=recommend(entries, budget), methods=entries,
+    chat = bool(old.budgets.get("chat") or new.budgets.get("chat"))
+    return Profile(model=new.model, method=recommend(entries, budget, chat), methods=entries,
                    budgets={**old.budgets, **new.budgets, "merged": True}, diagnosis=new.diagnosis or old.diagnosis,
                    made_by=made, created=new.created)
 
