@@ -3,6 +3,8 @@ KV cells gives the logits of a full re-prefill, for every method that keeps sequ
 
 from __future__ import annotations
 
+import statistics
+
 import numpy as np
 import pytest
 
@@ -213,20 +215,23 @@ def test_bench_chat_turns_json(tiny_chat, cli):
     import json
 
     fast = ["--selfgen-samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-t", "1", "-c", "1024"]
-    proc = cli("bench", "--chat", "--turns", "2", "--json", "-m", tiny_chat, "--methods", "tr,fgdilp", *fast)
+    proc = cli("bench", "--chat", "--turns", "3", "--json", "-m", tiny_chat, "--methods", "tr,fgdilp", *fast)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["turns"] == 2 and out["kv_reuse"] is True and list(out["methods"]) == [
+    assert out["turns"] == 3 and out["kv_reuse"] is True and list(out["methods"]) == [
         "none", "tr", "fgdilp", "fgdilp+conversation", "tr+reply", "fgdilp+reply", "fgdilp+conversation+reply"]
     assert out["settings"]["contrast"] == "full"
     for name, r in out["methods"].items():
-        assert len(r["turns"]) == 2 and all(t > 0 for t in r["turns"]) and r["ttft_s"] == r["turns"][1]
-        assert r["reused_tokens"][0] == 0 and r["reused_tokens"][1] > 0   # the second turn reused the first
-        assert r["prompt_tokens"][1] > r["prompt_tokens"][0]
+        assert len(r["turns"]) == 3 and all(t > 0 for t in r["turns"])
+        assert r["ttft_s"] == pytest.approx(statistics.median(r["turns"][1:]), abs=1e-4)
+        assert r["reused_tokens"][0] == 0 and all(n > 0 for n in r["reused_tokens"][1:])   # later turns reused
+        assert r["prompt_tokens"][0] < r["prompt_tokens"][1] < r["prompt_tokens"][2]
     assert out["methods"]["none"]["ratio_vs_none"] == 1.0
     fg, conv = out["methods"]["fgdilp"], out["methods"]["fgdilp+conversation"]
     assert fg["setup_s"][1] > 0 and conv["setup_s"][0] > 0
-    assert fg["instance_kept"] == [False, False] and conv["instance_kept"] == [False, True]
+    # the shipped conversation's second message is hostile (the scorer reads it toxic): the kept
+    # instance is rebuilt there, and kept through the benign third
+    assert fg["instance_kept"] == [False] * 3 and conv["instance_kept"] == [False, False, True]
     bad = cli("bench", "--chat", "--turns", "99", "-m", tiny_chat, *fast)
     assert bad.returncode == 1 and "--turns must be in 1..8" in bad.stderr and "Traceback" not in bad.stderr
 
