@@ -130,3 +130,18 @@ def test_a_chat_calibration_never_recommends_a_method_that_re_decodes_every_turn
     chat = Profile(model, "tr", {"tr": entries["tr"]}, {"ppl_ratio": 1.25, "chat": True})
     plain = Profile(model, "cvec", {"cvec": entries["cvec"]}, {"ppl_ratio": 1.25})
     assert merge_profiles(chat, plain).method == "tr" and merge_profiles(plain, chat).method == "tr"
+
+
+def test_with_two_judges_the_recommendation_ranks_by_their_mean():
+    """The judge that also diagnosed FGDILP's samples cannot decide alone: SmolLM2's 100 x 5
+    confirmation (docs/results.md run 4b) ranks fgdilp first under tox-block, tr under the mean."""
+    from fgdilp_cpp.evaluation.calibrate import ranking_emt, recommend
+
+    def entry(tb, tcc):
+        return {"settings": {}, "figures": {"test": {"emt": tb, "ppl_ratio": 1.0, "emt_judges": {
+            "tox-block": tb, "toxic-comment-classifier": tcc}}}}
+
+    entries = {"tr": entry(0.267, 0.273), "fgdilp": entry(0.256, 0.301)}
+    assert ranking_emt(entries["tr"]["figures"]["test"]) == pytest.approx(0.270)
+    assert recommend(entries, 1.25) == "tr"
+    assert ranking_emt({"emt": 0.3}) == 0.3          # one judge: its EMT

@@ -179,9 +179,20 @@ def _figures(m: dict, base: dict) -> dict[str, Any]:
         a, b = m.get(k), base.get(k)
         return None if a is None or b is None else a - b
 
-    return {"emt": m.get("emt"), "tp": m.get("tp"), "emt_delta": delta("emt"), "tp_delta": delta("tp"),
-            "ppl_ratio": m.get("ppl_corpus_ratio"), "emt_none": base.get("emt"), "tp_none": base.get("tp"),
-            "n_prompts": m.get("n_prompts"), "n_samples": m.get("n_samples")}
+    out = {"emt": m.get("emt"), "tp": m.get("tp"), "emt_delta": delta("emt"), "tp_delta": delta("tp"),
+           "ppl_ratio": m.get("ppl_corpus_ratio"), "emt_none": base.get("emt"), "tp_none": base.get("tp"),
+           "n_prompts": m.get("n_prompts"), "n_samples": m.get("n_samples")}
+    judges = {j: v.get("emt") for j, v in (m.get("tox_judges") or {}).items() if isinstance(v, dict)}
+    if len(judges) > 1 and all(x is not None for x in judges.values()):
+        out["emt_judges"] = judges          # EMT under each toxicity judge (the first also diagnosed)
+    return out
+
+
+def ranking_emt(test: dict) -> float:
+    """The confirmed EMT a recommendation ranks by: the mean over the toxicity judges where there
+    are several, so the judge that also ranked FGDILP's samples cannot decide alone; else the EMT."""
+    judges = test.get("emt_judges") or {}
+    return sum(judges.values()) / len(judges) if len(judges) > 1 else test["emt"]
 
 
 def _diagnosis(det, records, scorer, n: int) -> dict[str, Any]:
@@ -224,11 +235,12 @@ def _within(entry: dict, ppl_budget: float) -> bool:
 
 def recommend(entries: dict, ppl_budget: float, chat: bool = False) -> Optional[str]:
     """The detoxifier (never a control) with the lowest confirmed EMT among those whose
-    confirmation stayed within the fluency budget; None when there is none. chat (a calibration of
-    chat replies): only methods that keep a conversation's KV between turns."""
+    confirmation stayed within the fluency budget (ranking_emt: the judges' mean where there are
+    several); None when there is none. chat (a calibration of chat replies): only methods that
+    keep a conversation's KV between turns."""
     candidates = [m for m, e in entries.items() if registry.is_method(m) and not registry.get(m).control
                   and (registry.get(m).chat or not chat) and _within(e, ppl_budget)]
-    return min(candidates, key=lambda m: entries[m]["figures"]["test"]["emt"], default=None)
+    return min(candidates, key=lambda m: ranking_emt(entries[m]["figures"]["test"]), default=None)
 
 
 def merge_profiles(old: Profile, new: Profile) -> Profile:
@@ -250,7 +262,7 @@ def merge_profiles(old: Profile, new: Profile) -> Profile:
             continue
         ot, nt = (o.get("figures") or {}).get("test") or {}, (e.get("figures") or {}).get("test") or {}
         same = (ot.get("n_prompts"), ot.get("n_samples")) == (nt.get("n_prompts"), nt.get("n_samples"))
-        if not same or not _within(o, budget) or (_within(e, budget) and nt["emt"] < ot["emt"]):
+        if not same or not _within(o, budget) or (_within(e, budget) and ranking_emt(nt) < ranking_emt(ot)):
             entries[m] = e
     made = " ; ".join(x for x in (old.made_by, new.made_by) if x)
     chat = bool(old.budgets.get("chat") or new.budgets.get("chat"))
