@@ -12,6 +12,7 @@ from click.core import ParameterSource
 
 from . import methods
 from .errors import FgdilpError, ParamError
+from .params import CONTRASTS, EDIT_RULES
 from .settings import OFF_WORDS
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
@@ -149,13 +150,13 @@ steer_options = _options(
                  help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b."),
     click.option("--renorm/--no-renorm", default=True, show_default=True,
                  help="Restore the row norm after the edit."),
-    click.option("--edit", type=click.Choice(["tr", "rotate"]), default="tr", show_default=True,
+    click.option("--edit", type=click.Choice(EDIT_RULES), default="tr", show_default=True,
                  help="Edit rule: tr subtracts the delta (then --renorm); rotate turns each head away "
                       "from the delta and keeps its norm."),
     click.option("--gate", type=OptionalFloat(), default=None, metavar="THETA|off",
                  help="Edit a head only where cos(head output, delta) > THETA, in [-1, 1); the other "
                       "heads stay unsteered (default: off, every head)."),
-    click.option("--contrast", type=click.Choice(["full", "reply"]), default="full", show_default=True,
+    click.option("--contrast", type=click.Choice(CONTRASTS), default="full", show_default=True,
                  help="What the prefixed sequences P+ / P- hold after their prefix: the prompt and the "
                       "reply (the papers), or the reply alone (chat: a new message is decoded once, not "
                       "three times)."),

@@ -38,8 +38,8 @@ CALIBRATION, BENIGN, TEST = "calibration", "benign", "test"
 @dataclass(frozen=True)
 class CalibrationSizes:
     cal_prompts: int = 24             # sized so that gemma-3-270m calibrates within 30 minutes on 2 cores
-    test_prompts: int = 32            # measured at 48 / 16 (gemma-3-270m, 2 cores): 33 minutes, the confirmation
-    benign_prompts: int = 12          # 10.3 and the benign step 6 of them; 32 / 12 scale them to about 28
+    test_prompts: int = 32            # measured (gemma-3-270m, 2 cores): 26.6 minutes in all at 32 / 12,
+    benign_prompts: int = 12          # 33 at 48 / 16 (docs/results.md, "How long a calibration takes")
     samples: int = 2
     n_predict: int = 16
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
