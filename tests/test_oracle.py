@@ -149,6 +149,7 @@ def test_tr_reply_contrast_equals_torch(model, torch_model):
     with Generator(model, EngineParams(ctx_size=256, flash_attn="off", **F32_CACHE), steer) as gen:
         res = gen.generate(PROMPT, "tr", n_predict=len(FORCED), forced_tokens=FORCED, record_logits=True,
                            explain=True)
+        plain = gen.generate(PROMPT, "none", n_predict=len(FORCED), forced_tokens=FORCED, record_logits=True)
         gen.set_steer(SteerParams())
         full = gen.generate(PROMPT, "tr", n_predict=len(FORCED), forced_tokens=FORCED, record_logits=True)
     assert res.fired_layers == info.n_layer
@@ -158,6 +159,7 @@ def test_tr_reply_contrast_equals_torch(model, torch_model):
     assert model.detokenize(neg[-2:-1]).endswith(":") and PROMPT not in model.detokenize(neg)
     ref = torch_tr_logits(torch_model, pos, neg, raw, len(neg) - 2, FORCED,
                           info.n_head, 0.4, 0.6, 1.0)
-    for step, (got, want, paper) in enumerate(zip(res.logits, ref, full.logits)):
+    for step, (got, want, paper, unsteered) in enumerate(zip(res.logits, ref, full.logits, plain.logits)):
         assert rel_err(got[0], want) < 1e-4, step
         assert rel_err(paper[0], want) > 1e-3, step     # not the prompt-contrast TR
+        assert rel_err(unsteered[0], want) > 1e-2, step  # and the steering is not negligible
