@@ -31,8 +31,8 @@ class ConversationInstance:
         self._toxicity = 0.0      # the scorer's toxicity of the text the instance was built for
         self.turns = 0
 
-    def get(self, rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams):
-        """(selection, explain entries) for the prompt `raw` (its tokens)."""
+    def get(self, rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams, method: str):
+        """(selection, explain entries) for the prompt `raw` (its tokens), for `method`."""
         key = (sampling, rt.fgdilp)
         n = len(self._tokens)
         why = "built for this turn"
@@ -47,7 +47,7 @@ class ConversationInstance:
             why, built_on = "rebuilt: this turn reads more toxic than the one it was built for", tox
         else:
             built_on = text_toxicity(rt, prompt)
-        sel, info = build_instance(rt, prompt, raw, sampling)
+        sel, info = build_instance(rt, prompt, raw, sampling, method)
         self._key, self._tokens, self._selection, self.turns = key, self._kept_tokens(raw), sel, 1
         self._toxicity = built_on
         return sel, {**info, "instance": why, "instance_turns": 1, "instance_toxicity": built_on}

@@ -149,6 +149,13 @@ class Generator:
             if e.kv_reuse and spec.hook:     # P0's unedited twin (engine/batch.py): a sequence, the reply's cells
                 n_seq += 1
                 n_ctx += min(e.max_new, e.ctx_size) + 1
+            if e.kv_reuse and not spec.exact and roles > 1:   # a capture runs beside P0's kept conversation
+                n_seq += 1
+                n_ctx += e.ctx_size
+            if e.kv_reuse and spec.instance:    # the candidates fork the conversation here (plans.selfgen_context)
+                f = self.fgdilp
+                n_seq = max(n_seq, f.samples)
+                n_ctx += f.samples * (f.selfgen_tokens + 1)
             if spec.heads:
                 self._check_steerable(spec)
             if spec.hook:
@@ -300,7 +307,7 @@ class Generator:
             instance_info = None
             try:
                 if spec.instance and prefixes is None and instance_reuse == "conversation":
-                    prefixes, instance_info = self.conversation.get(self.rt, prompt, raw, sampling)
+                    prefixes, instance_info = self.conversation.get(self.rt, prompt, raw, sampling, method)
                 plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
                                                                 prefixes))
                 if instance_info is not None:

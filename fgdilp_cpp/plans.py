@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .engine import Capture, Context, Lockstep, Model
+from .engine import Capture, Context, Lockstep, Model, prefill_aside
 from .errors import FgdilpError
 from .method.cvec import residual_directions
 from .method.diagnosis import ATTRIBUTE_NAMES
@@ -30,6 +30,7 @@ SLOT_POS_LAST = 2               # P+ last row at the end of the prompt
 SLOT_NEG_LAST = 3               # .. 3 + MAX_NEG: P-_j last rows
 SLOT_COLON = SLOT_NEG_LAST + MAX_NEG   # .. + MAX_NEG: P-_j template ':' rows
 N_SLOTS = SLOT_COLON + MAX_NEG
+CAPTURE_MEMO = 8                # captured directions kept per model (capture_directions)
 
 
 @dataclass
@@ -270,16 +271,23 @@ def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: 
     pos, negs = _prefixed_all(rt, prompt, pos_text, neg_texts, special)
     n = len(negs)
     hook = ctx.hook
-    ctx.clear()
     distinct, roles = _neg_roles(negs)
-    lock = Lockstep(ctx, [pos.tokens] + distinct, want_logits=[])
-    try:
-        lock.prefill(_prefix_captures(pos, negs, roles, with_last=True))
-    finally:
-        lock.close()
-    rows = _fused_rows(hook.slots, n, mask_k, fusion, elect, norm_heads)     # [n_layer, width]
-    _average_e(hook, n)
-    return rows.astype(np.float32), hook.slots[SLOT_E].copy()                # e: [n_layer, width]
+    # the same sequences give the same rows: a kept instance under the reply contrast (its P+ / P-_j
+    # do not hold the conversation) or another scale of one prompt need no second capture
+    key = (tuple(pos.tokens), tuple(map(tuple, distinct)), tuple(roles), mask_k, fusion, elect, norm_heads)
+    memo = rt.memo.setdefault("captures", {})
+    if key in memo:
+        rows, e = memo.pop(key)
+    else:
+        # beside what the context keeps: a chat turn's P0 keeps its conversation's KV (§9.1)
+        prefill_aside(ctx, [pos.tokens] + distinct, _prefix_captures(pos, negs, roles, with_last=True))
+        rows = _fused_rows(hook.slots, n, mask_k, fusion, elect, norm_heads).astype(np.float32)  # [n_layer, width]
+        _average_e(hook, n)
+        e = hook.slots[SLOT_E].copy()                                        # [n_layer, width]
+    memo[key] = (rows, e)
+    while len(memo) > CAPTURE_MEMO:
+        del memo[next(iter(memo))]           # the least recently used
+    return rows.copy(), e.copy()
 
 
 def random_like_heads(rows: np.ndarray, n_head: int, seed: int) -> np.ndarray:
@@ -302,27 +310,36 @@ def instance_for(rt: Runtime, req: PlanRequest):
     """The request's instance prefixes: given ones, or built by self-generation and diagnosis."""
     if req.prefixes is not None:
         return req.prefixes, {}
-    return build_instance(rt, req.prompt, req.tokens, req.sampling)
+    return build_instance(rt, req.prompt, req.tokens, req.sampling, req.method)
 
 
-def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams):
-    """Self-generation, self-diagnosis and prefix selection for one prompt (docs/method.md §4.1-4.3)."""
+def selfgen_context(rt: Runtime, method: Optional[str]) -> str:
+    """Where the candidates are drawn: with KV reuse (chat) in the method's own context, forked from
+    the conversation's kept KV, so the new message is decoded once for both them and P0 (§9.2);
+    else in the setup context."""
+    return method if rt.kv_reuse and method is not None else "setup"
+
+
+def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams,
+                   method: Optional[str] = None):
+    """Self-generation, self-diagnosis and prefix selection for one prompt (docs/method.md §4.1-4.3).
+    method: the method the instance is for (its context draws the candidates under KV reuse)."""
     key = (prompt, sampling, rt.fgdilp.setup_key(), rt.diagnoser_choice())
     last = rt.memo.get("instance")
     if rt.reuse_instances and last is not None and last[0] == key:
         sel, info = last[1]
         return sel, copy.deepcopy(info)
-    sel, info = _new_instance(rt, raw, sampling)
+    sel, info = _new_instance(rt, raw, sampling, selfgen_context(rt, method))
     if rt.reuse_instances:
         rt.memo["instance"] = (key, (sel, copy.deepcopy(info)))
     return sel, info
 
 
-def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams):
+def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams, where: str):
     from .instance import self_generate
 
     f, model = rt.fgdilp, rt.model
-    ctx = rt.context("setup")
+    ctx = rt.context(where)
     outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens,
                          reuse=rt.kv_reuse)
     texts = [model.detokenize(o) for o in outs]

@@ -8,7 +8,7 @@ import statistics
 import numpy as np
 import pytest
 
-from fgdilp_cpp.engine import Model
+from fgdilp_cpp.engine import Capture, Model
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.generation import Generator
 from fgdilp_cpp.params import EngineParams, FgdilpParams, SamplingParams, SteerParams
@@ -133,21 +133,29 @@ def test_saved_vectors_reuse(chat_model):
         assert_same_conversation(reuse, full, "vectors")
 
 
-def test_fgdilp_with_the_same_prefixes_equals_without_reuse(chat_model):
+@pytest.mark.parametrize("method", ["fgdilp", "fgdilp-frozen"])
+def test_fgdilp_with_the_same_prefixes_equals_without_reuse(chat_model, method):
+    """fgdilp-frozen captures its direction in its own context: beside P0's kept conversation
+    (engine/batch.py prefill_aside), so a new turn still decodes only its new tokens."""
     # no top-K mask: a kept reply's KV (decoded a token at a time, f16 cells) differs from a
     # re-prefill's by float rounding (~0.01 in these logits, as for `none`); the mask is a step
     # function of the rows' magnitudes and can turn such noise into a different fused delta
+    from fgdilp_cpp.plans import build_instance
+
     reuse, full = generators(chat_model, mask_k=100.0)
     with reuse, full:
-        sel = None
+        n_before = 0
         for prompt in (FIRST, SECOND, THIRD):
-            r = reuse.generate(prompt, "fgdilp", n_predict=2, special=True)  # builds an instance (setup)
-            from fgdilp_cpp.plans import build_instance
+            r = reuse.generate(prompt, method, n_predict=2, special=True)  # builds an instance (setup)
+            assert r.n_reused_tokens >= n_before
             sel, _ = build_instance(reuse.rt, prompt, reuse.model.tokenize(prompt, special=True), SamplingParams())
-            a = reuse.generate(prompt, "fgdilp", n_predict=6, special=True, prefixes=sel, record_logits=True)
-            b = full.generate(prompt, "fgdilp", n_predict=6, special=True, prefixes=sel, record_logits=True)
-            assert a.tokens == b.tokens and a.n_reused_tokens > 0
+            a = reuse.generate(prompt, method, n_predict=6, special=True, prefixes=sel, record_logits=True)
+            b = full.generate(prompt, method, n_predict=6, special=True, prefixes=sel, record_logits=True)
+            n = len(reuse.model.tokenize(prompt, special=True))
+            assert a.tokens == b.tokens and a.n_reused_tokens == n - 1 and b.n_reused_tokens == 0
             assert_close(np.stack(a.logits), np.stack(b.logits))
+            n_before = a.n_reused_tokens - 4      # the next prompt re-renders the end of this one
+        assert reuse.context(method).hook.edits_applied > 0
 
 
 def test_several_samples_after_reuse(chat_model):
@@ -224,7 +232,9 @@ def test_bench_chat_turns_json(tiny_chat, cli):
     for name, r in out["methods"].items():
         assert len(r["turns"]) == 3 and all(t > 0 for t in r["turns"])
         assert r["ttft_s"] == pytest.approx(statistics.median(r["turns"][1:]), abs=1e-4)
-        assert r["reused_tokens"][0] == 0 and all(n > 0 for n in r["reused_tokens"][1:])   # later turns reused
+        # later turns reuse; a first turn reuses only what FGDILP's candidates decoded (plans.selfgen_context)
+        first_reused = r["prompt_tokens"][0] - 1 if name.startswith("fgdilp") else 0
+        assert r["reused_tokens"][0] == first_reused and all(n > 0 for n in r["reused_tokens"][1:])
         assert r["prompt_tokens"][0] < r["prompt_tokens"][1] < r["prompt_tokens"][2]
     assert out["methods"]["none"]["ratio_vs_none"] == 1.0
     fg, conv = out["methods"]["fgdilp"], out["methods"]["fgdilp+conversation"]
@@ -375,3 +385,58 @@ def test_a_full_context_drops_kept_conversations_before_failing(chat_model):
         with pytest.raises(FgdilpError, match="context is full"):
             lock.prefill()
         lock.close()
+
+
+def test_a_capture_aside_keeps_the_records_or_clears_when_no_ids_are_free(chat_model):
+    """prefill_aside (the frozen capture): the kept sequences' records and cells survive it; when
+    every sequence id has a record it clears the context instead of writing into kept cells."""
+    import llama_cpp.llama_cpp as ll
+
+    from fgdilp_cpp.engine import prefill_aside
+    from fgdilp_cpp.plans import SLOT_POS_LAST
+
+    reuse, full = generators(chat_model)
+    with reuse, full:
+        method = "fgdilp-frozen"              # a hooked context sized for a capture beside P0
+        logits_of(reuse, FIRST, method)
+        ctx = reuse.context(method)
+        kept = dict(ctx.kv)
+        assert kept
+        toks = chat_model.tokenize("the dog", special=True)
+        cap = [Capture(seq=0, index=len(toks) - 1, slot=SLOT_POS_LAST)]
+        ctx.hook.slots[SLOT_POS_LAST] = 7.0
+        prefill_aside(ctx, [toks, toks + toks[1:]], cap)
+        assert not np.any(ctx.hook.slots[SLOT_POS_LAST] == 7.0)      # the capture fired
+        assert ctx.kv == kept
+        mem = ll.llama_get_memory(ctx.ptr)
+        for seq, t in kept.items():            # the kept cells are still there
+            assert ll.llama_memory_seq_pos_max(mem, seq) >= len(t) - 1
+        ctx.kv = {i: [1] for i in range(ctx.params.n_seq_max)}      # no id without a record
+        prefill_aside(ctx, [toks], cap)
+        assert ctx.kv == {}
+        for seq in range(ctx.params.n_seq_max):
+            assert ll.llama_memory_seq_pos_max(mem, seq) == -1
+
+
+def test_a_kept_instance_at_the_reply_contrast_captures_its_direction_once(chat_model):
+    """fgdilp-frozen, instance kept for the conversation, reply contrast: P+ / P-_j do not hold the
+    conversation, so the kept instance's direction is the one already captured (plans'
+    capture memo): a later turn decodes no capture, and its output equals a fresh generator's."""
+    from fgdilp_cpp.plans import build_instance
+
+    steer = SteerParams(contrast="reply")
+    reuse, full = generators(chat_model, mask_k=100.0, steer=steer)
+    with reuse, full:
+        sel, _ = build_instance(reuse.rt, FIRST, reuse.model.tokenize(FIRST, special=True), SamplingParams())
+        reuse.generate(FIRST, "fgdilp-frozen", n_predict=4, special=True, prefixes=sel)
+        ctx = reuse.context("fgdilp-frozen")
+        decode, rows = ctx.decode, []
+        ctx.decode = lambda batch: rows.append(batch.n) or decode(batch)
+        a = reuse.generate(SECOND, "fgdilp-frozen", n_predict=6, special=True, prefixes=sel, record_logits=True)
+        b = full.generate(SECOND, "fgdilp-frozen", n_predict=6, special=True, prefixes=sel, record_logits=True)
+        new = len(chat_model.tokenize(SECOND, special=True)) - a.n_reused_tokens
+        # P0's new tokens, then P0 and its unedited twin (engine/batch.py) decode the last prompt
+        # token and 5 steps side by side: no capture rows
+        assert rows[0] == new - 1 and rows[1:] == [2] * 6, (rows, new)
+        assert a.tokens == b.tokens
+        assert_close(np.stack(a.logits), np.stack(b.logits))

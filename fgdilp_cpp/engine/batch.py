@@ -359,6 +359,47 @@ class Lockstep:
         self._batch.close()
 
 
+def prefill_aside(ctx, sequences: Sequence[Sequence[int]], captures: Sequence[Capture]) -> None:
+    """Prefill `sequences` once for the hook's `captures` (no logits) in sequence ids that no KV
+    record of `ctx` uses, then remove them: what the context keeps for reuse (a conversation's P0)
+    survives. Where no such ids or no free cells remain, the context is cleared first."""
+    n = len(sequences)
+    known = ctx.take_kv()
+    free = None if known is None else _free_run(known, n, ctx.params.n_seq_max)
+    if free is None:
+        ctx.clear()
+        known, free = {}, 0
+    lock = Lockstep(ctx, sequences, want_logits=[], first_seq=free)
+    try:
+        try:
+            lock.prefill(captures)
+        except ContextFullError:
+            if not known:
+                raise
+            for s in range(free, free + n):
+                ctx.seq_rm(s)
+            ctx.clear()                  # the kept records take the cells: give them up
+            known, free = {}, 0
+            lock.close()
+            lock = Lockstep(ctx, sequences, want_logits=[], first_seq=0)
+            lock.prefill(captures)
+    finally:
+        lock.close()
+        for s in range(free, free + n):
+            ctx.seq_rm(s)
+        ctx.kv = known
+
+
+def _free_run(known: dict[int, list[int]], n: int, n_seq_max: int) -> Optional[int]:
+    """The first id of n consecutive sequence ids without a KV record, or None."""
+    run = 0
+    for i in range(n_seq_max):
+        run = 0 if i in known else run + 1
+        if run == n:
+            return i - n + 1
+    return None
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     """Length of the common prefix of a and b, at most limit."""
     n = min(len(a), len(b), limit)
