@@ -175,6 +175,11 @@ class Detoxifier:
         sources = {k: "api" for k in settings}
         return cls(base.updated(settings), vectors, chat=chat, sources=sources)
 
+    def settings_for(self, method: str) -> Settings:
+        """The settings a call with `method` runs at (the method's profile entry applied where
+        nobody set a value)."""
+        return self._args({"method": method})[0]
+
     def setting_sources(self) -> dict[str, tuple[object, str]]:
         """{field: (value, where it came from)}: flag, env, config, api, profile, default, chat default."""
         return {f.name: (getattr(self.settings, f.name), self.sources.get(f.name, "default"))
@@ -358,8 +363,13 @@ class Detoxifier:
                               f"{', '.join(sorted(extra))}); create another Detoxifier for other settings")
         s = self.settings.updated(overrides) if overrides else self.settings
         if self.profile is not None and overrides.get("method", s.method) != self.settings.method:
-            # another method this call: its profile values, where neither the caller nor this call set one
+            # another method this call: its profile values, where neither the caller nor this call set one;
+            # the profile values of the method in force do not carry over (TR must not run at the
+            # frozen FGDILP entry's contrast or gate): they go back to their defaults first
             srcs = {**self.sources, **{k: "call" for k in overrides}}
+            base = Settings().updated(self.chat_defaults)
+            s = s.updated({k: getattr(base, k) for k, src in srcs.items()
+                           if src == "profile" and k in PER_CALL and k != "method"})
             values, _ = apply_profile(dict(vars(s)), srcs, self.profile, method=s.method)
             s = s.updated({k: v for k, v in values.items() if k in PER_CALL and v != getattr(s, k)})
         if self._gen.vectors is None:

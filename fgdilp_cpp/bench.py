@@ -110,15 +110,25 @@ def chat_turns(n: int) -> list[str]:
     return users[:n]
 
 
-# the settings a bench variant may change, and the methods each one changes
-VARIANT_CHANGES = {"instance_reuse": lambda m: m.instance, "contrast": PREFIXED}
+# the settings a bench variant may change, each one's other value, and the methods it changes
+VARIANT_CHANGES = {"instance_reuse": ({"turn": "conversation", "conversation": "turn"}, lambda m: m.instance),
+                   "contrast": ({"full": "reply", "reply": "full"}, PREFIXED)}
 
 
-def variant_applies(base, other, spec: "methods.Method") -> bool:
-    """Whether Settings `other` runs method `spec` differently from `base` in every setting it
-    changes (so "+conversation+reply" is a row for fgdilp, not for tr)."""
-    changed = [k for k in VARIANT_CHANGES if getattr(other, k) != getattr(base, k)]
-    return bool(changed) and all(VARIANT_CHANGES[k](spec) for k in changed)
+def chat_variants(det, names: list[str]) -> list[tuple[str, dict, str]]:
+    """(row name, settings, method) of the variant rows of `bench --chat --turns`: per method, the
+    setting(s) of VARIANT_CHANGES it depends on turned to their other value, one at a time and
+    together ("fgdilp-frozen+turn", "+full", "+turn+full"), from what the method runs at here
+    (its profile entry's values included)."""
+    out = []
+    for m in names:
+        spec, eff = methods.get(m), det.settings_for(m)
+        keys = [k for k, (_, applies) in VARIANT_CHANGES.items() if applies(spec)]
+        combos = [[k] for k in keys] + ([keys] if len(keys) > 1 else [])
+        for combo in combos:
+            over = {k: VARIANT_CHANGES[k][0][getattr(eff, k)] for k in combo}
+            out.append((m + "".join(f"+{v}" for v in over.values()), over, m))
+    return out
 
 
 def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_tokens: int = 24,
@@ -129,18 +139,14 @@ def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_
     its assistant turns), so its contexts reuse their KV from turn to turn as in `chat`. Methods
     are interleaved within a turn, so machine noise hits all alike. ttft_s: the median from the
     second turn on (the first turn prefills the whole system prompt and builds contexts).
-    variants: (suffix, Detoxifier with other settings) pairs; each method the variant changes gets
-    a row "<method><suffix>" run by that Detoxifier (its own contexts, so its own kept KV): an
-    instance kept per conversation changes the methods that build an instance, --contrast reply
-    the methods that decode prefixed sequences (variant_applies)."""
+    variants: (row name, Detoxifier with other settings, method) triples (chat_variants): the
+    method run by that Detoxifier, in its own contexts (so its own kept KV), under the row name."""
     users = chat_turns(n_turns)
     calls = {m: (det, {"method": m}) for m in names}
     if vectors_det is not None:
         calls[methods.saved_vectors().name] = (vectors_det, {})
-    for suffix, vdet in variants:
-        for m in names:
-            if variant_applies(det.settings, vdet.settings, methods.get(m)):
-                calls[f"{m}{suffix}"] = (vdet, {"method": m})
+    for row, vdet, m in variants:
+        calls[row] = (vdet, {"method": m})
     history: dict[str, list[dict]] = {m: [] for m in calls}
     rows: dict[str, dict[str, list]] = {m: {"turns": [], "setup_s": [], "prefill_s": [], "prompt_tokens": [],
                                             "reused_tokens": [], "instance_kept": []} for m in calls}

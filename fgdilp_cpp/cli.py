@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from . import methods as registry
 from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _detoxifier, _settings, friendly_errors, method_list,
-                          model_options, sampling_options, steer_options, with_vectors)
+                          model_options, sampling_options, sources, steer_options, with_vectors)
 from .errors import FgdilpError
 from .explain import explain_lines
 
@@ -187,7 +187,8 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
 
 
 def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -> None:
-    from .bench import CHAT_BENCH_PROMPT, run_chat_ttft, run_chat_turns, variant_applies
+    from .api import Detoxifier
+    from .bench import CHAT_BENCH_PROMPT, chat_variants, run_chat_ttft, run_chat_turns
     from .chat import CHAT_DEFAULTS
 
     if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
@@ -197,15 +198,16 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -
         det = stack.enter_context(_detoxifier(s, chat=True))
         with_vec = stack.enter_context(_detoxifier(s, vectors_path, chat=True)) if vectors_path else None
         if turns:
-            # rows of their own, in their own contexts: FGDILP's instance kept for the conversation,
-            # the reply contrast (docs/method.md §2.9), and both
-            variants = []
-            for suffix, over in (("+conversation", {"instance_reuse": "conversation"}), ("+reply", {"contrast": "reply"}),
-                                 ("+conversation+reply", {"instance_reuse": "conversation", "contrast": "reply"})):
-                other = s.updated(over)
-                if all(getattr(s, k) != v for k, v in over.items()) and any(
-                        variant_applies(s, other, registry.get(m)) for m in names):
-                    variants.append((suffix, stack.enter_context(_detoxifier(other, chat=True))))
+            # rows of their own, in their own contexts: FGDILP's instance per reply or conversation
+            # (whichever is not in force), the other contrast (docs/method.md §2.9), and both; the
+            # variant's values win over the model's profile, like flags
+            dets, variants = {}, []
+            for row, over, m in chat_variants(det, names):
+                key = tuple(sorted(over.items()))
+                if key not in dets:
+                    dets[key] = stack.enter_context(Detoxifier(s.updated(over), chat=True,
+                                                               sources={**sources(), **dict.fromkeys(over, "flag")}))
+                variants.append((row, dets[key], m))
             out = run_chat_turns(det, names, turns, with_vec, variants=variants)
         else:
             out = run_chat_ttft(det, prompt, names, repeats, with_vec)

@@ -227,8 +227,8 @@ def test_bench_chat_turns_json(tiny_chat, cli):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["turns"] == 3 and out["kv_reuse"] is True and list(out["methods"]) == [
-        "none", "tr", "fgdilp", "fgdilp+conversation", "tr+reply", "fgdilp+reply", "fgdilp+conversation+reply"]
-    assert out["settings"]["contrast"] == "full"
+        "none", "tr", "fgdilp", "tr+reply", "fgdilp+turn", "fgdilp+reply", "fgdilp+turn+reply"]
+    assert out["settings"]["contrast"] == "full" and out["instance_reuse"] == "conversation"   # chat defaults
     for name, r in out["methods"].items():
         assert len(r["turns"]) == 3 and all(t > 0 for t in r["turns"])
         assert r["ttft_s"] == pytest.approx(statistics.median(r["turns"][1:]), abs=1e-4)
@@ -237,13 +237,30 @@ def test_bench_chat_turns_json(tiny_chat, cli):
         assert r["reused_tokens"][0] == first_reused and all(n > 0 for n in r["reused_tokens"][1:])
         assert r["prompt_tokens"][0] < r["prompt_tokens"][1] < r["prompt_tokens"][2]
     assert out["methods"]["none"]["ratio_vs_none"] == 1.0
-    fg, conv = out["methods"]["fgdilp"], out["methods"]["fgdilp+conversation"]
+    fg, conv = out["methods"]["fgdilp+turn"], out["methods"]["fgdilp"]
     assert fg["setup_s"][1] > 0 and conv["setup_s"][0] > 0
     # the shipped conversation's second message is hostile (the scorer reads it toxic): the kept
     # instance is rebuilt there, and kept through the benign third
     assert fg["instance_kept"] == [False] * 3 and conv["instance_kept"] == [False, False, True]
     bad = cli("bench", "--chat", "--turns", "99", "-m", tiny_chat, *fast)
     assert bad.returncode == 1 and "--turns must be in 1..8" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_variants_turn_what_each_method_runs_at_to_the_other_value():
+    """A method whose profile entry runs it at the reply contrast gets a "+full" row, one at the
+    full contrast a "+reply" row; only FGDILP's methods get "+turn" / "+conversation" rows."""
+    from fgdilp_cpp.bench import chat_variants
+    from fgdilp_cpp.settings import Settings
+
+    class Det:
+        def settings_for(self, m):
+            return Settings(contrast="reply" if m == "fgdilp-frozen" else "full", instance_reuse="conversation")
+
+    rows = chat_variants(Det(), ["none", "tr", "fgdilp-frozen", "vectors"])
+    assert rows == [("tr+reply", {"contrast": "reply"}, "tr"),
+                    ("fgdilp-frozen+turn", {"instance_reuse": "turn"}, "fgdilp-frozen"),
+                    ("fgdilp-frozen+full", {"contrast": "full"}, "fgdilp-frozen"),
+                    ("fgdilp-frozen+turn+full", {"instance_reuse": "turn", "contrast": "full"}, "fgdilp-frozen")]
 
 
 def test_self_generation_reuses_the_conversation(chat_model):

@@ -96,6 +96,8 @@ def test_api_applies_the_profile_below_given_values(profiled):
         assert res.method == "random"
         s_random, _ = det._args({"method": "random"})
         assert s_random.steer_scale == 0.5
+        # tr's layer range is tr's: random's entry names none, so random runs at the default
+        assert s_random.steer_layer_range is None and s_random.exp_norm == 0.5
         assert det._args({"method": "random", "steer_scale": 0.1})[0].steer_scale == 0.1
     with Detoxifier.from_file(path, ctx_size=128, threads=1, profile=False) as det:
         assert det.profile is None and det.settings.steer_scale == 1.0
