@@ -8,22 +8,22 @@ prompt share its prefill (KV sequence copy) and advance together.
 
 from __future__ import annotations
 
-import codecs
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
 from . import methods
 from .conversation import ConversationInstance
-from .engine import Capture, Context, ContextParams, Lockstep, Model, Sampler
+from .decode import run_plan
+from .engine import Capture, Context, ContextParams, Lockstep, Model
 from .engine.context import UNQUANTISED_CACHE
 from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
 from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
 from .plans import N_SLOTS, Plan, PlanRequest, Runtime, build_instance, frozen_directions
+from .results import GenResult, Sample
 
 __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
 
@@ -31,45 +31,6 @@ MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
 INSTANCE_REUSE = ("turn", "conversation")   # when FGDILP's instance is rebuilt (Settings.instance_reuse)
 SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
 CONTEXT_SHAPING = ("samples", "selfgen_tokens", "negatives")   # FgdilpParams that size contexts (context())
-
-
-@dataclass
-class Sample:
-    text: str
-    tokens: list[int]
-    stop_reason: str                 # "length", "eog" or "context"
-
-
-@dataclass
-class GenResult:
-    samples: list[Sample]
-    method: str
-    n_prompt_tokens: int
-    setup_s: float                   # FGDILP self-generation + diagnosis (+ frozen capture)
-    prefill_s: float
-    decode_s: float                  # the per-token decode steps (sampling included)
-    n_decode_steps: int
-    fired_layers: int = 0            # layers the hook fired on in the last steered decode
-    n_reused_tokens: int = 0         # prompt tokens of the output sequence whose KV an earlier run left
-    explain: dict = field(default_factory=dict)
-    logits: list[np.ndarray] = field(default_factory=list)   # per step [rows wanted, n_vocab]
-
-    @property
-    def text(self) -> str:
-        return self.samples[0].text
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.samples[0].tokens
-
-    @property
-    def stop_reason(self) -> str:
-        return self.samples[0].stop_reason
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Decode steps per second (one step advances every sample by one token)."""
-        return self.n_decode_steps / self.decode_s if self.decode_s > 0 else 0.0
 
 
 class Generator:
@@ -216,6 +177,15 @@ class Generator:
         """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""
         return self.resolve(method).room(self.rt)
 
+    @property
+    def cancelled(self) -> bool:
+        """cancel() was called (or a decode was aborted) since the last reset_cancel()."""
+        return self._cancelled
+
+    def note_cancelled(self) -> None:
+        """A decode was aborted: no further token is drawn."""
+        self._cancelled = True
+
     def reset_cancel(self) -> None:
         """Forget an earlier cancel(): the next generation runs (call before starting one)."""
         self._cancelled = False
@@ -317,7 +287,7 @@ class Generator:
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
             self._check_prefixed(plan)
-            res = self._run(ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
+            res = run_plan(self, ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
                             record_logits, logits_all, stop_at_eog, setup)
             if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through
                 res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate, "contrast": self.steer.contrast,
@@ -335,106 +305,6 @@ class Generator:
         if longest >= limit:
             raise ContextLengthError(f"the prompt with its steering prefix is {longest} tokens, longer than "
                                      f"the context ({limit} tokens)")
-
-    def _run(self, ctx, plan: Plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
-             record_logits, logits_all, stop_at_eog, setup_s) -> GenResult:
-        limit = self.engine.ctx_size
-        out = plan.out_role
-        want = list(range(len(plan.sequences))) if logits_all else [out]
-        samplers = [] if forced_tokens is not None else [
-            Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
-                                   (sampling.seed + g) % 2**32)) for g in range(n_samples)]
-        # KV reuse (docs/method.md §9): the cells of the last run's sequences keep the common prefix;
-        # a control vector changes every token's KV, so its runs start from an empty context
-        reuse = self.rt.kv_reuse and plan.cvec is None
-        if not reuse:
-            ctx.clear()
-        if ctx.hook is not None:
-            ctx.hook.reset_totals()
-        edited = {e.target for e in plan.edits}
-        lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq,
-                        reuse=reuse, twin=out if out in edited else None)
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n_samples)]
-        samples = [Sample("", [], "length") for _ in range(n_samples)]
-        pieces: list[list[str]] = [[] for _ in range(n_samples)]
-        logits: list[np.ndarray] = []
-        n_steps = 0
-
-        def emit(g: int, piece: str) -> None:
-            if piece:
-                pieces[g].append(piece)
-                if g == 0 and on_text is not None:
-                    on_text(piece)
-
-        try:
-            t0 = time.perf_counter()
-            if plan.cvec is not None:
-                ctx.set_cvec(plan.cvec)
-            try:
-                lock.prefill(plan.captures, plan.edits,
-                             before_last=plan.before_last and (lambda: plan.before_last(ctx)))
-            except Cancelled:
-                self._cancelled = True
-            t1 = time.perf_counter()
-            if plan.after_prefill is not None and not self._cancelled:
-                plan.after_prefill(ctx)
-            while not self._cancelled:
-                if record_logits:
-                    logits.append(np.stack([lock.logits(lock.active[0], r).copy() for r in want]))
-                toks, done = [], []
-                for g in lock.active:
-                    s = samples[g]
-                    if forced_tokens is not None:
-                        if len(s.tokens) >= len(forced_tokens):
-                            done.append(g)
-                            continue
-                        tok = forced_tokens[len(s.tokens)]
-                    else:
-                        tok = samplers[g].sample(ctx, lock.row(g, out))
-                        if stop_at_eog and self.model.is_eog(tok):
-                            s.stop_reason = "eog"
-                            done.append(g)
-                            continue
-                    s.tokens.append(tok)
-                    emit(g, decoders[g].decode(self.model.token_bytes(tok)))
-                    if forced_tokens is None and len(s.tokens) >= n_predict:
-                        done.append(g)
-                    elif max(lock.lengths) >= limit:
-                        s.stop_reason = "context"
-                        done.append(g)
-                    else:
-                        toks.append(tok)
-                for g in done:
-                    lock.deactivate(g)
-                if not lock.active or self._cancelled:
-                    break
-                try:
-                    lock.step(toks, plan.edits)
-                except Cancelled:
-                    break
-                n_steps += 1
-            if self._cancelled:
-                for g in lock.active:
-                    samples[g].stop_reason = "cancelled"
-            else:
-                lock.record(edited_roles=edited)
-            t2 = time.perf_counter()
-        finally:
-            lock.close()
-            for sm in samplers:
-                sm.close()
-            if plan.cvec is not None:
-                ctx.set_cvec(None)
-        for g, s in enumerate(samples):
-            emit(g, decoders[g].decode(b"", final=True))
-            s.text = "".join(pieces[g])
-        hook = ctx.hook
-        return GenResult(samples=samples, method=method, n_prompt_tokens=len(plan.sequences[out]),
-                         setup_s=setup_s, prefill_s=t1 - t0, decode_s=t2 - t1, n_decode_steps=n_steps,
-                         n_reused_tokens=lock.reused[out],
-                         fired_layers=hook.fired_layers if hook is not None else 0,
-                         explain=plan.explain, logits=logits)
-
 
 def open_generator(model: Model, settings, vectors_path: Optional[str] = None, **engine_over) -> Generator:
     """A Generator of `model` with the engine, steering and FGDILP values of `settings` (a
