@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from .params import SamplingParams
@@ -31,12 +32,23 @@ class ConversationInstance:
         self._toxicity = 0.0      # the scorer's toxicity of the text the instance was built for
         self.turns = 0
 
+    @staticmethod
+    def key(rt: Runtime, sampling: SamplingParams) -> tuple:
+        # not the seed: chat draws each turn with another seed, and the prefixes need not change with it
+        return (replace(sampling, seed=0), rt.fgdilp)
+
+    def extended_by(self, key: tuple, raw: list[int]) -> int:
+        """How many tokens of `raw` this instance's conversation covers when `raw` goes on with
+        it (same candidate sampling and FGDILP values), else 0."""
+        n = len(self._tokens)
+        return n if self._key == key and len(raw) > n and raw[:n] == self._tokens else 0
+
     def get(self, rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams, method: str):
         """(selection, explain entries) for the prompt `raw` (its tokens), for `method`."""
-        key = (sampling, rt.fgdilp)
+        key = self.key(rt, sampling)
         n = len(self._tokens)
         why = "built for this turn"
-        if self._key == key and len(raw) > n and raw[:n] == self._tokens:
+        if self.extended_by(key, raw):
             # what this turn added: the last reply's end, the new message, the template around them
             tox = text_toxicity(rt, rt.model.detokenize(raw[n:]))
             if tox < ESCALATION_TOXICITY or tox <= self._toxicity:
@@ -56,3 +68,30 @@ class ConversationInstance:
     def _kept_tokens(raw: list[int]) -> list[int]:
         # without the last two tokens: they may merge with the reply that follows them
         return raw[:max(1, len(raw) - 2)]
+
+
+class ConversationInstances:
+    """The instances of up to `capacity` conversations (serve: one per client, as its KV is kept),
+    the least recently used dropped first: a prompt goes on with the conversation it extends
+    (the longest one), or starts a new one."""
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = max(1, capacity)
+        self._items: list[ConversationInstance] = []       # least recently used first
+
+    @property
+    def last(self) -> Optional[ConversationInstance]:
+        return self._items[-1] if self._items else None
+
+    def get(self, rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams, method: str):
+        key = ConversationInstance.key(rt, sampling)
+        covered = [(c.extended_by(key, raw), i) for i, c in enumerate(self._items)]
+        n, i = max(covered, default=(0, -1))
+        if n:
+            inst = self._items.pop(i)
+        else:
+            inst = ConversationInstance()
+            while len(self._items) >= self.capacity:
+                self._items.pop(0)
+        self._items.append(inst)
+        return inst.get(rt, prompt, raw, sampling, method)

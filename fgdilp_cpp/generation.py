@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import methods
-from .conversation import ConversationInstance
+from .conversation import ConversationInstances
 from .decode import run_plan
 from .engine import Capture, Context, ContextParams, Lockstep, Model
 from .engine.context import UNQUANTISED_CACHE
@@ -46,7 +46,8 @@ class Generator:
         self._cancelled = False
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
-        self.conversation = ConversationInstance()    # FGDILP's instance of instance_reuse="conversation"
+        # FGDILP's instances of instance_reuse="conversation", one per conversation whose KV is kept
+        self.conversation = ConversationInstances(engine.kv_conversations if engine.kv_reuse else 1)
         if vectors is not None:
             vectors.check_model(identity_of(model))
 

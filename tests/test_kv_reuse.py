@@ -176,13 +176,15 @@ def test_conversation_instance_is_kept_while_the_conversation_extends(chat_model
     reuse, full = generators(chat_model)
     with reuse, full:
         first = reuse.generate(FIRST, "fgdilp", n_predict=3, special=True, instance_reuse="conversation")
-        kept = reuse.conversation._selection
+        kept = reuse.conversation.last._selection
+        # another seed (the chat draws each turn with the next one) keeps the instance too
         second = reuse.generate(SECOND, "fgdilp", n_predict=6, special=True, instance_reuse="conversation",
-                                record_logits=True)
+                                record_logits=True, sampling=SamplingParams(seed=43))
         assert first.explain["instance"] == "built for this turn" and first.setup_s > 0
         assert second.explain["instance"] == "kept from an earlier turn" and second.explain["instance_turns"] == 2
         assert second.setup_s < first.setup_s / 4 and second.n_reused_tokens > 0
-        same = full.generate(SECOND, "fgdilp", n_predict=6, special=True, prefixes=kept, record_logits=True)
+        same = full.generate(SECOND, "fgdilp", n_predict=6, special=True, prefixes=kept, record_logits=True,
+                             sampling=SamplingParams(seed=43))
         assert same.tokens == second.tokens
         assert_close(np.stack(same.logits), np.stack(second.logits))
         other = reuse.generate(CLEARED, "fgdilp", n_predict=3, special=True, instance_reuse="conversation")
@@ -321,6 +323,22 @@ OTHER_FIRST = SYSTEM + turn("birds fly over the sea")
 OTHER_SECOND = SYSTEM + turn("birds fly over the sea", "they sing at dawn") + turn("which birds")
 OTHER_THIRD = OTHER_SECOND + "small ones" + "<|im_end|>\n" + turn("tell me more")
 THIRD_FIRST = SYSTEM + turn("fish swim in the river")
+
+
+@pytest.mark.parametrize("kept", [1, 2])
+def test_each_kept_conversation_keeps_its_own_instance(chat_model, kept):
+    """serve: two clients' conversations interleave; with room for both (kv_conversations 2) each
+    goes on with its own instance, with room for one each turn of the other one rebuilds it."""
+    fg = FgdilpParams(samples=3, selfgen_tokens=4, selfgen_min_tokens=1, negatives=2)
+    with Generator(chat_model, EngineParams(ctx_size=512, n_threads=1, kv_reuse=True, kv_conversations=kept),
+                   fgdilp=fg) as g:
+        said = [g.generate(p, "fgdilp-frozen", n_predict=2, special=True, instance_reuse="conversation")
+                .explain["instance"] for p in (FIRST, OTHER_FIRST, SECOND, OTHER_SECOND, THIRD)]
+    built = "built for this turn"
+    if kept == 2:
+        assert said == [built] * 2 + ["kept from an earlier turn"] * 3
+    else:
+        assert said == [built] * 5
 
 
 @pytest.mark.parametrize("method", ["none", "tr"])
