@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -15,11 +15,21 @@ from .params import SamplingParams
 from .plans import Plan
 from .results import GenResult, Sample
 
-if TYPE_CHECKING:
-    from .generation import Generator
+
+class Runner(Protocol):
+    """What the loop needs of its Generator: the model, engine values, KV-reuse flag, cancel state."""
+
+    model: object
+    engine: object
+    rt: object
+
+    @property
+    def cancelled(self) -> bool: ...
+
+    def note_cancelled(self) -> None: ...
 
 
-def run_plan(gen: "Generator", ctx: Context, plan: Plan, method: str, n_predict: int, sampling: SamplingParams,
+def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int, sampling: SamplingParams,
              n_samples: int, on_text, forced_tokens, record_logits: bool, logits_all: bool, stop_at_eog: bool,
              setup_s: float) -> GenResult:
     """Prefill a plan's sequences, then draw n_samples continuations of its output role, one token

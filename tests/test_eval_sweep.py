@@ -287,7 +287,7 @@ def test_fgdilp_setup_is_built_once_per_prompt_across_steering_points(model_path
 
     calls = []
     real = plans._new_instance
-    monkeypatch.setattr(plans, "_new_instance", lambda rt, raw, sampling: calls.append(1) or real(rt, raw, sampling))
+    monkeypatch.setattr(plans, "_new_instance", lambda *a: calls.append(1) or real(*a))
     res = evaluate(model_path, tmp_path / "f", sweeps=["steer-scale=0.5,1", "exp-sim=0.3,0.6"],
                    methods=["fgdilp", "fgdilp-frozen"])
     assert res["generated"] == len(PROMPTS) * 2 * 4

@@ -144,16 +144,22 @@ def test_self_generation_lengths_and_seeds(model):
         assert o[:3] == s[:3]
 
 
-def test_reused_instance_gives_the_same_generation(model):
+def test_reused_instance_gives_the_same_generation(model, monkeypatch):
+    from fgdilp_cpp import plans
+
+    built = []
+    real = plans._new_instance
+    monkeypatch.setattr(plans, "_new_instance", lambda *a: built.append(1) or real(*a))
     params = FgdilpParams(samples=4, selfgen_tokens=6, selfgen_min_tokens=2)
     s = SamplingParams(seed=21)
     with Generator(model, EngineParams(ctx_size=256), SteerParams(), params) as fresh:
         want = [fresh.generate(PROMPT, m, 8, s, explain=True) for m in ("fgdilp", "fgdilp-frozen")]
+    assert len(built) == 2
     with Generator(model, EngineParams(ctx_size=256), SteerParams(), params, reuse_instances=True) as gen:
         got = [gen.generate(PROMPT, m, 8, s, explain=True) for m in ("fgdilp", "fgdilp-frozen")]
     assert [r.tokens for r in got] == [r.tokens for r in want]
     assert got[0].explain["samples"] == want[0].explain["samples"]
-    assert got[1].setup_s < want[1].setup_s      # the second method did not redo the setup
+    assert len(built) == 3                       # the second method did not redo the setup
 
 
 def test_cancel_from_another_thread(model):
