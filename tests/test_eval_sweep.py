@@ -305,3 +305,11 @@ def test_records_with_a_bad_point_or_nll_are_off_the_schema():
     for bad in ({"point": 3}, {"point": {"steer_layer_range": [1, 2, 3]}}, {"nll": {"self": [1.0]}},
                 {"nll": {"self": [float("nan"), 2]}}, {"tokens": ["a"]}):
         assert "wrong type" in schema_problem({**good, **bad}, GENERATION_SCHEMA), bad
+
+
+def test_point_labels_say_all_layers_and_gate_off():
+    from fgdilp_cpp.evaluation.sweep import point_label
+
+    assert point_label({"steer_layer_range": None, "gate": None, "steer_scale": 0.5}) == \
+        "steer_layer_range=all gate=off steer_scale=0.5"
+    assert point_label({"steer_layer_range": (12, 17), "gate": 0.1}) == "steer_layer_range=12-17 gate=0.1"

@@ -175,8 +175,8 @@ def point_label(point: Mapping[str, Any] | None) -> str:
     for k, v in (point or {}).items():
         if isinstance(v, (list, tuple)) and len(v) == 2:
             v = f"{v[0]}-{v[1]}"
-        elif v is None:
-            v = "all"
+        elif v is None:                  # every layer; a gate or other option: off
+            v = "all" if k == "steer_layer_range" else "off"
         parts.append(f"{k}={v}")
     return " ".join(parts)
 
