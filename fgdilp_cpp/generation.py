@@ -46,8 +46,9 @@ class Generator:
         self._cancelled = False
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
-        # FGDILP's instances of instance_reuse="conversation", one per conversation whose KV is kept
-        self.conversation = ConversationInstances(engine.kv_conversations if engine.kv_reuse else 1)
+        # FGDILP's instances of instance_reuse="conversation": per method (its contexts keep that
+        # conversation's KV), one per conversation whose KV is kept
+        self._conversations: dict[str, ConversationInstances] = {}
         if vectors is not None:
             vectors.check_model(identity_of(model))
 
@@ -144,6 +145,13 @@ class Generator:
         if self._cancelled:              # cancel() came while this context did not exist yet
             ctx.request_abort()
         return ctx
+
+    def conversation(self, method: str) -> ConversationInstances:
+        """The instances `method` keeps per conversation (instance_reuse = "conversation")."""
+        if method not in self._conversations:
+            e = self.engine
+            self._conversations[method] = ConversationInstances(e.kv_conversations if e.kv_reuse else 1)
+        return self._conversations[method]
 
     def set_steer(self, steer: SteerParams) -> None:
         """Steering values for the following generations: applied to the hooks made so far
@@ -278,7 +286,7 @@ class Generator:
             instance_info = None
             try:
                 if spec.instance and prefixes is None and instance_reuse == "conversation":
-                    prefixes, instance_info = self.conversation.get(self.rt, prompt, raw, sampling, method)
+                    prefixes, instance_info = self.conversation(method).get(self.rt, prompt, raw, sampling, method)
                 plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
                                                                 prefixes))
                 if instance_info is not None:

@@ -176,7 +176,7 @@ def test_conversation_instance_is_kept_while_the_conversation_extends(chat_model
     reuse, full = generators(chat_model)
     with reuse, full:
         first = reuse.generate(FIRST, "fgdilp", n_predict=3, special=True, instance_reuse="conversation")
-        kept = reuse.conversation.last._selection
+        kept = reuse.conversation("fgdilp").last._selection
         # another seed (the chat draws each turn with the next one) keeps the instance too
         second = reuse.generate(SECOND, "fgdilp", n_predict=6, special=True, instance_reuse="conversation",
                                 record_logits=True, sampling=SamplingParams(seed=43))
@@ -323,6 +323,17 @@ OTHER_FIRST = SYSTEM + turn("birds fly over the sea")
 OTHER_SECOND = SYSTEM + turn("birds fly over the sea", "they sing at dawn") + turn("which birds")
 OTHER_THIRD = OTHER_SECOND + "small ones" + "<|im_end|>\n" + turn("tell me more")
 THIRD_FIRST = SYSTEM + turn("fish swim in the river")
+
+
+def test_each_method_keeps_its_own_conversation_instance(chat_model):
+    """Two methods, each in its own conversation (bench --chat replays one per method): with room
+    for one conversation each, neither rebuilds the other's instance."""
+    fg = FgdilpParams(samples=3, selfgen_tokens=4, selfgen_min_tokens=1, negatives=2)
+    with Generator(chat_model, EngineParams(ctx_size=512, n_threads=1, kv_reuse=True), fgdilp=fg) as g:
+        said = [g.generate(p, m, n_predict=2, special=True, instance_reuse="conversation").explain["instance"]
+                for p, m in ((FIRST, "fgdilp"), (OTHER_FIRST, "fgdilp-frozen"), (SECOND, "fgdilp"),
+                             (OTHER_SECOND, "fgdilp-frozen"))]
+    assert said == ["built for this turn"] * 2 + ["kept from an earlier turn"] * 2
 
 
 @pytest.mark.parametrize("kept", [1, 2])
