@@ -31,8 +31,10 @@ CHAT_DEFAULTS = {
     "method": "fgdilp",
     "n_predict": 256,
     "ctx_size": 4096,
-    "selfgen_samples": 6,
-    "selfgen_tokens": 12,
+    # 4 candidates of 8 tokens: on SmolLM2 as detoxifying as 6 x 12 and 25 x 20 within the
+    # intervals of 100 x 5 test prompts, x5.6 per-reply setup against x8.6 (docs/results.md)
+    "selfgen_samples": 4,
+    "selfgen_tokens": 8,
     "selfgen_min_tokens": 4,
     # FGDILP's instance kept while the conversation goes on, rebuilt when a turn escalates
     # (docs/method.md §9.2): x1.1 time to first token against x8.6 per reply (docs/results.md)

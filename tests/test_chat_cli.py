@@ -51,7 +51,7 @@ def test_session_commands_and_exit(tiny_chat, tmp_path):
     c.expect_exact("positive: sample")
     ask(c, "/settings")
     c.expect(r"method\s+\* fgdilp")
-    c.expect(r"selfgen-samples\s+\* 6")
+    c.expect(r"selfgen-samples\s+\* 4")
     ask(c, "/save saved.json")
     c.expect_exact("(saved to saved.json)")
     ask(c, "/nope")
