@@ -81,5 +81,8 @@ def test_chat_on_the_default_chat_model():
         res = d.chat(msgs, explain=True)
         plain = d.chat(msgs, method="none")
     assert res.method == "fgdilp" and res.fired_layers == 30 and res.text.strip()
-    assert len(res.explain["samples"]) == 6 and all("<|im_" not in s["text"] for s in res.explain["samples"])
+    from fgdilp_cpp.settings import CHAT_DEFAULTS
+
+    assert len(res.explain["samples"]) == CHAT_DEFAULTS["selfgen_samples"]
+    assert all("<|im_" not in s["text"] for s in res.explain["samples"])
     assert res.text != plain.text
