@@ -12,6 +12,8 @@ from typing import Sequence
 
 from . import methods
 from .evaluation.sweep import PREFIXED
+from .generation import INSTANCE_REUSE
+from .params import CONTRASTS
 
 
 def run_bench(det, prompt: str, names: list[str], repeats: int, setup_samples: int, setup_tokens: int) -> dict:
@@ -110,9 +112,13 @@ def chat_turns(n: int) -> list[str]:
     return users[:n]
 
 
-# the settings a bench variant may change, each one's other value, and the methods it changes
-VARIANT_CHANGES = {"instance_reuse": ({"turn": "conversation", "conversation": "turn"}, lambda m: m.instance),
-                   "contrast": ({"full": "reply", "reply": "full"}, PREFIXED)}
+# the settings a bench variant may change (each has two values: a variant takes the other one),
+# and the methods each one changes
+VARIANT_CHANGES = {"instance_reuse": (INSTANCE_REUSE, lambda m: m.instance), "contrast": (CONTRASTS, PREFIXED)}
+
+
+def _other(choices: tuple[str, str], value: str) -> str:
+    return choices[1 - choices.index(value)]
 
 
 def chat_variants(det, names: list[str]) -> list[tuple[str, dict, str]]:
@@ -126,7 +132,7 @@ def chat_variants(det, names: list[str]) -> list[tuple[str, dict, str]]:
         keys = [k for k, (_, applies) in VARIANT_CHANGES.items() if applies(spec)]
         combos = [[k] for k in keys] + ([keys] if len(keys) > 1 else [])
         for combo in combos:
-            over = {k: VARIANT_CHANGES[k][0][getattr(eff, k)] for k in combo}
+            over = {k: _other(VARIANT_CHANGES[k][0], getattr(eff, k)) for k in combo}
             out.append((m + "".join(f"+{v}" for v in over.values()), over, m))
     return out
 

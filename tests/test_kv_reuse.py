@@ -433,7 +433,7 @@ def test_a_full_context_drops_kept_conversations_before_failing(chat_model):
         lock.close()
 
 
-def test_a_capture_aside_keeps_the_records_or_clears_when_no_ids_are_free(chat_model):
+def test_a_capture_aside_keeps_the_records_or_clears_when_no_ids_are_free(chat_model, monkeypatch):
     """prefill_aside (the frozen capture): the kept sequences' records and cells survive it; when
     every sequence id has a record it clears the context instead of writing into kept cells."""
     import llama_cpp.llama_cpp as ll
@@ -460,6 +460,25 @@ def test_a_capture_aside_keeps_the_records_or_clears_when_no_ids_are_free(chat_m
         ctx.kv = {i: [1] for i in range(ctx.params.n_seq_max)}      # no id without a record
         prefill_aside(ctx, [toks], cap)
         assert ctx.kv == {}
+        # no cell free beside the kept records: they are given up and the capture runs again
+        logits_of(reuse, FIRST, method)
+        assert ctx.kv
+        from fgdilp_cpp.engine import batch
+        from fgdilp_cpp.errors import ContextFullError
+
+        real, starts = batch.Lockstep.prefill, []
+
+        def full_once(lock, *a, **k):
+            starts.append(lock.first_seq)
+            if len(starts) == 1:
+                raise ContextFullError("full")
+            return real(lock, *a, **k)
+
+        monkeypatch.setattr(batch.Lockstep, "prefill", full_once)
+        ctx.hook.slots[SLOT_POS_LAST] = 7.0
+        prefill_aside(ctx, [toks], cap)
+        assert starts[0] > 0 and starts[1] == 0 and ctx.kv == {}
+        assert not np.any(ctx.hook.slots[SLOT_POS_LAST] == 7.0)
         for seq in range(ctx.params.n_seq_max):
             assert ll.llama_memory_seq_pos_max(mem, seq) == -1
 

@@ -371,23 +371,18 @@ def prefill_aside(ctx, sequences: Sequence[Sequence[int]], captures: Sequence[Ca
         known, free = {}, 0
     lock = Lockstep(ctx, sequences, want_logits=[], first_seq=free)
     try:
-        try:
-            lock.prefill(captures)
-        except ContextFullError:
-            if not known:
-                raise
-            for s in range(free, free + n):
-                ctx.seq_rm(s)
-            ctx.clear()                  # the kept records take the cells: give them up
-            known, free = {}, 0
-            lock.close()
-            lock = Lockstep(ctx, sequences, want_logits=[], first_seq=0)
-            lock.prefill(captures)
+        lock.prefill(captures)
+    except ContextFullError:
+        if not known:
+            raise
+        known = None                     # the kept records take the cells: give them up (below)
     finally:
         lock.close()
         for s in range(free, free + n):
             ctx.seq_rm(s)
         ctx.kv = known
+    if known is None:                    # records unknown: this call clears the context first
+        prefill_aside(ctx, sequences, captures)
 
 
 def _free_run(known: dict[int, list[int]], n: int, n_seq_max: int) -> Optional[int]:
