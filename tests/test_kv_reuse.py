@@ -505,3 +505,35 @@ def test_a_kept_instance_at_the_reply_contrast_captures_its_direction_once(chat_
         assert rows[0] == new - 1 and rows[1:] == [2] * 6, (rows, new)
         assert a.tokens == b.tokens
         assert_close(np.stack(a.logits), np.stack(b.logits))
+
+
+def test_a_new_instance_decodes_only_its_new_prefixes(chat_model, monkeypatch):
+    """Captured prefix rows are remembered one by one (plans._capture_rows): under the reply
+    contrast the blank negative (template and the prompt's last token) is the same every turn,
+    so a later turn's new instance decodes its new P+ and negative only, and its direction and
+    output equal a fresh generator's."""
+    from fgdilp_cpp import plans
+    from fgdilp_cpp.method.prefixes import Selection
+
+    seen: list[list[list[int]]] = []
+    aside = plans.prefill_aside
+    monkeypatch.setattr(plans, "prefill_aside", lambda ctx, seqs, caps: seen.append(seqs) or aside(ctx, seqs, caps))
+    first = Selection(["a dog ran", ""], [0, None], [["toxicity"], []], "the cat sat", 1)
+    second = Selection(["birds are loud", ""], [0, None], [["toxicity"], []], "a quiet mat", 1)
+    steer = SteerParams(contrast="reply")
+    reuse, full = generators(chat_model, mask_k=100.0, steer=steer)
+    with reuse, full:
+        reuse.generate(FIRST, "fgdilp-frozen", n_predict=2, special=True, prefixes=first)
+        assert len(seen) == 1 and len(seen[0]) == 3          # P+, the negative, the blank
+        blank = seen[0][2]
+        a = reuse.generate(SECOND, "fgdilp-frozen", n_predict=6, special=True, prefixes=second, record_logits=True)
+        assert len(seen) == 2 and len(seen[1]) == 2 and blank not in seen[1], seen[1]
+        a_dir = reuse.context("fgdilp-frozen").hook.slots[plans.SLOT_DIR].copy()
+        b = full.generate(SECOND, "fgdilp-frozen", n_predict=6, special=True, prefixes=second, record_logits=True)
+        assert len(seen[2]) == 3 and seen[2][2] == blank      # the fresh generator decodes all three
+        b_dir = full.context("fgdilp-frozen").hook.slots[plans.SLOT_DIR]
+        assert np.abs(a_dir).max() > 0
+        diff = np.abs(a_dir - b_dir)          # batch composition's float noise only (|x| ~ 1)
+        assert diff.max() < 0.02 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+        assert a.tokens == b.tokens
+        assert_close(np.stack(a.logits), np.stack(b.logits))
