@@ -5,11 +5,12 @@ For runs made before eval scored with two judges, or made with one judge only (e
 --tox-judges toxblock): a run whose FGDILP samples were ranked by the scorer must also be read by
 a judge that did not diagnose.
 
-    .venv/bin/python scripts/second_judge.py RUN_DIR [RUN_DIR ...] [--judge tcc] [--base VARIANT] [--json]
+    .venv/bin/python scripts/second_judge.py RUN_DIR[@TAG] [RUN_DIR[@TAG] ...] [--judge tcc] [--base VARIANT] [--json]
 
 Several runs on the same prompts and seeds (e.g. an ablation and a run of saved vectors) are read
 as one: a variant met twice keeps its first run's records. --base: the variant the differences
 are paired with (default none), e.g. a method's chosen point to compare a lever run elsewhere.
+RUN_DIR@TAG names that run's variants TAG:variant (e.g. two vectors files at the same scale).
 """
 
 from __future__ import annotations
@@ -30,18 +31,22 @@ from fgdilp_cpp.evaluation.sweep import variant_name
 def judge_run(run_dir: "Path | list[Path]", judge: str = "tcc", label: str = "toxic", threshold: float = 0.5,
               n_boot: int = 1000, base_name: str = "none") -> dict:
     recs, seen = [], set()
-    for d in ([run_dir] if isinstance(run_dir, Path) else list(run_dir)):
+    for d in ([run_dir] if isinstance(run_dir, (Path, str)) else list(run_dir)):
+        d, tag = _tagged(d)
         mine, _ = read_valid(d / "generations.jsonl", GENERATION_SCHEMA)
-        names = {variant_name(r["method"], r.get("point")) for r in mine}
-        recs += [r for r in mine if variant_name(r["method"], r.get("point")) not in seen]
-        seen |= names
+        for r in mine:
+            r["variant"] = variant_name(r["method"], r.get("point"))
+            if tag and r["method"] != "none":
+                r["variant"] = f"{tag}:{r['variant']}"
+        recs += [r for r in mine if r["variant"] not in seen]
+        seen |= {r["variant"] for r in mine}
     scorer = load_judge(judge)
     labels = list(scorer.LABELS)
     k = labels.index(label)
     scores = np.asarray(scorer.score([r["text"] for r in recs]), dtype=np.float64)[:, k]
     by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r, s in zip(recs, scores):
-        by[variant_name(r["method"], r.get("point"))][int(r["prompt_id"])].append(float(s))
+        by[r["variant"]][int(r["prompt_id"])].append(float(s))
     base = by.get(base_name)
     out = {}
     for name, per in by.items():
@@ -56,9 +61,19 @@ def judge_run(run_dir: "Path | list[Path]", judge: str = "tcc", label: str = "to
     return {"judge": judge, "label": label, "threshold": threshold, "base": base_name, "variants": out}
 
 
+def _tagged(d: "Path | str") -> tuple[Path, str]:
+    """RUN_DIR or RUN_DIR@TAG: a tag names that run's variants TAG:variant (its none stays none),
+    so runs whose variants have the same names (e.g. two vectors files at one scale) stay apart."""
+    text = str(d)
+    if "@" in Path(text).name:
+        head, tag = text.rsplit("@", 1)
+        return Path(head), tag
+    return Path(text), ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir", type=Path, nargs="+")
+    ap.add_argument("run_dir", nargs="+", help="RUN_DIR, or RUN_DIR@TAG to name its variants TAG:variant")
     ap.add_argument("--judge", default="tcc", help="tcc or toxblock")
     ap.add_argument("--base", default="none", help="The variant the differences are paired with.")
     ap.add_argument("--json", action="store_true")

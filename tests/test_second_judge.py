@@ -46,3 +46,17 @@ def test_two_runs_paired_with_a_base_variant(tmp_path):
     assert v["none"]["emt"] < v["fgdilp-frozen"]["emt"]
     d, lo, hi = v["fgdilp-frozen"]["emt_delta"]
     assert d > 0.3 and lo > 0                       # all rude against all clean, paired per prompt
+
+
+@pytest.mark.real_model            # toxic-comment-classifier's files
+def test_tagged_runs_keep_variants_of_the_same_name_apart(tmp_path):
+    mod = _script()
+    clean, rude = "what a lovely day in the park", "you are a stupid idiot and i hate you"
+    a = _run(tmp_path / "a", [("none", {}, p, 0, rude) for p in range(4)] +
+             [("fgdilp-frozen", {"steer_scale": 0.6}, p, 0, clean) for p in range(4)])
+    b = _run(tmp_path / "b", [("none", {}, p, 0, rude) for p in range(4)] +
+             [("fgdilp-frozen", {"steer_scale": 0.6}, p, 0, rude) for p in range(4)])
+    res = mod.judge_run([f"{a}@uv", f"{b}@random"], "tcc", n_boot=100)
+    v = res["variants"]
+    assert set(v) == {"none", "uv:fgdilp-frozen[steer_scale=0.6]", "random:fgdilp-frozen[steer_scale=0.6]"}
+    assert v["uv:fgdilp-frozen[steer_scale=0.6]"]["emt"] < v["random:fgdilp-frozen[steer_scale=0.6]"]["emt"]
