@@ -8,7 +8,7 @@ import os
 import statistics
 import time
 from importlib import resources
-from typing import Sequence
+from typing import Optional, Sequence
 
 from . import methods
 from .evaluation.sweep import PREFIXED
@@ -138,52 +138,44 @@ def chat_variants(det, names: list[str]) -> list[tuple[str, dict, str]]:
 
 
 def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_tokens: int = 24,
-                   variants: Sequence[tuple[str, object]] = ()) -> dict:
-    """Replay an n-turn conversation once per method and time each reply's first piece.
+                   variants: Sequence[tuple[str, object]] = (), repeats: int = 1) -> dict:
+    """Replay an n-turn conversation `repeats` times per method and time each reply's first piece.
 
     Every method keeps its own conversation (its replies, at most reply_tokens tokens each, become
     its assistant turns), so its contexts reuse their KV from turn to turn as in `chat`. Methods
     are interleaved within a turn, so machine noise hits all alike. ttft_s: the median from the
     second turn on (the first turn prefills the whole system prompt and builds contexts).
     variants: (row name, Detoxifier with other settings, method) triples (chat_variants): the
-    method run by that Detoxifier, in its own contexts (so its own kept KV), under the row name."""
+    method run by that Detoxifier, in its own contexts (so its own kept KV), under the row name.
+    repeats: each replay starts the conversation again with another seed (a new one: FGDILP builds
+    a new instance from new candidates);
+    a turn's time is its median over the replays (all of them under "replays"), the other
+    per-turn fields are the first replay's."""
     users = chat_turns(n_turns)
     calls = {m: (det, {"method": m}) for m in names}
     if vectors_det is not None:
         calls[methods.saved_vectors().name] = (vectors_det, {})
     for row, vdet, m in variants:
         calls[row] = (vdet, {"method": m})
-    history: dict[str, list[dict]] = {m: [] for m in calls}
     rows: dict[str, dict[str, list]] = {m: {"turns": [], "setup_s": [], "prefill_s": [], "prompt_tokens": [],
                                             "reused_tokens": [], "instance_kept": []} for m in calls}
-    for text in users:
-        for m, (d, over) in calls.items():
-            msgs = history[m]
-            msgs.append({"role": "user", "content": text})
-            t0 = time.perf_counter()
-            first = None
-            stream = d.stream_chat(msgs, n_predict=reply_tokens, **over)
-            pieces = []
-            for piece in stream:
-                if first is None:
-                    first = time.perf_counter() - t0
-                pieces.append(piece)
-            r = stream.result
-            msgs.append({"role": "assistant", "content": "".join(pieces)})
-            row = rows[m]
-            row["turns"].append(round(first if first is not None else time.perf_counter() - t0, 4))
-            row["setup_s"].append(round(r.setup_s, 4))
-            row["prefill_s"].append(round(r.prefill_s, 4))
-            row["prompt_tokens"].append(r.n_prompt_tokens)
-            row["reused_tokens"].append(r.n_reused_tokens)
-            row["instance_kept"].append((r.explain or {}).get("instance") == "kept from an earlier turn")
+    replays: dict[str, list[list[float]]] = {m: [] for m in calls}
+    for rep in range(repeats):
+        # another seed per replay: new candidates and replies, so no replay finds its prefixes'
+        # rows or directions remembered from the one before (plans' capture memos)
+        times = _replay(calls, users, reply_tokens, rows if rep == 0 else None, det.settings.seed + 1000 * rep)
+        for m, ts in times.items():
+            replays[m].append(ts)
+    for m, row in rows.items():
+        row["turns"] = [round(statistics.median(ts), 4) for ts in zip(*replays[m])]
+        row["replays"] = replays[m]
 
     def median_later(xs: list[float]) -> float:
         return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
     base = median_later(rows[methods.UNSTEERED]["turns"])
     s = det.settings
-    out = {"model": det.model.info.path, "turns": n_turns, "reply_tokens": reply_tokens,
+    out = {"model": det.model.info.path, "turns": n_turns, "reply_tokens": reply_tokens, "repeats": repeats,
            "threads": s.threads or os.cpu_count(), "kv_reuse": s.kv_reuse, "instance_reuse": s.instance_reuse,
            "methods": {}}
     for m, row in rows.items():
@@ -192,3 +184,35 @@ def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_
     out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size",
                                                   "contrast")}
     return out
+
+
+def _replay(calls: dict, users: list[str], reply_tokens: int, rows: Optional[dict],
+            seed: int) -> dict[str, list[float]]:
+    """One replay of the conversation from `seed` (turn i draws with seed + i, as the chat REPL
+    does), methods interleaved within a turn: per method its first piece's time per turn; rows
+    (when given) collect the setup, prefill and reuse figures."""
+    history: dict[str, list[dict]] = {m: [] for m in calls}
+    times: dict[str, list[float]] = {m: [] for m in calls}
+    for i, text in enumerate(users):
+        for m, (d, over) in calls.items():
+            msgs = history[m]
+            msgs.append({"role": "user", "content": text})
+            t0 = time.perf_counter()
+            first = None
+            stream = d.stream_chat(msgs, n_predict=reply_tokens, seed=(seed + i) % 2**32, **over)
+            pieces = []
+            for piece in stream:
+                if first is None:
+                    first = time.perf_counter() - t0
+                pieces.append(piece)
+            r = stream.result
+            msgs.append({"role": "assistant", "content": "".join(pieces)})
+            times[m].append(round(first if first is not None else time.perf_counter() - t0, 4))
+            if rows is not None:
+                row = rows[m]
+                row["setup_s"].append(round(r.setup_s, 4))
+                row["prefill_s"].append(round(r.prefill_s, 4))
+                row["prompt_tokens"].append(r.n_prompt_tokens)
+                row["reused_tokens"].append(r.n_reused_tokens)
+                row["instance_kept"].append((r.explain or {}).get("instance") == "kept from an earlier turn")
+    return times

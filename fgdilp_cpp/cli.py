@@ -149,7 +149,9 @@ def info(**kw):
 @click.option("-p", "--prompt", default=DEFAULT_BENCH_PROMPT, show_default=True)
 @click.option("--methods", default="none,tr", show_default=True, help="Comma-separated methods.")
 @click.option("-n", "--n-predict", type=click.IntRange(2), default=64, show_default=True)
-@click.option("-r", "--repeats", type=click.IntRange(1), default=3, show_default=True)
+@click.option("-r", "--repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Runs per method, the median reported (with --turns: replays of the conversation, "
+                   "each turn's median over them).")
 @click.option("--setup-samples", type=click.IntRange(1), default=25, show_default=True,
               help="FGDILP setup_ratio: final samples generated to compare the setup time with.")
 @click.option("--setup-tokens", type=click.IntRange(1), default=20, show_default=True)
@@ -208,14 +210,14 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -
                     dets[key] = stack.enter_context(Detoxifier(s.updated(over), chat=True,
                                                                sources={**sources(), **dict.fromkeys(over, "flag")}))
                 variants.append((row, dets[key], m))
-            out = run_chat_turns(det, names, turns, with_vec, variants=variants)
+            out = run_chat_turns(det, names, turns, with_vec, variants=variants, repeats=repeats)
         else:
             out = run_chat_ttft(det, prompt, names, repeats, with_vec)
     if as_json:
         click.echo(json.dumps(out))
         return
     if turns:
-        click.echo(f"model {out['model']}  {turns} turns  threads={out['threads']}  kv_reuse={out['kv_reuse']}  "
+        click.echo(f"model {out['model']}  {turns} turns x {repeats}  threads={out['threads']}  kv_reuse={out['kv_reuse']}  "
                    f"instance_reuse={out['instance_reuse']}")
         click.echo(f"{'method':<15}{'TTFT s':>9}{'ratio':>8}  per turn")
         for m, r in out["methods"].items():

@@ -225,15 +225,17 @@ def test_bench_chat_turns_json(tiny_chat, cli):
     import json
 
     fast = ["--selfgen-samples", "3", "--selfgen-tokens", "4", "--selfgen-min-tokens", "1", "-t", "1", "-c", "1024"]
-    proc = cli("bench", "--chat", "--turns", "3", "--json", "-m", tiny_chat, "--methods", "tr,fgdilp", *fast)
+    proc = cli("bench", "--chat", "--turns", "3", "-r", "2", "--json", "-m", tiny_chat, "--methods", "tr,fgdilp", *fast)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["turns"] == 3 and out["kv_reuse"] is True and list(out["methods"]) == [
+    assert out["turns"] == 3 and out["repeats"] == 2 and out["kv_reuse"] is True and list(out["methods"]) == [
         "none", "tr", "fgdilp", "tr+reply", "fgdilp+turn", "fgdilp+reply", "fgdilp+turn+reply"]
     assert out["settings"]["contrast"] == "full" and out["instance_reuse"] == "conversation"   # chat defaults
     for name, r in out["methods"].items():
         assert len(r["turns"]) == 3 and all(t > 0 for t in r["turns"])
         assert r["ttft_s"] == pytest.approx(statistics.median(r["turns"][1:]), abs=1e-4)
+        # two replays of the conversation: each turn's time is their median
+        assert len(r["replays"]) == 2 and r["turns"] == [round(statistics.median(t), 4) for t in zip(*r["replays"])]
         # later turns reuse; a first turn reuses only what FGDILP's candidates decoded (plans.selfgen_context)
         first_reused = r["prompt_tokens"][0] - 1 if name.startswith("fgdilp") else 0
         assert r["reused_tokens"][0] == first_reused and all(n > 0 for n in r["reused_tokens"][1:])
