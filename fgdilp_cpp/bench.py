@@ -144,7 +144,8 @@ def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_
     Every method keeps its own conversation (its replies, at most reply_tokens tokens each, become
     its assistant turns), so its contexts reuse their KV from turn to turn as in `chat`. Methods
     are interleaved within a turn, so machine noise hits all alike. ttft_s: the median from the
-    second turn on (the first turn prefills the whole system prompt and builds contexts).
+    second turn on (the first turn prefills the whole system prompt and builds contexts);
+    ratio_vs_none: the median from the second turn on of each turn's time over unsteered's.
     variants: (row name, Detoxifier with other settings, method) triples (chat_variants): the
     method run by that Detoxifier, in its own contexts (so its own kept KV), under the row name.
     repeats: each replay starts the conversation again with another seed (a new one: FGDILP builds
@@ -173,14 +174,16 @@ def run_chat_turns(det, names: list[str], n_turns: int, vectors_det=None, reply_
     def median_later(xs: list[float]) -> float:
         return statistics.median(xs[1:] if len(xs) > 1 else xs)
 
-    base = median_later(rows[methods.UNSTEERED]["turns"])
+    base = rows[methods.UNSTEERED]["turns"]
     s = det.settings
     out = {"model": det.model.info.path, "turns": n_turns, "reply_tokens": reply_tokens, "repeats": repeats,
            "threads": s.threads or os.cpu_count(), "kv_reuse": s.kv_reuse, "instance_reuse": s.instance_reuse,
            "methods": {}}
     for m, row in rows.items():
-        med = median_later(row["turns"])
-        out["methods"][m] = {"ttft_s": round(med, 4), "ratio_vs_none": round(med / base, 3), **row}
+        # the ratio is paired per turn (same length, same moment) before the median: turns of
+        # 26 to 290 tokens give medians of different turns otherwise
+        ratio = median_later([t / b for t, b in zip(row["turns"], base)])
+        out["methods"][m] = {"ttft_s": round(median_later(row["turns"]), 4), "ratio_vs_none": round(ratio, 3), **row}
     out["settings"] = {k: getattr(s, k) for k in ("selfgen_samples", "selfgen_tokens", "negatives", "ctx_size",
                                                   "contrast")}
     return out

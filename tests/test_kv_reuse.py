@@ -241,6 +241,10 @@ def test_bench_chat_turns_json(tiny_chat, cli):
         assert r["reused_tokens"][0] == first_reused and all(n > 0 for n in r["reused_tokens"][1:])
         assert r["prompt_tokens"][0] < r["prompt_tokens"][1] < r["prompt_tokens"][2]
     assert out["methods"]["none"]["ratio_vs_none"] == 1.0
+    base = out["methods"]["none"]["turns"]
+    for r in out["methods"].values():        # paired per turn, then the median from the second turn
+        assert r["ratio_vs_none"] == pytest.approx(statistics.median(
+            [t / b for t, b in zip(r["turns"][1:], base[1:])]), abs=2e-3)
     fg, conv = out["methods"]["fgdilp+turn"], out["methods"]["fgdilp"]
     assert fg["setup_s"][1] > 0 and conv["setup_s"][0] > 0
     # the shipped conversation's second message is hostile (the scorer reads it toxic): the kept
