@@ -293,24 +293,35 @@ class Detoxifier:
         d = self._gen.rt.self_diagnoser()
         return d.yes_text, d.no_text
 
-    def build_vectors(self, prompt: str) -> HeadDirections:
+    def build_vectors(self, prompt: str, chat: bool = False) -> HeadDirections:
         """FGDILP's frozen head directions for `prompt` (self-generation, diagnosis, fusion at the
-        prompt's end), as a HeadDirections value to save() and apply later with vectors=FILE."""
-        return self._gen.build_vectors(prompt, self.settings.sampling(), self.settings.as_dict())
+        prompt's end), as a HeadDirections value to save() and apply later with vectors=FILE.
+        chat: the prompt is a user message in the model's chat template (as chat steers it)."""
+        text = self._as_user_message(prompt) if chat else prompt
+        settings = {**self.settings.as_dict(), **({"chat": True} if chat else {})}
+        return self._gen.build_vectors(text, self.settings.sampling(), settings, special=chat)
 
-    def build_universal_vectors(self, prompts: list[str], source: str = "tr", progress=None) -> HeadDirections:
+    def build_universal_vectors(self, prompts: list[str], source: str = "tr", progress=None,
+                                chat: bool = False) -> HeadDirections:
         """Universal head directions: the prompt-end delta (and e) of each prompt, averaged over
         `prompts` (source "tr": TR's prefixes; "fgdilp": FGDILP's instance prefixes with the
-        diagnoser in force). Applied later with vectors=FILE, with no per-prompt setup."""
+        diagnoser in force). Applied later with vectors=FILE, with no per-prompt setup. chat: each
+        prompt is a user message in the model's chat template (directions for chat)."""
         from .universal import universal_directions
 
-        rows, e, n = universal_directions(self._gen.rt, prompts, source, self.settings.sampling(),
-                                          self.settings.ctx_size, progress)
+        texts = [self._as_user_message(p) for p in prompts] if chat else list(prompts)
+        rows, e, n = universal_directions(self._gen.rt, texts, source, self.settings.sampling(),
+                                          self.settings.ctx_size, progress, special=chat)
         i = self.model.info
         shape = (i.n_layer, i.n_head, i.head_dim)
-        settings = {**self.settings.as_dict(), "universal": {"source": source, "n_prompts": n}}
+        settings = {**self.settings.as_dict(), "universal": {"source": source, "n_prompts": n, "chat": chat}}
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
                               method=f"universal-{source}", settings=settings).validate()
+
+    def _as_user_message(self, text: str) -> str:
+        if not text.strip():
+            raise FgdilpError("the prompt is empty")
+        return self.fit_chat([{"role": "user", "content": text}], method=methods.UNSTEERED).prompt
 
     def probe_heads(self, texts: list[str], toxic: list[bool], seed: int = 0):
         """Per-head linear probes (method.probes) on the kqv_out rows at each text's last token,

@@ -299,11 +299,13 @@ def vectors() -> None:
               help="First probe record (default: past the development and held-out slices).")
 @click.option("--probe-per-class", type=click.IntRange(4), default=150, show_default=True,
               help="Toxic (>= 0.5) and clean (< 0.1) continuations each.")
+@click.option("--chat", "chat_mode", is_flag=True,
+              help="Each prompt is a user message in the model's chat template (directions for chat).")
 @click.option("-o", "--output", required=True, metavar="OUT.gguf")
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
 def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_weights, probe_prompts, probe_offset,
-                  probe_per_class, output, no_progress, **kw):
+                  probe_per_class, chat_mode, output, no_progress, **kw):
     """Save per-head directions: FGDILP's for one PROMPT, or universal ones averaged over --prompts;
     optionally with head selection by toxicity probes."""
     from .evaluation.prompts import load_prompts
@@ -314,11 +316,11 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
     s = _settings(kw)
     with _detoxifier(s) as det:
         if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
-            hd = det.build_vectors(prompt)
+            hd = det.build_vectors(prompt, chat=chat_mode)
         else:
             texts = [prompt] if prompt is not None else [r.text for r in load_prompts(prompt_set, limit, offset)]
             hd = det.build_universal_vectors(texts, source or DEFAULT_SOURCE,
-                                             optional_progress(not no_progress, "prompts"))
+                                             optional_progress(not no_progress, "prompts"), chat=chat_mode)
             if prompt_set is not None:
                 hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
                                                                         "limit": limit, "offset": offset}})

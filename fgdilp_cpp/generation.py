@@ -223,14 +223,15 @@ class Generator:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def build_vectors(self, prompt: str, sampling: SamplingParams, settings: dict) -> HeadDirections:
-        """Frozen FGDILP head directions for `prompt`, as a saved-artifact value."""
+    def build_vectors(self, prompt: str, sampling: SamplingParams, settings: dict,
+                      special: bool = False) -> HeadDirections:
+        """Frozen FGDILP head directions for `prompt` (special: chat-formatted), as a saved-artifact value."""
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         method = "fgdilp-frozen"
         ctx = self.context(method)
-        sel, _ = build_instance(self.rt, prompt, self.model.tokenize(prompt), sampling)
-        rows, e = frozen_directions(self.rt, ctx, prompt, sel)
+        sel, _ = build_instance(self.rt, prompt, self.model.tokenize(prompt, special=special), sampling)
+        rows, e = frozen_directions(self.rt, ctx, prompt, sel, special)
         i = self.model.info
         shape = (i.n_layer, i.n_head, i.head_dim)
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),

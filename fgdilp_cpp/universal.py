@@ -21,15 +21,15 @@ from .plans import (Runtime, build_instance, capture_directions, frozen_directio
 ROWS_PER_DECODE = 16             # texts whose last rows one decode captures (hook slots)
 
 
-def _tr_delta(rt: Runtime, prompt: str, sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+def _tr_delta(rt: Runtime, prompt: str, sampling: SamplingParams, special: bool) -> tuple[np.ndarray, np.ndarray]:
     """TR's prefixes: the fused rows of capture_directions with one negative (K = 100)."""
-    return capture_directions(rt, rt.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True)
+    return capture_directions(rt, rt.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True, special)
 
 
-def _instance_delta(rt: Runtime, prompt: str, sampling: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+def _instance_delta(rt: Runtime, prompt: str, sampling: SamplingParams, special: bool) -> tuple[np.ndarray, np.ndarray]:
     """FGDILP's instance prefixes, ranked by the diagnoser in force (frozen_directions)."""
-    sel, _ = build_instance(rt, prompt, rt.model.tokenize(prompt), sampling)
-    return frozen_directions(rt, rt.context("fgdilp-frozen"), prompt, sel)
+    sel, _ = build_instance(rt, prompt, rt.model.tokenize(prompt, special=special), sampling)
+    return frozen_directions(rt, rt.context("fgdilp-frozen"), prompt, sel, special)
 
 
 # source name -> (one prompt's ([n_layer, width] delta, [n_layer, width] e) at its end, prefix room)
@@ -44,10 +44,11 @@ def _source(source: str):
 
 
 def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampling: SamplingParams,
-                         ctx_size: int, progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+                         ctx_size: int, progress=None, special: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """The mean over `prompts` of each prompt's end delta and e (float64 sums, float32 result), and
     how many prompts were used. Empty prompts and prompts that leave no room for the prefixes in a
-    context of ctx_size tokens are refused, not skipped: the average would silently change."""
+    context of ctx_size tokens are refused, not skipped: the average would silently change.
+    special: the prompts are chat-formatted (their template's special tokens parsed)."""
     delta, prefix_room = _source(source)
     prompts = list(prompts)
     if not prompts:
@@ -56,11 +57,11 @@ def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampl
     for i, p in enumerate(prompts):
         if not p.strip():
             raise FgdilpError(f"prompt {i} is empty")
-        if len(rt.model.tokenize(p)) + room >= ctx_size:
+        if len(rt.model.tokenize(p, special=special)) + room >= ctx_size:
             raise FgdilpError(f"prompt {i} is too long for the context ({ctx_size} tokens) with its prefixes")
     total_d = total_e = None
     for i, p in enumerate(prompts):
-        d, e = delta(rt, p, sampling)
+        d, e = delta(rt, p, sampling, special)
         total_d = d.astype(np.float64) if total_d is None else total_d + d
         total_e = e.astype(np.float64) if total_e is None else total_e + e
         if progress is not None:

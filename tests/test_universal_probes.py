@@ -36,7 +36,26 @@ def test_universal_vectors_average_the_prompts(det, source):
     np.testing.assert_allclose(both.e, (one[0].e.astype(np.float64) + one[1].e) / 2, rtol=1e-5, atol=1e-6)
     assert not np.allclose(one[0].directions, one[1].directions)     # the average is not trivial
     assert both.method == f"universal-{source}"
-    assert both.settings["universal"] == {"source": source, "n_prompts": 2}
+    assert both.settings["universal"] == {"source": source, "n_prompts": 2, "chat": False}
+
+
+def test_universal_vectors_for_chat_are_the_directions_chat_steers_with(tiny_chat):
+    """--chat: each prompt is a user message in the model's template (special tokens parsed), as a
+    chat turn is; one prompt's direction is the one fgdilp-frozen captures answering that message."""
+    from fgdilp_cpp.plans import SLOT_DIR
+
+    with Detoxifier.from_file(tiny_chat, **FAST) as d:
+        plain = d.build_universal_vectors(PROMPTS, "fgdilp")
+        both = d.build_universal_vectors(PROMPTS, "fgdilp", chat=True)
+        one = [d.build_vectors(p, chat=True) for p in PROMPTS]
+        d.chat([{"role": "user", "content": PROMPTS[0]}], method="fgdilp-frozen")
+        steered = d._gen.context("fgdilp-frozen").hook.slots[SLOT_DIR].copy()   # [n_layer, width]
+    assert one[0].settings["prompt"].startswith("<|im_start|>user") and one[0].settings["chat"] is True
+    np.testing.assert_allclose(one[0].rows(), steered, rtol=1e-3, atol=1e-4)
+    want = (one[0].directions.astype(np.float64) + one[1].directions) / 2
+    np.testing.assert_allclose(both.directions, want, rtol=1e-5, atol=1e-6)
+    assert both.settings["universal"]["chat"] is True
+    assert not np.allclose(both.directions, plain.directions)          # not the plain prompts' directions
 
 
 def test_universal_vectors_refuse_bad_prompts(det):
@@ -170,7 +189,8 @@ def test_vectors_build_universal_with_probes_cli(cli, tiny_llama, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "universal-tr" in proc.stdout and "3 of" in proc.stdout
     hd = HeadDirections.load(vec)
-    assert hd.settings["universal"] == {"source": "tr", "n_prompts": 3, "prompts": f, "limit": 3, "offset": 0}
+    assert hd.settings["universal"] == {"source": "tr", "n_prompts": 3, "chat": False, "prompts": f, "limit": 3,
+                                        "offset": 0}
     assert hd.settings["head_selection"]["per_class"] == 6 and (hd.head_weights > 0).sum() == 3
     gen = cli("generate", "-m", tiny_llama[0], "--vectors", vec, "-p", "the cat", "-n", "3", "-c", "256", "-t", "1",
               "--explain")
@@ -178,3 +198,11 @@ def test_vectors_build_universal_with_probes_cli(cli, tiny_llama, tmp_path):
     assert "universal-tr" in gen.stdout and "3 of" in gen.stdout
     bad = cli("vectors", "build", "-m", tiny_llama[0], "-o", vec)
     assert bad.returncode != 0 and "one of them" in bad.stderr
+
+
+def test_vectors_build_chat_cli(cli, tiny_chat, tmp_path):
+    vec = str(tmp_path / "chat.gguf")
+    proc = cli("vectors", "build", "-m", tiny_chat, "-p", "the cat sat", "--from", "tr", "--chat", "-c", "256",
+               "-t", "1", "-o", vec)
+    assert proc.returncode == 0, proc.stderr
+    assert HeadDirections.load(vec).settings["universal"] == {"source": "tr", "n_prompts": 1, "chat": True}
