@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import replace
 
 import click
 from click.core import ParameterSource
@@ -273,131 +272,16 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
         click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{m:>13.3f}")
 
 
-@main.group()
-def vectors() -> None:
-    """Build, apply and inspect saved head directions (frozen FGDILP)."""
-
-
-@vectors.command("build")
-@model_options
-@sampling_options
-@steer_options
-@click.option("-p", "--prompt", default=None, help="One prompt (FGDILP's frozen directions for it).")
-@click.option("--prompts", "prompt_set", default=None, metavar="SET|FILE",
-              help="Universal directions: average the prompt-end deltas over these prompts (built-in set or file).")
-@click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="With --prompts: prompts used.")
-@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--from", "source", type=click.Choice(["tr", "fgdilp"]), default=None,
-              help="Whose prefixes give each delta: TR's (default with --prompts) or FGDILP's instance "
-                   "prefixes with --diagnoser. Without it, -p saves FGDILP's frozen directions for the prompt.")
-@click.option("--probe-top-k", type=click.IntRange(0), default=0, show_default=True,
-              help="Steer only the K heads whose toxicity probes are most accurate (0 = every head).")
-@click.option("--probe-weights", is_flag=True, help="Weight heads by probe accuracy (accuracy - 0.5, best = 1).")
-@click.option("--probe-prompts", default="rtp-toxic", show_default=True, metavar="SET|FILE",
-              help="RTP records whose continuations (Perspective toxicity) label the probe texts.")
-@click.option("--probe-offset", type=click.IntRange(0), default=1000, show_default=True,
-              help="First probe record (default: past the development and held-out slices).")
-@click.option("--probe-per-class", type=click.IntRange(4), default=150, show_default=True,
-              help="Toxic (>= 0.5) and clean (< 0.1) continuations each.")
-@click.option("--chat", "chat_mode", is_flag=True,
-              help="Each prompt is a user message in the model's chat template (directions for chat).")
-@click.option("-o", "--output", required=True, metavar="OUT.gguf")
-@click.option("--no-progress", is_flag=True)
-@friendly_errors
-def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_weights, probe_prompts, probe_offset,
-                  probe_per_class, chat_mode, output, no_progress, **kw):
-    """Save per-head directions: FGDILP's for one PROMPT, or universal ones averaged over --prompts;
-    optionally with head selection by toxicity probes."""
-    from .evaluation.prompts import load_prompts
-    from .universal import DEFAULT_SOURCE, optional_progress, probe_texts
-
-    if (prompt is None) == (prompt_set is None):
-        raise FgdilpError("give one prompt with -p TEXT or a prompt set with --prompts SET (one of them)")
-    s = _settings(kw)
-    with _detoxifier(s) as det:
-        if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
-            hd = det.build_vectors(prompt, chat=chat_mode)
-        else:
-            texts = [prompt] if prompt is not None else [r.text for r in load_prompts(prompt_set, limit, offset)]
-            hd = det.build_universal_vectors(texts, source or DEFAULT_SOURCE,
-                                             optional_progress(not no_progress, "prompts"), chat=chat_mode)
-            if prompt_set is not None:
-                hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
-                                                                        "limit": limit, "offset": offset}})
-        if probe_top_k or probe_weights:
-            from .method.probes import head_weights
-
-            texts, labels, how = probe_texts(load_prompts(probe_prompts, None, probe_offset), probe_per_class)
-            res = det.probe_heads(texts, labels)
-            w = head_weights(res.accuracy, probe_top_k, probe_weights)
-            hd = hd.with_head_weights(w, res.accuracy, {**how, "prompts": probe_prompts, "offset": probe_offset,
-                                                        "top_k": probe_top_k, "by_accuracy": probe_weights,
-                                                        "n_train": res.n_train, "n_test": res.n_test})
-        hd.save(output)
-        click.echo(f"wrote {output}: {hd.method}, {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
-                   f"|delta| per layer max {hd.layer_norms().max():.3f}")
-        if hd.head_weights is not None:
-            click.echo(f"head selection: {int((hd.head_weights > 0).sum())} of {hd.head_weights.size} heads steered; "
-                       f"probe accuracy max {hd.probe_accuracy.max():.3f}, mean {hd.probe_accuracy.mean():.3f}")
-
-
-@vectors.command("export")
-@click.argument("path")
-@click.option("--cvec", "cvec_path", required=True, metavar="OUT.gguf",
-              help="llama.cpp control-vector file (for llama-cli --control-vector).")
-@click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
-              help="The model the vectors were built for (default: the embedded gemma-3-270m).")
-@click.option("--steer-scale", type=float, default=1.0, show_default=True)
-@click.option("--exp-norm", type=float, default=0.4, show_default=True)
-@friendly_errors
-def vectors_export(path, cvec_path, model, steer_scale, exp_norm):
-    """Write head directions as a residual control vector: direction.<il> = -W_O(lambda_norm * delta)
-    of block il, added by llama.cpp at the output of block il (block 0 has no slot and is dropped)."""
-    from .method.vectors import HeadDirections
-    from .settings import Settings
-
-    hd = HeadDirections.load(path)
-    with _detoxifier(Settings(model=model)) as det:
-        vec = det.export_control_vector(hd, cvec_path, exp_norm, steer_scale)
-    click.echo(f"wrote {cvec_path}: {hd.n_layer - 1} layer vectors (direction.1..{hd.n_layer - 1}) of "
-               f"width {vec.shape[1]}")
-
-
-@vectors.command("inspect")
-@click.argument("path")
-@friendly_errors
-def vectors_inspect(path):
-    """Print shapes, norms and metadata of a vectors file."""
-    from .method.vectors import HeadDirections
-
-    hd = HeadDirections.load(path)
-    click.echo(f"model        {hd.model.describe()}")
-    fp = hd.model
-    click.echo("fingerprint  " + (f"weights {fp.weights_sha256[:16]}, vocabulary {fp.vocab_sha256[:16]}" if fp.weights_sha256
-                                  else "none (an older file: refused for steering; build it again)"))
-    click.echo(f"method       {hd.method}")
-    click.echo(f"shape        [{hd.n_layer}, {hd.n_head}, {hd.head_dim}]  e: {'yes' if hd.e is not None else 'no'}")
-    click.echo(f"convention   {hd.layer_convention}")
-    click.echo("layer norms  " + " ".join(f"{x:.3f}" for x in hd.layer_norms()))
-    if hd.probe_accuracy is not None:
-        click.echo("probe accuracy per layer (held-out; heads in order):")
-        for il, row in enumerate(hd.probe_accuracy):
-            click.echo(f"  {il:>3}  " + " ".join(f"{x:.2f}" for x in row))
-    if hd.head_weights is not None:
-        click.echo(f"head weights ({int((hd.head_weights > 0).sum())} of {hd.head_weights.size} heads steered):")
-        for il, row in enumerate(hd.head_weights):
-            click.echo(f"  {il:>3}  " + " ".join(f"{x:.2f}" for x in row))
-    click.echo(f"settings     {json.dumps(hd.settings, sort_keys=True)}")
-
-
 from .cli_calibrate import calibrate  # noqa: E402 - commands kept in their own modules
 from .cli_chat import chat, serve  # noqa: E402
 from .cli_eval import eval_cmd  # noqa: E402
+from .cli_vectors import vectors  # noqa: E402
 
 main.add_command(chat)
 main.add_command(serve)
 main.add_command(calibrate)
 main.add_command(eval_cmd)
+main.add_command(vectors)
 
 if __name__ == "__main__":
     main()
