@@ -15,6 +15,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_model import (CHATML, TinyConfig, build_tiny_llama, build_tiny_mamba,  # noqa: E402
                         gpu_layers_for_tests)
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # FGDILP_TEST_NGL=99 (tools/gpu-check.sh): the tiny models' layers on the GPU, in-process and in the CLI
 TEST_NGL = gpu_layers_for_tests()
 

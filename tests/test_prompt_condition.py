@@ -3,21 +3,16 @@ prompts take none's samples, flagged ones the steered variant's."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("prompt_condition", ROOT / "scripts" / "prompt_condition.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("prompt_condition")
 
 
 def _record(method, point, pid, sample, tox, nll):

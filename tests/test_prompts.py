@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import zlib
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.evaluation.prompts import BUILTIN_PROMPTS, builtin_prompts_file, load_prompts
@@ -21,11 +21,7 @@ TOXIC_SHA256 = "d848e8db8bd69a5db073c44c4d120a128077f1c8f03172584310aea28bd71cb5
 
 
 def _builder():
-    """scripts/build_benign_prompts.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("build_benign_prompts", ROOT / "scripts" / "build_benign_prompts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("build_benign_prompts")
 
 
 def test_builtin_names_are_documented():

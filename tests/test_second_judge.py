@@ -3,20 +3,16 @@ records), differences paired with any --base variant."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("second_judge", ROOT / "scripts" / "second_judge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("second_judge")
 
 
 def _run(folder: Path, rows: list[tuple[str, dict, int, int, str]]) -> Path:
