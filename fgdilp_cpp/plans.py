@@ -31,7 +31,6 @@ SLOT_NEG_LAST = 3               # .. 3 + MAX_NEG: P-_j last rows
 SLOT_COLON = SLOT_NEG_LAST + MAX_NEG   # .. + MAX_NEG: P-_j template ':' rows
 N_SLOTS = SLOT_COLON + MAX_NEG
 CAPTURE_MEMO = 8                # captured directions kept per model (capture_directions)
-CAPTURE_ROWS = 64               # captured prefix rows kept per model (_capture_rows)
 
 
 @dataclass
@@ -280,7 +279,7 @@ def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: 
     if key in memo:
         rows, e = memo.pop(key)
     else:
-        _capture_rows(rt, ctx, [pos.tokens] + distinct, _prefix_captures(pos, negs, roles, with_last=True))
+        _capture_rows(ctx, [pos.tokens] + distinct, _prefix_captures(pos, negs, roles, with_last=True))
         rows = _fused_rows(hook.slots, n, mask_k, fusion, elect, norm_heads).astype(np.float32)  # [n_layer, width]
         _average_e(hook, n)
         e = hook.slots[SLOT_E].copy()                                        # [n_layer, width]
@@ -290,28 +289,20 @@ def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: 
     return rows.copy(), e.copy()
 
 
-def _capture_rows(rt: Runtime, ctx, sequences: list[list[int]], captures: list[Capture]) -> None:
-    """Fill the captures' hook slots: a row depends only on the tokens up to it, so rows captured
-    before (rt.memo["capture_rows"], the last CAPTURE_ROWS) are copied back and only the sequences
-    with a row not seen decode, beside what the context keeps (a chat turn's P0 keeps its
-    conversation's KV, §9.1). Under the reply contrast the blank negative (template and the
-    prompt's last token) is the same every turn: a new reply's capture decodes only new prefixes."""
-    memo = rt.memo.setdefault("capture_rows", {})
-    key = lambda c: tuple(sequences[c.seq][:c.index + 1])     # noqa: E731
-    todo = sorted({c.seq for c in captures if key(c) not in memo})
-    for c in captures:
-        if c.seq not in todo:
-            memo[key(c)] = row = memo.pop(key(c))          # most recently used last
-            ctx.hook.slots[c.slot] = row
+def _capture_rows(ctx, sequences: list[list[int]], captures: list[Capture]) -> None:
+    """Fill the captures' hook slots: rows captured before from the same tokens are put back
+    (Context.restore_slot: a row depends on nothing else) and only the sequences with a row not
+    seen decode, beside what the context keeps (a chat turn's P0 keeps its conversation's KV,
+    §9.1). Under the reply contrast the blank negative (template and the prompt's last token) is
+    the same every turn: a new reply's capture decodes only new prefixes."""
+    tokens = lambda c: sequences[c.seq][:c.index + 1]     # noqa: E731
+    todo = sorted({c.seq for c in captures if not ctx.restore_slot(c.slot, tokens(c))})
     if todo:
         moved = [Capture(seq=todo.index(c.seq), index=c.index, slot=c.slot) for c in captures if c.seq in todo]
         prefill_aside(ctx, [sequences[r] for r in todo], moved)
         for c in captures:
             if c.seq in todo:
-                memo.pop(key(c), None)
-                memo[key(c)] = ctx.hook.slots[c.slot].copy()      # [n_layer, width]
-    while len(memo) > CAPTURE_ROWS:
-        del memo[next(iter(memo))]
+                ctx.save_row(tokens(c), ctx.hook.slots[c.slot])
 
 
 def random_like_heads(rows: np.ndarray, n_head: int, seed: int) -> np.ndarray:

@@ -277,7 +277,7 @@ class Lockstep:
         self._batch.clear()
         if hook is not None and self.reuse:
             for _, slot, r, i in pending:
-                self.ctx.save_slot(slot, self.sequences[r][:i + 1], hook.slots[slot])
+                self.ctx.save_row(self.sequences[r][:i + 1], hook.slots[slot])
 
     def _decode(self, batch) -> None:
         """Decode; when the cells are full and other conversations' records are kept, drop the

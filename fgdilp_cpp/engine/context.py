@@ -209,7 +209,7 @@ class Model(Owned):
         self._m = None
 
 
-MAX_SLOT_SAVES = 64                   # captured rows kept for restoring (a few per conversation and slot)
+MAX_SLOT_SAVES = 64                   # captured rows kept for restoring (a few per conversation and reply)
 
 
 @dataclass
@@ -279,10 +279,11 @@ class Context(Owned):
         self.kv_prompt_len: dict[int, int] = {}
         self.kv_stamp: dict[int, int] = {}
         self.kv_clock = 0
-        # hook slot values captured during a prefill, keyed by (slot, the tokens up to and including
-        # the captured one): the row. A reused prefix that covers a capture restores it. Bounded:
-        # the oldest saves are dropped first.
-        self._slot_saves: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+        # hook slot values captured during a prefill, keyed by the tokens up to and including the
+        # captured one: the row. A reused prefix that covers a capture restores it, and so does a
+        # capture of the same tokens (plans' frozen capture). Bounded: the least recently used
+        # saves are dropped first.
+        self._slot_saves: dict[tuple[int, ...], np.ndarray] = {}
 
     @property
     def ptr(self):
@@ -293,19 +294,24 @@ class Context(Owned):
         known, self.kv = self.kv, None
         return known
 
-    def save_slot(self, slot: int, tokens: Sequence[int], row: np.ndarray) -> None:
-        key = (slot, tuple(tokens))
+    def save_row(self, tokens: Sequence[int], row: np.ndarray) -> None:
+        """Keep the row a hook slot captured at the last of `tokens` (restore_slot puts it back)."""
+        key = tuple(tokens)
         self._slot_saves.pop(key, None)
         self._slot_saves[key] = row.copy()
         while len(self._slot_saves) > MAX_SLOT_SAVES:
             del self._slot_saves[next(iter(self._slot_saves))]
 
     def restore_slot(self, slot: int, tokens: Sequence[int]) -> bool:
-        """Put back the row that `slot` captured at the last of `tokens` (a captured row depends on
-        those tokens alone, whichever sequence held them); False when no such capture is saved
+        """Put into `slot` the row captured at the last of `tokens` (a captured row depends on those
+        tokens alone, whichever sequence and slot held them); False when no such capture is saved
         (the caller recomputes from there)."""
-        saved = self._slot_saves.get((slot, tuple(tokens)))
-        if self.hook is None or saved is None:
+        key = tuple(tokens)
+        saved = self._slot_saves.pop(key, None)
+        if saved is None:
+            return False
+        self._slot_saves[key] = saved          # the most recently used is dropped last
+        if self.hook is None:
             return False
         self.hook.slots[slot] = saved
         return True
