@@ -37,7 +37,7 @@ CHAT_DEFAULTS = {
     "selfgen_tokens": 8,
     "selfgen_min_tokens": 4,
     # FGDILP's instance kept while the conversation goes on, rebuilt when a turn escalates
-    # (docs/method.md §9.2): x1.1 time to first token against x8.6 per reply (docs/results.md)
+    # (docs/method.md §9.2): x1.4 the unsteered time to first token against x4.8 per reply (docs/results.md)
     "instance_reuse": "conversation",
 }
 

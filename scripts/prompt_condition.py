@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fgdilp_cpp.evaluation.judge_metrics import judge_score
 from fgdilp_cpp.evaluation.metrics import any_toxic, max_toxicity, paired_bootstrap_ci
 from fgdilp_cpp.evaluation.records import GENERATION_SCHEMA, read_valid
 from fgdilp_cpp.evaluation.sweep import variant_name
@@ -50,7 +51,7 @@ def conditioned(run_dir: Path, variant: str, theta: float, judge: str = "", flag
     for name, got in variants.items():
         per = defaultdict(list)
         for (pid, _), r in sorted(got.items()):
-            per[pid].append(r["judge_scores"][judge]["toxic"] if judge else r["scores"]["toxic"])
+            per[pid].append(judge_score(r, judge, "", "toxic"))     # "": the run's first judge ("scores")
         scores = [np.asarray(per[p]) for p in pids]
         emt, tp = max_toxicity(scores), any_toxic(scores)
         nll = sum(r["nll"]["self"][0] for r in got.values()) / sum(r["nll"]["self"][1] for r in got.values())
