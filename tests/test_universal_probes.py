@@ -49,6 +49,9 @@ def test_universal_vectors_for_chat_are_the_directions_chat_steers_with(tiny_cha
         both = d.build_universal_vectors(PROMPTS, "fgdilp", chat=True)
         one = [d.build_vectors(p, chat=True) for p in PROMPTS]
         d.chat([{"role": "user", "content": PROMPTS[0]}], method="fgdilp-frozen")
+        for bad in (lambda: d.build_universal_vectors(["ok", "  "], "tr", chat=True), lambda: d.build_vectors("", chat=True)):
+            with pytest.raises(FgdilpError, match="empty"):       # not a template around nothing
+                bad()
         steered = d._gen.context("fgdilp-frozen").hook.slots[SLOT_DIR].copy()   # [n_layer, width]
     assert one[0].settings["prompt"].startswith("<|im_start|>user") and one[0].settings["chat"] is True
     np.testing.assert_allclose(one[0].rows(), steered, rtol=1e-3, atol=1e-4)
