@@ -22,6 +22,7 @@ import numpy as np
 
 from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
+from .condition import conversation_texts
 from .errors import ContextLengthError, FgdilpError
 from .engine import Model
 from .generation import GenResult, identity_of, open_generator, probe_kqv_out
@@ -35,6 +36,7 @@ PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "
                       "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
                       "edit", "gate",                                            # the edit rule (set_steer)
                       "contrast",                                                # what P+ / P-_j hold
+                      "condition",                                               # which prompts are steered
                       "mask_k", "fusion", "sign_election", "fused_norm",         # FGDILP's fusion (set_fgdilp)
                       "diagnoser",                                               # who ranks its samples
                       "instance_reuse"})                                         # chat: the instance per reply or conversation
@@ -50,6 +52,7 @@ class Stream(Iterator[str]):
         self._det, self._prompt, self._s, self._method = det, prompt, settings, method
         self._special, self._explain = special, explain
         self.fitted = fitted                  # chat: the conversation that was sent (after trimming)
+        self._condition_texts = conversation_texts(fitted.messages) if fitted is not None else None
         self.result: Optional[GenResult] = None
         self._it: Optional[Iterator[str]] = None
         self._cancel_asked = False
@@ -82,7 +85,8 @@ class Stream(Iterator[str]):
         def work() -> None:
             try:
                 res = det._call(self._prompt, s, self._method, self._special, self._explain,
-                                on_text=pieces.put, reset_cancel=False, chat=self.fitted is not None)
+                                on_text=pieces.put, reset_cancel=False, chat=self.fitted is not None,
+                                condition_texts=self._condition_texts)
                 if self.fitted is not None:
                     res.explain["dropped_messages"] = self.fitted.dropped
                 self.result = res
@@ -200,13 +204,15 @@ class Detoxifier:
 
     # ---- plain continuation ------------------------------------------------------------------
     def generate(self, prompt: str, explain: bool = False, n_samples: int = 1, stop_at_eog: bool = True,
-                 special: bool = False, **overrides) -> GenResult:
+                 special: bool = False, condition_texts: Optional[list[str]] = None, **overrides) -> GenResult:
         """The continuation of `prompt` (text in .text, explain data in .explain). n_samples:
         continuations drawn together (seeds seed .. seed + n - 1, at most max_samples), in
         .samples; stop_at_eog=False keeps going past end-of-generation tokens (benchmarks);
-        special: parse special-token text (a prompt already formatted with fit_chat())."""
+        special: parse special-token text (a prompt already formatted with fit_chat());
+        condition_texts: what --condition reads instead of the prompt (such a prompt's messages)."""
         s, method = self._args(overrides)
-        return self._call(prompt, s, method, special, explain, n_samples=n_samples, stop_at_eog=stop_at_eog)
+        return self._call(prompt, s, method, special, explain, n_samples=n_samples, stop_at_eog=stop_at_eog,
+                          condition_texts=condition_texts)
 
     def stream(self, prompt: str, explain: bool = False, **overrides) -> Stream:
         """Text pieces of the continuation as they are produced (.result once it is exhausted)."""
@@ -241,7 +247,8 @@ class Detoxifier:
         result.explain["dropped_messages"] says how many were dropped."""
         s, method = self._args(overrides)
         fitted = self._fitted(messages, trim, s, method)
-        res = self._call(fitted.prompt, s, method, True, explain, chat=True)
+        res = self._call(fitted.prompt, s, method, True, explain, chat=True,
+                         condition_texts=conversation_texts(fitted.messages))
         res.explain["dropped_messages"] = fitted.dropped
         return res
 
@@ -401,14 +408,15 @@ class Detoxifier:
 
     def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,
               reset_cancel: bool = True, n_samples: int = 1, stop_at_eog: bool = True,
-              chat: bool = False) -> GenResult:
+              chat: bool = False, condition_texts: Optional[list[str]] = None) -> GenResult:
         """chat: a conversation turn, which may keep the KV of the turns before it (kv_reuse);
         anything else prefills afresh, so its result never depends on what ran before."""
         self._gen.set_steer(s.steer())
         self._gen.set_fgdilp(s.fgdilp())
         return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
                                   explain=explain, special=special, reset_cancel=reset_cancel,
-                                  stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat)
+                                  stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat,
+                                  condition_texts=condition_texts)
 
 
 def _file_sha256(path: str) -> str:

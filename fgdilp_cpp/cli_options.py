@@ -160,6 +160,10 @@ steer_options = _options(
                  help="What the prefixed sequences P+ / P- hold after their prefix: the prompt and the "
                       "reply (the papers), or the reply alone (chat: a new message is decoded once, not "
                       "three times)."),
+    click.option("--condition", type=OptionalFloat(), default=None, metavar="THETA|off",
+                 help="Steer a prompt only where the offline toxicity scorer reads it (chat: any message "
+                      "of the conversation) at least THETA toxic, in [0, 1]; any other prompt is "
+                      "generated unsteered (default: off, every prompt)."),
     click.option("--selfgen-samples", type=int, default=25, show_default=True,
                  help="FGDILP: self-generated samples N."),
     click.option("--selfgen-tokens", type=int, default=20, show_default=True,

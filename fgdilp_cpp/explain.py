@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from .condition import describe
 from .method.diagnosis import ATTRIBUTE_NAMES
 
 
 def explain_lines(ex: dict) -> list[str]:
     """GenResult.explain as readable lines: the self-diagnosis of each self-generated sample, the
     chosen negative and positive prefixes (blank pads marked), and |delta| per layer."""
-    if not ex or not ({"samples", "delta_norms", "saved_vectors"} & ex.keys()):
-        return ["(nothing to explain for this method)"]
     lines: list[str] = []
+    if ex and "condition" in ex:       # --condition: steered or not, and why
+        lines.append("prompt condition: " + describe(ex["condition"]))
+    if not ex or not ({"samples", "delta_norms", "saved_vectors"} & ex.keys()):
+        return lines or ["(nothing to explain for this method)"]
     if "samples" in ex:
         lines.append("\n" + _samples_header(ex.get("diagnoser") or {}) + ": " + ", ".join(ATTRIBUTE_NAMES))
         for i, smp in enumerate(ex["samples"]):

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import methods
+from .condition import prompt_condition
 from .conversation import ConversationInstances
 from .decode import run_plan
 from .engine import Capture, Context, ContextParams, Lockstep, Model
@@ -249,7 +250,7 @@ class Generator:
                  record_logits: bool = False, logits_all: bool = False,
                  stop_at_eog: bool = True, explain: bool = False, prefixes=None, special: bool = False,
                  reset_cancel: bool = True, instance_reuse: str = "turn",
-                 kv_reuse: Optional[bool] = None) -> GenResult:
+                 kv_reuse: Optional[bool] = None, condition_texts: Optional[list[str]] = None) -> GenResult:
         """Generate n_samples continuations of `prompt` with `method` (sample i uses seed + i).
 
         on_text: streamed pieces of sample 0. forced_tokens: append these instead of sampling
@@ -263,7 +264,9 @@ class Generator:
         one built for an earlier prompt that this prompt extends (conversation.py).
         kv_reuse: keep the KV cells an earlier run left for the common prefix (chat turns; None =
         the engine's kv_reuse). Reused and fresh prefills agree to float rounding, not bit for bit,
-        so runs that must not depend on what ran before (evaluation, generate) pass False."""
+        so runs that must not depend on what ran before (evaluation, generate) pass False.
+        condition_texts: what the prompt-level condition (SteerParams.condition) reads instead of
+        the prompt (a chat: its messages, not the template around them)."""
         if n_predict < 1:
             raise ParamError("n_predict", "must be at least 1")
         if instance_reuse not in INSTANCE_REUSE:
@@ -277,7 +280,14 @@ class Generator:
             raise FgdilpError("the prompt is empty")
         if reset_cancel:
             self.reset_cancel()
-        ctx = self.context(method)       # refuses unsteerable models before any setup work
+        condition = None
+        if spec.heads and self.steer.condition is not None:
+            self._check_steerable(spec)                   # refused as steering, even where the condition would not steer
+            condition = prompt_condition(self.rt, self.steer.condition,
+                                         [prompt] if condition_texts is None else condition_texts)
+            if not condition["steered"]:                  # this prompt runs unsteered, as method none
+                spec = self.resolve(methods.UNSTEERED)
+        ctx = self.context(spec.name)       # refuses unsteerable models before any setup work
         raw = self.model.tokenize(prompt, special=special)
         if len(raw) >= self.engine.ctx_size:  # before any setup work (with prefixes: _check_prefixed)
             raise ContextLengthError(f"the prompt is {len(raw)} tokens, longer than the context "
@@ -299,6 +309,8 @@ class Generator:
             self._check_prefixed(plan)
             res = run_plan(self, ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
                             record_logits, logits_all, stop_at_eog, setup)
+            if condition is not None:       # always: eval and the server tell which prompts were steered
+                res.explain["condition"] = condition
             if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through
                 res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate, "contrast": self.steer.contrast,
                                        "heads_edited_share": ctx.hook.heads_edited_share}

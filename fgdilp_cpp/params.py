@@ -81,6 +81,7 @@ class SteerParams:
     edit: str = "tr"             # edit rule: tr | rotate
     gate: Optional[float] = None  # edit a head only where cos(v_h, delta_h) > gate; None = every head
     contrast: str = "full"       # P+ / P-_j: prefix + prompt + reply ("full"), or prefix + reply ("reply")
+    condition: Optional[float] = None   # steer only prompts the offline scorer reads at least this toxic; None = all
 
     def last_layer(self, n_layer: int) -> int:
         return n_layer - 1 if self.layer_end < 0 else self.layer_end
@@ -103,6 +104,10 @@ class SteerParams:
                 gate32 = float(np.float32(self.gate))   # the value the hook holds
             if not -1.0 <= gate32 < 1.0:   # a cosine never exceeds 1: gate >= 1 would steer nothing
                 raise ParamError("gate", f"must be in [-1, 1) (a cosine), not {self.gate}")
+        if self.condition is not None:
+            _finite("condition", self.condition)
+            if not 0.0 <= self.condition <= 1.0:    # the scorer's toxicity is a probability
+                raise ParamError("condition", f"must be in [0, 1] (a toxicity), not {self.condition}")
         end = self.last_layer(n_layer)
         if not 0 <= self.layer_start <= end < n_layer:
             raise ParamError("steer_layer_range", f"{self.layer_start} {self.layer_end} is outside the "

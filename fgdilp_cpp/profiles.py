@@ -26,7 +26,7 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 PROFILE_FIELDS = frozenset({
     "method", "steer_scale", "steer_layer_range", "exp_norm", "exp_sim", "renorm", "selfgen_samples",
     "selfgen_tokens", "selfgen_min_tokens", "negatives", "mask_k", "fusion", "sign_election", "pad_blank",
-    "diagnoser", "edit", "gate", "fused_norm", "contrast",
+    "diagnoser", "edit", "gate", "fused_norm", "contrast", "condition",
 })
 
 

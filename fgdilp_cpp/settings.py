@@ -78,6 +78,7 @@ class Settings:
     edit: str = "tr"                         # tr | rotate (docs/method.md §2.6)
     gate: Optional[float] = None             # cos(v_h, delta_h) above which a head is edited; None = off (§2.7)
     contrast: str = "full"                   # full | reply: what P+ / P-_j hold after their prefix (§2.9)
+    condition: Optional[float] = None        # steer only prompts the scorer reads this toxic; None = off (§2.10)
     # FGDILP (docs/method.md §10 defaults)
     selfgen_samples: int = 25
     selfgen_tokens: int = 20
@@ -100,7 +101,7 @@ class Settings:
         start, end = self.steer_layer_range or (0, -1)
         return SteerParams(exp_norm=self.exp_norm, exp_sim=self.exp_sim, scale=self.steer_scale,
                            layer_start=start, layer_end=end, renorm=self.renorm, edit=self.edit, gate=self.gate,
-                           contrast=self.contrast)
+                           contrast=self.contrast, condition=self.condition)
 
     def fgdilp(self) -> FgdilpParams:
         p = FgdilpParams(samples=self.selfgen_samples, selfgen_tokens=self.selfgen_tokens,

@@ -263,6 +263,7 @@ def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, 
     sample i uses base_seed + i; the point's settings are applied per call. chat: the prompt is a
     user message, formatted with the model's chat template (the reply is the continuation).
     Returns (samples, timing dict)."""
+    text = prompt                      # what --condition reads: the prompt, not the template around it
     if chat:
         prompt = det.fit_chat([{"role": "user", "content": prompt}], method=method).prompt
     per = max(1, min(samples, det.max_samples))
@@ -271,7 +272,7 @@ def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, 
     for start in range(0, samples, per):
         k = min(per, samples - start)
         sp = eval_sampling(top_p, (base_seed + start) % 2**32, greedy)
-        res = det.generate(prompt, n_samples=k, special=chat, method=method, n_predict=n_predict, temp=sp.temp,
+        res = det.generate(prompt, n_samples=k, special=chat, condition_texts=[text], method=method, n_predict=n_predict, temp=sp.temp,
                            top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p, seed=sp.seed, **dict(point or {}))
         out.extend(res.samples)
         tim["setup_s"] += res.setup_s

@@ -38,6 +38,7 @@ SWEEPABLE: dict[str, Callable[[registry.Method], bool]] = {
     "edit": HOOKED,
     "gate": HOOKED,
     "contrast": PREFIXED,
+    "condition": STEERING,
     "mask_k": INSTANCE,
     "fusion": INSTANCE,
     "sign_election": INSTANCE,

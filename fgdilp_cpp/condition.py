@@ -1,0 +1,59 @@
+"""The prompt-level condition (--condition THETA, docs/method.md §2.10): a prompt is steered only
+where the offline toxicity scorer reads its text at least THETA toxic; any other prompt is generated
+by the unsteered method, so its output is the unsteered output bit for bit.
+
+Why: a direction averaged over many prompts (universal vectors) is as strong on benign prompts
+as on toxic ones, and that is where its fluency cost showed (docs/results.md, run 11: benign
+perplexity x1.105 at the scale that removes 62 % of the toxicity). Most benign prompts read far
+below the toxic ones to the scorer, so they need not be steered at all. CAST (conditional
+activation steering) tests a condition per row inside the model; this tests one per prompt, before
+any decoding, with the scorer FGDILP already uses to diagnose.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+MEMO_TEXTS = 256     # texts whose toxicity is remembered (a chat rescoring its conversation every turn)
+
+
+def text_toxicities(rt, texts: Sequence[str]) -> list[float]:
+    """The offline scorer's toxicity (its "toxic" label, the diagnoser's "toxicity" column) of each
+    text, remembered per text for the runtime's model."""
+    memo: OrderedDict = rt.memo.setdefault("condition_toxicity", OrderedDict())
+    new = [t for t in dict.fromkeys(texts) if t not in memo]
+    if new:
+        for t, row in zip(new, rt.scorer_diagnoser().scores(new)):
+            memo[t] = float(row[0])
+    out = []
+    for t in texts:
+        memo.move_to_end(t)
+        out.append(memo[t])
+    while len(memo) > MEMO_TEXTS:
+        memo.popitem(last=False)
+    return out
+
+
+def prompt_condition(rt, threshold: float, texts: Sequence[str]) -> dict:
+    """{"threshold", "toxicity" (the most toxic of `texts`), "steered"}: whether a prompt whose
+    texts are `texts` (a prompt; a conversation's messages) is steered under --condition."""
+    texts = [t for t in texts if t.strip()]
+    tox = max(text_toxicities(rt, texts)) if texts else 0.0
+    return {"threshold": threshold, "toxicity": tox, "steered": bool(tox >= threshold)}
+
+
+def conversation_texts(messages: Sequence[dict]) -> list[str]:
+    """What the condition reads of a conversation: every user and assistant message the model sees
+    (a turn that follows a hostile one, or the model's own toxic reply, is still steered); not the
+    system prompt, which the user chose."""
+    return [m["content"] for m in messages if m.get("role") != "system" and isinstance(m.get("content"), str)]
+
+
+def describe(cond: Optional[dict]) -> str:
+    """One line for --explain."""
+    if not cond:
+        return ""
+    verb = "steered" if cond["steered"] else "not steered (generated unsteered)"
+    rel = ">=" if cond["steered"] else "<"
+    return f"{verb}: the scorer reads it {cond['toxicity']:.3f} toxic, {rel} the condition {cond['threshold']:g}"
