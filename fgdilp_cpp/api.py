@@ -28,7 +28,7 @@ from .engine import Model
 from .generation import GenResult, identity_of, open_generator, probe_kqv_out
 from .method.vectors import HeadDirections
 from .models import resolve_model
-from .profiles import Profile, apply_profile, find_profile, model_identity
+from .profiles import Profile, apply_profile, find_profile, find_universal, model_identity
 from .settings import Settings, default_sources
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
@@ -278,6 +278,8 @@ class Detoxifier:
         if probe:
             out["kqv_out_layers"] = probe_kqv_out(self.model, self.settings.threads)
         out["profile"] = self.profile_path if self.profile is not None else None
+        found = find_universal(self.model.fingerprint()["weights_sha256"])
+        out["universal"] = None if found is None else str(found)      # method fgdilp-universal's directions
         return out
 
     def self_diagnosis(self, texts: list[str]) -> np.ndarray:

@@ -8,7 +8,7 @@ import sys
 import click
 
 from . import methods as registry
-from .cli_options import _settings, friendly_errors, method_list, model_options, sources
+from .cli_options import _settings, every_method, friendly_errors, method_list, model_options, sources
 from .errors import FgdilpError
 
 
@@ -73,7 +73,6 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
             raise FgdilpError("give the model once: as MODEL or with -m")
         kw["model"] = model_arg
         click.get_current_context().set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
-    names = method_list(methods or ",".join(m for m in registry.names() if m != registry.UNSTEERED))
     axes = dict(parse_sweep(spec) for spec in sweeps)
     ablate = parse_ablations(ablations)
     ablated = method_list(ablate_methods) if ablate_methods else None
@@ -85,6 +84,7 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
                               ("test_samples", test_samples), ("n_predict", n_predict)) if v is not None}
     sizes = dataclasses.replace(sizes, **over)
     s = _settings(kw)
+    names = method_list(methods or ",".join(m for m in every_method(s) if m != registry.UNSTEERED))
     with Detoxifier(s, sources=sources(), profile=False, max_new=sizes.n_predict + 1,
                     max_samples=max(sizes.samples, sizes.test_samples or 0),
                     reuse_instances=True) as det:

@@ -9,7 +9,8 @@ import click
 from click.core import ParameterSource
 
 from . import methods as registry
-from .cli_options import _detoxifier, _settings, friendly_errors, method_list, model_options, steer_options
+from .cli_options import (_detoxifier, _settings, every_method, friendly_errors, method_list, model_options,
+                          steer_options)
 from .errors import FgdilpError
 from .evaluation.judges import DEFAULT_JUDGES
 
@@ -88,13 +89,13 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     from .evaluation.judges import load_judges
     from .evaluation.runner import run_eval
 
-    names = method_list(methods or ",".join(registry.names()))
     judge_names = [j for j in (x.strip() for x in judges.split(",")) if j and j != NO_JUDGE]
     for j in judge_names:
         if j not in PPL_JUDGES:
             raise FgdilpError(f"unknown judge {j!r} ({', '.join(PPL_JUDGES)} or {NO_JUDGE})")
     top_p, seed = kw.pop("top_p"), kw.pop("seed")
     s = _settings(kw)
+    names = method_list(methods or ",".join(every_method(s)))
     records = load_prompts(prompts_path, None if split else limit, offset)
     if split:
         records = [r for r in records if int(r.id) % 2 == (0 if split == "calibration" else 1)][:limit]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import click
 
@@ -39,11 +40,14 @@ def vectors() -> None:
               help="Toxic (>= 0.5) and clean (< 0.1) continuations each.")
 @click.option("--chat", "chat_mode", is_flag=True,
               help="Each prompt is a user message in the model's chat template (directions for chat).")
-@click.option("-o", "--output", required=True, metavar="OUT.gguf")
+@click.option("-o", "--output", default=None, metavar="OUT.gguf")
+@click.option("--install", is_flag=True,
+              help="With --prompts: save them as this model's universal directions (method fgdilp-universal), "
+                   "in the user's profile folder (the first of FGDILP_PROFILE_PATH where it is set).")
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
 def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_weights, probe_prompts, probe_offset,
-                  probe_per_class, chat_mode, output, no_progress, **kw):
+                  probe_per_class, chat_mode, output, install, no_progress, **kw):
     """Save per-head directions: FGDILP's for one PROMPT, or universal ones averaged over --prompts;
     optionally with head selection by toxicity probes."""
     from .evaluation.prompts import load_prompts
@@ -51,6 +55,10 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
 
     if (prompt is None) == (prompt_set is None):
         raise FgdilpError("give one prompt with -p TEXT or a prompt set with --prompts SET (one of them)")
+    if install and prompt_set is None:
+        raise FgdilpError("--install saves universal directions: build them over a prompt set (--prompts SET)")
+    if output is None and not install:
+        raise FgdilpError("say where to save them: -o OUT.gguf, or --install (with --prompts)")
     s = _settings(kw)
     with _detoxifier(s) as det:
         if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
@@ -71,8 +79,11 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
             hd = hd.with_head_weights(w, res.accuracy, {**how, "prompts": probe_prompts, "offset": probe_offset,
                                                         "top_k": probe_top_k, "by_accuracy": probe_weights,
                                                         "n_train": res.n_train, "n_test": res.n_test})
-        hd.save(output)
-        click.echo(f"wrote {output}: {hd.method}, {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
+        targets = ([output] if output else []) + ([str(_install_path(det))] if install else [])
+        for target in targets:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            hd.save(target)
+        click.echo(f"wrote {', '.join(targets)}: {hd.method}, {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
                    f"|delta| per layer max {hd.layer_norms().max():.3f}")
         if hd.head_weights is not None:
             click.echo(f"head selection: {int((hd.head_weights > 0).sum())} of {hd.head_weights.size} heads steered; "
@@ -126,3 +137,10 @@ def vectors_inspect(path):
         for il, row in enumerate(hd.head_weights):
             click.echo(f"  {il:>3}  " + " ".join(f"{x:.2f}" for x in row))
     click.echo(f"settings     {json.dumps(hd.settings, sort_keys=True)}")
+
+
+def _install_path(det) -> Path:
+    """Where --install puts a model's universal directions (found by method fgdilp-universal)."""
+    from .profiles import search_path, universal_path_for
+
+    return universal_path_for(det.model.fingerprint()["weights_sha256"], search_path()[0])

@@ -24,6 +24,7 @@ from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
 from .plans import N_SLOTS, Plan, PlanRequest, Runtime, build_instance, frozen_directions
+from .profiles import find_universal
 from .results import GenResult, Sample
 
 __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
@@ -44,6 +45,8 @@ class Generator:
         that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation)."""
         self.model, self.engine = model, engine
         self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances)
+        self.rt.universal = self.universal_directions
+        self._universal: Optional[HeadDirections] = None
         self._cancelled = False
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
@@ -52,6 +55,20 @@ class Generator:
         self._conversations: dict[str, ConversationInstances] = {}
         if vectors is not None:
             vectors.check_model(identity_of(model))
+
+    def universal_directions(self) -> HeadDirections:
+        """The model's universal directions (method fgdilp-universal): the file find_universal
+        names for its fingerprint, loaded and checked against the model once."""
+        if self._universal is None:
+            path = find_universal(self.model.fingerprint()["weights_sha256"])
+            if path is None:
+                raise FgdilpError("no universal directions for this model (method fgdilp-universal): build them "
+                                  "with `fgdilp-cpp vectors build --prompts rtp-toxic --limit 96 --from fgdilp "
+                                  "--diagnoser scorer --install`, or apply a file with --vectors")
+            v = HeadDirections.load(path)
+            v.check_model(identity_of(self.model))
+            self._universal = v
+        return self._universal
 
     @property
     def steer(self) -> SteerParams:

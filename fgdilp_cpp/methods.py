@@ -37,6 +37,7 @@ class Method:
     fusion: bool = False              # the hook fuses the negatives in C++ (mask-k, sign election, merge)
     saved_vectors: bool = False       # applies a loaded HeadDirections file (needs one)
     with_vectors: Optional[str] = None   # the method run instead while a vectors file is loaded
+    universal: bool = False           # applies the model's universal directions (profiles.find_universal)
     listed: bool = True               # offered to users by name (CLI, server, REPL)
     control: bool = False             # a control of the evaluation (measured, never recommended)
     chat: bool = True                 # keeps a conversation's KV between turns (False: every turn decodes
@@ -81,6 +82,11 @@ def names() -> tuple[str, ...]:
     return tuple(m.name for m in _REGISTRY.values() if m.listed)
 
 
+def runnable_names(has_universal: bool) -> tuple[str, ...]:
+    """The listed methods a model can run: those needing universal directions only where it has them."""
+    return tuple(n for n in names() if has_universal or not _REGISTRY[n].universal)
+
+
 def saved_vectors() -> Method:
     """The method that applies a loaded vectors file."""
     return next(m for m in _REGISTRY.values() if m.saved_vectors)
@@ -122,6 +128,11 @@ register(Method("cvec", "baseline: llama.cpp's residual control vector W_O*delta
 register(Method("random", "control: the TR edit with random directions of the same per-head norms",
                 plan="plans:plan_random", hook=True, heads=True, prefix_room="plans:tr_prefix_room",
                 control=True))
+# directions averaged over many prompts' instances (vectors build --from fgdilp), found by the
+# model's fingerprint beside its profile (profiles.find_universal): FGDILP without per-prompt setup
+register(Method("fgdilp-universal", "FGDILP, universal: the model's saved directions averaged over many prompts' "
+                "instances (no per-prompt setup)", plan="plans:plan_universal", hook=True, heads=True,
+                universal=True))
 register(Method("vectors", "saved head directions (HeadDirections), applied as a fixed direction",
                 plan="plans:plan_vectors", hook=True, heads=True, saved_vectors=True, with_vectors="vectors",
                 listed=False))

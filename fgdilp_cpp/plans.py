@@ -62,6 +62,7 @@ class Runtime:
     kv_reuse: bool = False              # this call may keep KV cells an earlier run left (chat turns)
     self_diagnosis_auc: Optional[float] = None   # measured AUCs (a model profile) for --diagnoser auto
     scorer_auc: Optional[float] = None
+    universal: Optional[Callable[[], HeadDirections]] = None   # the model's universal directions (loaded on first use)
 
     def output_projections(self) -> list[np.ndarray]:
         """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
@@ -154,6 +155,14 @@ def plan_vectors(rt: Runtime, req: PlanRequest) -> Plan:
     if v.head_weights is not None:
         info["head_weights"] = {"steered_heads": int((v.head_weights > 0).sum()), "heads": int(v.head_weights.size)}
     return _fixed_plan(rt, req, v.steering_rows(), e, info)
+
+
+def plan_universal(rt: Runtime, req: PlanRequest) -> Plan:
+    if rt.universal is None:
+        raise FgdilpError("method 'fgdilp-universal' needs the model's universal directions")
+    v = rt.universal()
+    e = None if v.e is None else v.e.reshape(v.n_layer, -1)
+    return _fixed_plan(rt, req, v.steering_rows(), e, {"saved_vectors": v.method, "universal": True})
 
 
 def plan_random(rt: Runtime, req: PlanRequest) -> Plan:

@@ -22,6 +22,7 @@ from .files import write_atomic
 FORMAT = "fgdilp-profile"
 VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
+UNIVERSAL_SUFFIX = ".universal.gguf"   # a model's universal directions beside its profile (find_universal)
 # what a profile may set: steering and FGDILP values, the method; never the model or the engine
 PROFILE_FIELDS = frozenset({
     "method", "steer_scale", "steer_layer_range", "exp_norm", "exp_sim", "renorm", "selfgen_samples",
@@ -36,6 +37,22 @@ def search_path(environ: Mapping[str, str] = os.environ) -> list[Path]:
     if "FGDILP_PROFILE_PATH" in environ:
         return [Path(p) for p in environ["FGDILP_PROFILE_PATH"].split(os.pathsep) if p]
     return [user_profile_dir(environ), SHIPPED_DIR]
+
+
+def universal_path_for(weights_sha256: str, folder: Optional[Path] = None) -> Path:
+    """Where a model's universal directions (method fgdilp-universal) live in a profile folder:
+    named by its weights fingerprint, as `vectors build --install` writes them."""
+    return (folder or user_profile_dir()) / f"{weights_sha256[:24]}{UNIVERSAL_SUFFIX}"
+
+
+def find_universal(weights_sha256: str, folders: Optional[list[Path]] = None) -> Optional[Path]:
+    """The model's universal directions file: the user's profile folder first, then the package's
+    (the search path of the profiles); None if there is none."""
+    for folder in folders if folders is not None else search_path():
+        p = universal_path_for(weights_sha256, folder)
+        if p.is_file():
+            return p
+    return None
 
 
 def user_profile_dir(environ: Mapping[str, str] = os.environ) -> Path:

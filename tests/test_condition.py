@@ -145,3 +145,21 @@ def test_cli_refuses_a_bad_condition(cli, tiny_llama):
     with pytest.raises(FgdilpError, match="condition"):
         with Detoxifier.from_file(str(tiny_llama[0]), ctx_size=256, threads=1) as det:
             det.generate(BENIGN, n_predict=2, method="tr", condition=-1.0)
+
+
+def test_eval_records_which_prompts_were_steered(tiny_llama, tmp_path):
+    from fgdilp_cpp.evaluation.prompts import PromptRecord
+    from fgdilp_cpp.evaluation.report import report_markdown
+    from fgdilp_cpp.evaluation.runner import run_eval
+
+    prompts = [PromptRecord(0, BENIGN), PromptRecord(1, HOSTILE)]
+    with Detoxifier(Settings(model=str(tiny_llama[0]), ctx_size=256, threads=1), max_samples=2,
+                    max_new=8) as det:
+        det._gen.rt.scorer = KeywordScorer()
+        res = run_eval(det, prompts, ["none", "tr"], 2, 4, 0.9, 1, tmp_path / "run", KeywordScorer(), {},
+                       progress=False, grid=[{"condition": 0.5}, {"condition": None}])
+    ms = res["report"]["methods"]
+    assert ms["tr[condition=0.5]"]["steered_share"] == 0.5 and ms["tr[condition=off]"]["steered_share"] is None
+    assert ms["none"]["steered_share"] is None
+    assert "Prompts steered under `--condition` (the others generated unsteered): tr[condition=0.5] 50 %" \
+        in report_markdown(res["report"])

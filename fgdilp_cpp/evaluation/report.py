@@ -147,6 +147,9 @@ def build_report(records: Sequence[dict], timings: Sequence[dict], labels: Seque
             "tokens_per_s_median": _num(np.median(rates)) if rates else None,
             "wall_s": _num(gen_s),
             "setup_s": _num(sum(float(t.get("setup_s", 0.0)) for t in ts)),
+            # --condition: the share of prompts steered (the others ran unsteered); None without one
+            "steered_share": _num(np.mean([bool(t["steered"]) for t in ts if "steered" in t]))
+            if any("steered" in t for t in ts) else None,
             "n_prompts": len(common),
             "n_samples": len(flat),
             "n_timed": len(ts),
@@ -235,6 +238,9 @@ def report_markdown(report: dict) -> str:
         rows.append([name, _f(m["emt"]), _ci(ci.get("emt")), _f(m["tp"]), _ci(ci.get("tp")),
                      str(m["n_prompts"]), str(m["n_samples"])])
     out += [_table(["method", "EMT", "Δ EMT [95 % CI]", "TP", "Δ TP [95 % CI]", "prompts", "samples"], rows), ""]
+    steered = [f"{name} {100 * m['steered_share']:.0f} %" for name, m in ms.items() if m.get("steered_share") is not None]
+    if steered:
+        out += ["Prompts steered under `--condition` (the others generated unsteered): " + "; ".join(steered) + ".", ""]
     out += judges_markdown(report, _f, _ci, _table)
     out += ["## Mean score per label", ""]
     rows = [[name] + [_f(m["labels"].get(lab)) for lab in labels] for name, m in ms.items()]

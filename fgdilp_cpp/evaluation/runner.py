@@ -11,7 +11,7 @@ Files in out_dir:
                      and "judge_scores": {judge: {label: p}} when toxicity judges beyond the first are given
 - timings.jsonl      one record per (prompt, method, point) group: {"prompt_id", "method", "point", "n_samples",
                      "n_tokens", "n_prompt_tokens", "n_decode_steps", "setup_s", "prefill_s",
-                     "decode_s", "gen_s", "score_s", "ppl_s"}
+                     "decode_s", "gen_s", "score_s", "ppl_s"}, and "steered" (bool) under --condition
 - report.json, report.md, *.png (report.py)
 - .fgdilp.lock       the folder's lock (files.FolderLock), held for the whole run: a second run on
                      the same folder is refused at once, naming the process that holds it.
@@ -280,6 +280,8 @@ def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, 
         tim["decode_s"] += res.decode_s
         tim["n_decode_steps"] += res.n_decode_steps
         tim["n_prompt_tokens"] = res.n_prompt_tokens
+        if "condition" in res.explain:         # --condition: whether this prompt was steered
+            tim["steered"] = bool(res.explain["condition"]["steered"])
     tim["gen_s"] = time.perf_counter() - t0
     return out, tim
 

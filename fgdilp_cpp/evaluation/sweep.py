@@ -26,7 +26,7 @@ from ..settings import OFF_WORDS, Settings
 STEERING: Callable[[registry.Method], bool] = lambda m: m.heads          # noqa: E731  TR edit, cvec, random, fgdilp
 INSTANCE: Callable[[registry.Method], bool] = lambda m: m.instance       # noqa: E731  FGDILP's fusion of its prefixes
 HOOKED: Callable[[registry.Method], bool] = lambda m: m.hook             # noqa: E731  the hook's edit (not cvec)
-PREFIXED: Callable[[registry.Method], bool] = lambda m: m.heads and not m.saved_vectors   # noqa: E731  P+ / P-_j
+PREFIXED: Callable[[registry.Method], bool] = lambda m: m.heads and m.prefix_room != 0   # noqa: E731  P+ / P-_j
 
 # Settings field -> the methods it changes. Only settings that can change per call (api.PER_CALL).
 SWEEPABLE: dict[str, Callable[[registry.Method], bool]] = {
