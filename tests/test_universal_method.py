@@ -99,3 +99,24 @@ def test_shipped_universal_directions_belong_to_a_shipped_profile():
     shas = {json.loads(p.read_text())["model"]["weights_sha256"][:24] for p in SHIPPED_DIR.glob("*.json")}
     for f in SHIPPED_DIR.glob(f"*{UNIVERSAL_SUFFIX}"):
         assert f.name[:-len(UNIVERSAL_SUFFIX)] in shas, f
+
+
+@pytest.mark.real_model
+def test_the_shipped_universal_directions_fit_their_models():
+    """Each embedded model whose shipped profile has a fgdilp-universal entry finds its shipped
+    directions, and they pass the model check (same shape, vocabulary and weights)."""
+    from fgdilp_cpp.engine import Model
+    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.generation import identity_of
+    from fgdilp_cpp.method.vectors import HeadDirections
+    from fgdilp_cpp.models import default_model_path
+    from fgdilp_cpp.profiles import SHIPPED_DIR, find_profile, model_identity
+
+    for path in (default_model_path(), smollm2_path()):
+        with Model(path) as m:
+            prof, _ = find_profile(model_identity(m), folders=[SHIPPED_DIR])
+            found = find_universal(m.fingerprint()["weights_sha256"], folders=[SHIPPED_DIR])
+            if prof is not None and "fgdilp-universal" in prof.methods:
+                assert found is not None, path
+            if found is not None:
+                HeadDirections.load(found).check_model(identity_of(m))
