@@ -228,6 +228,8 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
         ov["method"] = method
     if (scale := _number(body, "steer_scale", 0, policy.max_steer_scale)) is not None:
         ov["steer_scale"] = float(scale)     # negative would toxify; past the cap, fluency is gone
+    if (c := _number(body, "condition", 0, 1)) is not None:
+        ov["condition"] = float(c)          # steer only conversations the scorer reads at least this toxic
     if (lr := body.get("steer_layer_range")) is not None:
         if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):
             raise _bad("steer_layer_range", "steer_layer_range must be [start, end] layer numbers")

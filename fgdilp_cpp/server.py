@@ -19,6 +19,7 @@ Request fields of both POST endpoints:
     n                          1 only;  stream (bool);  stream_options.include_usage (bool)
     method                     one of --allow-methods (default: the server's --method only)
     steer_scale                [0, --max-steer-scale (2)];  steer_layer_range  [start, end] layer numbers
+    condition                  [0, 1]: steer only where the scorer reads a message at least this toxic
 chat: messages [{role: system|developer|user|assistant, content: text or [{"type": "text", ...}]}],
 the last one the user's; a conversation longer than the context is a 400 with code
 "context_length_exceeded" (never trimmed silently). completions: prompt, a string or [string].

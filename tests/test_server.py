@@ -310,3 +310,23 @@ def test_serve_command_port_zero_and_ctrl_c(tiny_llama):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_the_condition_per_request(tiny_llama, ref):
+    """"condition" steers a conversation only where the scorer reads one of its messages that toxic."""
+    from test_condition import KeywordScorer
+
+    with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_tokens=64))) as srv, srv.client() as c:
+        det._gen.rt.scorer = KeywordScorer()          # "hate" reads 0.9, anything else 0.1
+
+        def reply(msgs, **extra) -> str:
+            return c.chat.completions.create(model="m", messages=msgs, seed=1, max_tokens=8,
+                                             extra_body=extra).choices[0].message.content
+
+        hostile = [{"role": "user", "content": "i hate you"}]
+        assert reply(MSGS, condition=0.5) == ref.chat(MSGS, trim=False, seed=1, n_predict=8, method="none").text
+        assert reply(hostile, condition=0.5) == ref.chat(hostile, trim=False, seed=1, n_predict=8).text
+        assert reply(hostile, condition=0.5) != ref.chat(hostile, trim=False, seed=1, n_predict=8, method="none").text
+        with pytest.raises(openai.BadRequestError) as e:
+            reply(MSGS, condition=2)
+        assert error_of(e.value)["param"] == "condition"
