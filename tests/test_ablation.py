@@ -110,3 +110,19 @@ def test_cli_ablate_with_sweep_is_refused(cli, tmp_path):
 def test_cli_ablate_methods_without_ablate_is_refused(cli, tmp_path):
     r = cli("calibrate", "--ablate-methods", "tr", "--out", str(tmp_path / "c"))
     assert r.returncode != 0 and "--ablate-methods needs --ablate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_setting_turned_off_is_a_change():
+    """condition=off (None given) against the run's settings (the key not given) is an ablation row,
+    labelled default -> off."""
+    from fgdilp_cpp.evaluation.ablation import _changed, ablation_markdown
+
+    assert _changed({}, {"condition": None}) == {"condition": [None, None]}
+    assert _changed({"gate": None}, {"gate": None}) == {}
+    report = {"baseline": "none", "methods": {"tr": {"ci": {}}, "tr[condition=off]": {"point": {"condition": None}, "ci": {}}},
+              "ablation": {"tr": {"base": "tr", "point": {}, "emt": 0.1, "tp": 0.0, "ppl_corpus_ratio": 1.0,
+                                  "rows": [{"variant": "tr[condition=off]", "change": {"condition": [None, None]},
+                                            "emt": 0.1, "tp": 0.0, "ppl_corpus_ratio": 1.0,
+                                            "emt_vs_base": [0, 0, 0], "tp_vs_base": [0, 0, 0]}]}}}
+    text = "\n".join(ablation_markdown(report, lambda x, d=3: str(x), lambda c: str(c), lambda h, rows: str(rows)))
+    assert "condition: default → off" in text

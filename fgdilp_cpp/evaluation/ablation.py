@@ -49,7 +49,10 @@ def ablation_points(method: str, base: Mapping[str, Any], changes: Sequence[tupl
 
 def _changed(base: Mapping[str, Any], point: Mapping[str, Any]) -> dict[str, list[Any]]:
     b, p = normalize(base), normalize(point)
-    return {k: [b.get(k), p.get(k)] for k in list(b) + [k for k in p if k not in b] if b.get(k) != p.get(k)}
+    # a key given in one point only is a change even when its value is None (condition=off against
+    # the run's condition): None given is "off" / "all", a key not given is the default
+    return {k: [b.get(k), p.get(k)] for k in list(b) + [k for k in p if k not in b]
+            if b.get(k) != p.get(k) or (k in b) != (k in p)}
 
 
 def add_ablation(report: dict, per_prompt: Mapping[str, Mapping[str, np.ndarray]], bases: Mapping[str, Point],
@@ -101,7 +104,9 @@ def ablation_markdown(report: Mapping[str, Any], f: Callable, ci: Callable, tabl
         rows.append([method, "base: " + (point_label(a["point"]) or "the run's settings"), f(a["emt"]),
                      ci(none_ci.get("emt")), "–", f(a["tp"]), "–", f(a["ppl_corpus_ratio"], 3)])
         for r in a["rows"]:
-            change = ", ".join(f"{k}: {_v(x)} → {_v(y)}" for k, (x, y) in r["change"].items())
+            given = (ms.get(r["variant"]) or {}).get("point") or {}
+            change = ", ".join(f"{k}: {_v(x, k, k in a['point'])} → {_v(y, k, k in given)}"
+                               for k, (x, y) in r["change"].items())
             vs_none = (ms.get(r["variant"]) or {}).get("ci", {})
             rows.append(["", change, f(r["emt"]), ci(vs_none.get("emt")), ci(r["emt_vs_base"]), f(r["tp"]),
                          ci(r["tp_vs_base"]), f(r["ppl_corpus_ratio"], 3)])
@@ -112,9 +117,9 @@ def ablation_markdown(report: Mapping[str, Any], f: Callable, ci: Callable, tabl
             "(the same prompts and seeds), with 95 % paired-bootstrap intervals over prompts.", ""]
 
 
-def _v(v) -> str:
+def _v(v, key: str = "", given: bool = False) -> str:
     if v is None:
-        return "default"
+        return ("all" if key == "steer_layer_range" else "off") if given else "default"
     if isinstance(v, (list, tuple)) and len(v) == 2:
         return f"{v[0]}-{v[1]}"
     return str(v)
