@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Optional
 
+from .condition import text_toxicities
 from .params import SamplingParams
 from .plans import Runtime, build_instance
 
@@ -15,8 +16,8 @@ ESCALATION_TOXICITY = 0.5
 
 
 def text_toxicity(rt: Runtime, text: str) -> float:
-    """The offline scorer's toxicity of `text` (the "toxicity" column of its attribute scores)."""
-    return float(rt.scorer_diagnoser().scores([text])[0, 0])
+    """The offline scorer's toxicity of `text` (condition.text_toxicities: remembered per text)."""
+    return text_toxicities(rt, [text])[0]
 
 
 class ConversationInstance:
