@@ -210,6 +210,7 @@ class Detoxifier:
         out["profile"] = self.profile_path if self.profile is not None else None
         found = find_universal(self.model.fingerprint()["weights_sha256"])
         out["universal"] = None if found is None else str(found)      # method fgdilp-universal's directions
+        out["universal_source"] = None if found is None else HeadDirections.load(found).method
         return out
 
     def self_diagnosis(self, texts: list[str]) -> np.ndarray:
@@ -256,6 +257,30 @@ class Detoxifier:
         settings = {**self.settings.as_dict(), "universal": {"source": source, "n_prompts": n, "chat": chat}}
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
                               method=f"universal-{source}", settings=settings).validate()
+
+    def build_data_vectors(self, prompts: list[str], texts: list[str], toxic: list[bool], progress=None,
+                           chat: bool = False, labels: Optional[dict] = None) -> HeadDirections:
+        """Universal head directions from labelled texts (docs/method.md §7.6): per head, the mean
+        kqv_out row of the `toxic` texts minus that of the others (each averaged over its tokens),
+        at the per-head norm of TR's delta averaged over `prompts` (so scales compare with the
+        other universal files). chat: the prompts are user messages in the chat template (the
+        texts are read as given). labels: how the texts were chosen, recorded in the settings."""
+        from .universal import data_directions
+
+        if len(texts) != len(toxic):
+            raise FgdilpError(f"{len(texts)} texts but {len(toxic)} labels")
+        shown = [self._as_user_message(p) for p in prompts] if chat else list(prompts)
+        if not shown:
+            raise FgdilpError("no prompts to measure the directions' strength on")
+        rows, e, n = data_directions(self._gen.rt, list(texts), list(toxic), shown, self.settings.sampling(),
+                                     self.settings.ctx_size, self.settings.threads, progress, special=chat)
+        i = self.model.info
+        shape = (i.n_layer, i.n_head, i.head_dim)
+        universal = {"source": "data", "n_prompts": n, "chat": chat, "n_texts": len(texts),
+                     "n_toxic": int(np.sum(np.asarray(toxic, dtype=bool))), **({"texts": labels} if labels else {})}
+        return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
+                              method="universal-data", settings={**self.settings.as_dict(), "universal": universal}
+                              ).validate()
 
     def _as_user_message(self, text: str) -> str:
         if not text.strip():

@@ -133,7 +133,8 @@ def info(**kw):
          else f"NO (fired on {fired} of {n} layers): this model cannot be steered"),
     ]
     rows.append(("profile", i["profile"] or "none (fgdilp-cpp calibrate makes one)"))
-    rows.append(("universal", i["universal"] or "none (fgdilp-cpp vectors build --prompts SET --install)"))
+    rows.append(("universal", f"{i['universal']} ({i['universal_source']})" if i["universal"]
+                 else "none (fgdilp-cpp vectors build --prompts SET --install)"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{w}}  {v}")

@@ -26,16 +26,19 @@ def vectors() -> None:
               help="Universal directions: average the prompt-end deltas over these prompts (built-in set or file).")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="With --prompts: prompts used.")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--from", "source", type=click.Choice(["tr", "fgdilp"]), default=None,
+@click.option("--from", "source", type=click.Choice(["tr", "fgdilp", "data"]), default=None,
               help="Whose prefixes give each delta: TR's (default with --prompts) or FGDILP's instance "
-                   "prefixes with --diagnoser. Without it, -p saves FGDILP's frozen directions for the prompt.")
+                   "prefixes with --diagnoser; data: toxic minus clean labelled texts (--probe-prompts), "
+                   "at the strength of TR's delta over --prompts. Without it, -p saves FGDILP's frozen "
+                   "directions for the prompt.")
 @click.option("--probe-top-k", type=click.IntRange(0), default=0, show_default=True,
               help="Steer only the K heads whose toxicity probes are most accurate (0 = every head).")
 @click.option("--probe-weights", is_flag=True, help="Weight heads by probe accuracy (accuracy - 0.5, best = 1).")
 @click.option("--probe-prompts", default="rtp-toxic", show_default=True, metavar="SET|FILE",
-              help="RTP records whose continuations (Perspective toxicity) label the probe texts.")
+              help="RTP records whose continuations (Perspective toxicity) label the texts of the probes "
+                   "and of --from data.")
 @click.option("--probe-offset", type=click.IntRange(0), default=1000, show_default=True,
-              help="First probe record (default: past the development and held-out slices).")
+              help="First labelled record (default: past the development and held-out slices).")
 @click.option("--probe-per-class", type=click.IntRange(4), default=150, show_default=True,
               help="Toxic (>= 0.5) and clean (< 0.1) continuations each.")
 @click.option("--chat", "chat_mode", is_flag=True,
@@ -48,32 +51,41 @@ def vectors() -> None:
 @friendly_errors
 def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_weights, probe_prompts, probe_offset,
                   probe_per_class, chat_mode, output, install, no_progress, **kw):
-    """Save per-head directions: FGDILP's for one PROMPT, or universal ones averaged over --prompts;
-    optionally with head selection by toxicity probes."""
+    """Save per-head directions: FGDILP's for one PROMPT, universal ones averaged over --prompts, or
+    the toxic-minus-clean contrast of labelled texts (--from data); optionally with head selection
+    by toxicity probes."""
     from .evaluation.prompts import load_prompts
-    from .universal import DEFAULT_SOURCE, optional_progress, probe_texts
+    from .universal import DEFAULT_SOURCE, labelled_texts, optional_progress
 
     if (prompt is None) == (prompt_set is None):
         raise FgdilpError("give one prompt with -p TEXT or a prompt set with --prompts SET (one of them)")
     if install and prompt_set is None:
         raise FgdilpError("--install saves universal directions: build them over a prompt set (--prompts SET)")
+    if source == "data" and prompt_set is None:
+        raise FgdilpError("--from data takes its strength from TR's delta over a prompt set: give --prompts SET")
     if output is None and not install:
         raise FgdilpError("say where to save them: -o OUT.gguf, or --install (with --prompts)")
     s = _settings(kw)
     with _detoxifier(s) as det:
+        labelled = lambda: labelled_texts(load_prompts(probe_prompts, None, probe_offset), probe_per_class)  # noqa: E731
         if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
             hd = det.build_vectors(prompt, chat=chat_mode)
+        elif source == "data":
+            texts, labels, how = labelled()
+            hd = det.build_data_vectors([r.text for r in load_prompts(prompt_set, limit, offset)], texts, list(labels),
+                                        optional_progress(not no_progress, "prompts"), chat=chat_mode,
+                                        labels={**how, "prompts": probe_prompts, "offset": probe_offset})
         else:
             texts = [prompt] if prompt is not None else [r.text for r in load_prompts(prompt_set, limit, offset)]
             hd = det.build_universal_vectors(texts, source or DEFAULT_SOURCE,
                                              optional_progress(not no_progress, "prompts"), chat=chat_mode)
-            if prompt_set is not None:
-                hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
-                                                                        "limit": limit, "offset": offset}})
+        if prompt_set is not None:
+            hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
+                                                                    "limit": limit, "offset": offset}})
         if probe_top_k or probe_weights:
             from .method.probes import head_weights
 
-            texts, labels, how = probe_texts(load_prompts(probe_prompts, None, probe_offset), probe_per_class)
+            texts, labels, how = labelled()
             res = det.probe_heads(texts, labels)
             w = head_weights(res.accuracy, probe_top_k, probe_weights)
             hd = hd.with_head_weights(w, res.accuracy, {**how, "prompts": probe_prompts, "offset": probe_offset,

@@ -128,11 +128,12 @@ register(Method("cvec", "baseline: llama.cpp's residual control vector W_O*delta
 register(Method("random", "control: the TR edit with random directions of the same per-head norms",
                 plan="plans:plan_random", hook=True, heads=True, prefix_room="plans:tr_prefix_room",
                 control=True))
-# directions averaged over many prompts' instances (vectors build --from fgdilp), found by the
-# model's fingerprint beside its profile (profiles.find_universal): FGDILP without per-prompt setup
-register(Method("fgdilp-universal", "FGDILP, universal: the model's saved directions averaged over many prompts' "
-                "instances (no per-prompt setup)", plan="plans:plan_universal", hook=True, heads=True,
-                universal=True))
+# the model's installed universal directions (vectors build --prompts SET --install: FGDILP's instances,
+# TR's prefixes or labelled text, averaged), found by its fingerprint beside its profile
+# (profiles.find_universal); the name is kept from when FGDILP's were the only kind
+register(Method("fgdilp-universal", "universal: the model's installed directions, averaged over many prompts "
+                "(FGDILP instances, TR prefixes) or labelled texts; no per-prompt setup", plan="plans:plan_universal",
+                hook=True, heads=True, universal=True))
 register(Method("vectors", "saved head directions (HeadDirections), applied as a fixed direction",
                 plan="plans:plan_vectors", hook=True, heads=True, saved_vectors=True, with_vectors="vectors",
                 listed=False))

@@ -225,50 +225,11 @@ def abort_callback_address() -> int:
     return ctypes.cast(load_library().fgdilp_abort_flag, ctypes.c_void_p).value
 
 
-def _as_fptr(a: np.ndarray):
+def as_fptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
-def tr_edit_row(v, delta, e, n_head: int, exp_norm: float, exp_sim: float, scale: float = 1.0,
-                renorm: bool = True) -> np.ndarray:
-    """The native TR edit of one row (for tests against the numpy reference); returns a new row."""
-    lib = load_library()
-    out = np.array(v, dtype=np.float32, copy=True)
-    d = np.ascontiguousarray(delta, dtype=np.float32)
-    ev = None if e is None else np.ascontiguousarray(e, dtype=np.float32)
-    head_dim = out.size // n_head
-    rc = lib.fgdilp_tr_edit_row(_as_fptr(out), _as_fptr(d), None if ev is None else _as_fptr(ev), n_head,
-                                head_dim, exp_norm, exp_sim, scale, renorm)
-    if rc != OK:
-        raise FgdilpError(f"fgdilp_tr_edit_row failed ({rc})")
-    return out
-
-
-def edit_row(v, delta, e, n_head: int, *, rule: str = "tr", exp_norm: float = 0.4, exp_sim: float = 0.6,
-             scale: float = 1.0, renorm: bool = True, gate: float | None = None,
-             head_scales=None) -> tuple[np.ndarray, int]:
-    """The native edit (fgdilp_edit_row) of one row, as the hook runs it: (new row, heads edited).
-    For tests against method/steering.py; gate None = off; head_scales [n_head] or None."""
-    lib = load_library()
-    if rule not in EDIT_RULE_IDS:
-        raise FgdilpError(f"unknown edit rule {rule!r} (expected one of {', '.join(EDIT_RULE_IDS)})")
-    out = np.array(v, dtype=np.float32, copy=True)
-    d = np.ascontiguousarray(delta, dtype=np.float32)
-    ev = None if e is None else np.ascontiguousarray(e, dtype=np.float32)
-    hs = None if head_scales is None else np.ascontiguousarray(head_scales, dtype=np.float32)
-    if d.size != out.size or (ev is not None and ev.size != out.size) or (hs is not None and hs.size != n_head):
-        raise FgdilpError("edit_row: delta, e and v need the same size, head_scales n_head values")
-    p = lib.fgdilp_edit_default_params()
-    p.rule, p.exp_norm, p.exp_sim, p.scale, p.renorm = EDIT_RULE_IDS[rule], exp_norm, exp_sim, scale, renorm
-    p.gated, p.gate = gate is not None, 0.0 if gate is None else gate
-    rc = lib.fgdilp_edit_row(_as_fptr(out), _as_fptr(d), None if ev is None else _as_fptr(ev),
-                             None if hs is None else _as_fptr(hs), n_head, out.size // n_head, ctypes.byref(p))
-    if rc < 0:
-        raise FgdilpError(f"fgdilp_edit_row failed ({rc})")
-    return out, rc
-
-
-def _fusion_params(lib: ctypes.CDLL, k_pct: float, mode: str | int, elect: bool,
+def fusion_params(lib: ctypes.CDLL, k_pct: float, mode: str | int, elect: bool,
                    norm_heads: int = 0) -> FusionParams:
     """The C params; a mode name is mapped to its enum value, an int is passed through unchecked."""
     p = lib.fgdilp_fusion_default_params()
@@ -279,29 +240,6 @@ def _fusion_params(lib: ctypes.CDLL, k_pct: float, mode: str | int, elect: bool,
         mode = FUSION_MODE_IDS[mode]
     p.k_pct, p.mode, p.elect, p.norm_heads = k_pct, mode, elect, norm_heads
     return p
-
-
-def fuse(deltas, k_pct: float = 50.0, mode: str | int = "max", elect: bool = True,
-         norm_heads: int = 0) -> np.ndarray:
-    """The native fusion (fgdilp_fuse) of deltas [n, W] -> float32 [W]; see method/fusion.py.
-    norm_heads > 0: each of that many head blocks rescaled to the mean delta's norm (--fused-norm tr).
-
-    Raises FusionError (a ValueError) where the C function refuses its input."""
-    lib = load_library()
-    d = np.ascontiguousarray(deltas, dtype=np.float32)
-    if d.ndim != 2:
-        raise FusionError(f"fuse needs deltas [n, W], got shape {d.shape}", ERR_ARG)
-    n, width = d.shape
-    p = _fusion_params(lib, k_pct, mode, elect, norm_heads)
-    out = np.zeros(max(width, 1), np.float32)
-    src = d if d.size else np.zeros(1, np.float32)  # a valid pointer even for n = 0 or W = 0
-    rc = lib.fgdilp_fuse(_as_fptr(src), n, width, ctypes.byref(p), _as_fptr(out))
-    if rc == ERR_NONFINITE:
-        raise FusionError("fusion input holds NaN or inf", rc)
-    if rc != OK:
-        raise FusionError(f"fgdilp_fuse refused n={n}, width={width}, K={k_pct}, mode={mode!r}, "
-                          f"norm_heads={norm_heads} (status {rc})", rc)
-    return out[:width]
 
 
 class NativeHook:
@@ -374,7 +312,7 @@ class NativeHook:
         """Fusion params (K in (0, 100], max | mean | sum, sign election; norm_to_mean_delta: each
         head of the fused delta rescaled to the norm of the mean delta, --fused-norm tr) of the
         following decodes."""
-        p = _fusion_params(self._lib, k_pct, mode, elect, self.n_head if norm_to_mean_delta else 0)
+        p = fusion_params(self._lib, k_pct, mode, elect, self.n_head if norm_to_mean_delta else 0)
         rc = self._lib.fgdilp_hook_set_fusion(self._h, ctypes.byref(p))
         if rc != OK:
             raise FusionError(f"invalid fusion params (K={k_pct}, mode={mode!r}; K must be in (0, 100])", rc)
@@ -405,14 +343,14 @@ class NativeHook:
             a = np.ascontiguousarray(scales, dtype=np.float32)
         if a.shape != (self.n_layer, self.n_head):
             raise FgdilpError(f"head scales need shape ({self.n_layer}, {self.n_head}), not {a.shape}")
-        rc = self._lib.fgdilp_hook_set_head_scales(self._h, _as_fptr(a), a.size)
+        rc = self._lib.fgdilp_hook_set_head_scales(self._h, as_fptr(a), a.size)
         if rc != OK:
             raise FgdilpError("invalid head scales: need finite values >= 0 (in float32)")
 
     def set_layer_scales(self, scales: Sequence[float]) -> None:
         with np.errstate(over="ignore"):  # a scale past float32 becomes inf, which the library refuses
             a = np.ascontiguousarray(scales, dtype=np.float32)
-        rc = self._lib.fgdilp_hook_set_layer_scales(self._h, _as_fptr(a), a.size)
+        rc = self._lib.fgdilp_hook_set_layer_scales(self._h, as_fptr(a), a.size)
         if rc != OK:
             raise FgdilpError(f"invalid layer scales (need {self.n_layer} values, finite in float32)")
         self.n_steered_layers = int(np.count_nonzero(a))

@@ -1,5 +1,6 @@
 """Saved directions from many texts: universal directions (prompt-end deltas averaged over many
-prompts) and the kqv_out rows that head probes are fitted on (docs/method.md §7.4-7.5).
+prompts, or the toxic-minus-clean contrast of labelled texts) and the kqv_out rows that head
+probes are fitted on (docs/method.md §7.4-7.6).
 
 Both run over a plan Runtime and the engine; the numpy parts are plans' fusion and method.probes.
 """
@@ -12,13 +13,15 @@ import numpy as np
 
 from .engine import Capture, Context, ContextParams, Lockstep
 from .errors import FgdilpError
+from .method.contrast import mean_difference, with_head_norms
 from .method.prefixes import NEG_PREFIX, POS_PREFIX
 from .native import NativeHook
 from .params import SamplingParams
 from .plans import (Runtime, build_instance, capture_directions, frozen_directions, instance_prefix_room,
                     tr_prefix_room)
 
-ROWS_PER_DECODE = 16             # texts whose last rows one decode captures (hook slots)
+ROWS_PER_DECODE = 16             # texts one decode captures rows of
+MEAN_TOKENS = 64                 # mean_token_rows: tokens of a text averaged (RTP continuations are shorter)
 
 
 def _tr_delta(rt: Runtime, prompt: str, sampling: SamplingParams, special: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -70,44 +73,94 @@ def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampl
     return (total_d / n).astype(np.float32), (total_e / n).astype(np.float32), n
 
 
+def data_directions(rt: Runtime, texts: Sequence[str], toxic: Sequence[bool], prompts: Sequence[str],
+                    sampling: SamplingParams, ctx_size: int, n_threads: int = 0, progress=None,
+                    special: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """Universal directions from labelled texts (method.contrast): per head, the toxic texts' mean
+    row minus the clean texts' (each text averaged over its tokens), at the per-head norm of TR's
+    delta averaged over `prompts`; e is the direction itself, so lambda_sim grows where a row
+    already leans toxic. Returns ([n_layer, width] directions, e, prompts used)."""
+    info = rt.model.info
+    direction = mean_difference(mean_token_rows(rt, texts, n_threads), np.asarray(toxic, dtype=bool))
+    tr, _, n = universal_directions(rt, prompts, "tr", sampling, ctx_size, progress, special)
+    norms = np.linalg.norm(tr.reshape(info.n_layer, info.n_head, info.head_dim).astype(np.float64), axis=2)
+    d = with_head_norms(direction, norms).reshape(info.n_layer, -1)
+    return d, d.copy(), n
+
+
 def last_token_rows(rt: Runtime, texts: Sequence[str], n_threads: int = 0, ctx_size: int = 512,
                     per_decode: int = ROWS_PER_DECODE) -> np.ndarray:
     """[len(texts), n_layer, n_head, head_dim] float32: every layer's kqv_out row at each text's last
     token (unsteered), `per_decode` texts per decode (one hook slot each). A text is cut to its last
     ctx_size - 1 tokens; an empty text is refused."""
-    info = rt.model.info
-    out = np.zeros((len(texts), info.n_layer, info.n_head, info.head_dim), dtype=np.float32)
+    return _text_rows(rt, [ids[-(ctx_size - 1):] for ids in _tokens(rt, texts)], n_threads, ctx_size,
+                      per_decode, every_token=False)
+
+
+def mean_token_rows(rt: Runtime, texts: Sequence[str], n_threads: int = 0, max_tokens: int = MEAN_TOKENS,
+                    per_decode: int = ROWS_PER_DECODE) -> np.ndarray:
+    """[len(texts), n_layer, n_head, head_dim] float32: every layer's kqv_out row averaged over each
+    text's tokens but the first (unsteered; a one-token text: that token). The first token is left
+    out because its attention sees only itself (its row is that token's value, whatever follows);
+    a text is cut to its first max_tokens tokens. An empty text is refused."""
+    return _text_rows(rt, [ids[:max_tokens] for ids in _tokens(rt, texts)], n_threads, max_tokens + 1,
+                      per_decode, every_token=True)
+
+
+def _tokens(rt: Runtime, texts: Sequence[str]) -> list[list[int]]:
     toks = []
     for i, t in enumerate(texts):
-        ids = rt.model.tokenize(t)
-        if not t.strip() or not ids:
+        ids = rt.model.tokenize(t) if t.strip() else []
+        if not ids:
             raise FgdilpError(f"text {i} is empty")
-        toks.append(ids[-(ctx_size - 1):])
+        toks.append(ids)
+    return toks
+
+
+def _text_rows(rt: Runtime, toks: list[list[int]], n_threads: int, ctx_size: int, per_decode: int,
+               every_token: bool) -> np.ndarray:
+    """The rows of _tokens' texts: at the last token, or averaged over every token but the first
+    (one hook slot per captured token, `per_decode` texts per decode)."""
+    info = rt.model.info
+    out = np.zeros((len(toks), info.n_layer, info.n_head, info.head_dim), dtype=np.float32)
     if not toks:
         return out
     k = min(per_decode, len(toks))
+    longest = max(len(s) for s in toks)
+    positions = [list(range(1, len(s))) or [0] if every_token else [len(s) - 1] for s in toks]
+    n_slots = k * max(len(p) for p in positions)
     params = ContextParams(n_ctx=k * ctx_size, n_batch=max(512, k), n_seq_max=k, n_outputs_max=k,
                            n_threads=n_threads, type_k="f16", type_v="f16", flash_attn="auto")
-    with NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=k) as hook, \
+    if longest >= ctx_size:
+        raise FgdilpError(f"a text of {longest} tokens does not fit a context of {ctx_size}")
+    with NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=n_slots) as hook, \
             Context(rt.model, params, hook=hook) as ctx:
         for start in range(0, len(toks), k):
-            chunk = toks[start:start + k]
+            chunk, where = toks[start:start + k], positions[start:start + k]
+            caps, owner = [], []
+            for j, pos in enumerate(where):
+                for i in pos:
+                    caps.append(Capture(seq=j, index=i, slot=len(caps)))
+                    owner.append(j)
             ctx.clear()
             lock = Lockstep(ctx, chunk, want_logits=[])
             try:
-                lock.prefill([Capture(seq=j, index=len(s) - 1, slot=j) for j, s in enumerate(chunk)])
+                lock.prefill(caps)
             finally:
                 lock.close()
             if hook.fired_layers != info.n_layer:
                 raise FgdilpError(f"the kqv_out hook fired on {hook.fired_layers} of {info.n_layer} layers: "
                                   "this model cannot be probed")
-            out[start:start + len(chunk)] = hook.slots[:len(chunk)].reshape(len(chunk), *out.shape[1:])
+            rows = hook.slots[:len(caps)].astype(np.float64)
+            owner_ = np.asarray(owner)
+            for j in range(len(chunk)):
+                out[start + j] = rows[owner_ == j].mean(axis=0).reshape(out.shape[1:])
     return out
 
 
-def probe_texts(records, per_class: int, toxic_at: float = 0.5, clean_below: float = 0.1,
+def labelled_texts(records, per_class: int, toxic_at: float = 0.5, clean_below: float = 0.1,
                 seed: int = 0) -> tuple[list[str], np.ndarray, dict]:
-    """Balanced probe data from RTP records: human continuations with Perspective toxicity >=
+    """Balanced labelled texts (for the probes and --from data) from RTP records: human continuations with Perspective toxicity >=
     toxic_at (label 1) and < clean_below (label 0), per_class of each (fewer if the records hold
     fewer), drawn at random. The continuation alone: the RTP prompts are toxic in both classes."""
     pos, neg = [], []

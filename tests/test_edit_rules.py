@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fgdilp_cpp import native
+from fgdilp_cpp import native, native_rows
 from fgdilp_cpp.engine import Batch, Context, ContextParams
 from fgdilp_cpp.errors import FgdilpError, ParamError
 from fgdilp_cpp.generation import EngineParams, Generator
@@ -43,7 +43,7 @@ def test_native_edit_equals_numpy(data, n_head, head_dim, rule, gate, renorm, wi
     hs = data.draw(st.one_of(st.none(), arrays(np.float32, n_head, elements=st.sampled_from([0.0, 0.5, 1.0, 2.0]))))
     kw = dict(rule=rule, exp_norm=0.4, exp_sim=0.6, scale=scale, renorm=renorm, gate=gate, head_scales=hs)
     want = edit_row(v, d, e if with_e else None, n_head, **kw)
-    got, n_edited = native.edit_row(v, d, e if with_e else None, n_head, **kw)
+    got, n_edited = native_rows.edit_row(v, d, e if with_e else None, n_head, **kw)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * (1 + float(np.abs(v).max())))
     # a head the rule leaves alone keeps its bits, in both; the count is what changed
     same = [np.array_equal(got.reshape(n_head, -1)[h], v.reshape(n_head, -1)[h]) for h in range(n_head)]
@@ -63,15 +63,15 @@ def test_gate_shuts_heads_by_cosine():
     d = np.tile(np.array([1, 0, 0, 0], np.float32), 3)                 # 3 heads of 4
     v = np.concatenate([[1, 1, 0, 0], [-1, 0.2, 0, 0], [0, 1, 0, 0]]).astype(np.float32)  # cos .71, -.98, 0
     for rule in ("tr", "rotate"):
-        got, n = native.edit_row(v, d, None, 3, rule=rule, gate=0.0)
+        got, n = native_rows.edit_row(v, d, None, 3, rule=rule, gate=0.0)
         assert n == 1
         assert np.array_equal(got[4:], v[4:]) and not np.array_equal(got[:4], v[:4])
         np.testing.assert_array_equal(edit_row(v, d, None, 3, rule=rule, gate=0.0)[4:], v[4:])
-        assert native.edit_row(v, d, None, 3, rule=rule, gate=-1.0)[1] == 3  # every cos > -1
+        assert native_rows.edit_row(v, d, None, 3, rule=rule, gate=-1.0)[1] == 3  # every cos > -1
     with pytest.raises(ValueError):
         edit_row(v, d, None, 3, rule="spin")
     with pytest.raises(FgdilpError):
-        native.edit_row(v, d, None, 3, rule="spin")
+        native_rows.edit_row(v, d, None, 3, rule="spin")
 
 
 @settings(max_examples=100, deadline=None)
@@ -79,7 +79,7 @@ def test_gate_shuts_heads_by_cosine():
        k=st.sampled_from([10.0, 50.0, 100.0]), mode=st.sampled_from(["max", "mean", "sum"]), elect=st.booleans())
 def test_fused_norm_native_equals_numpy_bits(data, n, n_head, head_dim, k, mode, elect):
     deltas = data.draw(arrays(np.float32, (n, n_head * head_dim), elements=finite))
-    got = native.fuse(deltas, k, mode, elect, norm_heads=n_head)
+    got = native_rows.fuse(deltas, k, mode, elect, norm_heads=n_head)
     want = fuse(deltas, k, mode, elect, norm_heads=n_head)
     np.testing.assert_array_equal(got, want)
     mean = deltas.astype(np.float64).mean(axis=0).reshape(n_head, -1)
@@ -233,7 +233,7 @@ def test_gated_heads_keep_the_models_row(model):
     shut = opened = 0
     for li in range(info.n_layer):
         d = neg[li] - pos[li]
-        got, _ = native.edit_row(raw[li], d, None, info.n_head, rule="rotate", gate=GATE)
+        got, _ = native_rows.edit_row(raw[li], d, None, info.n_head, rule="rotate", gate=GATE)
         cos = [np.dot(v, dh) / (np.linalg.norm(v) * np.linalg.norm(dh))
                for v, dh in zip(raw[li].reshape(info.n_head, -1).astype(np.float64),
                                 d.reshape(info.n_head, -1).astype(np.float64))]

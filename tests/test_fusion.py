@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fgdilp_cpp import native
+from fgdilp_cpp import native, native_rows
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.method.fusion import FUSION_MODES, elect_signs, fuse, keep_count, mask_top_k
 
@@ -21,7 +21,7 @@ small_ints = st.integers(-3, 3).map(float)  # exact ties in |value| and many zer
 
 def assert_native_matches(deltas, k, mode, elect):
     ref = fuse(deltas, k, mode, elect)
-    got = native.fuse(deltas, k, mode, elect)
+    got = native_rows.fuse(deltas, k, mode, elect)
     assert got.dtype == np.float32 and got.shape == ref.shape
     tol = 1e-6 * max(float(np.abs(np.asarray(deltas, np.float32)).max(initial=0.0)), 1e-30)
     np.testing.assert_allclose(got, ref, rtol=0, atol=tol, err_msg=f"K={k} mode={mode} elect={elect}")
@@ -69,8 +69,8 @@ def test_fuse_by_hand():
     np.testing.assert_allclose(fuse(d, 100, "mean"), [-4, -1.5, 2, 0.75])
     np.testing.assert_allclose(fuse(d, 100, "sum"), [-4, -3, 4, 1.5])
     for mode, elect in MODES_ELECT:
-        np.testing.assert_array_equal(native.fuse(d, 50, mode, elect), fuse(d, 50, mode, elect))
-        np.testing.assert_array_equal(native.fuse(d, 100, mode, elect), fuse(d, 100, mode, elect))
+        np.testing.assert_array_equal(native_rows.fuse(d, 50, mode, elect), fuse(d, 50, mode, elect))
+        np.testing.assert_array_equal(native_rows.fuse(d, 100, mode, elect), fuse(d, 100, mode, elect))
 
 
 def test_elect_majority_fallbacks():
@@ -105,7 +105,7 @@ def test_native_is_bit_identical_on_normal_rows(n):
     d = (rng.standard_normal((n, 4096)) * rng.uniform(0.01, 10, (n, 1))).astype(np.float32)
     for mode, elect in MODES_ELECT:
         for k in K_VALUES:
-            ref, got = fuse(d, k, mode, elect), native.fuse(d, k, mode, elect)
+            ref, got = fuse(d, k, mode, elect), native_rows.fuse(d, k, mode, elect)
             assert np.array_equal(ref.view(np.uint32), got.view(np.uint32)), (mode, elect, k)
 
 
@@ -145,7 +145,7 @@ def test_all_opposite_cancels():
     np.testing.assert_array_equal(elect_signs(d), np.ones(32))
     np.testing.assert_array_equal(fuse(d, 100, "max"), np.abs(base))
     np.testing.assert_array_equal(fuse(d, 100, "sum", elect=False), np.zeros(32))
-    np.testing.assert_array_equal(native.fuse(d, 100, "sum", elect=False), np.zeros(32))
+    np.testing.assert_array_equal(native_rows.fuse(d, 100, "sum", elect=False), np.zeros(32))
 
 
 def test_one_negative_is_the_masked_delta():
@@ -154,7 +154,7 @@ def test_one_negative_is_the_masked_delta():
         for k in K_VALUES:
             masked = mask_top_k(d[0], k)
             np.testing.assert_array_equal(fuse(d, k, mode, elect), masked)
-            np.testing.assert_array_equal(native.fuse(d, k, mode, elect), masked)
+            np.testing.assert_array_equal(native_rows.fuse(d, k, mode, elect), masked)
 
 
 def test_zero_delta_contributes_nothing():
@@ -163,7 +163,7 @@ def test_zero_delta_contributes_nothing():
     with_zero = np.concatenate([d, np.zeros((1, 40), np.float32)])
     for mode, elect in MODES_ELECT:  # mean counts only the nonzero entries
         np.testing.assert_array_equal(fuse(with_zero, 50, mode, elect), fuse(d, 50, mode, elect))
-        np.testing.assert_array_equal(native.fuse(with_zero, 50, mode, elect), fuse(d, 50, mode, elect))
+        np.testing.assert_array_equal(native_rows.fuse(with_zero, 50, mode, elect), fuse(d, 50, mode, elect))
 
 
 # --- rejected input -----------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def test_nonfinite_rejected(bad):
     with pytest.raises(ValueError, match="NaN or inf"):
         mask_top_k(d[1], 100)
     with pytest.raises(native.FusionError, match="NaN or inf") as exc:
-        native.fuse(d)
+        native_rows.fuse(d)
     assert exc.value.code == native.ERR_NONFINITE
 
 
@@ -187,7 +187,7 @@ def test_bad_k_rejected(k):
     with pytest.raises(ValueError):
         fuse(d, k)
     with pytest.raises(native.FusionError) as exc:
-        native.fuse(d, k)
+        native_rows.fuse(d, k)
     assert exc.value.code == native.ERR_ARG
 
 
@@ -197,7 +197,7 @@ def test_bad_n_rejected(n):
     with pytest.raises(ValueError):
         fuse(d)
     with pytest.raises(ValueError):  # FusionError is a ValueError (and an FgdilpError)
-        native.fuse(d)
+        native_rows.fuse(d)
 
 
 def test_bad_shape_and_mode_rejected():
@@ -206,16 +206,16 @@ def test_bad_shape_and_mode_rejected():
         with pytest.raises(ValueError, match="unknown fusion mode"):
             fuse(d, mode=mode)
         with pytest.raises(native.FusionError, match="unknown fusion mode"):
-            native.fuse(d, mode=mode)
+            native_rows.fuse(d, mode=mode)
     for raw in (3, -1):  # an unknown enum value reaches the C check
         with pytest.raises(native.FusionError) as exc:
-            native.fuse(d, mode=raw)
+            native_rows.fuse(d, mode=raw)
         assert exc.value.code == native.ERR_ARG
     for shape in [(8,), (2, 0), (1, 2, 4)]:
         with pytest.raises(ValueError):
             fuse(np.ones(shape, np.float32))
         with pytest.raises(FgdilpError):
-            native.fuse(np.ones(shape, np.float32))
+            native_rows.fuse(np.ones(shape, np.float32))
 
 
 def test_rejection_leaves_out_untouched():
@@ -224,10 +224,10 @@ def test_rejection_leaves_out_untouched():
     d[0, 0] = np.nan
     out = np.full(4, 7.0, np.float32)
     p = lib.fgdilp_fusion_default_params()
-    assert lib.fgdilp_fuse(native._as_fptr(d), 2, 4, p, native._as_fptr(out)) == native.ERR_NONFINITE
+    assert lib.fgdilp_fuse(native.as_fptr(d), 2, 4, p, native.as_fptr(out)) == native.ERR_NONFINITE
     np.testing.assert_array_equal(out, 7.0)
     p.k_pct = 0.0
-    assert lib.fgdilp_fuse(native._as_fptr(np.ones((2, 4), np.float32)), 2, 4, p, native._as_fptr(out)) == \
+    assert lib.fgdilp_fuse(native.as_fptr(np.ones((2, 4), np.float32)), 2, 4, p, native.as_fptr(out)) == \
         native.ERR_ARG
     np.testing.assert_array_equal(out, 7.0)
 
@@ -273,7 +273,7 @@ def test_mask_keeps_exactly_n_keep(delta, k):
     np.testing.assert_array_equal(masked[kept], delta[kept])
     if n_keep < delta.size:  # nothing dropped is larger than anything kept
         assert np.abs(delta[~kept]).max() <= np.abs(delta[kept]).min()
-    native_masked = native.fuse(delta[None], k)  # n = 1: the fusion is the masked vector
+    native_masked = native_rows.fuse(delta[None], k)  # n = 1: the fusion is the masked vector
     np.testing.assert_array_equal(native_masked, masked)
 
 
@@ -282,7 +282,7 @@ def test_mask_keeps_exactly_n_keep(delta, k):
        elect=st.booleans())
 def test_k100_one_delta_is_identity(delta, mode, elect):
     np.testing.assert_array_equal(fuse(delta[None], 100.0, mode, elect), delta)
-    np.testing.assert_array_equal(native.fuse(delta[None], 100.0, mode, elect), delta)
+    np.testing.assert_array_equal(native_rows.fuse(delta[None], 100.0, mode, elect), delta)
 
 
 # --- the hook's fusion settings -----------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fgdilp_cpp import native
+from fgdilp_cpp import native_rows
 from fgdilp_cpp.method.steering import lambda_norm, lambda_sim, tr_edit
 
 finite = st.floats(-50, 50, allow_nan=False, allow_infinity=False, width=32)
@@ -21,7 +21,7 @@ def test_native_edit_equals_numpy(n_head, head_dim, data, exps, scale, use_e, re
     d = data.draw(arrays(np.float32, w, elements=finite))
     e = data.draw(arrays(np.float32, w, elements=finite)) if use_e else None
     ref = tr_edit(v, d, e, n_head, exps[0], exps[1], scale, renorm)
-    got = native.tr_edit_row(v, d, e, n_head, exps[0], exps[1], scale, renorm)
+    got = native_rows.tr_edit_row(v, d, e, n_head, exps[0], exps[1], scale, renorm)
     tol = 1e-6 * max(1.0, float(np.abs(ref).max()))
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=tol)
 
@@ -58,4 +58,4 @@ def test_lambdas():
 def test_zero_scale_is_identity():
     rng = np.random.default_rng(1)
     v, d = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
-    np.testing.assert_array_equal(native.tr_edit_row(v, d, None, 2, 0.4, 0.6, 0.0, False), v)
+    np.testing.assert_array_equal(native_rows.tr_edit_row(v, d, None, 2, 0.4, 0.6, 0.0, False), v)

@@ -49,6 +49,7 @@ def test_installed_directions_are_found_and_applied_as_with_vectors(cli, tiny_ll
     with Detoxifier.from_file(model, ctx_size=256, threads=1) as det, \
             Detoxifier.from_file(model, vectors=str(want), ctx_size=256, threads=1) as saved:
         assert det.info(probe=False)["universal"] == str(want)
+        assert det.info(probe=False)["universal_source"] == "universal-tr"
         uni, vec, none = _steps(det, "fgdilp-universal"), _steps(saved, "vectors"), _steps(det, "none")
         assert uni.fired_layers > 0 and uni.tokens == vec.tokens
         assert np.array_equal(np.stack(uni.logits), np.stack(vec.logits))        # the same edit, bit for bit
