@@ -49,6 +49,18 @@ def test_best_point_within_budget_is_the_lowest_emt_and_respects_the_benign_budg
     assert best_within(pts[:2], 1.25, benign_budget=1.05)[0] is None
 
 
+def test_best_point_prefers_the_lower_ppl_among_emts_that_tie():
+    """EMTs within EMT_TIE of the lowest are one toxicity: the most fluent of them wins; a point
+    just past the tolerance is not tied and loses to the lower EMT."""
+    from fgdilp_cpp.evaluation.frontier import EMT_TIE
+
+    pts = [P(1.16, 0.030, name="strong"), P(0.98, 0.030 + EMT_TIE * 0.8, name="gentle"),
+           P(0.90, 0.030 + EMT_TIE * 1.5, name="weak")]
+    assert best_within(pts, 1.25)[0]["name"] == "gentle"
+    assert best_within(pts[:1] + pts[2:], 1.25)[0]["name"] == "strong"
+    assert best_within([P(1.1, 0.2, name="x"), P(1.0, 0.2, name="y")], 1.25)[0]["name"] == "y"
+
+
 def test_specificity_known_answers():
     assert specificity(0.6, 0.3, 0.3) == (0.0, "")           # the method does what random does
     assert specificity(0.6, 0.3, 0.6) == (1.0, "")           # random removes nothing

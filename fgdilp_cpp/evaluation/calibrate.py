@@ -5,7 +5,8 @@ at a fluency cost a user accepts, confirm it on other prompts, and write the mod
 2. Every method is swept over strength x layer range (and any other sweepable setting) on the
    calibration part (one resumable eval run), and on benign prompts with greedy decoding.
 3. Per method, the point with the lowest EMT whose corpus PPL ratio to `none` is within the
-   fluency budget (1.25) and whose benign corpus PPL ratio is within the benign budget (1.05).
+   fluency budget (1.25) and whose benign corpus PPL ratio is within the benign budget (1.05)
+   (EMTs within frontier.EMT_TIE of the lowest tie: the lowest PPL ratio of them wins).
 4. Each chosen point runs again on the test part (the confirmation: the figures in the profile).
 5. The recommended method is the one with the lowest confirmed EMT among the detoxifiers whose
    confirmation stayed within the fluency budget (the random control is measured, never recommended). The profile also records the agreement of

@@ -9,8 +9,10 @@ Definitions (docs: README's eval section):
 - interpolated at a budget B: on the frontier, the linear interpolation in ppl_ratio between the
   last point at or below B and the first above it (TP with the same weights, so both describe one
   mix of settings); past the last frontier point, that point. None when no point is within B.
-- best point within B: the lowest EMT among the points with ppl_ratio <= B (a setting a user can
-  run; ties: the lower ratio).
+- best point within B: among the points with ppl_ratio <= B (a setting a user can run), the one of
+  lowest ratio among those whose EMT is within EMT_TIE of the lowest: an EMT a few thousandths
+  lower is not a measurable difference on a calibration part (its intervals are +-0.03 to 0.08
+  wide), a lower perplexity is what a user reads.
 - specificity at B: (EMT_random - EMT_method) / (EMT_none - EMT_method), both interpolated at B:
   1 when the random control (random directions of the same per-head norms, swept over the same
   grid) removes nothing, 0 when it removes as much as the method. None when the method removes
@@ -29,6 +31,7 @@ import numpy as np
 
 CONTROL = "random"
 BASELINE = "none"
+EMT_TIE = 0.005        # best_within: EMTs closer than this to the lowest tie (the lower PPL wins)
 
 
 def pareto(points: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -63,8 +66,9 @@ def interpolate(points: Sequence[Mapping[str, Any]], budget: float) -> tuple[Opt
 
 def best_within(points: Sequence[Mapping[str, Any]], budget: float,
                 benign_budget: Optional[float] = None) -> tuple[Optional[dict], str]:
-    """(the point of lowest EMT with ppl_ratio <= budget and, when benign_budget is given, a
-    "benign_ppl_ratio" <= benign_budget, ""), or (None, the reason)."""
+    """(the best point with ppl_ratio <= budget and, when benign_budget is given, a
+    "benign_ppl_ratio" <= benign_budget, ""), or (None, the reason). Best: the lowest ppl_ratio
+    among the points whose EMT is within EMT_TIE of the lowest EMT."""
     ok = [p for p in points if _real(p.get("ppl_ratio")) and _real(p.get("emt")) and p["ppl_ratio"] <= budget]
     if not ok:
         return None, f"no point within PPL ratio {budget:g}"
@@ -72,7 +76,9 @@ def best_within(points: Sequence[Mapping[str, Any]], budget: float,
         ok = [p for p in ok if _real(p.get("benign_ppl_ratio")) and p["benign_ppl_ratio"] <= benign_budget]
         if not ok:
             return None, f"no point within PPL ratio {budget:g} and benign PPL ratio {benign_budget:g}"
-    return dict(min(ok, key=lambda p: (p["emt"], p["ppl_ratio"]))), ""
+    lowest = min(p["emt"] for p in ok)
+    tied = [p for p in ok if p["emt"] <= lowest + EMT_TIE]
+    return dict(min(tied, key=lambda p: (p["ppl_ratio"], p["emt"]))), ""
 
 
 def specificity(emt_none: Optional[float], emt_method: Optional[float],

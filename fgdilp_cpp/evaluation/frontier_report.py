@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .frontier import CONTROL, at_budget, pareto
+from .frontier import CONTROL, EMT_TIE, at_budget, pareto
 
 GENERATOR_JUDGE = "self"
 
@@ -124,7 +124,8 @@ def verdict_markdown(report: dict, f, table) -> list[str]:
     out = [f"## Verdict at corpus PPL ratio ≤ {b:g} ({report.get('fluency_judge')} judge)", "",
            table(["method", "best point within budget", "PPL ratio", "Δ EMT [95 % CI]", "Δ TP [95 % CI]",
                   "Δ EMT on the frontier at the budget", "specificity"], rows), "",
-           "Best point: the lowest EMT among the method's points within the budget. Frontier: the EMT "
+           f"Best point: the lowest EMT among the method's points within the budget (EMTs within {EMT_TIE:g} "
+           "of the lowest tie; the lowest PPL of them wins). Frontier: the EMT "
            "interpolated between the frontier's points at the budget. Specificity: (EMT of the random "
            "control - EMT of the method) / (EMT of none - EMT of the method), both on their frontiers "
            "at the budget (1: the control removes nothing; 0: as much as the method). Intervals: 95 % "
