@@ -29,7 +29,7 @@ def vectors() -> None:
 @click.option("--from", "source", type=click.Choice(["tr", "fgdilp", "data"]), default=None,
               help="Whose prefixes give each delta: TR's (default with --prompts) or FGDILP's instance "
                    "prefixes with --diagnoser; data: toxic minus clean labelled texts (--probe-prompts), "
-                   "at the strength of TR's delta over --prompts. Without it, -p saves FGDILP's frozen "
+                   "at the strength of TR's delta over --prompts (reply contrast). Without it, -p saves FGDILP's frozen "
                    "directions for the prompt.")
 @click.option("--probe-top-k", type=click.IntRange(0), default=0, show_default=True,
               help="Steer only the K heads whose toxicity probes are most accurate (0 = every head).")

@@ -7,6 +7,7 @@ Both run over a plan Runtime and the engine; the numpy parts are plans' fusion a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from .plans import (Runtime, build_instance, capture_directions, frozen_directio
                     tr_prefix_room)
 
 ROWS_PER_DECODE = 16             # texts one decode captures rows of
+DATA_NORM_CONTRAST = "reply"     # data_directions: TR's delta that gives each head's strength
 MEAN_TOKENS = 64                 # mean_token_rows: tokens of a text averaged (RTP continuations are shorter)
 
 
@@ -78,11 +80,13 @@ def data_directions(rt: Runtime, texts: Sequence[str], toxic: Sequence[bool], pr
                     special: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """Universal directions from labelled texts (method.contrast): per head, the toxic texts' mean
     row minus the clean texts' (each text averaged over its tokens), at the per-head norm of TR's
-    delta averaged over `prompts`; e is the direction itself, so lambda_sim grows where a row
+    delta averaged over `prompts` under the reply contrast whatever --contrast says (the strength
+    must not depend on a setting the direction does not use); e is the direction itself, so lambda_sim grows where a row
     already leans toxic. Returns ([n_layer, width] directions, e, prompts used)."""
     info = rt.model.info
     direction = mean_difference(mean_token_rows(rt, texts, n_threads), np.asarray(toxic, dtype=bool))
-    tr, _, n = universal_directions(rt, prompts, "tr", sampling, ctx_size, progress, special)
+    reference = dataclasses.replace(rt, steer=dataclasses.replace(rt.steer, contrast=DATA_NORM_CONTRAST))
+    tr, _, n = universal_directions(reference, prompts, "tr", sampling, ctx_size, progress, special)
     norms = np.linalg.norm(tr.reshape(info.n_layer, info.n_head, info.head_dim).astype(np.float64), axis=2)
     d = with_head_norms(direction, norms).reshape(info.n_layer, -1)
     return d, d.copy(), n

@@ -85,7 +85,10 @@ def test_data_vectors_are_the_contrast_at_trs_strength(det):
     from fgdilp_cpp.universal import mean_token_rows
 
     hd = det.build_data_vectors(PROMPTS, TEXTS, TOXIC, labels={"how": "by hand"})
-    tr = det.build_universal_vectors(PROMPTS, "tr")
+    with Detoxifier.from_file(det.settings.model, contrast="reply", **FAST) as reply:
+        tr = reply.build_universal_vectors(PROMPTS, "tr")            # the strength: TR's at the reply contrast
+        np.testing.assert_array_equal(reply.build_data_vectors(PROMPTS, TEXTS, TOXIC).directions, hd.directions)
+    assert not np.allclose(det.build_universal_vectors(PROMPTS, "tr").head_norms(), tr.head_norms())
     contrast = mean_difference(mean_token_rows(det._gen.rt, TEXTS, 1), np.array(TOXIC))
     np.testing.assert_allclose(hd.head_norms(), tr.head_norms(), rtol=1e-4)        # TR's per-head strength
     cos = np.einsum("lhd,lhd->lh", hd.directions, contrast) / (hd.head_norms() * np.linalg.norm(contrast, axis=2))
