@@ -259,24 +259,35 @@ class Detoxifier:
                               method=f"universal-{source}", settings=settings).validate()
 
     def build_data_vectors(self, prompts: list[str], texts: list[str], toxic: list[bool], progress=None,
-                           chat: bool = False, labels: Optional[dict] = None) -> HeadDirections:
+                           chat: bool = False, labels: Optional[dict] = None,
+                           reply_to: Optional[list[str]] = None) -> HeadDirections:
         """Universal head directions from labelled texts (docs/method.md §7.6): per head, the mean
         kqv_out row of the `toxic` texts minus that of the others (each averaged over its tokens),
         at the per-head norm of TR's delta averaged over `prompts` (so scales compare with the
-        other universal files). chat: the prompts are user messages in the chat template (the
-        texts are read as given). labels: how the texts were chosen, recorded in the settings."""
+        other universal files). chat: the prompts are user messages in the chat template; the texts
+        are read as given, or with reply_to (chat only) each as the assistant's reply to its user
+        message, averaged over the reply's tokens. labels: how the texts were chosen (settings)."""
         from .universal import data_directions
 
         if len(texts) != len(toxic):
             raise FgdilpError(f"{len(texts)} texts but {len(toxic)} labels")
+        starts = None
+        if reply_to is not None:
+            if not chat or len(reply_to) != len(texts):
+                raise FgdilpError("reply_to needs chat=True and one user message per text")
+            heads = [self._as_user_message(m) for m in reply_to]
+            starts = [len(self.model.tokenize(h, special=True)) for h in heads]
+            texts = [h + t for h, t in zip(heads, texts)]
         shown = [self._as_user_message(p) for p in prompts] if chat else list(prompts)
         if not shown:
             raise FgdilpError("no prompts to measure the directions' strength on")
         rows, e, n = data_directions(self._gen.rt, list(texts), list(toxic), shown, self.settings.sampling(),
-                                     self.settings.ctx_size, self.settings.threads, progress, special=chat)
+                                     self.settings.ctx_size, self.settings.threads, progress, special=chat,
+                                     starts=starts)
         i = self.model.info
         shape = (i.n_layer, i.n_head, i.head_dim)
         universal = {"source": "data", "n_prompts": n, "chat": chat, "n_texts": len(texts),
+                     **({"texts_as": "replies"} if reply_to is not None else {}),
                      "n_toxic": int(np.sum(np.asarray(toxic, dtype=bool))), **({"texts": labels} if labels else {})}
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
                               method="universal-data", settings={**self.settings.as_dict(), "universal": universal}

@@ -43,6 +43,9 @@ def vectors() -> None:
               help="Toxic (>= 0.5) and clean (< 0.1) continuations each.")
 @click.option("--chat", "chat_mode", is_flag=True,
               help="Each prompt is a user message in the model's chat template (directions for chat).")
+@click.option("--texts-as-replies", "as_replies", is_flag=True,
+              help="With --from data --chat: read each labelled text as the assistant's reply to its RTP "
+                   "prompt in the chat template (averaged over the reply), not as plain text.")
 @click.option("-o", "--output", default=None, metavar="OUT.gguf")
 @click.option("--install", is_flag=True,
               help="With --prompts: save them as this model's universal directions (method fgdilp-universal), "
@@ -50,12 +53,12 @@ def vectors() -> None:
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
 def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_weights, probe_prompts, probe_offset,
-                  probe_per_class, chat_mode, output, install, no_progress, **kw):
+                  probe_per_class, chat_mode, as_replies, output, install, no_progress, **kw):
     """Save per-head directions: FGDILP's for one PROMPT, universal ones averaged over --prompts, or
     the toxic-minus-clean contrast of labelled texts (--from data); optionally with head selection
     by toxicity probes."""
     from .evaluation.prompts import load_prompts
-    from .universal import DEFAULT_SOURCE, labelled_texts, optional_progress
+    from .universal import DEFAULT_SOURCE, labelled_records, labelled_texts, optional_progress
 
     if (prompt is None) == (prompt_set is None):
         raise FgdilpError("give one prompt with -p TEXT or a prompt set with --prompts SET (one of them)")
@@ -63,6 +66,8 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
         raise FgdilpError("--install saves universal directions: build them over a prompt set (--prompts SET)")
     if source == "data" and prompt_set is None:
         raise FgdilpError("--from data takes its strength from TR's delta over a prompt set: give --prompts SET")
+    if as_replies and not (source == "data" and chat_mode):
+        raise FgdilpError("--texts-as-replies reads labelled texts as chat replies: it needs --from data --chat")
     if output is None and not install:
         raise FgdilpError("say where to save them: -o OUT.gguf, or --install (with --prompts)")
     s = _settings(kw)
@@ -71,10 +76,12 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
         if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
             hd = det.build_vectors(prompt, chat=chat_mode)
         elif source == "data":
-            texts, labels, how = labelled()
-            hd = det.build_data_vectors([r.text for r in load_prompts(prompt_set, limit, offset)], texts, list(labels),
+            chosen, labels, how = labelled_records(load_prompts(probe_prompts, None, probe_offset), probe_per_class)
+            hd = det.build_data_vectors([r.text for r in load_prompts(prompt_set, limit, offset)],
+                                        [r.continuation for r in chosen], list(labels),
                                         optional_progress(not no_progress, "prompts"), chat=chat_mode,
-                                        labels={**how, "prompts": probe_prompts, "offset": probe_offset})
+                                        labels={**how, "prompts": probe_prompts, "offset": probe_offset},
+                                        reply_to=[r.text for r in chosen] if chat_mode and as_replies else None)
         else:
             texts = [prompt] if prompt is not None else [r.text for r in load_prompts(prompt_set, limit, offset)]
             hd = det.build_universal_vectors(texts, source or DEFAULT_SOURCE,

@@ -77,14 +77,16 @@ def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampl
 
 def data_directions(rt: Runtime, texts: Sequence[str], toxic: Sequence[bool], prompts: Sequence[str],
                     sampling: SamplingParams, ctx_size: int, n_threads: int = 0, progress=None,
-                    special: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+                    special: bool = False, starts: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Universal directions from labelled texts (method.contrast): per head, the toxic texts' mean
     row minus the clean texts' (each text averaged over its tokens), at the per-head norm of TR's
     delta averaged over `prompts` under the reply contrast whatever --contrast says (the strength
     must not depend on a setting the direction does not use); e is the direction itself, so lambda_sim grows where a row
-    already leans toxic. Returns ([n_layer, width] directions, e, prompts used)."""
+    already leans toxic. starts: the texts are chat replies (special tokens parsed), averaged from
+    these tokens on (mean_token_rows). Returns ([n_layer, width] directions, e, prompts used)."""
     info = rt.model.info
-    direction = mean_difference(mean_token_rows(rt, texts, n_threads), np.asarray(toxic, dtype=bool))
+    rows = mean_token_rows(rt, texts, n_threads, starts=starts, special=special and starts is not None)
+    direction = mean_difference(rows, np.asarray(toxic, dtype=bool))
     reference = dataclasses.replace(rt, steer=dataclasses.replace(rt.steer, contrast=DATA_NORM_CONTRAST))
     tr, _, n = universal_directions(reference, prompts, "tr", sampling, ctx_size, progress, special)
     norms = np.linalg.norm(tr.reshape(info.n_layer, info.n_head, info.head_dim).astype(np.float64), axis=2)
@@ -102,19 +104,30 @@ def last_token_rows(rt: Runtime, texts: Sequence[str], n_threads: int = 0, ctx_s
 
 
 def mean_token_rows(rt: Runtime, texts: Sequence[str], n_threads: int = 0, max_tokens: int = MEAN_TOKENS,
-                    per_decode: int = ROWS_PER_DECODE) -> np.ndarray:
+                    per_decode: int = ROWS_PER_DECODE, starts: Optional[Sequence[int]] = None,
+                    special: bool = False) -> np.ndarray:
     """[len(texts), n_layer, n_head, head_dim] float32: every layer's kqv_out row averaged over each
     text's tokens but the first (unsteered; a one-token text: that token). The first token is left
     out because its attention sees only itself (its row is that token's value, whatever follows);
-    a text is cut to its first max_tokens tokens. An empty text is refused."""
-    return _text_rows(rt, [ids[:max_tokens] for ids in _tokens(rt, texts)], n_threads, max_tokens + 1,
-                      per_decode, every_token=True)
+    a text is cut to its first max_tokens tokens. starts: per text, the first token averaged (a
+    chat reply after its template's header, special tokens parsed with `special`), max_tokens
+    counted from there. An empty text, or one with nothing after its start, is refused."""
+    toks = _tokens(rt, texts, special)
+    starts = [0] * len(toks) if starts is None else list(starts)
+    if len(starts) != len(toks):
+        raise FgdilpError(f"{len(toks)} texts but {len(starts)} starts")
+    for i, (ids, a) in enumerate(zip(toks, starts)):
+        if a >= len(ids):
+            raise FgdilpError(f"text {i} has no tokens after its start ({a} of {len(ids)})")
+    cut = [ids[:a + max_tokens] for ids, a in zip(toks, starts)]
+    return _text_rows(rt, cut, n_threads, max(len(c) for c in cut) + 1 if cut else 1, per_decode,
+                      every_token=True, starts=starts)
 
 
-def _tokens(rt: Runtime, texts: Sequence[str]) -> list[list[int]]:
+def _tokens(rt: Runtime, texts: Sequence[str], special: bool = False) -> list[list[int]]:
     toks = []
     for i, t in enumerate(texts):
-        ids = rt.model.tokenize(t) if t.strip() else []
+        ids = rt.model.tokenize(t, special=special) if t.strip() else []
         if not ids:
             raise FgdilpError(f"text {i} is empty")
         toks.append(ids)
@@ -122,7 +135,7 @@ def _tokens(rt: Runtime, texts: Sequence[str]) -> list[list[int]]:
 
 
 def _text_rows(rt: Runtime, toks: list[list[int]], n_threads: int, ctx_size: int, per_decode: int,
-               every_token: bool) -> np.ndarray:
+               every_token: bool, starts: Optional[Sequence[int]] = None) -> np.ndarray:
     """The rows of _tokens' texts: at the last token, or averaged over every token but the first
     (one hook slot per captured token, `per_decode` texts per decode)."""
     info = rt.model.info
@@ -131,7 +144,8 @@ def _text_rows(rt: Runtime, toks: list[list[int]], n_threads: int, ctx_size: int
         return out
     k = min(per_decode, len(toks))
     longest = max(len(s) for s in toks)
-    positions = [list(range(1, len(s))) or [0] if every_token else [len(s) - 1] for s in toks]
+    starts = [0] * len(toks) if starts is None else starts
+    positions = [list(range(max(1, a), len(s))) or [a] if every_token else [len(s) - 1] for s, a in zip(toks, starts)]
     n_slots = k * max(len(p) for p in positions)
     params = ContextParams(n_ctx=k * ctx_size, n_batch=max(512, k), n_seq_max=k, n_outputs_max=k,
                            n_threads=n_threads, type_k="f16", type_v="f16", flash_attn="auto")
@@ -163,19 +177,27 @@ def _text_rows(rt: Runtime, toks: list[list[int]], n_threads: int, ctx_size: int
 
 
 def labelled_texts(records, per_class: int, toxic_at: float = 0.5, clean_below: float = 0.1,
-                seed: int = 0) -> tuple[list[str], np.ndarray, dict]:
-    """Balanced labelled texts (for the probes and --from data) from RTP records: human continuations with Perspective toxicity >=
+                   seed: int = 0) -> tuple[list[str], np.ndarray, dict]:
+    """Balanced labelled texts (for the probes and --from data): the continuations of
+    labelled_records. The continuation alone: the RTP prompts are toxic in both classes."""
+    chosen, labels, how = labelled_records(records, per_class, toxic_at, clean_below, seed)
+    return [r.continuation for r in chosen], labels, how
+
+
+def labelled_records(records, per_class: int, toxic_at: float = 0.5, clean_below: float = 0.1,
+                     seed: int = 0) -> tuple[list, np.ndarray, dict]:
+    """Balanced labelled RTP records: those whose human continuation has Perspective toxicity >=
     toxic_at (label 1) and < clean_below (label 0), per_class of each (fewer if the records hold
-    fewer), drawn at random. The continuation alone: the RTP prompts are toxic in both classes."""
+    fewer), drawn at random; toxic ones first."""
     pos, neg = [], []
     for r in records:
         t = r.continuation_scores.get("toxicity")
         if not r.continuation.strip() or not isinstance(t, (int, float)) or isinstance(t, bool):
             continue
         if t >= toxic_at:
-            pos.append(r.continuation)
+            pos.append(r)
         elif t < clean_below:
-            neg.append(r.continuation)
+            neg.append(r)
     k = min(per_class, len(pos), len(neg))
     if k < 4:
         raise FgdilpError(f"the probe records hold {len(pos)} toxic (>= {toxic_at}) and {len(neg)} clean "

@@ -148,3 +148,49 @@ def test_vectors_build_from_data_cli(cli, tiny_llama, tmp_path):
     assert "universal-data" in gen.stdout
     bad = cli("vectors", "build", "-m", tiny_llama[0], "-p", "the cat", "--from", "data", "-o", vec)
     assert bad.returncode != 0 and "give --prompts SET" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("vectors", "build", "-m", tiny_llama[0], "--prompts", f, "--from", "data", "--texts-as-replies", "-o", vec)
+    assert bad.returncode != 0 and "needs --from data --chat" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_vectors_build_from_chat_replies_cli(cli, tiny_chat, tmp_path):
+    f, vec = _rtp_file(tmp_path), tmp_path / "r.gguf"
+    proc = cli("vectors", "build", "-m", tiny_chat, "--prompts", f, "--limit", "2", "--from", "data", "--chat",
+               "--texts-as-replies", "--probe-prompts", f, "--probe-offset", "0", "--probe-per-class", "4", "-c", "256",
+               "-t", "1", "--no-progress", "-o", vec)
+    assert proc.returncode == 0, proc.stderr
+    u = HeadDirections.load(vec).settings["universal"]
+    assert (u["source"], u["chat"], u["texts_as"], u["n_texts"]) == ("data", True, "replies", 8)
+
+
+def test_mean_token_rows_from_a_start_equal_the_torch_reference(det, torch_model):
+    """starts: the rows averaged from that token on (a chat reply after its header), the same
+    positions of the same forward pass."""
+    from fgdilp_cpp.universal import mean_token_rows
+
+    rt = det._gen.rt
+    toks = det.model.tokenize(TEXTS[1])
+    got = mean_token_rows(rt, [TEXTS[1], TEXTS[2]], 1, starts=[5, 0])
+    _, attn = torch_model.forward(torch_model.new_state(), toks)
+    want = np.stack([a[5:].mean(axis=0) for a in attn]).reshape(got.shape[1:])
+    np.testing.assert_allclose(got[0], want, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(got[1], mean_token_rows(rt, [TEXTS[2]], 1)[0], rtol=1e-2, atol=1e-2)
+    with pytest.raises(FgdilpError, match="no tokens after its start"):
+        mean_token_rows(rt, [TEXTS[1]], 1, starts=[len(toks)])
+    with pytest.raises(FgdilpError, match="2 texts but 1 starts"):
+        mean_token_rows(rt, TEXTS[:2], 1, starts=[0])
+
+
+def test_data_vectors_from_chat_replies(tiny_chat):
+    """reply_to: each text is read as the assistant's reply to its user message in the chat
+    template; the rows are the reply's, so the direction differs from the plain texts' and the
+    settings say so. Refused without chat or with a message count that does not fit."""
+    with Detoxifier.from_file(tiny_chat, **FAST) as d:
+        plain = d.build_data_vectors(PROMPTS, TEXTS, TOXIC, chat=True)
+        replies = d.build_data_vectors(PROMPTS, TEXTS, TOXIC, chat=True, reply_to=["hello there"] * 4)
+        np.testing.assert_allclose(replies.head_norms(), plain.head_norms(), rtol=1e-5)   # the same strength
+        assert not np.allclose(replies.directions, plain.directions, atol=1e-4)
+        assert replies.settings["universal"]["texts_as"] == "replies" and "texts_as" not in plain.settings["universal"]
+        with pytest.raises(FgdilpError, match="reply_to needs chat=True"):
+            d.build_data_vectors(PROMPTS, TEXTS, TOXIC, reply_to=["hello"] * 4)
+        with pytest.raises(FgdilpError, match="one user message per text"):
+            d.build_data_vectors(PROMPTS, TEXTS, TOXIC, chat=True, reply_to=["hello"])
