@@ -81,9 +81,10 @@ def data_directions(rt: Runtime, texts: Sequence[str], toxic: Sequence[bool], pr
     """Universal directions from labelled texts (method.contrast): per head, the toxic texts' mean
     row minus the clean texts' (each text averaged over its tokens), at the per-head norm of TR's
     delta averaged over `prompts` under the reply contrast whatever --contrast says (the strength
-    must not depend on a setting the direction does not use); e is the direction itself, so lambda_sim grows where a row
-    already leans toxic. starts: the texts are chat replies (special tokens parsed), averaged from
-    these tokens on (mean_token_rows). Returns ([n_layer, width] directions, e, prompts used)."""
+    must not hang on a setting the direction does not use); e is the direction itself, so
+    lambda_sim grows where a row already leans toxic. starts: the texts are chat replies (special
+    tokens parsed), averaged from these tokens on (mean_token_rows). Returns ([n_layer, width]
+    directions, e, prompts used)."""
     info = rt.model.info
     rows = mean_token_rows(rt, texts, n_threads, starts=starts, special=special and starts is not None)
     direction = mean_difference(rows, np.asarray(toxic, dtype=bool))
