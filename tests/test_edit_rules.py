@@ -36,8 +36,9 @@ finite = st.floats(-100, 100, width=32)
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), n_head=st.integers(1, 5), head_dim=st.integers(1, 9), rule=st.sampled_from(["tr", "rotate"]),
        gate=st.one_of(st.none(), st.floats(-1, 0.9)), renorm=st.booleans(), with_e=st.booleans(),
-       scale=st.floats(0, 3))
+       scale=st.one_of(st.just(0.0), st.floats(1e-30, 3)))
 def test_native_edit_equals_numpy(data, n_head, head_dim, rule, gate, renorm, with_e, scale):
+    # no subnormal scale: times a head scale it is 0 in one rounding order and not in another
     w = n_head * head_dim
     v, d, e = (data.draw(arrays(np.float32, w, elements=finite)) for _ in range(3))
     hs = data.draw(st.one_of(st.none(), arrays(np.float32, n_head, elements=st.sampled_from([0.0, 0.5, 1.0, 2.0]))))
@@ -48,7 +49,7 @@ def test_native_edit_equals_numpy(data, n_head, head_dim, rule, gate, renorm, wi
     # a head the rule leaves alone keeps its bits, in both; the count is what changed
     same = [np.array_equal(got.reshape(n_head, -1)[h], v.reshape(n_head, -1)[h]) for h in range(n_head)]
     for h in range(n_head):
-        shut = scale * (1.0 if hs is None else hs[h]) == 0
+        shut = scale == 0 or (hs is not None and hs[h] == 0)
         if shut:
             assert same[h] and np.array_equal(want.reshape(n_head, -1)[h], v.reshape(n_head, -1)[h])
     assert n_edited >= n_head - sum(same)  # every changed head was counted
@@ -85,13 +86,17 @@ def test_fused_norm_native_equals_numpy_bits(data, n, n_head, head_dim, k, mode,
     mean = deltas.astype(np.float64).mean(axis=0).reshape(n_head, -1)
     plain = fuse(deltas, k, mode, elect).reshape(n_head, -1)
     for g, m, p in zip(got.reshape(n_head, -1).astype(np.float64), mean, plain.astype(np.float64)):
-        # rescaled to the mean delta's norm, same direction (a norm below float32's smallest
-        # normal number may round to 0 on the way: hypothesis found [[1e-45], [0]])
-        if np.any(p) and np.linalg.norm(m) > np.finfo(np.float32).tiny:
+        # rescaled to the mean delta's norm, same direction. A mean norm below float32's smallest
+        # normal number may round to 0 on the way or stay a subnormal (hypothesis found [[1e-45],
+        # [0]] and [[1.9e-41]]): then only the size is checked, C++ = numpy above holds either way.
+        tiny = np.finfo(np.float32).tiny
+        if not np.any(p):
+            assert not np.any(g)
+        elif np.linalg.norm(m) > tiny:
             np.testing.assert_allclose(np.linalg.norm(g), np.linalg.norm(m), rtol=1e-5, atol=1e-37)
             assert float(np.dot(g, p)) > 0
         else:
-            assert not np.any(g)
+            assert np.linalg.norm(g) <= tiny
 
 
 def test_hook_setters_refuse_bad_values():
