@@ -108,6 +108,13 @@ def test_merging_profiles_keeps_the_better_confirmed_entry_per_method():
     # confirmed on other sizes: the later calibration's entry wins
     other = Profile(model, None, {"cvec": entry(0.30, 1.0, n=48)}, {"ppl_ratio": 1.25})
     assert merge_profiles(old, other).methods["cvec"]["figures"]["test"]["n_prompts"] == 48
+    # a universal method calibrated with another file: its scale meant another push, the new one wins
+    uni = lambda emt, sha: {**entry(emt, 1.0), "universal_sha256": sha}  # noqa: E731
+    first = Profile(model, None, {"fgdilp-universal": uni(0.05, "1" * 64)}, {"ppl_ratio": 1.25})
+    assert merge_profiles(first, Profile(model, None, {"fgdilp-universal": uni(0.09, "2" * 64)}, {"ppl_ratio": 1.25})
+                          ).methods["fgdilp-universal"]["universal_sha256"] == "2" * 64
+    assert merge_profiles(first, Profile(model, None, {"fgdilp-universal": uni(0.09, "1" * 64)}, {"ppl_ratio": 1.25})
+                          ).methods["fgdilp-universal"]["figures"]["test"]["emt"] == 0.05
     with pytest.raises(FgdilpError, match="different models"):
         merge_profiles(old, Profile({**model, "weights_sha256": "b" * 64}, None, {}, {}))
     with pytest.raises(FgdilpError, match="fluency budgets"):

@@ -50,6 +50,11 @@ def test_installed_directions_are_found_and_applied_as_with_vectors(cli, tiny_ll
             Detoxifier.from_file(model, vectors=str(want), ctx_size=256, threads=1) as saved:
         assert det.info(probe=False)["universal"] == str(want)
         assert det.info(probe=False)["universal_source"] == "universal-tr"
+        # a calibration's entry for the method records which file its scale belongs to
+        from fgdilp_cpp.evaluation.calibrate import _universal_file
+        import hashlib
+        assert _universal_file(det) == {"universal_sha256": hashlib.sha256(want.read_bytes()).hexdigest(),
+                                        "universal_source": "universal-tr"}
         uni, vec, none = _steps(det, "fgdilp-universal"), _steps(saved, "vectors"), _steps(det, "none")
         assert uni.fired_layers > 0 and uni.tokens == vec.tokens
         assert np.array_equal(np.stack(uni.logits), np.stack(vec.logits))        # the same edit, bit for bit
@@ -97,9 +102,16 @@ def test_shipped_universal_directions_belong_to_a_shipped_profile():
     """Every universal file shipped in the package sits beside the profile of the same model."""
     from fgdilp_cpp.profiles import SHIPPED_DIR, UNIVERSAL_SUFFIX
 
-    shas = {json.loads(p.read_text())["model"]["weights_sha256"][:24] for p in SHIPPED_DIR.glob("*.json")}
+    import hashlib
+
+    profiles = {json.loads(p.read_text())["model"]["weights_sha256"][:24]: json.loads(p.read_text())
+                for p in SHIPPED_DIR.glob("*.json")}
     for f in SHIPPED_DIR.glob(f"*{UNIVERSAL_SUFFIX}"):
-        assert f.name[:-len(UNIVERSAL_SUFFIX)] in shas, f
+        profile = profiles.get(f.name[:-len(UNIVERSAL_SUFFIX)])
+        assert profile is not None, f
+        # the profile's calibrated scale belongs to this very file
+        entry = profile["methods"].get("fgdilp-universal")
+        assert entry is None or entry["universal_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest(), f
 
 
 @pytest.mark.real_model

@@ -218,6 +218,8 @@ def _profile(det, best: dict, confirmed: dict, ppl_budget: float, benign_budget:
         cal = {k: best[method].get(k) for k in ("emt", "tp", "emt_delta", "tp_delta", "ppl_ratio",
                                                 "benign_ppl_ratio", "identical_share")}
         entries[method] = {"settings": point, "figures": {"calibration": cal, "test": fig}}
+        if registry.get(method).universal:
+            entries[method].update(_universal_file(det))
     winner = recommend(entries, ppl_budget, chat)
     argv = made_by(sys.argv)
     budgets = {"ppl_ratio": ppl_budget, "benign_ppl_ratio": benign_budget, "sizes": json.loads(json.dumps(sizes.__dict__))}
@@ -226,6 +228,21 @@ def _profile(det, best: dict, confirmed: dict, ppl_budget: float, benign_budget:
     return Profile(model=model_identity(det.model), method=winner, methods=entries, budgets=budgets,
                    diagnosis=diagnosis, made_by=argv,
                    created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _universal_file(det) -> dict:
+    """What a universal method's entry was calibrated with: the file's sha256 and source (its
+    scale means nothing for another file, so merge_profiles never prefers an entry of another)."""
+    import hashlib
+
+    from ..method.vectors import HeadDirections
+    from ..profiles import find_universal
+
+    found = find_universal(det.model.fingerprint()["weights_sha256"])
+    if found is None:
+        return {}
+    return {"universal_sha256": hashlib.sha256(found.read_bytes()).hexdigest(),
+            "universal_source": HeadDirections.load(found).method}
 
 
 def _within(entry: dict, ppl_budget: float) -> bool:
@@ -247,7 +264,8 @@ def recommend(entries: dict, ppl_budget: float, chat: bool = False) -> Optional[
 def merge_profiles(old: Profile, new: Profile) -> Profile:
     """`new` (a later calibration of the same model, e.g. of other levers) merged into `old`: per
     method the entry with the lower confirmed EMT within the fluency budget, where both were
-    confirmed on the same number of prompts and samples (else the new one); methods only one of
+    confirmed on the same number of prompts and samples with the same universal file, if any (else
+    the new one); methods only one of
     them has are kept; the recommendation is made again from the merged entries."""
     if old.model.get("weights_sha256") != new.model.get("weights_sha256"):
         raise FgdilpError("the profiles are of different models; they cannot be merged")
@@ -262,7 +280,8 @@ def merge_profiles(old: Profile, new: Profile) -> Profile:
             entries[m] = e
             continue
         ot, nt = (o.get("figures") or {}).get("test") or {}, (e.get("figures") or {}).get("test") or {}
-        same = (ot.get("n_prompts"), ot.get("n_samples")) == (nt.get("n_prompts"), nt.get("n_samples"))
+        same = ((ot.get("n_prompts"), ot.get("n_samples")) == (nt.get("n_prompts"), nt.get("n_samples"))
+                and o.get("universal_sha256") == e.get("universal_sha256"))
         if not same or not _within(o, budget) or (_within(e, budget) and ranking_emt(nt) < ranking_emt(ot)):
             entries[m] = e
     made = " ; ".join(x for x in (old.made_by, new.made_by) if x)
