@@ -116,15 +116,18 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
 
 def _print_table(result, path: str) -> None:
     prof = result.profile
-    click.echo(f"{'method':<15}{'setting':<34}{'cal EMT Δ':>10}{'PPL x':>7}{'benign x':>9}{'test EMT Δ':>11}"
+    settings = {m: " ".join(f"{k}={_v(v)}" for k, v in (b.get("point") or {}).items()) for m, b in result.best.items()}
+    wm = max([len("method")] + [len(m) for m in result.best]) + 2           # columns fit their longest cell
+    ws = max([len("setting"), 25] + [len(x) for x in settings.values()]) + 2
+    click.echo(f"{'method':<{wm}}{'setting':<{ws}}{'cal EMT Δ':>10}{'PPL x':>7}{'benign x':>9}{'test EMT Δ':>11}"
                f"{'TP Δ':>7}{'PPL x':>7}")
     for m, b in result.best.items():
         if b.get("point") is None:
-            click.echo(f"{m:<15}{'(none within the budgets)':<34}  {b.get('reason') or ''}")
+            click.echo(f"{m:<{wm}}{'(none within the budgets)':<{ws}}  {b.get('reason') or ''}")
             continue
         t = result.confirmed.get(m, {})
-        setting = " ".join(f"{k}={_v(v)}" for k, v in b["point"].items())
-        click.echo(f"{m:<15}{setting:<34}{_d(b.get('emt_delta')):>10}{_r(b.get('ppl_ratio')):>7}"
+        setting = settings[m]
+        click.echo(f"{m:<{wm}}{setting:<{ws}}{_d(b.get('emt_delta')):>10}{_r(b.get('ppl_ratio')):>7}"
                    f"{_r(b.get('benign_ppl_ratio')):>9}{_d(t.get('emt_delta')):>11}{_d(t.get('tp_delta')):>7}"
                    f"{_r(t.get('ppl_ratio')):>7}")
     d = prof.diagnosis

@@ -152,3 +152,24 @@ def test_with_two_judges_the_recommendation_ranks_by_their_mean():
     assert ranking_emt(entries["tr"]["figures"]["test"]) == pytest.approx(0.270)
     assert recommend(entries, 1.25) == "tr"
     assert ranking_emt({"emt": 0.3}) == 0.3          # one judge: its EMT
+
+
+def test_the_printed_table_keeps_long_method_names_and_settings_apart(capsys):
+    from types import SimpleNamespace
+
+    from fgdilp_cpp.cli_calibrate import _print_table
+
+    best = {"fgdilp-universal": {"point": {"steer_scale": 0.8, "steer_layer_range": (15, 17), "condition": 0.05},
+                                 "emt_delta": -0.144, "ppl_ratio": 0.977, "benign_ppl_ratio": 1.042},
+            "tr": {"point": None, "reason": "no point within PPL ratio 1.25"}}
+    result = SimpleNamespace(best=best, confirmed={"fgdilp-universal": {"emt_delta": -0.184, "tp_delta": -0.15,
+                                                                        "ppl_ratio": 1.024}},
+                             profile=SimpleNamespace(diagnosis=None, method="fgdilp-universal"))
+    _print_table(result, "p.json")
+    lines = capsys.readouterr().out.splitlines()
+    row = next(x for x in lines if x.startswith("fgdilp-universal"))
+    assert row.split()[:4] == ["fgdilp-universal", "steer_scale=0.8", "steer_layer_range=15-17", "condition=0.05"]
+    assert row.split()[4:] == ["-0.144", "0.977", "1.042", "-0.184", "-0.150", "1.024"]
+    header = lines[0]
+    assert header.index("setting") == row.index("steer_scale") and header.index("cal EMT") > row.index("condition=0.05")
+    assert any(x.startswith("tr ") and "no point within" in x for x in lines)
