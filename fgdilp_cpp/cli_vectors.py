@@ -58,7 +58,7 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
     the toxic-minus-clean contrast of labelled texts (--from data); optionally with head selection
     by toxicity probes."""
     from .evaluation.prompts import load_prompts
-    from .universal import DEFAULT_SOURCE, labelled_records, labelled_texts, optional_progress
+    from .universal import DEFAULT_SOURCE, labelled_records, optional_progress
 
     if (prompt is None) == (prompt_set is None):
         raise FgdilpError("give one prompt with -p TEXT or a prompt set with --prompts SET (one of them)")
@@ -72,11 +72,17 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
         raise FgdilpError("say where to save them: -o OUT.gguf, or --install (with --prompts)")
     s = _settings(kw)
     with _detoxifier(s) as det:
-        labelled = lambda: labelled_texts(load_prompts(probe_prompts, None, probe_offset), probe_per_class)  # noqa: E731
+        labelled = []           # the labelled RTP records (--from data and the probes), loaded once
+
+        def labelled_set():
+            if not labelled:
+                labelled.extend(labelled_records(load_prompts(probe_prompts, None, probe_offset), probe_per_class))
+            return labelled
+
         if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
             hd = det.build_vectors(prompt, chat=chat_mode)
         elif source == "data":
-            chosen, labels, how = labelled_records(load_prompts(probe_prompts, None, probe_offset), probe_per_class)
+            chosen, labels, how = labelled_set()
             hd = det.build_data_vectors([r.text for r in load_prompts(prompt_set, limit, offset)],
                                         [r.continuation for r in chosen], list(labels),
                                         optional_progress(not no_progress, "prompts"), chat=chat_mode,
@@ -92,8 +98,8 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
         if probe_top_k or probe_weights:
             from .method.probes import head_weights
 
-            texts, labels, how = labelled()
-            res = det.probe_heads(texts, labels)
+            chosen, labels, how = labelled_set()
+            res = det.probe_heads([r.continuation for r in chosen], labels)
             w = head_weights(res.accuracy, probe_top_k, probe_weights)
             hd = hd.with_head_weights(w, res.accuracy, {**how, "prompts": probe_prompts, "offset": probe_offset,
                                                         "top_k": probe_top_k, "by_accuracy": probe_weights,

@@ -52,7 +52,6 @@ def edit_row(v, delta, e, n_head: int, *, rule: str = "tr", exp_norm: float = 0.
     return out, rc
 
 
-
 def fuse(deltas, k_pct: float = 50.0, mode: str | int = "max", elect: bool = True,
          norm_heads: int = 0) -> np.ndarray:
     """The native fusion (fgdilp_fuse) of deltas [n, W] -> float32 [W]; see method/fusion.py.

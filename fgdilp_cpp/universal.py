@@ -177,19 +177,12 @@ def _text_rows(rt: Runtime, toks: list[list[int]], n_threads: int, ctx_size: int
     return out
 
 
-def labelled_texts(records, per_class: int, toxic_at: float = 0.5, clean_below: float = 0.1,
-                   seed: int = 0) -> tuple[list[str], np.ndarray, dict]:
-    """Balanced labelled texts (for the probes and --from data): the continuations of
-    labelled_records. The continuation alone: the RTP prompts are toxic in both classes."""
-    chosen, labels, how = labelled_records(records, per_class, toxic_at, clean_below, seed)
-    return [r.continuation for r in chosen], labels, how
-
-
 def labelled_records(records, per_class: int, toxic_at: float = 0.5, clean_below: float = 0.1,
                      seed: int = 0) -> tuple[list, np.ndarray, dict]:
-    """Balanced labelled RTP records: those whose human continuation has Perspective toxicity >=
-    toxic_at (label 1) and < clean_below (label 0), per_class of each (fewer if the records hold
-    fewer), drawn at random; toxic ones first."""
+    """Balanced labelled RTP records (for the probes and --from data): those whose human
+    continuation has Perspective toxicity >= toxic_at (label 1) and < clean_below (label 0),
+    per_class of each (fewer if the records hold fewer), drawn at random; toxic ones first. The
+    continuation is the labelled text: the RTP prompts are toxic in both classes."""
     pos, neg = [], []
     for r in records:
         t = r.continuation_scores.get("toxicity")

@@ -235,14 +235,11 @@ def _universal_file(det) -> dict:
     scale means nothing for another file, so merge_profiles never prefers an entry of another)."""
     import hashlib
 
-    from ..method.vectors import HeadDirections
-    from ..profiles import find_universal
-
-    found = find_universal(det.model.fingerprint()["weights_sha256"])
-    if found is None:
+    i = det.info(probe=False)          # the file method fgdilp-universal applies, and its source
+    if i["universal"] is None:
         return {}
-    return {"universal_sha256": hashlib.sha256(found.read_bytes()).hexdigest(),
-            "universal_source": HeadDirections.load(found).method}
+    return {"universal_sha256": hashlib.sha256(Path(i["universal"]).read_bytes()).hexdigest(),
+            "universal_source": i["universal_source"]}
 
 
 def _within(entry: dict, ppl_budget: float) -> bool:

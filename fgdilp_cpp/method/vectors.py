@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 
 from fgdilp_cpp.errors import FgdilpError
+from fgdilp_cpp.method.contrast import with_head_norms
 from fgdilp_cpp.files import write_atomic_with
 
 FILE_ARCH = "fgdilp-directions"
@@ -39,11 +40,8 @@ class DirectionsError(FgdilpError, ValueError):
 def random_heads(directions: np.ndarray, seed: int) -> np.ndarray:
     """Random directions with the per-head norms of directions [n_layer, n_head, head_dim] (a zero
     head stays zero): the random control."""
-    rng = np.random.default_rng(seed)
-    g = rng.standard_normal(directions.shape)                              # [n_layer, n_head, head_dim]
-    g /= np.maximum(np.linalg.norm(g, axis=2, keepdims=True), 1e-30)
-    norms = np.linalg.norm(np.asarray(directions, dtype=np.float64), axis=2)   # [n_layer, n_head]
-    return (g * norms[:, :, None]).astype(np.float32)
+    g = np.random.default_rng(seed).standard_normal(directions.shape)     # [n_layer, n_head, head_dim]
+    return with_head_norms(g, np.linalg.norm(np.asarray(directions, dtype=np.float64), axis=2))
 
 
 @dataclass(frozen=True)
