@@ -14,6 +14,7 @@ generate(), chat() or a stream runs.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
@@ -238,7 +239,7 @@ class Detoxifier:
         prompt's end), as a HeadDirections value to save() and apply later with vectors=FILE.
         chat: the prompt is a user message in the model's chat template (as chat steers it)."""
         text = self._as_user_message(prompt) if chat else prompt
-        settings = {**self.settings.as_dict(), **({"chat": True} if chat else {})}
+        settings = {**self._recorded_settings(), **({"chat": True} if chat else {})}
         return self._gen.build_vectors(text, self.settings.sampling(), settings, special=chat)
 
     def build_universal_vectors(self, prompts: list[str], source: str = "tr", progress=None,
@@ -254,7 +255,7 @@ class Detoxifier:
                                           self.settings.ctx_size, progress, special=chat)
         i = self.model.info
         shape = (i.n_layer, i.n_head, i.head_dim)
-        settings = {**self.settings.as_dict(), "universal": {"source": source, "n_prompts": n, "chat": chat}}
+        settings = {**self._recorded_settings(), "universal": {"source": source, "n_prompts": n, "chat": chat}}
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
                               method=f"universal-{source}", settings=settings).validate()
 
@@ -290,8 +291,16 @@ class Detoxifier:
                      **({"texts_as": "replies"} if reply_to is not None else {}),
                      "n_toxic": int(np.sum(np.asarray(toxic, dtype=bool))), **({"texts": labels} if labels else {})}
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
-                              method="universal-data", settings={**self.settings.as_dict(), "universal": universal}
+                              method="universal-data", settings={**self._recorded_settings(), "universal": universal}
                               ).validate()
+
+    def _recorded_settings(self) -> dict:
+        """The settings a built directions file records: the model by file name, not by this
+        machine's path (the file's fingerprints identify the model; a shared file leaks no path)."""
+        d = self.settings.as_dict()
+        if d.get("model"):
+            d["model"] = Path(d["model"]).name
+        return d
 
     def _as_user_message(self, text: str) -> str:
         if not text.strip():

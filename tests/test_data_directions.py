@@ -4,6 +4,7 @@ functions, the token-averaged rows against the torch reference, the build and th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +96,7 @@ def test_data_vectors_are_the_contrast_at_trs_strength(det):
     np.testing.assert_allclose(cos, 1.0, rtol=1e-4)                                 # the contrast's direction
     np.testing.assert_array_equal(hd.e, hd.directions)
     assert hd.method == "universal-data"
+    assert hd.settings["model"] == Path(det.settings.model).name   # the file name, not this machine's path
     assert hd.settings["universal"] == {"source": "data", "n_prompts": 2, "chat": False, "n_texts": 4, "n_toxic": 2,
                                         "texts": {"how": "by hand"}}
     flipped = det.build_data_vectors(PROMPTS, TEXTS, [not t for t in TOXIC])
