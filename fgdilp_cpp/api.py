@@ -33,6 +33,8 @@ from .stream import Stream
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
+                      "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n",  # penalties
+                      "grammar",                                                 # GBNF the reply follows
                       "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
                       "edit", "gate",                                            # the edit rule (set_steer)
                       "contrast",                                                # what P+ / P-_j hold

@@ -312,11 +312,13 @@ class Generator:
         try:
             t0 = time.perf_counter()
             instance_info = None
+            setup_sampling = sampling.unconstrained()     # a grammar or penalties act on the reply only
             try:
                 if spec.instance and prefixes is None and instance_reuse == "conversation":
-                    prefixes, instance_info = self.conversation(method).get(self.rt, prompt, raw, sampling, method)
-                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
-                                                                prefixes))
+                    prefixes, instance_info = self.conversation(method).get(self.rt, prompt, raw, setup_sampling,
+                                                                            method)
+                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, setup_sampling, explain,
+                                                                special, prefixes))
                 if instance_info is not None:
                     plan.explain.update(instance_info)
             except Cancelled:            # stopped during FGDILP's setup: nothing generated yet

@@ -6,16 +6,21 @@ hangs up, shutdown) that is honoured at every stage: queued, during FGDILP's set
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import numpy as np
+
+from . import methods
 from .openai_api import ApiError, GenRequest, StopScanner
 
 if TYPE_CHECKING:
     from .api import Detoxifier, Stream
+    from .results import GenResult
 
 log = logging.getLogger("fgdilp_cpp.server")
 
@@ -41,6 +46,34 @@ class Outcome:
     stats: dict[str, Any]
 
 
+def steering_of(res: GenResult) -> dict[str, Any]:
+    """How a reply was steered: its method; "steered", whether that method edits the model and
+    --condition (if set) let it (the condition's "toxicity" is what the scorer read of the
+    conversation, "threshold" the value it was held to); "condition" null without one."""
+    cond = res.explain.get("condition")
+    edits = methods.get(res.method).heads
+    return {"method": res.method, "steered": bool(edits and (cond is None or cond["steered"])),
+            "condition": None if cond is None else json_safe(cond)}
+
+
+def json_safe(v: Any) -> Any:
+    """An explain block as JSON: numpy values as numbers and lists, a non-finite number as null
+    (JSON has none), tuples as lists, anything else as its text."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return json_safe(v.tolist())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    return str(v)
+
+
 class Job:
     """One request's generation. run() executes on the model thread; cancel() from anywhere."""
 
@@ -62,8 +95,8 @@ class Job:
         det, req = self._det, self._req
         if self.reason:
             raise JobCancelled(self.reason)
-        stream = (det.stream_chat(req.messages, trim=False, **req.overrides) if req.messages is not None
-                  else det.stream(req.prompt, **req.overrides))
+        stream = (det.stream_chat(req.messages, explain=req.explain, trim=False, **req.overrides)
+                  if req.messages is not None else det.stream(req.prompt, explain=req.explain, **req.overrides))
         with self._lock:
             if self.reason:                    # cancelled while the stream was being made
                 raise JobCancelled(self.reason)
@@ -93,9 +126,11 @@ class Job:
         res = stream.result
         if cut or (not scan.stopped and (res is None or res.stop_reason == "cancelled")):
             raise JobCancelled(self.reason or "cancelled")     # never reported as a whole reply
-        stats = {"method": res.method, "stop_reason": "stop" if scan.stopped else res.stop_reason,
+        stats = {**steering_of(res), "stop_reason": "stop" if scan.stopped else res.stop_reason,
                  "setup_s": round(res.setup_s, 4), "prefill_s": round(res.prefill_s, 4),
                  "decode_s": round(res.decode_s, 4)}
+        if req.explain:
+            stats["explain"] = json_safe(res.explain)
         return Outcome(scan.text, "stop" if scan.stopped else _FINISH.get(res.stop_reason, "stop"),
                        res.n_prompt_tokens, len(res.tokens), stats)
 

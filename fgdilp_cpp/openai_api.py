@@ -21,12 +21,31 @@ from .errors import FgdilpError, ParamError
 if TYPE_CHECKING:
     from .api import Detoxifier
 
-# OpenAI fields this server cannot honour: accepted only at these no-op values (or null)
+# OpenAI and llama.cpp fields this server cannot honour: accepted only at these no-op values (or null)
 _INERT: dict[str, tuple] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False, 0),
-    "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
-    "functions": ([],), "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+    "logit_bias": ({},), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
+    "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
+    "n_probs": (0,), "typical_p": (1,), "mirostat": (0,), "dynatemp_range": (0,), "xtc_probability": (0,),
+    "dry_multiplier": (0,), "ignore_eos": (False,),
 }
+
+# fields common clients send that do not change the reply: accepted and not used (server.py's
+# docstring); the settings of a llama.cpp sampler that is off (the switch above at its no-op value)
+# change nothing either
+PASS_THROUGH = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
+    "cache_prompt", "id_slot", "timings_per_token",
+    "mirostat_tau", "mirostat_eta", "dynatemp_exponent", "xtc_threshold", "dry_base", "dry_allowed_length",
+    "dry_penalty_last_n", "dry_sequence_breakers",
+})
+
+# the fields parse_request reads (both endpoints; messages only on chat, prompt only on completions)
+_READ = frozenset({
+    "model", "n", "max_tokens", "max_completion_tokens", "n_predict", "temperature", "top_p", "min_p", "seed",
+    "top_k", "method", "steer_scale", "condition", "steer_layer_range", "stop", "stream", "stream_options",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "penalty_last_n",
+    "grammar", "json_schema", "response_format", "explain",
+})
 
 
 # Settings fields whose request field has another name
@@ -89,6 +108,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    explain: bool = False          # the reply's explain block in its "fgdilp" object
 
 
 class StopScanner:
@@ -200,6 +220,11 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
     """The request's fields checked and turned into Detoxifier arguments (ApiError 400 otherwise).
     Everything a client can get wrong is caught here, so that an error while generating is the
     server's fault (a 500), apart from a conversation longer than the context."""
+    text_field = "messages" if chat else "prompt"
+    for name in body:
+        if name not in _READ and name not in _INERT and name not in PASS_THROUGH and name != text_field:
+            raise _bad(name, f"unknown field {_show(name)}: this server does not support it (and does not "
+                       "ignore fields silently)")
     for name, fine in _INERT.items():
         if body.get(name) is not None and body[name] not in fine:
             raise _bad(name, f"{name} is not supported by this server")
@@ -208,8 +233,10 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
     if not isinstance(body.get("model", ""), str):
         raise _bad("model", "model must be a string")
     ov: dict[str, Any] = {}
+    if body.get("n_predict") == -1 and type(body["n_predict"]) is int:
+        body = {**body, "n_predict": policy.max_tokens}        # llama.cpp's "no limit": the server's
     sizes = [_number(body, name, 1, policy.max_tokens, integer=True)
-             for name in ("max_completion_tokens", "max_tokens")]     # the first one given wins
+             for name in ("max_completion_tokens", "max_tokens", "n_predict")]     # the first one given wins
     if (n := next((v for v in sizes if v is not None), None)) is not None:
         ov["n_predict"] = n
     if (v := _number(body, "temperature", 0, 2)) is not None:
@@ -238,6 +265,14 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
         except FgdilpError as exc:
             raise _bad("steer_layer_range", str(exc)) from None
         ov["steer_layer_range"] = (lr[0], lr[1])
+    from .openai_sampling import penalties, reply_grammar      # (that module uses this one's helpers)
+
+    ov.update(penalties(body, policy.max_tokens))
+    if (grammar := reply_grammar(body, det.model.vocab)) is not None:
+        ov["grammar"] = grammar
+    explain = body.get("explain")
+    if explain is not None and not isinstance(explain, bool):
+        raise _bad("explain", "explain must be a boolean")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not (isinstance(stop, list) and len(stop) <= MAX_STOPS
@@ -249,7 +284,7 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
     if not isinstance(stream, bool) or not isinstance(opts, dict):
         raise _bad("stream", "stream must be a boolean and stream_options an object")
     return GenRequest(_messages(body) if chat else None, None if chat else _prompt(body), ov, tuple(stop),
-                      stream, bool(opts.get("include_usage")))
+                      stream, bool(opts.get("include_usage")), bool(explain))
 
 
 async def read_json(request: Request, limit: int, timeout: float) -> dict:

@@ -11,9 +11,21 @@ Endpoints (every error is JSON: {"error": {"message", "type", "param", "code"}})
 
 Request fields of both POST endpoints:
     model                      any string; the response names the served model
-    max_tokens / max_completion_tokens   int 1..--max-tokens (default: the server's -n)
+    max_tokens / max_completion_tokens / n_predict   int 1..--max-tokens (default: the server's -n);
+                               n_predict -1 (llama.cpp's "no limit") = --max-tokens
     temperature                0..2, 0 = greedy;  top_p (0, 1];  seed 0..2^32-1
     top_k (int >= 0), min_p [0, 1)       llama.cpp-style extensions
+    repeat_penalty (0, 10], presence_penalty and frequency_penalty [-2, 2]: llama.cpp's penalties
+                               sampler over the last repeat_last_n (alias penalty_last_n; default 64,
+                               -1 = all, 0 = off) tokens of the reply (not of the prompt)
+    grammar                    GBNF text (rule "root"; "" = none) the reply follows, through llama.cpp's
+                               grammar sampler; or json_schema (a JSON schema), or response_format
+                               {"type": "json_object"[, "schema": ...]} / {"type": "json_schema",
+                               "json_schema": {"schema": ...}} (converted to GBNF); at most one of them.
+                               A grammar llama.cpp cannot parse, a schema it cannot follow, one past
+                               64 KiB of GBNF or 10000 repetitions in all ({m,n}, maxLength, maxItems),
+                               is a 400 naming the field. A reply cut by max_tokens may stop inside it.
+    explain                    true: the response's "fgdilp" object has the method's explain block
     stop                       a string or a list of up to 4 of at most 256 characters: the text is cut
                                before the first one
     n                          1 only;  stream (bool);  stream_options.include_usage (bool)
@@ -24,15 +36,26 @@ chat: messages [{role: system|developer|user|assistant, content: text or [{"type
 the last one the user's; a conversation longer than the context is a 400 with code
 "context_length_exceeded" (never trimmed silently). completions: prompt, a string or [string].
 
-Responses are OpenAI's, plus a top-level "fgdilp" object (method, stop_reason, timings) on a
-reply and on the last chunk of a stream. A stream's headers go out with its first text, so that
-anything found wrong before (bad values, a prompt longer than the context) is a plain HTTP error.
+Responses are OpenAI's, plus a top-level "fgdilp" object on a reply and on the last chunk of a
+stream: method; steered (whether the reply was steered: the method edits the model and the
+condition, if any, let it; a method's steer_scale 0 is an edit of no size); condition (null, or
+{threshold, toxicity: what the scorer read of the conversation, steered}); stop_reason; timings;
+with "explain": true, explain (the method's explain block, as the CLI's --explain shows it). A
+stream's headers go out with its first text, so that anything found wrong before (bad values, a
+prompt longer than the context) is a plain HTTP error. /v1/models' "created" is the model
+file's modification time.
 
-Unknown fields are ignored (clients add new ones all the time). Known OpenAI fields this server
-cannot honour (penalties, logit_bias, logprobs, tools, response_format other than text, echo,
-best_of, suffix) are accepted only at their no-op values (null, 0, false, empty) and are a 400
-otherwise, since ignoring them would change results silently. usage.completion_tokens counts
-the tokens generated, including any that a stop string cut off.
+No field is silently ignored: a field not listed here is a 400 naming it, except these, which do
+not change the reply and are accepted unused: user, metadata, store, service_tier,
+parallel_tool_calls, prompt_cache_key, safety_identifier (OpenAI), cache_prompt, id_slot,
+timings_per_token (llama.cpp), and the settings of a llama.cpp sampler that is off
+(mirostat_tau/eta, dynatemp_exponent, xtc_threshold, dry_base/allowed_length/penalty_last_n/
+sequence_breakers). Known fields this server cannot honour (logit_bias, logprobs, top_logprobs,
+tools, functions, tool_choice, echo, best_of, suffix; llama.cpp's n_probs, typical_p, mirostat,
+dynatemp_range, xtc_probability, dry_multiplier, ignore_eos) are accepted only at their no-op values
+(null, 0, 1 for typical_p, false, empty) and are a 400 otherwise, since ignoring them would change
+results silently. usage.completion_tokens counts the tokens generated, including any that a stop
+string cut off.
 
 Requests are queued FIFO and run one at a time on one model thread (model_queue.py); more than
 --max-queue waiting is a 503 with Retry-After. A client that hangs up (while queued, during
@@ -57,6 +80,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -117,6 +141,10 @@ class _Service(ModelQueue):
             raise FgdilpError(f"--max-steer-scale must be a finite number >= 0, not {limits.max_steer_scale}")
         super().__init__(det, limits.max_queue, methods)
         self.limits = limits
+        try:                                    # models.list's "created": when the model file was made
+            self.created = int(os.stat(det.model.info.path).st_mtime)
+        except OSError:
+            self.created = int(time.time())
         self.policy = Policy(max_tokens=limits.max_tokens, methods=methods,
                              max_steer_scale=limits.max_steer_scale)
 
@@ -300,7 +328,7 @@ def _endpoint(auth: bool = True) -> Callable:
 
 
 def _model_card(svc: _Service) -> dict:
-    return {"id": svc.model_id, "object": "model", "created": 0, "owned_by": "fgdilp-cpp"}
+    return {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "fgdilp-cpp"}
 
 
 @_endpoint(auth=False)

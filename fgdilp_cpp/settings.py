@@ -69,6 +69,12 @@ class Settings:
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    # llama.cpp's penalties over the last repeat_last_n reply tokens, and a GBNF grammar (defaults: off)
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64
+    grammar: Optional[str] = None
     # steering (TR and FGDILP)
     steer_scale: float = 1.0
     steer_layer_range: Optional[tuple[int, int]] = None
@@ -113,7 +119,9 @@ class Settings:
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(temp=self.temp, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                              seed=self.seed).validate()
+                              seed=self.seed, repeat_penalty=self.repeat_penalty,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repeat_last_n=self.repeat_last_n, grammar=self.grammar).validate()
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
