@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -82,7 +83,14 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
             return labelled
 
         if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
+            if not no_progress:     # one status line: the setup runs for a minute with nothing to count
+                click.echo(f"building FGDILP's directions for the prompt: {s.selfgen_samples} candidate "
+                           "continuations, their self-diagnosis and the prefixes (this can take a minute) ...",
+                           err=True)
+            started = time.monotonic()
             hd = det.build_vectors(prompt, chat=chat_mode)
+            if not no_progress:
+                click.echo(f"built in {time.monotonic() - started:.1f} s", err=True)
         elif source == "data":
             chosen, labels, how = labelled_set()
             hd = det.build_data_vectors([r.text for r in load_prompts(prompt_set, limit, offset)],
