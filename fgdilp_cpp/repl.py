@@ -124,6 +124,8 @@ class Session:
         try:
             make_private_dir(self.path.parent)
             refuse_shared_dir(self.path.parent)
+            if self.path not in self.saved and os.path.lexists(self.path):     # not ours: never replaced
+                self.path = self._free_path()
             write_atomic(self.path, json.dumps(self.document(), indent=1, ensure_ascii=False), private=True)
         except (OSError, FgdilpError) as exc:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
@@ -134,6 +136,12 @@ class Session:
         self.not_saved.pop(self.path, None)
         if self.path not in self.saved:
             self.saved.append(self.path)
+
+    def _free_path(self) -> Path:
+        stem, k = self.path.stem, 2
+        while os.path.lexists(self.path.with_name(f"{stem}.{k}.json")):
+            k += 1
+        return self.path.with_name(f"{stem}.{k}.json")
 
     def save(self, target: str) -> str:
         p = Path(target).expanduser()

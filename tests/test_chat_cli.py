@@ -270,6 +270,7 @@ def test_a_symlink_planted_at_the_conversation_file_is_refused_and_the_goodbye_s
     victim.write_text("precious")
     c = spawn(tiny_chat, tmp_path, "-n", "6", "-c", "256", "--method", "none")
     ask(c, "hello")
+    c.expect_exact("(preparing the first reply ...)\r")          # the session's first reply says so, then erases it
     c.expect_exact("[reply cut at -n 6 tokens]")
     c.expect_exact("> ")
     (path,) = (tmp_path / "hist").glob("chat-*.json")
@@ -308,3 +309,23 @@ def test_a_model_that_is_not_tuned_for_chat_gets_a_warning(tiny_chat, tiny_llama
     assert no_template.returncode == 0 and "its GGUF has no chat template" in no_template.stderr
     tuned = _chat_piped(tiny_chat, tmp_path, "")
     assert tuned.returncode == 0 and "base model" not in tuned.stderr
+
+
+def test_a_file_already_at_the_conversation_path_is_never_replaced(tmp_path):
+    """Unit level: the name a conversation would take is already there (another program's file)."""
+    from types import SimpleNamespace
+
+    from fgdilp_cpp.repl import Session
+    from fgdilp_cpp.settings import Settings
+
+    det = SimpleNamespace(settings=Settings(), model=SimpleNamespace(info=SimpleNamespace(path="m.gguf")),
+                          template=SimpleNamespace(name="chatml"))
+    session = Session(det, str(tmp_path / "hist"))
+    (tmp_path / "hist").mkdir(mode=0o700)
+    session.path.write_text("someone else's")
+    taken = session.path
+    session.transcript = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    session.autosave()
+    assert taken.read_text() == "someone else's"
+    assert session.saved == [taken.with_name(taken.stem + ".2.json")]
+    assert json.loads(session.saved[0].read_text())["messages"][1]["content"] == "hello"
