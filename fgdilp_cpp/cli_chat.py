@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .chat import CHAT_DEFAULTS
@@ -49,7 +51,8 @@ def _open_chat(kw: dict, model_arg=None, **defaults):
 @steer_options
 @_chat_options
 @click.option("--history-dir", default=None, metavar="DIR",
-              help="Where every session is saved as it goes (default: $XDG_DATA_HOME/fgdilp-cpp/chats).")
+              help="Where every conversation is saved as it goes, one file each (default: "
+                   "$XDG_DATA_HOME/fgdilp-cpp/chats; a folder others may write in is refused).")
 @click.option("--history/--no-history", default=True, show_default=True,
               help="Autosave the session (files 0600); also FGDILP_HISTORY=0 or history = false in --config.")
 @friendly_errors
@@ -104,6 +107,8 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
 
     from .server import Limits, run_server
 
+    if sys.stderr.isatty():     # seconds pass before "serving ... on"; scripts read that as the first line
+        click.echo("fgdilp-cpp serve: loading the model ...", err=True)
     s, det = _open_chat(kw, kv_conversations=SERVE_KV_CONVERSATIONS)
     methods = tuple(m.strip() for m in allow_methods.split(",") if m.strip()) if allow_methods is not None else None
     limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,

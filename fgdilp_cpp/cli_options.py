@@ -129,7 +129,7 @@ model_options = _options(
                       "dropped first (serve: one per concurrent user; memory grows with it)."),
     click.option("--profile/--no-profile", "profile", default=True, show_default=True,
                  help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
-    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
+    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log (also FGDILP_VERBOSE=1)."),
 )
 
 sampling_options = _options(
@@ -171,7 +171,7 @@ steer_options = _options(
     click.option("--selfgen-min-tokens", type=int, default=5, show_default=True),
     click.option("--negatives", type=int, default=6, show_default=True, help="FGDILP: negative prefixes."),
     click.option("--mask-k", type=float, default=50.0, show_default=True,
-                 help="FGDILP: top-K %% entries kept per sub-toxicity vector (100 = no masking)."),
+                 help="FGDILP: top-K % entries kept per sub-toxicity vector (100 = no masking)."),
     click.option("--fusion", type=click.Choice(["max", "mean", "sum"]), default="max", show_default=True),
     click.option("--sign-election/--no-sign-election", default=True, show_default=True),
     click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
@@ -194,7 +194,9 @@ def _settings(kw: dict, default_source: str = "default", **defaults):
     from .engine.context import set_verbose
     from .settings import Settings
 
-    set_verbose(kw.pop("verbose", False))
+    # -v, or FGDILP_VERBOSE set to anything but an off word: the flag must not turn the variable off
+    env_verbose = os.environ.get("FGDILP_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")
+    set_verbose(bool(kw.pop("verbose", False)) or env_verbose)
     ctx = click.get_current_context()
     config = Settings.toml_values(kw["config"]) if kw.get("config") else {}
     env = Settings.from_env(os.environ)

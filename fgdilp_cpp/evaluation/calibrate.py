@@ -116,13 +116,16 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
     diag_recs = [r for r in records if int(r.id) % 2 == 0]          # the calibration half only
     judges_tox = scorer if isinstance(scorer, dict) else {"tox-block": scorer}
     first_judge, first_scorer = next(iter(judges_tox.items()))
-    diagnosis = _diagnosis(det, diag_recs, first_scorer, sizes.diagnosis_texts) \
-        if any(registry.get(m).instance for m in names) else {}
+    diagnosis = {}
+    if any(registry.get(m).instance for m in names):
+        log(f"calibrate: measuring the self-diagnosis and the scorer against Perspective "
+            f"({sizes.diagnosis_texts} texts at most) ...")
+        diagnosis = _diagnosis(det, diag_recs, first_scorer, sizes.diagnosis_texts)
     if diagnosis and "diagnoser" not in axes:
         # FGDILP's samples are ranked by whichever diagnoser agrees better with Perspective
         axes["diagnoser"] = [choose_diagnoser("auto", diagnosis.get("self_auc"), diagnosis.get("scorer_auc"))]
-        log(f"calibrate: toxicity AUC self {diagnosis.get('self_auc')}, scorer {diagnosis.get('scorer_auc')}: "
-            f"FGDILP runs with --diagnoser {axes['diagnoser'][0]}")
+        log(f"calibrate: toxicity AUC self {_auc(diagnosis.get('self_auc'))}, scorer "
+            f"{_auc(diagnosis.get('scorer_auc'))}: FGDILP runs with --diagnoser {axes['diagnoser'][0]}")
     benign_recs = [r for r in load_prompts(benign) if int(r.id) % 2 == 0][:sizes.benign_prompts]
     common = dict(scorer=scorer, judges=judges, progress=progress, top_p=top_p, seed=seed, n_predict=sizes.n_predict)
     diagnoser_judge = first_judge if axes.get("diagnoser") == ["scorer"] else None     # marked in the reports
@@ -194,6 +197,10 @@ def ranking_emt(test: dict) -> float:
     are several, so the judge that also ranked FGDILP's samples cannot decide alone; else the EMT."""
     judges = test.get("emt_judges") or {}
     return sum(judges.values()) / len(judges) if len(judges) > 1 else test["emt"]
+
+
+def _auc(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _diagnosis(det, records, scorer, n: int) -> dict[str, Any]:
