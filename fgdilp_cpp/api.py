@@ -69,7 +69,7 @@ class Detoxifier:
             settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
             self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
             if chat and settings.steer_layer_range is None:
-                # no profile for this model: steer the later half of the layers (docs/results.md, chat study)
+                # no profile for this model: steer the later half of the layers (docs/results/runs-01-03-early.md, run 3)
                 n = model.info.n_layer
                 self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
                 settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})

@@ -31,13 +31,14 @@ CHAT_DEFAULTS = {
     "method": "fgdilp",
     "n_predict": 256,
     "ctx_size": 4096,
-    # 4 candidates of 8 tokens: on SmolLM2 as detoxifying as 6 x 12 and 25 x 20 within the
-    # intervals of 100 x 5 test prompts, x5.6 per-reply setup against x8.6 (docs/results.md)
+    # 4 candidates of 8 tokens: on SmolLM2 as detoxifying as more and longer ones, at a shorter
+    # setup (docs/results/chat-latency.md, "How many candidates chat needs")
     "selfgen_samples": 4,
     "selfgen_tokens": 8,
     "selfgen_min_tokens": 4,
     # FGDILP's instance kept while the conversation goes on, rebuilt when a turn escalates
-    # (docs/method.md §9.2): x1.4 the unsteered time to first token against x4.8 per reply (docs/results.md)
+    # (docs/method.md §9.2): a fraction of the per-reply setup's time to first token
+    # (docs/results/chat-latency.md)
     "instance_reuse": "conversation",
 }
 

@@ -39,8 +39,8 @@ CALIBRATION, BENIGN, TEST = "calibration", "benign", "test"
 @dataclass(frozen=True)
 class CalibrationSizes:
     cal_prompts: int = 24             # sized so that gemma-3-270m calibrates within 30 minutes on 2 cores
-    test_prompts: int = 32            # measured (gemma-3-270m, 2 cores): 26.6 minutes in all at 32 / 12,
-    benign_prompts: int = 12          # 33 at 48 / 16 (docs/results.md, "How long a calibration takes")
+    test_prompts: int = 32            # these two sized by the time a calibration takes:
+    benign_prompts: int = 12          # docs/results/calibration-time.md
     samples: int = 2
     n_predict: int = 16
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
