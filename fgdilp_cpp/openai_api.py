@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from . import methods
 from .errors import FgdilpError, ParamError
+from .openai_checks import ApiError
+from .openai_checks import bad_field as _bad
+from .openai_checks import checked_number as _number
+from .openai_checks import show_value as _show
 
 if TYPE_CHECKING:
     from .api import Detoxifier
@@ -77,18 +79,6 @@ def check_methods(names: "tuple[str, ...] | list[str]") -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error object."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error", headers: Optional[dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind, self.headers = kind, headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 @dataclass(frozen=True)
@@ -141,30 +131,6 @@ class StopScanner:
 
 
 # ---- request parsing ----------------------------------------------------------------------------
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param)
-
-
-def _show(v: Any) -> str:
-    """A value for an error message, cut short (a 4000-digit number is not worth echoing)."""
-    text = json.dumps(v)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
-            integer: bool = False) -> Any:
-    """body[name] checked to be a number (an int if integer) in the range; None when absent/null."""
-    v = body.get(name)
-    if v is None:
-        return None
-    kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) \
-            or (isinstance(v, float) and not math.isfinite(v)):
-        raise _bad(name, f"{name} must be {kind}, not {_show(v)}")
-    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-        lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise _bad(name, f"{name} must be in {lb}{lo:g}, {hi:g}{hb}, not {_show(v)}")
-    return v
 
 
 def _no_nul(text: str, param: str) -> str:
