@@ -68,7 +68,7 @@ class TinyConfig:
     n_head_kv: int = 2          # GQA: 2 query heads per kv head
     head_dim: int = 16          # written as key_length/value_length; n_rot == head_dim (llama requires it)
     n_ff: int = 96
-    n_ctx_train: int = 512
+    n_ctx_train: int = 32768    # -c is refused past it (settings.fit_ctx_size): room for the tests' contexts
     rms_eps: float = 1e-5
     rope_base: float = 10000.0
     seed: int = 0

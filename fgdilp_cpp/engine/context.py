@@ -18,6 +18,7 @@ import llama_cpp.llama_cpp as ll
 import numpy as np
 
 from ..errors import Cancelled, ContextFullError, FgdilpError
+from .allocation import check_context
 from .owned import Owned
 
 # KV cache types by llama.cpp's -ctk/-ctv spelling
@@ -116,6 +117,7 @@ class Model(Owned):
             detail = last_log_error()
             raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
         self._open = True
+        self.n_gpu_layers = n_gpu_layers     # where the KV goes (engine/allocation.py)
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
@@ -236,6 +238,7 @@ class Context(Owned):
         if params.flash_attn not in FLASH_ATTN:
             raise FgdilpError(f"flash attention must be on, off or auto, not {params.flash_attn!r}")
         self.model, self.params, self.hook = model, params, hook
+        check_context(model, params.n_ctx, params.n_seq_max, params.n_threads, params.type_k, params.type_v)
         threads = params.n_threads or (os.cpu_count() or 1)
         c = ll.llama_context_default_params()
         c.n_ctx = params.n_ctx
