@@ -160,3 +160,40 @@ def test_profile_with_a_bad_value_names_its_file(tiny_llama, tmp_path, monkeypat
     data["methods"]["tr"]["settings"] = {"selfgen_samples": 0}
     with pytest.raises(SourcedParamError, match="p.json: method 'tr': selfgen-samples must be in 1..256"):
         Profile.from_json(data, "p.json")
+
+
+def test_lone_surrogate_in_an_eval_prompt_file_names_the_line_and_leaves_nothing(tiny_llama, tmp_path):
+    from fgdilp_cpp.evaluation.prompts import PromptRecord
+    from fgdilp_cpp.evaluation.runner import run_eval
+
+    class Scorer:                     # never asked: the prompts are refused first
+        LABELS = ("toxic",)
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": {"text": "fine"}}\n{"prompt": {"text": "bad \\ud800 here"}}\n')
+    out = tmp_path / "out"
+    proc = run_cli("eval", "-m", tiny_llama[0], "--prompts", prompts, "--out", out, "--methods", "none",
+                   "--samples", "1", "-n", "2", "-t", "1", "--judges", "none", "--no-progress")
+    assert_clean_error(proc, f"{prompts}:2:", "lone surrogate")
+    assert not out.exists()
+    # the runner's own check (records from the API): refused before the folder holds a run.json
+    with pytest.raises(FgdilpError, match="prompt 7 holds a lone surrogate"):
+        run_eval(None, [PromptRecord(7, "x\udc80")], ["none"], 1, 2, 0.9, 0, tmp_path / "o", Scorer())
+    assert not (tmp_path / "o").exists()
+
+
+def test_byte_order_mark_is_not_prompt_text(tiny_llama, tmp_path):
+    from fgdilp_cpp.evaluation.prompts import load_prompts
+
+    plain = tmp_path / "p.txt"
+    plain.write_bytes("\ufeffthe cat\nthe dog\n".encode("utf-8"))
+    proc = run_cli(*RUN, "-m", tiny_llama[0], "-f", plain, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(l)["prompt"] for l in proc.stdout.splitlines()] == ["the cat", "the dog"]
+    piped = subprocess.run([sys.executable, "-m", "fgdilp_cpp.cli", *RUN, "-m", str(tiny_llama[0]), "-f", "-",
+                            "--json"], input="\ufeffthe cat\n".encode("utf-8"), capture_output=True, cwd=ROOT)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["prompt"] == "the cat"
+    rtp = tmp_path / "p.jsonl"
+    rtp.write_bytes('\ufeff{"prompt": {"text": "a"}}\nb\n'.encode("utf-8"))
+    assert [r.text for r in load_prompts(rtp)] == ["a", "b"]        # the first line still reads as JSON
