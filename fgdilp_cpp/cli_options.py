@@ -44,15 +44,14 @@ def flag_of(field: str) -> str:
 
 def setting_name(field: str) -> str:
     """A Settings field as the running command was given it: its FGDILP_* variable, its key in the
-    config file, else its flag (a value out of range is blamed on where it came from)."""
+    config file, else its flag (a value out of range is blamed on where it came from; a profile's
+    values are checked, naming the file, when it is read)."""
     ctx = click.get_current_context(silent=True)
     where = sources().get(field)
     if where == "env":
         return env_name(field)
     if where == "config" and ctx is not None:
         return f"{toml_key(field)} (config file {ctx.meta.get('fgdilp.config')})"
-    if where == "profile":
-        return f"{toml_key(field)} (the model's profile)"
     return flag_of(field)
 
 

@@ -111,6 +111,14 @@ def test_ctx_size_has_no_wrap_and_stops_at_the_trained_context(short_trained):
     assert json.loads(ok.stdout)["n_tokens"] == 2
 
 
+def test_model_dependent_limits_name_the_config_file(tmp_path, tiny_llama):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("steer-layer-range = [2, 99]\n")
+    proc = run_cli(*GEN[:-1], "tr", "-m", tiny_llama[0], "--config", cfg)
+    assert_clean_error(proc, f"steer-layer-range (config file {cfg})", "outside the model's layers")
+    assert "--steer-layer-range" not in proc.stderr
+
+
 def test_default_ctx_size_comes_down_to_the_trained_context(short_trained):
     from fgdilp_cpp.api import Detoxifier
 
