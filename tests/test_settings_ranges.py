@@ -205,3 +205,19 @@ def test_byte_order_mark_is_not_prompt_text(tiny_llama, tmp_path):
     rtp = tmp_path / "p.jsonl"
     rtp.write_bytes('\ufeff{"prompt": {"text": "a"}}\nb\n'.encode("utf-8"))
     assert [r.text for r in load_prompts(rtp)] == ["a", "b"]        # the first line still reads as JSON
+
+
+@pytest.mark.parametrize("tensor", ["output_norm.weight", "blk.0.ffn_down.weight"])
+def test_model_with_nan_weights_is_an_error_not_an_empty_reply(tmp_path, tensor):
+    from fgdilp_cpp.api import Detoxifier
+
+    path = tmp_path / "nan.gguf"
+    build_tiny_llama(path, TinyConfig(nan_tensor=tensor))
+    for method in ("none", "fgdilp"):
+        proc = run_cli("generate", "-m", path, "-p", "the cat", "-n", "4", "-t", "1", "--method", method,
+                       "--selfgen-samples", "2", "--selfgen-tokens", "3", "--selfgen-min-tokens", "1")
+        assert_clean_error(proc, "NaN logits")
+        assert proc.stdout.strip() == ""
+    with Detoxifier.from_file(str(path), method="none", threads=1, ctx_size=128) as det:
+        with pytest.raises(FgdilpError, match="NaN logits"):
+            det.generate("the cat", n_predict=3)

@@ -75,6 +75,7 @@ class TinyConfig:
     tie_output: bool = False    # if True, no output.weight is written (llama.cpp reuses token_embd)
     chat_template: str = ""     # written as tokenizer.chat_template when set (a Jinja text)
     mute_eos: bool = False      # zero EOS's output row: its logit is 0, far below top-k, so replies run long
+    nan_tensor: str = ""        # a tensor written as NaN (a broken model: its logits are not finite)
 
     @property
     def n_q(self) -> int:
@@ -207,6 +208,8 @@ def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarr
         out_w[EOS_ID] = 0.0
     if not cfg.tie_output:
         t["output.weight"] = out_w
+    if cfg.nan_tensor:
+        t[cfg.nan_tensor] = np.full_like(t[cfg.nan_tensor], np.nan)
 
     w = gguf.GGUFWriter(path, "llama")
     w.add_name("tiny-llama-test")

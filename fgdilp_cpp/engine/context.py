@@ -338,6 +338,23 @@ class Context(Owned):
         if rc != 0:
             detail = last_log_error()
             raise FgdilpError(f"llama_decode failed ({rc})" + (f": {detail}" if detail else ""))
+        self._check_logits(batch)
+
+    def _check_logits(self, batch) -> None:
+        """Refuse logits that are not finite (a model with NaN or overflowing weights): sampled,
+        they would give a token chosen by no number at all (an empty reply, rc 0). The batch's last
+        row with logits stands for the others: broken weights spoil every row; a steered row that
+        is not finite is refused by the hook itself."""
+        n = batch.c.n_tokens
+        if n <= 0:
+            return
+        wanted = np.flatnonzero(np.ctypeslib.as_array(batch.c.logits, shape=(n,)))
+        if wanted.size == 0:
+            return
+        top = float(np.max(self.logits(int(wanted[-1]))))    # NaN if any is NaN; -inf if none is finite
+        if not np.isfinite(top):
+            raise FgdilpError(f"the model computed {'NaN' if top != top else 'infinite'} logits: its weights "
+                              f"are broken (they hold NaN or overflow)")
 
     def request_abort(self) -> None:
         """Make the running (or next) decode stop early; safe from another thread."""
