@@ -221,3 +221,14 @@ def test_model_with_nan_weights_is_an_error_not_an_empty_reply(tmp_path, tensor)
     with Detoxifier.from_file(str(path), method="none", threads=1, ctx_size=128) as det:
         with pytest.raises(FgdilpError, match="NaN logits"):
             det.generate("the cat", n_predict=3)
+
+
+def test_shipped_profiles_are_within_the_ranges():
+    from fgdilp_cpp.profiles import SHIPPED_DIR
+
+    shipped = sorted(SHIPPED_DIR.glob("*.json"))
+    assert shipped
+    for path in shipped:                 # Profile.load checks every entry's values (RANGES)
+        prof = Profile.load(path)
+        for method in prof.methods:
+            Settings().updated(prof.settings_for(method))
