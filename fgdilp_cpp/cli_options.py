@@ -57,7 +57,8 @@ def setting_name(field: str) -> str:
 
 def ranged(field: str, help: str = "") -> str:
     """`help` with the range of a Settings field (settings.RANGES, checked for every source)."""
-    return f"{help} [{RANGES[field].text()}]".strip()
+    r = RANGES[field]
+    return f"{help} [{r.shown or r.text().removeprefix('in ')}]".strip()
 
 
 class MethodChoice(click.ParamType):

@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping, Optional
 
 from .errors import FgdilpError, ParamError
 from .params import (CONTRASTS, DIAGNOSERS, EDIT_RULES, FUSED_NORM_TO_MEAN_DELTA, FUSION_MODES, MAX_CTX_SIZE,
-                     MAX_NEGATIVES, MAX_SEQUENCES, MAX_THREADS_PER_CORE, EngineParams, FgdilpParams, SamplingParams,
-                     SteerParams, max_threads)
+                     MAX_NEGATIVES, MAX_REPEAT_LAST_N, MAX_REPEAT_PENALTY, MAX_SEQUENCES, MAX_THREADS_PER_CORE,
+                     EngineParams, FgdilpParams, SamplingParams, SteerParams, max_threads)
 
 # settings with a fixed set of values: refused when set (a flag, a config file, a sweep), not
 # only when a generation first uses them
@@ -246,6 +246,7 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
     why: str = ""               # where the limit comes from, said when a value is refused
+    shown: str = ""             # the range in help text, where its numbers depend on the machine
 
     def text(self) -> str:
         """The range as a user reads it: "in 0..8", "in (0, 1]", ">= 0"."""
@@ -272,7 +273,8 @@ INT32_MAX = 2**31 - 1          # llama.cpp's int32 parameters: a larger value wo
 # fields float bounds (the text says 0..16 or [0, 1])
 RANGES: dict[str, Range] = {
     "ctx_size": Range(16, MAX_CTX_SIZE),
-    "threads": Range(0, max_threads(), why=f"0 = every core; at most {MAX_THREADS_PER_CORE} per CPU core"),
+    "threads": Range(0, max_threads(), why=f"0 = every core; at most {MAX_THREADS_PER_CORE} per CPU core",
+                     shown=f"0..{MAX_THREADS_PER_CORE} per CPU core"),
     "n_gpu_layers": Range(-1, INT32_MAX, why="-1 = every layer"),
     "batch_size": Range(8, MAX_CTX_SIZE),
     "kv_conversations": Range(1, 16),
@@ -282,6 +284,11 @@ RANGES: dict[str, Range] = {
     "top_k": Range(0, INT32_MAX, why="0 = off"),
     "top_p": Range(0.0, 1.0, lo_open=True),
     "min_p": Range(0.0, 1.0, hi_open=True),
+    # llama.cpp's penalties sampler (params.SamplingParams): OpenAI's range for presence / frequency
+    "repeat_penalty": Range(0.0, MAX_REPEAT_PENALTY, lo_open=True),
+    "presence_penalty": Range(-2.0, 2.0),
+    "frequency_penalty": Range(-2.0, 2.0),
+    "repeat_last_n": Range(0, MAX_REPEAT_LAST_N),
     "steer_scale": Range(),
     "exp_norm": Range(),
     "exp_sim": Range(),
