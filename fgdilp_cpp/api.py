@@ -28,7 +28,7 @@ from .generation import GenResult, identity_of, open_generator, probe_kqv_out
 from .method.vectors import HeadDirections
 from .models import resolve_model
 from .profiles import Profile, apply_profile, find_profile, find_universal, model_identity
-from .settings import Settings, default_sources
+from .settings import Settings, default_sources, fit_ctx_size
 from .stream import Stream
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
@@ -67,6 +67,7 @@ class Detoxifier:
             self.profile, self.profile_path = self._find_profile(model, settings, profile)
             values, sources = apply_profile(dict(vars(settings)), sources, self.profile)
             settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
+            settings = fit_ctx_size(settings, model.info.n_ctx_train, sources.get("ctx_size", "default"))
             self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
             if chat and settings.steer_layer_range is None:
                 # no profile for this model: steer the later half of the layers (docs/results/runs-01-03-early.md, run 3)

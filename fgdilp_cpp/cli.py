@@ -68,10 +68,11 @@ def _prompts(prompt, prompts_file) -> list[str]:
     if prompt is not None:
         return [prompt]
     try:
+        # a byte-order mark (Windows editors and PowerShell pipes write one) is not the first prompt's text
         if prompts_file == "-":
-            lines = sys.stdin.read().splitlines()
+            lines = sys.stdin.read().removeprefix("\ufeff").splitlines()
         else:
-            with open(prompts_file, encoding="utf-8") as f:
+            with open(prompts_file, encoding="utf-8-sig") as f:
                 lines = f.read().splitlines()
     except OSError as exc:
         raise FgdilpError(f"cannot read {prompts_file}: {exc.strerror}") from None

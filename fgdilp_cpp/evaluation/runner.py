@@ -335,6 +335,14 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         raise FgdilpError("prompt ids must be unique")
+    for r in records:        # refused before out_dir holds anything (a run.json of a run that cannot start)
+        if not isinstance(r.text, str):
+            raise FgdilpError(f"prompt {r.id} is not text: {type(r.text).__name__}")
+        try:
+            r.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FgdilpError(f"prompt {r.id} holds a lone surrogate {r.text[exc.start]!r} at character "
+                              f"{exc.start}, which is not text") from None
     eval_sampling(top_p, seed)           # refuses a bad top-p or seed before anything is written
     check_grid(det.settings, [p for p, _ in per_method(methods, grid)], det.model.info.n_layer)
     if ppl_budget is not None and not (math.isfinite(ppl_budget) and ppl_budget > 0):
