@@ -57,7 +57,11 @@ def check_shapes(w: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], w
 
 
 def _open_h5(source):
-    import h5py
+    try:
+        import h5py
+    except ImportError:          # the [scorer] extra was not installed
+        raise FgdilpError("the toxicity scorer reads Keras weight files with h5py: "
+                          "pip install 'fgdilp-cpp[scorer]' (make install installs it)") from None
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
