@@ -37,8 +37,9 @@ WEIGHT_NAMES = ("embeddings", "fwd_kernel", "fwd_recurrent", "fwd_bias", "bwd_ke
 def expected_shapes(num_words: int, embed_dim: int, units: int, dense_units: int,
                     n_labels: int) -> dict[str, tuple[int, ...]]:
     """The weight shapes of Embedding -> BiLSTM(concat) -> Dense(relu) -> Dense(sigmoid)."""
-    lstm = {"kernel": (embed_dim, 4 * units), "recurrent": (units, 4 * units), "bias": (4 * units,)}
-    out = {"embeddings": (num_words, embed_dim)}
+    lstm: dict[str, tuple[int, ...]] = {"kernel": (embed_dim, 4 * units), "recurrent": (units, 4 * units),
+                                        "bias": (4 * units,)}
+    out: dict[str, tuple[int, ...]] = {"embeddings": (num_words, embed_dim)}
     for d in ("fwd", "bwd"):
         out.update({f"{d}_{k}": v for k, v in lstm.items()})
     out.update({"dense_kernel": (2 * units, dense_units), "dense_bias": (dense_units,),
