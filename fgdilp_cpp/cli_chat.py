@@ -105,7 +105,11 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
     is kept per method (--kv-conversations), so a client's next turn decodes only its new tokens."""
     import os
 
-    from .server import Limits, run_server
+    try:
+        from .server import Limits, run_server
+    except ImportError as exc:   # starlette or uvicorn absent: the [server] extra was not installed
+        raise FgdilpError(f"serve needs {(exc.name or '?').split('.')[0]}: pip install 'fgdilp-cpp[server]' "
+                          "(make install installs it)") from None
 
     if sys.stderr.isatty():     # seconds pass before "serving ... on"; scripts read that as the first line
         click.echo("fgdilp-cpp serve: loading the model ...", err=True)

@@ -316,7 +316,7 @@ def run_chat(det, history_dir: Optional[str] = None) -> int:
         importlib.import_module("readline")    # line editing and history for input()
     except ImportError:
         pass
-    det.template  # refuse a model without a chat template before the first message
+    det.template  # noqa: B018 (the property raises:) refuse a model without a chat template before the first message
     session = Session(det, history_dir)
     print(f"fgdilp-cpp chat: {det.name}, method {session.method}, template {det.template.name}. "
           f"/help for commands, Ctrl-D to leave.", file=sys.stderr)

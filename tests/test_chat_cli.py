@@ -192,7 +192,6 @@ def _chat_piped(model, tmp_path, stdin, *args, env=None):
 
 
 def test_history_is_private_atomic_and_never_follows_a_symlink(tiny_chat, tmp_path):
-    import os
     import stat
 
     victim = tmp_path / "victim.txt"

@@ -176,7 +176,7 @@ def _write(w: gguf.GGUFWriter, tensors: dict[str, np.ndarray]) -> None:
     w.close()
 
 
-def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarray]:
+def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarray]:  # noqa: B008 (only read)
     """Write a tiny random ``llama`` GGUF (all F32) to ``path``.
 
     Returns the weights keyed by GGUF tensor name, linear weights in torch layout

@@ -9,8 +9,9 @@ at a fluency cost a user accepts, confirm it on other prompts, and write the mod
    (EMTs within frontier.EMT_TIE of the lowest tie: the lowest PPL ratio of them wins).
 4. Each chosen point runs again on the test part (the confirmation: the figures in the profile).
 5. The recommended method is the one with the lowest confirmed EMT among the detoxifiers whose
-   confirmation stayed within the fluency budget (the random control is measured, never recommended). The profile also records the agreement of
-   self-diagnosis and of the offline scorer with Perspective (for --diagnoser auto).
+   confirmation stayed within the fluency budget (the random control is measured, never recommended).
+   The profile also records the agreement of self-diagnosis and of the offline scorer with
+   Perspective (for --diagnoser auto).
 Every step is an eval run in its own folder under out_dir: a killed calibration resumes.
 """
 

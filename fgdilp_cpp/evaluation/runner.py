@@ -290,7 +290,8 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
              seed: int, out_dir, scorer, judges: Mapping[str, Any] | None = None, progress: bool = True,
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
              n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None,
-             grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},), greedy: bool = False, ppl_budget: Optional[float] = 1.25,
+             grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},),
+             greedy: bool = False, ppl_budget: Optional[float] = 1.25,
              benign: bool = False, chat: bool = False, ablation: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict:
     """Run (or resume) an evaluation and write its report.
 
@@ -319,7 +320,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     judges = dict(judges or {})
     tox_judges = judge_map(scorer)
     primary, scorer = next(iter(tox_judges.items()))
-    labels = list(labels if labels is not None else getattr(scorer, "LABELS"))
+    labels = list(labels if labels is not None else scorer.LABELS)
     if tox_label not in labels:
         raise FgdilpError(f"the toxicity label {tox_label!r} is not one of the scorer's labels {labels}")
     extra_labels = {name: list(getattr(s, "LABELS", None) or labels)
