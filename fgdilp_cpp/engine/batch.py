@@ -148,6 +148,9 @@ class Lockstep:
                 seq = self.shadow              # the twin holds the same unedited prompt rows
             by_pos.setdefault((seq, c.index), []).append(c.slot)
         starts = self._kept_prefixes(by_pos)
+        # each role's body alone, in chunks of `cap` from its first decoded token: llama.cpp's CPU
+        # kernels pick their arithmetic by the ubatch's row count, so rows that shared a ubatch with
+        # other roles came out (slightly) unlike the same tokens decoded alone (method none)
         for r, toks in enumerate(self.sequences):
             for i in range(starts[r], len(toks) - 1):
                 if b.n == cap:
@@ -155,8 +158,9 @@ class Lockstep:
                     pending = []
                 row = b.add(toks[i], i, self.seq_id(0, r), False)
                 pending += [(row, slot, r, i) for slot in by_pos.get((r, i), ())]
-        if b.n:
-            self._decode_chunk(pending)
+            if b.n:
+                self._decode_chunk(pending)
+                pending = []
         if self.twin is not None and len(self.sequences[self.twin]) > 1:
             self.ctx.seq_cp(self.seq_id(0, self.shadow), self.seq_id(0, self.twin), 0,
                             len(self.sequences[self.twin]) - 1)
