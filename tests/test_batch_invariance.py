@@ -60,13 +60,16 @@ def tiny(tiny_llama):
 
 
 # ---- the cause: the prefill's ubatches -----------------------------------------------------------
-def test_prefill_decodes_each_role_alone_from_its_own_start(tiny, monkeypatch):
+@pytest.mark.parametrize("max_samples", [1, 4])
+def test_prefill_decodes_each_role_alone_from_its_own_start(tiny, monkeypatch, max_samples):
     """Every prefill ubatch before the last holds rows of one sequence, cut in -b rows from that
-    sequence's first token: a role's rows never depend on the other roles' lengths."""
+    sequence's first token: a role's rows never depend on the other roles' lengths, nor on the
+    context's batch being raised above -b to hold every sample's last tokens (4 samples x 3 roles)."""
     seqs = [tiny.tokenize(POS_PREFIX + TINY_PROMPT), tiny.tokenize(NEG_PREFIX + TINY_PROMPT),
             tiny.tokenize(TINY_PROMPT)]
-    with generator(tiny, 8, kv_reuse=False) as gen:
+    with generator(tiny, 8, kv_reuse=False, max_samples=max_samples) as gen:
         ctx = gen.context("tr")
+        assert ctx.params.n_batch == max(8, 3 * max_samples)
         seen: list[list[int]] = []
         decode = ctx.decode
 
@@ -77,13 +80,13 @@ def test_prefill_decodes_each_role_alone_from_its_own_start(tiny, monkeypatch):
 
         monkeypatch.setattr(ctx, "decode", record)
         ctx.clear()
-        lock = Lockstep(ctx, seqs, want_logits=[2])
+        lock = Lockstep(ctx, seqs, want_logits=[2], n_groups=max_samples)
         try:
             lock.prefill()
         finally:
             lock.close()
     body, last = seen[:-1], seen[-1]
-    assert last == [0, 1, 2]
+    assert last == list(range(3 * max_samples))
     assert all(len(set(ids)) == 1 for ids in body)
     for r, toks in enumerate(seqs):
         sizes = [len(ids) for ids in body if ids[0] == r]
