@@ -207,3 +207,23 @@ def test_a_kept_conversation_replies_as_before_after_six_others(method):
         assert det.chat(request).text == first
     finally:
         det.close()
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("method", ["tr", "fgdilp-frozen"])
+def test_kv_reuse_moves_a_first_reply_far_less_than_the_steering(gemma, method):
+    """With KV reuse a steered P0 decodes beside its unedited twin (engine/batch.py), one more row
+    in every step's ubatch (TR: 4 instead of 3, a different kernel on this CPU build); the greedy
+    reply stays, and the teacher-forced logits move by a small part of what the steering does."""
+    def go(reuse: bool, forced=None):
+        with generator(gemma, 512, kv_reuse=True) as gen:
+            r = gen.generate(ISSUE_PROMPT, method, n_predict=12, sampling=GREEDY, forced_tokens=forced,
+                             record_logits=True, kv_reuse=reuse)
+        return r.samples[0].tokens, np.stack([l[0] for l in r.logits])
+
+    assert go(True)[0] == go(False)[0]
+    forced = run(gemma, "none", 512, n=12, prompt=ISSUE_PROMPT)[0]
+    none_logits = run(gemma, "none", 512, forced=forced, prompt=ISSUE_PROMPT)[1]
+    fresh, kept = go(False, forced)[1], go(True, forced)[1]
+    effect = np.abs(fresh - none_logits).max(axis=1)
+    assert (np.abs(kept - fresh).max(axis=1) < 0.2 * effect).all()
