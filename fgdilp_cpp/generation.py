@@ -158,7 +158,7 @@ class Generator:
         params = ContextParams(n_ctx=n_ctx * convs, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq * convs,
                                n_outputs_max=n_seq * convs, n_threads=e.n_threads, type_k=e.type_k,
                                type_v=e.type_v, flash_attn=e.flash_attn, kv_reuse=e.kv_reuse,
-                               kv_conversations=convs)
+                               kv_conversations=convs, prefill_rows=e.n_batch)
         self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         if self._cancelled:              # cancel() came while this context did not exist yet
             ctx.request_abort()

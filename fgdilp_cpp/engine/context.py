@@ -226,6 +226,7 @@ class ContextParams:
     flash_attn: str = "auto"
     kv_reuse: bool = True             # runs that support it keep their common prefix (engine/batch.py)
     kv_conversations: int = 1         # >1: records of other conversations stay until their ids are needed
+    prefill_rows: int = 0             # rows per ubatch of a prompt body (the user's -b); 0 = n_batch
 
 
 class Context(Owned):
