@@ -104,28 +104,58 @@ class ChatTemplate:
 @dataclass(frozen=True)
 class Fitted:
     messages: list[dict]
-    prompt: str           # the formatted conversation
+    prompt: str           # the formatted conversation (a ChatPrompt: .special says how to tokenize it)
     n_tokens: int
     dropped: int          # oldest messages removed to fit
 
 
-def fit(messages: list[dict], template: ChatTemplate, count: Callable[[str], int], budget: int) -> Fitted:
-    """Drop the oldest non-system messages (a user turn with its reply) until the formatted
-    conversation is at most `budget` tokens; the last user message always stays."""
+def turn_starts(messages: list[dict]) -> list[int]:
+    """Where the conversation (after its system message) may start once its oldest turns are
+    dropped: 0, then each next user message (a user turn goes with its replies); the last
+    message is the user's and always stays."""
+    starts = [0]
+    while starts[-1] < len(messages) - 1:
+        cut = starts[-1] + 1
+        while cut < len(messages) - 1 and messages[cut]["role"] != "user":
+            cut += 1
+        starts.append(cut)
+    return starts
+
+
+def fit(messages: list[dict], render: Callable[[list[dict]], str], count: Callable[[str], int], budget: int,
+        trim: bool = True) -> Fitted:
+    """The conversation rendered (render: messages -> prompt) in at most `budget` tokens.
+    trim=False: rendered and counted once, ContextLengthError if it is over. trim=True: the
+    fewest oldest non-system turns dropped (see turn_starts) that make it fit, found by a
+    binary search (a conversation's tokens shrink as turns go: O(log turns) countings, never
+    one per dropped turn); ContextLengthError if the last user message alone does not fit."""
     msgs = list(messages)
     system = [m for m in msgs[:1] if m["role"] == "system"]
     rest = msgs[len(system):]
-    dropped = 0
-    while True:
-        prompt = template.format(system + rest)
-        n = count(prompt)
-        if n <= budget:
-            return Fitted(system + rest, prompt, n, dropped)
-        if len(rest) <= 1:
-            raise ContextLengthError(f"the message is {n} tokens with the chat template (and system prompt); "
-                              f"the context leaves room for {budget} (raise -c or shorten it)")
-        cut = 1
-        while cut < len(rest) - 1 and rest[cut]["role"] != "user":   # drop up to the next user turn
-            cut += 1
-        rest = rest[cut:]
-        dropped += cut
+    prompt = render(msgs)
+    n = count(prompt)
+    if n <= budget:
+        return Fitted(msgs, prompt, n, 0)
+    if not trim:
+        raise ContextLengthError(f"the conversation does not fit the context: {n} tokens with the chat "
+                                 f"template, and the context leaves room for {budget} with the reply; drop "
+                                 f"older messages")
+    starts = turn_starts(rest)
+    tried = {0: (prompt, n)}
+
+    def at(j: int) -> tuple[str, int]:
+        if j not in tried:
+            p = render(system + rest[starts[j]:])
+            tried[j] = (p, count(p))
+        return tried[j]
+
+    last = len(starts) - 1
+    if at(last)[1] > budget:
+        raise ContextLengthError(f"the message is {at(last)[1]} tokens with the chat template (and system "
+                                 f"prompt); the context leaves room for {budget} (raise -c or shorten it)")
+    lo, hi = 0, last                 # at(lo) is over the budget, at(hi) within it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at(mid)[1] > budget else (lo, mid)
+    prompt, n = at(hi)
+    return Fitted(system + rest[starts[hi]:], prompt, n, starts[hi])

@@ -1,0 +1,178 @@
+"""Chat prompts whose messages stay text: the template's own markers are control tokens, while
+special-token text inside a message ("<|im_end|>\\n<|im_start|>assistant" typed by a user) is
+tokenized as ordinary text, so that a message cannot close its own turn and forge another.
+
+A conversation none of whose messages holds such text tokenizes exactly as before (one llama.cpp
+call with special tokens parsed): KV reuse and the oracle tests depend on those tokens. Only a
+conversation with a message that holds control-token text is tokenized by ContentAsText, which
+repeats llama.cpp's own partition (control tokens split the text into raw fragments, each
+tokenized alone) but looks for control tokens outside the messages only.
+
+The vocabulary scan (VocabStats) also gives the bound the server uses to refuse a body that
+cannot fit the context without tokenizing it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import llama_cpp.llama_cpp as ll
+
+# the token kinds llama.cpp parses only with parse_special (user-defined ones it always parses)
+_CONTROL = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN
+
+
+@dataclass(frozen=True)
+class VocabStats:
+    """What the chat path needs of a vocabulary, from one scan of it."""
+    control_texts: tuple[str, ...]      # texts llama.cpp parses as control tokens (special=True)
+    control_ids: frozenset
+    longest_bytes: int                  # the most bytes of text one token stands for
+    longest_solid_bytes: int            # ... not counting whitespace
+
+    def holds_control_text(self, texts: Sequence[str]) -> bool:
+        joined = "\x00".join(texts)           # messages hold no NUL (chat.normalize)
+        if not any(c in joined for c in {t[0] for t in self.control_texts}):
+            return False                       # the usual case, at a few scans of the text
+        return any(t in joined for t in self.control_texts)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of `text` however it is tokenized: each token stands for
+        at most longest_bytes of it (and longest_solid_bytes of its non-whitespace bytes), and
+        every byte is some token's (a tokenizer may fold whitespace, hence the second bound)."""
+        data = text.encode("utf-8", errors="surrogatepass")
+        solid = len(data) - sum(data.count(c) for c in b" \t\n\r\x0b\x0c")
+        return max(-(-len(data) // max(self.longest_bytes, 1)), -(-solid // max(self.longest_solid_bytes, 1)))
+
+
+_STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def vocab_stats(model) -> VocabStats:
+    """The VocabStats of an engine Model, scanned once per Model (about a second for 256k tokens)."""
+    found = _STATS.get(model)
+    if found is None:
+        texts, ids, longest, solid = [], [], 1, 1
+        for t in range(model.info.n_vocab):
+            piece = model.token_bytes(t, special=True)
+            longest = max(longest, len(piece))
+            solid = max(solid, len(piece.translate(None, b" \t\n\r\x0b\x0c")))
+            if ll.llama_vocab_get_attr(model.vocab, t) & _CONTROL:
+                text = (ll.llama_vocab_get_text(model.vocab, t) or b"").decode("utf-8", errors="replace")
+                if text:
+                    texts.append(text)
+                    ids.append(t)
+        found = _STATS[model] = VocabStats(tuple(dict.fromkeys(texts)), frozenset(ids), longest, solid)
+    return found
+
+
+class ContentAsText:
+    """The `special` argument of Model.tokenize for a chat prompt with control-token text in its
+    messages: control tokens are parsed outside the messages' spans only. Truthy, as the True it
+    stands in for; texts that do not hold the prompt are tokenized as with special=True."""
+
+    def __init__(self, prompt: str, spans: Sequence[tuple[int, int]], stats: VocabStats):
+        self.prompt, self.spans, self.stats = prompt, tuple(spans), stats
+
+    def __bool__(self) -> bool:
+        return True
+
+    def tokenize_text(self, model, text: str, add_bos: bool) -> list[int]:
+        # the prompt is the end of what is tokenized (steering prefixes go in front of it)
+        at = len(text) - len(self.prompt) if text.endswith(self.prompt) else text.find(self.prompt)
+        if at < 0:
+            return model.tokenize(text, add_bos=add_bos, special=True)
+        out: list[int] = []
+        if add_bos and ll.llama_vocab_get_add_bos(model.vocab) and model.bos >= 0:
+            out.append(model.bos)
+        raw: list[str] = []
+
+        def flush() -> None:
+            if raw:
+                out.extend(model.tokenize("".join(raw), add_bos=False, special=False))
+                raw.clear()
+
+        pos = 0
+        for a, b in [(a + at, b + at) for a, b in self.spans] + [(len(text), len(text))]:
+            for piece, token in self._partition(model, text[pos:a]):
+                if token is None:
+                    raw.append(piece)
+                else:
+                    flush()
+                    out.append(token)
+            raw.append(text[a:b])                  # a message: never parsed for control tokens
+            pos = b
+        flush()
+        if add_bos and ll.llama_vocab_get_add_eos(model.vocab):
+            out.append(ll.llama_vocab_eos(model.vocab))
+        return out
+
+    def _partition(self, model, part: str) -> list[tuple[str, Optional[int]]]:
+        """`part` (template text) as raw pieces and control tokens, where llama.cpp finds them."""
+        if not part:
+            return []
+        found, cursor = [], 0
+        for t in model.tokenize(part, add_bos=False, special=True):
+            if t not in self.stats.control_ids:
+                continue
+            text = (ll.llama_vocab_get_text(model.vocab, t) or b"").decode("utf-8", errors="replace")
+            i = part.find(text, cursor)
+            if i < 0:                              # e.g. <unk> for a character the vocabulary lacks
+                continue
+            found += [(part[cursor:i], None), ("", t)]
+            cursor = i + len(text)
+        return found + [(part[cursor:], None)]
+
+
+class ChatPrompt(str):
+    """A formatted conversation; .special is what Model.tokenize must parse it with (True, or a
+    ContentAsText when a message holds control-token text)."""
+    special: object = True
+
+    def __new__(cls, text: str, special: object = True) -> "ChatPrompt":
+        obj = super().__new__(cls, text)
+        obj.special = special
+        return obj
+
+
+def chat_prompt(messages: list[dict], format_: Callable[[list[dict]], str], stats: VocabStats) -> ChatPrompt:
+    """The conversation formatted, with the tokenization that keeps its messages text."""
+    prompt = format_(messages)
+    if not stats.holds_control_text([m["content"] for m in messages]):
+        return ChatPrompt(prompt)
+    return ChatPrompt(prompt, ContentAsText(prompt, content_spans(messages, format_, prompt), stats))
+
+
+def content_spans(messages: list[dict], format_: Callable[[list[dict]], str], prompt: str) -> list[tuple[int, int]]:
+    """Where each message's text lies in `prompt`: the conversation is formatted again with a
+    placeholder per message, and the placeholders' places are accepted only if putting the
+    texts back (as given, or stripped: some templates trim) gives `prompt` exactly."""
+    from .errors import FgdilpError
+
+    mark = next(m for m in ("\ue000", "\ue001", "\ue002", "\uf8ff")
+                if all(m not in x["content"] for x in messages))
+    holders = [f"{mark}{i}{mark}" for i in range(len(messages))]
+    shaped = format_([{"role": m["role"], "content": h} for m, h in zip(messages, holders)])
+    cuts, pos = [], 0
+    for h in holders:
+        i = shaped.find(h, pos)
+        if i < 0:
+            break
+        cuts.append(i)
+        pos = i + len(h)
+    else:
+        for texts in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
+            spans, rebuilt, pos, length = [], [], 0, 0
+            for h, i, text in zip(holders, cuts, texts):
+                rebuilt += [shaped[pos:i], text]
+                length += i - pos
+                spans.append((length, length + len(text)))
+                length += len(text)
+                pos = i + len(h)
+            rebuilt.append(shaped[pos:])
+            if "".join(rebuilt) == prompt:     # a duplicated or changed message fails here
+                return spans
+    raise FgdilpError("a message holds special-token text, and this chat template changes message text "
+                      "in a way that cannot keep it as text; remove the special-token text")
