@@ -1,0 +1,187 @@
+"""A request's cost is bounded before the model thread: huge conversations are refused in
+milliseconds while a normal request runs beside them in its usual time; the conversation is
+fitted once, off the model thread; shutdown ends within its deadline; an empty API key is an
+error, not auth turned off."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fgdilp_cpp import FgdilpError
+from fgdilp_cpp.api import Detoxifier
+from fgdilp_cpp.server import Limits, create_app
+from server_helpers import MSGS, Served, open_det, wait_until
+
+CHAT = "/v1/chat/completions"
+HUGE = {n: json.dumps({"messages": [{"role": "user", "content": "hi"}] * n}).encode() for n in (800, 20_000)}
+LONG_KW = dict(chat=True, ctx_size=512, n_predict=200, threads=1, method="tr")
+
+
+def timed(srv: Served, body, path: str = CHAT) -> tuple[float, int, dict]:
+    """(seconds from sending to the answer, status, JSON): the body serialized before the clock starts."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    t0 = time.perf_counter()
+    status, _, out = srv.request("POST", path, data)
+    return time.perf_counter() - t0, status, out
+
+
+@pytest.fixture(scope="module")
+def long_srv(tiny_chat):
+    """A model whose replies run to max_tokens (its EOS never wins): a normal request takes a while."""
+    with Detoxifier.from_file(str(tiny_chat), **LONG_KW) as det, Served(create_app(det)) as srv:
+        yield srv
+
+
+def test_huge_conversations_are_400_in_milliseconds_beside_a_normal_request(long_srv):
+    normal = {"messages": MSGS, "seed": 3, "max_tokens": 200}
+    timed(long_srv, normal)
+    alone = min(timed(long_srv, normal)[0] for _ in range(2))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(timed, long_srv, normal)
+        wait_until(lambda: long_srv.service.in_flight == 1, "the normal request did not start")
+        refused = []
+        for _ in range(3):
+            for body in HUGE.values():
+                refused.append(timed(long_srv, body))
+                time.sleep(0.02)
+        assert not running.done()                      # all of them arrived while it ran
+        beside, status, out = running.result()
+    assert status == 200 and out["usage"]["completion_tokens"] == 200
+    for seconds, status, out in refused:
+        assert status == 400 and out["error"]["code"] in ("context_length_exceeded", "too_many_messages")
+    # medians: the test machine is shared (2 cores, load ~8); the 20,000-message body is 700 KB of
+    # JSON, whose parse alone (json.loads, before anything can count it) takes 25-40 ms there
+    for n, limit in ((800, 0.05), (20_000, 0.15)):
+        times = sorted(r[0] for r in refused[list(HUGE).index(n)::2])
+        assert times[len(times) // 2] < limit and times[-1] < 0.3, (n, [round(t, 4) for t in times])
+    print(f"alone {alone:.3f} s, beside {beside:.3f} s, refusals (800, 20000 alternating) "
+          f"{[round(r[0], 4) for r in refused]}")
+    # delayed by no more than the CPU the refusals themselves took (the model thread never saw them)
+    assert beside < 1.5 * alone + sum(r[0] for r in refused), (beside, alone)
+
+
+def test_which_check_refuses_what(long_srv):
+    _, status, out = timed(long_srv, HUGE[20_000])
+    assert (status, out["error"]["code"], out["error"]["param"]) == (400, "too_many_messages", "messages")
+    _, status, out = timed(long_srv, HUGE[800])         # the lower bound: no tokenizer ran
+    assert (status, out["error"]["code"]) == (400, "context_length_exceeded")
+    assert "at least" in out["error"]["message"]
+    # over the bound's reach but not the context's: fitted (tokenized once) off the model thread
+    near = {"messages": [{"role": "user", "content": "hello there my friend"}] * 8}
+    _, status, out = timed(long_srv, near)
+    assert (status, out["error"]["code"]) == (400, "context_length_exceeded")
+    assert "does not fit" in out["error"]["message"]
+    _, status, out = timed(long_srv, {"prompt": "x" * 300_000}, "/v1/completions")
+    assert (status, out["error"]["code"], out["error"]["param"]) == (400, "request_too_large", "prompt")
+    _, status, out = timed(long_srv, {"prompt": "word " * 2000}, "/v1/completions")
+    assert (status, out["error"]["code"]) == (400, "context_length_exceeded")
+
+
+def test_a_megabyte_of_special_tokens_is_refused_without_tokenizing(tiny_llama):
+    """1 MB of '<|im_end|>' took the model thread 18 s (59 s tokenized with special tokens parsed
+    on SmolLM2 here); with the character cap raised, the token bound alone refuses it."""
+    body = {"messages": [{"role": "user", "content": "<|im_end|></s>" * 70_000}]}
+    with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_chars=2_000_000))) as srv:
+        seen, tokenize = [], det.model.tokenize
+        det.model.tokenize = lambda text, *a, **kw: seen.append(len(text)) or tokenize(text, *a, **kw)
+        seconds, status, out = timed(srv, body)
+        assert (status, out["error"]["code"]) == (400, "context_length_exceeded") and seconds < 0.25
+        assert max(seen, default=0) < 1000             # only the steering prefixes' own text
+    with open_det(tiny_llama) as det, Served(create_app(det)) as srv:
+        _, status, out = timed(srv, body)
+        assert (status, out["error"]["code"]) == (400, "request_too_large")
+
+
+def test_the_model_thread_does_not_fit_the_conversation(tiny_llama):
+    """Fitted on the fitting thread before queueing: the model thread reuses it (no second fit)."""
+    with open_det(tiny_llama) as det, Served(create_app(det)) as srv:
+        where = []
+        fit = det.fit_chat
+
+        def recording(*a, **kw):
+            where.append(threading.current_thread().name)
+            return fit(*a, **kw)
+
+        det.fit_chat = recording
+        status, _, out = srv.request("POST", CHAT, {"messages": MSGS, "seed": 1})
+        assert status == 200 and len(where) == 1 and where[0].startswith("fgdilp-fit")
+
+
+def test_close_gives_up_on_a_stuck_model_thread(tiny_llama):
+    with open_det(tiny_llama) as det:
+        svc = create_app(det).state.service
+        svc.start().result(30)
+        stuck = threading.Event()
+        svc.executor.submit(stuck.wait)
+        t0 = time.perf_counter()
+        assert svc.close(0.3) is False and time.perf_counter() - t0 < 1.0
+        stuck.set()
+        assert svc.close(5) is True
+
+
+def _healthy(port: int) -> bool:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/health")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def _serve(model, *args):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("FGDILP_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "fgdilp_cpp.cli", "serve", "-m", str(model), "--chat-template",
+                             "chatml", "--port", "0", "-t", "1", *args], stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, env=env)
+
+
+def test_sigterm_exits_within_the_drain_deadline_mid_work(tiny_chat):
+    proc = _serve(tiny_chat, "-c", "512", "-n", "400", "--method", "tr")
+    try:
+        line = proc.stderr.readline()
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        wait_until(lambda: _healthy(port), "the server did not become ready", 60)
+        streaming = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        streaming.request("POST", CHAT, json.dumps({"messages": MSGS, "stream": True, "max_tokens": 400}),
+                          {"Content-Type": "application/json"})
+        resp = streaming.getresponse()
+        assert resp.status == 200 and resp.fp.readline()
+        huge = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        huge.request("POST", CHAT, HUGE[20_000], {"Content-Type": "application/json"})
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(15)
+        # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (-15)
+        assert time.monotonic() - t0 < 3 + Limits().drain_s and rc in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize("flag, env", [(["--api-key", ""], {}), (["--api-key", "  "], {}),
+                                       ([], {"FGDILP_API_KEY": ""})])
+def test_an_empty_api_key_is_an_error(cli, tiny_llama, flag, env):
+    r = cli("serve", "-m", tiny_llama[0], "--chat-template", "chatml", "-c", "256", "--port", "0", *flag,
+            env=env, timeout=60)
+    assert r.returncode != 0 and "--api-key (or FGDILP_API_KEY) is empty" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_an_empty_api_key_in_limits_is_refused(tiny_llama):
+    with open_det(tiny_llama) as det, pytest.raises(FgdilpError, match="empty"):
+        create_app(det, Limits(api_key=""))
