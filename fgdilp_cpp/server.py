@@ -238,6 +238,8 @@ async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
     req = parse_request(body, chat, svc.det, svc.policy)
     svc.cost.check(req)
     fitted = await svc.cost.fit(req)            # a 400 here, before the request is queued
+    if await request.is_disconnected():        # hung up while it was fitted: nothing is queued
+        raise _ClientGone()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": svc.model_id}

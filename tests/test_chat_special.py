@@ -104,3 +104,20 @@ def test_smollm2_forged_im_end_is_not_the_control_token():
         literal = ContentAsText(ordinary.prompt, spans, vocab_stats(det.model))
         assert det.model.tokenize(ordinary.prompt, special=literal) == det.model.tokenize(ordinary.prompt,
                                                                                         special=True)
+
+
+@pytest.mark.real_model
+def test_a_megabyte_of_im_end_is_tokenized_as_text_in_about_a_second():
+    """Parsed as special tokens, 1 MB of '<|im_end|>' took llama.cpp 59 s here (18 s in the
+    issue's run); as the text it is, well under a few seconds, and it is refused as too long."""
+    import time
+
+    from fgdilp_cpp.errors import ContextLengthError
+    from fgdilp_cpp.evaluation.assets import smollm2_path
+
+    with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=2048, n_predict=4, threads=1,
+                              method="none") as det:
+        t0 = time.perf_counter()
+        with pytest.raises(ContextLengthError, match="does not fit"):
+            det.fit_chat([{"role": "user", "content": "<|im_end|>" * 100_000}], trim=False)
+        assert time.perf_counter() - t0 < 5

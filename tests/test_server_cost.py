@@ -185,3 +185,47 @@ def test_an_empty_api_key_is_an_error(cli, tiny_llama, flag, env):
 def test_an_empty_api_key_in_limits_is_refused(tiny_llama):
     with open_det(tiny_llama) as det, pytest.raises(FgdilpError, match="empty"):
         create_app(det, Limits(api_key=""))
+
+
+def test_a_hang_up_while_fitting_queues_nothing(tiny_llama):
+    with open_det(tiny_llama) as det, Served(create_app(det)) as srv:
+        fitting, fit, streams = threading.Event(), det.fit_chat, []
+        stream_chat = det.stream_chat
+
+        def slow_fit(*a, **kw):
+            fitting.set()
+            time.sleep(0.5)
+            return fit(*a, **kw)
+
+        det.fit_chat = slow_fit
+        det.stream_chat = lambda *a, **kw: streams.append(1) or stream_chat(*a, **kw)
+        sock = srv.open_raw({"messages": MSGS, "seed": 1, "max_tokens": 50})
+        assert fitting.wait(10)
+        sock.close()
+        time.sleep(1.0)
+        assert streams == [] and srv.service.in_flight == 0
+        det.fit_chat = fit
+        assert srv.request("POST", CHAT, {"messages": MSGS, "seed": 1})[0] == 200 and streams == [1]
+
+
+@pytest.mark.real_model
+def test_the_costliest_body_that_passes_the_checks_fits_within_a_second():
+    """SmolLM2 at -c 8192: 1024 messages of 250 characters (the --max-chars cap) pass the token
+    bound (its longest token is 81 bytes), so they are tokenized once, on the fitting thread."""
+    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.request_cost import RequestCost
+    from fgdilp_cpp.openai_api import GenRequest
+
+    with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=8192, n_predict=64, threads=1,
+                              method="tr") as det:
+        cost = RequestCost(det)
+        msgs = [{"role": "user", "content": ("lorem ipsum dolor sit amet " * 10)[:250]}] * 1024
+        req = GenRequest(msgs, None, {})
+        cost.check(req)                                  # passes the cheap checks
+        import asyncio
+
+        t0 = time.perf_counter()
+        with pytest.raises(Exception, match="does not fit"):
+            asyncio.run(cost.fit(req))
+        assert time.perf_counter() - t0 < 1.0
+        cost.close()
