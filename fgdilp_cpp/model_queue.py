@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ class ModelQueue:
         self._jobs: set[Job] = set()
         self._closed = False
         self._idle: Optional[threading.Event] = None     # set once the model thread has drained
+        self._drain_by: Optional[float] = None           # the first close's deadline (time.monotonic)
 
     # ---- start-up -------------------------------------------------------------------------
     def start(self) -> Future:
@@ -201,6 +203,9 @@ class ModelQueue:
             if self._idle is None:             # the first close: a marker behind the cancelled jobs
                 self._idle = threading.Event()
                 self.executor.submit(self._idle.set)
+                self._drain_by = None if timeout is None else time.monotonic() + timeout
+        if timeout is not None and self._drain_by is not None:   # a second close keeps the first deadline
+            timeout = min(timeout, max(0.0, self._drain_by - time.monotonic()))
         stopped = self._idle.wait(timeout)
         self.executor.shutdown(wait=stopped)
         return stopped

@@ -125,8 +125,9 @@ def test_close_gives_up_on_a_stuck_model_thread(tiny_llama):
         svc.executor.submit(stuck.wait)
         t0 = time.perf_counter()
         assert svc.close(0.3) is False and time.perf_counter() - t0 < 1.0
+        assert svc.close(5) is False and time.perf_counter() - t0 < 1.0    # the first deadline holds
         stuck.set()
-        assert svc.close(5) is True
+        assert svc.close(None) is True
 
 
 def _healthy(port: int) -> bool:
@@ -229,3 +230,47 @@ def test_the_costliest_body_that_passes_the_checks_fits_within_a_second():
             asyncio.run(cost.fit(req))
         assert time.perf_counter() - t0 < 1.0
         cost.close()
+
+
+STUCK_SERVER = """
+import sys, threading
+from fgdilp_cpp.api import Detoxifier
+from fgdilp_cpp.server import Limits, run_server
+
+det = Detoxifier.from_file(sys.argv[1], chat=True, chat_template="chatml", ctx_size=256, n_predict=8,
+                           threads=1, method="tr")
+
+
+class Stuck:                      # a reply stuck in a call that never returns nor sees a cancel
+    def __getattr__(self, name):
+        return getattr(det, name)
+
+    def stream_chat(self, *args, **kw):
+        threading.Event().wait()
+
+
+run_server(Stuck(), "127.0.0.1", 0, Limits(drain_s=1.0))
+"""
+
+
+def test_sigterm_exits_even_with_the_model_thread_stuck(tiny_llama):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_SERVER, str(tiny_llama[0])], stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, env=env)
+    try:
+        port = int(proc.stderr.readline().split("127.0.0.1:")[1].split()[0])
+        wait_until(lambda: _healthy(port), "the server did not become ready", 60)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", CHAT, json.dumps({"messages": MSGS}), {"Content-Type": "application/json"})
+        time.sleep(0.5)                                 # the model thread is in the stuck call now
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(20)
+        # uvicorn's 3 s for the connections, then drain_s (1 s) for the model thread
+        print(f"exited {time.monotonic() - t0:.2f} s after SIGTERM, rc {rc}")
+        assert time.monotonic() - t0 < 3 + 1.0 + 1.5 and rc != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
