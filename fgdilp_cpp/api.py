@@ -21,7 +21,8 @@ import numpy as np
 
 from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
-from .chat_tokens import ChatPrompt, chat_prompt, vocab_stats
+from .chat_tokens import (ChatPrompt, chat_prompt, content_spans, floor_with_markers, template_markers,
+                          vocab_stats)
 from .condition import conversation_texts
 from .errors import FgdilpError
 from .engine import Model
@@ -84,6 +85,7 @@ class Detoxifier:
             self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
             self._gen.rt.scorer_auc = self.profile.diagnosis.get("scorer_auc")
         self._template: Optional[ChatTemplate] = None
+        self._markers: Optional[tuple[str, ...]] = None      # the template's own control-token texts
         self.settings, self.sources = settings, sources
 
     @staticmethod
@@ -170,8 +172,19 @@ class Detoxifier:
         """(a lower bound on the conversation's tokens, the tokens fit_chat allows it), found
         without tokenizing: the server refuses a body that cannot fit before any tokenizer runs."""
         s, method = self._args(overrides)
-        msgs = self._with_system(normalize(messages), s)
-        return vocab_stats(self.model).min_tokens(self.template.format(msgs)), self._chat_budget(s, method)
+        msgs, stats, fmt = self._with_system(normalize(messages), s), vocab_stats(self.model), self.template.format
+        prompt = fmt(msgs)
+        floor = stats.min_tokens(prompt)
+        if self._markers is None:
+            self._markers = template_markers(self.model, fmt, stats)
+        if self._markers:                        # plus what the template's own markers add
+            flagged = stats.messages_with_control_text([m["content"] for m in msgs])
+            try:                                 # (messages without control-token text hold no marker)
+                spans = content_spans(msgs, fmt, prompt, flagged) if flagged else []
+                floor = max(floor, floor_with_markers(prompt, spans, self._markers, stats))
+            except FgdilpError:                  # a template that rewrites messages: the plain bound
+                pass
+        return floor, self._chat_budget(s, method)
 
     def prompt_floor(self, prompt: str) -> int:
         """A lower bound on the tokens of a plain prompt, found without tokenizing it."""

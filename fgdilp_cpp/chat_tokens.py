@@ -14,6 +14,9 @@ cannot fit the context without tokenizing it.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -32,11 +35,20 @@ class VocabStats:
     longest_bytes: int                  # the most bytes of text one token stands for
     longest_solid_bytes: int            # ... not counting whitespace
 
-    def holds_control_text(self, texts: Sequence[str]) -> bool:
+    def messages_with_control_text(self, texts: Sequence[str]) -> list[int]:
+        """The indices of the texts that hold a control token's text."""
         joined = "\x00".join(texts)           # messages hold no NUL (chat.normalize)
         if not any(c in joined for c in {t[0] for t in self.control_texts}):
-            return False                       # the usual case, at a few scans of the text
-        return any(t in joined for t in self.control_texts)
+            return []                          # the usual case, at a few scans of the text
+        starts = list(itertools.accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
+        hit: set[int] = set()
+        for t in (t for t in self.control_texts if t in joined):
+            i = joined.find(t)
+            while i >= 0:                      # one find per message that holds it, at most
+                k = bisect.bisect_right(starts, i) - 1
+                hit.add(k)
+                i = joined.find(t, starts[k + 1]) if k + 1 < len(starts) else -1
+        return sorted(hit)
 
     def min_tokens(self, text: str) -> int:
         """A lower bound on the tokens of `text` however it is tokenized: each token stands for
@@ -66,6 +78,55 @@ def vocab_stats(model) -> VocabStats:
                     ids.append(t)
         found = _STATS[model] = VocabStats(tuple(dict.fromkeys(texts)), frozenset(ids), longest, solid)
     return found
+
+
+def template_markers(model, format_: Callable[[list[dict]], str], stats: VocabStats) -> tuple[str, ...]:
+    """The control-token texts a chat template writes itself, longest first (llama.cpp's order of
+    matching), found once on a small conversation; none unless counting them there gives what
+    llama.cpp's tokenizer makes of it (then floor_with_markers counts as llama.cpp does)."""
+    msgs = [{"role": r, "content": c} for r, c in (("system", "s"), ("user", "u"), ("assistant", "a"),
+                                                       ("user", "u"))]
+    try:
+        prompt = format_(msgs)
+        spans = content_spans(msgs, format_, prompt)
+    except Exception:  # noqa: BLE001 - a template that rewrites messages: no markers, a weaker bound
+        return ()
+    own = _outside(prompt, spans)
+    found = tuple(sorted((t for t in stats.control_texts if t in own), key=len, reverse=True))
+    parsed = [t for t in model.tokenize(prompt, add_bos=False, special=True) if t in stats.control_ids]
+    return found if _count(own, found)[0] == len(parsed) else ()
+
+
+def floor_with_markers(prompt: str, spans: Sequence[tuple[int, int]], markers: Sequence[str],
+                       stats: VocabStats) -> int:
+    """A lower bound on the tokens of a formatted conversation: each template marker outside the
+    messages is exactly one control token standing for its own bytes only, and the other bytes
+    need at least (their count / longest_bytes) tokens."""
+    n, marker_bytes = _count(_outside(prompt, spans), markers)
+    rest = len(prompt.encode("utf-8", errors="surrogatepass")) - marker_bytes
+    return n + -(-rest // max(stats.longest_bytes, 1))
+
+
+def _count(text: str, markers: Sequence[str]) -> tuple[int, int]:
+    """(matches, their bytes) of `markers` in `text`, longest first, each match taken out (none
+    counted twice)."""
+    n = size = 0
+    for t in markers:
+        k = text.count(t)
+        if k:
+            n, size = n + k, size + k * len(t.encode("utf-8"))
+            text = text.replace(t, "\x00")
+    return n, size
+
+
+def _outside(prompt: str, spans: Sequence[tuple[int, int]]) -> str:
+    """The template's own text: `prompt` without the messages (a NUL where each was: no marker
+    can be matched across a message)."""
+    pieces, pos = [], 0
+    for a, b in spans:
+        pieces.append(prompt[pos:a])
+        pos = b
+    return "\x00".join(pieces + [prompt[pos:]])
 
 
 class ContentAsText:
@@ -140,39 +201,47 @@ class ChatPrompt(str):
 def chat_prompt(messages: list[dict], format_: Callable[[list[dict]], str], stats: VocabStats) -> ChatPrompt:
     """The conversation formatted, with the tokenization that keeps its messages text."""
     prompt = format_(messages)
-    if not stats.holds_control_text([m["content"] for m in messages]):
+    flagged = stats.messages_with_control_text([m["content"] for m in messages])
+    if not flagged:
         return ChatPrompt(prompt)
-    return ChatPrompt(prompt, ContentAsText(prompt, content_spans(messages, format_, prompt), stats))
+    return ChatPrompt(prompt, ContentAsText(prompt, content_spans(messages, format_, prompt, flagged), stats))
 
 
-def content_spans(messages: list[dict], format_: Callable[[list[dict]], str], prompt: str) -> list[tuple[int, int]]:
-    """Where each message's text lies in `prompt`: the conversation is formatted again with a
-    placeholder per message, and the placeholders' places are accepted only if putting the
-    texts back (as given, or stripped: some templates trim) gives `prompt` exactly."""
+def content_spans(messages: list[dict], format_: Callable[[list[dict]], str], prompt: str,
+                  which: Optional[Sequence[int]] = None) -> list[tuple[int, int]]:
+    """Where the texts of messages `which` (default: all) lie in `prompt`: the conversation is
+    formatted again with a placeholder for each, and the places are accepted only if putting each
+    text back (as given, or stripped: some templates trim) gives `prompt` exactly. The other
+    messages are formatted as they are (a template may drop an empty one, or trim it)."""
     from .errors import FgdilpError
 
-    mark = next(m for m in ("\ue000", "\ue001", "\ue002", "\uf8ff")
-                if all(m not in x["content"] for x in messages))
-    holders = [f"{mark}{i}{mark}" for i in range(len(messages))]
-    shaped = format_([{"role": m["role"], "content": h} for m, h in zip(messages, holders)])
-    cuts, pos = [], 0
-    for h in holders:
-        i = shaped.find(h, pos)
-        if i < 0:
+    which = range(len(messages)) if which is None else which
+    if not which:
+        return []
+    joined = "\x00".join(m["content"] for m in messages)
+    mark = next((chr(c) for c in range(0xE000, 0xF900) if chr(c) not in joined), None)
+    shaped_msgs = [dict(m) for m in messages]
+    for i in which:
+        shaped_msgs[i]["content"] = f"{mark}{i}{mark}"
+    shaped = format_(shaped_msgs) if mark else ""
+    # the placeholders where the template put them (gemma moves the system message, for one)
+    found = [(h.start(), h.end(), int(h.group(1))) for h in re.finditer(f"{mark}(\\d+){mark}", shaped)] if mark else []
+    if sorted(i for _, _, i in found) != sorted(which):
+        found = []                             # one dropped or repeated: refused below
+    spans, pos, at = [], 0, 0                  # pos: in shaped; at: the same place in prompt
+    for k, (cut, end, i) in enumerate(found):
+        if not prompt.startswith(shaped[pos:cut], at):
             break
-        cuts.append(i)
-        pos = i + len(h)
+        at, pos = at + cut - pos, end
+        following = shaped[pos:found[k + 1][0] if k + 1 < len(found) else len(shaped)]
+        text = next((t for t in (messages[i]["content"], messages[i]["content"].strip())
+                     if prompt.startswith(t + following, at)), None)
+        if text is None:
+            break
+        spans.append((at, at + len(text)))
+        at += len(text)
     else:
-        for texts in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
-            spans, rebuilt, pos, length = [], [], 0, 0
-            for h, i, text in zip(holders, cuts, texts):
-                rebuilt += [shaped[pos:i], text]
-                length += i - pos
-                spans.append((length, length + len(text)))
-                length += len(text)
-                pos = i + len(h)
-            rebuilt.append(shaped[pos:])
-            if "".join(rebuilt) == prompt:     # a duplicated or changed message fails here
-                return spans
+        if found and prompt[at:] == shaped[pos:]:
+            return sorted(spans)
     raise FgdilpError("a message holds special-token text, and this chat template changes message text "
                       "in a way that cannot keep it as text; remove the special-token text")

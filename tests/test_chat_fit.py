@@ -110,3 +110,28 @@ def test_a_long_conversation_is_refused_or_trimmed_in_well_under_a_second(tiny_c
         fitted = det.fit_chat(msgs)
         assert time.perf_counter() - t0 < 1.0
         assert fitted.dropped > 700 and fitted.messages[-1] == msgs[-1]
+
+
+def special_conversation(rng):
+    """Random turns, some empty, some holding the vocabulary's control-token texts."""
+    words = ["w", "hello", "</s>", "<s>", "<unk>", "<|im_end|>", " ", "\n", "é€"]
+    msgs = [{"role": "system", "content": "".join(rng.choices(words, k=rng.randint(0, 5)))}] \
+        if rng.random() < 0.5 else []
+    for _ in range(rng.randint(0, 12)):
+        msgs.append({"role": rng.choice(ROLES), "content": "".join(rng.choices(words, k=rng.randint(0, 8)))})
+    return msgs + [{"role": "user", "content": "".join(rng.choices(words, k=rng.randint(1, 8)))}]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama2", "gemma", "llama3"])
+def test_the_token_floor_never_exceeds_the_tokens(tiny_llama, template):
+    """chat_floor is what the server refuses on without tokenizing: it must be a lower bound
+    (llama2 and gemma write <s> / </s>, control tokens of the tiny vocabulary, as their own markers)."""
+    rng = random.Random(2)
+    with Detoxifier.from_file(str(tiny_llama[0]), chat=True, chat_template=template, ctx_size=512, threads=1,
+                              method="none") as det:
+        for _ in range(150):
+            msgs = special_conversation(rng)
+            floor, _ = det.chat_floor(msgs)
+            n = det._fit(msgs, det.settings.updated({"ctx_size": 100_000}), "none").n_tokens
+            assert floor <= n, (msgs, floor, n)
+        assert det._markers == {"llama2": ("</s>",), "gemma": ()}.get(template, ())

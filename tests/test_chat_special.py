@@ -121,3 +121,20 @@ def test_a_megabyte_of_im_end_is_tokenized_as_text_in_about_a_second():
         with pytest.raises(ContextLengthError, match="does not fit"):
             det.fit_chat([{"role": "user", "content": "<|im_end|>" * 100_000}], trim=False)
         assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.real_model
+def test_smollm2_floor_counts_the_template_markers():
+    """SmolLM2's longest token stands for 81 bytes, so bytes alone bound 800 short messages at a
+    few hundred tokens; its template's <|im_start|> / <|im_end|> are one token each: 1,601."""
+    from fgdilp_cpp.evaluation.assets import smollm2_path
+
+    with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=8192, n_predict=4, threads=1,
+                              method="none") as det:
+        msgs = [{"role": "user", "content": "hi"}] * 800
+        floor, _ = det.chat_floor(msgs)
+        n = len(det.model.tokenize(det.template.format(msgs), special=True))
+        assert 1601 <= floor <= n and det._markers == ("<|im_start|>", "<|im_end|>")
+        forged = [{"role": "user", "content": "<|im_end|>" * 50}] * 3
+        floor, _ = det.chat_floor(forged)
+        assert floor <= len(det.model.tokenize(det.fit_chat(forged).prompt, special=det.fit_chat(forged).prompt.special))
