@@ -34,21 +34,21 @@ class VocabStats:
     control_ids: frozenset
     longest_bytes: int                  # the most bytes of text one token stands for
     longest_solid_bytes: int            # ... not counting whitespace
+    control_pattern: Optional[re.Pattern] = None      # matches any of control_texts
 
     def messages_with_control_text(self, texts: Sequence[str]) -> list[int]:
-        """The indices of the texts that hold a control token's text."""
+        """The indices of the texts that hold a control token's text: one pass of a trie-shaped
+        regex (gemma has 6,250 control tokens: a search per token took a second on 256 KB)."""
+        if self.control_pattern is None:
+            return []
         joined = "\x00".join(texts)           # messages hold no NUL (chat.normalize)
-        if not any(c in joined for c in {t[0] for t in self.control_texts}):
-            return []                          # the usual case, at a few scans of the text
         starts = list(itertools.accumulate((len(t) + 1 for t in texts[:-1]), initial=0))
-        hit: set[int] = set()
-        for t in (t for t in self.control_texts if t in joined):
-            i = joined.find(t)
-            while i >= 0:                      # one find per message that holds it, at most
-                k = bisect.bisect_right(starts, i) - 1
-                hit.add(k)
-                i = joined.find(t, starts[k + 1]) if k + 1 < len(starts) else -1
-        return sorted(hit)
+        hit, found = [], self.control_pattern.search(joined)
+        while found:                           # one search per message that holds one, at most
+            k = bisect.bisect_right(starts, found.start()) - 1
+            hit.append(k)
+            found = self.control_pattern.search(joined, starts[k + 1]) if k + 1 < len(starts) else None
+        return hit
 
     def min_tokens(self, text: str) -> int:
         """A lower bound on the tokens of `text` however it is tokenized: each token stands for
@@ -76,8 +76,30 @@ def vocab_stats(model) -> VocabStats:
                 if text:
                     texts.append(text)
                     ids.append(t)
-        found = _STATS[model] = VocabStats(tuple(dict.fromkeys(texts)), frozenset(ids), longest, solid)
+        unique = tuple(dict.fromkeys(texts))
+        found = _STATS[model] = VocabStats(unique, frozenset(ids), longest, solid,
+                                           re.compile(_trie_pattern(unique)) if unique else None)
     return found
+
+
+def _trie_pattern(words: Sequence[str]) -> str:
+    """A regex matching any of `words`, shaped as their trie (one pass over a text, whatever the
+    number of words; an alternation of 6,250 literals would try each at every position)."""
+    trie: dict = {}
+    for w in words:
+        node = trie
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        alts = [re.escape(ch) + build(sub) for ch, sub in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return build(trie)
 
 
 def template_markers(model, format_: Callable[[list[dict]], str], stats: VocabStats) -> tuple[str, ...]:

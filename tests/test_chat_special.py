@@ -137,4 +137,5 @@ def test_smollm2_floor_counts_the_template_markers():
         assert 1601 <= floor <= n and det._markers == ("<|im_start|>", "<|im_end|>")
         forged = [{"role": "user", "content": "<|im_end|>" * 50}] * 3
         floor, _ = det.chat_floor(forged)
-        assert floor <= len(det.model.tokenize(det.fit_chat(forged).prompt, special=det.fit_chat(forged).prompt.special))
+        prompt = det.fit_chat(forged).prompt
+        assert floor <= len(det.model.tokenize(prompt, special=prompt.special))

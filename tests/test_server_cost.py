@@ -24,7 +24,7 @@ from server_helpers import MSGS, Served, open_det, wait_until
 
 CHAT = "/v1/chat/completions"
 HUGE = {n: json.dumps({"messages": [{"role": "user", "content": "hi"}] * n}).encode() for n in (800, 20_000)}
-LONG_KW = dict(chat=True, ctx_size=512, n_predict=200, threads=1, method="tr")
+LONG_KW = dict(chat=True, ctx_size=1024, n_predict=600, threads=1, method="tr")
 
 
 def timed(srv: Served, body, path: str = CHAT) -> tuple[float, int, dict]:
@@ -42,32 +42,43 @@ def long_srv(tiny_chat):
         yield srv
 
 
-def test_huge_conversations_are_400_in_milliseconds_beside_a_normal_request(long_srv):
-    normal = {"messages": MSGS, "seed": 3, "max_tokens": 200}
-    timed(long_srv, normal)
-    alone = min(timed(long_srv, normal)[0] for _ in range(2))
+def _beside_a_normal_request(srv: Served) -> tuple[float, float, list]:
+    """(the normal request alone, beside the huge ones, the refusals): 3 of each huge body sent
+    while the normal one runs; every answer checked."""
+    normal = {"messages": MSGS, "seed": 3, "max_tokens": 600}
+    alone = min(timed(srv, normal)[0] for _ in range(2))
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(timed, long_srv, normal)
-        wait_until(lambda: long_srv.service.in_flight == 1, "the normal request did not start")
+        running = pool.submit(timed, srv, normal)
+        wait_until(lambda: srv.service.in_flight == 1, "the normal request did not start")
         refused = []
         for _ in range(3):
             for body in HUGE.values():
-                refused.append(timed(long_srv, body))
+                refused.append(timed(srv, body))
                 time.sleep(0.02)
         assert not running.done()                      # all of them arrived while it ran
         beside, status, out = running.result()
-    assert status == 200 and out["usage"]["completion_tokens"] == 200
-    for seconds, status, out in refused:
+    assert status == 200 and out["usage"]["completion_tokens"] == 600
+    for _, status, out in refused:
         assert status == 400 and out["error"]["code"] in ("context_length_exceeded", "too_many_messages")
-    # medians: the test machine is shared (2 cores, load ~8); the 20,000-message body is 700 KB of
-    # JSON, whose parse alone (json.loads, before anything can count it) takes 25-40 ms there
-    for n, limit in ((800, 0.05), (20_000, 0.15)):
-        times = sorted(r[0] for r in refused[list(HUGE).index(n)::2])
-        assert times[len(times) // 2] < limit and times[-1] < 0.3, (n, [round(t, 4) for t in times])
-    print(f"alone {alone:.3f} s, beside {beside:.3f} s, refusals (800, 20000 alternating) "
-          f"{[round(r[0], 4) for r in refused]}")
-    # delayed by no more than the CPU the refusals themselves took (the model thread never saw them)
-    assert beside < 1.5 * alone + sum(r[0] for r in refused), (beside, alone)
+    return alone, beside, [r[0] for r in refused]
+
+
+def test_huge_conversations_are_400_in_milliseconds_beside_a_normal_request(long_srv):
+    """The timings hold in one of three tries: the test machine is shared (2 cores, load 5-10), and
+    the 20,000-message body is 700 KB of JSON whose parse alone (json.loads, before anything can
+    count it) takes 25-40 ms there."""
+    timed(long_srv, {"messages": MSGS, "seed": 3, "max_tokens": 600})
+    tries = []
+    for _ in range(3):
+        alone, beside, refused = _beside_a_normal_request(long_srv)
+        medians = [sorted(refused[i::2])[1] for i in (0, 1)]          # 800, then 20,000 messages
+        tries.append((alone, beside, [round(t, 4) for t in refused]))
+        print(f"alone {alone:.3f} s, beside {beside:.3f} s, refusals (800, 20000 alternating) {tries[-1][2]}")
+        # not delayed by more than the CPU the refusals themselves took (the model thread never saw them)
+        if medians[0] < 0.05 and medians[1] < 0.05 and max(refused) < 0.3 \
+                and beside < 1.5 * alone + sum(refused):
+            return
+    raise AssertionError(tries)
 
 
 def test_which_check_refuses_what(long_srv):
@@ -77,7 +88,7 @@ def test_which_check_refuses_what(long_srv):
     assert (status, out["error"]["code"]) == (400, "context_length_exceeded")
     assert "at least" in out["error"]["message"]
     # over the bound's reach but not the context's: fitted (tokenized once) off the model thread
-    near = {"messages": [{"role": "user", "content": "hello there my friend"}] * 8}
+    near = {"messages": [{"role": "user", "content": "hello there my friend"}] * 14}
     _, status, out = timed(long_srv, near)
     assert (status, out["error"]["code"]) == (400, "context_length_exceeded")
     assert "does not fit" in out["error"]["message"]
