@@ -172,7 +172,10 @@ class Detoxifier:
         """(a lower bound on the conversation's tokens, the tokens fit_chat allows it), found
         without tokenizing: the server refuses a body that cannot fit before any tokenizer runs."""
         s, method = self._args(overrides)
-        msgs, stats, fmt = self._with_system(normalize(messages), s), vocab_stats(self.model), self.template.format
+        return self._floor(self._with_system(normalize(messages), s)), self._chat_budget(s, method)
+
+    def _floor(self, msgs: list[dict]) -> int:
+        stats, fmt = vocab_stats(self.model), self.template.format
         prompt = fmt(msgs)
         floor = stats.min_tokens(prompt)
         if self._markers is None:
@@ -184,7 +187,7 @@ class Detoxifier:
                 floor = max(floor, floor_with_markers(prompt, spans, self._markers, stats))
             except FgdilpError:                  # a template that rewrites messages: the plain bound
                 pass
-        return floor, self._chat_budget(s, method)
+        return floor
 
     def prompt_floor(self, prompt: str) -> int:
         """A lower bound on the tokens of a plain prompt, found without tokenizing it."""
@@ -205,7 +208,7 @@ class Detoxifier:
         stats = vocab_stats(self.model)
         render = lambda m: chat_prompt(m, self.template.format, stats)   # noqa: E731
         count = lambda p: len(self.model.tokenize(p, special=p.special))   # noqa: E731
-        return fit(msgs, render, count, self._chat_budget(s, method), trim)
+        return fit(msgs, render, count, self._chat_budget(s, method), trim, self._floor)
 
     def chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True, **overrides) -> GenResult:
         """The assistant's reply to `messages` ([{"role", "content"}], the last one the user's).

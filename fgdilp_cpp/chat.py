@@ -123,35 +123,42 @@ def turn_starts(messages: list[dict]) -> list[int]:
 
 
 def fit(messages: list[dict], render: Callable[[list[dict]], str], count: Callable[[str], int], budget: int,
-        trim: bool = True) -> Fitted:
+        trim: bool = True, floor: Optional[Callable[[list[dict]], int]] = None) -> Fitted:
     """The conversation rendered (render: messages -> prompt) in at most `budget` tokens.
-    trim=False: rendered and counted once, ContextLengthError if it is over. trim=True: the
-    fewest oldest non-system turns dropped (see turn_starts) that make it fit, found by a
-    binary search (a conversation's tokens shrink as turns go: O(log turns) countings, never
-    one per dropped turn); ContextLengthError if the last user message alone does not fit."""
+    trim=False: counted once, ContextLengthError if it is over. trim=True: the fewest oldest
+    non-system turns dropped (see turn_starts) that make it fit, found by a binary search (a
+    conversation's tokens shrink as turns go: O(log turns) countings, never one per dropped turn);
+    ContextLengthError if the last user message alone does not fit. floor: a lower bound on the
+    tokens, found without tokenizing: a conversation it puts over the budget is never tokenized
+    (llama.cpp's special-token parse costs the markers times the length: 20,000 messages took minutes)."""
     msgs = list(messages)
     system = [m for m in msgs[:1] if m["role"] == "system"]
     rest = msgs[len(system):]
-    prompt = render(msgs)
-    n = count(prompt)
-    if n <= budget:
-        return Fitted(msgs, prompt, n, 0)
-    if not trim:
-        raise ContextLengthError(f"the conversation does not fit the context: {n} tokens with the chat "
-                                 f"template, and the context leaves room for {budget} with the reply; drop "
-                                 f"older messages")
     starts = turn_starts(rest)
-    tried = {0: (prompt, n)}
+    tried: dict[int, tuple[Optional[str], int]] = {}
 
-    def at(j: int) -> tuple[str, int]:
+    def at(j: int) -> tuple[Optional[str], int]:
+        """(prompt, tokens) of the conversation from turn start j; (None, its floor) where the floor
+        alone is over the budget (then the tokens are too)."""
         if j not in tried:
-            p = render(system + rest[starts[j]:])
-            tried[j] = (p, count(p))
+            kept = system + rest[starts[j]:]
+            least = floor(kept) if floor is not None else 0
+            p = render(kept) if least <= budget else None
+            tried[j] = (p, count(p)) if p is not None else (None, least)
         return tried[j]
 
+    prompt, n = at(0)
+    if n <= budget:                  # (a conversation left untokenized is over the budget)
+        return Fitted(msgs, prompt, n, 0)
+    many = "" if prompt is not None else "at least "
+    if not trim:
+        raise ContextLengthError(f"the conversation does not fit the context: {many}{n} tokens with the chat "
+                                 f"template, and the context leaves room for {budget} with the reply; drop "
+                                 f"older messages")
     last = len(starts) - 1
     if at(last)[1] > budget:
-        raise ContextLengthError(f"the message is {at(last)[1]} tokens with the chat template (and system "
+        many = "" if at(last)[0] is not None else "at least "
+        raise ContextLengthError(f"the message is {many}{at(last)[1]} tokens with the chat template (and system "
                                  f"prompt); the context leaves room for {budget} (raise -c or shorten it)")
     lo, hi = 0, last                 # at(lo) is over the budget, at(hi) within it
     while hi - lo > 1:

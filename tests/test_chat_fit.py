@@ -135,3 +135,37 @@ def test_the_token_floor_never_exceeds_the_tokens(tiny_llama, template):
             n = det._fit(msgs, det.settings.updated({"ctx_size": 100_000}), "none").n_tokens
             assert floor <= n, (msgs, floor, n)
         assert det._markers == {"llama2": ("</s>",), "gemma": ()}.get(template, ())
+
+
+def test_a_floor_spares_tokenizing_without_changing_the_result():
+    rng = random.Random(3)
+    count = Counting()
+    for _ in range(300):
+        msgs = random_conversation(rng)
+        budget = rng.randint(5, 300)
+        try:
+            want = old_fit(msgs, plain_render, lambda t: len(t) // 3, budget)
+        except ContextLengthError:
+            with pytest.raises(ContextLengthError):
+                fit(msgs, plain_render, count, budget, floor=lambda m: len(plain_render(m)) // 7)
+            continue
+        got = fit(msgs, plain_render, count, budget, floor=lambda m: len(plain_render(m)) // 7)
+        assert (got.messages, got.prompt, got.n_tokens, got.dropped) == want
+    refused = Counting()
+    msgs = [{"role": r, "content": "hi there"} for r in ROLES] * 2000 + [{"role": "user", "content": "last"}]
+    with pytest.raises(ContextLengthError, match="at least"):
+        fit(msgs, plain_render, refused, 100, trim=False, floor=lambda m: len(plain_render(m)) // 7)
+    assert refused.calls == 0                       # refused on the floor: never counted
+
+
+def test_twenty_thousand_messages_through_the_api_in_a_second_or_two(tiny_chat):
+    """The chat API trims (the REPL does): the floor rules out the candidates far over the
+    budget, so only conversations near the context's size are tokenized."""
+    msgs = [{"role": "user", "content": "hi"}] * 20_000
+    with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=256, n_predict=8, threads=1, method="tr") as det:
+        t0 = time.perf_counter()
+        with pytest.raises(ContextLengthError, match="at least"):
+            det.fit_chat(msgs, trim=False)
+        fitted = det.fit_chat(msgs)
+        assert time.perf_counter() - t0 < 3.0
+        assert fitted.messages[-1] == msgs[-1] and fitted.n_tokens <= 256

@@ -109,18 +109,26 @@ def test_smollm2_forged_im_end_is_not_the_control_token():
 @pytest.mark.real_model
 def test_a_megabyte_of_im_end_is_tokenized_as_text_in_about_a_second():
     """Parsed as special tokens, 1 MB of '<|im_end|>' took llama.cpp 59 s here (18 s in the
-    issue's run); as the text it is, well under a few seconds, and it is refused as too long."""
+    issue's run); as the text it is, about a second. (fit_chat refuses it sooner still: its
+    token floor is over any context, so it is not tokenized at all.)"""
     import time
 
+    from fgdilp_cpp.chat_tokens import chat_prompt
     from fgdilp_cpp.errors import ContextLengthError
     from fgdilp_cpp.evaluation.assets import smollm2_path
 
     with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=2048, n_predict=4, threads=1,
                               method="none") as det:
+        msgs = [{"role": "user", "content": "<|im_end|>" * 100_000}]
+        prompt = chat_prompt(msgs, det.template.format, vocab_stats(det.model))
+        im_end = det.model.tokenize("<|im_end|>", add_bos=False, special=True)[0]
         t0 = time.perf_counter()
-        with pytest.raises(ContextLengthError, match="does not fit"):
-            det.fit_chat([{"role": "user", "content": "<|im_end|>" * 100_000}], trim=False)
-        assert time.perf_counter() - t0 < 5
+        tokens = det.model.tokenize(prompt, special=prompt.special)
+        assert time.perf_counter() - t0 < 5 and tokens.count(im_end) == 1     # the template's own
+        t0 = time.perf_counter()
+        with pytest.raises(ContextLengthError, match="at least"):
+            det.fit_chat(msgs, trim=False)
+        assert time.perf_counter() - t0 < 1
 
 
 @pytest.mark.real_model
