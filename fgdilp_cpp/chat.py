@@ -130,7 +130,7 @@ def fit(messages: list[dict], render: Callable[[list[dict]], str], count: Callab
     conversation's tokens shrink as turns go: O(log turns) countings, never one per dropped turn);
     ContextLengthError if the last user message alone does not fit. floor: a lower bound on the
     tokens, found without tokenizing: a conversation it puts over the budget is never tokenized
-    (llama.cpp's special-token parse costs the markers times the length: 20,000 messages took minutes)."""
+    (llama.cpp's special-token parse costs the markers times the length; docs/results-server-cost.md)."""
     msgs = list(messages)
     system = [m for m in msgs[:1] if m["role"] == "system"]
     rest = msgs[len(system):]

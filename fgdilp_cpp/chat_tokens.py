@@ -38,7 +38,7 @@ class VocabStats:
 
     def messages_with_control_text(self, texts: Sequence[str]) -> list[int]:
         """The indices of the texts that hold a control token's text: one pass of a trie-shaped
-        regex (gemma has 6,250 control tokens: a search per token took a second on 256 KB)."""
+        regex (gemma-3 has thousands of control tokens: a search per token scans the text as often)."""
         if self.control_pattern is None:
             return []
         joined = "\x00".join(texts)           # messages hold no NUL (chat.normalize)
@@ -63,7 +63,7 @@ _STATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def vocab_stats(model) -> VocabStats:
-    """The VocabStats of an engine Model, scanned once per Model (about a second for 256k tokens)."""
+    """The VocabStats of an engine Model, scanned once per Model (seconds for a 256k vocabulary)."""
     found = _STATS.get(model)
     if found is None:
         texts, ids, longest, solid = [], [], 1, 1
@@ -84,7 +84,7 @@ def vocab_stats(model) -> VocabStats:
 
 def _trie_pattern(words: Sequence[str]) -> str:
     """A regex matching any of `words`, shaped as their trie (one pass over a text, whatever the
-    number of words; an alternation of 6,250 literals would try each at every position)."""
+    number of words; an alternation of thousands of literals would try each at every position)."""
     trie: dict = {}
     for w in words:
         node = trie

@@ -292,8 +292,8 @@ async def read_json(request: Request, limit: int, timeout: float) -> dict:
 
 def _may_hold_surrogates(data: bytes) -> bool:
     """False when the body cannot decode to a surrogate (json.loads decodes with surrogatepass:
-    from a \\uD800-\\uDFFF escape, UTF-8 bytes ED A0-BF .., or a UTF-16/32 body): the walk
-    below costs tens of milliseconds on a 20,000-message body, this a fraction of one."""
+    from a \\uD800-\\uDFFF escape, UTF-8 bytes ED A0-BF .., or a UTF-16/32 body): one regex pass
+    over the bytes instead of the walk below over every string of a 20,000-message body."""
     return json.detect_encoding(data) != "utf-8" or _SURROGATE_BYTES.search(data) is not None
 
 

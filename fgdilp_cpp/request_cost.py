@@ -6,7 +6,7 @@ VocabStats.min_tokens of the formatted conversation) against the room the contex
 conversation that passes is tokenized, once, on a fitting thread of its own (never the model
 thread), so that a conversation too long for the context is a plain 400 before it is queued and a
 request queued beside it waits for nothing but the model's own work. What passes is bounded by
-the context: tokenizing it takes a fraction of a second.
+the context, and so is its tokenizing (docs/results-server-cost.md).
 """
 
 from __future__ import annotations

@@ -108,9 +108,9 @@ def test_smollm2_forged_im_end_is_not_the_control_token():
 
 @pytest.mark.real_model
 def test_a_megabyte_of_im_end_is_tokenized_as_text_in_about_a_second():
-    """Parsed as special tokens, 1 MB of '<|im_end|>' took llama.cpp 59 s here (18 s in the
-    issue's run); as the text it is, about a second. (fit_chat refuses it sooner still: its
-    token floor is over any context, so it is not tokenized at all.)"""
+    """Parsed as special tokens, 1 MB of '<|im_end|>' takes llama.cpp most of a minute
+    (docs/results-server-cost.md); as the text it is, about a second. (fit_chat refuses it
+    sooner still: its token floor is over any context, so it is not tokenized at all.)"""
     import time
 
     from fgdilp_cpp.chat_tokens import chat_prompt

@@ -64,9 +64,9 @@ def _beside_a_normal_request(srv: Served) -> tuple[float, float, list]:
 
 
 def test_huge_conversations_are_400_in_milliseconds_beside_a_normal_request(long_srv):
-    """The timings hold in one of three tries: the test machine is shared (2 cores, load 5-10), and
-    the 20,000-message body is 700 KB of JSON whose parse alone (json.loads, before anything can
-    count it) takes 25-40 ms there."""
+    """The timings hold in one of three tries: the test machine is shared, and the 20,000-message
+    body is 700 KB of JSON that must be parsed (json.loads) before anything can count it
+    (figures: docs/results-server-cost.md)."""
     timed(long_srv, {"messages": MSGS, "seed": 3, "max_tokens": 600})
     tries = []
     for _ in range(3):
@@ -99,8 +99,8 @@ def test_which_check_refuses_what(long_srv):
 
 
 def test_a_megabyte_of_special_tokens_is_refused_without_tokenizing(tiny_llama):
-    """1 MB of '<|im_end|>' took the model thread 18 s (59 s tokenized with special tokens parsed
-    on SmolLM2 here); with the character cap raised, the token bound alone refuses it."""
+    """1 MB of '<|im_end|>' held the model thread for seconds (issue #27); with the character cap
+    raised, the token bound alone refuses it, and nothing tokenizes it."""
     body = {"messages": [{"role": "user", "content": "<|im_end|></s>" * 70_000}]}
     with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_chars=2_000_000))) as srv:
         seen, tokenize = [], det.model.tokenize
