@@ -55,7 +55,7 @@ class VocabStats:
         at most longest_bytes of it (and longest_solid_bytes of its non-whitespace bytes), and
         every byte is some token's (a tokenizer may fold whitespace, hence the second bound)."""
         data = text.encode("utf-8", errors="surrogatepass")
-        solid = len(data) - sum(data.count(c) for c in b" \t\n\r\x0b\x0c")
+        solid = _solid_bytes(text)
         return max(-(-len(data) // max(self.longest_bytes, 1)), -(-solid // max(self.longest_solid_bytes, 1)))
 
 
@@ -122,11 +122,42 @@ def template_markers(model, format_: Callable[[list[dict]], str], stats: VocabSt
 def floor_with_markers(prompt: str, spans: Sequence[tuple[int, int]], markers: Sequence[str],
                        stats: VocabStats) -> int:
     """A lower bound on the tokens of a formatted conversation: each template marker outside the
-    messages is exactly one control token standing for its own bytes only, and the other bytes
-    need at least (their count / longest_bytes) tokens."""
+    messages is exactly one control token, and llama.cpp tokenizes the text between two markers
+    (a fragment) on its own, so each fragment needs at least (its non-whitespace bytes /
+    longest_solid_bytes) tokens, at least one if it has any (whitespace alone may be stripped
+    next to a marker). The better of that and (markers + other bytes / longest_bytes)."""
     n, marker_bytes = _count(_outside(prompt, spans), markers)
     rest = len(prompt.encode("utf-8", errors="surrogatepass")) - marker_bytes
-    return n + -(-rest // max(stats.longest_bytes, 1))
+    by_bytes = n + -(-rest // max(stats.longest_bytes, 1))
+    solid, by_fragments, pos = 0, 0, 0
+    for a, b in [*spans, (len(prompt), len(prompt))]:
+        for piece in _split(prompt[pos:a], markers):
+            if piece is None:                  # a marker: the fragment before it ends
+                by_fragments += 1 + -(-solid // max(stats.longest_solid_bytes, 1))
+                solid = 0
+            else:
+                solid += _solid_bytes(piece)
+        solid += _solid_bytes(prompt[a:b])     # a message is in the fragment it falls in
+        pos = b
+    by_fragments += -(-solid // max(stats.longest_solid_bytes, 1))
+    return max(by_bytes, by_fragments)
+
+
+def _split(text: str, markers: Sequence[str]) -> list[Optional[str]]:
+    """`text` as its pieces between markers and the markers (None), longest markers first."""
+    if not markers:
+        return [text]
+    out: list[Optional[str]] = []
+    for i, part in enumerate(text.split(markers[0])):
+        if i:
+            out.append(None)
+        out += _split(part, markers[1:])
+    return out
+
+
+def _solid_bytes(text: str) -> int:
+    data = text.encode("utf-8", errors="surrogatepass")
+    return len(data) - sum(data.count(c) for c in b" \t\n\r\x0b\x0c")
 
 
 def _count(text: str, markers: Sequence[str]) -> tuple[int, int]:
