@@ -21,8 +21,7 @@ import numpy as np
 
 from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
-from .chat_tokens import (ChatPrompt, chat_prompt, content_spans, floor_with_markers, template_markers,
-                          vocab_stats)
+from .chat_tokens import ChatPrompt, chat_prompt, conversation_floor, template_markers, vocab_stats
 from .condition import conversation_texts
 from .errors import FgdilpError
 from .engine import Model
@@ -175,19 +174,10 @@ class Detoxifier:
         return self._floor(self._with_system(normalize(messages), s)), self._chat_budget(s, method)
 
     def _floor(self, msgs: list[dict]) -> int:
-        stats, fmt = vocab_stats(self.model), self.template.format
-        prompt = fmt(msgs)
-        floor = stats.min_tokens(prompt)
+        stats = vocab_stats(self.model)
         if self._markers is None:
-            self._markers = template_markers(self.model, fmt, stats)
-        if self._markers:                        # plus what the template's own markers add
-            flagged = stats.messages_with_control_text([m["content"] for m in msgs])
-            try:                                 # (messages without control-token text hold no marker)
-                spans = content_spans(msgs, fmt, prompt, flagged) if flagged else []
-                floor = max(floor, floor_with_markers(prompt, spans, self._markers, stats))
-            except FgdilpError:                  # a template that rewrites messages: the plain bound
-                pass
-        return floor
+            self._markers = template_markers(self.model, self.template.format, stats)
+        return conversation_floor(msgs, self.template.format, stats, self._markers)
 
     def prompt_floor(self, prompt: str) -> int:
         """A lower bound on the tokens of a plain prompt, found without tokenizing it."""

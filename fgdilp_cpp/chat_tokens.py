@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
 
+from .errors import FgdilpError
+
 # the token kinds llama.cpp parses only with parse_special (user-defined ones it always parses)
 _CONTROL = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN
 
@@ -117,6 +119,22 @@ def template_markers(model, format_: Callable[[list[dict]], str], stats: VocabSt
     found = tuple(sorted((t for t in stats.control_texts if t in own), key=len, reverse=True))
     parsed = [t for t in model.tokenize(prompt, add_bos=False, special=True) if t in stats.control_ids]
     return found if _count(own, found)[0] == len(parsed) else ()
+
+
+def conversation_floor(msgs: list[dict], format_: Callable[[list[dict]], str], stats: VocabStats,
+                       markers: Sequence[str]) -> int:
+    """A lower bound on the tokens of the formatted conversation, found without tokenizing it:
+    min_tokens, or with the template's markers (template_markers) floor_with_markers."""
+    prompt = format_(msgs)
+    floor = stats.min_tokens(prompt)
+    if markers:
+        flagged = stats.messages_with_control_text([m["content"] for m in msgs])
+        try:                                   # (messages without control-token text hold no marker)
+            spans = content_spans(msgs, format_, prompt, flagged) if flagged else []
+            floor = max(floor, floor_with_markers(prompt, spans, markers, stats))
+        except FgdilpError:                    # a template that rewrites messages: the plain bound
+            pass
+    return floor
 
 
 def floor_with_markers(prompt: str, spans: Sequence[tuple[int, int]], markers: Sequence[str],
@@ -266,8 +284,6 @@ def content_spans(messages: list[dict], format_: Callable[[list[dict]], str], pr
     formatted again with a placeholder for each, and the places are accepted only if putting each
     text back (as given, or stripped: some templates trim) gives `prompt` exactly. The other
     messages are formatted as they are (a template may drop an empty one, or trim it)."""
-    from .errors import FgdilpError
-
     which = range(len(messages)) if which is None else which
     if not which:
         return []
