@@ -113,7 +113,7 @@ def template_markers(model, format_: Callable[[list[dict]], str], stats: VocabSt
     try:
         prompt = format_(msgs)
         spans = content_spans(msgs, format_, prompt)
-    except Exception:  # noqa: BLE001 - a template that rewrites messages: no markers, a weaker bound
+    except FgdilpError:                        # a template that rewrites messages: no markers, a weaker bound
         return ()
     own = _outside(prompt, spans)
     found = tuple(sorted((t for t in stats.control_texts if t in own), key=len, reverse=True))
