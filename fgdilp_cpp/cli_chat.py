@@ -95,9 +95,13 @@ SERVE_KV_CONVERSATIONS = 4      # serve keeps the KV of this many conversations 
               help="Open connections at most; more get 503.")
 @click.option("--read-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
               help="Seconds a client may take to send a request's headers, and again its body (slowloris).")
+@click.option("--max-messages", type=click.IntRange(1), default=1024, show_default=True,
+              help="Messages in one chat request at most.")
+@click.option("--max-chars", type=click.IntRange(1), default=256 * 1024, show_default=True,
+              help="Characters of message or prompt text in one request at most.")
 @friendly_errors
 def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allow_methods, max_steer_scale,
-          max_connections, read_timeout, **kw):
+          max_connections, read_timeout, max_messages, max_chars, **kw):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Requests may add "method", "steer_scale" and "steer_layer_range"; they are queued and run one
@@ -116,7 +120,8 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
     s, det = _open_chat(kw, kv_conversations=SERVE_KV_CONVERSATIONS)
     methods = tuple(m.strip() for m in allow_methods.split(",") if m.strip()) if allow_methods is not None else None
     limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,
-                    api_key=api_key or os.environ.get("FGDILP_API_KEY") or None, allow_methods=methods,
-                    max_steer_scale=max_steer_scale, max_connections=max_connections, read_timeout=read_timeout)
+                    api_key=api_key if api_key is not None else os.environ.get("FGDILP_API_KEY"),
+                    allow_methods=methods, max_steer_scale=max_steer_scale, max_connections=max_connections,
+                    read_timeout=read_timeout, max_messages=max_messages, max_chars=max_chars)
     with det:
         run_server(det, host, port, limits)

@@ -124,7 +124,8 @@ def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int,
         if plan.cvec is not None:
             ctx.set_cvec(None)
     for g, s in enumerate(samples):
-        emit(g, decoders[g].decode(b"", final=True))
+        # bytes still held are the start of a character the last token left incomplete (a reply
+        # cut by -n or a stop): dropped, not emitted as U+FFFD (invalid bytes were replaced already)
         s.text = "".join(pieces[g])
     hook = ctx.hook
     return GenResult(samples=samples, method=method, n_prompt_tokens=len(plan.sequences[out]),

@@ -33,8 +33,9 @@ Request fields of both POST endpoints:
     steer_scale                [0, --max-steer-scale (2)];  steer_layer_range  [start, end] layer numbers
     condition                  [0, 1]: steer only where the scorer reads a message at least this toxic
 chat: messages [{role: system|developer|user|assistant, content: text or [{"type": "text", ...}]}],
-the last one the user's; a conversation longer than the context is a 400 with code
-"context_length_exceeded" (never trimmed silently). completions: prompt, a string or [string].
+the last one the user's, at most --max-messages of them; a conversation longer than the context is
+a 400 with code "context_length_exceeded" (never trimmed silently), found before it is queued
+(request_cost.py). completions: prompt, a string or [string]. At most --max-chars characters of text.
 
 Responses are OpenAI's, plus a top-level "fgdilp" object on a reply and on the last chunk of a
 stream: method; steered (whether the reply was steered: the method edits the model and the
@@ -102,6 +103,7 @@ from .errors import ContextLengthError, FgdilpError, ParamError
 from .http_guard import header_deadline_protocol, loopback_host_header
 from .model_queue import Job, JobCancelled, ModelQueue, Outcome
 from .openai_api import ApiError, Policy, check_methods, param_error, parse_request, read_json
+from .request_cost import MAX_CHARS, MAX_MESSAGES, RequestCost
 
 if TYPE_CHECKING:
     from .api import Detoxifier
@@ -122,6 +124,10 @@ class Limits:
                                         # arrive (slowloris): the connection is closed, or a 408
     loopback_host: bool = True          # require a loopback Host header (DNS rebinding); run_server
                                         # turns it off when listening on another address
+    max_messages: int = MAX_MESSAGES    # messages in one chat request
+    max_chars: int = MAX_CHARS          # characters of text in one request
+    drain_s: float = 5.0                # at shutdown, seconds the model thread gets to stop after the
+                                        # connections closed; run_server exits regardless after it
 
 
 class _ClientGone(Exception):
@@ -139,7 +145,11 @@ class _Service(ModelQueue):
                               "that names no method runs)")
         if not 0 <= limits.max_steer_scale < float("inf"):
             raise FgdilpError(f"--max-steer-scale must be a finite number >= 0, not {limits.max_steer_scale}")
+        if limits.api_key is not None and not limits.api_key.strip():
+            raise FgdilpError("--api-key (or FGDILP_API_KEY) is empty: that would not require any key; "
+                              "give a key, or leave both unset to serve without one")
         super().__init__(det, limits.max_queue, methods)
+        self.cost = RequestCost(det, limits.max_messages, limits.max_chars)
         self.limits = limits
         try:                                    # models.list's "created": when the model file was made
             self.created = int(os.stat(det.model.info.path).st_mtime)
@@ -250,13 +260,19 @@ async def _unless_gone(request: Request, job: Job, waiting: Awaitable[Any]) -> A
 
 async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
     body = await read_json(request, svc.limits.max_body_bytes, svc.limits.read_timeout)
+    if chat:
+        svc.cost.check_body(body)
     req = parse_request(body, chat, svc.det, svc.policy)
+    svc.cost.check(req)
+    fitted = await svc.cost.fit(req)            # a 400 here, before the request is queued
+    if await request.is_disconnected():        # hung up while it was fitted: nothing is queued
+        raise _ClientGone()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": svc.model_id}
 
     if not req.stream:
-        job, fut = svc.submit(req)
+        job, fut = svc.submit(req, fitted=fitted)
         with _job_errors(chat):
             o = await _unless_gone(request, job, asyncio.wrap_future(fut))
         choice = ({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
@@ -265,7 +281,7 @@ async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()     # text pieces, then the job's Future
-    job, fut = svc.submit(req, lambda text: loop.call_soon_threadsafe(events.put_nowait, text))
+    job, fut = svc.submit(req, lambda text: loop.call_soon_threadsafe(events.put_nowait, text), fitted)
 
     def finished(f: Future) -> None:
         try:
@@ -391,7 +407,8 @@ def create_app(det: Detoxifier, limits: Limits = Limits()) -> Starlette:
         try:
             yield
         finally:
-            svc.close()
+            svc.close(limits.drain_s)
+            svc.cost.close()
 
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
@@ -459,7 +476,11 @@ def run_server(det: Detoxifier, host: str, port: int, limits: Limits = Limits())
     except KeyboardInterrupt:                   # uvicorn re-raises the Ctrl-C it shut down on
         print("stopped", file=sys.stderr)
     finally:
-        svc.close()
+        stopped = svc.close(limits.drain_s)
         sock.close()
+    if not stopped:     # stuck in a call that cannot be cancelled: the Detoxifier must not be closed
+        print(f"error: the model thread did not stop within {limits.drain_s:g} s of shutdown; exiting "
+              "without waiting for it", file=sys.stderr, flush=True)
+        os._exit(1)
     if svc.warm_error is not None:
         raise FgdilpError(f"the model could not start: {svc.warm_error}")
