@@ -149,6 +149,7 @@ def fit(messages: list[dict], render: Callable[[list[dict]], str], count: Callab
 
     prompt, n = at(0)
     if n <= budget:                  # (a conversation left untokenized is over the budget)
+        assert prompt is not None
         return Fitted(msgs, prompt, n, 0)
     many = "" if prompt is not None else "at least "
     if not trim:
@@ -165,4 +166,5 @@ def fit(messages: list[dict], render: Callable[[list[dict]], str], count: Callab
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if at(mid)[1] > budget else (lo, mid)
     prompt, n = at(hi)
+    assert prompt is not None        # within the budget: it was rendered
     return Fitted(system + rest[starts[hi]:], prompt, n, starts[hi])

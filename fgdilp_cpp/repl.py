@@ -181,8 +181,9 @@ def chat_tuning_warning(det) -> Optional[str]:
 
 
 def read_message(prompt: str = "> ") -> Optional[str]:
-    """One message from the user (None on Ctrl-D); multi-line between lines of three quotes."""
-    line = input(prompt)
+    """One message from the user (None on Ctrl-D); multi-line between lines of three quotes. A
+    leading UTF-8 byte-order mark (a file piped in that starts with one) is not the user's text."""
+    line = input(prompt).lstrip("\ufeff")
     if line.strip() != '"""':
         return line
     lines = []

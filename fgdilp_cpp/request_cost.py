@@ -50,16 +50,17 @@ class RequestCost:
 
     def check(self, req: GenRequest) -> None:
         """After parsing, without tokenizing: the text's size, and its tokens' lower bound."""
-        chat = req.messages is not None
-        texts = [m["content"] for m in req.messages] if chat else [req.prompt or ""]
+        messages = req.messages
+        chat = messages is not None
+        texts = [m["content"] for m in messages] if messages is not None else [req.prompt or ""]
         chars = sum(len(t) for t in texts)
         if chars > self.max_chars:
             raise ApiError(400, f"the {'messages hold' if chat else 'prompt holds'} {chars} characters; this "
                            f"server takes at most {self.max_chars}", param="messages" if chat else "prompt",
                            code="request_too_large")
         try:
-            if chat:
-                floor, room = self.det.chat_floor(req.messages, **req.overrides)
+            if messages is not None:
+                floor, room = self.det.chat_floor(messages, **req.overrides)
             else:
                 floor, room = self.det.prompt_floor(req.prompt or ""), self.det.settings.ctx_size - 1
         except FgdilpError as exc:
@@ -72,12 +73,13 @@ class RequestCost:
     async def fit(self, req: GenRequest) -> Optional[Fitted]:
         """A chat request's conversation formatted and tokenized once, on the fitting thread (None
         for a completion): a 400 if it does not fit the context with room for the reply."""
-        if req.messages is None:
+        messages = req.messages
+        if messages is None:
             return None
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self._pool, lambda: self.det.fit_chat(req.messages, trim=False, **req.overrides))
+                self._pool, lambda: self.det.fit_chat(messages, trim=False, **req.overrides))
         except ContextLengthError as exc:
             raise _too_long(True, str(exc)) from None
         except FgdilpError as exc:       # e.g. special-token text a template would change
