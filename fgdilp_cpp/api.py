@@ -21,18 +21,21 @@ import numpy as np
 
 from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
+from .chat_tokens import ChatPrompt, chat_prompt, conversation_floor, template_markers, vocab_stats
 from .condition import conversation_texts
-from .errors import ContextLengthError, FgdilpError
+from .errors import FgdilpError
 from .engine import Model
 from .generation import GenResult, identity_of, open_generator, probe_kqv_out
 from .method.vectors import HeadDirections
 from .models import resolve_model
 from .profiles import Profile, apply_profile, find_profile, find_universal, model_identity
-from .settings import Settings, default_sources
+from .settings import Settings, default_sources, fit_ctx_size
 from .stream import Stream
 
 # settings that may change per call (the rest shape the contexts: make another Detoxifier)
 PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
+                      "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n",  # penalties
+                      "grammar",                                                 # GBNF the reply follows
                       "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
                       "edit", "gate",                                            # the edit rule (set_steer)
                       "contrast",                                                # what P+ / P-_j hold
@@ -65,9 +68,10 @@ class Detoxifier:
             self.profile, self.profile_path = self._find_profile(model, settings, profile)
             values, sources = apply_profile(dict(vars(settings)), sources, self.profile)
             settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
+            settings = fit_ctx_size(settings, model.info.n_ctx_train, sources.get("ctx_size", "default"))
             self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
             if chat and settings.steer_layer_range is None:
-                # no profile for this model: steer the later half of the layers (docs/results.md, chat study)
+                # no profile for this model: steer the later half of the layers (docs/results/runs-01-03-early.md, run 3)
                 n = model.info.n_layer
                 self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
                 settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
@@ -83,6 +87,7 @@ class Detoxifier:
             self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
             self._gen.rt.scorer_auc = self.profile.diagnosis.get("scorer_auc")
         self._template: Optional[ChatTemplate] = None
+        self._markers: Optional[tuple[str, ...]] = None      # the template's own control-token texts
         self.settings, self.sources = settings, sources
 
     @staticmethod
@@ -139,7 +144,8 @@ class Detoxifier:
         """The continuation of `prompt` (text in .text, explain data in .explain). n_samples:
         continuations drawn together (seeds seed .. seed + n - 1, at most max_samples), in
         .samples; stop_at_eog=False keeps going past end-of-generation tokens (benchmarks);
-        special: parse special-token text (a prompt already formatted with fit_chat());
+        special: parse special-token text (a prompt already formatted with fit_chat(): its
+        messages' special-token text stays text);
         condition_texts: what --condition reads instead of the prompt (such a prompt's messages)."""
         s, method = self._args(overrides)
         return self._call(prompt, s, method, special, explain, n_samples=n_samples, stop_at_eog=stop_at_eog,
@@ -157,36 +163,64 @@ class Detoxifier:
             self._template = ChatTemplate.for_model(self.model, self.settings.chat_template)
         return self._template
 
-    def fit_chat(self, messages: MessagesLike, **overrides) -> Fitted:
+    def fit_chat(self, messages: MessagesLike, trim: bool = True, **overrides) -> Fitted:
         """The conversation formatted for the model, its oldest turns dropped until it fits the
-        context with room for the steering prefixes and the reply (the last message stays)."""
+        context with room for the steering prefixes and the reply (the last message stays);
+        trim=False: ContextLengthError instead of dropping any."""
         s, method = self._args(overrides)
-        return self._fit(messages, s, method)
+        return self._fit(messages, s, method, trim)
 
-    def _fit(self, messages: MessagesLike, s: Settings, method: str) -> Fitted:
-        msgs = normalize(messages)
+    def chat_floor(self, messages: MessagesLike, **overrides) -> tuple[int, int]:
+        """(a lower bound on the conversation's tokens, the tokens fit_chat allows it), found
+        without tokenizing: the server refuses a body that cannot fit before any tokenizer runs."""
+        s, method = self._args(overrides)
+        return self._floor(self._with_system(normalize(messages), s)), self._chat_budget(s, method)
+
+    def _floor(self, msgs: list[dict]) -> int:
+        stats = vocab_stats(self.model)
+        if self._markers is None:
+            self._markers = template_markers(self.model, self.template.format, stats)
+        return conversation_floor(msgs, self.template.format, stats, self._markers)
+
+    def prompt_floor(self, prompt: str) -> int:
+        """A lower bound on the tokens of a plain prompt, found without tokenizing it."""
+        return vocab_stats(self.model).min_tokens(prompt)
+
+    def _chat_budget(self, s: Settings, method: str) -> int:
+        reply = min(s.n_predict, s.ctx_size // 2)
+        return s.ctx_size - reply - self._gen.prefix_room(method)
+
+    @staticmethod
+    def _with_system(msgs: list[dict], s: Settings) -> list[dict]:
         if s.system_prompt and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": s.system_prompt})
-        reply = min(s.n_predict, s.ctx_size // 2)
-        budget = s.ctx_size - reply - self._gen.prefix_room(method)
-        count = lambda text: len(self.model.tokenize(text, special=True))   # noqa: E731
-        return fit(msgs, self.template, count, budget)
+        return msgs
+
+    def _fit(self, messages: MessagesLike, s: Settings, method: str, trim: bool = True) -> Fitted:
+        msgs = self._with_system(normalize(messages), s)
+        stats = vocab_stats(self.model)
+        render = lambda m: chat_prompt(m, self.template.format, stats)   # noqa: E731
+        count = lambda p: len(self.model.tokenize(p, special=p.special))   # noqa: E731
+        return fit(msgs, render, count, self._chat_budget(s, method), trim, self._floor)
 
     def chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True, **overrides) -> GenResult:
         """The assistant's reply to `messages` ([{"role", "content"}], the last one the user's).
         trim=False refuses a conversation that does not fit instead of dropping its oldest turns;
         result.explain["dropped_messages"] says how many were dropped."""
         s, method = self._args(overrides)
-        fitted = self._fitted(messages, trim, s, method)
+        fitted = self._fit(messages, s, method, trim)
         res = self._call(fitted.prompt, s, method, True, explain, chat=True,
                          condition_texts=conversation_texts(fitted.messages))
         res.explain["dropped_messages"] = fitted.dropped
         return res
 
-    def stream_chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True, **overrides) -> Stream:
-        """The reply as text pieces; .fitted.dropped tells how many old messages were dropped."""
+    def stream_chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True,
+                    fitted: Optional[Fitted] = None, **overrides) -> Stream:
+        """The reply as text pieces; .fitted.dropped tells how many old messages were dropped.
+        fitted: what fit_chat(messages, trim, **overrides) returned (serve fits a conversation
+        before it queues it), instead of fitting it again."""
         s, method = self._args(overrides)
-        fitted = self._fitted(messages, trim, s, method)
+        fitted = fitted if fitted is not None else self._fit(messages, s, method, trim)
         return Stream(self, fitted.prompt, s, method, True, explain, fitted)
 
     # ---- the model, its own diagnosis, saved directions ------------------------------------------
@@ -376,18 +410,14 @@ class Detoxifier:
             raise FgdilpError(f"this model runs saved vectors (frozen); it cannot run method {s.method!r}")
         return s, methods.saved_vectors().name
 
-    def _fitted(self, messages: MessagesLike, trim: bool, s: Settings, method: str) -> Fitted:
-        fitted = self._fit(messages, s, method)
-        if fitted.dropped and not trim:
-            raise ContextLengthError(f"the conversation does not fit the context ({s.ctx_size} tokens) "
-                                     f"with room for the reply; drop older messages")
-        return fitted
-
     def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,
               reset_cancel: bool = True, n_samples: int = 1, stop_at_eog: bool = True,
               chat: bool = False, condition_texts: Optional[list[str]] = None) -> GenResult:
         """chat: a conversation turn, which may keep the KV of the turns before it (kv_reuse);
-        anything else prefills afresh, so its result never depends on what ran before."""
+        anything else prefills afresh, so its result never depends on what ran before.
+        special=True on a ChatPrompt (fit_chat's) parses special tokens outside its messages only."""
+        if special is True and isinstance(prompt, ChatPrompt):
+            special = prompt.special
         self._gen.set_steer(s.steer())
         self._gen.set_fgdilp(s.fgdilp())
         return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,

@@ -104,28 +104,67 @@ class ChatTemplate:
 @dataclass(frozen=True)
 class Fitted:
     messages: list[dict]
-    prompt: str           # the formatted conversation
+    prompt: str           # the formatted conversation (a ChatPrompt: .special says how to tokenize it)
     n_tokens: int
     dropped: int          # oldest messages removed to fit
 
 
-def fit(messages: list[dict], template: ChatTemplate, count: Callable[[str], int], budget: int) -> Fitted:
-    """Drop the oldest non-system messages (a user turn with its reply) until the formatted
-    conversation is at most `budget` tokens; the last user message always stays."""
+def turn_starts(messages: list[dict]) -> list[int]:
+    """Where the conversation (after its system message) may start once its oldest turns are
+    dropped: 0, then each next user message (a user turn goes with its replies); the last
+    message is the user's and always stays."""
+    starts = [0]
+    while starts[-1] < len(messages) - 1:
+        cut = starts[-1] + 1
+        while cut < len(messages) - 1 and messages[cut]["role"] != "user":
+            cut += 1
+        starts.append(cut)
+    return starts
+
+
+def fit(messages: list[dict], render: Callable[[list[dict]], str], count: Callable[[str], int], budget: int,
+        trim: bool = True, floor: Optional[Callable[[list[dict]], int]] = None) -> Fitted:
+    """The conversation rendered (render: messages -> prompt) in at most `budget` tokens.
+    trim=False: counted once, ContextLengthError if it is over. trim=True: the fewest oldest
+    non-system turns dropped (see turn_starts) that make it fit, found by a binary search (a
+    conversation's tokens shrink as turns go: O(log turns) countings, never one per dropped turn);
+    ContextLengthError if the last user message alone does not fit. floor: a lower bound on the
+    tokens, found without tokenizing: a conversation it puts over the budget is never tokenized
+    (llama.cpp's special-token parse costs the markers times the length; docs/results/server-cost.md)."""
     msgs = list(messages)
     system = [m for m in msgs[:1] if m["role"] == "system"]
     rest = msgs[len(system):]
-    dropped = 0
-    while True:
-        prompt = template.format(system + rest)
-        n = count(prompt)
-        if n <= budget:
-            return Fitted(system + rest, prompt, n, dropped)
-        if len(rest) <= 1:
-            raise ContextLengthError(f"the message is {n} tokens with the chat template (and system prompt); "
-                              f"the context leaves room for {budget} (raise -c or shorten it)")
-        cut = 1
-        while cut < len(rest) - 1 and rest[cut]["role"] != "user":   # drop up to the next user turn
-            cut += 1
-        rest = rest[cut:]
-        dropped += cut
+    starts = turn_starts(rest)
+    tried: dict[int, tuple[Optional[str], int]] = {}
+
+    def at(j: int) -> tuple[Optional[str], int]:
+        """(prompt, tokens) of the conversation from turn start j; (None, its floor) where the floor
+        alone is over the budget (then the tokens are too)."""
+        if j not in tried:
+            kept = system + rest[starts[j]:]
+            least = floor(kept) if floor is not None else 0
+            p = render(kept) if least <= budget else None
+            tried[j] = (p, count(p)) if p is not None else (None, least)
+        return tried[j]
+
+    prompt, n = at(0)
+    if n <= budget:                  # (a conversation left untokenized is over the budget)
+        assert prompt is not None
+        return Fitted(msgs, prompt, n, 0)
+    many = "" if prompt is not None else "at least "
+    if not trim:
+        raise ContextLengthError(f"the conversation does not fit the context: {many}{n} tokens with the chat "
+                                 f"template, and the context leaves room for {budget} with the reply; drop "
+                                 f"older messages")
+    last = len(starts) - 1
+    if at(last)[1] > budget:
+        many = "" if at(last)[0] is not None else "at least "
+        raise ContextLengthError(f"the message is {many}{at(last)[1]} tokens with the chat template (and system "
+                                 f"prompt); the context leaves room for {budget} (raise -c or shorten it)")
+    lo, hi = 0, last                 # at(lo) is over the budget, at(hi) within it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at(mid)[1] > budget else (lo, mid)
+    prompt, n = at(hi)
+    assert prompt is not None        # within the budget: it was rendered
+    return Fitted(system + rest[starts[hi]:], prompt, n, starts[hi])

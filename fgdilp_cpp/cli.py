@@ -68,10 +68,11 @@ def _prompts(prompt, prompts_file) -> list[str]:
     if prompt is not None:
         return [prompt]
     try:
+        # a byte-order mark (Windows editors and PowerShell pipes write one) is not the first prompt's text
         if prompts_file == "-":
-            lines = sys.stdin.read().splitlines()
+            lines = sys.stdin.read().removeprefix("\ufeff").splitlines()
         else:
-            with open(prompts_file, encoding="utf-8") as f:
+            with open(prompts_file, encoding="utf-8-sig") as f:
                 lines = f.read().splitlines()
     except OSError as exc:
         raise FgdilpError(f"cannot read {prompts_file}: {exc.strerror}") from None
@@ -95,12 +96,21 @@ def _print_explain(ex: dict) -> None:
 @click.option("-p", "--prompt", required=True, help="The prompt to continue.")
 @click.option("-n", "--n-predict", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--methods", default="none,prompt,tr,fgdilp,fgdilp-frozen", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: the prompt and each method's continuation.")
 @friendly_errors
-def compare(prompt, methods, **kw):
+def compare(prompt, methods, as_json, **kw):
     """Continue PROMPT with each method, same seed, one after the other."""
     names = method_list(methods)
     s = _settings(kw, n_predict=40)
     with _detoxifier(s) as det:
+        if as_json:
+            out = {"model": det.model.info.path, "prompt": prompt, "seed": s.seed, "methods": []}
+            for m in names:
+                res = det.generate(prompt, method=m)
+                out["methods"].append({"method": m, "text": res.text, "n_tokens": len(res.tokens),
+                                       "stop_reason": res.stop_reason, "hook_fired_layers": res.fired_layers})
+            click.echo(json.dumps(out, ensure_ascii=False))
+            return
         click.echo(f"prompt: {prompt}")
         for m in names:
             res = det.generate(prompt, method=m)
@@ -113,8 +123,9 @@ def compare(prompt, methods, **kw):
 @model_options
 @steer_options
 @click.option("--method", type=MethodChoice(), default="tr", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (each setting as {value, from}).")
 @friendly_errors
-def info(**kw):
+def info(as_json, **kw):
     """Print the model's shape, whether the kqv_out hook node exists, its profile, and the steering
     settings these flags resolve to (and where each value came from)."""
     from .profiles import PROFILE_FIELDS
@@ -123,6 +134,12 @@ def info(**kw):
     with _detoxifier(s) as det:
         i = det.info()
         steering = [(k, v, src) for k, (v, src) in det.setting_sources().items() if k in PROFILE_FIELDS]
+    if as_json:
+        i = {k: str(v) if k in ("file", "profile") and v is not None else v for k, v in i.items()}
+        i["steerable"] = i["kqv_out_layers"] == i["n_layer"]
+        i["settings"] = {k: {"value": list(v) if isinstance(v, tuple) else v, "from": src} for k, v, src in steering}
+        click.echo(json.dumps(i, ensure_ascii=False))
+        return
     fired, n = i["kqv_out_layers"], i["n_layer"]
     rows = [
         ("file", i["file"]), ("architecture", i["architecture"]), ("description", i["description"]),

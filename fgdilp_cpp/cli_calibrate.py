@@ -92,8 +92,10 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
             cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             out_dir = str(Path(cache) / "fgdilp-cpp" / "calibration" / default_profile_path(det).stem)
         click.echo(f"calibrating {det.name} in {out_dir} (resumable: run the same command again)", err=True)
+        click.echo(f"calibrate: loading the toxicity judges ({tox_judges}) and the perplexity judge ...", err=True)
         with PerplexityJudge(det.model, n_threads=s.threads) as judge:
-            result = run_calibration(det, out_dir, load_judges(tox_judges), {"self": judge}, names, prompts_path,
+            tox = load_judges(tox_judges)
+            result = run_calibration(det, out_dir, tox, {"self": judge}, names, prompts_path,
                                      benign_path, sizes, axes or None, ppl_budget, benign_budget,
                                      progress=not no_progress, chat=as_chat, ablate=ablate,
                                      ablate_methods=ablated)

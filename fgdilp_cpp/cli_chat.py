@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .chat import CHAT_DEFAULTS
@@ -49,7 +51,8 @@ def _open_chat(kw: dict, model_arg=None, **defaults):
 @steer_options
 @_chat_options
 @click.option("--history-dir", default=None, metavar="DIR",
-              help="Where every session is saved as it goes (default: $XDG_DATA_HOME/fgdilp-cpp/chats).")
+              help="Where every conversation is saved as it goes, one file each (default: "
+                   "$XDG_DATA_HOME/fgdilp-cpp/chats; a folder others may write in is refused).")
 @click.option("--history/--no-history", default=True, show_default=True,
               help="Autosave the session (files 0600); also FGDILP_HISTORY=0 or history = false in --config.")
 @friendly_errors
@@ -92,9 +95,13 @@ SERVE_KV_CONVERSATIONS = 4      # serve keeps the KV of this many conversations 
               help="Open connections at most; more get 503.")
 @click.option("--read-timeout", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
               help="Seconds a client may take to send a request's headers, and again its body (slowloris).")
+@click.option("--max-messages", type=click.IntRange(1), default=1024, show_default=True,
+              help="Messages in one chat request at most.")
+@click.option("--max-chars", type=click.IntRange(1), default=256 * 1024, show_default=True,
+              help="Characters of message or prompt text in one request at most.")
 @friendly_errors
 def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allow_methods, max_steer_scale,
-          max_connections, read_timeout, **kw):
+          max_connections, read_timeout, max_messages, max_chars, **kw):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Requests may add "method", "steer_scale" and "steer_layer_range"; they are queued and run one
@@ -102,12 +109,19 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
     is kept per method (--kv-conversations), so a client's next turn decodes only its new tokens."""
     import os
 
-    from .server import Limits, run_server
+    try:
+        from .server import Limits, run_server
+    except ImportError as exc:   # starlette or uvicorn absent: the [server] extra was not installed
+        raise FgdilpError(f"serve needs {(exc.name or '?').split('.')[0]}: pip install 'fgdilp-cpp[server]' "
+                          "(make install installs it)") from None
 
+    if sys.stderr.isatty():     # seconds pass before "serving ... on"; scripts read that as the first line
+        click.echo("fgdilp-cpp serve: loading the model ...", err=True)
     s, det = _open_chat(kw, kv_conversations=SERVE_KV_CONVERSATIONS)
     methods = tuple(m.strip() for m in allow_methods.split(",") if m.strip()) if allow_methods is not None else None
     limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,
-                    api_key=api_key or os.environ.get("FGDILP_API_KEY") or None, allow_methods=methods,
-                    max_steer_scale=max_steer_scale, max_connections=max_connections, read_timeout=read_timeout)
+                    api_key=api_key if api_key is not None else os.environ.get("FGDILP_API_KEY"),
+                    allow_methods=methods, max_steer_scale=max_steer_scale, max_connections=max_connections,
+                    read_timeout=read_timeout, max_messages=max_messages, max_chars=max_chars)
     with det:
         run_server(det, host, port, limits)

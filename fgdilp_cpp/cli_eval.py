@@ -81,11 +81,20 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         eval_samples = 1
     if not (ppl_budget > 0 and ppl_budget < float("inf")):
         raise FgdilpError(f"--ppl-budget must be a positive ratio, not {ppl_budget}")
+    from .evaluation.prompts import load_prompts
+
+    # the settings and the prompts are checked before --out is made: a refused run leaves nothing there
+    top_p, seed = kw.pop("top_p"), kw.pop("seed")
+    s = _settings(kw)
+    records = load_prompts(prompts_path, None if split else limit, offset)
+    if split:
+        records = [r for r in records if int(r.id) % 2 == (0 if split == "calibration" else 1)][:limit]
+        if not records:
+            raise FgdilpError(f"no prompts in the {split} part of {prompts_path}")
     from .files import FolderLock
     FolderLock(out_dir, what="another eval run").acquire()   # refused before loading; held until exit
     from .evaluation.assets import smollm2_path
     from .evaluation.perplexity import PerplexityJudge
-    from .evaluation.prompts import load_prompts
     from .evaluation.judges import load_judges
     from .evaluation.runner import run_eval
 
@@ -93,14 +102,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     for j in judge_names:
         if j not in PPL_JUDGES:
             raise FgdilpError(f"unknown judge {j!r} ({', '.join(PPL_JUDGES)} or {NO_JUDGE})")
-    top_p, seed = kw.pop("top_p"), kw.pop("seed")
-    s = _settings(kw)
     names = method_list(methods or ",".join(every_method(s)))
-    records = load_prompts(prompts_path, None if split else limit, offset)
-    if split:
-        records = [r for r in records if int(r.id) % 2 == (0 if split == "calibration" else 1)][:limit]
-        if not records:
-            raise FgdilpError(f"no prompts in the {split} part of {prompts_path}")
     ablation = None
     if ablate:
         from .evaluation.ablation import ablation_points

@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from . import methods
 from .errors import FgdilpError, ParamError
 from .params import CONTRASTS, EDIT_RULES
-from .settings import OFF_WORDS
+from .settings import OFF_WORDS, RANGES, SourcedParamError, env_name, toml_key
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
 # Settings fields whose flag is not --<field-with-dashes>
@@ -40,6 +40,25 @@ class OptionalFloat(click.ParamType):
 def flag_of(field: str) -> str:
     """The command-line flag of a Settings field (for error messages)."""
     return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def setting_name(field: str) -> str:
+    """A Settings field as the running command was given it: its FGDILP_* variable, its key in the
+    config file, else its flag (a value out of range is blamed on where it came from; a profile's
+    values are checked, naming the file, when it is read)."""
+    ctx = click.get_current_context(silent=True)
+    where = sources().get(field)
+    if where == "env":
+        return env_name(field)
+    if where == "config" and ctx is not None:
+        return f"{toml_key(field)} (config file {ctx.meta.get('fgdilp.config')})"
+    return flag_of(field)
+
+
+def ranged(field: str, help: str = "") -> str:
+    """`help` with the range of a Settings field (settings.RANGES, checked for every source)."""
+    r = RANGES[field]
+    return f"{help} [{r.shown or r.text().removeprefix('in ')}]".strip()
 
 
 class MethodChoice(click.ParamType):
@@ -79,8 +98,10 @@ def friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except SourcedParamError as exc:
+            _fail(str(exc))
         except ParamError as exc:
-            _fail(f"{flag_of(exc.field)} {exc.reason}")
+            _fail(f"{setting_name(exc.field)} {exc.reason}")
         except FgdilpError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
@@ -111,33 +132,38 @@ model_options = _options(
     click.option("--config", type=str, default=None, metavar="FILE.toml",
                  help="Settings file; its keys are these long flag names. Precedence: flag > "
                       "FGDILP_<FLAG> environment variable > file > default."),
-    click.option("-c", "--ctx-size", type=click.IntRange(16), default=2048, show_default=True,
-                 help="Context tokens per sequence (prompt + generation)."),
-    click.option("-t", "--threads", type=click.IntRange(0), default=0, help="CPU threads (0 = all cores)."),
+    # the numbers' ranges are settings.RANGES, checked for a flag as for every other source
+    click.option("-c", "--ctx-size", type=int, default=2048, show_default=True,
+                 help=ranged("ctx_size", "Context tokens per sequence (prompt + generation), at most the "
+                                         "model's trained context.")),
+    click.option("--ctx-size-override/--no-ctx-size-override", default=False, show_default=True,
+                 help="Allow -c past the model's trained context (its output there is untested)."),
+    click.option("-t", "--threads", type=int, default=0, help=ranged("threads", "CPU threads (0 = all cores).")),
     click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True,
-                 help="Layers to offload to the GPU (GPU builds of llama-cpp-python)."),
-    click.option("-b", "--batch-size", type=click.IntRange(8), default=512, show_default=True,
-                 help="Rows per decode (prompt chunks)."),
+                 help=ranged("n_gpu_layers", "Layers to offload to the GPU (GPU builds of llama-cpp-python).")),
+    click.option("-b", "--batch-size", type=int, default=512, show_default=True,
+                 help=ranged("batch_size", "Rows per decode (prompt chunks).")),
     click.option("-ctk", "--cache-type-k", default="f16", show_default=True, help="K cache type (f32, f16, q8_0, ...)."),
     click.option("-ctv", "--cache-type-v", default="f16", show_default=True,
                  help="V cache type; steering needs f16, bf16 or f32."),
     click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
     click.option("--kv-reuse/--no-kv-reuse", default=True, show_default=True,
                  help="Keep each sequence's KV between replies and decode only what changed (off: re-prefill)."),
-    click.option("--kv-conversations", type=click.IntRange(1, 16), default=1, show_default=True,
-                 help="With --kv-reuse: conversations whose KV each method keeps, the least recently used "
-                      "dropped first (serve: one per concurrent user; memory grows with it)."),
+    click.option("--kv-conversations", type=int, default=1, show_default=True,
+                 help=ranged("kv_conversations", "With --kv-reuse: conversations whose KV each method keeps, the "
+                             "least recently used dropped first (serve: one per concurrent user; memory grows "
+                             "with it).")),
     click.option("--profile/--no-profile", "profile", default=True, show_default=True,
                  help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
-    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log."),
+    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log (also FGDILP_VERBOSE=1)."),
 )
 
 sampling_options = _options(
-    click.option("-s", "--seed", type=click.IntRange(0, 2**32 - 1), default=42, show_default=True),
-    click.option("--temp", type=float, default=0.8, show_default=True),
-    click.option("--top-k", type=int, default=40, show_default=True),
-    click.option("--top-p", type=float, default=0.95, show_default=True),
-    click.option("--min-p", type=float, default=0.05, show_default=True),
+    click.option("-s", "--seed", type=int, default=42, show_default=True, help=ranged("seed")),
+    click.option("--temp", type=float, default=0.8, show_default=True, help=ranged("temp")),
+    click.option("--top-k", type=int, default=40, show_default=True, help=ranged("top_k")),
+    click.option("--top-p", type=float, default=0.95, show_default=True, help=ranged("top_p")),
+    click.option("--min-p", type=float, default=0.05, show_default=True, help=ranged("min_p")),
 )
 
 steer_options = _options(
@@ -165,13 +191,15 @@ steer_options = _options(
                       "of the conversation) at least THETA toxic, in [0, 1]; any other prompt is "
                       "generated unsteered (default: off, every prompt)."),
     click.option("--selfgen-samples", type=int, default=25, show_default=True,
-                 help="FGDILP: self-generated samples N."),
+                 help=ranged("selfgen_samples", "FGDILP: self-generated samples N.")),
     click.option("--selfgen-tokens", type=int, default=20, show_default=True,
-                 help="FGDILP: new tokens per self-generated sample."),
-    click.option("--selfgen-min-tokens", type=int, default=5, show_default=True),
-    click.option("--negatives", type=int, default=6, show_default=True, help="FGDILP: negative prefixes."),
+                 help=ranged("selfgen_tokens", "FGDILP: new tokens per self-generated sample.")),
+    click.option("--selfgen-min-tokens", type=int, default=5, show_default=True,
+                 help=ranged("selfgen_min_tokens", "FGDILP: no end of a sample before this many tokens.")),
+    click.option("--negatives", type=int, default=6, show_default=True,
+                 help=ranged("negatives", "FGDILP: negative prefixes.")),
     click.option("--mask-k", type=float, default=50.0, show_default=True,
-                 help="FGDILP: top-K %% entries kept per sub-toxicity vector (100 = no masking)."),
+                 help=ranged("mask_k", "FGDILP: top-K % entries kept per sub-toxicity vector (100 = no masking).")),
     click.option("--fusion", type=click.Choice(["max", "mean", "sum"]), default="max", show_default=True),
     click.option("--sign-election/--no-sign-election", default=True, show_default=True),
     click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
@@ -194,7 +222,9 @@ def _settings(kw: dict, default_source: str = "default", **defaults):
     from .engine.context import set_verbose
     from .settings import Settings
 
-    set_verbose(kw.pop("verbose", False))
+    # -v, or FGDILP_VERBOSE set to anything but an off word: the flag must not turn the variable off
+    env_verbose = os.environ.get("FGDILP_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")
+    set_verbose(bool(kw.pop("verbose", False)) or env_verbose)
     ctx = click.get_current_context()
     config = Settings.toml_values(kw["config"]) if kw.get("config") else {}
     env = Settings.from_env(os.environ)
@@ -206,6 +236,7 @@ def _settings(kw: dict, default_source: str = "default", **defaults):
     for layer, where in ((config, "config"), (env, "env"), (given, "flag")):
         sources.update(dict.fromkeys(layer, where))
     ctx.meta["fgdilp.sources"] = sources
+    ctx.meta["fgdilp.config"] = kw.get("config")
     return Settings().updated(defaults).updated(config).updated(env).updated(given)
 
 

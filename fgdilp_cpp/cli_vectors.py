@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import shlex
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,7 +83,14 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
             return labelled
 
         if prompt is not None and source is None:     # FGDILP's frozen directions for one prompt
+            if not no_progress:     # one status line: the setup runs for a minute with nothing to count
+                click.echo(f"building FGDILP's directions for the prompt: {s.selfgen_samples} candidate "
+                           "continuations, their self-diagnosis and the prefixes (this can take a minute) ...",
+                           err=True)
+            started = time.monotonic()
             hd = det.build_vectors(prompt, chat=chat_mode)
+            if not no_progress:
+                click.echo(f"built in {time.monotonic() - started:.1f} s", err=True)
         elif source == "data":
             chosen, labels, how = labelled_set()
             hd = det.build_data_vectors([r.text for r in load_prompts(prompt_set, limit, offset)],
@@ -118,23 +128,68 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
 @vectors.command("export")
 @click.argument("path")
 @click.option("--cvec", "cvec_path", required=True, metavar="OUT.gguf",
-              help="llama.cpp control-vector file (for llama-cli --control-vector).")
+              help="llama.cpp control-vector file (for llama-cli / llama-server --control-vector-scaled).")
 @click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
               help="The model the vectors were built for (default: the embedded gemma-3-270m).")
-@click.option("--steer-scale", type=float, default=1.0, show_default=True)
-@click.option("--exp-norm", type=float, default=0.4, show_default=True)
+@click.option("--scale", "--steer-scale", "scale", type=float, default=None,
+              help="Strength llama.cpp applies them at (default: the model's profile entry for cvec, else 1).")
+@click.option("--layer-range", nargs=2, type=int, default=None, metavar="START END",
+              help="Blocks steered, inclusive (default: the model's profile entry for cvec, else every block); "
+                   "only these are written to the file.")
+@click.option("--exp-norm", type=float, default=None, help="Exponent a of lambda_norm (default: the profile's, else 0.4).")
 @friendly_errors
-def vectors_export(path, cvec_path, model, steer_scale, exp_norm):
-    """Write head directions as a residual control vector: direction.<il> = -W_O(lambda_norm * delta)
-    of block il, added by llama.cpp at the output of block il (block 0 has no slot and is dropped)."""
+def vectors_export(path, cvec_path, model, scale, layer_range, exp_norm):
+    """Write head directions as a llama.cpp residual control vector: direction.<il> =
+    -W_O(lambda_norm * delta) of block il, added by llama.cpp at the output of block il (block 0
+    has no slot). The file holds them at scale 1 on the chosen blocks; the scale and range go into
+    its metadata and into the llama-cli / llama-server flags printed at the end."""
+    from .method.cvec import llama_flags, save_control_vector
     from .method.vectors import HeadDirections
     from .settings import Settings
 
+    for name, value in (("--scale", scale), ("--exp-norm", exp_norm)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise FgdilpError(f"{name} must be a positive number, not {value}")
     hd = HeadDirections.load(path)
     with _detoxifier(Settings(model=model)) as det:
-        vec = det.export_control_vector(hd, cvec_path, exp_norm, steer_scale)
-    click.echo(f"wrote {cvec_path}: {hd.n_layer - 1} layer vectors (direction.1..{hd.n_layer - 1}) of "
-               f"width {vec.shape[1]}")
+        entry = det.profile.settings_for(CVEC_ENTRY) if det.profile is not None else {}
+        chosen = {"scale": (scale, entry.get("steer_scale"), 1.0),
+                  "layers": (layer_range, entry.get("steer_layer_range"), None)}
+        (scale, layer_range), origin = _pick(chosen)
+        exp_norm = exp_norm if exp_norm is not None else entry.get("exp_norm", 0.4)
+        vec = det.control_vector(hd, exp_norm, 1.0)           # scale 1 in the file: llama.cpp scales it
+        try:
+            start, end = save_control_vector(cvec_path, vec, det.model.info.architecture,
+                                             tuple(layer_range) if layer_range else None, scale)
+        except ValueError as exc:
+            raise FgdilpError(f"--layer-range: {exc}") from None
+        model_path = det.model.info.path
+    click.echo(f"wrote {cvec_path}: {end - start + 1} layer vectors (direction.{start}..{end}) of width "
+               f"{vec.shape[1]}; scale {scale:g}, layers {start}..{end} ({origin})")
+    flags = llama_flags(cvec_path, scale, (start, end))
+    click.echo("apply it in llama.cpp with these flags (the scale and blocks it is meant for; llama.cpp's "
+               "defaults, x1 on every block, can wreck the text):")
+    click.echo(f"  llama-cli -m {shlex.quote(model_path)} {flags}")
+    click.echo(f"  llama-server -m {shlex.quote(model_path)} {flags}")
+
+
+CVEC_ENTRY = "cvec"      # the profile entry whose steer_scale / steer_layer_range were calibrated for a control vector
+
+
+def _pick(chosen: dict) -> tuple[list, str]:
+    """Each value from its flag, else the profile, else the default; and a note of where they came from."""
+    values, notes = [], []
+    for name, (flag, profile, default) in chosen.items():
+        if flag is not None:
+            values.append(flag)
+            notes.append(f"{name}: flag")
+        elif profile is not None:
+            values.append(profile)
+            notes.append(f"{name}: the model's profile")
+        else:
+            values.append(default)
+            notes.append(f"{name}: default")
+    return values, "; ".join(notes)
 
 
 @vectors.command("inspect")

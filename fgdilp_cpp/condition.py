@@ -3,8 +3,8 @@ where the offline toxicity scorer reads its text at least THETA toxic; any other
 by the unsteered method, so its output is the unsteered output bit for bit.
 
 Why: a direction averaged over many prompts (universal vectors) is as strong on benign prompts
-as on toxic ones, and that is where its fluency cost showed (docs/results.md, run 11: benign
-perplexity x1.105 at the scale that removes 62 % of the toxicity). Most benign prompts read far
+as on toxic ones, and that is where its fluency cost showed (benign perplexity: run 11 in
+docs/results/runs-11-13-universal.md). Most benign prompts read far
 below the toxic ones to the scorer, so they need not be steered at all. CAST (conditional
 activation steering) tests a condition per row inside the model; this tests one per prompt, before
 any decoding, with the scorer FGDILP already uses to diagnose.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import time
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
@@ -39,8 +40,8 @@ def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int,
     out = plan.out_role
     want = list(range(len(plan.sequences))) if logits_all else [out]
     samplers = [] if forced_tokens is not None else [
-        Sampler(SamplingParams(sampling.temp, sampling.top_k, sampling.top_p, sampling.min_p,
-                               (sampling.seed + g) % 2**32)) for g in range(n_samples)]
+        Sampler(replace(sampling, seed=(sampling.seed + g) % 2**32), gen.model.vocab, gen.model.info.n_vocab)
+        for g in range(n_samples)]
     # KV reuse (docs/method.md §9): the cells of the last run's sequences keep the common prefix;
     # a control vector changes every token's KV, so its runs start from an empty context
     reuse = gen.rt.kv_reuse and plan.cvec is None
@@ -123,7 +124,8 @@ def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int,
         if plan.cvec is not None:
             ctx.set_cvec(None)
     for g, s in enumerate(samples):
-        emit(g, decoders[g].decode(b"", final=True))
+        # bytes still held are the start of a character the last token left incomplete (a reply
+        # cut by -n or a stop): dropped, not emitted as U+FFFD (invalid bytes were replaced already)
         s.text = "".join(pieces[g])
     hook = ctx.hook
     return GenResult(samples=samples, method=method, n_prompt_tokens=len(plan.sequences[out]),

@@ -15,6 +15,9 @@ replaces the link itself. The folders above the file may be links (the user's ch
 Modes: `private=True` gives 0600 (chat history); otherwise `mode` (default 0644), both masked by
 the process umask like an ordinary open().
 
+refuse_shared_dir(folder): refuses a folder others may write in or that another user owns (the
+chat history's folder: private files never go where others can plant links or read them).
+
 FolderLock(folder): an exclusive fcntl.flock on FOLDER/.fgdilp.lock, held while the block runs.
 A second holder, in this process or another, is refused at once with FolderLockedError naming the
 holder (pid and command line, which the holder writes into the lock file). The kernel drops a
@@ -31,6 +34,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -132,6 +136,20 @@ def make_private_dir(folder: Union[str, os.PathLike]) -> Path:
         except FileExistsError:
             if not p.is_dir():
                 raise
+    return p
+
+
+def refuse_shared_dir(folder: Union[str, os.PathLike]) -> Path:
+    """Refuse (FgdilpError) a folder that others may write in (world-writable) or that another user
+    owns: whoever can write there can plant links or read what we write, so private files (the
+    chat history) never go there. The user's own folders with ordinary modes pass."""
+    p = Path(folder)
+    st = p.stat()
+    if st.st_mode & 0o002:
+        raise FgdilpError(f"{p} is writable by every user (mode {stat.S_IMODE(st.st_mode):o}); not writing "
+                          f"private files there (chmod 700 it or choose another folder)")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise FgdilpError(f"{p} belongs to another user; not writing private files there (choose another folder)")
     return p
 
 

@@ -158,7 +158,7 @@ class Generator:
         params = ContextParams(n_ctx=n_ctx * convs, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq * convs,
                                n_outputs_max=n_seq * convs, n_threads=e.n_threads, type_k=e.type_k,
                                type_v=e.type_v, flash_attn=e.flash_attn, kv_reuse=e.kv_reuse,
-                               kv_conversations=convs)
+                               kv_conversations=convs, prefill_rows=e.n_batch)
         self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         if self._cancelled:              # cancel() came while this context did not exist yet
             ctx.request_abort()
@@ -312,11 +312,13 @@ class Generator:
         try:
             t0 = time.perf_counter()
             instance_info = None
+            setup_sampling = sampling.unconstrained()     # a grammar or penalties act on the reply only
             try:
                 if spec.instance and prefixes is None and instance_reuse == "conversation":
-                    prefixes, instance_info = self.conversation(method).get(self.rt, prompt, raw, sampling, method)
-                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, sampling, explain, special,
-                                                                prefixes))
+                    prefixes, instance_info = self.conversation(method).get(self.rt, prompt, raw, setup_sampling,
+                                                                            method)
+                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, setup_sampling, explain,
+                                                                special, prefixes))
                 if instance_info is not None:
                     plan.explain.update(instance_info)
             except Cancelled:            # stopped during FGDILP's setup: nothing generated yet

@@ -122,7 +122,7 @@ register(Method("fgdilp-frozen", "FGDILP, frozen: the fused direction captured o
                 plan="plans:plan_fgdilp_frozen", hook=True, heads=True, roles=lambda f: f.negatives + 1,
                 prefix_room="plans:instance_prefix_room", instance=True, with_vectors="vectors"))
 # its control vector changes with every prompt and shifts every KV cell: in chat each turn decodes
-# the whole conversation again (measured x18 time to first token on SmolLM2, docs/results.md)
+# the whole conversation again (its time to first token: docs/results/chat-latency.md)
 register(Method("cvec", "baseline: llama.cpp's residual control vector W_O*delta of TR's prefixes",
                 plan="plans:plan_cvec", heads=True, prefix_room="plans:tr_prefix_room", chat=False))
 register(Method("random", "control: the TR edit with random directions of the same per-head norms",

@@ -6,16 +6,23 @@ hangs up, shutdown) that is honoured at every stage: queued, during FGDILP's set
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import numpy as np
+
+from . import methods
 from .openai_api import ApiError, GenRequest, StopScanner
 
 if TYPE_CHECKING:
     from .api import Detoxifier, Stream
+    from .chat import Fitted
+    from .results import GenResult
 
 log = logging.getLogger("fgdilp_cpp.server")
 
@@ -41,11 +48,40 @@ class Outcome:
     stats: dict[str, Any]
 
 
+def steering_of(res: GenResult) -> dict[str, Any]:
+    """How a reply was steered: its method; "steered", whether that method edits the model and
+    --condition (if set) let it (the condition's "toxicity" is what the scorer read of the
+    conversation, "threshold" the value it was held to); "condition" null without one."""
+    cond = res.explain.get("condition")
+    edits = methods.get(res.method).heads
+    return {"method": res.method, "steered": bool(edits and (cond is None or cond["steered"])),
+            "condition": None if cond is None else json_safe(cond)}
+
+
+def json_safe(v: Any) -> Any:
+    """An explain block as JSON: numpy values as numbers and lists, a non-finite number as null
+    (JSON has none), tuples as lists, anything else as its text."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return json_safe(v.tolist())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    return str(v)
+
+
 class Job:
     """One request's generation. run() executes on the model thread; cancel() from anywhere."""
 
-    def __init__(self, det: Detoxifier, req: GenRequest, emit: Optional[Callable[[str], None]]):
-        self._det, self._req, self._emit = det, req, emit
+    def __init__(self, det: Detoxifier, req: GenRequest, emit: Optional[Callable[[str], None]],
+                 fitted: Optional[Fitted] = None):
+        self._det, self._req, self._emit, self._fitted = det, req, emit, fitted
         self._lock = threading.Lock()
         self._stream: Optional[Stream] = None
         self.reason: Optional[str] = None      # set once cancelled
@@ -62,8 +98,9 @@ class Job:
         det, req = self._det, self._req
         if self.reason:
             raise JobCancelled(self.reason)
-        stream = (det.stream_chat(req.messages, trim=False, **req.overrides) if req.messages is not None
-                  else det.stream(req.prompt, **req.overrides))
+        stream = (det.stream_chat(req.messages, explain=req.explain, trim=False, fitted=self._fitted,
+                                  **req.overrides)
+                  if req.messages is not None else det.stream(req.prompt, explain=req.explain, **req.overrides))
         with self._lock:
             if self.reason:                    # cancelled while the stream was being made
                 raise JobCancelled(self.reason)
@@ -93,9 +130,11 @@ class Job:
         res = stream.result
         if cut or (not scan.stopped and (res is None or res.stop_reason == "cancelled")):
             raise JobCancelled(self.reason or "cancelled")     # never reported as a whole reply
-        stats = {"method": res.method, "stop_reason": "stop" if scan.stopped else res.stop_reason,
+        stats = {**steering_of(res), "stop_reason": "stop" if scan.stopped else res.stop_reason,
                  "setup_s": round(res.setup_s, 4), "prefill_s": round(res.prefill_s, 4),
                  "decode_s": round(res.decode_s, 4)}
+        if req.explain:
+            stats["explain"] = json_safe(res.explain)
         return Outcome(scan.text, "stop" if scan.stopped else _FINISH.get(res.stop_reason, "stop"),
                        res.n_prompt_tokens, len(res.tokens), stats)
 
@@ -120,6 +159,8 @@ class ModelQueue:
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()
         self._closed = False
+        self._idle: Optional[threading.Event] = None     # set once the model thread has drained
+        self._drain_by: Optional[float] = None           # the first close's deadline (time.monotonic)
 
     # ---- start-up -------------------------------------------------------------------------
     def start(self) -> Future:
@@ -153,8 +194,10 @@ class ModelQueue:
     def shutting_down(self) -> bool:
         return self._closed
 
-    def submit(self, req: GenRequest, emit: Optional[Callable[[str], None]] = None) -> tuple[Job, Future]:
-        job = Job(self.det, req, emit)
+    def submit(self, req: GenRequest, emit: Optional[Callable[[str], None]] = None,
+               fitted: Optional[Fitted] = None) -> tuple[Job, Future]:
+        """fitted: the conversation as RequestCost.fit made it (the model thread does not fit it again)."""
+        job = Job(self.det, req, emit, fitted)
         with self._lock:
             if self._closed:
                 raise ApiError(503, "the server is shutting down", kind="server_error", code="shutting_down")
@@ -186,7 +229,18 @@ class ModelQueue:
         for job in jobs:
             job.cancel("shutting_down")
 
-    def close(self) -> None:
-        """Cancel every job and wait for the model thread (the Detoxifier may be closed after)."""
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Cancel every job and wait for the model thread, at most `timeout` seconds (None: as long
+        as it takes). True once it is idle (the Detoxifier may be closed after); False if it is
+        still busy at the deadline (then the Detoxifier must not be closed: run_server exits)."""
         self.begin_shutdown()
-        self.executor.shutdown(wait=True)
+        with self._lock:
+            if self._idle is None:             # the first close: a marker behind the cancelled jobs
+                self._idle = threading.Event()
+                self.executor.submit(self._idle.set)
+                self._drain_by = None if timeout is None else time.monotonic() + timeout
+        if timeout is not None and self._drain_by is not None:   # a second close keeps the first deadline
+            timeout = min(timeout, max(0.0, self._drain_by - time.monotonic()))
+        stopped = self._idle.wait(timeout)
+        self.executor.shutdown(wait=stopped)
+        return stopped

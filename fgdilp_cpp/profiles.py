@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 
 from .errors import FgdilpError
 from .files import write_atomic
+from .settings import Settings, toml_key
 
 FORMAT = "fgdilp-profile"
 VERSION = 1
@@ -106,6 +107,9 @@ class Profile:
             if not isinstance(settings, dict) or not set(settings) <= PROFILE_FIELDS:
                 extra = sorted(set(settings or {}) - PROFILE_FIELDS) if isinstance(settings, dict) else "?"
                 raise FgdilpError(f"{where}: method {name!r} has settings a profile may not set: {extra}")
+            # every value within its one range (settings.RANGES), the file named if one is not: applied
+            # later, where nobody set the field, a bad value would be blamed on a flag nobody gave
+            Settings.checked_values(settings, f"{where}: method {name!r}", toml_key)
         method = data.get("method")
         if method is not None and method not in methods:
             raise FgdilpError(f"{where}: its method {method!r} has no entry")

@@ -11,9 +11,21 @@ Endpoints (every error is JSON: {"error": {"message", "type", "param", "code"}})
 
 Request fields of both POST endpoints:
     model                      any string; the response names the served model
-    max_tokens / max_completion_tokens   int 1..--max-tokens (default: the server's -n)
+    max_tokens / max_completion_tokens / n_predict   int 1..--max-tokens (default: the server's -n);
+                               n_predict -1 (llama.cpp's "no limit") = --max-tokens
     temperature                0..2, 0 = greedy;  top_p (0, 1];  seed 0..2^32-1
     top_k (int >= 0), min_p [0, 1)       llama.cpp-style extensions
+    repeat_penalty (0, 10], presence_penalty and frequency_penalty [-2, 2]: llama.cpp's penalties
+                               sampler over the last repeat_last_n (alias penalty_last_n; default 64,
+                               -1 = all, 0 = off) tokens of the reply (not of the prompt)
+    grammar                    GBNF text (rule "root"; "" = none) the reply follows, through llama.cpp's
+                               grammar sampler; or json_schema (a JSON schema), or response_format
+                               {"type": "json_object"[, "schema": ...]} / {"type": "json_schema",
+                               "json_schema": {"schema": ...}} (converted to GBNF); at most one of them.
+                               A grammar llama.cpp cannot parse, a schema it cannot follow, one past
+                               64 KiB of GBNF or 10000 repetitions in all ({m,n}, maxLength, maxItems),
+                               is a 400 naming the field. A reply cut by max_tokens may stop inside it.
+    explain                    true: the response's "fgdilp" object has the method's explain block
     stop                       a string or a list of up to 4 of at most 256 characters: the text is cut
                                before the first one
     n                          1 only;  stream (bool);  stream_options.include_usage (bool)
@@ -21,18 +33,30 @@ Request fields of both POST endpoints:
     steer_scale                [0, --max-steer-scale (2)];  steer_layer_range  [start, end] layer numbers
     condition                  [0, 1]: steer only where the scorer reads a message at least this toxic
 chat: messages [{role: system|developer|user|assistant, content: text or [{"type": "text", ...}]}],
-the last one the user's; a conversation longer than the context is a 400 with code
-"context_length_exceeded" (never trimmed silently). completions: prompt, a string or [string].
+the last one the user's, at most --max-messages of them; a conversation longer than the context is
+a 400 with code "context_length_exceeded" (never trimmed silently), found before it is queued
+(request_cost.py). completions: prompt, a string or [string]. At most --max-chars characters of text.
 
-Responses are OpenAI's, plus a top-level "fgdilp" object (method, stop_reason, timings) on a
-reply and on the last chunk of a stream. A stream's headers go out with its first text, so that
-anything found wrong before (bad values, a prompt longer than the context) is a plain HTTP error.
+Responses are OpenAI's, plus a top-level "fgdilp" object on a reply and on the last chunk of a
+stream: method; steered (whether the reply was steered: the method edits the model and the
+condition, if any, let it; a method's steer_scale 0 is an edit of no size); condition (null, or
+{threshold, toxicity: what the scorer read of the conversation, steered}); stop_reason; timings;
+with "explain": true, explain (the method's explain block, as the CLI's --explain shows it). A
+stream's headers go out with its first text, so that anything found wrong before (bad values, a
+prompt longer than the context) is a plain HTTP error. /v1/models' "created" is the model
+file's modification time.
 
-Unknown fields are ignored (clients add new ones all the time). Known OpenAI fields this server
-cannot honour (penalties, logit_bias, logprobs, tools, response_format other than text, echo,
-best_of, suffix) are accepted only at their no-op values (null, 0, false, empty) and are a 400
-otherwise, since ignoring them would change results silently. usage.completion_tokens counts
-the tokens generated, including any that a stop string cut off.
+No field is silently ignored: a field not listed here is a 400 naming it, except these, which do
+not change the reply and are accepted unused: user, metadata, store, service_tier,
+parallel_tool_calls, prompt_cache_key, safety_identifier (OpenAI), cache_prompt, id_slot,
+timings_per_token (llama.cpp), and the settings of a llama.cpp sampler that is off
+(mirostat_tau/eta, dynatemp_exponent, xtc_threshold, dry_base/allowed_length/penalty_last_n/
+sequence_breakers). Known fields this server cannot honour (logit_bias, logprobs, top_logprobs,
+tools, functions, tool_choice, echo, best_of, suffix; llama.cpp's n_probs, typical_p, mirostat,
+dynatemp_range, xtc_probability, dry_multiplier, ignore_eos) are accepted only at their no-op values
+(null, 0, 1 for typical_p, false, empty) and are a 400 otherwise, since ignoring them would change
+results silently. usage.completion_tokens counts the tokens generated, including any that a stop
+string cut off.
 
 Requests are queued FIFO and run one at a time on one model thread (model_queue.py); more than
 --max-queue waiting is a 503 with Retry-After. A client that hangs up (while queued, during
@@ -57,6 +81,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -78,6 +103,7 @@ from .errors import ContextLengthError, FgdilpError, ParamError
 from .http_guard import header_deadline_protocol, loopback_host_header
 from .model_queue import Job, JobCancelled, ModelQueue, Outcome
 from .openai_api import ApiError, Policy, check_methods, param_error, parse_request, read_json
+from .request_cost import MAX_CHARS, MAX_MESSAGES, RequestCost
 
 if TYPE_CHECKING:
     from .api import Detoxifier
@@ -98,6 +124,10 @@ class Limits:
                                         # arrive (slowloris): the connection is closed, or a 408
     loopback_host: bool = True          # require a loopback Host header (DNS rebinding); run_server
                                         # turns it off when listening on another address
+    max_messages: int = MAX_MESSAGES    # messages in one chat request
+    max_chars: int = MAX_CHARS          # characters of text in one request
+    drain_s: float = 5.0                # at shutdown, seconds the model thread gets to stop after the
+                                        # connections closed; run_server exits regardless after it
 
 
 class _ClientGone(Exception):
@@ -115,8 +145,16 @@ class _Service(ModelQueue):
                               "that names no method runs)")
         if not 0 <= limits.max_steer_scale < float("inf"):
             raise FgdilpError(f"--max-steer-scale must be a finite number >= 0, not {limits.max_steer_scale}")
+        if limits.api_key is not None and not limits.api_key.strip():
+            raise FgdilpError("--api-key (or FGDILP_API_KEY) is empty: that would not require any key; "
+                              "give a key, or leave both unset to serve without one")
         super().__init__(det, limits.max_queue, methods)
+        self.cost = RequestCost(det, limits.max_messages, limits.max_chars)
         self.limits = limits
+        try:                                    # models.list's "created": when the model file was made
+            self.created = int(os.stat(det.model.info.path).st_mtime)
+        except OSError:
+            self.created = int(time.time())
         self.policy = Policy(max_tokens=limits.max_tokens, methods=methods,
                              max_steer_scale=limits.max_steer_scale)
 
@@ -222,13 +260,19 @@ async def _unless_gone(request: Request, job: Job, waiting: Awaitable[Any]) -> A
 
 async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
     body = await read_json(request, svc.limits.max_body_bytes, svc.limits.read_timeout)
+    if chat:
+        svc.cost.check_body(body)
     req = parse_request(body, chat, svc.det, svc.policy)
+    svc.cost.check(req)
+    fitted = await svc.cost.fit(req)            # a 400 here, before the request is queued
+    if await request.is_disconnected():        # hung up while it was fitted: nothing is queued
+        raise _ClientGone()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": svc.model_id}
 
     if not req.stream:
-        job, fut = svc.submit(req)
+        job, fut = svc.submit(req, fitted=fitted)
         with _job_errors(chat):
             o = await _unless_gone(request, job, asyncio.wrap_future(fut))
         choice = ({"index": 0, "message": {"role": "assistant", "content": o.text}, "logprobs": None,
@@ -237,7 +281,7 @@ async def _complete(request: Request, svc: _Service, chat: bool) -> Response:
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()     # text pieces, then the job's Future
-    job, fut = svc.submit(req, lambda text: loop.call_soon_threadsafe(events.put_nowait, text))
+    job, fut = svc.submit(req, lambda text: loop.call_soon_threadsafe(events.put_nowait, text), fitted)
 
     def finished(f: Future) -> None:
         try:
@@ -300,7 +344,7 @@ def _endpoint(auth: bool = True) -> Callable:
 
 
 def _model_card(svc: _Service) -> dict:
-    return {"id": svc.model_id, "object": "model", "created": 0, "owned_by": "fgdilp-cpp"}
+    return {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "fgdilp-cpp"}
 
 
 @_endpoint(auth=False)
@@ -363,7 +407,8 @@ def create_app(det: Detoxifier, limits: Limits = Limits()) -> Starlette:
         try:
             yield
         finally:
-            svc.close()
+            svc.close(limits.drain_s)
+            svc.cost.close()
 
     app = Starlette(routes=[
         Route("/health", health, methods=["GET"]),
@@ -431,7 +476,11 @@ def run_server(det: Detoxifier, host: str, port: int, limits: Limits = Limits())
     except KeyboardInterrupt:                   # uvicorn re-raises the Ctrl-C it shut down on
         print("stopped", file=sys.stderr)
     finally:
-        svc.close()
+        stopped = svc.close(limits.drain_s)
         sock.close()
+    if not stopped:     # stuck in a call that cannot be cancelled: the Detoxifier must not be closed
+        print(f"error: the model thread did not stop within {limits.drain_s:g} s of shutdown; exiting "
+              "without waiting for it", file=sys.stderr, flush=True)
+        os._exit(1)
     if svc.warm_error is not None:
         raise FgdilpError(f"the model could not start: {svc.warm_error}")

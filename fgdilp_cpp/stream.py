@@ -20,6 +20,7 @@ class Stream(Iterator[str]):
     def __init__(self, det: Any, prompt: str, settings: Settings, method: str, special: bool,
                  explain: bool, fitted: Optional[Fitted] = None):
         self._det, self._prompt, self._s, self._method = det, prompt, settings, method
+        self.settings, self.method = settings, method     # what this generation runs with (chat records it)
         self._special, self._explain = special, explain
         self.fitted = fitted                  # chat: the conversation that was sent (after trimming)
         self._condition_texts = conversation_texts(fitted.messages) if fitted is not None else None

@@ -8,7 +8,7 @@ Both run over a plan Runtime and the engine; the numpy parts are plans' fusion a
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -203,7 +203,7 @@ def labelled_records(records, per_class: int, toxic_at: float = 0.5, clean_below
                                                             "clean_below": clean_below, "seed": seed}
 
 
-def optional_progress(enabled: bool, label: str) -> Optional[callable]:
+def optional_progress(enabled: bool, label: str) -> Optional[Callable[[int, int], None]]:
     if not enabled:
         return None
     import sys

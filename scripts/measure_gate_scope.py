@@ -30,7 +30,8 @@ with Model(default_model_path()) as m:
             rowc, headc = [], []
             for rec in load_prompts(name, limit=N):
                 toks = [m.tokenize(t) for t in (POS_PREFIX + rec.text, NEG_PREFIX + rec.text, rec.text)]
-                ctx.clear(); batch.clear()
+                ctx.clear()
+                batch.clear()
                 for s, t in enumerate(toks):
                     for i, x in enumerate(t):
                         batch.add(x, i, s, False)

@@ -99,3 +99,13 @@ def test_cancel_stream_chat_from_another_thread(tiny_chat):
                 threading.Thread(target=d.cancel).start()
         assert stream.result.stop_reason == "cancelled" and 3 <= len(stream.result.tokens) < 3000
         assert len(d.chat(MSGS, seed=2, n_predict=5).tokens) == 5           # usable afterwards
+
+
+def test_a_byte_order_mark_is_not_part_of_the_message(monkeypatch):
+    """A file piped into chat that starts with a UTF-8 BOM: the first message is the text alone."""
+    from fgdilp_cpp.repl import read_message
+
+    lines = iter(["\ufeffhello there", '\ufeff"""', "one", '"""'])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert read_message() == "hello there"
+    assert read_message() == "one"

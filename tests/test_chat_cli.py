@@ -1,19 +1,22 @@
 """`fgdilp-cpp chat` driven in a pseudo-terminal, like a person at a keyboard."""
 
 import json
+import os
 import sys
 import time
 
 import pexpect
 import pytest
 
+PASSED_ON = ("PYTHONPATH", "FGDILP_NATIVE_LIB")     # a checkout that is not the installed one
 
 
 def spawn(model, tmp_path, *args, timeout=60):
     argv = ["-m", "fgdilp_cpp.cli", "chat", str(model), "-t", "1", "--history-dir", str(tmp_path / "hist"), *args]
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TERM": "dumb",
+           **{k: os.environ[k] for k in PASSED_ON if k in os.environ}}
     child = pexpect.spawn(sys.executable, argv, encoding="utf-8", codec_errors="replace", timeout=timeout,
-                          cwd=str(tmp_path), env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                                  "TERM": "dumb"})
+                          cwd=str(tmp_path), env=env)
     child.expect_exact("/help for commands")
     child.expect_exact("> ")
     return child
@@ -61,7 +64,7 @@ def test_session_commands_and_exit(tiny_chat, tmp_path):
     assert roles == ["system", "user", "assistant", "user", "assistant"]
     assert saved["messages"][3]["content"] == "first line\nsecond line" and saved["method"] == "fgdilp"
     ask(c, "/clear")
-    c.expect_exact("(new conversation)")
+    c.expect_exact("(new conversation; the last one stays in ")
     ask(c, "/exit")
     c.expect(pexpect.EOF)
     c.close()
@@ -80,10 +83,21 @@ def test_ctrl_c_stops_a_reply_and_the_session_goes_on(tiny_chat, tmp_path):
     saved = history(tmp_path)["messages"]
     assert [m["role"] for m in saved] == ["user", "assistant"] * 2
     assert all(len(m["content"]) > 20 for m in saved[1::2])             # the part so far is kept
-    c.sendintr()                        # Ctrl-C at the prompt leaves
+    assert [m["stop_reason"] for m in saved[1::2]] == ["cancelled"] * 2
+    time.sleep(2.5)                     # past the double tap of the Ctrl-C that stopped the reply
+    c.sendintr()                        # one Ctrl-C at an idle prompt does not leave ...
+    c.expect_exact("(Ctrl-C again to leave")
+    c.expect_exact("> ")
+    ask(c, "/help")                     # ... the session goes on
+    c.expect_exact("Ctrl-C twice leaves")
+    c.expect_exact("> ")
+    c.sendintr()
+    c.expect_exact("(Ctrl-C again to leave")
+    c.sendintr()                        # the second one in a row leaves
     c.expect(pexpect.EOF)
     c.close()
     assert c.exitstatus == 130
+    assert len(history(tmp_path)["messages"]) == 4                       # nothing lost
 
 
 @pytest.mark.parametrize("how", ["ctrl-d", "double-ctrl-c"])
@@ -141,10 +155,11 @@ def test_a_full_context_drops_the_oldest_turns_and_says_so(tiny_chat, tmp_path):
     ask(c, "/exit")
     c.expect(pexpect.EOF)
     c.close()
-    saved = history(tmp_path)["messages"]
-    assert saved[0] == {"role": "system", "content": "be kind"}           # the system prompt stays
-    assert saved[1]["role"] == "user" and "number 0 " not in saved[1]["content"]
-    assert saved[-2]["content"] == f"message number {turn} with a few more words"
+    doc = history(tmp_path)
+    saved = doc["messages"]             # everything said is kept, also what the model no longer sees
+    assert saved[0] == {"role": "system", "content": "be kind"}
+    assert [m["content"] for m in saved[1::2]] == [f"message number {t} with a few more words" for t in range(turn + 1)]
+    assert doc["dropped_from_context"] >= 2 and doc["dropped_from_context"] % 2 == 0
 
 
 def test_bench_chat_times_first_tokens_side_by_side(tiny_chat, tmp_path, cli):
@@ -170,14 +185,13 @@ def _chat_piped(model, tmp_path, stdin, *args, env=None):
 
     argv = [sys.executable, "-m", "fgdilp_cpp.cli", "chat", str(model), "-n", "6", "-c", "256", "-t", "1",
             "--method", "none", *args]
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FGDILP_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FGDILP_") or k in PASSED_ON}
     full_env.update({"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "xdg"), **(env or {})})
     return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
                           env=full_env)
 
 
 def test_history_is_private_atomic_and_never_follows_a_symlink(tiny_chat, tmp_path):
-    import os
     import stat
 
     victim = tmp_path / "victim.txt"
@@ -217,3 +231,100 @@ def test_history_can_be_turned_off(tiny_chat, tmp_path, how):
     if how == "env":        # the flag wins over the environment
         on = _chat_piped(tiny_chat, tmp_path, "hello\n", "--history", env=env)
         assert on.returncode == 0 and len(list((tmp_path / "xdg" / "fgdilp-cpp" / "chats").iterdir())) == 1
+
+
+# ---- every conversation kept, each reply with how it was made; nothing written where it should not be ----
+def _conversation_files(folder):
+    return sorted(folder.glob("chat-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+
+
+def test_every_conversation_of_a_session_is_kept_with_each_replys_method(tiny_chat, tmp_path):
+    stdin = "hello\n/method tr\nsecond\n/clear\nthird\n/clear\n/clear\nfourth\n/method none\nfifth\n"
+    run = _chat_piped(tiny_chat, tmp_path, stdin, "--steer-scale", "0.5")
+    assert run.returncode == 0, run.stderr
+    files = _conversation_files(tmp_path / "xdg" / "fgdilp-cpp" / "chats")
+    assert len(files) == 3                       # /clear starts a new file; an empty conversation writes none
+    docs = [json.loads(p.read_text()) for p in files]
+    said = [[m["content"] for m in d["messages"] if m["role"] == "user"] for d in docs]
+    assert said == [["hello", "second"], ["third"], ["fourth", "fifth"]]
+    assert [d["conversation"] for d in docs] == [1, 2, 3]
+    replies = [m for d in docs for m in d["messages"] if m["role"] == "assistant"]
+    assert [m["method"] for m in replies] == ["none", "tr", "tr", "tr", "none"]
+    assert all(m["settings"]["steer_scale"] == 0.5 and m["settings"]["n_predict"] == 6 for m in replies)
+    assert all(m["stop_reason"] == "length" and isinstance(m["seed"], int) for m in replies)
+    for p in files:                              # the goodbye names every file
+        assert f"(conversation saved to {p})" in run.stderr
+    assert "the last one stays in " + str(files[0]) in run.stdout
+
+
+def test_save_refuses_a_missing_folder(tiny_chat, tmp_path):
+    run = _chat_piped(tiny_chat, tmp_path, "hello\n/save nothere/deeper/x.json\n/save x.json\n")
+    assert run.returncode == 0, run.stderr
+    assert "the folder nothere/deeper does not exist" in run.stdout and "(saved to x.json)" in run.stdout
+    assert not (tmp_path / "nothere").exists() and (tmp_path / "x.json").is_file()
+
+
+def test_a_symlink_planted_at_the_conversation_file_is_refused_and_the_goodbye_says_not_saved(tiny_chat, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    c = spawn(tiny_chat, tmp_path, "-n", "6", "-c", "256", "--method", "none")
+    ask(c, "hello")
+    c.expect_exact("(preparing the first reply ...)\r")          # the session's first reply says so, then erases it
+    c.expect_exact("[reply cut at -n 6 tokens]")
+    c.expect_exact("> ")
+    (path,) = (tmp_path / "hist").glob("chat-*.json")
+    path.unlink()
+    path.symlink_to(victim)                      # planted between two replies
+    ask(c, "again")
+    c.expect_exact("(could not save the conversation to")
+    c.expect_exact("is a symbolic link")
+    c.expect_exact("> ")
+    ask(c, "/exit")
+    c.expect_exact(f"(conversation NOT saved to {path}")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert "conversation saved to" not in c.before
+    assert victim.read_text() == "precious" and path.is_symlink()
+
+
+def test_a_world_writable_history_folder_is_refused(tiny_chat, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    run = _chat_piped(tiny_chat, tmp_path, "hello\n", "--history-dir", str(shared))
+    assert run.returncode == 0, run.stderr
+    assert "is writable by every user (mode 777)" in run.stderr and "conversation NOT saved" in run.stderr
+    assert "conversation saved to" not in run.stderr and list(shared.iterdir()) == []
+
+
+def test_a_model_that_is_not_tuned_for_chat_gets_a_warning(tiny_chat, tiny_llama, tmp_path):
+    import shutil
+
+    base = tmp_path / "tiny-base.gguf"           # the same model under a name without instruct/it/chat
+    shutil.copy(tiny_chat, base)
+    told = _chat_piped(base, tmp_path, "")
+    assert told.returncode == 0 and "looks like a base model" in told.stderr and "says nothing of" in told.stderr
+    no_template = _chat_piped(tiny_llama[0], tmp_path, "", "--chat-template", "chatml")
+    assert no_template.returncode == 0 and "its GGUF has no chat template" in no_template.stderr
+    tuned = _chat_piped(tiny_chat, tmp_path, "")
+    assert tuned.returncode == 0 and "base model" not in tuned.stderr
+
+
+def test_a_file_already_at_the_conversation_path_is_never_replaced(tmp_path):
+    """Unit level: the name a conversation would take is already there (another program's file)."""
+    from types import SimpleNamespace
+
+    from fgdilp_cpp.repl import Session
+    from fgdilp_cpp.settings import Settings
+
+    det = SimpleNamespace(settings=Settings(), model=SimpleNamespace(info=SimpleNamespace(path="m.gguf")),
+                          template=SimpleNamespace(name="chatml"))
+    session = Session(det, str(tmp_path / "hist"))
+    (tmp_path / "hist").mkdir(mode=0o700)
+    session.path.write_text("someone else's")
+    taken = session.path
+    session.transcript = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    session.autosave()
+    assert taken.read_text() == "someone else's"
+    assert session.saved == [taken.with_name(taken.stem + ".2.json")]
+    assert json.loads(session.saved[0].read_text())["messages"][1]["content"] == "hello"

@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fgdilp_cpp import native, native_rows
+import native_rows
+from fgdilp_cpp import native
 from fgdilp_cpp.engine import Batch, Context, ContextParams
 from fgdilp_cpp.errors import FgdilpError, ParamError
 from fgdilp_cpp.generation import EngineParams, Generator

@@ -103,7 +103,7 @@ def test_records_carry_their_point(sweep_run):
     rep = res["report"]
     assert rep["methods"]["tr[steer_scale=1.0 exp_norm=0.8]"]["point"] == {"steer_scale": 1.0, "exp_norm": 0.8}
     assert rep["methods"]["none"]["ppl_corpus_ratio"] == pytest.approx(1.0)
-    for name, m in rep["methods"].items():
+    for m in rep["methods"].values():
         assert m["ppl_corpus"]["self"] > 0 and m["ppl_corpus_ratio"] > 0
     assert set(rep["frontier"]) == {"tr", "random"} and len(rep["frontier"]["tr"]) == 4
     assert set(rep["at_budget"]) == {"tr", "random"}

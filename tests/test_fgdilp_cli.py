@@ -105,7 +105,10 @@ def test_nan_in_vectors_file_refused(cli, tiny_llama, tmp_path):
                 w.add_uint32(f.name, int(f.parts[-1][0]))
     w.add_tensor("directions", bad)
     w.add_tensor("e", hd.e)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     proc = cli("generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", tmp_path / "nan.gguf")
     assert_clean_error(proc, "NaN")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fgdilp_cpp.errors import FgdilpError
-from fgdilp_cpp.files import LOCK_NAME, FolderLock, FolderLockedError, write_atomic
+from fgdilp_cpp.files import LOCK_NAME, FolderLock, FolderLockedError, refuse_shared_dir, write_atomic
 
 
 def _mode(p: Path) -> int:
@@ -214,3 +214,21 @@ def test_lock_is_refused_to_another_thread_of_the_holder(tmp_path):
     t.start()
     t.join()
     assert len(errors) == 1
+
+
+def test_shared_folders_are_refused_for_private_files(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    assert refuse_shared_dir(mine) == mine
+    mine.chmod(0o755)                                     # readable by others: an ordinary folder, allowed
+    assert refuse_shared_dir(mine) == mine
+    for mode in (0o777, 0o1777):                          # writable by everyone, sticky or not
+        mine.chmod(mode)
+        with pytest.raises(FgdilpError, match="writable by every user"):
+            refuse_shared_dir(mine)
+    if os.getuid() == 0:                                  # root can hand a folder to someone else
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 54321, 54321)
+        with pytest.raises(FgdilpError, match="belongs to another user"):
+            refuse_shared_dir(theirs)

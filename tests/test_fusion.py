@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fgdilp_cpp import native, native_rows
+import native_rows
+from fgdilp_cpp import native
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.method.fusion import FUSION_MODES, elect_signs, fuse, keep_count, mask_top_k
 

@@ -142,7 +142,7 @@ def test_stop_scanner_holds_back_a_possible_stop():
     (dict(top_p=0), "top_p"),
     (dict(seed=-1), "seed"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(frequency_penalty=0.5), "frequency_penalty"),
+    (dict(frequency_penalty=2.5), "frequency_penalty"),
     (dict(extra_body={"steer_scale": "big"}), "steer_scale"),
     (dict(extra_body={"steer_layer_range": [0, 9]}), "steer_layer_range"),
     (dict(extra_body={"steer_layer_range": [0]}), "steer_layer_range"),

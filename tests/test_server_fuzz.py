@@ -40,6 +40,12 @@ FIELDS = {
     "steer_scale": NUMBER | JSON, "steer_layer_range": st.lists(NUMBER, max_size=3) | JSON,
     "logprobs": JSON, "frequency_penalty": NUMBER, "logit_bias": JSON, "tools": JSON, "response_format": JSON,
     "user": TEXT, "echo": JSON,
+    "n_predict": NUMBER | JSON, "repeat_penalty": NUMBER | JSON, "presence_penalty": NUMBER,
+    "repeat_last_n": NUMBER | JSON, "penalty_last_n": NUMBER, "explain": st.booleans() | JSON,
+    "grammar": st.sampled_from(['root ::= "a" | "b"', 'root ::= [a-z]+', "root ::= root", 'root ::= "a',
+                                "x ::= y", "root ::= [^\\x00]*", ""]) | TEXT | JSON,
+    "json_schema": st.sampled_from([{}, {"type": "object"}, {"enum": [1, 2]}, {"$ref": "#/nowhere"},
+                                    {"type": "string", "pattern": "("}]) | JSON,
 }
 BODY = st.fixed_dictionaries({}, optional=FIELDS).flatmap(
     lambda known: st.dictionaries(TEXT, JSON, max_size=3).map(lambda extra: {**extra, **known}))
@@ -59,8 +65,10 @@ def requests(draw) -> tuple[str, bytes, str]:
         if mode != "random":
             text = draw(st.text(min_size=1, max_size=20).filter(str.strip) if mode == "valid" else
                         TEXT.filter(lambda t: t.strip()))
-            body = {**draw(st.dictionaries(st.text(max_size=8).map(lambda k: "x-" + k), JSON, max_size=2)),
-                    "messages": [{"role": "user", "content": text}], "prompt": text, "max_tokens": 2}
+            # (a field the server does not know is a 400: the valid bodies have only known ones)
+            body = ({"messages": [{"role": "user", "content": text}]} if path.endswith("chat/completions")
+                    else {"prompt": text})
+            body["max_tokens"] = 2
             if mode == "perturbed":
                 for name in draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=2, unique=True)):
                     body[name] = draw(FIELDS[name])

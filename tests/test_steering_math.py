@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fgdilp_cpp import native_rows
+import native_rows
 from fgdilp_cpp.method.steering import lambda_norm, lambda_sim, tr_edit
 
 finite = st.floats(-50, 50, allow_nan=False, allow_infinity=False, width=32)

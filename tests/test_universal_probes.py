@@ -165,7 +165,7 @@ def test_unselected_heads_are_not_edited(det, tmp_path, tiny_llama):
                                            record_logits=True, kv_reuse=False).logits
     unsteered = det._gen.generate(PROMPTS[0], "none", FORCED_N, forced_tokens=[5, 6, 7, 8], record_logits=True,
                                   kv_reuse=False).logits
-    for a, b, c, u in zip(logits["weighted"], logits["zeroed"], logits["plain"], unsteered):
+    for a, b, c, _u in zip(logits["weighted"], logits["zeroed"], logits["plain"], unsteered):
         np.testing.assert_array_equal(a, b)
         assert not np.allclose(a, c)
     for a, u in zip(logits["none"], unsteered):

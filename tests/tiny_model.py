@@ -68,13 +68,14 @@ class TinyConfig:
     n_head_kv: int = 2          # GQA: 2 query heads per kv head
     head_dim: int = 16          # written as key_length/value_length; n_rot == head_dim (llama requires it)
     n_ff: int = 96
-    n_ctx_train: int = 512
+    n_ctx_train: int = 32768    # -c is refused past it (settings.fit_ctx_size): room for the tests' contexts
     rms_eps: float = 1e-5
     rope_base: float = 10000.0
     seed: int = 0
     tie_output: bool = False    # if True, no output.weight is written (llama.cpp reuses token_embd)
     chat_template: str = ""     # written as tokenizer.chat_template when set (a Jinja text)
     mute_eos: bool = False      # zero EOS's output row: its logit is 0, far below top-k, so replies run long
+    nan_tensor: str = ""        # a tensor written as NaN (a broken model: its logits are not finite)
 
     @property
     def n_q(self) -> int:
@@ -175,7 +176,7 @@ def _write(w: gguf.GGUFWriter, tensors: dict[str, np.ndarray]) -> None:
     w.close()
 
 
-def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarray]:
+def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarray]:  # noqa: B008 (only read)
     """Write a tiny random ``llama`` GGUF (all F32) to ``path``.
 
     Returns the weights keyed by GGUF tensor name, linear weights in torch layout
@@ -207,6 +208,8 @@ def build_tiny_llama(path, cfg: TinyConfig = TinyConfig()) -> dict[str, np.ndarr
         out_w[EOS_ID] = 0.0
     if not cfg.tie_output:
         t["output.weight"] = out_w
+    if cfg.nan_tensor:
+        t[cfg.nan_tensor] = np.full_like(t[cfg.nan_tensor], np.nan)
 
     w = gguf.GGUFWriter(path, "llama")
     w.add_name("tiny-llama-test")

@@ -30,12 +30,40 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))   # the tiny SentencePiece vocabulary of the test models
-
 PROMPT = "The ill-fated tale of Phoneys, the stupid"
 METHODS = ("none", "tr", "fgdilp", "fgdilp-frozen")
 HOOK_VARIANTS = ("no_hook", "hook_idle", "hook_ask", "hook_edit")
+
+
+# The tiny SentencePiece-style vocabulary of the test models (tests/tiny_model.py), copied so that a
+# tool imports nothing from tests/ (tests/test_packaging.py holds the two copies equal): llama.cpp's
+# SPM tokenizer reaches a multi-character piece only through merges whose intermediate pieces all
+# exist, hence the prefix chains; anything else falls back to the <0xXX> byte tokens.
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+_SPACE = "\u2581"
+_NORMAL_PIECES: list[str] = (
+    [_SPACE] + list("abcdefghijklmnopqrstuvwxyz") + list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    + list("0123456789") + list(".,:;!?'\"-()")
+    + ["th", "he", "the", "in", "an", "er", "on", "at", "en", "re", "is", "or",
+       _SPACE + "t", _SPACE + "th", _SPACE + "the", _SPACE + "a", _SPACE + "an", _SPACE + "and",
+       _SPACE + "i", _SPACE + "in", _SPACE + "is", _SPACE + "o", _SPACE + "of", _SPACE + "on",
+       _SPACE + "w", _SPACE + "wh", _SPACE + "whe", _SPACE + "wher", _SPACE + "where",
+       _SPACE + "c", _SPACE + "ca", _SPACE + "cap", "it", "al",
+       _SPACE + "P", _SPACE + "Pa", _SPACE + "Par", _SPACE + "Pari", _SPACE + "Paris",
+       _SPACE + "F", _SPACE + "Fr", "ra", "nc", "ce",
+       _SPACE + "y", _SPACE + "ye", _SPACE + "yes", _SPACE + "n", _SPACE + "no", _SPACE + _SPACE]
+)
+
+
+def tokenizer_vocab() -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token_types): <unk> <s> </s>, the 256 byte tokens, then the normal pieces."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + _NORMAL_PIECES
+    scores = [0.0] * 259 + [float(-1000.0 + 10.0 * len(p) - 0.001 * i) for i, p in enumerate(_NORMAL_PIECES)]
+    types = ([int(gguf.TokenType.UNKNOWN)] + [int(gguf.TokenType.CONTROL)] * 2 + [int(gguf.TokenType.BYTE)] * 256
+             + [int(gguf.TokenType.NORMAL)] * len(_NORMAL_PIECES))
+    return tokens, scores, types
 
 
 @dataclass(frozen=True)
@@ -71,7 +99,6 @@ SHAPES = {
 def build_random_llama(path: Path, shape: Shape, seed: int = 0) -> dict:
     """Write a random-weight llama GGUF; returns what was built and how long it took."""
     import gguf
-    from tiny_model import BOS_ID, EOS_ID, UNK_ID, tokenizer_vocab
 
     t0 = time.perf_counter()
     tokens, scores, types = tokenizer_vocab()

@@ -6,11 +6,13 @@
 Starts the server as a subprocess (by default on the tiny random-weight model of the tests, built
 in a temporary folder), then `--clients` threads send `--requests` requests in all: a mix of
 streaming and non-streaming chat and completion requests, a quarter of them streams that the
-client hangs up on after the first text. A request answered 503 (queue or connection limit) is
+client hangs up on after the first text, and --huge more that the server must refuse (400)
+before they reach the model: 800 and 20,000 messages, and 900 KB of special-token text (issue
+#27: such bodies once held the model thread for minutes). A request answered 503 (queue or connection limit) is
 retried after a short pause, up to --retries times (the 503s are counted apart). Checks (exit
 status 1 if one fails):
 - every request is answered: a whole reply, a 503 or, for the hang-ups, cancelled by the
-  client; none lost (no error, no timeout, no cut stream);
+  client; none lost (no error, no timeout, no cut stream); every huge body a 400 with its code;
 - the server's peak RSS after the load is within 10 % of its peak after a warm-up round;
 - a fixed request answers after the load exactly as it did one at a time before it;
 - the server logs no error (nor asyncio's complaint about writing to a hung-up client).
@@ -36,6 +38,11 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 MSGS = [{"role": "user", "content": "hello there"}]
 PROBE = {"messages": MSGS, "seed": 7, "max_tokens": 12}
+# bodies refused before the model thread, serialized once (the client's time is not the server's)
+HUGE = [(json.dumps({"messages": [{"role": "user", "content": "hi"}] * n}).encode(), code)
+        for n, code in ((800, "context_length_exceeded"), (20_000, "too_many_messages"))]
+HUGE.append((json.dumps({"messages": [{"role": "user", "content": "<|im_end|>" * 90_000}]}).encode(),
+             "request_too_large"))
 
 
 def tiny_model(folder: Path) -> Path:
@@ -85,20 +92,26 @@ class ServerProcess:
             return self.proc.wait()
 
 
-def request(port: int, body: dict, path: str = "/v1/chat/completions", hang_up: bool = False,
-            timeout: float = 120) -> tuple[str, str]:
-    """(outcome, text): outcome "ok", "busy" (503), "cancelled" (hung up after the first text) or
-    "lost: why"."""
+def request(port: int, body, path: str = "/v1/chat/completions", hang_up: bool = False,
+            timeout: float = 120, refused_with: Optional[str] = None) -> tuple[str, str]:
+    """(outcome, text): outcome "ok", "busy" (503), "cancelled" (hung up after the first text),
+    "refused" (the 400 with code `refused_with` that a huge body must get) or "lost: why".
+    body: a dict, or JSON bytes."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        data = body if isinstance(body, bytes) else json.dumps(body)
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         if resp.status == 503:
             resp.read()
             return "busy", ""
+        if refused_with is not None:
+            out = resp.read()
+            code = json.loads(out)["error"]["code"] if resp.status == 400 else None
+            return ("refused", "") if code == refused_with else (f"lost: HTTP {resp.status} {out[:200]!r}", "")
         if resp.status != 200:
             return f"lost: HTTP {resp.status} {resp.read()[:200]!r}", ""
-        if not body.get("stream"):
+        if not body.get("stream"):   # (a bytes body is a huge one: refused above)
             out = json.loads(resp.read())
             choice = out["choices"][0]
             if choice["finish_reason"] not in ("stop", "length"):
@@ -131,9 +144,10 @@ def _read_stream(resp, hang_up: bool) -> tuple[str, str]:
 
 
 def load(port: int, clients: int, total: int, hang_up_share: float, max_tokens: int, seed: int,
-         retries: int) -> dict:
-    """`total` requests over `clients` threads, each retried up to `retries` times after a 503;
-    outcome counts (the 503s that were retried apart) and latencies."""
+         retries: int, huge: int = 0) -> dict:
+    """`total` requests and `huge` refused bodies over `clients` threads, each retried up to
+    `retries` times after a 503; outcome counts (the 503s that were retried apart), latencies
+    and the refusals' latencies."""
     rng = random.Random(seed)
     plan = []
     for i in range(total):
@@ -142,11 +156,13 @@ def load(port: int, clients: int, total: int, hang_up_share: float, max_tokens: 
         chat = hang or rng.random() < 0.75
         body = {"seed": i, "max_tokens": rng.randint(2, max_tokens), "stream": stream}
         body.update({"messages": MSGS} if chat else {"prompt": "the cat sat on"})
-        plan.append((body, "/v1/chat/completions" if chat else "/v1/completions", hang))
+        plan.append((body, "/v1/chat/completions" if chat else "/v1/completions", hang, None))
+    plan += [(*HUGE[i % len(HUGE)][:1], "/v1/chat/completions", False, HUGE[i % len(HUGE)][1]) for i in range(huge)]
     rng.shuffle(plan)
     outcomes: Counter = Counter()
     lost: list[str] = []
     latencies: list[float] = []
+    refusals: list[float] = []
     lock = threading.Lock()
     todo = iter(plan)
 
@@ -157,10 +173,10 @@ def load(port: int, clients: int, total: int, hang_up_share: float, max_tokens: 
                 job = next(todo, None)
             if job is None:
                 return
-            body, path, hang = job
+            body, path, hang, refused_with = job
             t0 = time.monotonic()
             for attempt in range(retries + 1):
-                outcome, _ = request(port, body, path, hang)
+                outcome, _ = request(port, body, path, hang, refused_with=refused_with)
                 if outcome != "busy" or attempt == retries:
                     break
                 with lock:
@@ -168,7 +184,7 @@ def load(port: int, clients: int, total: int, hang_up_share: float, max_tokens: 
                 time.sleep(backoff.uniform(0.01, 0.1))      # as a client honouring Retry-After would
             with lock:
                 outcomes[outcome.split(":")[0]] += 1
-                latencies.append(time.monotonic() - t0)
+                (refusals if refused_with else latencies).append(time.monotonic() - t0)
                 if outcome.startswith("lost"):
                     lost.append(outcome)
 
@@ -179,16 +195,19 @@ def load(port: int, clients: int, total: int, hang_up_share: float, max_tokens: 
     for t in threads:
         t.join()
     latencies.sort()
+    refusals.sort()
     return {"requests": total, "clients": clients, "seconds": round(time.monotonic() - t0, 2),
             "outcomes": dict(outcomes), "lost": lost[:10],
-            "planned_hang_ups": sum(1 for _, _, h in plan if h),
+            "planned_hang_ups": sum(1 for _, _, h, _ in plan if h), "planned_refusals": huge,
+            "refusal_latency_s": {"p50": round(refusals[len(refusals) // 2], 3),
+                                  "max": round(refusals[-1], 3)} if refusals else None,
             "latency_s": {"p50": round(latencies[len(latencies) // 2], 3),
                           "p95": round(latencies[int(len(latencies) * 0.95)], 3),
                           "max": round(latencies[-1], 3)}}
 
 
 def run(model: Optional[Path], clients: int, total: int, hang_up_share: float = 0.25, max_tokens: int = 16,
-        server_args: tuple[str, ...] = (), seed: int = 0, retries: int = 100) -> dict:
+        server_args: tuple[str, ...] = (), seed: int = 0, retries: int = 100, huge: int = 12) -> dict:
     """The whole test; returns its figures with "passed" (bool) and "failures" (list)."""
     with tempfile.TemporaryDirectory() as tmp:
         model = model or tiny_model(Path(tmp))
@@ -200,9 +219,9 @@ def run(model: Optional[Path], clients: int, total: int, hang_up_share: float = 
                     raise SystemExit("the server did not become ready: " + " | ".join(srv.log[-5:]))
                 time.sleep(0.1)
             alone = request(srv.port, PROBE)
-            warm = load(srv.port, min(8, clients), 16, hang_up_share, max_tokens, seed + 1, retries)
+            warm = load(srv.port, min(8, clients), 16, hang_up_share, max_tokens, seed + 1, retries, min(huge, 6))
             rss_before = srv.rss_kib()
-            report = load(srv.port, clients, total, hang_up_share, max_tokens, seed, retries)
+            report = load(srv.port, clients, total, hang_up_share, max_tokens, seed, retries, huge)
             rss_after = srv.rss_kib()
             after = request(srv.port, PROBE)
         finally:
@@ -213,8 +232,10 @@ def run(model: Optional[Path], clients: int, total: int, hang_up_share: float = 
     if noise:
         failures.append(f"the server logged errors: {noise[:5]}")
     counted = sum(n for k, n in report["outcomes"].items() if k != "503 (retried)")
-    if report["lost"] or counted != total:
-        failures.append(f"{total - counted + len(report['lost'])} requests lost: {report['lost']}")
+    if report["lost"] or counted != total + huge:
+        failures.append(f"{total + huge - counted + len(report['lost'])} requests lost: {report['lost']}")
+    if report["outcomes"].get("refused", 0) != huge:
+        failures.append(f"{huge - report['outcomes'].get('refused', 0)} huge bodies were not refused")
     if warm["lost"]:
         failures.append(f"warm-up round lost requests: {warm['lost']}")
     growth = rss_after[1] / rss_before[1] - 1
@@ -253,10 +274,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retries", type=int, default=100, help="Retries of a request after a 503 (0: take the 503).")
+    ap.add_argument("--huge", type=int, default=12, help="Bodies to be refused (800 / 20,000 messages, 900 KB).")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("server_args", nargs="*", help="More `serve` flags, after --.")
     a = ap.parse_args()
-    report = run(a.model, a.clients, a.requests, a.hang_up, a.max_tokens, tuple(a.server_args), a.seed, a.retries)
+    report = run(a.model, a.clients, a.requests, a.hang_up, a.max_tokens, tuple(a.server_args), a.seed, a.retries,
+                 a.huge)
     if a.json:
         print(json.dumps(report, indent=2))
     else:

@@ -139,6 +139,7 @@ class Lockstep:
         before_last: called between the two (e.g. to average captured slots into an e slot)."""
         hook = self.ctx.hook
         b, cap = self._batch, self.ctx.params.n_batch
+        chunk = min(cap, self.ctx.params.prefill_rows or cap)   # n_batch may be raised to fit the last tokens
         b.clear()
         pending: list[tuple[int, int, int, int]] = []   # hook captures (row, slot, role, index) in this chunk
         by_pos: dict[tuple[int, int], list[int]] = {}      # one token may fill several slots
@@ -148,15 +149,20 @@ class Lockstep:
                 seq = self.shadow              # the twin holds the same unedited prompt rows
             by_pos.setdefault((seq, c.index), []).append(c.slot)
         starts = self._kept_prefixes(by_pos)
+        # each role's body alone, in chunks of -b rows from its first decoded token: llama.cpp's CPU
+        # kernels pick their arithmetic by the ubatch's row count, so rows that shared a ubatch with
+        # other roles (or were cut by a -b raised for them) came out slightly unlike the same tokens
+        # decoded by method none
         for r, toks in enumerate(self.sequences):
             for i in range(starts[r], len(toks) - 1):
-                if b.n == cap:
+                if b.n == chunk:
                     self._decode_chunk(pending)
                     pending = []
                 row = b.add(toks[i], i, self.seq_id(0, r), False)
                 pending += [(row, slot, r, i) for slot in by_pos.get((r, i), ())]
-        if b.n:
-            self._decode_chunk(pending)
+            if b.n:
+                self._decode_chunk(pending)
+                pending = []
         if self.twin is not None and len(self.sequences[self.twin]) > 1:
             self.ctx.seq_cp(self.seq_id(0, self.shadow), self.seq_id(0, self.twin), 0,
                             len(self.sequences[self.twin]) - 1)

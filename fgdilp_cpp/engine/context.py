@@ -18,6 +18,7 @@ import llama_cpp.llama_cpp as ll
 import numpy as np
 
 from ..errors import Cancelled, ContextFullError, FgdilpError
+from .allocation import check_context
 from .owned import Owned
 
 # KV cache types by llama.cpp's -ctk/-ctv spelling
@@ -116,6 +117,7 @@ class Model(Owned):
             detail = last_log_error()
             raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
         self._open = True
+        self.n_gpu_layers = n_gpu_layers     # where the KV goes (engine/allocation.py)
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
@@ -163,6 +165,10 @@ class Model(Owned):
 
     # ---- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """special: parse special-token text; or an object with tokenize_text(model, text, add_bos)
+        that decides where (chat_tokens.ContentAsText: outside a conversation's messages only)."""
+        if not isinstance(special, bool) and hasattr(special, "tokenize_text"):
+            return special.tokenize_text(self, text, add_bos)
         data = text.encode("utf-8")
         n_max = len(data) + 8
         buf = (ll.llama_token * n_max)()
@@ -224,6 +230,7 @@ class ContextParams:
     flash_attn: str = "auto"
     kv_reuse: bool = True             # runs that support it keep their common prefix (engine/batch.py)
     kv_conversations: int = 1         # >1: records of other conversations stay until their ids are needed
+    prefill_rows: int = 0             # rows per ubatch of a prompt body (the user's -b); 0 = n_batch
 
 
 class Context(Owned):
@@ -236,6 +243,7 @@ class Context(Owned):
         if params.flash_attn not in FLASH_ATTN:
             raise FgdilpError(f"flash attention must be on, off or auto, not {params.flash_attn!r}")
         self.model, self.params, self.hook = model, params, hook
+        check_context(model, params.n_ctx, params.n_seq_max, params.n_threads, params.type_k, params.type_v)
         threads = params.n_threads or (os.cpu_count() or 1)
         c = ll.llama_context_default_params()
         c.n_ctx = params.n_ctx
@@ -335,6 +343,23 @@ class Context(Owned):
         if rc != 0:
             detail = last_log_error()
             raise FgdilpError(f"llama_decode failed ({rc})" + (f": {detail}" if detail else ""))
+        self._check_logits(batch)
+
+    def _check_logits(self, batch) -> None:
+        """Refuse logits that are not finite (a model with NaN or overflowing weights): sampled,
+        they would give a token chosen by no number at all (an empty reply, rc 0). The batch's last
+        row with logits stands for the others: broken weights spoil every row; a steered row that
+        is not finite is refused by the hook itself."""
+        n = batch.c.n_tokens
+        if n <= 0:
+            return
+        wanted = np.flatnonzero(np.ctypeslib.as_array(batch.c.logits, shape=(n,)))
+        if wanted.size == 0:
+            return
+        top = float(np.max(self.logits(int(wanted[-1]))))    # NaN if any is NaN; -inf if none is finite
+        if not np.isfinite(top):
+            raise FgdilpError(f"the model computed {'NaN' if top != top else 'infinite'} logits: its weights "
+                              f"are broken (they hold NaN or overflow)")
 
     def request_abort(self) -> None:
         """Make the running (or next) decode stop early; safe from another thread."""

@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def diagnosis_agreement(scores: Callable[[list[str]], np.ndarray], records: Sequ
     s = np.asarray(scores(texts), dtype=np.float64) if recs else np.zeros((0, len(ATTRIBUTE_NAMES)))
     if s.shape != (len(recs), len(ATTRIBUTE_NAMES)):
         raise FgdilpError(f"the diagnoser returned shape {s.shape}, expected {(len(recs), len(ATTRIBUTE_NAMES))}")
-    out = {"n": len(recs), "threshold": threshold, "attributes": {}}
+    out: dict[str, Any] = {"n": len(recs), "threshold": threshold, "attributes": {}}
     for a, name in enumerate(ATTRIBUTE_NAMES):
         ref = np.array([_num(r.continuation_scores.get(name)) for r in recs], dtype=np.float64)
         ok = np.isfinite(ref)

@@ -9,8 +9,9 @@ at a fluency cost a user accepts, confirm it on other prompts, and write the mod
    (EMTs within frontier.EMT_TIE of the lowest tie: the lowest PPL ratio of them wins).
 4. Each chosen point runs again on the test part (the confirmation: the figures in the profile).
 5. The recommended method is the one with the lowest confirmed EMT among the detoxifiers whose
-   confirmation stayed within the fluency budget (the random control is measured, never recommended). The profile also records the agreement of
-   self-diagnosis and of the offline scorer with Perspective (for --diagnoser auto).
+   confirmation stayed within the fluency budget (the random control is measured, never recommended).
+   The profile also records the agreement of self-diagnosis and of the offline scorer with
+   Perspective (for --diagnoser auto).
 Every step is an eval run in its own folder under out_dir: a killed calibration resumes.
 """
 
@@ -39,8 +40,8 @@ CALIBRATION, BENIGN, TEST = "calibration", "benign", "test"
 @dataclass(frozen=True)
 class CalibrationSizes:
     cal_prompts: int = 24             # sized so that gemma-3-270m calibrates within 30 minutes on 2 cores
-    test_prompts: int = 32            # measured (gemma-3-270m, 2 cores): 26.6 minutes in all at 32 / 12,
-    benign_prompts: int = 12          # 33 at 48 / 16 (docs/results.md, "How long a calibration takes")
+    test_prompts: int = 32            # these two sized by the time a calibration takes:
+    benign_prompts: int = 12          # docs/results/calibration-time.md
     samples: int = 2
     n_predict: int = 16
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -116,13 +117,16 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
     diag_recs = [r for r in records if int(r.id) % 2 == 0]          # the calibration half only
     judges_tox = scorer if isinstance(scorer, dict) else {"tox-block": scorer}
     first_judge, first_scorer = next(iter(judges_tox.items()))
-    diagnosis = _diagnosis(det, diag_recs, first_scorer, sizes.diagnosis_texts) \
-        if any(registry.get(m).instance for m in names) else {}
+    diagnosis = {}
+    if any(registry.get(m).instance for m in names):
+        log(f"calibrate: measuring the self-diagnosis and the scorer against Perspective "
+            f"({sizes.diagnosis_texts} texts at most) ...")
+        diagnosis = _diagnosis(det, diag_recs, first_scorer, sizes.diagnosis_texts)
     if diagnosis and "diagnoser" not in axes:
         # FGDILP's samples are ranked by whichever diagnoser agrees better with Perspective
         axes["diagnoser"] = [choose_diagnoser("auto", diagnosis.get("self_auc"), diagnosis.get("scorer_auc"))]
-        log(f"calibrate: toxicity AUC self {diagnosis.get('self_auc')}, scorer {diagnosis.get('scorer_auc')}: "
-            f"FGDILP runs with --diagnoser {axes['diagnoser'][0]}")
+        log(f"calibrate: toxicity AUC self {_auc(diagnosis.get('self_auc'))}, scorer "
+            f"{_auc(diagnosis.get('scorer_auc'))}: FGDILP runs with --diagnoser {axes['diagnoser'][0]}")
     benign_recs = [r for r in load_prompts(benign) if int(r.id) % 2 == 0][:sizes.benign_prompts]
     common = dict(scorer=scorer, judges=judges, progress=progress, top_p=top_p, seed=seed, n_predict=sizes.n_predict)
     diagnoser_judge = first_judge if axes.get("diagnoser") == ["scorer"] else None     # marked in the reports
@@ -194,6 +198,10 @@ def ranking_emt(test: dict) -> float:
     are several, so the judge that also ranked FGDILP's samples cannot decide alone; else the EMT."""
     judges = test.get("emt_judges") or {}
     return sum(judges.values()) / len(judges) if len(judges) > 1 else test["emt"]
+
+
+def _auc(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _diagnosis(det, records, scorer, n: int) -> dict[str, Any]:

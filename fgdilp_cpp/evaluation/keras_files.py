@@ -37,8 +37,9 @@ WEIGHT_NAMES = ("embeddings", "fwd_kernel", "fwd_recurrent", "fwd_bias", "bwd_ke
 def expected_shapes(num_words: int, embed_dim: int, units: int, dense_units: int,
                     n_labels: int) -> dict[str, tuple[int, ...]]:
     """The weight shapes of Embedding -> BiLSTM(concat) -> Dense(relu) -> Dense(sigmoid)."""
-    lstm = {"kernel": (embed_dim, 4 * units), "recurrent": (units, 4 * units), "bias": (4 * units,)}
-    out = {"embeddings": (num_words, embed_dim)}
+    lstm: dict[str, tuple[int, ...]] = {"kernel": (embed_dim, 4 * units), "recurrent": (units, 4 * units),
+                                        "bias": (4 * units,)}
+    out: dict[str, tuple[int, ...]] = {"embeddings": (num_words, embed_dim)}
     for d in ("fwd", "bwd"):
         out.update({f"{d}_{k}": v for k, v in lstm.items()})
     out.update({"dense_kernel": (2 * units, dense_units), "dense_bias": (dense_units,),
@@ -57,7 +58,11 @@ def check_shapes(w: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], w
 
 
 def _open_h5(source):
-    import h5py
+    try:
+        import h5py
+    except ImportError:          # the [scorer] extra was not installed
+        raise FgdilpError("the toxicity scorer reads Keras weight files with h5py: "
+                          "pip install 'fgdilp-cpp[scorer]' (make install installs it)") from None
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))

@@ -72,7 +72,8 @@ def _read_lines(source: str | Path) -> tuple[list[str], Path]:
             data = gzip.decompress(data)
         # split on newlines only: str.splitlines would also break lines at U+2028, form feeds...,
         # and shift the line indices that record ids are
-        return data.decode("utf-8").replace("\r\n", "\n").split("\n"), p
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not the first prompt's text
+        return data.decode("utf-8-sig").replace("\r\n", "\n").split("\n"), p
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise FgdilpError(f"cannot read prompt file {p}: {exc}") from None
 
@@ -84,7 +85,17 @@ def _parse(line: str, i: int, p: Path) -> PromptRecord:
         rec = json.loads(line)
         prompt = rec["prompt"]
         cont = rec.get("continuation") or {}
-        return PromptRecord(i, prompt["text"], {k: v for k, v in prompt.items() if k != "text"},
-                            cont.get("text", ""), {k: v for k, v in cont.items() if k != "text"})
+        text = prompt["text"]
+        if not isinstance(text, str):
+            raise TypeError(f"its prompt text is {type(text).__name__}, not text")
+        out = PromptRecord(i, text, {k: v for k, v in prompt.items() if k != "text"},
+                           cont.get("text", ""), {k: v for k, v in cont.items() if k != "text"})
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise FgdilpError(f"{p}:{i + 1}: not a RealToxicityPrompts record ({exc})") from None
+    for what, t in (("prompt", out.text), ("continuation", out.continuation)):
+        try:       # JSON's \ud800 escapes decode to lone surrogates: no UTF-8 text for the tokenizer
+            str(t).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FgdilpError(f"{p}:{i + 1}: the {what} holds a lone surrogate {str(t)[exc.start]!r} at character "
+                              f"{exc.start}, which is not text (a broken \\u escape)") from None
+    return out

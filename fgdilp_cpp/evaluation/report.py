@@ -312,7 +312,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise FgdilpError("the plots need matplotlib (pip install matplotlib); report.json and report.md "
+        raise FgdilpError("the plots need matplotlib (pip install 'fgdilp-cpp[eval]'); report.json and report.md "
                           "are written") from None
     ms = report["methods"]
     names = list(ms)

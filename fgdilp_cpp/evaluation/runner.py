@@ -290,7 +290,8 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
              seed: int, out_dir, scorer, judges: Mapping[str, Any] | None = None, progress: bool = True,
              labels: Sequence[str] | None = None, tox_label: str = "toxic", threshold: float = 0.5,
              n_boot: int = 1000, write_files: bool = True, diagnoser_judge: Optional[str] = None,
-             grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},), greedy: bool = False, ppl_budget: Optional[float] = 1.25,
+             grid: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Mapping[str, Any]]] = ({},),
+             greedy: bool = False, ppl_budget: Optional[float] = 1.25,
              benign: bool = False, chat: bool = False, ablation: Optional[Mapping[str, Mapping[str, Any]]] = None) -> dict:
     """Run (or resume) an evaluation and write its report.
 
@@ -319,7 +320,7 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     judges = dict(judges or {})
     tox_judges = judge_map(scorer)
     primary, scorer = next(iter(tox_judges.items()))
-    labels = list(labels if labels is not None else getattr(scorer, "LABELS"))
+    labels = list(labels if labels is not None else scorer.LABELS)
     if tox_label not in labels:
         raise FgdilpError(f"the toxicity label {tox_label!r} is not one of the scorer's labels {labels}")
     extra_labels = {name: list(getattr(s, "LABELS", None) or labels)
@@ -335,6 +336,14 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     ids = [r.id for r in records]
     if len(set(ids)) != len(ids):
         raise FgdilpError("prompt ids must be unique")
+    for r in records:        # refused before out_dir holds anything (a run.json of a run that cannot start)
+        if not isinstance(r.text, str):
+            raise FgdilpError(f"prompt {r.id} is not text: {type(r.text).__name__}")
+        try:
+            r.text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise FgdilpError(f"prompt {r.id} holds a lone surrogate {r.text[exc.start]!r} at character "
+                              f"{exc.start}, which is not text") from None
     eval_sampling(top_p, seed)           # refuses a bad top-p or seed before anything is written
     check_grid(det.settings, [p for p, _ in per_method(methods, grid)], det.model.info.n_layer)
     if ppl_budget is not None and not (math.isfinite(ppl_budget) and ppl_budget > 0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,8 @@ def self_diagnosis_agreement(det, records: list[PromptRecord], threshold: float 
     recs = [r for r in records if r.continuation.strip() and "toxicity" in r.continuation_scores]
     texts = [r.continuation for r in recs]
     scores = det.self_diagnosis(texts)     # [n, 6]
-    out = {"n": len(recs), "threshold": threshold, "yes_no_tokens": list(det.self_diagnosis_tokens),
-           "attributes": {}}
+    out: dict[str, Any] = {"n": len(recs), "threshold": threshold, "yes_no_tokens": list(det.self_diagnosis_tokens),
+                           "attributes": {}}
     for a, name in enumerate(ATTRIBUTE_NAMES):
         ref = np.array([r.continuation_scores.get(name, math.nan) for r in recs], dtype=np.float64)
         ok = np.isfinite(ref)

@@ -8,9 +8,9 @@ import ctypes
 
 import numpy as np
 
-from .errors import FgdilpError
-from .native import (EDIT_RULE_IDS, ERR_ARG, ERR_NONFINITE, OK, FusionError, as_fptr, fusion_params,
-                     load_library)
+from fgdilp_cpp.errors import FgdilpError
+from fgdilp_cpp.native import (EDIT_RULE_IDS, ERR_ARG, ERR_NONFINITE, OK, FusionError, as_fptr,
+                               fusion_params, load_library)
 
 
 def tr_edit_row(v, delta, e, n_head: int, exp_norm: float, exp_sim: float, scale: float = 1.0,
