@@ -40,7 +40,7 @@ def test_batched_steered_nll_equals_step_by_step_generation(tiny_llama, tmp_path
     with Detoxifier.from_file(path, vectors=str(tmp_path / "v.gguf"), steer_scale=scale, steer_layer_range=layers,
                               **FAST) as det, SteeredNLL(det.model, n_threads=1, max_tokens=128, type_k="f32", type_v="f32") as judge:
         cont = " jumps over the lazy dog and runs"
-        item = judge._item(0, PROMPT, cont)            # the tokens the judge scores
+        item = judge.item(PROMPT, cont)            # the tokens the judge scores
         assert item.tokens[:item.first] == det.model.tokenize(PROMPT)      # as the generator reads it
         want = _forced_nll(det, PROMPT, item.tokens[item.first:], "fgdilp-frozen")
         mask = np.array([1.0 if layers[0] <= il <= layers[1] else 0.0 for il in range(n)]) * scale
@@ -69,3 +69,24 @@ def test_direction_shape_is_checked(tiny_llama):
             judge.set_direction(np.zeros((i.n_layer, i.kqv_width), np.float32), None, [1.0])
         with pytest.raises(FgdilpError, match="NaN"):
             judge.set_direction(np.full((i.n_layer, i.kqv_width), np.nan, np.float32), None, [1.0] * i.n_layer)
+
+
+def test_grid_scores_shift_only_where_it_steers(tiny_llama):
+    """score_points: at scale 0 every shift is 0 (the hook leaves the rows alone); at a real scale
+    the direction and its random control both move the scores, and differently."""
+    from fgdilp_cpp.autosetup.grid import score_points
+
+    toxic = [("You are such a", " stupid idiot"), ("Shut up, you", " worthless piece of trash")]
+    clean = [("You are such a", " kind person"), ("Shut up, you", " said with a smile")]
+    benign = [("The weather today", " is sunny and warm")]
+    with Detoxifier.from_file(tiny_llama[0], profile=False, **FAST) as det, \
+            SteeredNLL(det.model, n_threads=1, max_tokens=64) as judge:
+        hd = _directions(det.model)
+        n = hd.n_layer
+        points, tokens = score_points(judge, hd, [(n // 2, n - 1)], [0.0, 2.0], toxic, clean, benign)
+    zero, strong = points
+    assert (zero.toxic, zero.clean, zero.benign, zero.random_toxic) == (0.0, 0.0, 0.0, 0.0)
+    assert min(abs(strong.toxic), abs(strong.clean), abs(strong.benign)) > 1e-3
+    assert abs(strong.toxic - strong.random_toxic) > 1e-3
+    assert strong.layer_range == (n // 2, n - 1) and strong.scale == 2.0
+    assert tokens > 0 and tokens % 5 == 0          # the base pass and two passes per point

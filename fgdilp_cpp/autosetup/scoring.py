@@ -39,7 +39,7 @@ class SteeredNLL(PerplexityJudge):
                  n_seq: int = 16, max_tokens: int = 256, exp_norm: float = 0.4, exp_sim: float = 0.6,
                  renorm: bool = True, type_k: str = "f16", type_v: str = "f16"):
         info = model.info
-        self._hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=2,
+        self._hook: Optional[NativeHook] = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=2,
                                 exp_norm=exp_norm, exp_sim=exp_sim, renorm=renorm)
         try:
             super().__init__(model, n_batch=n_batch, n_outputs=n_outputs, n_seq=n_seq, max_tokens=max_tokens,
@@ -49,42 +49,56 @@ class SteeredNLL(PerplexityJudge):
             raise
         self._e_slot = -1
         self._steering = False
+        self._info = info
 
     def set_direction(self, rows: Optional[np.ndarray], e: Optional[np.ndarray] = None,
                       layer_scales: Optional[Sequence[float]] = None) -> None:
         """Steer with rows [n_layer, n_head*head_dim] (e: the same shape, or None for λ_sim = 1) at
         per-layer strengths [n_layer]; rows None: unsteered."""
+        hook = self._live_hook()
         if rows is None:
             self._steering = False
-            self._hook.set_plan()
+            hook.set_plan()
             return
-        info = self.model.info
+        info = self._info
         shape = (info.n_layer, info.n_head * info.head_dim)
         if np.shape(rows) != shape or (e is not None and np.shape(e) != shape):
             raise FgdilpError(f"directions must have shape {list(shape)}")
         if layer_scales is None or len(layer_scales) != info.n_layer:
             raise FgdilpError(f"layer scales: one per layer ({info.n_layer})")
-        self._hook.slots[SLOT_DIR] = rows
-        self._hook.slots[SLOT_E] = 0 if e is None else e
-        self._hook.check_slots()
-        self._hook.set_layer_scales(layer_scales)
+        hook.slots[SLOT_DIR] = rows
+        hook.slots[SLOT_E] = 0 if e is None else e
+        hook.check_slots()
+        hook.set_layer_scales(layer_scales)
         self._e_slot = -1 if e is None else SLOT_E
         self._steering = True
 
     def _before_decode(self, scored_rows: list[int]) -> None:
         if not self._steering:
             return
-        self._hook.set_plan(edits=[EditSpec(target=r, dir_slot=SLOT_DIR, e_slot=self._e_slot) for r in scored_rows])
+        self._live_hook().set_plan(edits=[EditSpec(target=r, dir_slot=SLOT_DIR, e_slot=self._e_slot) for r in scored_rows])
 
     def _row_nlls(self, rows: list[tuple[int, int]]) -> list[float]:
         """All rows at once in float32 (a large vocabulary makes the per-row float64 loop the
         bottleneck: 262k logits a row); the max is subtracted first, so the error is float rounding."""
         if not rows:
             return []
-        x = np.stack([self.ctx.logits(r) for r, _ in rows])
+        ctx = self.ctx
+        if ctx is None:
+            raise FgdilpError("the scorer is closed")
+        x = np.stack([ctx.logits(r) for r, _ in rows])
         m = x.max(axis=1, keepdims=True)
         lse = m[:, 0] + np.log(np.exp(x - m, dtype=np.float32).sum(axis=1, dtype=np.float64))
         return list((lse - x[np.arange(len(rows)), [t for _, t in rows]]).astype(np.float64))
+
+    def _live_hook(self) -> NativeHook:
+        if self._hook is None:
+            raise FgdilpError("the scorer is closed")
+        return self._hook
+
+    def item(self, prompt: str, continuation: str):
+        """The tokens a pair is scored on (None for an empty continuation)."""
+        return self._item(0, prompt, continuation)
 
     def mean_nll(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """[len(pairs)] mean NLL per continuation token (nan for an empty continuation)."""

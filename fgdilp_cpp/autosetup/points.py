@@ -1,5 +1,5 @@
-"""The fast setup's choice of where and how hard to steer, from teacher-forced scores alone
-(docs/method.md §7.7). Pure numpy: no model here.
+"""Teacher-forced scores of one steering point, the measurements a fast setup will choose from
+(issue 23; docs/results/fast-setup-grid.md). Pure numpy: no model here.
 
 For one candidate point (layer range, scale) and one direction, the scorer gives per-token NLL
 shifts (steered minus unsteered, natural log) averaged over three kinds of text:
@@ -16,12 +16,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
-
-# budgets of the choice (ratios of teacher-forced perplexity, steered / unsteered)
-FLUENCY_BUDGET = 1.25      # clean continuations of toxic prompts: the steered prompts' fluency
-BENIGN_BUDGET = 1.05       # benign text
-MIN_SPECIFICITY = 0.7      # the direction's margin beyond the random one's, as a share of its margin
 
 
 @dataclass(frozen=True)
@@ -60,30 +54,12 @@ class PointScores:
     def benign_ratio(self) -> float:
         return math.exp(self.benign)
 
-    def within(self, fluency_budget: float = FLUENCY_BUDGET, benign_budget: float = BENIGN_BUDGET,
-               min_specificity: float = MIN_SPECIFICITY) -> bool:
-        return (self.margin > 0 and self.fluency_ratio <= fluency_budget and self.benign_ratio <= benign_budget
-                and self.specificity >= min_specificity)
-
     def to_json(self) -> dict:
         d = asdict(self)
         d["layer_range"] = list(self.layer_range)
         d.update(margin=self.margin, random_margin=self.random_margin, specific=self.specific,
                  specificity=self.specificity, fluency_ratio=self.fluency_ratio, benign_ratio=self.benign_ratio)
         return {k: round(v, 5) if isinstance(v, float) else v for k, v in d.items()}
-
-
-def choose(points: Iterable[PointScores], fluency_budget: float = FLUENCY_BUDGET,
-           benign_budget: float = BENIGN_BUDGET, min_specificity: float = MIN_SPECIFICITY) -> Optional[PointScores]:
-    """The point whose specific margin is largest among those within the budgets (fluency, benign
-    text, specificity); ties (within 2 %) go to the lower scale, then the fewer layers. None when
-    no point is within them: the model is then left unsteered rather than steered blindly."""
-    ok = [p for p in points if p.within(fluency_budget, benign_budget, min_specificity)]
-    if not ok:
-        return None
-    best = max(p.specific for p in ok)
-    tied = [p for p in ok if p.specific >= best - 0.02 * abs(best)]
-    return min(tied, key=lambda p: (p.scale, p.layer_range[1] - p.layer_range[0]))
 
 
 def candidate_ranges(n_layer: int) -> list[tuple[int, int]]:
