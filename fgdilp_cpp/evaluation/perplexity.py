@@ -51,7 +51,8 @@ class PerplexityJudge:
 
     def __init__(self, model: "str | os.PathLike | Model", n_batch: int = 512, n_outputs: int = 64,
                  n_seq: int = 16, max_tokens: int = 2048, n_threads: int = 0, type_k: str = "f16",
-                 type_v: str = "f16", flash_attn: str = "auto"):
+                 type_v: str = "f16", flash_attn: str = "auto", hook=None):
+        """hook: a NativeHook for the context (a subclass steers the rows it scores: _before_decode)."""
         if n_batch < 2 or n_outputs < 1 or n_seq < 1 or max_tokens < 2:
             raise FgdilpError("perplexity judge: n_batch >= 2, n_outputs >= 1, n_seq >= 1, max_tokens >= 2")
         self._own = not isinstance(model, Model)
@@ -63,7 +64,7 @@ class PerplexityJudge:
             params = ContextParams(n_ctx=n_batch + max_tokens, n_batch=n_batch, n_seq_max=n_seq,
                                    n_outputs_max=n_outputs, n_threads=n_threads, type_k=type_k, type_v=type_v,
                                    flash_attn=flash_attn)
-            self.ctx = Context(self.model, params)
+            self.ctx = Context(self.model, params, hook=hook)
             self._batch = Batch(n_batch)
             self._space_prefix = self._adds_space_prefix()
         except BaseException:
@@ -142,15 +143,24 @@ class PerplexityJudge:
                 it.seq = free.pop(0)
                 live.append(it)
                 n_out = self._add_rows(b, it, rows, n_out)
+            self._before_decode([row for row, _, _ in rows])
             ctx.decode(b)
-            for row, it, target in rows:
-                it.nll += log_softmax_nll(ctx.logits(row), it.tokens[target])
+            for (_, it, _), nll in zip(rows, self._row_nlls([(row, it.tokens[t]) for row, it, t in rows])):
+                it.nll += nll
             for it in [it for it in live if not it.todo]:
                 ctx.seq_rm(it.seq)
                 free.append(it.seq)
                 live.remove(it)
                 finished.append(it)
         return finished
+
+    def _row_nlls(self, rows: list[tuple[int, int]]) -> list[float]:
+        """-log softmax at each (batch row, target token) of the last decode, in float64."""
+        return [log_softmax_nll(self.ctx.logits(row), target) for row, target in rows]
+
+    def _before_decode(self, scored_rows: list[int]) -> None:
+        """Called before each decode with the batch rows whose logits are scored (each predicts a
+        continuation token): nothing here; a steered judge edits exactly these rows."""
 
     def _add_rows(self, b: Batch, it: _Item, rows: list, n_out: int) -> int:
         """Add as many of the item's next tokens as the batch and its logits rows allow."""

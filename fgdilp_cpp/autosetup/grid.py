@@ -1,0 +1,94 @@
+"""Teacher-forced scores of a grid of steering points for one model's universal directions from
+labelled text, against a random control of the same norms, with no sampling: the measurements
+that a fast setup of a model without a profile will choose from (issue 23; what they say so far:
+docs/results/fast-setup-grid.md; run them with scripts/fast_setup_grid.py).
+
+Texts (the RTP records past the development and held-out slices, ids 1000 on, cut in two so that
+the texts a direction is built from never judge it):
+- directions: toxic (>= 0.5) and clean (< 0.1) human continuations of records [DIRECTION_OFFSET,
+  CRITERION_OFFSET), the strength per head from TR's delta over the first prompts of those records;
+- scores: toxic and clean continuations of the records from CRITERION_OFFSET on, as
+  continuations of their prompts, and the clean ones alone (after their first words) as benign text.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..method.vectors import HeadDirections, random_heads
+from .points import PointScores
+from .scoring import SteeredNLL
+
+DIRECTION_OFFSET, CRITERION_OFFSET = 1000, 1600
+RANDOM_SEED = 7
+BENIGN_HEAD_WORDS = 6            # a benign text is scored after its first words (its own prompt)
+
+Progress = Callable[[str, int, int], None]
+Pair = tuple[str, str]
+
+
+def criterion_texts(per_class: int) -> tuple[list[Pair], list[Pair], list[Pair]]:
+    """(toxic, clean, benign) (prompt, continuation) pairs from the criterion records."""
+    from ..evaluation.prompts import load_prompts
+    from ..universal import labelled_records
+
+    records, labels, _ = labelled_records(load_prompts("rtp-toxic", None, CRITERION_OFFSET), per_class, seed=1)
+    toxic = [(r.text, r.continuation) for r, t in zip(records, labels) if t]
+    clean = [(r.text, r.continuation) for r, t in zip(records, labels) if not t]
+    benign = []
+    for _, c in clean:
+        words = c.split()
+        if len(words) > BENIGN_HEAD_WORDS + 2:
+            benign.append((" ".join(words[:BENIGN_HEAD_WORDS]), " " + " ".join(words[BENIGN_HEAD_WORDS:])))
+    return toxic, clean, benign
+
+
+def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Progress] = None) -> HeadDirections:
+    """The model's universal directions from labelled text (Detoxifier.build_data_vectors) on the
+    direction records alone."""
+    from ..evaluation.prompts import load_prompts
+    from ..universal import labelled_records
+
+    pool = load_prompts("rtp-toxic", CRITERION_OFFSET - DIRECTION_OFFSET, DIRECTION_OFFSET)
+    records, labels, how = labelled_records(pool, per_class)
+    report = None if progress is None else (lambda i, n: progress("directions", i, n))
+    return det.build_data_vectors([r.text for r in pool[:n_prompts]], [r.continuation for r in records],
+                                  list(labels), report,
+                                  labels={**how, "prompts": "rtp-toxic", "offset": DIRECTION_OFFSET,
+                                          "end": CRITERION_OFFSET})
+
+
+def score_points(judge: SteeredNLL, hd: HeadDirections, ranges: Sequence[tuple[int, int]],
+                 scales: Sequence[float], toxic: Sequence[Pair], clean: Sequence[Pair], benign: Sequence[Pair],
+                 progress: Optional[Progress] = None) -> tuple[list[PointScores], int]:
+    """Every (range, scale) point's PointScores, and the tokens decoded in all (every pass)."""
+    n = hd.n_layer
+    rows = hd.steering_rows()
+    e = None if hd.e is None else hd.e.reshape(n, -1)
+    rnd = random_heads(hd.directions, RANDOM_SEED).reshape(n, -1)
+    pairs = list(toxic) + list(clean) + list(benign)
+    cut = (len(toxic), len(toxic) + len(clean))
+    items = [judge.item(p, c) for p, c in pairs]
+    tokens_per_pass = sum(len(it.tokens) - 1 for it in items if it is not None)
+    judge.set_direction(None)
+    base = judge.mean_nll(pairs)
+
+    def shifts(nll: np.ndarray) -> tuple[float, float, float]:
+        d = nll - base
+        return float(np.nanmean(d[:cut[0]])), float(np.nanmean(d[cut[0]:cut[1]])), float(np.nanmean(d[cut[1]:]))
+
+    todo = [(r, s) for r in ranges for s in scales]
+    out = []
+    for k, (r, s) in enumerate(todo):
+        mask = [s if r[0] <= il <= r[1] else 0.0 for il in range(n)]
+        judge.set_direction(rows, e, mask)
+        real = shifts(judge.mean_nll(pairs))
+        judge.set_direction(rnd, e, mask)
+        control = shifts(judge.mean_nll(pairs))
+        out.append(PointScores((int(r[0]), int(r[1])), float(s), *real, *control))
+        if progress is not None:
+            progress("points", k + 1, len(todo))
+    judge.set_direction(None)
+    return out, tokens_per_pass * (1 + 2 * len(todo))
