@@ -106,10 +106,19 @@ class ModelInfo:
 class Model(Owned):
     """A loaded GGUF model (weights only); use as a context manager."""
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, rpc: Optional[str] = None):
+        """rpc: llama.cpp RPC servers "HOST:PORT,..." that hold the offloaded layers (engine/rpc.py);
+        with them, n_gpu_layers 0 means every layer."""
         _init_backend()
         p = check_model_file(path)
         mparams = ll.llama_model_default_params()
+        self._rpc_devices = None
+        if rpc:
+            from .rpc import rpc_devices
+
+            self._rpc_devices = rpc_devices(rpc)       # referenced while the model lives
+            mparams.devices = ctypes.cast(self._rpc_devices, ctypes.c_void_p)
+            n_gpu_layers = n_gpu_layers or -1
         mparams.n_gpu_layers = n_gpu_layers
         _log_lines.clear()
         self._m = ll.llama_model_load_from_file(str(p).encode(), mparams)
@@ -118,6 +127,7 @@ class Model(Owned):
             raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
         self._open = True
         self.n_gpu_layers = n_gpu_layers     # where the KV goes (engine/allocation.py)
+        self.rpc = rpc
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
