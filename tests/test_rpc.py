@@ -97,13 +97,19 @@ def test_unreachable_server_is_refused(tiny_llama):
         Model(tiny_llama[0], rpc=f"{TEST_RPC},{dead}")
 
 
-def _steps(gemma_path, rpc, method, forced=None):
+def _steps(gemma_path, rpc, method, capfd, forced=None):
     from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.engine import context
     from fgdilp_cpp.params import SamplingParams
 
-    with Detoxifier.from_file(str(gemma_path), rpc=rpc, profile=False, threads=1, ctx_size=256) as det:
-        load_log = list(context._log_lines)
+    capfd.readouterr()
+    context.set_verbose(True)                # llama.cpp's log to stderr: where it put the layers
+    try:
+        det = Detoxifier.from_file(str(gemma_path), rpc=rpc, profile=False, threads=1, ctx_size=256)
+    finally:
+        context.set_verbose(False)
+    load_log = capfd.readouterr().err.splitlines()
+    with det:
         n_layer = det._gen.model.info.n_layer
         r = det._gen.generate(PROMPT, method, 6, SamplingParams(seed=5), record_logits=True, forced_tokens=forced)
     if method != "none":
@@ -114,21 +120,35 @@ def _steps(gemma_path, rpc, method, forced=None):
 @needs_servers
 @pytest.mark.real_model
 @pytest.mark.parametrize("method", ["tr", "fgdilp-universal"])
-def test_steered_logits_through_rpc_equal_local(gemma_path, method, monkeypatch):
+def test_steered_logits_through_rpc_equal_local(gemma_path, method, monkeypatch, capfd):
     from fgdilp_cpp.profiles import SHIPPED_DIR
 
     monkeypatch.setenv("FGDILP_PROFILE_PATH", str(SHIPPED_DIR))     # the shipped universal directions
-    tokens, local, _ = _steps(gemma_path, None, method)
-    _, unsteered, _ = _steps(gemma_path, None, "none", forced=tokens)
-    _, remote, load_log = _steps(gemma_path, TEST_RPC, method, forced=tokens)
+    # the local run on llama.cpp's plain CPU buffers, as an rpc-server holds the weights: by default
+    # a local CPU repacks quantised weights (CPU_REPACK), whose kernels round differently (docs/rpc.md)
+    default_params = ll.llama_model_default_params
+
+    def plain_buffers():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(ll, "llama_model_default_params", plain_buffers)
+    tokens, _, _ = _steps(gemma_path, None, method, capfd)
+    _, local, _ = _steps(gemma_path, None, method, capfd, forced=tokens)        # every run: the same tokens
+    _, unsteered, _ = _steps(gemma_path, None, "none", capfd, forced=tokens)
+    _, remote, load_log = _steps(gemma_path, TEST_RPC, method, capfd, forced=tokens)
     # the layers really are on both servers: llama.cpp says so while loading
+    placed = [line for line in load_log if "model buffer size" in line or "offloaded" in line]
     for server in TEST_RPC.split(","):
-        assert any(server in line and "buffer size" in line for line in load_log), load_log[-12:]
-    assert any("offloaded" in line for line in load_log), load_log[-12:]
+        assert any(f"[{server}] model buffer size" in line for line in placed), placed
+    on_servers = sum("assigned to device RPC" in line for line in load_log)       # every layer and the output
+    assert on_servers > 1 and any(f"offloaded {on_servers}/{on_servers} layers" in line for line in placed), placed
     diff = float(np.abs(remote - local).max())
     steer = float(np.abs(unsteered - local).max())
-    # the same kernels on the same machine: float rounding at most, far below what steering moves
-    assert diff <= 1e-3 * float(np.abs(local).max()), (diff, steer)
+    # the same kernels on the same machine: float rounding at most (bit-equal where measured),
+    # far below what steering moves
+    assert diff <= 1e-4 * float(np.abs(local).max()), (diff, steer)
     assert steer > 100 * max(diff, 1e-6), (diff, steer)
 
 
