@@ -97,6 +97,18 @@ def test_unreachable_server_is_refused(tiny_llama):
         Model(tiny_llama[0], rpc=f"{TEST_RPC},{dead}")
 
 
+@needs_servers
+def test_models_sharing_servers_load_while_one_lives(tiny_llama):
+    """rpc-server answers one connection at a time (backlog 1): loads that probed servers this
+    process already holds would queue unanswered connections until a connect timed out."""
+    from fgdilp_cpp.engine import Model
+
+    with Model(tiny_llama[0], rpc=TEST_RPC) as first:
+        for _ in range(4):
+            with Model(tiny_llama[0], rpc=TEST_RPC) as again:
+                assert again.info == first.info
+
+
 def _steps(gemma_path, rpc, method, capfd, forced=None):
     from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.engine import context

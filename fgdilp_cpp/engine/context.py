@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import Cancelled, ContextFullError, FgdilpError
 from .allocation import check_context
 from .owned import Owned
+from .rpc import hold as rpc_hold, release as rpc_release, rpc_devices
 
 # KV cache types by llama.cpp's -ctk/-ctv spelling
 CACHE_TYPES = {
@@ -112,11 +113,8 @@ class Model(Owned):
         _init_backend()
         p = check_model_file(path)
         mparams = ll.llama_model_default_params()
-        self._rpc_devices = None
-        if rpc:
-            from .rpc import rpc_devices
-
-            self._rpc_devices = rpc_devices(rpc)       # referenced while the model lives
+        self.rpc, self._rpc_devices = rpc, (rpc_devices(rpc) if rpc else None)     # referenced while the model lives
+        if self._rpc_devices is not None:
             mparams.devices = ctypes.cast(self._rpc_devices, ctypes.c_void_p)
             n_gpu_layers = n_gpu_layers or -1
         mparams.n_gpu_layers = n_gpu_layers
@@ -127,7 +125,8 @@ class Model(Owned):
             raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
         self._open = True
         self.n_gpu_layers = n_gpu_layers     # where the KV goes (engine/allocation.py)
-        self.rpc = rpc
+        if rpc:
+            rpc_hold(rpc)
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
@@ -219,6 +218,8 @@ class Model(Owned):
     def _free(self) -> None:
         ll.llama_model_free(self._m)
         self._m = None
+        if self.rpc:
+            rpc_release(self.rpc)
 
 
 MAX_SLOT_SAVES = 64                   # captured rows kept for restoring (a few per conversation and reply)

@@ -13,8 +13,10 @@ keep the process alive past it (docs/rpc.md).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
+import re
 import socket
 from typing import Any, Optional
 
@@ -31,6 +33,10 @@ EXIT_RPC_LOST = 1           # the CLI's exit status for an error
 _AbortCallback = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
 _abort_callback: Optional[Any] = None     # kept referenced: ggml calls it from any thread
 _servers_in_use: list[str] = []
+# live models per endpoint: llama.cpp keeps one connection per server while any of them lives, and
+# rpc-server serves one connection at a time (listen backlog 1): a probe connection to a server
+# this process already holds would queue unanswered and fill that backlog
+_live_models: collections.Counter[str] = collections.Counter()
 
 
 def _libggml():
@@ -63,7 +69,8 @@ def check_reachable(endpoint: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def _on_ggml_abort(message: bytes) -> None:
-    text = (message or b"").decode("utf-8", errors="replace").strip()
+    # ggml's message starts with its source path: the file name says enough
+    text = re.sub(r"^\S*/", "", (message or b"").decode("utf-8", errors="replace").strip())
     if "rpc" in text.lower():
         line = (f"error: llama.cpp lost an RPC server ({', '.join(_servers_in_use)}): {text}; is each "
                 f"rpc-server still running and reachable? (llama.cpp's RPC client cannot go on without it)\n")
@@ -96,7 +103,8 @@ def rpc_devices(servers_text: str) -> ctypes.Array:
         raise FgdilpError(NO_RPC_BACKEND + " (its registry has no ggml_backend_rpc_add_server)")
     add_server = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)(add_server_addr)
     for endpoint in servers:
-        check_reachable(endpoint)
+        if not _live_models[endpoint]:
+            check_reachable(endpoint)
     _install_abort_callback(lib, servers)
     devices: list[int] = []
     for endpoint in servers:
@@ -106,3 +114,15 @@ def rpc_devices(servers_text: str) -> ctypes.Array:
             raise FgdilpError(f"the RPC server {endpoint} offers no device")
         devices += [lib.ggml_backend_reg_dev_get(server_reg, i) for i in range(n)]
     return (ctypes.c_void_p * (len(devices) + 1))(*devices, None)
+
+
+def hold(servers_text: str) -> None:
+    """A model on these servers was loaded (its connections are open until release)."""
+    _live_models.update(parse_rpc_servers(servers_text))
+
+
+def release(servers_text: str) -> None:
+    """A model on these servers was freed."""
+    _live_models.subtract(parse_rpc_servers(servers_text))
+    for endpoint in [e for e, n in _live_models.items() if n <= 0]:
+        del _live_models[endpoint]
