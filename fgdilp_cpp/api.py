@@ -63,7 +63,7 @@ class Detoxifier:
 
             settings = settings.updated({"model": str(smollm2_path())})
         sources = {**default_sources(settings, chat), **(sources or {})}
-        model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers)
+        model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers, rpc=settings.rpc)
         try:
             self.profile, self.profile_path = self._find_profile(model, settings, profile)
             values, sources = apply_profile(dict(vars(settings)), sources, self.profile)

@@ -141,6 +141,9 @@ model_options = _options(
     click.option("-t", "--threads", type=int, default=0, help=ranged("threads", "CPU threads (0 = all cores).")),
     click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True,
                  help=ranged("n_gpu_layers", "Layers to offload to the GPU (GPU builds of llama-cpp-python).")),
+    click.option("--rpc", type=str, default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                 help="Place the model's layers on these llama.cpp rpc-server processes (an RPC build of "
+                      "llama-cpp-python: tools/rpc-check.sh; docs/rpc.md). -ngl 0 then means every layer."),
     click.option("-b", "--batch-size", type=int, default=512, show_default=True,
                  help=ranged("batch_size", "Rows per decode (prompt chunks).")),
     click.option("-ctk", "--cache-type-k", default="f16", show_default=True, help="K cache type (f32, f16, q8_0, ...)."),

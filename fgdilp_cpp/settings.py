@@ -20,6 +20,7 @@ from .errors import FgdilpError, ParamError
 from .params import (CONTRASTS, DIAGNOSERS, EDIT_RULES, FUSED_NORM_TO_MEAN_DELTA, FUSION_MODES, MAX_CTX_SIZE,
                      MAX_NEGATIVES, MAX_REPEAT_LAST_N, MAX_REPEAT_PENALTY, MAX_SEQUENCES, MAX_THREADS_PER_CORE,
                      EngineParams, FgdilpParams, SamplingParams, SteerParams, max_threads)
+from .rpc_endpoints import parse_rpc_servers
 
 # settings with a fixed set of values: refused when set (a flag, a config file, a sweep), not
 # only when a generation first uses them
@@ -60,6 +61,7 @@ class Settings:
     cache_type_v: str = "f16"
     flash_attn: str = "auto"
     profile: bool = True                     # apply the model's calibrated profile (--no-profile: off)
+    rpc: Optional[str] = None                # llama.cpp RPC servers "HOST:PORT,..." holding the layers (docs/rpc.md)
     # chat and serve
     chat_template: Optional[str] = None      # a llama.cpp built-in name or template text; None = the GGUF's
     system_prompt: Optional[str] = None
@@ -307,6 +309,8 @@ def checked(name: str, typ: str, v: Any) -> Any:
     out = _coerce(name, typ, v)
     if name in RANGES and out is not None:
         RANGES[name].check(name, out)
+    if name == "rpc" and out is not None:          # "" = local; a malformed list is refused before any model loads
+        out = ",".join(parse_rpc_servers(out)) if out.strip() else None
     return out
 
 

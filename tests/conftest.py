@@ -30,6 +30,8 @@ def load_script(name: str):
 
 # FGDILP_TEST_NGL=99 (tools/gpu-check.sh): the tiny models' layers on the GPU, in-process and in the CLI
 TEST_NGL = gpu_layers_for_tests()
+# FGDILP_TEST_RPC=HOST:PORT,... (tools/rpc-check.sh): the tiny model's layers on those llama.cpp RPC servers
+TEST_RPC = os.environ.get("FGDILP_TEST_RPC") or None
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +63,7 @@ def model(tiny_llama):
     """The tiny llama model loaded through the engine."""
     from fgdilp_cpp.engine import Model
 
-    with Model(tiny_llama[0], n_gpu_layers=TEST_NGL) as m:
+    with Model(tiny_llama[0], n_gpu_layers=TEST_NGL, rpc=TEST_RPC) as m:
         yield m
 
 

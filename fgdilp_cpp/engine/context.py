@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import Cancelled, ContextFullError, FgdilpError
 from .allocation import check_context
 from .owned import Owned
+from .rpc import hold as rpc_hold, release as rpc_release, rpc_devices
 
 # KV cache types by llama.cpp's -ctk/-ctv spelling
 CACHE_TYPES = {
@@ -106,10 +107,16 @@ class ModelInfo:
 class Model(Owned):
     """A loaded GGUF model (weights only); use as a context manager."""
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0, rpc: Optional[str] = None):
+        """rpc: llama.cpp RPC servers "HOST:PORT,..." that hold the offloaded layers (engine/rpc.py);
+        with them, n_gpu_layers 0 means every layer."""
         _init_backend()
         p = check_model_file(path)
         mparams = ll.llama_model_default_params()
+        self.rpc, self._rpc_devices = rpc, (rpc_devices(rpc) if rpc else None)     # referenced while the model lives
+        if self._rpc_devices is not None:
+            mparams.devices = ctypes.cast(self._rpc_devices, ctypes.c_void_p)
+            n_gpu_layers = n_gpu_layers or -1
         mparams.n_gpu_layers = n_gpu_layers
         _log_lines.clear()
         self._m = ll.llama_model_load_from_file(str(p).encode(), mparams)
@@ -118,6 +125,8 @@ class Model(Owned):
             raise FgdilpError(f"llama.cpp could not load {p}" + (f": {detail}" if detail else ""))
         self._open = True
         self.n_gpu_layers = n_gpu_layers     # where the KV goes (engine/allocation.py)
+        if rpc:
+            rpc_hold(rpc)
         self.vocab = ll.llama_model_get_vocab(self._m)
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
@@ -213,6 +222,8 @@ class Model(Owned):
     def _free(self) -> None:
         ll.llama_model_free(self._m)
         self._m = None
+        if self.rpc:
+            rpc_release(self.rpc)
 
 
 MAX_SLOT_SAVES = 64                   # captured rows kept for restoring (a few per conversation and reply)
