@@ -96,7 +96,8 @@ def test_value_types_and_errors_are_leaves():
     graph = import_graph()
     assert graph["fgdilp_cpp.errors"] == set()
     assert graph["fgdilp_cpp.params"] <= {"fgdilp_cpp.errors"}
-    assert graph["fgdilp_cpp.settings"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.params"}
+    assert graph["fgdilp_cpp.rpc_endpoints"] <= {"fgdilp_cpp.errors"}      # a value check, a leaf too
+    assert graph["fgdilp_cpp.settings"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.params", "fgdilp_cpp.rpc_endpoints"}
     assert graph["fgdilp_cpp.methods"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.params"}
 
 
