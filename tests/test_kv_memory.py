@@ -137,3 +137,65 @@ def test_evictions_drop_the_least_recently_used_unpinned():
         evictions(sizes, used, "d", 13, 12, set())
     with pytest.raises(KvBudgetError, match="other contexts"):
         evictions(sizes, used, "d", 6, 12, {"a", "b", "c"})
+
+
+def test_the_budget_drops_the_least_recently_used_and_remakes_it_alike(chat_model, universal):
+    with generator(Generator, chat_model, "full", universal) as g:
+        sizes = {}
+        for m in ("none", "tr"):
+            g.generate(FIRST, m, n_predict=2, special=True, kv_reuse=False)
+            sizes[m] = g.kv_bytes(m)
+        g.close()
+        g.kv_budget = max(sizes.values()) + sizes["none"] // 2      # one of them at a time
+        first = {m: g.generate(FIRST, m, n_predict=8, special=True, kv_reuse=False).tokens for m in ("none", "tr")}
+        assert g.cells("none") == 0 and g.cells("tr") > 0 and g.kv_bytes() <= g.kv_budget
+        for m in ("none", "tr", "none"):
+            r = g.generate(FIRST, m, n_predict=8, special=True, kv_reuse=False)
+            assert r.tokens == first[m] and g.kv_bytes() <= g.kv_budget
+            assert [n for n in ("none", "tr") if g.cells(n)] == [m]
+        assert first["tr"] != first["none"]          # TR steered in its remade context
+        # a chat turn after its context was dropped: the conversation is decoded again, not lost
+        g.generate(FIRST, "tr", n_predict=4, special=True)
+        g.generate(FIRST, "none", n_predict=4, special=True)
+        r = g.generate(SECOND, "tr", n_predict=4, special=True)
+        assert r.n_reused_tokens == 0 and len(r.tokens) == 4
+
+
+def test_a_request_larger_than_the_budget_is_refused_clearly(chat_model, universal):
+    with generator(Generator, chat_model, "full", universal) as g:
+        g.kv_budget = 100 * 1024
+        with pytest.raises(KvBudgetError, match=r"more than the KV budget of 0 MiB \(--kv-budget-mib\)"):
+            g.generate(FIRST, "tr", n_predict=4, special=True)
+        assert g.kv_bytes() == 0
+        g.kv_budget = 4 * MIB                                   # the same request fits a larger budget
+        assert len(g.generate(FIRST, "tr", n_predict=4, special=True).tokens) == 4
+
+
+def test_the_cli_refuses_a_request_over_the_budget(cli, tiny_llama):
+    from test_cli_errors import assert_clean_error
+
+    # 4096 cells of 384 bytes (3 layers, 2 KV heads of 16 f16 K and V values): 1.5 MiB
+    proc = cli("generate", "-m", tiny_llama[0], "-p", "hi", "-c", "4096", "--method", "none", "-t", "1",
+               "--kv-budget-mib", "1")
+    assert_clean_error(proc, "KV budget of 1 MiB", "--kv-budget-mib")
+    ok = cli("generate", "-m", tiny_llama[0], "-p", "hi", "-c", "4096", "--method", "none", "-t", "1", "-n", "2",
+             env={"FGDILP_KV_BUDGET_MIB": "2"})
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_serve_warms_what_fits_and_answers_503_for_what_cannot(tiny_llama):
+    """none fits the budget, TR alone (three sequences of the whole context) does not: the server
+    warms none, says 503 kv_budget to TR, and goes on serving none."""
+    from fgdilp_cpp.api import Detoxifier
+    from fgdilp_cpp.server import Limits, create_app
+    from server_helpers import DET_KW, MSGS, Served
+
+    kw = {**DET_KW, "ctx_size": 4096, "method": "none", "kv_budget_mib": 4}
+    with Detoxifier.from_file(str(tiny_llama[0]), **kw) as det, \
+            Served(create_app(det, Limits(allow_methods=("none", "tr")))) as srv:
+        assert det.kv_bytes("none") > 0 and det.kv_bytes("tr") == 0
+        body = {"model": "m", "messages": MSGS, "seed": 1, "max_tokens": 4}
+        s, _, err = srv.request("POST", "/v1/chat/completions", {**body, "method": "tr"})
+        assert s == 503 and err["error"]["code"] == "kv_budget" and "--kv-budget-mib" in err["error"]["message"]
+        assert srv.request("POST", "/v1/chat/completions", body)[0] == 200
+        assert det.kv_bytes() <= 4 * MIB
