@@ -199,3 +199,23 @@ def test_serve_warms_what_fits_and_answers_503_for_what_cannot(tiny_llama):
         assert s == 503 and err["error"]["code"] == "kv_budget" and "--kv-budget-mib" in err["error"]["message"]
         assert srv.request("POST", "/v1/chat/completions", body)[0] == 200
         assert det.kv_bytes() <= 4 * MIB
+
+
+def test_bench_memory_json(cli, tiny_chat):
+    """bench --memory --json: per method a chat's peak RSS (its own process) and KV beside unsteered,
+    decode and TTFT ratios; serve with both methods after a request of each, within the budget."""
+    import json
+
+    proc = cli("bench", "--memory", "--json", "-m", tiny_chat, "-c", "512", "-t", "1", "--turns", "2", "-r", "1",
+               "-n", "4", "--methods", "none,fgdilp-universal", "--kv-budget-mib", "64")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    none, uni = out["methods"]["none"], out["methods"]["fgdilp-universal"]
+    assert out["universal"] == "random" and out["ctx_size"] == 512 and out["turns"] == 2
+    assert none["rss_ratio_vs_none"] == 1.0 and uni["peak_rss_mib"] > 10
+    # the universal method's context: P0 and its unedited twin's reply (kv_memory.method_cells)
+    assert 0 < none["kv_mib"] < uni["kv_mib"] <= 2 * none["kv_mib"]
+    assert uni["decode_tokens_per_s"] > 0 and len(uni["ttft_turns_s"]) == 2
+    serve = out["serve"]
+    assert serve["methods"] == ["none", "fgdilp-universal"] and serve["kv_budget_mib"] == 64
+    assert serve["within_budget"] and serve["kv_mib"] >= uni["kv_mib"] + none["kv_mib"] - 0.01
