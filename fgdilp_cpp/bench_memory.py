@@ -127,20 +127,23 @@ def decode_speeds(det, prompt: str, names: list[str], n_predict: int, repeats: i
     return {m: statistics.median(xs) for m, xs in runs.items()}
 
 
-def run_memory_bench(det, settings, sources: dict, names: list[str], turns: int, reply_tokens: int,
+def run_memory_bench(open_det, settings, sources: dict, names: list[str], turns: int, reply_tokens: int,
                      decode_tokens: int, repeats: int, prompt: str) -> dict:
-    """det: a chat Detoxifier of `settings` (the speed half runs in it; the memory half in subprocesses)."""
+    """open_det(): a chat Detoxifier of `settings`, opened for the speed half once the memory
+    half's subprocesses are done (so that their model never shares the machine with its own)."""
     t0 = time.perf_counter()
     base = methods.UNSTEERED
-    out = {"model": os.path.basename(det.model.info.path), "n_params": det.model.info.n_params,
-           "ctx_size": settings.ctx_size, "threads": settings.threads or os.cpu_count(), "turns": turns,
-           "reply_tokens": reply_tokens, "contrast": {m: det.settings_for(m).contrast for m in names},
-           "universal": universal_source(det), "methods": {}}
     chat = {m: measure(settings, sources, [m], turns, reply_tokens, "chat") for m in names}
     serve = {"none": measure(settings, sources, [base], turns, reply_tokens, "serve"),
              "all": measure(settings, sources, names, turns, reply_tokens, "serve")}
-    speed = decode_speeds(det, prompt, names, decode_tokens, repeats)
-    ttft = run_chat_turns(det, names, turns, reply_tokens=reply_tokens, repeats=1)["methods"]
+    with open_det() as det:
+        out = {"model": os.path.basename(det.model.info.path), "n_params": det.model.info.n_params,
+               "ctx_size": settings.ctx_size, "threads": settings.threads or os.cpu_count(), "turns": turns,
+               "reply_tokens": reply_tokens, "decode_tokens": decode_tokens, "repeats": repeats,
+               "contrast": {m: det.settings_for(m).contrast for m in names}, "universal": universal_source(det),
+               "methods": {}}
+        speed = decode_speeds(det, prompt, names, decode_tokens, repeats)
+        ttft = run_chat_turns(det, names, turns, reply_tokens=reply_tokens, repeats=1)["methods"]
     for m in names:
         c = chat[m]
         out["methods"][m] = {
@@ -149,8 +152,7 @@ def run_memory_bench(det, settings, sources: dict, names: list[str], turns: int,
             "decode_tokens_per_s": round(speed[m], 3), "decode_ratio_vs_none": _ratio(speed[m], speed[base]),
             "ttft_s": ttft[m]["ttft_s"], "ttft_ratio_vs_none": ttft[m]["ratio_vs_none"],
             "ttft_turns_s": ttft[m]["turns"]}
-    out["serve"] = {"methods": names, **{k: v for k, v in serve["all"].items()},
-                    "none_peak_rss_mib": serve["none"]["peak_rss_mib"],
+    out["serve"] = {"methods": names, **serve["all"], "none_peak_rss_mib": serve["none"]["peak_rss_mib"],
                     "rss_ratio_vs_none": _ratio(serve["all"]["peak_rss_mib"], serve["none"]["peak_rss_mib"]),
                     "within_budget": serve["all"]["kv_mib"] <= serve["all"]["kv_budget_mib"]}
     out["elapsed_s"] = round(time.perf_counter() - t0, 1)

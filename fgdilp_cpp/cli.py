@@ -207,8 +207,8 @@ def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:
 
     decode_tokens = kw["n_predict"]
     s = _settings(kw, default_source="chat default", **CHAT_DEFAULTS)
-    with _detoxifier(s, chat=True) as det:
-        out = run_memory_bench(det, s, sources(), names, turns, 24, decode_tokens, repeats, prompt)
+    out = run_memory_bench(lambda: _detoxifier(s, chat=True), s, sources(), names, turns, 24, decode_tokens,
+                           repeats, prompt)
     if as_json:
         click.echo(json.dumps(out))
         return

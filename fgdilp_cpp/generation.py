@@ -273,7 +273,7 @@ class Generator(MethodContexts):
                                   record_logits, logits_all, stop_at_eog, explain, prefixes, special,
                                   instance_reuse, condition)
         finally:
-            self._need = None
+            self._need, self._in_call = None, set()
 
     def _generate(self, spec, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
                   record_logits, logits_all, stop_at_eog, explain, prefixes, special, instance_reuse,

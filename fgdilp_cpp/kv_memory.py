@@ -45,6 +45,9 @@ def padded(cells: int) -> int:
 
 def bytes_per_cell(model, type_k: str, type_v: str) -> int:
     """KV bytes of one cell over all layers (every layer holds full KV: contexts set swa_full)."""
+    for name, t in (("K", type_k), ("V", type_v)):
+        if t not in CACHE_TYPE_BYTES:
+            raise FgdilpError(f"unknown {name} cache type {t!r} (one of {', '.join(CACHE_TYPE_BYTES)})")
     i = model.info
     if i.n_head <= 0:
         return 0
