@@ -20,7 +20,6 @@ from .errors import FgdilpError
 CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                     "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
 CELL_PAD = 256             # llama.cpp rounds a context's cells up to a multiple of this
-DIAGNOSIS_CELLS = 2048     # self-diagnosis: a few texts' six questions per decode (instance.Diagnoser)
 MIB = 1 << 20
 
 
@@ -89,8 +88,10 @@ def method_cells(spec, e, f, room: int, need: Need) -> int:
 
 
 def setup_cells(e, f, need: Need) -> int:
-    """Cells of FGDILP's setup context: self-generation from the prompt, then self-diagnosis."""
-    return min(need.prompt, e.ctx_size) + f.samples * (f.selfgen_tokens + 2) + DIAGNOSIS_CELLS
+    """Cells of FGDILP's setup context: self-generation from the prompt (its samples' tokens each),
+    or self-diagnosis, which follows it in a cleared context and asks for what each chunk of
+    questions needs (instance.Diagnoser.scores: make_room)."""
+    return min(need.prompt, e.ctx_size) + f.samples * (f.selfgen_tokens + 2)
 
 
 def plan_cells(lengths: list[int], n_predict: int, ctx_size: int, samples: int, twin: bool) -> int:

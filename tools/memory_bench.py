@@ -101,9 +101,15 @@ def run_before(tree: Path, path: str, env: dict, args) -> dict:
     from fgdilp_cpp.chat import CHAT_DEFAULTS
 
     over = {"model": path, "ctx_size": args.ctx_size, "threads": args.threads}
-    extra = dict(zip(args.extra[::2], args.extra[1::2]))
-    if "--contrast" in extra:
-        over["contrast"] = extra["--contrast"]
+    if env.get("FGDILP_CHAT_TEMPLATE"):
+        over["chat_template"] = env["FGDILP_CHAT_TEMPLATE"]
+    for flag, value in zip(args.extra[::2], args.extra[1::2]):      # "--selfgen-samples 2" -> selfgen_samples
+        for kind in (int, float, str):
+            try:
+                over[flag.lstrip("-").replace("-", "_")] = kind(value)
+                break
+            except ValueError:
+                continue
     settings = Settings().updated(CHAT_DEFAULTS).updated(over).as_dict()
     sources = {k: "flag" for k in over}
     names = args.methods.split(",")
