@@ -147,7 +147,8 @@ def run_memory_bench(open_det, settings, sources: dict, names: list[str], turns:
     for m in names:
         c = chat[m]
         out["methods"][m] = {
-            "peak_rss_mib": c["peak_rss_mib"], "rss_ratio_vs_none": _ratio(c["peak_rss_mib"], chat[base]["peak_rss_mib"]),
+            "peak_rss_mib": c["peak_rss_mib"],
+            "rss_ratio_vs_none": _ratio(c["peak_rss_mib"], chat[base]["peak_rss_mib"]),
             "kv_mib": c["kv_mib"], "kv_ratio_vs_none": _ratio(c["kv_mib"], chat[base]["kv_mib"]),
             "decode_tokens_per_s": round(speed[m], 3), "decode_ratio_vs_none": _ratio(speed[m], speed[base]),
             "ttft_s": ttft[m]["ttft_s"], "ttft_ratio_vs_none": ttft[m]["ratio_vs_none"],

@@ -221,8 +221,8 @@ def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:
                    f"{r['decode_tokens_per_s']:>11.2f}{r['decode_ratio_vs_none']:>7.2f}{r['ttft_s']:>8.3f}"
                    f"{r['ttft_ratio_vs_none']:>7.2f}")
     v = out["serve"]
-    click.echo(f"serve, {len(v['methods'])} methods: peak RSS {v['peak_rss_mib']:.1f} MiB (x{v['rss_ratio_vs_none']:.2f} "
-               f"none's), KV {v['kv_mib']:.1f} of {v['kv_budget_mib']} MiB budget")
+    click.echo(f"serve, {len(v['methods'])} methods: peak RSS {v['peak_rss_mib']:.1f} MiB "
+               f"(x{v['rss_ratio_vs_none']:.2f} none's), KV {v['kv_mib']:.1f} of {v['kv_budget_mib']} MiB budget")
 
 
 def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -> None:

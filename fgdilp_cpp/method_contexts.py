@@ -66,7 +66,8 @@ class MethodContexts:
         else:
             spec = methods.get(name)
             cells = method_cells(spec, e, f, spec.room(self.rt), need)
-        return padded(max(cells, e.n_batch) * self._conversations_kept(self._n_seq(name)))
+        n_seq = self._n_seq(name)
+        return padded(max(cells, e.n_batch, n_seq) * self._conversations_kept(n_seq))
 
     def _open_context(self, name: str, cells: int) -> Context:
         e, info, hook = self.engine, self.model.info, self._hooks.get(name)

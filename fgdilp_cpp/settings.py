@@ -60,7 +60,7 @@ class Settings:
     history: bool = True                     # chat: autosave each session (off: --no-history, FGDILP_HISTORY=0)
     kv_reuse: bool = True                    # keep the conversation's KV between replies (--no-kv-reuse: re-prefill)
     kv_conversations: int = 1                # conversations kept in KV per method (serve: several users)
-    kv_budget_mib: int = 0                  # KV cache of all contexts together, MiB (0: half the machine's memory less the weights)
+    kv_budget_mib: int = 0                   # KV of all contexts together, MiB (0: half the memory less the weights)
     instance_reuse: str = "turn"             # FGDILP's instance: rebuilt every "turn", or once per "conversation"
     # generation
     method: str = "tr"
