@@ -219,3 +219,32 @@ def test_bench_memory_json(cli, tiny_chat):
     serve = out["serve"]
     assert serve["methods"] == ["none", "fgdilp-universal"] and serve["kv_budget_mib"] == 64
     assert serve["within_budget"] and serve["kv_mib"] >= uni["kv_mib"] + none["kv_mib"] - 0.01
+
+
+@pytest.mark.real_model
+def test_gemma_grows_a_kept_conversation_with_its_sliding_window_layers(gemma_path):
+    """gemma-3's sliding-window layers keep a cache of their own (full-sized: swa_full): a growth
+    moves both. The moved cells sit in another order, which changes float rounding only: the
+    grown conversation is as close to a full re-prefill as one that never grew (on this model
+    reuse itself moves TR's logits by tenths; stale or misplaced KV moves them by whole units)."""
+    first = "<start_of_turn>user\nTell me about cats.<end_of_turn>\n<start_of_turn>model\n"
+    second = first + "Cats are small.<end_of_turn>\n<start_of_turn>user\nAnd dogs?<end_of_turn>\n<start_of_turn>model\n"
+    forced = [(11 * i) % 5000 + 300 for i in range(96)]
+    steer = SteerParams(contrast="reply", layer_start=15, layer_end=17)
+
+    def turn_two(cls, reuse: bool):
+        with cls(m, EngineParams(ctx_size=1024, n_threads=2, kv_reuse=reuse), steer) as g:
+            if reuse:
+                g.generate(first, "tr", n_predict=4, special=True)
+            small = g.cells("tr")
+            r = g.generate(second, "tr", n_predict=96, special=True, forced_tokens=forced, record_logits=True)
+            return r, small, g.cells("tr")
+
+    with Model(gemma_path) as m:
+        fresh, _, _ = turn_two(Generator, False)
+        grown, small, cells = turn_two(Generator, True)
+        kept, _, _ = turn_two(TodaySized, True)
+        assert cells > small and grown.n_reused_tokens == kept.n_reused_tokens > 10
+        base = np.stack(fresh.logits)
+        d_grown, d_kept = (np.abs(np.stack(r.logits) - base).mean() for r in (grown, kept))
+        assert d_grown < 1.5 * d_kept + 0.01, (d_grown, d_kept)
