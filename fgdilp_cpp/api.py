@@ -223,6 +223,16 @@ class Detoxifier:
         fitted = fitted if fitted is not None else self._fit(messages, s, method, trim)
         return Stream(self, fitted.prompt, s, method, True, explain, fitted)
 
+    # ---- KV memory (kv_memory: contexts made on first use, the least recently used dropped) ------
+    def kv_bytes(self, method: Optional[str] = None) -> int:
+        """KV cache bytes the contexts hold now: `method`'s own, or all of them."""
+        return self._gen.kv_bytes(None if method is None else self._args({"method": method})[1])
+
+    def kv_fits(self, method: str, prompt: str, n_predict: int) -> bool:
+        """Whether a call of `method` on `prompt` fits the KV budget without dropping another context."""
+        s, name = self._args({"method": method})
+        return self._gen.fits_beside(name, prompt, n_predict, s.contrast)
+
     # ---- the model, its own diagnosis, saved directions ------------------------------------------
     @property
     def vectors_sha256(self) -> Optional[str]:

@@ -179,15 +179,24 @@ def info(as_json, **kw):
               help="With --chat: also time replies steered by these saved directions.")
 @click.option("--turns", type=click.IntRange(1), default=None,
               help="With --chat: replay a conversation of this many turns (the shipped one), time each reply.")
+@click.option("--memory", is_flag=True,
+              help="Peak RSS and KV bytes per method of a chat of --turns turns (default 3; each method in a "
+                   "fresh process) and of serve with every method after one request each, beside unsteered; "
+                   "then decode tokens/s (-n tokens) and chat time to first token, with their ratios.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vectors_path, turns, as_json, **kw):
+def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vectors_path, turns, memory, as_json,
+          **kw):
     """Decode tokens/s of each method on the same prompt, side by side in one run."""
     from .bench import run_bench
 
+    if memory and click.get_current_context().get_parameter_source("methods") == ParameterSource.DEFAULT:
+        methods = MEMORY_BENCH_METHODS
     names = method_list(methods)
     if registry.UNSTEERED not in names:             # the baseline of every ratio
         names.insert(0, registry.UNSTEERED)
+    if memory:
+        return _bench_memory(prompt, names, repeats, turns or 3, as_json, kw)
     if chat_mode:
         return _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns)
     if vectors_path or turns:
@@ -204,6 +213,33 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
     for m, r in out["methods"].items():
         sr = f"{r['setup_ratio']:.3f}" if "setup_ratio" in r else "-"
         click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
+
+
+MEMORY_BENCH_METHODS = "none,fgdilp-universal,tr,fgdilp"    # the default method (universal) among them
+
+
+def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:
+    from .bench_memory import run_memory_bench
+    from .chat import CHAT_DEFAULTS
+
+    decode_tokens = kw["n_predict"]
+    s = _settings(kw, default_source="chat default", **CHAT_DEFAULTS)
+    out = run_memory_bench(lambda: _detoxifier(s, chat=True), s, sources(), names, turns, 24, decode_tokens,
+                           repeats, prompt)
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"model {out['model']}  -c {out['ctx_size']}  {turns} turns  threads={out['threads']}  "
+               f"universal directions: {out['universal']}")
+    click.echo(f"{'method':<18}{'peak RSS MiB':>13}{'ratio':>7}{'KV MiB':>9}{'decode t/s':>11}{'ratio':>7}"
+               f"{'TTFT s':>8}{'ratio':>7}")
+    for m, r in out["methods"].items():
+        click.echo(f"{m:<18}{r['peak_rss_mib']:>13.1f}{r['rss_ratio_vs_none']:>7.2f}{r['kv_mib']:>9.1f}"
+                   f"{r['decode_tokens_per_s']:>11.2f}{r['decode_ratio_vs_none']:>7.2f}{r['ttft_s']:>8.3f}"
+                   f"{r['ttft_ratio_vs_none']:>7.2f}")
+    v = out["serve"]
+    click.echo(f"serve, {len(v['methods'])} methods: peak RSS {v['peak_rss_mib']:.1f} MiB "
+               f"(x{v['rss_ratio_vs_none']:.2f} none's), KV {v['kv_mib']:.1f} of {v['kv_budget_mib']} MiB budget")
 
 
 def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -> None:

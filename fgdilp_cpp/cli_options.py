@@ -156,6 +156,11 @@ model_options = _options(
                  help=ranged("kv_conversations", "With --kv-reuse: conversations whose KV each method keeps, the "
                              "least recently used dropped first (serve: one per concurrent user; memory grows "
                              "with it).")),
+    click.option("--kv-budget-mib", type=int, default=0, show_default=True,
+                 help=ranged("kv_budget_mib", "KV cache that the methods' contexts may hold together, in MiB: a "
+                             "context is made when its method is first used and the least recently used are "
+                             "dropped to stay within it (0 = half of this machine's memory less the model's "
+                             "weights).")),
     click.option("--profile/--no-profile", "profile", default=True, show_default=True,
                  help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log (also FGDILP_VERBOSE=1)."),

@@ -8,6 +8,7 @@ prompt share its prefill (KV sequence copy) and advance together.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable, Optional
 
@@ -20,29 +21,30 @@ from .decode import run_plan
 from .engine import Capture, Context, ContextParams, Lockstep, Model
 from .engine.context import UNQUANTISED_CACHE
 from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
+from .kv_memory import MIB, Need, bytes_per_cell, machine_budget_mib, plan_cells
+from .method_contexts import SETUP, MethodContexts
 from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
-from .plans import N_SLOTS, Plan, PlanRequest, Runtime, build_instance, frozen_directions
+from .plans import Plan, PlanRequest, Runtime, build_instance, frozen_directions
 from .profiles import find_universal
 from .results import GenResult, Sample
 
 __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
 
-MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ
 INSTANCE_REUSE = ("turn", "conversation")   # when FGDILP's instance is rebuilt (Settings.instance_reuse)
-SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
 CONTEXT_SHAPING = ("samples", "selfgen_tokens", "negatives")   # FgdilpParams that size contexts (context())
 
 
-class Generator:
+class Generator(MethodContexts):
     """One model; a context per method, created on first use and reused for later prompts."""
 
     def __init__(self, model: Model, engine: EngineParams = EngineParams(), steer: SteerParams = SteerParams(),
                  fgdilp: FgdilpParams = FgdilpParams(), vectors: Optional[HeadDirections] = None,
-                 reuse_instances: bool = False):
+                 reuse_instances: bool = False, kv_budget_mib: int = 0):
         """reuse_instances: keep the last prompt's FGDILP setup (samples, diagnosis, prefixes) so
-        that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation)."""
+        that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation).
+        kv_budget_mib: the KV bytes all contexts together may hold (0: from the machine's memory)."""
         self.model, self.engine = model, engine
         self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances)
         self.rt.universal = self.universal_directions
@@ -53,6 +55,15 @@ class Generator:
         # FGDILP's instances of instance_reuse="conversation": per method (its contexts keep that
         # conversation's KV), one per conversation whose KV is kept
         self._conversations: dict[str, ConversationInstances] = {}
+        # KV memory (kv_memory): what the call in progress needs, when each context was last used,
+        # and the contexts this call uses (never dropped for another of its own)
+        self._cell_bytes = bytes_per_cell(model, engine.type_k, engine.type_v)
+        weights = os.path.getsize(model.info.path) if os.path.exists(model.info.path) else 0
+        self.kv_budget = (kv_budget_mib or machine_budget_mib(weights)) * MIB
+        self._need: Optional[Need] = None        # None: no call in progress (any call's upper bound)
+        self._used: dict[str, int] = {}
+        self._clock = 0
+        self._in_call: set[str] = set()
         if vectors is not None:
             vectors.check_model(identity_of(model))
 
@@ -112,57 +123,6 @@ class Generator:
         self.steer.check(info.n_layer)
         if spec.instance:
             self.fgdilp.check()
-
-    def context(self, name: str) -> Context:
-        """The context of a method (SETUP: FGDILP's self-generation and diagnosis)."""
-        if name in self._ctx:
-            return self._ctx[name]
-        e, info, hook = self.engine, self.model.info, None
-        if name == SETUP:
-            n_seq = max(self.fgdilp.samples, 24)
-            n_ctx = e.ctx_size + self.fgdilp.samples * (self.fgdilp.selfgen_tokens + 2) + 2048
-        else:
-            spec = methods.get(name)
-            roles = spec.n_roles(self.fgdilp)
-            # exact methods run their roles per sample; the others capture once, then P0 per sample
-            n_seq = roles * e.max_samples if spec.exact else max(roles, e.max_samples)
-            n_ctx = roles * e.ctx_size + n_seq * min(e.max_new, e.ctx_size) * (e.max_samples > 1)
-            if e.kv_reuse and spec.hook:     # P0's unedited twin (engine/batch.py): a sequence, the reply's cells
-                n_seq += 1
-                n_ctx += min(e.max_new, e.ctx_size) + 1
-            if e.kv_reuse and not spec.exact and roles > 1:   # a capture runs beside P0's kept conversation
-                n_seq += 1
-                n_ctx += e.ctx_size
-            if e.kv_reuse and spec.instance:    # the candidates fork the conversation here (plans.selfgen_context)
-                f = self.fgdilp
-                n_seq = max(n_seq, f.samples)
-                n_ctx += f.samples * (f.selfgen_tokens + 1)
-            if spec.heads:
-                self._check_steerable(spec)
-            if spec.hook:
-                s = self.steer
-                hook = NativeHook(info.n_layer, info.n_head, info.head_dim, n_slots=N_SLOTS, exp_norm=s.exp_norm,
-                                  exp_sim=s.exp_sim, scale=s.scale, layer_start=s.layer_start,
-                                  layer_end=s.layer_end, renorm=s.renorm)
-                self._hooks[name] = hook
-                hook.set_edit_rule(s.edit)
-                hook.set_gate(s.gate)
-                if spec.fusion:
-                    f = self.fgdilp
-                    hook.set_fusion(f.mask_k, f.fusion, f.sign_election, f.norm_to_mean_delta)
-        if n_seq > MAX_SEQ:
-            raise FgdilpError(f"{name} with {e.max_samples} samples needs {n_seq} sequences; llama.cpp "
-                              f"allows {MAX_SEQ}")
-        # several conversations kept (serve): room for each one's sequences and cells
-        convs = max(1, min(e.kv_conversations, MAX_SEQ // n_seq)) if e.kv_reuse else 1
-        params = ContextParams(n_ctx=n_ctx * convs, n_batch=max(e.n_batch, n_seq), n_seq_max=n_seq * convs,
-                               n_outputs_max=n_seq * convs, n_threads=e.n_threads, type_k=e.type_k,
-                               type_v=e.type_v, flash_attn=e.flash_attn, kv_reuse=e.kv_reuse,
-                               kv_conversations=convs, prefill_rows=e.n_batch)
-        self._ctx[name] = ctx = Context(self.model, params, hook=hook)
-        if self._cancelled:              # cancel() came while this context did not exist yet
-            ctx.request_abort()
-        return ctx
 
     def conversation(self, method: str) -> ConversationInstances:
         """The instances `method` keeps per conversation (instance_reuse = "conversation")."""
@@ -304,8 +264,21 @@ class Generator:
                                          [prompt] if condition_texts is None else condition_texts)
             if not condition["steered"]:                  # this prompt runs unsteered, as method none
                 spec = self.resolve(methods.UNSTEERED)
-        ctx = self.context(spec.name)       # refuses unsteerable models before any setup work
         raw = self.model.tokenize(prompt, special=special)
+        self._in_call = set()
+        self._need = Need(prompt=len(raw), reply=n_predict, samples=n_samples, contrast=self.steer.contrast,
+                          kv_reuse=self.rt.kv_reuse)
+        try:
+            return self._generate(spec, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
+                                  record_logits, logits_all, stop_at_eog, explain, prefixes, special,
+                                  instance_reuse, condition)
+        finally:
+            self._need, self._in_call = None, set()
+
+    def _generate(self, spec, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
+                  record_logits, logits_all, stop_at_eog, explain, prefixes, special, instance_reuse,
+                  condition) -> GenResult:
+        ctx = self.context(spec.name)       # refuses unsteerable models before any setup work
         if len(raw) >= self.engine.ctx_size:  # before any setup work (with prefixes: _check_prefixed)
             raise ContextLengthError(f"the prompt is {len(raw)} tokens, longer than the context "
                                      f"({self.engine.ctx_size} tokens)")
@@ -326,6 +299,10 @@ class Generator:
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
             self._check_prefixed(plan)
+            twin = self.rt.kv_reuse and plan.cvec is None and n_samples == 1 and \
+                plan.out_role in {e.target for e in plan.edits}
+            ctx.make_room(plan_cells([len(s) for s in plan.sequences], n_predict, self.engine.ctx_size, n_samples,
+                                     twin))      # the estimate made before the plan fell short: grow
             res = run_plan(self, ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
                             record_logits, logits_all, stop_at_eog, setup)
             if condition is not None:       # always: eval and the server tell which prompts were steered
@@ -351,7 +328,8 @@ def open_generator(model: Model, settings, vectors_path: Optional[str] = None, *
     """A Generator of `model` with the engine, steering and FGDILP values of `settings` (a
     Settings) and optional saved vectors."""
     vectors = HeadDirections.load(vectors_path) if vectors_path else None
-    return Generator(model, settings.engine(**engine_over), settings.steer(), settings.fgdilp(), vectors=vectors)
+    return Generator(model, settings.engine(**engine_over), settings.steer(), settings.fgdilp(), vectors=vectors,
+                     kv_budget_mib=settings.kv_budget_mib)
 
 
 def identity_of(model: Model) -> ModelIdentity:

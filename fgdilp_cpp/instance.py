@@ -100,6 +100,7 @@ class Diagnoser:
             ctx.clear()
             qs = [[self.model.tokenize(question(t, d)) for _, d in ATTRIBUTES] for t in chunk]
             shared = [min(common_prefix_len(q), min(len(x) for x in q) - 1) for q in qs]
+            ctx.make_room(sum(n + sum(len(x) - n for x in q) for n, q in zip(shared, qs)))   # cells of this chunk
             # 1. the shared part of each text's six questions, once, in its first sequence
             rows = [(tok, i, k * n_attr, False) for k, q in enumerate(qs) for i, tok in enumerate(q[0][:shared[k]])]
             decode_rows(ctx, rows, lambda i, lg: None)

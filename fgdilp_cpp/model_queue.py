@@ -1,5 +1,5 @@
 """`serve`'s model thread: requests queued FIFO and run one at a time on one Detoxifier (it is not
-thread-safe), its contexts created at start-up, and cancellation from any thread (a client that
+thread-safe), the contexts that fit the KV budget created at start-up, and cancellation from any thread (a client that
 hangs up, shutdown) that is honoured at every stage: queued, during FGDILP's setup, mid-reply.
 """
 
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from . import methods
+from .kv_memory import KvBudgetError
 from .openai_api import ApiError, GenRequest, StopScanner
 
 if TYPE_CHECKING:
@@ -164,17 +165,27 @@ class ModelQueue:
 
     # ---- start-up -------------------------------------------------------------------------
     def start(self) -> Future:
-        """Create the contexts of every allowed method on the model thread (a 1-token reply each,
-        FGDILP's setup context included), so that no request grows memory later; requests that
-        come meanwhile wait behind it."""
+        """Create the contexts of the allowed methods on the model thread (a 1-token reply each,
+        FGDILP's setup context included) as far as the KV budget holds them beside each other;
+        requests that come meanwhile wait behind it."""
         return self.executor.submit(self._warm)
 
     def _warm(self) -> None:
+        # the default method first; then the others whose contexts fit the KV budget beside those
+        # made (a context that would drop another is made by its first request instead)
+        first = self.det.settings.method
+        order = [first] * (first in self.methods) + [m for m in self.methods if m != first]
         try:
-            for method in self.methods:
+            for i, method in enumerate(order):
                 if self._closed:               # shut down while warming up: not ready, not failed
                     return
-                self.det.generate(WARM_PROMPT, method=method, n_predict=1, seed=0)
+                if i and not self.det.kv_fits(method, WARM_PROMPT, 1):
+                    log.info("warm-up: %s's contexts are made on its first request (KV budget)", method)
+                    continue
+                try:
+                    self.det.generate(WARM_PROMPT, method=method, n_predict=1, seed=0)
+                except KvBudgetError as exc:   # its requests get a 503 saying so; the others run
+                    log.warning("warm-up: %s", exc)
         except Exception as exc:  # noqa: BLE001 - reported by /health and run_server, logged here
             log.error("warm-up failed", exc_info=exc)
             self.warm_error = str(exc) or type(exc).__name__

@@ -16,7 +16,7 @@ import numpy as np
 from .errors import ParamError
 
 MAX_NEGATIVES = 8                     # = FGDILP_MAX_NEG of native/fgdilp.h
-MAX_SEQUENCES = 256                   # llama.cpp's LLAMA_MAX_SEQ (generation.MAX_SEQ): sequences per context
+MAX_SEQUENCES = 256                   # llama.cpp's LLAMA_MAX_SEQ: sequences per context
 # tokens per sequence: far above any model's trained context, and small enough that the cells of
 # a context (several sequences of it, each conversation kept) never wrap llama.cpp's uint32 n_ctx
 MAX_CTX_SIZE = 1 << 24

@@ -3,7 +3,9 @@
 Endpoints (every error is JSON: {"error": {"message", "type", "param", "code"}}):
 
     GET  /health                  {"status": "ok", "model": ID}            (no API key needed)
-                                  503 {"status": "loading"} until every allowed method's contexts exist
+                                  503 {"status": "loading"} until the allowed methods' contexts that fit
+                                  the KV budget (--kv-budget-mib) exist; a request that alone needs more
+                                  KV than the budget is a 503 (code kv_budget)
     GET  /v1/models               the one served model (ID = the GGUF file's stem)
     GET  /v1/models/{id}          that model, or 404
     POST /v1/chat/completions     messages -> the assistant's reply ("stream": true for SSE)
@@ -100,6 +102,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .errors import ContextLengthError, FgdilpError, ParamError
+from .kv_memory import KvBudgetError
 from .http_guard import header_deadline_protocol, loopback_host_header
 from .model_queue import Job, JobCancelled, ModelQueue, Outcome
 from .openai_api import ApiError, Policy, check_methods, param_error, parse_request, read_json
@@ -213,6 +216,8 @@ def _job_errors(chat: bool) -> Iterator[None]:
                        code="context_length_exceeded") from None
     except ParamError as exc:           # a setting out of range that parse_request let through
         raise param_error(exc) from None
+    except KvBudgetError as exc:        # this request alone needs more KV than --kv-budget-mib allows
+        raise ApiError(503, str(exc), kind="server_error", code="kv_budget") from None
     except JobCancelled as exc:
         message = ("the server is shutting down; the reply was not finished" if exc.reason == "shutting_down"
                    else "the request was cancelled")

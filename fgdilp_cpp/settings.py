@@ -68,6 +68,7 @@ class Settings:
     history: bool = True                     # chat: autosave each session (off: --no-history, FGDILP_HISTORY=0)
     kv_reuse: bool = True                    # keep the conversation's KV between replies (--no-kv-reuse: re-prefill)
     kv_conversations: int = 1                # conversations kept in KV per method (serve: several users)
+    kv_budget_mib: int = 0                   # KV of all contexts together, MiB (0: half the memory less the weights)
     instance_reuse: str = "turn"             # FGDILP's instance: rebuilt every "turn", or once per "conversation"
     # generation
     method: str = "tr"
@@ -280,6 +281,7 @@ RANGES: dict[str, Range] = {
     "n_gpu_layers": Range(-1, INT32_MAX, why="-1 = every layer"),
     "batch_size": Range(8, MAX_CTX_SIZE),
     "kv_conversations": Range(1, 16),
+    "kv_budget_mib": Range(0, INT32_MAX, why="0 = half of this machine's memory less the model's weights"),
     "n_predict": Range(1, MAX_CTX_SIZE),
     "seed": Range(0, 2**32 - 1),
     "temp": Range(0.0),

@@ -73,9 +73,6 @@ def test_threads_past_the_cores_are_refused_from_every_source(tmp_path, tiny_lla
 def test_api_keywords_and_engine_params_are_checked_before_llama(tiny_llama, model):
     from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.engine import Context, ContextParams
-    from fgdilp_cpp.generation import MAX_SEQ
-
-    assert MAX_SEQ == MAX_SEQUENCES
 
     for bad in ({"batch_size": 1}, {"threads": 100000}, {"kv_conversations": 1000}, {"ctx_size": 2**32 + 16},
                 {"seed": -1}, {"top_k": 2**31}, {"temp": float("nan")}):

@@ -89,6 +89,8 @@ class Shape:
 SHAPES = {
     # a ~1.1B-parameter llama (TinyLlama-1.1B's shape): 2.2 GB in F16
     "1b": Shape(n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=32000),
+    # a ~3.0B-parameter llama (Llama-3.2-3B's layers and widths, this vocabulary): 3.2 GB in Q8_0
+    "3b": Shape(n_layer=28, n_embd=3072, n_head=24, n_head_kv=8, n_ff=8192, n_vocab=32000),
     # ~33M parameters: tools/gpu-check.sh --cpu
     "small": Shape(n_layer=8, n_embd=512, n_head=8, n_head_kv=4, n_ff=1536, n_vocab=8000),
     # seconds on two CPU threads (tools/gpu-check.sh --cpu --quick)
@@ -96,8 +98,9 @@ SHAPES = {
 }
 
 
-def build_random_llama(path: Path, shape: Shape, seed: int = 0) -> dict:
-    """Write a random-weight llama GGUF; returns what was built and how long it took."""
+def build_random_llama(path: Path, shape: Shape, seed: int = 0, q8_0: bool = False) -> dict:
+    """Write a random-weight llama GGUF (matrices F16, or Q8_0: half the bytes, as laptops run
+    models); returns what was built and how long it took."""
     import gguf
 
     t0 = time.perf_counter()
@@ -126,7 +129,7 @@ def build_random_llama(path: Path, shape: Shape, seed: int = 0) -> dict:
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("random-llama-bench")
-    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0 if q8_0 else gguf.LlamaFileType.MOSTLY_F16))
     w.add_context_length(4096)
     w.add_embedding_length(E)
     w.add_block_count(shape.n_layer)
@@ -151,18 +154,28 @@ def build_random_llama(path: Path, shape: Shape, seed: int = 0) -> dict:
     largest = max(a * b for _, (a, b) in matrices)
     rng = np.random.default_rng(seed)
     # one pool, a little longer than the largest matrix: every matrix is a view at a random offset
-    pool = (rng.standard_normal(largest + 65536, dtype=np.float32) * 0.02).astype(np.float16)
+    pool = _q8_0_pool(rng, largest // 32 + 2048) if q8_0 else \
+        (rng.standard_normal(largest + 65536, dtype=np.float32) * 0.02).astype(np.float16)
     norm = np.ones(E, np.float32)
     for name, (a, b) in matrices:
-        w.add_tensor_info(name, (a, b), np.dtype(np.float16), a * b * 2)
+        if q8_0:
+            w.add_tensor_info(name, (a, b // 32 * 34), np.dtype(np.uint8), a * b // 32 * 34,
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor_info(name, (a, b), np.dtype(np.float16), a * b * 2)
     for name in norms:
         w.add_tensor_info(name, (E,), np.dtype(np.float32), E * 4)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for name, (a, b) in matrices:
-        off = int(rng.integers(0, pool.size - a * b + 1))
-        m = pool[off:off + a * b].reshape(a, b)
+        if q8_0:                 # whole blocks of 34 bytes: an f16 scale, then 32 int8 values
+            n = a * b // 32
+            off = int(rng.integers(0, pool.shape[0] - n + 1))
+            m = pool[off:off + n].reshape(a, b // 32 * 34)
+        else:
+            off = int(rng.integers(0, pool.size - a * b + 1))
+            m = pool[off:off + a * b].reshape(a, b)
         if name == "output.weight":
             m = m.copy()
             m[EOS_ID] = 0.0     # end-of-text's logit 0 sits mid-vocabulary, never in the top-k: full length
@@ -172,6 +185,14 @@ def build_random_llama(path: Path, shape: Shape, seed: int = 0) -> dict:
     w.close()
     return {"path": str(path), "shape": asdict(shape), "n_params": shape.n_params(),
             "file_mib": round(path.stat().st_size / 2**20, 1), "build_s": round(time.perf_counter() - t0, 2)}
+
+
+def _q8_0_pool(rng, n_blocks: int) -> np.ndarray:
+    """[n_blocks, 34] bytes of Q8_0 blocks whose values are about N(0, 0.02) (uniform int8 times a scale)."""
+    blocks = np.empty((n_blocks, 34), np.uint8)
+    blocks[:, :2] = np.frombuffer(np.float16(0.02 * np.sqrt(3) / 127).tobytes() * n_blocks, np.uint8).reshape(-1, 2)
+    blocks[:, 2:] = rng.integers(-127, 128, size=(n_blocks, 32), dtype=np.int8).view(np.uint8)
+    return blocks
 
 
 def _median_table(runs: dict[str, list[float]], base: str, key: str) -> dict:

@@ -370,6 +370,7 @@ def prefill_aside(ctx, sequences: Sequence[Sequence[int]], captures: Sequence[Ca
     record of `ctx` uses, then remove them: what the context keeps for reuse (a conversation's P0)
     survives. Where no such ids or no free cells remain, the context is cleared first."""
     n = len(sequences)
+    ctx.make_room(sum(len(s) for s in sequences))     # a context sized to its last call may hold fewer cells
     known = ctx.take_kv()
     free = None if known is None else _free_run(known, n, ctx.params.n_seq_max)
     if free is None:

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
 import numpy as np
@@ -254,39 +254,17 @@ class Context(Owned):
         if params.flash_attn not in FLASH_ATTN:
             raise FgdilpError(f"flash attention must be on, off or auto, not {params.flash_attn!r}")
         self.model, self.params, self.hook = model, params, hook
-        check_context(model, params.n_ctx, params.n_seq_max, params.n_threads, params.type_k, params.type_v)
-        threads = params.n_threads or (os.cpu_count() or 1)
-        c = ll.llama_context_default_params()
-        c.n_ctx = params.n_ctx
-        c.n_batch = c.n_ubatch = params.n_batch
-        c.n_seq_max = params.n_seq_max
-        c.n_outputs_max = params.n_outputs_max or params.n_seq_max
-        c.n_threads = c.n_threads_batch = threads
-        c.type_k, c.type_v = CACHE_TYPES[params.type_k], CACHE_TYPES[params.type_v]
-        c.flash_attn_type = FLASH_ATTN[params.flash_attn]
-        c.kv_unified = True
-        c.swa_full = True
-        c.no_perf = True
-        if hook is not None:
-            c.cb_eval = ll.ggml_backend_sched_eval_callback(hook.callback_address)
-            c.cb_eval_user_data = hook.handle
         from ..native import abort_callback_address
 
         self._abort = ctypes.c_int32(0)     # set from any thread by request_abort(); read in C
-        c.abort_callback = ll.ggml_abort_callback(abort_callback_address())
-        c.abort_callback_data = ctypes.addressof(self._abort)
-        _log_lines.clear()
-        self._ctx = ll.llama_init_from_model(model.ptr, c)
-        if not self._ctx:
-            detail = last_log_error()
-            raise FgdilpError("llama.cpp could not create a context" + (f": {detail}" if detail else ""))
+        self._abort_cb = abort_callback_address()
+        self._n_batch_asked = params.n_batch   # llama.cpp caps n_batch at n_ctx: a grown context takes more
+        # asked for cells beyond n_ctx (make_room): the owner's budget decides, else resize()
+        self.grow: Optional[Callable[[int], None]] = None
+        self._ctx = self._new_llama_context(params)
         self._open = True
-        self.n_ctx = ll.llama_n_ctx(self._ctx)
-        n_batch = ll.llama_n_batch(self._ctx)
-        if n_batch < params.n_batch:     # llama.cpp caps a batch at the context size: chunk to what it takes
-            self.params = params = replace(params, n_batch=n_batch)
+        self._adopt(params)
         self.n_vocab = model.info.n_vocab
-        self._mem = ll.llama_get_memory(self._ctx)
         # KV reuse across generations (engine/batch.py's Lockstep): per sequence id, the tokens at
         # positions 0.. whose cells hold reusable KV. Cells past a record's end may exist (they are
         # removed before the sequence is reused); a sequence with cells has a record. None: unknown
@@ -307,6 +285,74 @@ class Context(Owned):
     @property
     def ptr(self):
         return self._ctx
+
+    def _new_llama_context(self, params: ContextParams):
+        # refused before llama.cpp allocates (threads, cells, sequences, the KV against the memory)
+        check_context(self.model, params.n_ctx, params.n_seq_max, params.n_threads, params.type_k, params.type_v)
+        threads = params.n_threads or (os.cpu_count() or 1)
+        c = ll.llama_context_default_params()
+        c.n_ctx = params.n_ctx
+        c.n_batch = c.n_ubatch = params.n_batch
+        c.n_seq_max = params.n_seq_max
+        c.n_outputs_max = params.n_outputs_max or params.n_seq_max
+        c.n_threads = c.n_threads_batch = threads
+        c.type_k, c.type_v = CACHE_TYPES[params.type_k], CACHE_TYPES[params.type_v]
+        c.flash_attn_type = FLASH_ATTN[params.flash_attn]
+        c.kv_unified = True
+        c.swa_full = True
+        c.no_perf = True
+        if self.hook is not None:
+            c.cb_eval = ll.ggml_backend_sched_eval_callback(self.hook.callback_address)
+            c.cb_eval_user_data = self.hook.handle
+        c.abort_callback = ll.ggml_abort_callback(self._abort_cb)
+        c.abort_callback_data = ctypes.addressof(self._abort)
+        _log_lines.clear()
+        ctx = ll.llama_init_from_model(self.model.ptr, c)
+        if not ctx:
+            detail = last_log_error()
+            raise FgdilpError("llama.cpp could not create a context" + (f": {detail}" if detail else ""))
+        return ctx
+
+    def _adopt(self, params: ContextParams) -> None:
+        self.params = params
+        self.n_ctx = ll.llama_n_ctx(self._ctx)
+        n_batch = ll.llama_n_batch(self._ctx)
+        if n_batch < params.n_batch:     # llama.cpp caps a batch at the context size: chunk to what it takes
+            self.params = replace(params, n_batch=n_batch)
+        self._mem = ll.llama_get_memory(self._ctx)
+
+    def make_room(self, cells: int) -> None:
+        """At least `cells` KV cells: grown (grow(), else resize()) when it has fewer. Not during a run."""
+        if cells > self.n_ctx:
+            (self.grow or self.resize)(cells)
+
+    def resize(self, n_ctx: int) -> None:
+        """Make the llama context anew with n_ctx cells; the recorded sequences' KV moves into it
+        (llama_state_seq_*), or, where it cannot, the records are dropped (the next run prefills).
+        The hook, the captured rows and the abort flag stay."""
+        known = self.kv or {}
+        saved = {}
+        for seq in known:
+            size = ll.llama_state_seq_get_size(self._ctx, seq)
+            buf = (ctypes.c_uint8 * max(size, 1))()
+            if size and ll.llama_state_seq_get_data(self._ctx, buf, size, seq) == size:
+                saved[seq] = (buf, size)
+        moved = len(saved) == len(known)
+        ll.llama_free(self._ctx)       # first: old and new never hold their KV together
+        self._ctx = None
+        params = replace(self.params, n_ctx=n_ctx, n_batch=self._n_batch_asked)
+        try:
+            self._ctx = self._new_llama_context(params)
+        except FgdilpError:
+            self._open = False
+            raise
+        self._adopt(params)
+        for seq, (buf, size) in saved.items() if moved else ():
+            if ll.llama_state_seq_set_data(self._ctx, buf, size, seq) != size:
+                moved = False
+                break
+        if not moved:
+            self.clear()
 
     def take_kv(self) -> Optional[dict[int, list[int]]]:
         """The KV records, now marked unknown until a finished run records them again."""
