@@ -2,7 +2,7 @@
 and random-weight llama GGUFs of ~1.1B and ~3.0B parameters built here (Q8_0, tools/gpu_bench.py),
 one JSON object per shape:
 
-    python tools/memory_bench.py --work-dir /tmp/mem --out mem.json [--shapes gemma,smollm2,1b,3b]
+    python tools/memory_bench.py --work-dir DIR --out mem.json [--shapes gemma,smollm2,1b,3b]
 
 Random models have no chat template in their GGUF: they chat in ChatML (its markers as plain
 text). Extra flags after `--` go to every `bench` run (e.g. -- --contrast reply).
