@@ -98,6 +98,24 @@ SHAPES = {
 }
 
 
+def greedy_step_seconds(ctx, batch, prompt: list[int], n: int) -> float:
+    """Prefill `prompt` in `ctx`, then n timed greedy steps of one row: seconds per step (a planned
+    hook that misses a layer raises in decode). Shared with tools/rpc_bench.py."""
+    ctx.clear()
+    batch.clear()
+    for i, tok in enumerate(prompt):
+        batch.add(tok, i, 0, i == len(prompt) - 1)
+    ctx.decode(batch)
+    tok, pos = int(np.argmax(ctx.logits(batch.n - 1))), len(prompt)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        batch.clear()
+        batch.add(tok, pos, 0, True)
+        ctx.decode(batch)
+        tok, pos = int(np.argmax(ctx.logits(0))), pos + 1
+    return (time.perf_counter() - t0) / n
+
+
 def build_random_llama(path: Path, shape: Shape, seed: int = 0, q8_0: bool = False) -> dict:
     """Write a random-weight llama GGUF (matrices F16, or Q8_0: half the bytes, as laptops run
     models); returns what was built and how long it took."""
@@ -226,21 +244,7 @@ def bench_hook(path: Path, ngl: int, threads: int, n_tokens: int, repeats: int) 
         batch = stack.enter_context(Batch(params.n_batch))
 
         def run(name: str, n: int) -> float:
-            """Prefill, then n timed greedy steps; a planned hook that misses a layer raises in decode."""
-            ctx = contexts[name]
-            ctx.clear()
-            batch.clear()
-            for i, tok in enumerate(prompt):
-                batch.add(tok, i, 0, i == len(prompt) - 1)
-            ctx.decode(batch)
-            tok, pos = int(np.argmax(ctx.logits(batch.n - 1))), len(prompt)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                batch.clear()
-                batch.add(tok, pos, 0, True)
-                ctx.decode(batch)
-                tok, pos = int(np.argmax(ctx.logits(0))), pos + 1
-            return n / (time.perf_counter() - t0)
+            return 1.0 / greedy_step_seconds(contexts[name], batch, prompt, n)
 
         for name in HOOK_VARIANTS:      # warm-up: allocations, and CUDA graphs need two runs
             for _ in range(2 if ngl > 0 else 1):

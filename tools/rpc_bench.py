@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # tools/: gpu_bench's step timing
+from gpu_bench import greedy_step_seconds  # noqa: E402
+
 PROMPT = "The ill-fated tale of Phoneys, the stupid"
 METHODS = ("none", "fgdilp-universal", "tr")
 
@@ -64,20 +67,7 @@ def bench_hook(model: str, rpc: str | None, threads: int, n_tokens: int, repeats
         batch = stack.enter_context(Batch(params.n_batch))
 
         def run(name: str, n: int) -> float:
-            ctx = contexts[name]
-            ctx.clear()
-            batch.clear()
-            for i, tok in enumerate(prompt):
-                batch.add(tok, i, 0, i == len(prompt) - 1)
-            ctx.decode(batch)
-            tok, pos = int(np.argmax(ctx.logits(batch.n - 1))), len(prompt)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                batch.clear()
-                batch.add(tok, pos, 0, True)
-                ctx.decode(batch)
-                tok, pos = int(np.argmax(ctx.logits(0))), pos + 1
-            return (time.perf_counter() - t0) / n
+            return greedy_step_seconds(contexts[name], batch, prompt, n)
 
         for name in contexts:
             run(name, 2)
