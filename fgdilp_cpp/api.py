@@ -28,7 +28,9 @@ from .engine import Model
 from .generation import GenResult, identity_of, open_generator, probe_kqv_out
 from .method.vectors import HeadDirections
 from .models import resolve_model
-from .profiles import Profile, apply_profile, find_profile, find_universal, model_identity
+from .profiles import (DamagedProfile, Profile, apply_profile, fast_setup_intact, find_profile, find_universal,
+                       is_fast, model_identity)
+from .safe_defaults import HOW_TO_PROFILE, is_safe_defaults, safe_profile, with_safe_entries
 from .settings import Settings, default_sources, fit_ctx_size
 from .stream import Stream
 
@@ -50,39 +52,60 @@ class Detoxifier:
 
     def __init__(self, settings: Settings, vectors_path: Optional[str] = None, chat: bool = False, *,
                  max_samples: int = 1, max_new: int = 256, reuse_instances: bool = False,
-                 sources: Optional[dict[str, str]] = None, profile: Union[Profile, bool, None] = None):
+                 sources: Optional[dict[str, str]] = None, profile: Union[Profile, bool, None] = None,
+                 setup_progress=None, auto_setup: bool = True):
         """max_samples: continuations of one prompt generated together (generate(n_samples=...));
         max_new: KV room per extra sample; reuse_instances: keep the last prompt's FGDILP setup, so
         that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation).
         sources: where each setting came from ("flag", "env", "config", "api", "default",
         "chat default"); a field not named counts as the caller's when it differs from the default.
         profile: the model profile to apply to the settings left at their defaults: None looks the
-        model's up (unless settings.profile is False), False applies none, or a Profile."""
+        model's up (unless settings.profile is False), False applies none, or a Profile. A model
+        with no profile gets one from the fast setup first when settings.auto_setup (setup_progress:
+        called (stage, done, total) meanwhile; setup_result then holds what it chose), else the
+        measured-safe defaults (safe_defaults.py; `profile_note` says so). auto_setup=False: never
+        start the setup here, whatever the settings say (info, eval and bench use the model as found)."""
         if settings.model is None and chat:
             from .evaluation.assets import smollm2_path
 
             settings = settings.updated({"model": str(smollm2_path())})
         sources = {**default_sources(settings, chat), **(sources or {})}
         model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers, rpc=settings.rpc)
+        self.model = model
+        self.setup_result = None
+        self.notices: list[str] = []     # what a front end shows the user once (stderr, /settings)
+        opened = (settings, sources, chat, vectors_path, max_samples, max_new)
         try:
-            self.profile, self.profile_path = self._find_profile(model, settings, profile)
-            values, sources = apply_profile(dict(vars(settings)), sources, self.profile)
-            settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
-            settings = fit_ctx_size(settings, model.info.n_ctx_train, sources.get("ctx_size", "default"))
-            self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
-            if chat and settings.steer_layer_range is None:
-                # no profile for this model: steer the later half of the layers (docs/results/runs-01-03-early.md, run 3)
-                n = model.info.n_layer
-                self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
-                settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
-                sources["steer_layer_range"] = "chat default"
-            self._gen = open_generator(model, settings, vectors_path, max_samples=max_samples, max_new=max_new)
+            self._open(*opened, profile)
+            if (self.profile is None or is_safe_defaults(self.profile)) and profile is None \
+                    and settings.profile and settings.auto_setup and auto_setup and vectors_path is None:
+                from .autosetup.setup import fast_setup
+
+                self.setup_result = fast_setup(self, setup_progress, made_by="fgdilp-cpp (first use of the model)")
+                self.setup_result.install()
+                self._gen.close()
+                self._open(*opened, None)
         except BaseException:
+            gen = getattr(self, "_gen", None)
+            if gen is not None:
+                gen.close()
             model.close()
             raise
-        self.model = model
         self._vectors_path, self._vectors_sha256 = vectors_path, None
         self._gen.reuse_instances = reuse_instances
+
+    def _open(self, settings: Settings, sources: dict[str, str], chat: bool, vectors_path: Optional[str],
+              max_samples: int, max_new: int, profile: Union[Profile, bool, None]) -> None:
+        """Find and apply the profile, then open the Generator with the settings it gives."""
+        model = self.model
+        self.profile, self.profile_path = self._find_profile(model, settings, profile)
+        if self.profile is None and profile is None and settings.profile:
+            self.profile = safe_profile(model_identity(model), model.info.n_layer)
+        values, sources = apply_profile(dict(vars(settings)), sources, self.profile)
+        settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
+        settings = fit_ctx_size(settings, model.info.n_ctx_train, sources.get("ctx_size", "default"))
+        self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
+        self._gen = open_generator(model, settings, vectors_path, max_samples=max_samples, max_new=max_new)
         if self.profile is not None:        # --diagnoser auto decides by the profile's measured AUCs
             self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
             self._gen.rt.scorer_auc = self.profile.diagnosis.get("scorer_auc")
@@ -90,15 +113,35 @@ class Detoxifier:
         self._markers: Optional[tuple[str, ...]] = None      # the template's own control-token texts
         self.settings, self.sources = settings, sources
 
-    @staticmethod
-    def _find_profile(model, settings: Settings, profile) -> tuple[Optional[Profile], Optional[str]]:
+    @property
+    def profile_note(self) -> Optional[str]:
+        """One line for a model whose settings nobody measured (None when a profile applies)."""
+        if is_safe_defaults(self.profile):
+            return (f"no measured profile for this model: running the measured-safe defaults (the last sixth "
+                    f"of the layers at a modest strength); {HOW_TO_PROFILE}")
+        if self.profile is None and not self.settings.profile:
+            return "no profile applied (--no-profile): the built-in defaults, which were never measured for this model"
+        return None
+
+    def _find_profile(self, model, settings: Settings, profile) -> tuple[Optional[Profile], Optional[str]]:
         if isinstance(profile, Profile):
             if not profile.matches(model_identity(model)):
                 raise FgdilpError("this profile was made for another model (its weights differ)")
             return profile, None
         if profile is False or (profile is None and not settings.profile):
             return None, None
-        found, path = find_profile(model_identity(model))
+        try:
+            found, path = find_profile(model_identity(model))
+        except DamagedProfile as exc:
+            if not settings.auto_setup:
+                raise
+            # the fast setup makes it again; the damaged file is kept aside, never applied
+            exc.path.replace(exc.path.with_name(exc.path.name + ".damaged"))
+            self.notices.append(f"{exc}; kept as {exc.path.name}.damaged, and a new profile made")
+            return None, None
+        if found is not None and is_fast(found):
+            found = with_safe_entries(found, model.info.n_layer) if fast_setup_intact(found, path) else None
+            path = None if found is None else path
         return found, None if path is None else str(path)
 
     @classmethod
@@ -253,6 +296,8 @@ class Detoxifier:
         if probe:
             out["kqv_out_layers"] = probe_kqv_out(self.model, self.settings.threads)
         out["profile"] = self.profile_path if self.profile is not None else None
+        out["profile_kind"] = (None if self.profile is None else self.profile.setup.get("kind") or "calibrated")
+        out["profile_note"] = self.profile_note
         found = find_universal(self.model.fingerprint()["weights_sha256"])
         out["universal"] = None if found is None else str(found)      # method fgdilp-universal's directions
         out["universal_source"] = None if found is None else HeadDirections.load(found).method

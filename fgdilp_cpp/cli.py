@@ -41,7 +41,7 @@ def generate(prompt, prompts_file, vectors_path, explain, as_json, **kw):
     """Continue PROMPT (or every line of FILE), steered with METHOD."""
     prompts = _prompts(prompt, prompts_file)
     s = with_vectors(_settings(kw), vectors_path)
-    with _detoxifier(s, vectors_path) as det:
+    with _detoxifier(s, vectors_path, setup=True) as det:
         for text in prompts:
             if as_json:
                 res = det.generate(text, explain=explain)
@@ -102,7 +102,7 @@ def compare(prompt, methods, as_json, **kw):
     """Continue PROMPT with each method, same seed, one after the other."""
     names = method_list(methods)
     s = _settings(kw, n_predict=40)
-    with _detoxifier(s) as det:
+    with _detoxifier(s, setup=True) as det:
         if as_json:
             out = {"model": det.model.info.path, "prompt": prompt, "seed": s.seed, "methods": []}
             for m in names:
@@ -149,7 +149,9 @@ def info(as_json, **kw):
         ("kqv_out hook", f"yes, fired on {fired} of {n} layers" if fired == n
          else f"NO (fired on {fired} of {n} layers): this model cannot be steered"),
     ]
-    rows.append(("profile", i["profile"] or "none (fgdilp-cpp calibrate makes one)"))
+    kind = i["profile_kind"]
+    rows.append(("profile", f"{i['profile']} ({kind})" if i["profile"] else
+                 f"none: {i['profile_note'] or 'fgdilp-cpp calibrate --fast MODEL makes one'}"))
     rows.append(("universal", f"{i['universal']} ({i['universal_source']})" if i["universal"]
                  else "none (fgdilp-cpp vectors build --prompts SET --install)"))
     w = max(len(k) for k, _ in rows)

@@ -23,6 +23,10 @@ from .errors import FgdilpError
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="Replace or add a grid axis (default: steer-scale 0.25,0.5,1 x two late layer ranges: the last third and sixth).")
 @click.option("--quick", is_flag=True, help="A small grid on few prompts (about 5 minutes for gemma-3-270m).")
+@click.option("--fast", is_flag=True,
+              help="The fast setup instead: universal directions from labelled text and a layer range and strength "
+                   "chosen by teacher-forced scores, no sampling (what a model without a profile gets on first "
+                   "use; docs/method.md §7.7). Takes -o, --chat, -t; the grid options do not apply.")
 @click.option("--cal-prompts", type=click.IntRange(2), default=None, help="Calibration prompts (default 24; quick 8).")
 @click.option("--test-prompts", type=click.IntRange(2), default=None, help="Confirmation prompts (default 32; quick 12).")
 @click.option("--benign-prompts", type=click.IntRange(2), default=None, help="Benign prompts (default 12; quick 8).")
@@ -52,7 +56,7 @@ from .errors import FgdilpError
 @click.option("--no-progress", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_prompts, test_prompts,
+def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, fast, cal_prompts, test_prompts,
               benign_prompts, cal_samples, test_samples, n_predict, ppl_budget, benign_budget, out_dir, profile_out,
               tox_judges, as_chat, ablations, ablate_methods, merge, no_progress, as_json, **kw):
     """Measure per method the steering setting with the least toxicity within the fluency budgets,
@@ -73,6 +77,8 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, cal_
             raise FgdilpError("give the model once: as MODEL or with -m")
         kw["model"] = model_arg
         click.get_current_context().set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
+    if fast:
+        return _fast(kw, profile_out, as_chat, no_progress, as_json)
     axes = dict(parse_sweep(spec) for spec in sweeps)
     ablate = parse_ablations(ablations)
     ablated = method_list(ablate_methods) if ablate_methods else None
@@ -150,3 +156,24 @@ def _d(x) -> str:
 def _r(x) -> str:
     """A ratio or an AUC."""
     return "-" if x is None else f"{x:.3f}"
+
+
+def _fast(kw: dict, profile_out, as_chat: bool, no_progress: bool, as_json: bool) -> None:
+    """calibrate --fast: the fast setup, installed as the model's profile (or written to -o)."""
+    from pathlib import Path
+
+    from .api import Detoxifier
+    from .autosetup.setup import fast_setup
+    from .cli_options import SetupBar
+
+    s = _settings(kw)
+    with Detoxifier(s, sources=sources(), profile=False, auto_setup=False) as det:
+        click.echo(f"fast setup of {det.name} ...", err=True)
+        result = fast_setup(det, None if no_progress else SetupBar(), chat=True if as_chat else None,
+                            made_by="fgdilp-cpp calibrate --fast" + (" --chat" if as_chat else ""))
+    ppath, vpath = result.install(Path(profile_out) if profile_out else None)
+    if as_json:
+        click.echo(json.dumps({"profile": str(ppath), "universal": str(vpath), **result.profile.setup}))
+        return
+    click.echo(result.summary(), err=True)
+    click.echo(f"profile written to {ppath} (directions: {vpath.name})")

@@ -7,7 +7,7 @@ import sys
 import click
 
 from .chat import CHAT_DEFAULTS
-from .cli_options import (MethodChoice, _settings, friendly_errors, model_options, sampling_options, sources,
+from .cli_options import (MethodChoice, SetupBar, _settings, announce, friendly_errors, model_options, sampling_options, sources,
                           steer_options, with_vectors)
 from .errors import FgdilpError
 
@@ -41,7 +41,9 @@ def _open_chat(kw: dict, model_arg=None, **defaults):
         src = click.get_current_context()
         src.set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
     s = with_vectors(_settings(kw, default_source="chat default", **{**CHAT_DEFAULTS, **defaults}), vectors_path)
-    return s, Detoxifier(s, vectors_path, chat=True, sources=sources())
+    det = Detoxifier(s, vectors_path, chat=True, sources=sources(), setup_progress=SetupBar())
+    announce(det)
+    return s, det
 
 
 @click.command()

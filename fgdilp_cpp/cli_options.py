@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Callable
 
 import click
@@ -163,6 +164,9 @@ model_options = _options(
                              "weights).")),
     click.option("--profile/--no-profile", "profile", default=True, show_default=True,
                  help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
+    click.option("--auto-setup/--no-auto-setup", "auto_setup", default=True, show_default=True,
+                 help="A model without a profile gets one first from the fast setup (about a minute on a small "
+                      "model; `calibrate --fast`); off: the measured-safe defaults, unprofiled."),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log (also FGDILP_VERBOSE=1)."),
 )
 
@@ -248,11 +252,50 @@ def _settings(kw: dict, default_source: str = "default", **defaults):
     return Settings().updated(defaults).updated(config).updated(env).updated(given)
 
 
-def _detoxifier(s, vectors_path=None, **kw):
-    """The command's Detoxifier, with where each setting came from (sources())."""
+def _detoxifier(s, vectors_path=None, setup: bool = False, **kw):
+    """The command's Detoxifier, with where each setting came from (sources()). setup: the command
+    uses the model for its own sake (generate, compare, chat, serve): a model without a profile gets
+    one from the fast setup first (unless --no-auto-setup), with a progress bar, and the user is
+    told once what runs; other commands (info, eval, bench, ...) never start a setup."""
     from .api import Detoxifier
 
-    return Detoxifier(s, vectors_path, sources=sources(), **kw)
+    if not setup:
+        return Detoxifier(s, vectors_path, sources=sources(), auto_setup=False, **kw)
+    det = Detoxifier(s, vectors_path, sources=sources(), setup_progress=SetupBar(), **kw)
+    announce(det)
+    return det
+
+
+class SetupBar:
+    """The fast setup's progress on stderr: one bar per stage, redrawn in place on a terminal, one
+    line per finished stage otherwise."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.monotonic()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if done == 1 and stage == "directions":
+            print("no profile for this model: the fast setup makes one (once; --no-auto-setup skips it)",
+                  file=self.stream)
+        if not self.tty and done < total:
+            return
+        width = 24
+        fill = int(width * done / max(total, 1))
+        line = (f"fast setup {stage:<10} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} "
+                f"{time.monotonic() - self.t0:5.0f} s")
+        print(("\r" + line) if self.tty else line, end="\n" if done >= total else "", file=self.stream, flush=True)
+
+
+def announce(det) -> None:
+    """Tell the user once, on stderr, what the model runs at when nobody measured it for them."""
+    for note in det.notices:
+        click.echo(f"note: {note}", err=True)
+    if det.setup_result is not None:
+        click.echo(det.setup_result.summary(), err=True)
+    if det.profile_note:
+        click.echo(f"note: {det.profile_note}", err=True)
 
 
 def every_method(s) -> list[str]:

@@ -55,6 +55,7 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 UNSTEERED = "none"                    # the baseline entry: ratios and deltas are taken against it
+UNIVERSAL = "fgdilp-universal"        # the model's installed directions (what the fast setup profiles)
 
 
 def register(method: Method, replace: bool = False) -> Method:
@@ -131,7 +132,7 @@ register(Method("random", "control: the TR edit with random directions of the sa
 # the model's installed universal directions (vectors build --prompts SET --install: FGDILP's instances,
 # TR's prefixes or labelled text, averaged), found by its fingerprint beside its profile
 # (profiles.find_universal); the name is kept from when FGDILP's were the only kind
-register(Method("fgdilp-universal", "universal: the model's installed directions, averaged over many prompts "
+register(Method(UNIVERSAL, "universal: the model's installed directions, averaged over many prompts "
                 "(FGDILP instances, TR prefixes) or labelled texts; no per-prompt setup", plan="plans:plan_universal",
                 hook=True, heads=True, universal=True))
 register(Method("vectors", "saved head directions (HeadDirections), applied as a fixed direction",

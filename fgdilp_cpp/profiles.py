@@ -10,6 +10,7 @@ Precedence of a setting: flag > FGDILP_* environment > --config file > profile >
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .files import write_atomic
 from .settings import Settings, toml_key
 
 FORMAT = "fgdilp-profile"
+FAST_SETUP = "fast-setup"          # Profile.setup["kind"] of a profile the fast setup made (autosetup)
 VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 UNIVERSAL_SUFFIX = ".universal.gguf"   # a model's universal directions beside its profile (find_universal)
@@ -70,6 +72,7 @@ class Profile:
     diagnosis: dict = field(default_factory=dict)   # {"self_auc": x, "scorer_auc": x}
     made_by: str = ""                 # the command that wrote it
     created: str = ""
+    setup: dict = field(default_factory=dict)       # the fast setup's record (kind "fast-setup"); {} for calibrate
 
     def settings_for(self, method: str) -> dict[str, Any]:
         """The profile's values for `method` (Settings field names), without "method"."""
@@ -83,7 +86,7 @@ class Profile:
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
                 "methods": self.methods, "budgets": self.budgets, "diagnosis": self.diagnosis,
-                "made_by": self.made_by, "created": self.created}
+                "made_by": self.made_by, "created": self.created, **({"setup": self.setup} if self.setup else {})}
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -114,7 +117,8 @@ class Profile:
         if method is not None and method not in methods:
             raise FgdilpError(f"{where}: its method {method!r} has no entry")
         return cls(model, method, methods, data.get("budgets") or {}, data.get("diagnosis") or {},
-                   str(data.get("made_by") or ""), str(data.get("created") or ""))
+                   str(data.get("made_by") or ""), str(data.get("created") or ""),
+                   data.get("setup") if isinstance(data.get("setup"), dict) else {})
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
@@ -126,6 +130,35 @@ class Profile:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FgdilpError(f"cannot read profile {p}: {exc}") from None
         return cls.from_json(data, str(p))
+
+
+class DamagedProfile(FgdilpError):
+    """The profile file named for this model cannot be read."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
+
+def is_fast(profile: Optional[Profile]) -> bool:
+    """The profile was made by the fast setup (not by calibrate)."""
+    return profile is not None and profile.setup.get("kind") == FAST_SETUP
+
+
+def fast_setup_intact(profile: Profile, path: Optional[Path | str]) -> bool:
+    """A fast-setup profile applies only with the directions it chose its point for: the file beside
+    it, with the sha256 it recorded (a missing or changed file means the profile is made again)."""
+    from . import methods
+
+    entry = profile.methods.get(methods.UNIVERSAL) or {}
+    want = entry.get("universal_sha256")
+    if path is None or not isinstance(want, str):
+        return False
+    vpath = universal_path_for(profile.model["weights_sha256"], Path(path).parent)
+    try:
+        return hashlib.sha256(vpath.read_bytes()).hexdigest() == want
+    except OSError:
+        return False
 
 
 def model_identity(model) -> dict[str, str]:
@@ -157,7 +190,7 @@ def find_profile(identity: Mapping[str, str], folders: Optional[list[Path]] = No
                 data = json.loads(p.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 if p == named:
-                    raise FgdilpError(f"cannot read profile {p}: {exc} (remove it or run calibrate again)") from None
+                    raise DamagedProfile(f"cannot read profile {p}: {exc} (remove it or run calibrate again)", p) from None
                 continue
             if not isinstance(data, dict) or (data.get("model") or {}).get("weights_sha256") != identity["weights_sha256"]:
                 continue

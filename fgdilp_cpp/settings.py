@@ -61,6 +61,7 @@ class Settings:
     cache_type_v: str = "f16"
     flash_attn: str = "auto"
     profile: bool = True                     # apply the model's calibrated profile (--no-profile: off)
+    auto_setup: bool = True                  # no profile: make one with the fast setup first (autosetup)
     rpc: Optional[str] = None                # llama.cpp RPC servers "HOST:PORT,..." holding the layers (docs/rpc.md)
     # chat and serve
     chat_template: Optional[str] = None      # a llama.cpp built-in name or template text; None = the GGUF's

@@ -45,9 +45,10 @@ def criterion_texts(per_class: int) -> tuple[list[Pair], list[Pair], list[Pair]]
     return toxic, clean, benign
 
 
-def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Progress] = None) -> HeadDirections:
+def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Progress] = None,
+                     chat: bool = False) -> HeadDirections:
     """The model's universal directions from labelled text (Detoxifier.build_data_vectors) on the
-    direction records alone."""
+    direction records alone. chat: the prompts that give each head its length are user messages."""
     from ..evaluation.prompts import load_prompts
     from ..universal import labelled_records
 
@@ -55,40 +56,54 @@ def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Pro
     records, labels, how = labelled_records(pool, per_class)
     report = None if progress is None else (lambda i, n: progress("directions", i, n))
     return det.build_data_vectors([r.text for r in pool[:n_prompts]], [r.continuation for r in records],
-                                  list(labels), report,
+                                  list(labels), report, chat=chat,
                                   labels={**how, "prompts": "rtp-toxic", "offset": DIRECTION_OFFSET,
                                           "end": CRITERION_OFFSET})
+
+
+class PointScorer:
+    """Scores steering points of one direction file on fixed texts against the random control of
+    the same per-head norms; the unsteered pass is made once and kept. tokens: all decoded so far."""
+
+    def __init__(self, judge: SteeredNLL, hd: HeadDirections, toxic: Sequence[Pair], clean: Sequence[Pair],
+                 benign: Sequence[Pair]):
+        self.judge, self.n = judge, hd.n_layer
+        self.rows = hd.steering_rows()
+        self.e = None if hd.e is None else hd.e.reshape(self.n, -1)
+        self.rnd = random_heads(hd.directions, RANDOM_SEED).reshape(self.n, -1)
+        self.pairs = list(toxic) + list(clean) + list(benign)
+        self.cut = (len(toxic), len(toxic) + len(clean))
+        items = [judge.item(p, c) for p, c in self.pairs]
+        self.tokens_per_pass = sum(len(it.tokens) - 1 for it in items if it is not None)
+        judge.set_direction(None)
+        self.base = judge.mean_nll(self.pairs)
+        self.tokens = self.tokens_per_pass
+
+    def _shifts(self, nll: np.ndarray) -> tuple[float, float, float]:
+        d, (a, b) = nll - self.base, self.cut
+        return float(np.nanmean(d[:a])), float(np.nanmean(d[a:b])), float(np.nanmean(d[b:]))
+
+    def score(self, layer_range: tuple[int, int], scale: float) -> PointScores:
+        """One point: two passes (the direction, the random control)."""
+        mask = [scale if layer_range[0] <= il <= layer_range[1] else 0.0 for il in range(self.n)]
+        self.judge.set_direction(self.rows, self.e, mask)
+        real = self._shifts(self.judge.mean_nll(self.pairs))
+        self.judge.set_direction(self.rnd, self.e, mask)
+        control = self._shifts(self.judge.mean_nll(self.pairs))
+        self.judge.set_direction(None)
+        self.tokens += 2 * self.tokens_per_pass
+        return PointScores((int(layer_range[0]), int(layer_range[1])), float(scale), *real, *control)
 
 
 def score_points(judge: SteeredNLL, hd: HeadDirections, ranges: Sequence[tuple[int, int]],
                  scales: Sequence[float], toxic: Sequence[Pair], clean: Sequence[Pair], benign: Sequence[Pair],
                  progress: Optional[Progress] = None) -> tuple[list[PointScores], int]:
     """Every (range, scale) point's PointScores, and the tokens decoded in all (every pass)."""
-    n = hd.n_layer
-    rows = hd.steering_rows()
-    e = None if hd.e is None else hd.e.reshape(n, -1)
-    rnd = random_heads(hd.directions, RANDOM_SEED).reshape(n, -1)
-    pairs = list(toxic) + list(clean) + list(benign)
-    cut = (len(toxic), len(toxic) + len(clean))
-    items = [judge.item(p, c) for p, c in pairs]
-    tokens_per_pass = sum(len(it.tokens) - 1 for it in items if it is not None)
-    judge.set_direction(None)
-    base = judge.mean_nll(pairs)
-
-    def shifts(nll: np.ndarray) -> tuple[float, float, float]:
-        d = nll - base
-        return float(np.nanmean(d[:cut[0]])), float(np.nanmean(d[cut[0]:cut[1]])), float(np.nanmean(d[cut[1]:]))
-
+    scorer = PointScorer(judge, hd, toxic, clean, benign)
     todo = [(r, s) for r in ranges for s in scales]
     out = []
     for k, (r, s) in enumerate(todo):
-        mask = [s if r[0] <= il <= r[1] else 0.0 for il in range(n)]
-        judge.set_direction(rows, e, mask)
-        real = shifts(judge.mean_nll(pairs))
-        judge.set_direction(rnd, e, mask)
-        control = shifts(judge.mean_nll(pairs))
-        out.append(PointScores((int(r[0]), int(r[1])), float(s), *real, *control))
+        out.append(scorer.score(r, s))
         if progress is not None:
             progress("points", k + 1, len(todo))
-    judge.set_direction(None)
-    return out, tokens_per_pass * (1 + 2 * len(todo))
+    return out, scorer.tokens

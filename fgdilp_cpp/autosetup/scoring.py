@@ -91,6 +91,9 @@ class SteeredNLL(PerplexityJudge):
         lse = m[:, 0] + np.log(np.exp(x - m, dtype=np.float32).sum(axis=1, dtype=np.float64))
         return list((lse - x[np.arange(len(rows)), [t for _, t in rows]]).astype(np.float64))
 
+    def __enter__(self) -> "SteeredNLL":
+        return self
+
     def _live_hook(self) -> NativeHook:
         if self._hook is None:
             raise FgdilpError("the scorer is closed")

@@ -71,6 +71,8 @@ class PerplexityJudge:
             self.close()
             raise
         self.name = self.model.meta("general.name") or os.path.basename(self.model.info.path)
+        # prompts hold a chat template's control tokens (a user message formatted for the model)
+        self.special_prompts = False
 
     def _adds_space_prefix(self) -> bool:
         """True when the tokenizer puts a space before the first word of any text (SentencePiece's
@@ -88,7 +90,7 @@ class PerplexityJudge:
         cont = self.model.tokenize(continuation, add_bos=False) if continuation else []
         if not cont:
             return None
-        head = self.model.tokenize(prompt, add_bos=True) if prompt else []
+        head = self.model.tokenize(prompt, add_bos=True, special=self.special_prompts) if prompt else []
         if not head:                       # nothing conditions the first token: start from BOS if any
             bos = self.model.bos
             if bos >= 0:
