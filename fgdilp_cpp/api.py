@@ -77,8 +77,7 @@ class Detoxifier:
         opened = (settings, sources, chat, vectors_path, max_samples, max_new)
         try:
             self._open(*opened, profile)
-            if (self.profile is None or is_safe_defaults(self.profile)) and profile is None \
-                    and settings.profile and settings.auto_setup and auto_setup and vectors_path is None:
+            if auto_setup and vectors_path is None and self._wants_setup(settings, profile):
                 from .autosetup.setup import fast_setup
 
                 self.setup_result = fast_setup(self, setup_progress, made_by="fgdilp-cpp (first use of the model)")
@@ -100,7 +99,7 @@ class Detoxifier:
         model = self.model
         self.profile, self.profile_path = self._find_profile(model, settings, profile)
         if self.profile is None and profile is None and settings.profile:
-            self.profile = safe_profile(model_identity(model), model.info.n_layer)
+            self.profile = self._stand_in(model)
         values, sources = apply_profile(dict(vars(settings)), sources, self.profile)
         settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
         settings = fit_ctx_size(settings, model.info.n_ctx_train, sources.get("ctx_size", "default"))
@@ -112,6 +111,16 @@ class Detoxifier:
         self._template: Optional[ChatTemplate] = None
         self._markers: Optional[tuple[str, ...]] = None      # the template's own control-token texts
         self.settings, self.sources = settings, sources
+
+    def _wants_setup(self, settings: Settings, profile: Union[Profile, bool, None]) -> bool:
+        """The model has no profile of its own, lookups are on and the settings allow the fast setup."""
+        return ((self.profile is None or is_safe_defaults(self.profile)) and profile is None
+                and settings.profile and settings.auto_setup)
+
+    @staticmethod
+    def _stand_in(model) -> Optional[Profile]:
+        """What a model without a profile runs: the measured-safe defaults (safe_defaults.py)."""
+        return safe_profile(model_identity(model), model.info.n_layer)
 
     @property
     def profile_note(self) -> Optional[str]:

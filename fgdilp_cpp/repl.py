@@ -266,7 +266,11 @@ def show_settings(session: Session) -> None:
     defaults = det.chat_defaults
     print(f"model          {det.model.info.path}")
     print(f"chat template  {det.template.name}")
-    print(f"profile file   {det.profile_path or ('none' if det.profile is None else 'given')}")
+    kind = None if det.profile is None else det.profile.setup.get("kind") or "calibrated"
+    print(f"profile file   {det.profile_path or ('none' if det.profile is None else 'given')}"
+          + (f" ({kind})" if kind else ""))
+    if det.profile_note:
+        print(f"               {det.profile_note}")
     for k, v in s.items():
         if k in ("model", "chat_template"):
             continue

@@ -18,6 +18,7 @@ from fgdilp_cpp.profiles import FAST_SETUP, Profile, is_fast
 from fgdilp_cpp.safe_defaults import is_safe_defaults, last_sixth
 
 FAST = dict(threads=1, ctx_size=256)
+pytestmark = pytest.mark.unprofiled
 
 
 def _quad(r, s, toxic, clean, benign, rtoxic, rclean, rbenign):
