@@ -255,19 +255,19 @@ def reply(session: Session, text: str, out=sys.stdout) -> bool:
 
 
 def show_settings(session: Session) -> None:
-    """Each setting, * where it is an interactive default of chat, and where its value came from
-    (flag, env, config, profile, default, ...)."""
+    """Each setting as the next reply runs it (after /method X: X's, its profile entry included), *
+    where it is an interactive default of chat, and where its value came from (flag, env, config,
+    profile, default, ...)."""
     det = session.det
-    s = dataclasses.asdict(det.settings)
-    s["method"] = session.method
-    sources = dict(det.sources)
-    if session.method != det.settings.method:
+    switched = session.method != det.settings.method
+    settings, sources = det.call_settings({"method": session.method} if switched else {})
+    if switched:
         sources["method"] = "/method"
     defaults = det.chat_defaults
     print(f"model          {det.model.info.path}")
     print(f"chat template  {det.template.name}")
     print(f"profile file   {det.profile_path or ('none' if det.profile is None else 'given')}")
-    for k, v in s.items():
+    for k, v in dataclasses.asdict(settings).items():
         if k in ("model", "chat_template"):
             continue
         mark = "*" if k in defaults and v == defaults[k] else " "
