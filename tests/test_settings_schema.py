@@ -4,6 +4,7 @@ read from it, a new setting needs nothing else to reach every source and view, a
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -94,8 +95,8 @@ def test_adding_a_setting_is_one_declaration(tmp_path, tiny_llama):
     settings_py.write_text(text.replace(marker, TOY + marker), encoding="utf-8")
     script = tmp_path / "toy_checks.py"
     script.write_text(TOY_CHECKS, encoding="utf-8")
-    env = {"PYTHONPATH": str(copy.parent), "FGDILP_NATIVE_LIB": load_library()._name, "HOME": str(tmp_path),
-           "XDG_DATA_HOME": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "PYTHONPATH": str(copy.parent), "FGDILP_NATIVE_LIB": load_library()._name,
+           "XDG_DATA_HOME": str(tmp_path / "data")}
     proc = subprocess.run([sys.executable, str(script), str(copy), str(tiny_llama[0]), str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
