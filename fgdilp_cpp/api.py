@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
@@ -28,23 +28,14 @@ from .engine import Model
 from .generation import GenResult, identity_of, open_generator, probe_kqv_out
 from .method.vectors import HeadDirections
 from .models import resolve_model
-from .profiles import (DamagedProfile, Profile, apply_profile, fast_setup_intact, find_profile, find_universal,
-                       is_fast, model_identity)
+from .profiles import DamagedProfile, Profile, fast_setup_intact, find_profile, find_universal, is_fast, model_identity
 from .safe_defaults import HOW_TO_PROFILE, is_safe_defaults, safe_profile, with_safe_entries
-from .settings import Settings, default_sources, fit_ctx_size
+from .settings import CHAT, PER_CALL, Settings, fit_ctx_size, layers_of, resolve
 from .stream import Stream
 
-# settings that may change per call (the rest shape the contexts: make another Detoxifier)
-PER_CALL = frozenset({"method", "n_predict", "seed", "temp", "top_k", "top_p", "min_p", "steer_scale",
-                      "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n",  # penalties
-                      "grammar",                                                 # GBNF the reply follows
-                      "steer_layer_range", "exp_norm", "exp_sim", "renorm",      # the hook's exponents (set_steer)
-                      "edit", "gate",                                            # the edit rule (set_steer)
-                      "contrast",                                                # what P+ / P-_j hold
-                      "condition",                                               # which prompts are steered
-                      "mask_k", "fusion", "sign_election", "fused_norm",         # FGDILP's fusion (set_fgdilp)
-                      "diagnoser",                                               # who ranks its samples
-                      "instance_reuse"})                                         # chat: the instance per reply or conversation
+# settings that may change per call (the rest shape the contexts: make another Detoxifier);
+# declared with each field of settings.Settings
+__all__ = ["PER_CALL", "Detoxifier"]
 
 
 class Detoxifier:
@@ -69,12 +60,14 @@ class Detoxifier:
             from .evaluation.assets import smollm2_path
 
             settings = settings.updated({"model": str(smollm2_path())})
-        sources = {**default_sources(settings, chat), **(sources or {})}
+        self._command = CHAT if chat else ""
+        # the settings as given, by source (resolve() adds the profile; a per-call method resolves again)
+        self._layers = layers_of(settings, sources, self._command)
         model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers, rpc=settings.rpc)
         self.model = model
         self.setup_result = None
         self.notices: list[str] = []     # what a front end shows the user once (stderr, /settings)
-        opened = (settings, sources, chat, vectors_path, max_samples, max_new)
+        opened = (settings, chat, vectors_path, max_samples, max_new)
         try:
             self._open(*opened, profile)
             if auto_setup and vectors_path is None and self._wants_setup(settings, profile):
@@ -93,17 +86,25 @@ class Detoxifier:
         self._vectors_path, self._vectors_sha256 = vectors_path, None
         self._gen.reuse_instances = reuse_instances
 
-    def _open(self, settings: Settings, sources: dict[str, str], chat: bool, vectors_path: Optional[str],
-              max_samples: int, max_new: int, profile: Union[Profile, bool, None]) -> None:
-        """Find and apply the profile, then open the Generator with the settings it gives."""
+    def _open(self, settings: Settings, chat: bool, vectors_path: Optional[str], max_samples: int, max_new: int,
+              profile: Union[Profile, bool, None]) -> None:
+        """Find the profile (or its stand-in), resolve the settings with it and open the Generator."""
         model = self.model
         self.profile, self.profile_path = self._find_profile(model, settings, profile)
         if self.profile is None and profile is None and settings.profile:
             self.profile = self._stand_in(model)
-        values, sources = apply_profile(dict(vars(settings)), sources, self.profile)
-        settings = settings.updated({k: v for k, v in values.items() if v != getattr(settings, k)})
+        settings, sources = resolve(self._layers, self._command, self.profile)
         settings = fit_ctx_size(settings, model.info.n_ctx_train, sources.get("ctx_size", "default"))
         self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
+        if chat and settings.steer_layer_range is None:
+            # no profile applied (--no-profile): steer the later half of the layers (docs/results/runs-01-03-early.md, run 3)
+            n = model.info.n_layer
+            self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
+            for layer in self._layers.values():
+                layer.pop("steer_layer_range", None)
+            self._layers.setdefault("chat default", {})["steer_layer_range"] = (n // 2, n - 1)
+            settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
+            sources["steer_layer_range"] = "chat default"
         self._gen = open_generator(model, settings, vectors_path, max_samples=max_samples, max_new=max_new)
         if self.profile is not None:        # --diagnoser auto decides by the profile's measured AUCs
             self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
@@ -128,9 +129,7 @@ class Detoxifier:
         if is_safe_defaults(self.profile):
             return (f"no measured profile for this model: running the measured-safe defaults (the last sixth "
                     f"of the layers at a modest strength); {HOW_TO_PROFILE}")
-        if self.profile is None and not self.settings.profile:
-            return "no profile applied (--no-profile): the built-in defaults, which were never measured for this model"
-        return None
+        return None      # a profile, or none by the user's choice (--no-profile: the built-in defaults)
 
     def _find_profile(self, model, settings: Settings, profile) -> tuple[Optional[Profile], Optional[str]]:
         if isinstance(profile, Profile):
@@ -161,16 +160,30 @@ class Detoxifier:
         profile. chat=True starts from the interactive defaults (CHAT_DEFAULTS: fewer
         self-generated samples, longer replies; without a profile, steering the later half of
         the layers unless steer_layer_range is given)."""
-        base = Settings(model=None if path is None else str(path))
-        if chat:
-            base = base.updated(CHAT_DEFAULTS)
-        sources = {k: "api" for k in settings}
-        return cls(base.updated(settings), vectors, chat=chat, sources=sources)
+        given = {**({"model": str(path)} if path is not None else {}), **settings}
+        base, sources = resolve({"api": given}, CHAT if chat else "")
+        return cls(base, vectors, chat=chat, sources={k: "api" for k in settings})
 
     def settings_for(self, method: str) -> Settings:
         """The settings a call with `method` runs at (the method's profile entry applied where
         nobody set a value)."""
         return self._args({"method": method})[0]
+
+    def call_settings(self, overrides: Mapping[str, Any]) -> tuple[Settings, dict[str, str]]:
+        """The settings a call with these per-call `overrides` runs at, and where each came from
+        ("call" for an override). Another method than the one in force gets its own profile entry
+        where nobody set a value (the entry of the method in force does not carry over: TR must not
+        run at the frozen FGDILP entry's contrast or gate); what shapes the contexts stays."""
+        extra = overrides.keys() - PER_CALL
+        if extra:
+            raise FgdilpError(f"per-call settings are limited to {', '.join(sorted(PER_CALL))} (not "
+                              f"{', '.join(sorted(extra))}); create another Detoxifier for other settings")
+        if self.profile is None or overrides.get("method", self.settings.method) == self.settings.method:
+            return (self.settings.updated(overrides) if overrides else self.settings,
+                    {**self.sources, **dict.fromkeys(overrides, "call")})
+        s, where = resolve({**self._layers, "call": dict(overrides)}, self._command, self.profile)
+        return (self.settings.updated({k: getattr(s, k) for k in PER_CALL}),
+                {**self.sources, **{k: where[k] for k in PER_CALL}})
 
     def setting_sources(self) -> dict[str, tuple[object, str]]:
         """{field: (value, where it came from)}: flag, env, config, api, profile, default, chat default."""
@@ -450,21 +463,7 @@ class Detoxifier:
 
     # ---- internals ----------------------------------------------------------------------------
     def _args(self, overrides: dict) -> tuple[Settings, str]:
-        extra = overrides.keys() - PER_CALL
-        if extra:
-            raise FgdilpError(f"per-call settings are limited to {', '.join(sorted(PER_CALL))} (not "
-                              f"{', '.join(sorted(extra))}); create another Detoxifier for other settings")
-        s = self.settings.updated(overrides) if overrides else self.settings
-        if self.profile is not None and overrides.get("method", s.method) != self.settings.method:
-            # another method this call: its profile values, where neither the caller nor this call set one;
-            # the profile values of the method in force do not carry over (TR must not run at the
-            # frozen FGDILP entry's contrast or gate): they go back to their defaults first
-            srcs = {**self.sources, **{k: "call" for k in overrides}}
-            base = Settings().updated(self.chat_defaults)
-            s = s.updated({k: getattr(base, k) for k, src in srcs.items()
-                           if src == "profile" and k in PER_CALL and k != "method"})
-            values, _ = apply_profile(dict(vars(s)), srcs, self.profile, method=s.method)
-            s = s.updated({k: v for k, v in values.items() if k in PER_CALL and v != getattr(s, k)})
+        s = self.call_settings(overrides)[0]
         if self._gen.vectors is None:
             return s, self._gen.resolve(s.method).name
         spec = methods.get(s.method)

@@ -11,9 +11,9 @@ from importlib import resources
 from typing import Optional, Sequence
 
 from . import methods
-from .evaluation.sweep import PREFIXED
 from .generation import INSTANCE_REUSE
 from .params import CONTRASTS
+from .setting_spec import PREFIXED
 
 
 def run_bench(det, prompt: str, names: list[str], repeats: int, setup_samples: int, setup_tokens: int) -> dict:

@@ -10,8 +10,8 @@ import click
 from click.core import ParameterSource
 
 from . import methods as registry
-from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _detoxifier, _settings, friendly_errors, method_list,
-                          model_options, sampling_options, sources, steer_options, with_vectors)
+from .cli_options import (DEFAULT_BENCH_PROMPT, _detoxifier, _settings, friendly_errors, method_list, model_options,
+                          sampling_options, setting_options, sources, steer_options, with_vectors)
 from .errors import FgdilpError
 from .explain import explain_lines
 
@@ -29,8 +29,7 @@ def main() -> None:
 @click.option("-p", "--prompt", default=None, help="The prompt to continue.")
 @click.option("-f", "--file", "prompts_file", default=None, metavar="FILE",
               help="Prompts to continue, one per line ('-' = standard input).")
-@click.option("-n", "--n-predict", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--method", type=MethodChoice(), default="tr", show_default=True)
+@setting_options("n_predict", "method")
 @click.option("--vectors", "vectors_path", type=str, default=None, metavar="FILE.gguf",
               help="Apply saved head directions (frozen) instead of building them.")
 @click.option("--explain", is_flag=True, help="Show the self-diagnosis, the chosen prefixes and |delta| per layer.")
@@ -94,14 +93,14 @@ def _print_explain(ex: dict) -> None:
 @sampling_options
 @steer_options
 @click.option("-p", "--prompt", required=True, help="The prompt to continue.")
-@click.option("-n", "--n-predict", type=click.IntRange(1), default=40, show_default=True)
+@setting_options("n_predict", command="compare")
 @click.option("--methods", default="none,prompt,tr,fgdilp,fgdilp-frozen", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: the prompt and each method's continuation.")
 @friendly_errors
 def compare(prompt, methods, as_json, **kw):
     """Continue PROMPT with each method, same seed, one after the other."""
     names = method_list(methods)
-    s = _settings(kw, n_predict=40)
+    s = _settings(kw, "compare")
     with _detoxifier(s, setup=True) as det:
         if as_json:
             out = {"model": det.model.info.path, "prompt": prompt, "seed": s.seed, "methods": []}
@@ -122,13 +121,13 @@ def compare(prompt, methods, as_json, **kw):
 @main.command()
 @model_options
 @steer_options
-@click.option("--method", type=MethodChoice(), default="tr", show_default=True)
+@setting_options("method")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (each setting as {value, from}).")
 @friendly_errors
 def info(as_json, **kw):
     """Print the model's shape, whether the kqv_out hook node exists, its profile, and the steering
     settings these flags resolve to (and where each value came from)."""
-    from .profiles import PROFILE_FIELDS
+    from .settings import PROFILE_FIELDS
 
     s = _settings(kw)
     with _detoxifier(s) as det:
@@ -168,7 +167,7 @@ def info(as_json, **kw):
 @steer_options
 @click.option("-p", "--prompt", default=DEFAULT_BENCH_PROMPT, show_default=True)
 @click.option("--methods", default="none,tr", show_default=True, help="Comma-separated methods.")
-@click.option("-n", "--n-predict", type=click.IntRange(2), default=64, show_default=True)
+@setting_options("n_predict", flag_min={"n_predict": 2})
 @click.option("-r", "--repeats", type=click.IntRange(1), default=3, show_default=True,
               help="Runs per method, the median reported (with --turns: replays of the conversation, "
                    "each turn's median over them).")
@@ -222,10 +221,9 @@ MEMORY_BENCH_METHODS = "none,fgdilp-universal,tr,fgdilp"    # the default method
 
 def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:
     from .bench_memory import run_memory_bench
-    from .chat import CHAT_DEFAULTS
 
     decode_tokens = kw["n_predict"]
-    s = _settings(kw, default_source="chat default", **CHAT_DEFAULTS)
+    s = _settings(kw, "chat")
     out = run_memory_bench(lambda: _detoxifier(s, chat=True), s, sources(), names, turns, 24, decode_tokens,
                            repeats, prompt)
     if as_json:
@@ -247,11 +245,10 @@ def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:
 def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -> None:
     from .api import Detoxifier
     from .bench import CHAT_BENCH_PROMPT, chat_variants, run_chat_ttft, run_chat_turns
-    from .chat import CHAT_DEFAULTS
 
     if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
         prompt = CHAT_BENCH_PROMPT
-    s = _settings(kw, default_source="chat default", **CHAT_DEFAULTS)
+    s = _settings(kw, "chat")
     with contextlib.ExitStack() as stack:
         det = stack.enter_context(_detoxifier(s, chat=True))
         with_vec = stack.enter_context(_detoxifier(s, vectors_path, chat=True)) if vectors_path else None

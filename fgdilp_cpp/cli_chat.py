@@ -6,31 +6,15 @@ import sys
 
 import click
 
-from .chat import CHAT_DEFAULTS
-from .cli_options import (MethodChoice, SetupBar, _settings, announce, friendly_errors, model_options, sampling_options, sources,
-                          steer_options, with_vectors)
+from .cli_options import SetupBar, _settings, announce, friendly_errors, setting_options, sources, with_vectors
 from .errors import FgdilpError
 
-chat_options = (
-    click.option("--method", type=MethodChoice(), default=CHAT_DEFAULTS["method"], show_default=True),
-    click.option("-n", "--n-predict", type=click.IntRange(1), default=CHAT_DEFAULTS["n_predict"], show_default=True,
-                 help="Most tokens per reply."),
-    click.option("-sys", "--system-prompt", default=None, help="System message at the start of the conversation."),
-    click.option("--chat-template", default=None, metavar="NAME",
-                 help="A llama.cpp built-in chat format (chatml, llama3, gemma, ...) instead of the GGUF's."),
-    click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
-                 help="Apply saved head directions (frozen) instead of building them per reply."),
-)
+VECTORS_OPTION = click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
+                              help="Apply saved head directions (frozen) instead of building them per reply.")
 
 
-def _chat_options(fn):
-    for opt in reversed(chat_options):
-        fn = opt(fn)
-    return fn
-
-
-def _open_chat(kw: dict, model_arg=None, **defaults):
-    """Settings (chat defaults and `defaults` < config file < FGDILP_* < flags) and the Detoxifier."""
+def _open_chat(kw: dict, command: str, model_arg=None):
+    """Settings (`command`'s defaults < config file < FGDILP_* < flags) and the Detoxifier."""
     from .api import Detoxifier
 
     vectors_path = kw.pop("vectors_path", None)
@@ -40,7 +24,7 @@ def _open_chat(kw: dict, model_arg=None, **defaults):
         kw["model"] = model_arg
         src = click.get_current_context()
         src.set_parameter_source("model", click.core.ParameterSource.COMMANDLINE)
-    s = with_vectors(_settings(kw, default_source="chat default", **{**CHAT_DEFAULTS, **defaults}), vectors_path)
+    s = with_vectors(_settings(kw, command), vectors_path)
     det = Detoxifier(s, vectors_path, chat=True, sources=sources(), setup_progress=SetupBar())
     announce(det)
     return s, det
@@ -48,15 +32,12 @@ def _open_chat(kw: dict, model_arg=None, **defaults):
 
 @click.command()
 @click.argument("model_arg", metavar="[MODEL]", required=False)
-@model_options
-@sampling_options
-@steer_options
-@_chat_options
+@setting_options("model", "sampling", "steer", "reply", "chat", command="chat")
+@VECTORS_OPTION
 @click.option("--history-dir", default=None, metavar="DIR",
               help="Where every conversation is saved as it goes, one file each (default: "
                    "$XDG_DATA_HOME/fgdilp-cpp/chats; a folder others may write in is refused).")
-@click.option("--history/--no-history", default=True, show_default=True,
-              help="Autosave the session (files 0600); also FGDILP_HISTORY=0 or history = false in --config.")
+@setting_options("history", command="chat")
 @friendly_errors
 def chat(model_arg, history_dir, **kw):
     """Chat with MODEL (default: SmolLM2-135M-Instruct), each reply detoxified.
@@ -66,20 +47,15 @@ def chat(model_arg, history_dir, **kw):
     Type /help in the session for its commands."""
     from .repl import run_chat
 
-    s, det = _open_chat(kw, model_arg)
+    s, det = _open_chat(kw, "chat", model_arg)
     with det:
         code = run_chat(det, history_dir)
     raise SystemExit(code)
 
 
-SERVE_KV_CONVERSATIONS = 4      # serve keeps the KV of this many conversations per method by default
-
-
 @click.command()
-@model_options
-@sampling_options
-@steer_options
-@_chat_options
+@setting_options("model", "sampling", "steer", "reply", "chat", command="serve")
+@VECTORS_OPTION
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback by default; anything else is reachable by others).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
@@ -107,8 +83,8 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
     Requests may add "method", "steer_scale" and "steer_layer_range"; they are queued and run one
-    at a time on one model (default: SmolLM2-135M-Instruct). The KV of the last 4 conversations
-    is kept per method (--kv-conversations), so a client's next turn decodes only its new tokens."""
+    at a time on one model (default: SmolLM2-135M-Instruct). The KV of the last --kv-conversations
+    conversations is kept per method, so a client's next turn decodes only its new tokens."""
     import os
 
     try:
@@ -119,7 +95,7 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
 
     if sys.stderr.isatty():     # seconds pass before "serving ... on"; scripts read that as the first line
         click.echo("fgdilp-cpp serve: loading the model ...", err=True)
-    s, det = _open_chat(kw, kv_conversations=SERVE_KV_CONVERSATIONS)
+    s, det = _open_chat(kw, "serve")
     methods = tuple(m.strip() for m in allow_methods.split(",") if m.strip()) if allow_methods is not None else None
     limits = Limits(max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens_limit,
                     api_key=api_key if api_key is not None else os.environ.get("FGDILP_API_KEY"),

@@ -1,4 +1,5 @@
-"""Shared pieces of the command line: error handling, option groups and the settings precedence."""
+"""Shared pieces of the command line: error handling, and the settings' options generated from their
+declarations (settings.Settings)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,17 @@ import functools
 import os
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import click
 from click.core import ParameterSource
 
 from . import methods
 from .errors import FgdilpError, ParamError
-from .params import CONTRASTS, EDIT_RULES
-from .settings import OFF_WORDS, RANGES, SourcedParamError, env_name, toml_key
+from .settings import (CHAT, OFF_WORDS, SPECS, TYPES, Settings, SourcedParamError, command_defaults, env_name, resolve,
+                       toml_key)
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
-# Settings fields whose flag is not --<field-with-dashes>
-FLAGS = {"n_predict": "-n", "ctx_size": "-c", "threads": "-t", "n_gpu_layers": "-ngl", "batch_size": "-b",
-         "cache_type_k": "-ctk", "cache_type_v": "-ctv", "flash_attn": "-fa", "system_prompt": "-sys"}
 
 
 class OptionalFloat(click.ParamType):
@@ -39,8 +37,9 @@ class OptionalFloat(click.ParamType):
 
 
 def flag_of(field: str) -> str:
-    """The command-line flag of a Settings field (for error messages)."""
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
+    """The command-line flag of a Settings field (for error messages): its first short one, if any."""
+    spec = SPECS.get(field)
+    return spec.short[0] if spec is not None and spec.short else "--" + field.replace("_", "-")
 
 
 def setting_name(field: str) -> str:
@@ -54,12 +53,6 @@ def setting_name(field: str) -> str:
     if where == "config" and ctx is not None:
         return f"{toml_key(field)} (config file {ctx.meta.get('fgdilp.config')})"
     return flag_of(field)
-
-
-def ranged(field: str, help: str = "") -> str:
-    """`help` with the range of a Settings field (settings.RANGES, checked for every source)."""
-    r = RANGES[field]
-    return f"{help} [{r.shown or r.text().removeprefix('in ')}]".strip()
 
 
 class MethodChoice(click.ParamType):
@@ -118,7 +111,72 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _options(*opts) -> Callable:
+# ---- the settings' options, generated from their declarations (settings.Settings) ---------------
+CONFIG_OPTION = click.option(
+    "--config", type=str, default=None, metavar="FILE.toml",
+    help="Settings file; its keys are these long flag names. Precedence: flag > FGDILP_<FLAG> environment "
+         "variable > file > profile > default.")
+VERBOSE_OPTION = click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log (also FGDILP_VERBOSE=1).")
+GROUPS = ("model", "sampling", "steer", "reply", "chat", "history")
+
+
+def setting_help(name: str, command: str = "") -> str:
+    """A setting's help text: its own words, the default `command` runs with where it is decided at
+    run time (the model, the layers), and its range (settings.RANGES, checked for every source)."""
+    spec = SPECS[name]
+    text = spec.help
+    shown = spec.shown.get(command) or (spec.shown.get(CHAT) if command == "serve" else None) or spec.shown.get("")
+    if shown:
+        text = f"{text.rstrip('.')} (default: {shown})."
+    r = spec.range
+    if r is not None and r.bounded and TYPES[name] in ("int", "float"):
+        text = f"{text} [{r.shown or r.text().removeprefix('in ')}]".strip()
+    return text
+
+
+def setting_option(name: str, command: str = "", flag_min: Optional[int] = None) -> Callable:
+    """The click option of Settings field `name`, showing `command`'s default (command_defaults)."""
+    spec, typ = SPECS[name], TYPES[name]
+    long = "--" + name.replace("_", "-")
+    default = command_defaults(command).get(name, getattr(Settings, name))
+    kw: dict[str, Any] = {"default": default, "help": setting_help(name, command) or None}
+    if typ == "bool":
+        decls = [f"{long}/--no-{name.replace('_', '-')}"]
+    else:
+        decls = [*spec.short, long]
+        low = flag_min if flag_min is not None else spec.flag_min
+        if spec.method_choice:
+            kw["type"] = MethodChoice()
+        elif spec.choices:
+            kw["type"] = click.Choice(spec.choices)
+        elif typ == "int":
+            kw["type"] = click.IntRange(low) if low is not None else int
+        elif typ == "float":
+            kw["type"] = float
+        elif typ == "Optional[float]":
+            kw["type"] = OptionalFloat()
+        elif typ == "Optional[tuple[int, int]]":
+            kw.update(nargs=2, type=int)
+        else:
+            kw["type"] = str
+    if spec.metavar:
+        kw["metavar"] = spec.metavar
+    if spec.show_default and default is not None:
+        kw["show_default"] = True
+    return click.option(*decls, name, **kw)
+
+
+def setting_options(*parts: str, command: str = "", flag_min: Optional[dict[str, int]] = None) -> Callable:
+    """The options of the settings in `parts` (a group of GROUPS, or one field's name), each with
+    `command`'s default in its help; flag_min: a flag that refuses smaller values for this command.
+    The "model" group also carries --config and -v."""
+    opts = []
+    for part in parts:
+        names = [n for n, s in SPECS.items() if s.group == part] if part in GROUPS else [part]
+        opts += [setting_option(n, command, (flag_min or {}).get(n)) for n in names]
+        if part == "model":
+            opts += [CONFIG_OPTION, VERBOSE_OPTION]
+
     def deco(fn: Callable) -> Callable:
         for opt in reversed(opts):
             fn = opt(fn)
@@ -126,113 +184,18 @@ def _options(*opts) -> Callable:
     return deco
 
 
-# Defaults come from Settings; a flag left out takes the config file's value, else the default.
-model_options = _options(
-    click.option("-m", "--model", "model", type=str, default=None, metavar="MODEL.gguf",
-                 help="GGUF model file (default: the embedded gemma-3-270m)."),
-    click.option("--config", type=str, default=None, metavar="FILE.toml",
-                 help="Settings file; its keys are these long flag names. Precedence: flag > "
-                      "FGDILP_<FLAG> environment variable > file > default."),
-    # the numbers' ranges are settings.RANGES, checked for a flag as for every other source
-    click.option("-c", "--ctx-size", type=int, default=2048, show_default=True,
-                 help=ranged("ctx_size", "Context tokens per sequence (prompt + generation), at most the "
-                                         "model's trained context.")),
-    click.option("--ctx-size-override/--no-ctx-size-override", default=False, show_default=True,
-                 help="Allow -c past the model's trained context (its output there is untested)."),
-    click.option("-t", "--threads", type=int, default=0, help=ranged("threads", "CPU threads (0 = all cores).")),
-    click.option("-ngl", "--n-gpu-layers", type=int, default=0, show_default=True,
-                 help=ranged("n_gpu_layers", "Layers to offload to the GPU (GPU builds of llama-cpp-python).")),
-    click.option("--rpc", type=str, default=None, metavar="HOST:PORT[,HOST:PORT...]",
-                 help="Place the model's layers on these llama.cpp rpc-server processes (an RPC build of "
-                      "llama-cpp-python: tools/rpc-check.sh; docs/rpc.md). -ngl 0 then means every layer."),
-    click.option("-b", "--batch-size", type=int, default=512, show_default=True,
-                 help=ranged("batch_size", "Rows per decode (prompt chunks).")),
-    click.option("-ctk", "--cache-type-k", default="f16", show_default=True, help="K cache type (f32, f16, q8_0, ...)."),
-    click.option("-ctv", "--cache-type-v", default="f16", show_default=True,
-                 help="V cache type; steering needs f16, bf16 or f32."),
-    click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True),
-    click.option("--kv-reuse/--no-kv-reuse", default=True, show_default=True,
-                 help="Keep each sequence's KV between replies and decode only what changed (off: re-prefill)."),
-    click.option("--kv-conversations", type=int, default=1, show_default=True,
-                 help=ranged("kv_conversations", "With --kv-reuse: conversations whose KV each method keeps, the "
-                             "least recently used dropped first (serve: one per concurrent user; memory grows "
-                             "with it).")),
-    click.option("--kv-budget-mib", type=int, default=0, show_default=True,
-                 help=ranged("kv_budget_mib", "KV cache that the methods' contexts may hold together, in MiB: a "
-                             "context is made when its method is first used and the least recently used are "
-                             "dropped to stay within it (0 = half of this machine's memory less the model's "
-                             "weights).")),
-    click.option("--profile/--no-profile", "profile", default=True, show_default=True,
-                 help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given."),
-    click.option("--auto-setup/--no-auto-setup", "auto_setup", default=True, show_default=True,
-                 help="A model without a profile gets one first from the fast setup (about a minute on a small "
-                      "model; `calibrate --fast`); off: the measured-safe defaults, unprofiled."),
-    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log (also FGDILP_VERBOSE=1)."),
-)
-
-sampling_options = _options(
-    click.option("-s", "--seed", type=int, default=42, show_default=True, help=ranged("seed")),
-    click.option("--temp", type=float, default=0.8, show_default=True, help=ranged("temp")),
-    click.option("--top-k", type=int, default=40, show_default=True, help=ranged("top_k")),
-    click.option("--top-p", type=float, default=0.95, show_default=True, help=ranged("top_p")),
-    click.option("--min-p", type=float, default=0.05, show_default=True, help=ranged("min_p")),
-)
-
-steer_options = _options(
-    click.option("--steer-scale", type=float, default=1.0, show_default=True, help="Global strength of the edit."),
-    click.option("--steer-layer-range", nargs=2, type=int, default=None, metavar="START END",
-                 help="Steer only layers START..END (inclusive)."),
-    click.option("--exp-norm", type=float, default=0.4, show_default=True,
-                 help="Exponent a of lambda_norm = (1 + |delta|)^a."),
-    click.option("--exp-sim", type=float, default=0.6, show_default=True,
-                 help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b."),
-    click.option("--renorm/--no-renorm", default=True, show_default=True,
-                 help="Restore the row norm after the edit."),
-    click.option("--edit", type=click.Choice(EDIT_RULES), default="tr", show_default=True,
-                 help="Edit rule: tr subtracts the delta (then --renorm); rotate turns each head away "
-                      "from the delta and keeps its norm."),
-    click.option("--gate", type=OptionalFloat(), default=None, metavar="THETA|off",
-                 help="Edit a head only where cos(head output, delta) > THETA, in [-1, 1); the other "
-                      "heads stay unsteered (default: off, every head)."),
-    click.option("--contrast", type=click.Choice(CONTRASTS), default="full", show_default=True,
-                 help="What the prefixed sequences P+ / P- hold after their prefix: the prompt and the "
-                      "reply (the papers), or the reply alone (chat: a new message is decoded once, not "
-                      "three times)."),
-    click.option("--condition", type=OptionalFloat(), default=None, metavar="THETA|off",
-                 help="Steer a prompt only where the offline toxicity scorer reads it (chat: any message "
-                      "of the conversation) at least THETA toxic, in [0, 1]; any other prompt is "
-                      "generated unsteered (default: off, every prompt)."),
-    click.option("--selfgen-samples", type=int, default=25, show_default=True,
-                 help=ranged("selfgen_samples", "FGDILP: self-generated samples N.")),
-    click.option("--selfgen-tokens", type=int, default=20, show_default=True,
-                 help=ranged("selfgen_tokens", "FGDILP: new tokens per self-generated sample.")),
-    click.option("--selfgen-min-tokens", type=int, default=5, show_default=True,
-                 help=ranged("selfgen_min_tokens", "FGDILP: no end of a sample before this many tokens.")),
-    click.option("--negatives", type=int, default=6, show_default=True,
-                 help=ranged("negatives", "FGDILP: negative prefixes.")),
-    click.option("--mask-k", type=float, default=50.0, show_default=True,
-                 help=ranged("mask_k", "FGDILP: top-K % entries kept per sub-toxicity vector (100 = no masking).")),
-    click.option("--fusion", type=click.Choice(["max", "mean", "sum"]), default="max", show_default=True),
-    click.option("--sign-election/--no-sign-election", default=True, show_default=True),
-    click.option("--pad-blank/--no-pad-blank", default=True, show_default=True,
-                 help="FGDILP: pad missing negatives with template-only prefixes."),
-    click.option("--fused-norm", type=click.Choice(["none", "tr"]), default="none", show_default=True,
-                 help="FGDILP: tr rescales each head of the fused delta to the norm of the mean delta "
-                      "(TR's strength, for comparing at equal strength)."),
-    click.option("--diagnoser", type=click.Choice(["self", "scorer", "auto"]), default="self", show_default=True,
-                 help="FGDILP: who ranks the self-generated samples: the model itself, the offline "
-                      "toxicity scorer (tox-block), or auto (self only where its measured AUC reaches the scorer's)."),
-    click.option("--instance-reuse", type=click.Choice(["turn", "conversation"]), default="turn", show_default=True,
-                 help="FGDILP in chat: build the instance prefixes every reply, or once per conversation."),
-)
+# the groups as most commands take them (chat and serve show their own defaults: setting_options)
+model_options = setting_options("model")
+sampling_options = setting_options("sampling")
+steer_options = setting_options("steer")
 
 
-def _settings(kw: dict, default_source: str = "default", **defaults):
-    """Settings from defaults, then the config file, then FGDILP_* variables, then the flags given
-    explicitly. Where each value came from is kept in the click context (sources()): a model's
-    profile then fills only the fields that nobody set."""
+def _settings(kw: dict, command: str = ""):
+    """Settings from the built-in and `command`'s defaults, the config file, the FGDILP_*
+    variables and the flags given explicitly, by settings.resolve(). Where each value came from
+    is kept in the click context (sources()): a model's profile then fills only the fields that
+    nobody set."""
     from .engine.context import set_verbose
-    from .settings import Settings
 
     # -v, or FGDILP_VERBOSE set to anything but an off word: the flag must not turn the variable off
     env_verbose = os.environ.get("FGDILP_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -240,16 +203,13 @@ def _settings(kw: dict, default_source: str = "default", **defaults):
     ctx = click.get_current_context()
     config = Settings.toml_values(kw["config"]) if kw.get("config") else {}
     env = Settings.from_env(os.environ)
-    names = Settings.field_names()
-    given = {k: v for k, v in kw.items() if k in names and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    given = {k: v for k, v in kw.items() if k in SPECS and ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     if given.get("steer_layer_range") is not None:
         given["steer_layer_range"] = tuple(given["steer_layer_range"])
-    sources = {k: default_source for k in defaults}
-    for layer, where in ((config, "config"), (env, "env"), (given, "flag")):
-        sources.update(dict.fromkeys(layer, where))
-    ctx.meta["fgdilp.sources"] = sources
     ctx.meta["fgdilp.config"] = kw.get("config")
-    return Settings().updated(defaults).updated(config).updated(env).updated(given)
+    settings, where = resolve({"flag": given, "env": env, "config": config}, command)
+    ctx.meta["fgdilp.sources"] = where
+    return settings
 
 
 def _detoxifier(s, vectors_path=None, setup: bool = False, **kw):

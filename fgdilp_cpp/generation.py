@@ -25,14 +25,13 @@ from .kv_memory import MIB, Need, bytes_per_cell, machine_budget_mib, plan_cells
 from .method_contexts import SETUP, MethodContexts
 from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
-from .params import EngineParams, FgdilpParams, SamplingParams, SteerParams
+from .params import INSTANCE_REUSE, EngineParams, FgdilpParams, SamplingParams, SteerParams
 from .plans import Plan, PlanRequest, Runtime, build_instance, frozen_directions
 from .profiles import find_universal
 from .results import GenResult, Sample
 
 __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
 
-INSTANCE_REUSE = ("turn", "conversation")   # when FGDILP's instance is rebuilt (Settings.instance_reuse)
 CONTEXT_SHAPING = ("samples", "selfgen_tokens", "negatives")   # FgdilpParams that size contexts (context())
 
 

@@ -19,6 +19,7 @@ from .openai_checks import ApiError
 from .openai_checks import bad_field as _bad
 from .openai_checks import checked_number as _number
 from .openai_checks import show_value as _show
+from .settings import SPECS, TYPES
 
 if TYPE_CHECKING:
     from .api import Detoxifier
@@ -41,17 +42,15 @@ PASS_THROUGH = frozenset({
     "dry_penalty_last_n", "dry_sequence_breakers",
 })
 
+# the request fields that set a setting (declared with each field of settings.Settings: api=...)
+REQUEST_FIELDS = {name: spec for name, spec in SPECS.items() if spec.api}
+# Settings fields whose request field has another name
+JSON_FIELDS = {name: spec.api for name, spec in REQUEST_FIELDS.items() if spec.api != name}
 # the fields parse_request reads (both endpoints; messages only on chat, prompt only on completions)
 _READ = frozenset({
-    "model", "n", "max_tokens", "max_completion_tokens", "n_predict", "temperature", "top_p", "min_p", "seed",
-    "top_k", "method", "steer_scale", "condition", "steer_layer_range", "stop", "stream", "stream_options",
-    "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "penalty_last_n",
-    "grammar", "json_schema", "response_format", "explain",
+    "model", "n", "stop", "stream", "stream_options", "json_schema", "response_format", "explain",
+    *(spec.api for spec in REQUEST_FIELDS.values()), *(a for spec in REQUEST_FIELDS.values() for a in spec.api_aliases),
 })
-
-
-# Settings fields whose request field has another name
-JSON_FIELDS = {"n_predict": "max_tokens", "temp": "temperature"}
 
 
 def param_error(exc: ParamError) -> "ApiError":
@@ -182,6 +181,20 @@ def _prompt(body: dict) -> str:
     return _no_nul(p, "prompt")
 
 
+def _plain_fields(body: dict) -> dict[str, Any]:
+    """The numeric request fields read as their declaration says (settings.Settings: api=...,
+    api_range or range); the others (api_custom) are read by hand below."""
+    ov: dict[str, Any] = {}
+    for name, spec in REQUEST_FIELDS.items():
+        r = spec.api_range or spec.range
+        if spec.api_custom or r is None:
+            continue
+        integer = TYPES[name] == "int"
+        if (v := _number(body, spec.api, r.lo, r.hi, r.lo_open, r.hi_open, integer=integer)) is not None:
+            ov[name] = v if integer else float(v)
+    return ov
+
+
 def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> GenRequest:
     """The request's fields checked and turned into Detoxifier arguments (ApiError 400 otherwise).
     Everything a client can get wrong is caught here, so that an error while generating is the
@@ -205,15 +218,7 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
              for name in ("max_completion_tokens", "max_tokens", "n_predict")]     # the first one given wins
     if (n := next((v for v in sizes if v is not None), None)) is not None:
         ov["n_predict"] = n
-    if (v := _number(body, "temperature", 0, 2)) is not None:
-        ov["temp"] = float(v)
-    if (v := _number(body, "top_p", 0, 1, lo_open=True)) is not None:
-        ov["top_p"] = float(v)
-    if (v := _number(body, "min_p", 0, 1, hi_open=True)) is not None:
-        ov["min_p"] = float(v)
-    for name, hi in (("seed", 2**32 - 1), ("top_k", 2**31 - 1)):
-        if (v := _number(body, name, 0, hi, integer=True)) is not None:
-            ov[name] = v
+    ov.update(_plain_fields(body))
     if (method := body.get("method")) is not None:
         if method not in policy.methods:
             raise _bad("method", f"method must be one of {', '.join(policy.methods)} on this server, "
@@ -221,8 +226,6 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
         ov["method"] = method
     if (scale := _number(body, "steer_scale", 0, policy.max_steer_scale)) is not None:
         ov["steer_scale"] = float(scale)     # negative would toxify; past the cap, fluency is gone
-    if (c := _number(body, "condition", 0, 1)) is not None:
-        ov["condition"] = float(c)          # steer only conversations the scorer reads at least this toxic
     if (lr := body.get("steer_layer_range")) is not None:
         if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):
             raise _bad("steer_layer_range", "steer_layer_range must be [start, end] layer numbers")

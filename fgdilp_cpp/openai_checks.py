@@ -36,9 +36,10 @@ def show_value(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def checked_number(body: dict, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False,
-            integer: bool = False) -> Any:
-    """body[name] checked to be a number (an int if integer) in the range; None when absent/null."""
+def checked_number(body: dict, name: str, lo: Optional[float], hi: Optional[float], lo_open: bool = False,
+                   hi_open: bool = False, integer: bool = False) -> Any:
+    """body[name] checked to be a number (an int if integer) in the range (None: that side is
+    unbounded); None when absent/null."""
     v = body.get(name)
     if v is None:
         return None
@@ -46,7 +47,10 @@ def checked_number(body: dict, name: str, lo: float, hi: float, lo_open: bool = 
     if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) \
             or (isinstance(v, float) and not math.isfinite(v)):
         raise bad_field(name, f"{name} must be {kind}, not {show_value(v)}")
-    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+    low = lo is not None and (v < lo or (lo_open and v == lo))
+    high = hi is not None and (v > hi or (hi_open and v == hi))
+    if low or high:
         lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise bad_field(name, f"{name} must be in {lb}{lo:g}, {hi:g}{hb}, not {show_value(v)}")
+        lo_text, hi_text = ("-inf" if lo is None else f"{lo:g}"), ("inf" if hi is None else f"{hi:g}")
+        raise bad_field(name, f"{name} must be in {lb}{lo_text}, {hi_text}{hb}, not {show_value(v)}")
     return v

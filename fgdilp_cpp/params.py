@@ -33,6 +33,7 @@ CONTRASTS = ("full", "reply")
 # fused delta is brought to the norm of the mean delta (names that happen to be method names too)
 FUSED_NORM_TO_MEAN_DELTA = {"none": False, "tr": True}
 FUSED_NORMS = tuple(FUSED_NORM_TO_MEAN_DELTA)
+INSTANCE_REUSE = ("turn", "conversation")  # when FGDILP's instance is rebuilt in a chat: every reply, or once
 DIAGNOSERS = ("self", "scorer", "auto")  # who ranks the self-generated samples (docs/method.md §4.2a)
 MAX_REPEAT_PENALTY = 10.0             # past it every seen token is all but banned
 MAX_REPEAT_LAST_N = 1 << 20           # the penalties sampler keeps a ring of this many tokens

@@ -5,7 +5,8 @@ applied to another model (another fine-tune or quantisation of the same shape in
 Where they live: the user's `$XDG_CONFIG_HOME/fgdilp-cpp/profiles/` (written by calibrate), then
 the ones shipped in the package (fgdilp_cpp/profiles/, for the embedded models);
 FGDILP_PROFILE_PATH replaces that search path.
-Precedence of a setting: flag > FGDILP_* environment > --config file > profile > built-in default.
+Precedence of a setting (settings.resolve): flag > FGDILP_* environment > --config file > profile >
+the command's default > built-in default.
 """
 
 from __future__ import annotations
@@ -19,19 +20,13 @@ from typing import Any, Mapping, Optional
 
 from .errors import FgdilpError
 from .files import write_atomic
-from .settings import Settings, toml_key
+from .settings import PROFILE_FIELDS, Settings, toml_key   # what a profile may set: settings.Settings says
 
 FORMAT = "fgdilp-profile"
 FAST_SETUP = "fast-setup"          # Profile.setup["kind"] of a profile the fast setup made (autosetup)
 VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 UNIVERSAL_SUFFIX = ".universal.gguf"   # a model's universal directions beside its profile (find_universal)
-# what a profile may set: steering and FGDILP values, the method; never the model or the engine
-PROFILE_FIELDS = frozenset({
-    "method", "steer_scale", "steer_layer_range", "exp_norm", "exp_sim", "renorm", "selfgen_samples",
-    "selfgen_tokens", "selfgen_min_tokens", "negatives", "mask_k", "fusion", "sign_election", "pad_blank",
-    "diagnoser", "edit", "gate", "fused_norm", "contrast", "condition",
-})
 
 
 def search_path(environ: Mapping[str, str] = os.environ) -> list[Path]:
@@ -198,26 +193,3 @@ def find_profile(identity: Mapping[str, str], folders: Optional[list[Path]] = No
             if prof.matches(identity):
                 return prof, p
     return None, None
-
-
-def apply_profile(values: dict[str, Any], sources: dict[str, str], profile: Optional[Profile],
-                  method: Optional[str] = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """Profile values for every field whose source is a default ("default"/"chat default"):
-    values and sources are {field: value} / {field: source}; the method is the profile's unless
-    given or set explicitly. Returns new (values, sources)."""
-    if profile is None:
-        return dict(values), dict(sources)
-    out, src = dict(values), dict(sources)
-
-    def soft(name: str) -> bool:
-        return src.get(name, "default") in ("default", "chat default", "profile")
-
-    if method is None:
-        if soft("method") and profile.method:
-            out["method"], src["method"] = profile.method, "profile"
-        method = out.get("method")
-    for name, value in profile.settings_for(method).items():
-        if soft(name):
-            out[name] = tuple(value) if isinstance(value, list) else value
-            src[name] = "profile"
-    return out, src

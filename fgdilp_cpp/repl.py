@@ -255,13 +255,13 @@ def reply(session: Session, text: str, out=sys.stdout) -> bool:
 
 
 def show_settings(session: Session) -> None:
-    """Each setting, * where it is an interactive default of chat, and where its value came from
-    (flag, env, config, profile, default, ...)."""
+    """Each setting as the next reply runs it (after /method X: X's, its profile entry included), *
+    where it is an interactive default of chat, and where its value came from (flag, env, config,
+    profile, default, ...)."""
     det = session.det
-    s = dataclasses.asdict(det.settings)
-    s["method"] = session.method
-    sources = dict(det.sources)
-    if session.method != det.settings.method:
+    switched = session.method != det.settings.method
+    settings, sources = det.call_settings({"method": session.method} if switched else {})
+    if switched:
         sources["method"] = "/method"
     defaults = det.chat_defaults
     print(f"model          {det.model.info.path}")
@@ -271,7 +271,7 @@ def show_settings(session: Session) -> None:
           + (f" ({kind})" if kind else ""))
     if det.profile_note:
         print(f"               {det.profile_note}")
-    for k, v in s.items():
+    for k, v in dataclasses.asdict(settings).items():
         if k in ("model", "chat_template"):
             continue
         mark = "*" if k in defaults and v == defaults[k] else " "

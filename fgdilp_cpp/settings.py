@@ -1,111 +1,188 @@
-"""One Settings dataclass: CLI flags, TOML config keys and FGDILP_* variables map onto its fields by name.
+"""One Settings dataclass, each field declared once with everything about it (setting_spec.Spec):
+its flag, its FGDILP_* variable, its TOML key, its choices and range, its JSON name, the commands
+whose default differs, and whether it may change per call, be set by a profile or be swept.
+Every other table of settings (the click options, PER_CALL, PROFILE_FIELDS, the sweep table, the
+server's request fields, the chat's /settings) is read from these declarations: adding a setting
+is one `setting(...)` line here plus its use.
 
 A TOML key is the long flag name without its dashes ("steer-scale = 0.5", "renorm = false",
-"steer-layer-range = [12, 17]"); precedence: flag > environment > config file > default.
-Every numeric field has one range (RANGES), checked whatever the value's source: a flag, a
-variable, a config file, a profile, an API keyword.
-Imports only the value types (params.py): loading settings loads no llama.cpp.
+"steer-layer-range = [12, 17]"); a variable is FGDILP_<FIELD> (FGDILP_STEER_SCALE=0.5).
+resolve() is the one precedence: per-call > flag (or API keyword) > environment > config file >
+profile > the command's default > the built-in default. Every numeric field has one range
+(RANGES), checked whatever the value's source.
+Imports only the value types (params.py) and the registry: loading settings loads no llama.cpp.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 from .errors import FgdilpError, ParamError
-from .params import (CONTRASTS, DIAGNOSERS, EDIT_RULES, FUSED_NORM_TO_MEAN_DELTA, FUSION_MODES, MAX_CTX_SIZE,
+from .params import (CONTRASTS, DIAGNOSERS, EDIT_RULES, FUSED_NORMS, FUSION_MODES, INSTANCE_REUSE, MAX_CTX_SIZE,
                      MAX_NEGATIVES, MAX_REPEAT_LAST_N, MAX_REPEAT_PENALTY, MAX_SEQUENCES, MAX_THREADS_PER_CORE,
                      EngineParams, FgdilpParams, SamplingParams, SteerParams, max_threads)
 from .rpc_endpoints import parse_rpc_servers
+from .setting_spec import (HOOKED, INSTANCE, INT32_MAX, OFF_WORDS, PREFIXED, STEERING, Range, SourcedParamError, Spec,
+                           coerce, env_name, from_text, toml_key)
 
-# settings with a fixed set of values: refused when set (a flag, a config file, a sweep), not
-# only when a generation first uses them
-CHOICES = {"edit": EDIT_RULES, "contrast": CONTRASTS, "fusion": FUSION_MODES,
-           "fused_norm": tuple(FUSED_NORM_TO_MEAN_DELTA), "diagnoser": DIAGNOSERS}
-
-OFF_WORDS = ("off", "none", "")   # an Optional[float] setting given as text: off (FGDILP_GATE=off, gate = "off")
+__all__ = ["CHAT_DEFAULTS", "OFF_WORDS", "PER_CALL", "PROFILE_FIELDS", "RANGES", "Range", "Settings", "SourcedParamError",
+           "env_name", "resolve", "toml_key"]
 
 
-# the interactive defaults of `chat` (and `serve`): setup sized for a reply that starts quickly;
-# marked * by the chat's /settings; a model's profile wins over them
-CHAT_DEFAULTS = {
-    "method": "fgdilp",
-    "n_predict": 256,
-    "ctx_size": 4096,
-    # 4 candidates of 8 tokens: on SmolLM2 as detoxifying as more and longer ones, at a shorter
-    # setup (docs/results/chat-latency.md, "How many candidates chat needs")
-    "selfgen_samples": 4,
-    "selfgen_tokens": 8,
-    "selfgen_min_tokens": 4,
-    # FGDILP's instance kept while the conversation goes on, rebuilt when a turn escalates
-    # (docs/method.md §9.2): a fraction of the per-reply setup's time to first token
-    # (docs/results/chat-latency.md)
-    "instance_reuse": "conversation",
-}
+def setting(default: Any, **spec: Any) -> Any:
+    """A Settings field: its default and its Spec (setting_spec.Spec's keywords), in one place."""
+    return dataclasses.field(default=default, metadata={"spec": Spec(**spec)})
+
+
+# the chat's defaults (chat, serve, bench --chat, the API's chat=True): setup sized for a reply that
+# starts quickly; marked * by the chat's /settings; a model's profile wins over them
+CHAT = "chat"
 
 
 @dataclass
 class Settings:
-    # model and engine
-    model: Optional[str] = None
-    ctx_size: int = 2048
-    ctx_size_override: bool = False          # allow ctx_size past the model's trained context
-    threads: int = 0
-    n_gpu_layers: int = 0
-    batch_size: int = 512
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    flash_attn: str = "auto"
-    profile: bool = True                     # apply the model's calibrated profile (--no-profile: off)
-    auto_setup: bool = True                  # no profile: make one with the fast setup first (autosetup)
-    rpc: Optional[str] = None                # llama.cpp RPC servers "HOST:PORT,..." holding the layers (docs/rpc.md)
-    # chat and serve
-    chat_template: Optional[str] = None      # a llama.cpp built-in name or template text; None = the GGUF's
-    system_prompt: Optional[str] = None
-    history: bool = True                     # chat: autosave each session (off: --no-history, FGDILP_HISTORY=0)
-    kv_reuse: bool = True                    # keep the conversation's KV between replies (--no-kv-reuse: re-prefill)
-    kv_conversations: int = 1                # conversations kept in KV per method (serve: several users)
-    kv_budget_mib: int = 0                   # KV of all contexts together, MiB (0: half the memory less the weights)
-    instance_reuse: str = "turn"             # FGDILP's instance: rebuilt every "turn", or once per "conversation"
-    # generation
-    method: str = "tr"
-    n_predict: int = 64
-    seed: int = 42
-    temp: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    # llama.cpp's penalties over the last repeat_last_n reply tokens, and a GBNF grammar (defaults: off)
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repeat_last_n: int = 64
-    grammar: Optional[str] = None
-    # steering (TR and FGDILP)
-    steer_scale: float = 1.0
-    steer_layer_range: Optional[tuple[int, int]] = None
-    exp_norm: float = 0.4
-    exp_sim: float = 0.6
-    renorm: bool = True
-    edit: str = "tr"                         # tr | rotate (docs/method.md §2.6)
-    gate: Optional[float] = None             # cos(v_h, delta_h) above which a head is edited; None = off (§2.7)
-    contrast: str = "full"                   # full | reply: what P+ / P-_j hold after their prefix (§2.9)
-    condition: Optional[float] = None        # steer only prompts the scorer reads this toxic; None = off (§2.10)
-    # FGDILP (docs/method.md §10 defaults)
-    selfgen_samples: int = 25
-    selfgen_tokens: int = 20
-    selfgen_min_tokens: int = 5
-    negatives: int = 6
-    mask_k: float = 50.0
-    fusion: str = "max"
-    sign_election: bool = True
-    pad_blank: bool = True
-    fused_norm: str = "none"                 # none | tr (docs/method.md §5.6)
-    diagnoser: str = "self"                  # self | scorer | auto (docs/method.md §4.2a)
+    # ---- model and engine: they shape the contexts (another Detoxifier to change them) ----------
+    model: Optional[str] = setting(
+        None, group="model", short=("-m",), metavar="MODEL.gguf", help="GGUF model file.",
+        shown={"": "the embedded gemma-3-270m", CHAT: "the embedded SmolLM2-135M-Instruct"})
+    ctx_size: int = setting(
+        2048, group="model", short=("-c",), range=Range(16, MAX_CTX_SIZE), shapes_contexts=True, defaults={CHAT: 4096},
+        help="Context tokens per sequence (prompt + generation), at most the model's trained context.")
+    ctx_size_override: bool = setting(
+        False, group="model", help="Allow -c past the model's trained context (its output there is untested).")
+    threads: int = setting(
+        0, group="model", short=("-t",), show_default=False, shapes_contexts=True, help="CPU threads (0 = all cores).",
+        range=Range(0, max_threads(), why=f"0 = every core; at most {MAX_THREADS_PER_CORE} per CPU core",
+                    shown=f"0..{MAX_THREADS_PER_CORE} per CPU core"))
+    n_gpu_layers: int = setting(
+        0, group="model", short=("-ngl",), range=Range(-1, INT32_MAX, why="-1 = every layer"), shapes_contexts=True,
+        help="Layers to offload to the GPU (GPU builds of llama-cpp-python).")
+    batch_size: int = setting(512, group="model", short=("-b",), range=Range(8, MAX_CTX_SIZE), shapes_contexts=True,
+                              help="Rows per decode (prompt chunks).")
+    cache_type_k: str = setting("f16", group="model", short=("-ctk",), shapes_contexts=True,
+                                help="K cache type (f32, f16, q8_0, ...).")
+    cache_type_v: str = setting("f16", group="model", short=("-ctv",), shapes_contexts=True,
+                                help="V cache type; steering needs f16, bf16 or f32.")
+    flash_attn: str = setting("auto", group="model", short=("-fa",), choices=("auto", "on", "off"), shapes_contexts=True)
+    profile: bool = setting(
+        True, group="model", help="Apply the model's calibrated profile (fgdilp-cpp calibrate) to settings not given.")
+    auto_setup: bool = setting(
+        True, group="model",
+        help="A model without a profile gets one first from the fast setup (generate, compare, chat, serve, the API; "
+             "`calibrate --fast`; docs/method.md §7.7); off: the measured-safe defaults, unprofiled.")
+    rpc: Optional[str] = setting(
+        None, group="model", metavar="HOST:PORT[,HOST:PORT...]", shapes_contexts=True,
+        help="Place the model's layers on these llama.cpp rpc-server processes (an RPC build of llama-cpp-python: "
+             "tools/rpc-check.sh; docs/rpc.md). -ngl 0 then means every layer.")
+    # ---- chat and serve ---------------------------------------------------------------------------
+    chat_template: Optional[str] = setting(
+        None, group="chat", metavar="NAME",
+        help="A llama.cpp built-in chat format (chatml, llama3, gemma, ...) instead of the GGUF's.")
+    system_prompt: Optional[str] = setting(None, group="chat", short=("-sys",),
+                                           help="System message at the start of the conversation.")
+    history: bool = setting(
+        True, group="history",
+        help="Autosave the session (files 0600); also FGDILP_HISTORY=0 or history = false in --config.")
+    kv_reuse: bool = setting(
+        True, group="model", shapes_contexts=True,
+        help="Keep each sequence's KV between replies and decode only what changed (off: re-prefill).")
+    kv_conversations: int = setting(
+        1, group="model", range=Range(1, 16), shapes_contexts=True, defaults={"serve": 4},
+        help="With --kv-reuse: conversations whose KV each method keeps, the least recently used dropped first "
+             "(serve: one per concurrent user; memory grows with it).")
+    kv_budget_mib: int = setting(
+        0, group="model", range=Range(0, INT32_MAX, why="0 = half of this machine's memory less the model's weights"),
+        shapes_contexts=True,
+        help="KV cache that the methods' contexts may hold together, in MiB: a context is made when its method is "
+             "first used and the least recently used are dropped to stay within it (0 = half of this machine's "
+             "memory less the model's weights).")
+    instance_reuse: str = setting(
+        # FGDILP's instance kept while the conversation goes on, rebuilt when a turn escalates (docs/method.md
+        # §9.2): a fraction of the per-reply setup's time to first token (docs/results/chat-latency.md)
+        "turn", group="steer", choices=INSTANCE_REUSE, per_call=True, defaults={CHAT: "conversation"},
+        help="FGDILP in chat: build the instance prefixes every reply, or once per conversation.")
+    # ---- generation ---------------------------------------------------------------------------------
+    method: str = setting("tr", group="reply", method_choice=True, per_call=True, profile=True, api="method",
+                          api_custom=True, defaults={CHAT: "fgdilp"})
+    n_predict: int = setting(
+        64, group="reply", short=("-n",), flag_min=1, range=Range(1, MAX_CTX_SIZE), per_call=True,
+        api="max_tokens", api_aliases=("max_completion_tokens", "n_predict"), api_custom=True,
+        defaults={CHAT: 256, "compare": 40}, help="Most tokens to generate (chat: per reply).")
+    seed: int = setting(42, group="sampling", short=("-s",), range=Range(0, 2**32 - 1), per_call=True, api="seed")
+    temp: float = setting(0.8, group="sampling", range=Range(0.0), per_call=True, api="temperature",
+                          api_range=Range(0.0, 2.0))
+    top_k: int = setting(40, group="sampling", range=Range(0, INT32_MAX, why="0 = off"), per_call=True, api="top_k")
+    top_p: float = setting(0.95, group="sampling", range=Range(0.0, 1.0, lo_open=True), per_call=True, api="top_p")
+    min_p: float = setting(0.05, group="sampling", range=Range(0.0, 1.0, hi_open=True), per_call=True, api="min_p")
+    # llama.cpp's penalties over the last repeat_last_n reply tokens, and a GBNF grammar (defaults:
+    # off; no flag: a config file, a variable, the API or a request); OpenAI's range for presence / frequency
+    repeat_penalty: float = setting(1.0, range=Range(0.0, MAX_REPEAT_PENALTY, lo_open=True), per_call=True,
+                                    api="repeat_penalty")
+    presence_penalty: float = setting(0.0, range=Range(-2.0, 2.0), per_call=True, api="presence_penalty")
+    frequency_penalty: float = setting(0.0, range=Range(-2.0, 2.0), per_call=True, api="frequency_penalty")
+    repeat_last_n: int = setting(64, range=Range(0, MAX_REPEAT_LAST_N), per_call=True, api="repeat_last_n",
+                                 api_aliases=("penalty_last_n",), api_custom=True)
+    grammar: Optional[str] = setting(None, per_call=True, api="grammar", api_custom=True)
+    # ---- steering (TR and FGDILP) -------------------------------------------------------------------
+    steer_scale: float = setting(1.0, group="steer", range=Range(), per_call=True, profile=True, sweep=STEERING,
+                                 api="steer_scale", api_custom=True, help="Global strength of the edit.")
+    steer_layer_range: Optional[tuple[int, int]] = setting(
+        None, group="steer", metavar="START END", per_call=True, profile=True, sweep=STEERING, api="steer_layer_range",
+        api_custom=True, shown={CHAT: "the later half of the layers, without a profile"},
+        help="Steer only layers START..END (inclusive).")
+    exp_norm: float = setting(0.4, group="steer", range=Range(), per_call=True, profile=True, sweep=STEERING,
+                              help="Exponent a of lambda_norm = (1 + |delta|)^a.")
+    exp_sim: float = setting(0.6, group="steer", range=Range(), per_call=True, profile=True, sweep=HOOKED,
+                             help="Exponent b of lambda_sim = (1 + max(0, cos(v, e)))^b.")
+    renorm: bool = setting(True, group="steer", per_call=True, profile=True, sweep=HOOKED,
+                           help="Restore the row norm after the edit.")
+    edit: str = setting(  # docs/method.md §2.6
+        "tr", group="steer", choices=EDIT_RULES, per_call=True, profile=True, sweep=HOOKED,
+        help="Edit rule: tr subtracts the delta (then --renorm); rotate turns each head away from the delta and "
+             "keeps its norm.")
+    gate: Optional[float] = setting(  # §2.7
+        None, group="steer", metavar="THETA|off", range=Range(-1.0, 1.0, hi_open=True, why="a cosine"), per_call=True,
+        profile=True, sweep=HOOKED, shown={"": "off, every head"},
+        help="Edit a head only where cos(head output, delta) > THETA, in [-1, 1); the other heads stay unsteered.")
+    contrast: str = setting(  # §2.9
+        "full", group="steer", choices=CONTRASTS, per_call=True, profile=True, sweep=PREFIXED,
+        help="What the prefixed sequences P+ / P- hold after their prefix: the prompt and the reply (the papers), "
+             "or the reply alone (chat: a new message is decoded once, not three times).")
+    condition: Optional[float] = setting(  # §2.10
+        None, group="steer", metavar="THETA|off", range=Range(0.0, 1.0, why="a toxicity"), per_call=True,
+        profile=True, sweep=STEERING, api="condition", shown={"": "off, every prompt"},
+        help="Steer a prompt only where the offline toxicity scorer reads it (chat: any message of the "
+             "conversation) at least THETA toxic, in [0, 1]; any other prompt is generated unsteered.")
+    # ---- FGDILP (docs/method.md §10 defaults); chat: 4 candidates of 8 tokens, on SmolLM2 as
+    # detoxifying as more and longer ones, at a shorter setup (docs/results/chat-latency.md)
+    selfgen_samples: int = setting(
+        25, group="steer", range=Range(1, MAX_SEQUENCES, why="llama.cpp's sequences per context"),
+        shapes_contexts=True, profile=True, defaults={CHAT: 4}, help="FGDILP: self-generated samples N.")
+    selfgen_tokens: int = setting(20, group="steer", range=Range(1, MAX_CTX_SIZE), shapes_contexts=True, profile=True,
+                                  defaults={CHAT: 8}, help="FGDILP: new tokens per self-generated sample.")
+    selfgen_min_tokens: int = setting(5, group="steer", range=Range(1, MAX_CTX_SIZE), profile=True, defaults={CHAT: 4},
+                                      help="FGDILP: no end of a sample before this many tokens.")
+    negatives: int = setting(6, group="steer", range=Range(1, MAX_NEGATIVES), shapes_contexts=True, profile=True,
+                             help="FGDILP: negative prefixes.")
+    mask_k: float = setting(
+        50.0, group="steer", range=Range(0.0, 100.0, lo_open=True, why="a percentage"), per_call=True, profile=True,
+        sweep=INSTANCE, help="FGDILP: top-K % entries kept per sub-toxicity vector (100 = no masking).")
+    fusion: str = setting("max", group="steer", choices=FUSION_MODES, per_call=True, profile=True, sweep=INSTANCE)
+    sign_election: bool = setting(True, group="steer", per_call=True, profile=True, sweep=INSTANCE)
+    pad_blank: bool = setting(True, group="steer", profile=True,
+                              help="FGDILP: pad missing negatives with template-only prefixes.")
+    fused_norm: str = setting(  # §5.6
+        "none", group="steer", choices=FUSED_NORMS, per_call=True, profile=True, sweep=INSTANCE,
+        help="FGDILP: tr rescales each head of the fused delta to the norm of the mean delta (TR's strength, for "
+             "comparing at equal strength).")
+    diagnoser: str = setting(  # §4.2a
+        "self", group="steer", choices=DIAGNOSERS, per_call=True, profile=True, sweep=INSTANCE,
+        help="FGDILP: who ranks the self-generated samples: the model itself, the offline toxicity scorer "
+             "(tox-block), or auto (self only where its measured AUC reaches the scorer's).")
 
     # ---- views for the engine and the method ------------------------------------------------
     def engine(self, **over) -> EngineParams:
@@ -141,21 +218,21 @@ class Settings:
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
-    def updated(self, values: dict[str, Any]) -> "Settings":
+    def updated(self, values: Mapping[str, Any]) -> "Settings":
         """A copy with `values` (field names) applied, type-checked and checked against RANGES."""
         out = dataclasses.replace(self)
         types = {f.name: f.type for f in fields(self)}
         for name, v in values.items():
             if name not in types:
                 raise FgdilpError(f"unknown setting {name!r}")
-            setattr(out, name, checked(name, types[name], v))
+            setattr(out, name, checked(name, str(types[name]), v))
         return out
 
     @classmethod
     def checked_values(cls, values: Mapping[str, Any], where: str, spell: Callable[[str], str]) -> dict[str, Any]:
         """`values` (field names) type- and range-checked, for a source that is not a flag: an error
         names `where` they came from (if not "") and the setting as spelled there (spell(field))."""
-        types = {f.name: f.type for f in fields(cls)}
+        types = {f.name: str(f.type) for f in fields(cls)}
         out = {}
         for name, v in values.items():
             try:
@@ -188,128 +265,52 @@ class Settings:
         return (base or cls()).updated(cls.toml_values(path))
 
     @classmethod
-    def from_env(cls, environ) -> dict[str, Any]:
-        """FGDILP_<FLAG> variables (FGDILP_STEER_SCALE=0.5, FGDILP_RENORM=false,
+    def from_env(cls, environ: Mapping[str, str]) -> dict[str, Any]:
+        """FGDILP_<FIELD> variables (FGDILP_STEER_SCALE=0.5, FGDILP_RENORM=false,
         FGDILP_STEER_LAYER_RANGE="12 17"), as field values; FGDILP_MODEL names the model."""
-        types = {f.name: f.type for f in fields(cls)}
         out: dict[str, Any] = {}
-        for name, typ in types.items():
-            raw = environ.get("FGDILP_" + name.upper())
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
             if raw is None:
                 continue
-            flag = "FGDILP_" + name.upper()
             try:
-                if typ == "int":
-                    out[name] = int(raw)
-                elif typ == "float":
-                    out[name] = float(raw)
-                elif typ == "bool":
-                    if raw.strip().lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                        raise ValueError(raw)
-                    out[name] = raw.strip().lower() in ("1", "true", "yes", "on")
-                elif typ == "Optional[float]":
-                    out[name] = None if raw.strip().lower() in OFF_WORDS else float(raw)
-                elif typ == "Optional[tuple[int, int]]":
-                    a, b = raw.replace(",", " ").split()
-                    out[name] = (int(a), int(b))
-                else:
-                    out[name] = raw
+                out[f.name] = from_text(str(f.type), raw)
             except ValueError:
-                raise FgdilpError(f"{flag}={raw!r} is not a valid {name}") from None
+                raise FgdilpError(f"{env_name(f.name)}={raw!r} is not a valid {f.name}") from None
         return cls.checked_values(out, "", env_name)
 
 
-class SourcedParamError(ParamError):
-    """A ParamError whose message names where the value came from (a config file, a variable, a
-    profile): printed as it is, not as the setting's flag."""
-
-    def __init__(self, field: str, reason: str, message: str):
-        super().__init__(field, reason)
-        self.args = (message,)
-
-
-def toml_key(name: str) -> str:
-    """A field's key in a config file or a profile's settings: the long flag without dashes."""
-    return name.replace("_", "-")
-
-
-def env_name(name: str) -> str:
-    return "FGDILP_" + name.upper()
+# ---- the tables, read from the declarations -----------------------------------------------------
+SPECS: dict[str, Spec] = {f.name: f.metadata["spec"] for f in fields(Settings)}
+TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(Settings)}
+# the one range of every numeric setting (a test holds every int / float field to one): int
+# fields have int bounds, float fields float bounds (the text says 0..16 or [0, 1])
+RANGES: dict[str, Range] = {name: s.range for name, s in SPECS.items() if s.range is not None}
+# settings with a fixed set of values: refused when set (a flag, a config file, a sweep), not only
+# when a generation first uses them
+CHOICES: dict[str, tuple[str, ...]] = {name: s.choices for name, s in SPECS.items() if s.choices}
+PER_CALL = frozenset(name for name, s in SPECS.items() if s.per_call)      # the rest: make another Detoxifier
+PROFILE_FIELDS = frozenset(name for name, s in SPECS.items() if s.profile)   # never the model or the engine
+SWEEPABLE = {name: s.sweep for name, s in SPECS.items() if s.sweep is not None}
 
 
-# ---- the one range of every numeric setting ---------------------------------------------------
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric setting may take, whatever its source (flag, FGDILP_* variable, config
-    file, profile, API keyword, sweep): lo..hi (None: unbounded; open ends excluded), always finite.
-    Model-dependent limits (ctx_size within the trained context, the layer range) are checked
-    when the model is loaded."""
-
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    lo_open: bool = False
-    hi_open: bool = False
-    why: str = ""               # where the limit comes from, said when a value is refused
-    shown: str = ""             # the range in help text, where its numbers depend on the machine
-
-    def text(self) -> str:
-        """The range as a user reads it: "in 0..8", "in (0, 1]", ">= 0"."""
-        if self.lo is not None and self.hi is not None:
-            if isinstance(self.lo, int) and isinstance(self.hi, int) and not (self.lo_open or self.hi_open):
-                return f"in {self.lo}..{self.hi}"
-            return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return "a finite number"
-
-    def check(self, name: str, v: float) -> None:
-        if not math.isfinite(v):
-            raise ParamError(name, f"must be a finite number, not {v!r}")
-        low = self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)
-        high = self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
-        if low or high:
-            why = f" ({self.why})" if self.why else ""
-            raise ParamError(name, f"must be {self.text()}{why}, not {v!r}")
+def command_defaults(command: str) -> dict[str, Any]:
+    """The defaults of `command` that differ from the built-in ones ("serve" is chat's and its own)."""
+    chain = (CHAT, "serve") if command == "serve" else (command,)
+    return {name: s.defaults[c] for c in chain for name, s in SPECS.items() if c in s.defaults}
 
 
-INT32_MAX = 2**31 - 1          # llama.cpp's int32 parameters: a larger value would wrap in ctypes
-# every int / float field of Settings (a test holds it to that); int fields have int bounds, float
-# fields float bounds (the text says 0..16 or [0, 1])
-RANGES: dict[str, Range] = {
-    "ctx_size": Range(16, MAX_CTX_SIZE),
-    "threads": Range(0, max_threads(), why=f"0 = every core; at most {MAX_THREADS_PER_CORE} per CPU core",
-                     shown=f"0..{MAX_THREADS_PER_CORE} per CPU core"),
-    "n_gpu_layers": Range(-1, INT32_MAX, why="-1 = every layer"),
-    "batch_size": Range(8, MAX_CTX_SIZE),
-    "kv_conversations": Range(1, 16),
-    "kv_budget_mib": Range(0, INT32_MAX, why="0 = half of this machine's memory less the model's weights"),
-    "n_predict": Range(1, MAX_CTX_SIZE),
-    "seed": Range(0, 2**32 - 1),
-    "temp": Range(0.0),
-    "top_k": Range(0, INT32_MAX, why="0 = off"),
-    "top_p": Range(0.0, 1.0, lo_open=True),
-    "min_p": Range(0.0, 1.0, hi_open=True),
-    # llama.cpp's penalties sampler (params.SamplingParams): OpenAI's range for presence / frequency
-    "repeat_penalty": Range(0.0, MAX_REPEAT_PENALTY, lo_open=True),
-    "presence_penalty": Range(-2.0, 2.0),
-    "frequency_penalty": Range(-2.0, 2.0),
-    "repeat_last_n": Range(0, MAX_REPEAT_LAST_N),
-    "steer_scale": Range(),
-    "exp_norm": Range(),
-    "exp_sim": Range(),
-    "gate": Range(-1.0, 1.0, hi_open=True, why="a cosine"),
-    "condition": Range(0.0, 1.0, why="a toxicity"),
-    "selfgen_samples": Range(1, MAX_SEQUENCES, why="llama.cpp's sequences per context"),
-    "selfgen_tokens": Range(1, MAX_CTX_SIZE),
-    "selfgen_min_tokens": Range(1, MAX_CTX_SIZE),
-    "negatives": Range(1, MAX_NEGATIVES),
-    "mask_k": Range(0.0, 100.0, lo_open=True, why="a percentage"),
-}
+def default_label(command: str) -> str:
+    """The source a command's own default is reported as (the chat's /settings marks them *)."""
+    return "chat default" if command in (CHAT, "serve") else "default"
+
+
+CHAT_DEFAULTS = command_defaults(CHAT)
 
 
 def checked(name: str, typ: str, v: Any) -> Any:
     """`v` as the type of field `name`, within its range (RANGES); else ParamError."""
-    out = _coerce(name, typ, v)
+    out = coerce(name, typ, v, CHOICES.get(name, ()))
     if name in RANGES and out is not None:
         RANGES[name].check(name, out)
     if name == "rpc" and out is not None:          # "" = local; a malformed list is refused before any model loads
@@ -331,45 +332,68 @@ def fit_ctx_size(settings: "Settings", n_ctx_train: int, source: str) -> "Settin
                                  f"{settings.ctx_size} (--ctx-size-override runs past it)")
 
 
-def _coerce(name: str, typ: str, v: Any) -> Any:
-    if typ in ("int", "float") and isinstance(v, bool):
-        raise ParamError(name, f"must be a number, not {v!r}")
-    if typ == "int" and isinstance(v, int):
-        return v
-    if typ == "float" and isinstance(v, (int, float)):
-        return float(v)
-    if typ == "bool" and isinstance(v, bool):
-        return v
-    if typ == "str" and isinstance(v, str):
-        if name in CHOICES and v not in CHOICES[name]:
-            raise ParamError(name, f"must be one of {', '.join(CHOICES[name])}, not {v!r}")
-        return v
-    if typ == "Optional[str]" and (v is None or isinstance(v, str)):
-        return v
-    if typ == "Optional[float]":
-        if v is None or (isinstance(v, str) and v.strip().lower() in OFF_WORDS):
-            return None
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-        raise ParamError(name, f"must be a number or \"off\", not {v!r}")
-    if typ == "Optional[tuple[int, int]]":
-        if v is None:
-            return None
-        if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
-            return (int(v[0]), int(v[1]))
-        raise ParamError(name, f"must be two layer numbers [START, END], not {v!r}")
-    raise ParamError(name, f"has the wrong type: {v!r}")
+# ---- the one precedence -------------------------------------------------------------------------
+# a source before another wins; "call" is one generate()'s keyword, "api" the Detoxifier's
+PRECEDENCE = ("call", "flag", "api", "env", "config", "profile", "chat default", "default")
+SOFT = ("profile", "chat default", "default")          # what a model's profile may replace
 
 
-def default_sources(settings: "Settings", chat: bool = False) -> dict[str, str]:
-    """Where each value of `settings` came from when nobody said: "api" where it differs from the
-    built-in default (or the chat default), else "default" / "chat default"."""
-    from_chat = CHAT_DEFAULTS if chat else {}
-    base = Settings().updated(from_chat)
-    out = {}
-    for name in Settings.field_names():
-        if getattr(settings, name) != getattr(base, name):
-            out[name] = "api"
-        else:
-            out[name] = "chat default" if name in from_chat else "default"
+class ProfileLike(Protocol):
+    method: Optional[str]
+
+    def settings_for(self, method: str) -> dict[str, Any]: ...
+
+
+Layers = Mapping[str, Mapping[str, Any]]
+
+
+def winners(layers: Layers) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each field that a layer names: the value of the first source in PRECEDENCE that names it,
+    and that source ({source: {field: value}} in; a source PRECEDENCE lacks is refused)."""
+    unknown = set(layers) - set(PRECEDENCE)
+    if unknown:
+        raise FgdilpError(f"unknown setting source(s) {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for source in reversed(PRECEDENCE):
+        for name, v in (layers.get(source) or {}).items():
+            values[name], sources[name] = v, source
+    return values, sources
+
+
+def profile_layer(layers: Layers, profile: Optional[ProfileLike]) -> dict[str, Any]:
+    """A profile's values as a layer: its method (where nobody chose one) and that method's entry."""
+    if profile is None:
+        return {}
+    layer: dict[str, Any] = {"method": profile.method} if profile.method else {}
+    method = winners({**layers, "profile": layer})[0].get("method", Settings.method)
+    return {**layer, **{k: tuple(v) if isinstance(v, list) else v for k, v in profile.settings_for(method).items()}}
+
+
+def resolve(layers: Layers, command: str = "", profile: Optional[ProfileLike] = None
+            ) -> tuple[Settings, dict[str, str]]:
+    """The settings and where each came from, by PRECEDENCE over `layers` ({source: {field:
+    value}}), `command`'s defaults (command_defaults) and the profile's entry for the method
+    that wins (profile_layer); every value checked (type, choices, range)."""
+    given = {source: dict(values) for source, values in layers.items() if values}
+    label = default_label(command)
+    given[label] = {**command_defaults(command), **given.get(label, {})}
+    prof = profile_layer(given, profile)
+    if prof:
+        given["profile"] = prof
+    values, sources = winners(given)
+    return Settings().updated(values), {**dict.fromkeys(SPECS, "default"), **sources}
+
+
+def layers_of(settings: Settings, sources: Optional[Mapping[str, str]] = None, command: str = "") -> dict[str, dict[str, Any]]:
+    """`settings` as layers for resolve(): each field under its source, where `sources` does not say,
+    "api" where it differs from the (command's) default, else that default's label."""
+    own = command_defaults(command)
+    base = Settings().updated(own)
+    out: dict[str, dict[str, Any]] = {}
+    for name in SPECS:
+        v = getattr(settings, name)
+        default = default_label(command) if name in own else "default"
+        src = (sources or {}).get(name) or ("api" if v != getattr(base, name) else default)
+        out.setdefault(src, {})[name] = v
     return out

@@ -38,14 +38,16 @@ TEST_RPC = os.environ.get("FGDILP_TEST_RPC") or None
 def no_model_profiles(tmp_path_factory, monkeypatch, request):
     """Tests see no model profile (neither the user's nor the shipped ones) unless they make one:
     what a test checks must not depend on this machine's calibrations. Subprocesses inherit it.
-    Nor do they start the fast setup (FGDILP_AUTO_SETUP=0), and in-process a model without a
-    profile runs the built-in defaults, as with --no-profile, not the measured-safe stand-in
-    (tests/test_fast_setup.py, marked `unprofiled`, sees what a user meets)."""
+    Nor do they start the fast setup, and a model without a profile runs the built-in defaults as
+    with --no-profile, not the measured-safe stand-in: FGDILP_AUTO_SETUP=0 and FGDILP_PROFILE=0 for
+    the CLI, the same two seams patched in-process (a test that applies a profile through the CLI
+    drops FGDILP_PROFILE; tests/test_fast_setup.py, marked `unprofiled`, sees what a user meets)."""
     monkeypatch.setenv("FGDILP_PROFILE_PATH", str(tmp_path_factory.mktemp("no-profiles")))
     if request.node.get_closest_marker("unprofiled") is None:
         from fgdilp_cpp.api import Detoxifier
 
         monkeypatch.setenv("FGDILP_AUTO_SETUP", "0")
+        monkeypatch.setenv("FGDILP_PROFILE", "0")
         monkeypatch.setattr(Detoxifier, "_wants_setup", lambda self, settings, profile: False)
         monkeypatch.setattr(Detoxifier, "_stand_in", staticmethod(lambda model: None))
 

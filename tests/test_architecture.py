@@ -97,7 +97,10 @@ def test_value_types_and_errors_are_leaves():
     assert graph["fgdilp_cpp.errors"] == set()
     assert graph["fgdilp_cpp.params"] <= {"fgdilp_cpp.errors"}
     assert graph["fgdilp_cpp.rpc_endpoints"] <= {"fgdilp_cpp.errors"}      # a value check, a leaf too
-    assert graph["fgdilp_cpp.settings"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.params", "fgdilp_cpp.rpc_endpoints"}
+    # the settings' declarations (setting_spec) read the registry for which methods a setting changes
+    assert graph["fgdilp_cpp.setting_spec"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.methods"}
+    assert graph["fgdilp_cpp.settings"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.params", "fgdilp_cpp.rpc_endpoints",
+                                            "fgdilp_cpp.setting_spec"}
     assert graph["fgdilp_cpp.methods"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.params"}
 
 

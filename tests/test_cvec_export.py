@@ -108,6 +108,7 @@ def test_exported_vector_steers_gemma_in_llama_cpp_within_the_benign_budget(gemm
     from fgdilp_cpp.engine.tensors import weights_fingerprint
 
     monkeypatch.setenv("FGDILP_PROFILE_PATH", str(SHIPPED_DIR))          # the shipped gemma profile
+    monkeypatch.delenv("FGDILP_PROFILE")
     universal = find_universal(weights_fingerprint(str(gemma_path)), [SHIPPED_DIR])
     cv = tmp_path / "gemma-cvec.gguf"
     r = cli("vectors", "export", universal, "--cvec", cv, "-m", gemma_path)

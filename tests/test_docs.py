@@ -216,6 +216,7 @@ def _env(tmp: Optional[Path] = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.pop("FGDILP_PROFILE_PATH", None)  # the docs show the shipped profiles at work, as a user meets them
+    env.pop("FGDILP_PROFILE", None)
     env.setdefault("FGDILP_THREADS", "2")
     env.setdefault("FGDILP_N_PREDICT", "8")
     if tmp is not None:                   # chats saved, vectors installed: in the scratch folder

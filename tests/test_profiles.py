@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fgdilp_cpp.errors import FgdilpError
-from fgdilp_cpp.profiles import Profile, apply_profile, find_profile, profile_path_for
+from fgdilp_cpp.profiles import Profile, find_profile, profile_path_for
+from fgdilp_cpp.settings import CHAT_DEFAULTS, Settings, resolve
 
 from conftest import run_cli
 from tiny_model import TinyConfig, build_tiny_llama
@@ -33,23 +34,30 @@ def profiled(tiny_llama, tmp_path, monkeypatch):
     """The tiny model with a profile in a private XDG_CONFIG_HOME."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
     monkeypatch.delenv("FGDILP_PROFILE_PATH")          # the default search: the user's folder, the package's
+    monkeypatch.delenv("FGDILP_PROFILE")               # profiles on in the CLI too
     ident = _identity(tiny_llama[0])
     path = _profile(ident).save(profile_path_for(ident, tmp_path / "cfg" / "fgdilp-cpp" / "profiles"))
     return tiny_llama[0], ident, path
 
 
-def test_apply_profile_fills_only_defaults():
+def test_resolve_lets_a_profile_fill_only_defaults():
     prof = Profile(model={}, method="tr", methods={"tr": {"settings": {"steer_scale": 0.25, "exp_norm": 0.3}},
-                                                   "fgdilp": {"settings": {"mask_k": 30.0}}})
-    values = {"method": "none", "steer_scale": 1.0, "exp_norm": 0.4, "mask_k": 50.0}
-    out, src = apply_profile(values, {"exp_norm": "flag"}, prof)
-    assert out == {"method": "tr", "steer_scale": 0.25, "exp_norm": 0.4, "mask_k": 50.0}
+                                                   "fgdilp": {"settings": {"mask_k": 30.0, "selfgen_samples": 16}}})
+    s, src = resolve({"flag": {"exp_norm": 0.45}}, profile=prof)
+    assert (s.method, s.steer_scale, s.exp_norm, s.mask_k) == ("tr", 0.25, 0.45, 50.0)
     assert src["method"] == src["steer_scale"] == "profile" and src["exp_norm"] == "flag"
-    out, src = apply_profile(values, {"method": "env"}, prof)      # the method was chosen: its own entry
-    assert out["method"] == "none" and out["steer_scale"] == 1.0
-    out, _ = apply_profile(values, {"method": "config"}, prof, method="fgdilp")
-    assert out["mask_k"] == 30.0
-    assert apply_profile(values, {}, None) == (values, {})
+    s, src = resolve({"env": {"method": "none"}}, profile=prof)      # the method was chosen: its own entry
+    assert s.method == "none" and s.steer_scale == 1.0 and src["steer_scale"] == "default"
+    s, _ = resolve({"config": {"method": "fgdilp"}}, profile=prof)
+    assert s.mask_k == 30.0 and s.selfgen_samples == 16
+    # a profile wins over the command's defaults, a flag over both; without a profile the chat's own
+    s, src = resolve({"flag": {"method": "fgdilp"}}, "chat", prof)
+    assert s.selfgen_samples == 16 and src["selfgen_samples"] == "profile"
+    assert s.selfgen_tokens == CHAT_DEFAULTS["selfgen_tokens"] and src["selfgen_tokens"] == "chat default"
+    s, src = resolve({"flag": {"selfgen_samples": 3}}, "chat", prof)
+    assert s.method == "tr" and s.selfgen_samples == 3 and src["method"] == "profile"
+    assert resolve({}, profile=None)[0] == Settings()
+    assert resolve({}, "chat")[0] == Settings().updated(CHAT_DEFAULTS)
 
 
 def test_profile_round_trip_and_refusals(tmp_path):
@@ -139,6 +147,10 @@ def test_damaged_profile_of_this_model_is_a_clear_error(profiled):
     assert out.returncode == 1 and "cannot read profile" in out.stderr and "Traceback" not in out.stderr
 
 
+def _settings_rows(text: str) -> dict[str, str]:
+    return {x.split()[0]: x for x in text.splitlines() if x.strip()}
+
+
 def test_chat_settings_show_where_values_came_from(profiled, capsys):
     from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.repl import Session, command
@@ -148,11 +160,40 @@ def test_chat_settings_show_where_values_came_from(profiled, capsys):
         command(session, "/method random")
         command(session, "/settings")
     out = capsys.readouterr().out
-    lines = {x.split()[0]: x for x in out.splitlines() if x.strip()}
+    lines = _settings_rows(out)
     assert any(x.startswith("profile file") and str(profiled[2]) in x for x in out.splitlines())
-    assert lines["steer-scale"].endswith("(profile)") and " 0.25 " in lines["steer-scale"]
     assert lines["method"].split()[1] == "random" and lines["method"].endswith("(/method)")
     assert lines["n-predict"].endswith("(api)")
+
+
+def test_chat_settings_after_method_show_that_methods_values(profiled, capsys):
+    """/settings lists what the next reply runs: after /method X, X's profile entry (not the entry
+    of the method the chat started with), the chat's defaults where X's entry says nothing."""
+    from fgdilp_cpp.api import Detoxifier
+    from fgdilp_cpp.repl import Session, command
+
+    with Detoxifier.from_file(profiled[0], chat=True, ctx_size=128, threads=1, chat_template="chatml") as det:
+        session = Session(det, None)
+        command(session, "/settings")
+        before = _settings_rows(capsys.readouterr().out)
+        command(session, "/method random")
+        command(session, "/settings")
+        after = _settings_rows(capsys.readouterr().out)
+        runs = det.settings_for("random")
+    # the profile's method (tr) and its entry, over the chat's defaults
+    assert before["method"].split()[1:] == ["tr", "(profile)"]
+    assert before["steer-scale"].split()[1:] == ["0.25", "(profile)"]
+    assert before["steer-layer-range"].split()[1:] == ["(1,", "2)", "(profile)"]
+    assert before["exp-norm"].split()[1:] == ["0.3", "(profile)"]
+    # random's entry; what tr's entry set and random's does not goes back to the (chat) defaults
+    assert after["method"].split()[1:] == ["random", "(/method)"]
+    assert after["steer-scale"].split()[1:] == ["0.5", "(profile)"] and runs.steer_scale == 0.5
+    assert after["exp-norm"].split()[1:] == ["0.4", "(default)"] and runs.exp_norm == 0.4
+    assert after["steer-layer-range"].split()[1:] == ["None", "(default)"] and runs.steer_layer_range is None
+    for key in ("steer_scale", "exp_norm", "edit", "gate", "contrast", "mask_k", "instance_reuse"):   # as it runs
+        assert after[key.replace("_", "-")].split()[1 if key != "instance_reuse" else 2] == str(getattr(runs, key))
+    # what shapes the contexts stays: the chat's candidates
+    assert after["selfgen-samples"] == before["selfgen-samples"] and "*" in after["selfgen-samples"]
 
 
 def test_search_path(monkeypatch, tmp_path):

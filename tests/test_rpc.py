@@ -136,6 +136,7 @@ def test_steered_logits_through_rpc_equal_local(gemma_path, method, monkeypatch,
     from fgdilp_cpp.profiles import SHIPPED_DIR
 
     monkeypatch.setenv("FGDILP_PROFILE_PATH", str(SHIPPED_DIR))     # the shipped universal directions
+    monkeypatch.delenv("FGDILP_PROFILE")
     # the local run on llama.cpp's plain CPU buffers, as an rpc-server holds the weights: by default
     # a local CPU repacks quantised weights (CPU_REPACK), whose kernels round differently (docs/rpc.md)
     default_params = ll.llama_model_default_params

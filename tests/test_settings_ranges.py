@@ -159,7 +159,7 @@ def test_profile_with_a_bad_value_names_its_file(tiny_llama, tmp_path, monkeypat
     for bad, needle in (("abc", "steer-scale has the wrong type: 'abc'"), (1e400, "steer-scale must be a finite")):
         data["methods"]["tr"]["settings"]["steer_scale"] = bad
         path.write_text(json.dumps(data))
-        proc = run_cli(*GEN[:-2], "-m", tiny_llama[0], env={"FGDILP_PROFILE_PATH": str(folder)})
+        proc = run_cli(*GEN[:-2], "-m", tiny_llama[0], env={"FGDILP_PROFILE_PATH": str(folder), "FGDILP_PROFILE": "1"})
         assert_clean_error(proc, str(path), "method 'tr'", needle)
         assert "--steer-scale" not in proc.stderr
     data["methods"]["tr"]["settings"] = {"selfgen_samples": 0}

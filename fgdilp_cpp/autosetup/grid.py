@@ -55,8 +55,10 @@ def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Pro
     pool = load_prompts("rtp-toxic", CRITERION_OFFSET - DIRECTION_OFFSET, DIRECTION_OFFSET)
     records, labels, how = labelled_records(pool, per_class)
     report = None if progress is None else (lambda i, n: progress("directions", i, n))
-    return det.build_data_vectors([r.text for r in pool[:n_prompts]], [r.continuation for r in records],
-                                  list(labels), report, chat=chat,
+    # the prompts that give the heads their length: those that leave room for TR's prefixes in a
+    # context of the settings' size (a small -c must not stop the setup)
+    fits = [r.text for r in pool if 4 * len(det.model.tokenize(r.text)) < det.settings.ctx_size][:n_prompts]
+    return det.build_data_vectors(fits, [r.continuation for r in records], list(labels), report, chat=chat,
                                   labels={**how, "prompts": "rtp-toxic", "offset": DIRECTION_OFFSET,
                                           "end": CRITERION_OFFSET})
 

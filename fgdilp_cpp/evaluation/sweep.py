@@ -8,7 +8,7 @@ empty point; `tr` under a sweep of mask_k x steer_scale runs once per steer_scal
 that would give identical output are never repeated, and every record's "point" names exactly the
 settings that made it.
 
-Adding a sweepable setting is one line in SWEEPABLE (it must also be in api.PER_CALL).
+A setting is sweepable where its declaration (settings.Settings) says sweep=... (and per_call=True).
 """
 
 from __future__ import annotations
@@ -16,35 +16,14 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import fields
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .. import methods as registry
 from ..errors import FgdilpError
-from ..settings import OFF_WORDS, Settings
+from ..setting_spec import STEERING
+from ..settings import OFF_WORDS, SWEEPABLE, Settings
 
-# which methods a setting changes (a registry entry -> bool)
-STEERING: Callable[[registry.Method], bool] = lambda m: m.heads          # noqa: E731  TR edit, cvec, random, fgdilp
-INSTANCE: Callable[[registry.Method], bool] = lambda m: m.instance       # noqa: E731  FGDILP's fusion of its prefixes
-HOOKED: Callable[[registry.Method], bool] = lambda m: m.hook             # noqa: E731  the hook's edit (not cvec)
-PREFIXED: Callable[[registry.Method], bool] = lambda m: m.heads and m.prefix_room != 0   # noqa: E731  P+ / P-_j
-
-# Settings field -> the methods it changes. Only settings that can change per call (api.PER_CALL).
-SWEEPABLE: dict[str, Callable[[registry.Method], bool]] = {
-    "steer_scale": STEERING,
-    "steer_layer_range": STEERING,
-    "exp_norm": STEERING,
-    "exp_sim": HOOKED,
-    "renorm": HOOKED,
-    "edit": HOOKED,
-    "gate": HOOKED,
-    "contrast": PREFIXED,
-    "condition": STEERING,
-    "mask_k": INSTANCE,
-    "fusion": INSTANCE,
-    "sign_election": INSTANCE,
-    "fused_norm": INSTANCE,
-    "diagnoser": INSTANCE,
-}
+# SWEEPABLE (settings.py): Settings field -> the methods it changes, the settings declared sweep=...
 
 Point = dict[str, Any]
 
