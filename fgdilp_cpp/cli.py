@@ -10,8 +10,8 @@ import click
 from click.core import ParameterSource
 
 from . import methods as registry
-from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _detoxifier, _settings, friendly_errors, method_list,
-                          model_options, sampling_options, sources, steer_options, with_vectors)
+from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _detoxifier, _settings, brief_notices, friendly_errors,
+                          method_list, model_options, sampling_options, sources, steer_options, with_vectors)
 from .errors import FgdilpError
 from .explain import explain_lines
 
@@ -20,6 +20,7 @@ from .explain import explain_lines
 @click.version_option(package_name="fgdilp-cpp")
 def main() -> None:
     """Detoxify GGUF language models on llama.cpp by steering attention outputs (FGDILP / TR)."""
+    brief_notices()
 
 
 @main.command()
@@ -215,7 +216,7 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
         click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
 
 
-MEMORY_BENCH_METHODS = "none,fgdilp-universal,tr,fgdilp"    # the default method (universal) among them
+MEMORY_BENCH_METHODS = f"none,{registry.UNIVERSAL},tr,fgdilp"    # the default method (universal) among them
 
 
 def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..method.sources import LABELLED_TEXT
 from ..method.vectors import HeadDirections, random_heads
 from .points import PointScores
 from .scoring import SteeredNLL
@@ -46,18 +47,18 @@ def criterion_texts(per_class: int) -> tuple[list[Pair], list[Pair], list[Pair]]
 
 
 def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Progress] = None) -> HeadDirections:
-    """The model's universal directions from labelled text (Detoxifier.build_data_vectors) on the
-    direction records alone."""
+    """The model's universal directions from labelled text (Detoxifier.build_vectors, source
+    labelled-text) on the direction records alone."""
     from ..evaluation.prompts import load_prompts
     from ..universal import labelled_records
 
     pool = load_prompts("rtp-toxic", CRITERION_OFFSET - DIRECTION_OFFSET, DIRECTION_OFFSET)
     records, labels, how = labelled_records(pool, per_class)
     report = None if progress is None else (lambda i, n: progress("directions", i, n))
-    return det.build_data_vectors([r.text for r in pool[:n_prompts]], [r.continuation for r in records],
-                                  list(labels), report,
-                                  labels={**how, "prompts": "rtp-toxic", "offset": DIRECTION_OFFSET,
-                                          "end": CRITERION_OFFSET})
+    return det.build_vectors([r.text for r in pool[:n_prompts]], LABELLED_TEXT,
+                             texts=[r.continuation for r in records], toxic=list(labels), progress=report,
+                             labels={**how, "prompts": "rtp-toxic", "offset": DIRECTION_OFFSET,
+                                     "end": CRITERION_OFFSET})
 
 
 def score_points(judge: SteeredNLL, hd: HeadDirections, ranges: Sequence[tuple[int, int]],

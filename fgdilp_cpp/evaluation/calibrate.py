@@ -243,7 +243,7 @@ def _universal_file(det) -> dict:
     scale means nothing for another file, so merge_profiles never prefers an entry of another)."""
     import hashlib
 
-    i = det.info(probe=False)          # the file method fgdilp-universal applies, and its source
+    i = det.info(probe=False)          # the file method universal applies, and its source
     if i["universal"] is None:
         return {}
     return {"universal_sha256": hashlib.sha256(Path(i["universal"]).read_bytes()).hexdigest(),

@@ -177,7 +177,7 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
     if chat:                         # likewise absent for plain continuation
         cfg["chat"] = True
     vectors = getattr(det, "vectors_sha256", None)
-    if vectors:                      # saved directions replace fgdilp-frozen's: a run is tied to its file
+    if vectors:                      # saved directions (method vectors): a run is tied to its file
         cfg["vectors_sha256"] = vectors
     return json.loads(_dumps(cfg))
 
