@@ -16,7 +16,7 @@ import numpy as np
 
 from . import methods
 from .condition import prompt_condition
-from .conversation import ConversationInstances
+from .instance_cache import ConversationInstances
 from .decode import run_plan
 from .engine import Capture, Context, ContextParams, Lockstep, Model
 from .engine.context import UNQUANTISED_CACHE
@@ -239,7 +239,7 @@ class Generator(MethodContexts):
         special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
         cancel() that came before this call (the caller reset it with reset_cancel()).
         instance_reuse: "turn" builds FGDILP's instance for every prompt; "conversation" keeps the
-        one built for an earlier prompt that this prompt extends (conversation.py).
+        one built for an earlier prompt that this prompt extends (instance_cache.py).
         kv_reuse: keep the KV cells an earlier run left for the common prefix (chat turns; None =
         the engine's kv_reuse). Reused and fresh prefills agree to float rounding, not bit for bit,
         so runs that must not depend on what ran before (evaluation, generate) pass False.

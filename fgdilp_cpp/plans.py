@@ -75,7 +75,7 @@ class Runtime:
     def self_diagnoser(self):
         """Self-diagnosis with this model (yes/no tokens chosen once)."""
         if "self_diagnoser" not in self.memo:
-            from .instance import Diagnoser
+            from .self_diagnosis import Diagnoser
 
             self.memo["self_diagnoser"] = Diagnoser.for_model(self.model)
         return self.memo["self_diagnoser"]
@@ -362,7 +362,7 @@ def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingP
 
 
 def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams, where: str):
-    from .instance import self_generate
+    from .self_generation import self_generate
 
     f, model = rt.fgdilp, rt.model
     ctx = rt.context(where)
