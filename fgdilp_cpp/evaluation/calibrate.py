@@ -107,7 +107,7 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
     part with one setting changed at a time (step "ablation-<prompts>x<samples>"; its report's
     ablation table compares each change with the chosen point)."""
     out = Path(out_dir)
-    names = [m for m in (methods or registry.names()) if m != registry.UNSTEERED]
+    names = [registry.canonical(m) for m in (methods or registry.names()) if m != registry.UNSTEERED]
     all_methods = [registry.UNSTEERED] + names
     axes = dict(axes or {})
     axes.setdefault("steer_scale", list(sizes.scales))
