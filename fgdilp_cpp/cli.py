@@ -10,10 +10,29 @@ import click
 from click.core import ParameterSource
 
 from . import methods as registry
-from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _detoxifier, _settings, brief_notices, friendly_errors,
-                          method_list, model_options, sampling_options, sources, steer_options, with_vectors)
+from .cli_options import (DEFAULT_BENCH_PROMPT, MethodChoice, _detoxifier, _settings, friendly_errors, method_list,
+                          model_options, sampling_options, sources, steer_options, with_vectors)
 from .errors import FgdilpError
 from .explain import explain_lines
+
+
+def brief_notices() -> None:
+    """Our notices (a method asked for by a former name: registry.MethodRenamedWarning) as one line
+    on stderr, "warning: ...", instead of Python's file:line form; other warnings as Python shows them."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "fgdilp_brief", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, registry.MethodRenamedWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.fgdilp_brief = True          # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

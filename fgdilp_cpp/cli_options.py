@@ -88,25 +88,6 @@ def method_list(text: str, has_vectors: bool = False) -> list[str]:
     return list(dict.fromkeys(methods.run_name(m, has_vectors) for m in names))
 
 
-def brief_notices() -> None:
-    """Our notices (a method asked for by a former name: methods.MethodRenamedWarning) as one line
-    on stderr, "warning: ...", instead of Python's file:line form; other warnings as Python shows them."""
-    import warnings
-
-    shown = warnings.showwarning
-    if getattr(shown, "fgdilp_brief", False):
-        return
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, methods.MethodRenamedWarning):
-            click.echo(f"warning: {message}", err=True)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    show.fgdilp_brief = True          # type: ignore[attr-defined]
-    warnings.showwarning = show
-
-
 def _fail(message: str, code: int = 1) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
