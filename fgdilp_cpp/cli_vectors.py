@@ -30,7 +30,7 @@ class SourceChoice(click.Choice):
 
 @click.group()
 def vectors() -> None:
-    """Build, apply and inspect saved head directions (frozen FGDILP)."""
+    """Build, apply and inspect saved head directions (frozen FGDILP, universal, from labelled text)."""
 
 
 @vectors.command("build")
