@@ -1,7 +1,9 @@
 """The methods, as one registry: each entry says what a method runs, and names the function that
 builds its per-prompt plan. Everything that offers or checks a method name (CLI choices, the server,
 the chat REPL's /method, eval, bench) reads this table; adding a method is one `register()` call
-plus its plan function.
+plus its plan function. A renamed method keeps its former name as an alias (alias(), canonical()):
+read wherever a method is named, run and reported under the name now, with one notice per process.
+With a vectors file loaded, a method that applies it runs, and is reported, as `vectors` (run_name()).
 
 This module is import-light (no llama.cpp, no native library): plan builders and prefix-room
 functions may be given as "module:function" strings inside the package, resolved on first use.
