@@ -34,7 +34,7 @@ native: install
 # each method at the embedded model's calibrated profile (fgdilp_cpp/profiles/, docs/results.md):
 # the strength and layer range that stayed within the fluency budget
 demo: install
-	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr,fgdilp,fgdilp-frozen,fgdilp-universal
+	$(VENV)/bin/fgdilp-cpp compare -p "$(DEMO_PROMPT)" -n 40 --methods none,prompt,tr,fgdilp,fgdilp-frozen,universal
 
 test: install
 	$(PY) -m pytest -q

@@ -14,8 +14,9 @@ generate(), chat() or a stream runs.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,6 +27,7 @@ from .condition import conversation_texts
 from .errors import FgdilpError
 from .engine import Model
 from .generation import GenResult, identity_of, open_generator, probe_kqv_out
+from .method.sources import FGDILP_INSTANCES, LABELLED_TEXT
 from .method.vectors import HeadDirections
 from .models import resolve_model
 from .profiles import DamagedProfile, Profile, fast_setup_intact, find_profile, find_universal, is_fast, model_identity
@@ -60,6 +62,10 @@ class Detoxifier:
             from .evaluation.assets import smollm2_path
 
             settings = settings.updated({"model": str(smollm2_path())})
+        # the method as it runs, and is reported: a former name as its name now; with a vectors file,
+        # a method that applies it as the saved-vectors method (whose profile entry is the one it stands in for)
+        if methods.is_method(settings.method, saved_vectors=vectors_path is not None):
+            settings = settings.updated({"method": methods.run_name(settings.method, vectors_path is not None)})
         self._command = CHAT if chat else ""
         # the settings as given, by source (resolve() adds the profile; a per-call method resolves again)
         self._layers = layers_of(settings, sources, self._command)
@@ -321,8 +327,8 @@ class Detoxifier:
         out["profile_kind"] = (None if self.profile is None else self.profile.setup.get("kind") or "calibrated")
         out["profile_note"] = self.profile_note
         found = find_universal(self.model.fingerprint()["weights_sha256"])
-        out["universal"] = None if found is None else str(found)      # method fgdilp-universal's directions
-        out["universal_source"] = None if found is None else HeadDirections.load(found).method
+        out["universal"] = None if found is None else str(found)      # method universal's directions
+        out["universal_source"] = None if found is None else HeadDirections.load(found).source
         return out
 
     def self_diagnosis(self, texts: list[str]) -> np.ndarray:
@@ -345,65 +351,46 @@ class Detoxifier:
         d = self._gen.rt.self_diagnoser()
         return d.yes_text, d.no_text
 
-    def build_vectors(self, prompt: str, chat: bool = False) -> HeadDirections:
-        """FGDILP's frozen head directions for `prompt` (self-generation, diagnosis, fusion at the
-        prompt's end), as a HeadDirections value to save() and apply later with vectors=FILE.
-        chat: the prompt is a user message in the model's chat template (as chat steers it)."""
-        text = self._as_user_message(prompt) if chat else prompt
-        settings = {**self._recorded_settings(), **({"chat": True} if chat else {})}
-        return self._gen.build_vectors(text, self.settings.sampling(), settings, special=chat)
+    def build_vectors(self, prompts: Union[str, Sequence[str]], source: str = FGDILP_INSTANCES, *,
+                      chat: bool = False, texts: Optional[Sequence[str]] = None,
+                      toxic: Optional[Sequence[bool]] = None, reply_to: Optional[Sequence[str]] = None,
+                      labels: Optional[dict] = None, progress=None) -> HeadDirections:
+        """Head directions from one source (method.sources; in the spirit of repeng's
+        ControlVector.train(method=...)), a HeadDirections to save() and apply later with
+        vectors=FILE, or to install as the model's universal directions:
+
+        - "fgdilp-instances": FGDILP's instance prefixes (self-generation, diagnosis, fusion at the
+          prompt's end). One prompt (a str): its frozen directions, what fgdilp-frozen steers it
+          with; a list: the prompt-end directions averaged over them (universal).
+        - "tr-prefixes": TR's prefixes' delta at each prompt's end, averaged over `prompts`.
+        - "labelled-text": per head, the mean kqv_out row of the `toxic` texts minus that of the
+          others (each averaged over its tokens; docs/method.md §7.6), at the per-head norm of TR's
+          delta averaged over `prompts` (so scales compare with the other universal files).
+
+        chat: the prompts are user messages in the model's chat template (directions for chat);
+        labelled texts are read as given, or with reply_to (chat only) each as the assistant's
+        reply to its user message, averaged over the reply's tokens. labels: how the texts were
+        chosen (recorded). progress(i, n): called after each prompt of a list."""
+        from .directions import Builder
+
+        return Builder(self._gen, self.settings, self._recorded_settings(), self._as_user_message).build(
+            prompts, source, chat=chat, texts=texts, toxic=toxic, reply_to=reply_to, labels=labels, progress=progress)
 
     def build_universal_vectors(self, prompts: list[str], source: str = "tr", progress=None,
                                 chat: bool = False) -> HeadDirections:
-        """Universal head directions: the prompt-end delta (and e) of each prompt, averaged over
-        `prompts` (source "tr": TR's prefixes; "fgdilp": FGDILP's instance prefixes with the
-        diagnoser in force). Applied later with vectors=FILE, with no per-prompt setup. chat: each
-        prompt is a user message in the model's chat template (directions for chat)."""
-        from .universal import universal_directions
-
-        texts = [self._as_user_message(p) for p in prompts] if chat else list(prompts)
-        rows, e, n = universal_directions(self._gen.rt, texts, source, self.settings.sampling(),
-                                          self.settings.ctx_size, progress, special=chat)
-        i = self.model.info
-        shape = (i.n_layer, i.n_head, i.head_dim)
-        settings = {**self._recorded_settings(), "universal": {"source": source, "n_prompts": n, "chat": chat}}
-        return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
-                              method=f"universal-{source}", settings=settings).validate()
+        """Deprecated: build_vectors(list(prompts), source, ...)."""
+        warnings.warn("build_universal_vectors is deprecated: use build_vectors(prompts, source=...)",
+                      DeprecationWarning, stacklevel=2)
+        return self.build_vectors(list(prompts), source, chat=chat, progress=progress)
 
     def build_data_vectors(self, prompts: list[str], texts: list[str], toxic: list[bool], progress=None,
                            chat: bool = False, labels: Optional[dict] = None,
                            reply_to: Optional[list[str]] = None) -> HeadDirections:
-        """Universal head directions from labelled texts (docs/method.md §7.6): per head, the mean
-        kqv_out row of the `toxic` texts minus that of the others (each averaged over its tokens),
-        at the per-head norm of TR's delta averaged over `prompts` (so scales compare with the
-        other universal files). chat: the prompts are user messages in the chat template; the texts
-        are read as given, or with reply_to (chat only) each as the assistant's reply to its user
-        message, averaged over the reply's tokens. labels: how the texts were chosen (settings)."""
-        from .universal import data_directions
-
-        if len(texts) != len(toxic):
-            raise FgdilpError(f"{len(texts)} texts but {len(toxic)} labels")
-        starts = None
-        if reply_to is not None:
-            if not chat or len(reply_to) != len(texts):
-                raise FgdilpError("reply_to needs chat=True and one user message per text")
-            heads = [self._as_user_message(m) for m in reply_to]
-            starts = [len(self.model.tokenize(h, special=True)) for h in heads]
-            texts = [h + t for h, t in zip(heads, texts)]
-        shown = [self._as_user_message(p) for p in prompts] if chat else list(prompts)
-        if not shown:
-            raise FgdilpError("no prompts to measure the directions' strength on")
-        rows, e, n = data_directions(self._gen.rt, list(texts), list(toxic), shown, self.settings.sampling(),
-                                     self.settings.ctx_size, self.settings.threads, progress, special=chat,
-                                     starts=starts)
-        i = self.model.info
-        shape = (i.n_layer, i.n_head, i.head_dim)
-        universal = {"source": "data", "n_prompts": n, "chat": chat, "n_texts": len(texts),
-                     **({"texts_as": "replies"} if reply_to is not None else {}),
-                     "n_toxic": int(np.sum(np.asarray(toxic, dtype=bool))), **({"texts": labels} if labels else {})}
-        return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
-                              method="universal-data", settings={**self._recorded_settings(), "universal": universal}
-                              ).validate()
+        """Deprecated: build_vectors(prompts, "labelled-text", texts=..., toxic=..., ...)."""
+        warnings.warn("build_data_vectors is deprecated: use build_vectors(prompts, source='labelled-text', "
+                      "texts=..., toxic=...)", DeprecationWarning, stacklevel=2)
+        return self.build_vectors(list(prompts), LABELLED_TEXT, chat=chat, texts=texts, toxic=toxic,
+                                  reply_to=reply_to, labels=labels, progress=progress)
 
     def _recorded_settings(self) -> dict:
         """The settings a built directions file records: the model by file name, not by this
@@ -463,6 +450,8 @@ class Detoxifier:
 
     # ---- internals ----------------------------------------------------------------------------
     def _args(self, overrides: dict) -> tuple[Settings, str]:
+        if "method" in overrides and methods.is_method(overrides["method"], saved_vectors=self._gen.vectors is not None):
+            overrides = {**overrides, "method": methods.run_name(overrides["method"], self._gen.vectors is not None)}
         s = self.call_settings(overrides)[0]
         if self._gen.vectors is None:
             return s, self._gen.resolve(s.method).name

@@ -4,7 +4,7 @@ time to first token of the same methods, side by side in one process (bench.py's
 
 Each memory figure comes from a fresh subprocess (`python -m fgdilp_cpp.bench_memory SPEC`), so
 methods never share a peak. A model without installed universal directions (a random-weight
-bench model) runs fgdilp-universal with random directions of its shape: the same code path.
+bench model) runs universal with random directions of its shape: the same code path.
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from . import methods
 from .bench import chat_turns, run_chat_turns
 from .kv_memory import MIB
 
-UNIVERSAL = "fgdilp-universal"
-
-
 def peak_rss_mib() -> float:
     """This process's peak resident set (VmHWM), MiB."""
     try:
@@ -39,7 +36,7 @@ def peak_rss_mib() -> float:
 
 
 def universal_source(det) -> str:
-    """Where fgdilp-universal's directions come from: the model's installed file, or (a bench
+    """Where universal's directions come from: the model's installed file, or (a bench
     model has none) random directions of its shape, set on the Detoxifier's runtime."""
     from .profiles import find_universal
 
@@ -53,7 +50,7 @@ def universal_source(det) -> str:
     i = det.model.info
     rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
     v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
-                       method="random", settings={}).validate()
+                       source="random", settings={}).validate()
     det._gen.rt.universal = lambda: v          # noqa: SLF001 - a benchmark's stand-in for an installed file
     return "random"
 

@@ -16,10 +16,30 @@ from .errors import FgdilpError
 from .explain import explain_lines
 
 
+def brief_notices() -> None:
+    """Our notices (a method asked for by a former name: registry.MethodRenamedWarning) as one line
+    on stderr, "warning: ...", instead of Python's file:line form; other warnings as Python shows them."""
+    import warnings
+
+    shown = warnings.showwarning
+    if getattr(shown, "fgdilp_brief", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, registry.MethodRenamedWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.fgdilp_brief = True          # type: ignore[attr-defined]
+    warnings.showwarning = show
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fgdilp-cpp")
 def main() -> None:
     """Detoxify GGUF language models on llama.cpp by steering attention outputs (FGDILP / TR)."""
+    brief_notices()
 
 
 @main.command()
@@ -216,7 +236,7 @@ def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vect
         click.echo(f"{m:<15}{r['tokens_per_s']:>10.2f}{r['ratio_vs_none']:>8.3f}{r['prefill_s']:>11.3f}{sr:>13}")
 
 
-MEMORY_BENCH_METHODS = "none,fgdilp-universal,tr,fgdilp"    # the default method (universal) among them
+MEMORY_BENCH_METHODS = f"none,{registry.UNIVERSAL},tr,fgdilp"    # the default method (universal) among them
 
 
 def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:

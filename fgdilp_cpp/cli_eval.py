@@ -40,7 +40,8 @@ NO_JUDGE = "none"
               help="Run the steered methods at the run's settings and again with KEY changed, one setting at "
                    "a time (repeatable): the report's ablation table pairs each change with the base.")
 @click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
-              help="Saved directions: fgdilp-frozen applies them instead of building its own (as in generate); "
+              help="Saved directions: run as method vectors (fgdilp-frozen names it too) instead of building "
+                   "FGDILP's own (as in generate); "
                    "the file's hash is part of the run's settings.")
 @click.option("--split", type=click.Choice(["calibration", "test"]), default=None,
               help="Only calibrate's part of the prompts: even ids (calibration) or odd ids (test); "
@@ -102,7 +103,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     for j in judge_names:
         if j not in PPL_JUDGES:
             raise FgdilpError(f"unknown judge {j!r} ({', '.join(PPL_JUDGES)} or {NO_JUDGE})")
-    names = method_list(methods or ",".join(every_method(s)))
+    names = method_list(methods or ",".join(every_method(s)), has_vectors=vectors_path is not None)
     ablation = None
     if ablate:
         from .evaluation.ablation import ablation_points

@@ -65,19 +65,21 @@ class MethodChoice(click.ParamType):
 
     def convert(self, value, param, ctx):
         if methods.is_method(value):
-            return value
+            return methods.canonical(value)      # a former name: its name now (and a notice)
         self.fail(f"{value!r} is not a method (one of {', '.join(methods.names())})", param, ctx)
 
 
-def method_list(text: str) -> list[str]:
-    """Comma-separated method names, each checked against the registry."""
+def method_list(text: str, has_vectors: bool = False) -> list[str]:
+    """Comma-separated method names, each checked against the registry, as they run
+    (methods.run_name: a former name as its name now; with has_vectors, a method that applies the
+    vectors file as the saved-vectors method, which may then be named too), each once."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     for m in names:
-        if not methods.is_method(m):
+        if not methods.is_method(m, saved_vectors=has_vectors):
             raise FgdilpError(f"unknown method {m!r} (one of {', '.join(methods.names())})")
     if not names:
         raise FgdilpError("no method given")
-    return names
+    return list(dict.fromkeys(methods.run_name(m, has_vectors) for m in names))
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -260,7 +262,7 @@ def announce(det) -> None:
 
 def every_method(s) -> list[str]:
     """The default of --methods (eval, calibrate): every listed method the model of settings `s`
-    can run (fgdilp-universal only where the model has universal directions)."""
+    can run (universal only where the model has universal directions)."""
     from .engine.tensors import weights_fingerprint
     from .models import resolve_model
     from .profiles import find_universal
@@ -279,15 +281,13 @@ def sources() -> dict[str, str]:
 
 
 def with_vectors(s, vectors_path):
-    """--vectors runs saved directions (frozen): the method becomes fgdilp-frozen, and another
-    --method given on the command line is refused."""
+    """--vectors runs saved directions (frozen): the method becomes the saved-vectors one (a run
+    named `vectors`), and a --method given on the command line that cannot apply them is refused."""
     if not vectors_path:
         return s
     given = click.get_current_context().get_parameter_source("method") != ParameterSource.DEFAULT
     if given and methods.get(s.method).with_vectors is None:
         raise FgdilpError(f"--vectors applies saved directions (frozen); it cannot run --method {s.method}")
-    if given:
-        return s
     ctx = click.get_current_context()
-    ctx.meta.setdefault("fgdilp.sources", {})["method"] = "flag"      # --vectors chose it
-    return s.updated({"method": methods.running_saved_vectors()[0]})
+    ctx.meta.setdefault("fgdilp.sources", {})["method"] = "flag"      # --vectors chose it, or the flag
+    return s.updated({"method": methods.SAVED_VECTORS})

@@ -11,13 +11,26 @@ from pathlib import Path
 
 import click
 
+from . import methods
 from .cli_options import _detoxifier, _settings, friendly_errors, model_options, sampling_options, steer_options
 from .errors import FgdilpError
+from .method.sources import FGDILP_INSTANCES, LABELLED_TEXT, SHORT_NAMES, SOURCES, source_named
+
+
+class SourceChoice(click.Choice):
+    """--from: a source's name (method.sources), or the short word it had before (tr, fgdilp, data),
+    still read but no longer shown."""
+
+    def __init__(self) -> None:
+        super().__init__(SOURCES)
+
+    def convert(self, value, param, ctx):
+        return super().convert(source_named(value) if value in SHORT_NAMES else value, param, ctx)
 
 
 @click.group()
 def vectors() -> None:
-    """Build, apply and inspect saved head directions (frozen FGDILP)."""
+    """Build, apply and inspect saved head directions (frozen FGDILP, universal, from labelled text)."""
 
 
 @vectors.command("build")
@@ -29,48 +42,60 @@ def vectors() -> None:
               help="Universal directions: average the prompt-end deltas over these prompts (built-in set or file).")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True, help="With --prompts: prompts used.")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
-@click.option("--from", "source", type=click.Choice(["tr", "fgdilp", "data"]), default=None,
-              help="Whose prefixes give each delta: TR's (default with --prompts) or FGDILP's instance "
-                   "prefixes with --diagnoser; data: toxic minus clean labelled texts (--probe-prompts), "
-                   "at the strength of TR's delta over --prompts (reply contrast). Without it, -p saves FGDILP's frozen "
-                   "directions for the prompt.")
+@click.option("--from", "source", type=SourceChoice(), default=None,
+              help="Where the directions come from: TR's prefixes (default with --prompts) or FGDILP's instance "
+                   "prefixes with --diagnoser, each a prompt-end delta; labelled-text: toxic minus clean labelled "
+                   "texts (--labelled-texts), at the strength of TR's delta over --prompts (reply contrast). "
+                   "Without it, -p saves FGDILP's frozen directions for the prompt.")
 @click.option("--probe-top-k", type=click.IntRange(0), default=0, show_default=True,
               help="Steer only the K heads whose toxicity probes are most accurate (0 = every head).")
 @click.option("--probe-weights", is_flag=True, help="Weight heads by probe accuracy (accuracy - 0.5, best = 1).")
-@click.option("--probe-prompts", default="rtp-toxic", show_default=True, metavar="SET|FILE",
-              help="RTP records whose continuations (Perspective toxicity) label the texts of the probes "
-                   "and of --from data.")
-@click.option("--probe-offset", type=click.IntRange(0), default=1000, show_default=True,
+@click.option("--labelled-texts", "probe_prompts", default="rtp-toxic", show_default=True, metavar="SET|FILE",
+              help="RTP records whose continuations, labelled by their Perspective toxicity, are the texts of "
+                   "--from labelled-text and of the head probes.")
+@click.option("--labelled-offset", "probe_offset", type=click.IntRange(0), default=1000, show_default=True,
               help="First labelled record (default: past the development and held-out slices).")
-@click.option("--probe-per-class", type=click.IntRange(4), default=150, show_default=True,
+@click.option("--labelled-per-class", "probe_per_class", type=click.IntRange(4), default=150, show_default=True,
               help="Toxic (>= 0.5) and clean (< 0.1) continuations each.")
+# their names before: they choose the texts of --from labelled-text too, not only the probes'
+@click.option("--probe-prompts", "old_prompts", default=None, hidden=True)
+@click.option("--probe-offset", "old_offset", type=click.IntRange(0), default=None, hidden=True)
+@click.option("--probe-per-class", "old_per_class", type=click.IntRange(4), default=None, hidden=True)
 @click.option("--chat", "chat_mode", is_flag=True,
               help="Each prompt is a user message in the model's chat template (directions for chat).")
 @click.option("--texts-as-replies", "as_replies", is_flag=True,
-              help="With --from data --chat: read each labelled text as the assistant's reply to its RTP "
+              help="With --from labelled-text --chat: read each labelled text as the assistant's reply to its RTP "
                    "prompt in the chat template (averaged over the reply), not as plain text.")
 @click.option("-o", "--output", default=None, metavar="OUT.gguf")
 @click.option("--install", is_flag=True,
-              help="With --prompts: save them as this model's universal directions (method fgdilp-universal), "
+              help=f"With --prompts: save them as this model's universal directions (method {methods.UNIVERSAL}), "
                    "in the user's profile folder (the first of FGDILP_PROFILE_PATH where it is set).")
 @click.option("--no-progress", is_flag=True)
 @friendly_errors
 def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_weights, probe_prompts, probe_offset,
-                  probe_per_class, chat_mode, as_replies, output, install, no_progress, **kw):
+                  probe_per_class, old_prompts, old_offset, old_per_class, chat_mode, as_replies, output, install,
+                  no_progress, **kw):
     """Save per-head directions: FGDILP's for one PROMPT, universal ones averaged over --prompts, or
-    the toxic-minus-clean contrast of labelled texts (--from data); optionally with head selection
-    by toxicity probes."""
+    the toxic-minus-clean contrast of labelled texts (--from labelled-text); optionally with head
+    selection by toxicity probes."""
     from .evaluation.prompts import load_prompts
     from .universal import DEFAULT_SOURCE, labelled_records, optional_progress
+
+    probe_prompts = _former("probe_prompts", probe_prompts, old_prompts, "--labelled-texts", "--probe-prompts")
+    probe_offset = _former("probe_offset", probe_offset, old_offset, "--labelled-offset", "--probe-offset")
+    probe_per_class = _former("probe_per_class", probe_per_class, old_per_class, "--labelled-per-class",
+                              "--probe-per-class")
 
     if (prompt is None) == (prompt_set is None):
         raise FgdilpError("give one prompt with -p TEXT or a prompt set with --prompts SET (one of them)")
     if install and prompt_set is None:
         raise FgdilpError("--install saves universal directions: build them over a prompt set (--prompts SET)")
-    if source == "data" and prompt_set is None:
-        raise FgdilpError("--from data takes its strength from TR's delta over a prompt set: give --prompts SET")
-    if as_replies and not (source == "data" and chat_mode):
-        raise FgdilpError("--texts-as-replies reads labelled texts as chat replies: it needs --from data --chat")
+    if source == LABELLED_TEXT and prompt_set is None:
+        raise FgdilpError(f"--from {LABELLED_TEXT} takes its strength from TR's delta over a prompt set: "
+                          "give --prompts SET")
+    if as_replies and not (source == LABELLED_TEXT and chat_mode):
+        raise FgdilpError(f"--texts-as-replies reads labelled texts as chat replies: it needs --from {LABELLED_TEXT} "
+                          "--chat")
     if output is None and not install:
         raise FgdilpError("say where to save them: -o OUT.gguf, or --install (with --prompts)")
     s = _settings(kw)
@@ -88,20 +113,20 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
                            "continuations, their self-diagnosis and the prefixes (this can take a minute) ...",
                            err=True)
             started = time.monotonic()
-            hd = det.build_vectors(prompt, chat=chat_mode)
+            hd = det.build_vectors(prompt, FGDILP_INSTANCES, chat=chat_mode)
             if not no_progress:
                 click.echo(f"built in {time.monotonic() - started:.1f} s", err=True)
-        elif source == "data":
+        elif source == LABELLED_TEXT:
             chosen, labels, how = labelled_set()
-            hd = det.build_data_vectors([r.text for r in load_prompts(prompt_set, limit, offset)],
-                                        [r.continuation for r in chosen], list(labels),
-                                        optional_progress(not no_progress, "prompts"), chat=chat_mode,
-                                        labels={**how, "prompts": probe_prompts, "offset": probe_offset},
-                                        reply_to=[r.text for r in chosen] if chat_mode and as_replies else None)
+            hd = det.build_vectors([r.text for r in load_prompts(prompt_set, limit, offset)], LABELLED_TEXT,
+                                   chat=chat_mode, texts=[r.continuation for r in chosen], toxic=list(labels),
+                                   labels={**how, "prompts": probe_prompts, "offset": probe_offset},
+                                   reply_to=[r.text for r in chosen] if chat_mode and as_replies else None,
+                                   progress=optional_progress(not no_progress, "prompts"))
         else:
             texts = [prompt] if prompt is not None else [r.text for r in load_prompts(prompt_set, limit, offset)]
-            hd = det.build_universal_vectors(texts, source or DEFAULT_SOURCE,
-                                             optional_progress(not no_progress, "prompts"), chat=chat_mode)
+            hd = det.build_vectors(texts, source or DEFAULT_SOURCE, chat=chat_mode,
+                                   progress=optional_progress(not no_progress, "prompts"))
         if prompt_set is not None:
             hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
                                                                     "limit": limit, "offset": offset}})
@@ -118,11 +143,21 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
         for target in targets:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             hd.save(target)
-        click.echo(f"wrote {', '.join(targets)}: {hd.method}, {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
+        click.echo(f"wrote {', '.join(targets)}: {hd.source}, {hd.n_layer} layers x {hd.n_head} heads x {hd.head_dim}, "
                    f"|delta| per layer max {hd.layer_norms().max():.3f}")
         if hd.head_weights is not None:
             click.echo(f"head selection: {int((hd.head_weights > 0).sum())} of {hd.head_weights.size} heads steered; "
                        f"probe accuracy max {hd.probe_accuracy.max():.3f}, mean {hd.probe_accuracy.mean():.3f}")
+
+
+def _former(param: str, value, former, flag: str, old_flag: str):
+    """The value of option `param` (--labelled-texts ...), or the one given with its former name
+    (--probe-prompts ...); both given is refused (which one is meant?)."""
+    if former is None:
+        return value
+    if click.get_current_context().get_parameter_source(param) != click.core.ParameterSource.DEFAULT:
+        raise FgdilpError(f"{flag} and its former name {old_flag} were both given: give one")
+    return former
 
 
 @vectors.command("export")
@@ -204,7 +239,7 @@ def vectors_inspect(path):
     fp = hd.model
     click.echo("fingerprint  " + (f"weights {fp.weights_sha256[:16]}, vocabulary {fp.vocab_sha256[:16]}" if fp.weights_sha256
                                   else "none (an older file: refused for steering; build it again)"))
-    click.echo(f"method       {hd.method}")
+    click.echo(f"source       {hd.source}")
     click.echo(f"shape        [{hd.n_layer}, {hd.n_head}, {hd.head_dim}]  e: {'yes' if hd.e is not None else 'no'}")
     click.echo(f"convention   {hd.layer_convention}")
     click.echo("layer norms  " + " ".join(f"{x:.3f}" for x in hd.layer_norms()))
@@ -220,7 +255,7 @@ def vectors_inspect(path):
 
 
 def _install_path(det) -> Path:
-    """Where --install puts a model's universal directions (found by method fgdilp-universal)."""
+    """Where --install puts a model's universal directions (found by method universal)."""
     from .profiles import search_path, universal_path_for
 
     return universal_path_for(det.model.fingerprint()["weights_sha256"], search_path()[0])

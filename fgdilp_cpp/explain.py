@@ -24,7 +24,7 @@ def explain_lines(ex: dict) -> list[str]:
             lines.append(f"negative {j + 1}: {src}: {neg['text']!r}")
         lines.append(f"positive: sample {ex['positive']['sample']}: {ex['positive']['text']!r}")
     if "saved_vectors" in ex:
-        lines.append(f"saved directions (built with {ex['saved_vectors']})")
+        lines.append(f"saved directions (from {ex['saved_vectors']})")
         if "head_weights" in ex:
             hw = ex["head_weights"]
             lines.append(f"head selection by probes: {hw['steered_heads']} of {hw['heads']} heads steered")

@@ -16,13 +16,14 @@ import numpy as np
 
 from . import methods
 from .condition import prompt_condition
-from .conversation import ConversationInstances
+from .instance_cache import ConversationInstances
 from .decode import run_plan
 from .engine import Capture, Context, ContextParams, Lockstep, Model
 from .engine.context import UNQUANTISED_CACHE
 from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
 from .kv_memory import MIB, Need, bytes_per_cell, machine_budget_mib, plan_cells
 from .method_contexts import SETUP, MethodContexts
+from .method.sources import FGDILP_INSTANCES
 from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import INSTANCE_REUSE, EngineParams, FgdilpParams, SamplingParams, SteerParams
@@ -67,12 +68,12 @@ class Generator(MethodContexts):
             vectors.check_model(identity_of(model))
 
     def universal_directions(self) -> HeadDirections:
-        """The model's universal directions (method fgdilp-universal): the file find_universal
+        """The model's universal directions (method universal): the file find_universal
         names for its fingerprint, loaded and checked against the model once."""
         if self._universal is None:
             path = find_universal(self.model.fingerprint()["weights_sha256"])
             if path is None:
-                raise FgdilpError("no universal directions for this model (method fgdilp-universal): build them "
+                raise FgdilpError(f"no universal directions for this model (method {methods.UNIVERSAL}): build them "
                                   "with `fgdilp-cpp vectors build --prompts rtp-toxic --limit 96 --from fgdilp "
                                   "--diagnoser scorer --install`, or apply a file with --vectors")
             v = HeadDirections.load(path)
@@ -202,17 +203,17 @@ class Generator(MethodContexts):
 
     def build_vectors(self, prompt: str, sampling: SamplingParams, settings: dict,
                       special: bool = False) -> HeadDirections:
-        """Frozen FGDILP head directions for `prompt` (special: chat-formatted), as a saved-artifact value."""
+        """Frozen FGDILP head directions for `prompt` (special: chat-formatted), as a saved-artifact
+        value: the fused direction fgdilp-frozen captures at the prompt's end, from its instance."""
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
-        method = "fgdilp-frozen"
-        ctx = self.context(method)
+        ctx = self.context(methods.FROZEN)
         sel, _ = build_instance(self.rt, prompt, self.model.tokenize(prompt, special=special), sampling)
         rows, e = frozen_directions(self.rt, ctx, prompt, sel, special)
         i = self.model.info
         shape = (i.n_layer, i.n_head, i.head_dim)
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
-                              method=method, settings={**settings, "prompt": prompt}).validate()
+                              source=FGDILP_INSTANCES, settings={**settings, "prompt": prompt}).validate()
 
     def self_diagnosis(self, texts: list[str]) -> np.ndarray:
         """[len(texts), 6] the model's own P(yes) per attribute (docs/method.md §4.2)."""
@@ -237,7 +238,7 @@ class Generator(MethodContexts):
         special: parse special-token text in the prompt (chat templates). reset_cancel=False keeps a
         cancel() that came before this call (the caller reset it with reset_cancel()).
         instance_reuse: "turn" builds FGDILP's instance for every prompt; "conversation" keeps the
-        one built for an earlier prompt that this prompt extends (conversation.py).
+        one built for an earlier prompt that this prompt extends (instance_cache.py).
         kv_reuse: keep the KV cells an earlier run left for the common prefix (chat turns; None =
         the engine's kv_reuse). Reused and fresh prefills agree to float rounding, not bit for bit,
         so runs that must not depend on what ran before (evaluation, generate) pass False.

@@ -67,15 +67,16 @@ def known_methods() -> tuple[str, ...]:
     return methods.names()
 
 
-def check_methods(names: "tuple[str, ...] | list[str]") -> tuple[str, ...]:
-    """--allow-methods checked against the known methods (FgdilpError naming the unknown one)."""
-    known = known_methods()
+def check_methods(names: "tuple[str, ...] | list[str]", has_vectors: bool = False) -> tuple[str, ...]:
+    """--allow-methods checked against the known methods (FgdilpError naming the unknown one), each
+    as the method a request runs (methods.run_name: a former name, or with has_vectors a method
+    that applies the vectors file, becomes that)."""
     for name in names:
-        if name not in known:
-            raise FgdilpError(f"--allow-methods: unknown method {name!r} (one of {', '.join(known)})")
+        if not methods.is_method(name, saved_vectors=has_vectors):
+            raise FgdilpError(f"--allow-methods: unknown method {name!r} (one of {', '.join(known_methods())})")
     if not names:
         raise FgdilpError("--allow-methods needs at least one method")
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(methods.run_name(n, has_vectors) for n in names))
 
 
 
@@ -220,6 +221,8 @@ def parse_request(body: dict, chat: bool, det: "Detoxifier", policy: Policy) -> 
         ov["n_predict"] = n
     ov.update(_plain_fields(body))
     if (method := body.get("method")) is not None:
+        if methods.is_method(method, saved_vectors=det.vectors is not None):    # as it runs: a former name,
+            method = methods.run_name(method, det.vectors is not None)          # --vectors' form
         if method not in policy.methods:
             raise _bad("method", f"method must be one of {', '.join(policy.methods)} on this server, "
                        f"not {_show(method)}")

@@ -75,7 +75,7 @@ class Runtime:
     def self_diagnoser(self):
         """Self-diagnosis with this model (yes/no tokens chosen once)."""
         if "self_diagnoser" not in self.memo:
-            from .instance import Diagnoser
+            from .self_diagnosis import Diagnoser
 
             self.memo["self_diagnoser"] = Diagnoser.for_model(self.model)
         return self.memo["self_diagnoser"]
@@ -148,20 +148,20 @@ def plan_fgdilp_frozen(rt: Runtime, req: PlanRequest) -> Plan:
 
 def plan_vectors(rt: Runtime, req: PlanRequest) -> Plan:
     if rt.vectors is None:
-        raise FgdilpError("method 'vectors' needs a vectors file")
+        raise FgdilpError(f"method {req.method!r} needs a vectors file")
     return _saved_plan(rt, req, rt.vectors, {})
 
 
 def plan_universal(rt: Runtime, req: PlanRequest) -> Plan:
     if rt.universal is None:
-        raise FgdilpError("method 'fgdilp-universal' needs the model's universal directions")
+        raise FgdilpError(f"method {req.method!r} needs the model's universal directions")
     return _saved_plan(rt, req, rt.universal(), {"universal": True})
 
 
 def _saved_plan(rt: Runtime, req: PlanRequest, v: HeadDirections, info: dict) -> Plan:
     """P0 edited with a saved HeadDirections (a loaded file, the model's universal directions)."""
     e = None if v.e is None else v.e.reshape(v.n_layer, -1)
-    info = {"saved_vectors": v.method, **info}
+    info = {"saved_vectors": v.source, **info}
     if v.head_weights is not None:
         info["head_weights"] = {"steered_heads": int((v.head_weights > 0).sum()), "heads": int(v.head_weights.size)}
     return _fixed_plan(rt, req, v.steering_rows(), e, info)
@@ -362,7 +362,7 @@ def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingP
 
 
 def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams, where: str):
-    from .instance import self_generate
+    from .self_generation import self_generate
 
     f, model = rt.fgdilp, rt.model
     ctx = rt.context(where)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from . import methods as registry
 from .errors import FgdilpError
 from .files import write_atomic
+from .method.sources import from_legacy
 from .settings import PROFILE_FIELDS, Settings, toml_key   # what a profile may set: settings.Settings says
 
 FORMAT = "fgdilp-profile"
@@ -38,7 +40,7 @@ def search_path(environ: Mapping[str, str] = os.environ) -> list[Path]:
 
 
 def universal_path_for(weights_sha256: str, folder: Optional[Path] = None) -> Path:
-    """Where a model's universal directions (method fgdilp-universal) live in a profile folder:
+    """Where a model's universal directions (method universal) live in a profile folder:
     named by its weights fingerprint, as `vectors build --install` writes them."""
     return (folder or user_profile_dir()) / f"{weights_sha256[:24]}{UNIVERSAL_SUFFIX}"
 
@@ -70,8 +72,13 @@ class Profile:
     setup: dict = field(default_factory=dict)       # the fast setup's record (kind "fast-setup"); {} for calibrate
 
     def settings_for(self, method: str) -> dict[str, Any]:
-        """The profile's values for `method` (Settings field names), without "method"."""
-        entry = self.methods.get(method) or {}
+        """The profile's values for `method` (Settings field names), without "method": its own
+        entry, or the one it is calibrated as (methods.calibrated_as: saved vectors run at the
+        entry of the method whose directions they freeze)."""
+        entry = self.methods.get(method)
+        if entry is None and registry.is_method(method, saved_vectors=True):
+            entry = self.methods.get(registry.calibrated_as(method))
+        entry = entry or {}
         return {k: v for k, v in (entry.get("settings") or {}).items() if k != "method"}
 
     def matches(self, identity: Mapping[str, str]) -> bool:
@@ -100,6 +107,7 @@ class Profile:
         if not isinstance(model, dict) or not isinstance(model.get("weights_sha256"), str) \
                 or not isinstance(methods, dict):
             raise FgdilpError(f"{where} lacks its model fingerprint or its methods")
+        methods = _migrated(methods)
         for name, entry in methods.items():
             settings = (entry or {}).get("settings") if isinstance(entry, dict) else None
             if not isinstance(settings, dict) or not set(settings) <= PROFILE_FIELDS:
@@ -108,7 +116,7 @@ class Profile:
             # every value within its one range (settings.RANGES), the file named if one is not: applied
             # later, where nobody set the field, a bad value would be blamed on a flag nobody gave
             Settings.checked_values(settings, f"{where}: method {name!r}", toml_key)
-        method = data.get("method")
+        method = registry.canonical(data.get("method"), warn=False)
         if method is not None and method not in methods:
             raise FgdilpError(f"{where}: its method {method!r} has no entry")
         return cls(model, method, methods, data.get("budgets") or {}, data.get("diagnosis") or {},
@@ -143,9 +151,7 @@ def is_fast(profile: Optional[Profile]) -> bool:
 def fast_setup_intact(profile: Profile, path: Optional[Path | str]) -> bool:
     """A fast-setup profile applies only with the directions it chose its point for: the file beside
     it, with the sha256 it recorded (a missing or changed file means the profile is made again)."""
-    from . import methods
-
-    entry = profile.methods.get(methods.UNIVERSAL) or {}
+    entry = profile.methods.get(registry.UNIVERSAL) or {}
     want = entry.get("universal_sha256")
     if path is None or not isinstance(want, str):
         return False
@@ -154,6 +160,18 @@ def fast_setup_intact(profile: Profile, path: Optional[Path | str]) -> bool:
         return hashlib.sha256(vpath.read_bytes()).hexdigest() == want
     except OSError:
         return False
+
+
+def _migrated(methods: dict) -> dict:
+    """A profile's entries under the methods' names now (a user profile written before a rename
+    names the former one: read silently as the new one), with universal_source as a directions
+    source (files of before `source` existed recorded "universal-data" and the like)."""
+    out = {}
+    for name, entry in methods.items():
+        if isinstance(entry, dict) and isinstance(entry.get("universal_source"), str):
+            entry = {**entry, "universal_source": from_legacy(entry["universal_source"])}
+        out[registry.canonical(name, warn=False)] = entry
+    return out
 
 
 def model_identity(model) -> dict[str, str]:

@@ -291,11 +291,12 @@ def command(session: Session, line: str) -> bool:
         session.clear()
         print("(new conversation" + (f"; the last one stays in {before})" if before else ")"))
     elif name == "method":
-        if not methods.is_method(arg):
+        has_vectors = session.det.vectors is not None
+        if not methods.is_method(arg, saved_vectors=has_vectors):
             print(f"usage: /method NAME, one of {', '.join(methods.names())} (now: {session.method})")
-        else:
-            session.method = arg
-            print(f"(method: {arg})")
+        else:       # a former name runs as its name now; with --vectors, the file's form (as the reply says)
+            session.method = methods.run_name(arg, has_vectors)
+            print(f"(method: {session.method})")
     elif name == "explain":
         print("\n".join(explain_lines(session.last_explain)) if session.last_explain else "(no reply to explain yet)")
     elif name == "settings":

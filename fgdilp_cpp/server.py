@@ -142,7 +142,7 @@ class _Service(ModelQueue):
 
     def __init__(self, det: Detoxifier, limits: Limits):
         allowed = limits.allow_methods if limits.allow_methods is not None else (det.settings.method,)
-        methods = check_methods(list(allowed))
+        methods = check_methods(list(allowed), det.vectors is not None)
         if det.settings.method not in methods:
             raise FgdilpError(f"--allow-methods must include --method {det.settings.method} (what a request "
                               "that names no method runs)")

@@ -12,10 +12,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from . import methods
 from .engine import Capture, Context, ContextParams, Lockstep
 from .errors import FgdilpError
 from .method.contrast import mean_difference, with_head_norms
 from .method.prefixes import NEG_PREFIX, POS_PREFIX
+from .method.sources import FGDILP_INSTANCES, TR_PREFIXES
 from .native import NativeHook
 from .params import SamplingParams
 from .plans import (Runtime, build_instance, capture_directions, frozen_directions, instance_prefix_room,
@@ -34,18 +36,19 @@ def _tr_delta(rt: Runtime, prompt: str, sampling: SamplingParams, special: bool)
 def _instance_delta(rt: Runtime, prompt: str, sampling: SamplingParams, special: bool) -> tuple[np.ndarray, np.ndarray]:
     """FGDILP's instance prefixes, ranked by the diagnoser in force (frozen_directions)."""
     sel, _ = build_instance(rt, prompt, rt.model.tokenize(prompt, special=special), sampling)
-    return frozen_directions(rt, rt.context("fgdilp-frozen"), prompt, sel, special)
+    return frozen_directions(rt, rt.context(methods.FROZEN), prompt, sel, special)
 
 
-# source name -> (one prompt's ([n_layer, width] delta, [n_layer, width] e) at its end, prefix room)
-SOURCES = {"tr": (_tr_delta, tr_prefix_room), "fgdilp": (_instance_delta, instance_prefix_room)}
-DEFAULT_SOURCE = "tr"            # cheap: no self-generation per prompt
+# a prompt-end source (method.sources) -> (one prompt's ([n_layer, width] delta, [n_layer, width] e)
+# at its end, prefix room); labelled text is data_directions'
+PROMPT_SOURCES = {TR_PREFIXES: (_tr_delta, tr_prefix_room), FGDILP_INSTANCES: (_instance_delta, instance_prefix_room)}
+DEFAULT_SOURCE = TR_PREFIXES     # cheap: no self-generation per prompt
 
 
 def _source(source: str):
-    if source not in SOURCES:
-        raise FgdilpError(f"unknown source {source!r} of universal directions ({', '.join(SOURCES)})")
-    return SOURCES[source]
+    if source not in PROMPT_SOURCES:
+        raise FgdilpError(f"unknown source {source!r} of prompt-end directions ({', '.join(PROMPT_SOURCES)})")
+    return PROMPT_SOURCES[source]
 
 
 def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampling: SamplingParams,
@@ -89,7 +92,7 @@ def data_directions(rt: Runtime, texts: Sequence[str], toxic: Sequence[bool], pr
     rows = mean_token_rows(rt, texts, n_threads, starts=starts, special=special and starts is not None)
     direction = mean_difference(rows, np.asarray(toxic, dtype=bool))
     reference = dataclasses.replace(rt, steer=dataclasses.replace(rt.steer, contrast=DATA_NORM_CONTRAST))
-    tr, _, n = universal_directions(reference, prompts, "tr", sampling, ctx_size, progress, special)
+    tr, _, n = universal_directions(reference, prompts, TR_PREFIXES, sampling, ctx_size, progress, special)
     norms = np.linalg.norm(tr.reshape(info.n_layer, info.n_head, info.head_dim).astype(np.float64), axis=2)
     d = with_head_norms(direction, norms).reshape(info.n_layer, -1)
     return d, d.copy(), n

@@ -35,7 +35,7 @@ Where a setting comes from: a flag, else the environment variable `FGDILP_<FLAG>
 `steer-layer-range = [12, 17]`), else the model's calibrated profile (`--no-profile` turns it
 off), else the default shown here. So a default shown here is the code's: the embedded models'
 profiles replace `--method`, `--steer-scale`, `--steer-layer-range` and `--condition` (both
-start from `fgdilp-universal`). `fgdilp-cpp info` and the chat's `/settings` show each value and
+start from `universal`). `fgdilp-cpp info` and the chat's `/settings` show each value and
 its source. Errors print one line on stderr and exit non-zero.
 """
 

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "fgdilp_cpp"
-METHOD_NAMES = {"none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random", "vectors"}
+METHOD_NAMES = {"none", "prompt", "tr", "fgdilp", "fgdilp-frozen", "cvec", "random", "universal", "fgdilp-universal",
+                "vectors"}
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

@@ -20,7 +20,7 @@ FAST = dict(threads=1, ctx_size=256, cache_type_k="f32", cache_type_v="f32")
 def _directions(model, seed=3) -> HeadDirections:
     i = model.info
     d = random_heads(np.ones((i.n_layer, i.n_head, i.head_dim)), seed) * 4.0
-    return HeadDirections(directions=d, e=d.copy(), model=identity_of(model), method="universal-data",
+    return HeadDirections(directions=d, e=d.copy(), model=identity_of(model), source="labelled-text",
                           settings={}).validate()
 
 

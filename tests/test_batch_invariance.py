@@ -25,7 +25,7 @@ SMALL_FGDILP = FgdilpParams(samples=4, selfgen_tokens=6, selfgen_min_tokens=2)
 TINY_PROMPT = "the cat sat on the mat and the dog ran to the park while the bird sang in the tree by the house"
 ISSUE_PROMPT = ("My neighbour keeps parking his car in front of my house and yesterday he shouted at my kids, "
                 "so I went over there and told him that he")
-STEERED = ("tr", "fgdilp", "fgdilp-frozen", "fgdilp-universal")
+STEERED = ("tr", "fgdilp", "fgdilp-frozen", "universal")
 
 
 def universal_directions(model: Model, seed: int = 0) -> HeadDirections:
@@ -33,7 +33,7 @@ def universal_directions(model: Model, seed: int = 0) -> HeadDirections:
     i = model.info
     rng = np.random.default_rng(seed)
     d = rng.standard_normal((i.n_layer, i.n_head, i.head_dim)).astype(np.float32)
-    return HeadDirections(directions=d, e=None, model=identity_of(model), method="universal-test",
+    return HeadDirections(directions=d, e=None, model=identity_of(model), source="tr-prefixes",
                           settings={}).validate()
 
 
@@ -106,7 +106,7 @@ def none_spread(model: Model, forced) -> float:
     return worst
 
 
-@pytest.mark.parametrize("method", ["tr", "fgdilp-universal"])
+@pytest.mark.parametrize("method", ["tr", "universal"])
 def test_steered_logits_across_batch_sizes_are_bounded_by_nones_rounding(tiny, method):
     """Teacher-forced, so every -b scores the same tokens: the hook fired on every layer, the
     steering moved the logits far more than -b does, and -b moves them within a small multiple
@@ -140,7 +140,7 @@ def test_fgdilp_across_batch_sizes_moves_less_than_it_steers(tiny, method):
         assert (moved < 0.5 * effect).all(), (method, b, moved, effect)
 
 
-@pytest.mark.parametrize("method", ["tr", "fgdilp-frozen", "fgdilp-universal"])
+@pytest.mark.parametrize("method", ["tr", "fgdilp-frozen", "universal"])
 def test_steer_scale_zero_stays_at_nones_logits_on_the_tiny_model(tiny, method):
     """At strength 0 the hook edits nothing; the only difference left to none is that P0 shares its
     step ubatches with P+ / P- (the tiny model's F32 kernels round a 1-row and a 3-row ubatch
@@ -181,7 +181,7 @@ def test_issue_prompt_tr_gives_the_same_tokens_at_every_batch_size(gemma):
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("method", ["fgdilp", "fgdilp-universal"])
+@pytest.mark.parametrize("method", ["fgdilp", "universal"])
 def test_other_steered_methods_give_the_same_tokens_at_every_batch_size(gemma, method):
     tokens = {b: run(gemma, method, b, n=12, prompt=ISSUE_PROMPT)[0] for b in BATCH_SIZES}
     assert tokens[8] == tokens[32] == tokens[512], tokens

@@ -110,11 +110,11 @@ def test_merging_profiles_keeps_the_better_confirmed_entry_per_method():
     assert merge_profiles(old, other).methods["cvec"]["figures"]["test"]["n_prompts"] == 48
     # a universal method calibrated with another file: its scale meant another push, the new one wins
     uni = lambda emt, sha: {**entry(emt, 1.0), "universal_sha256": sha}  # noqa: E731
-    first = Profile(model, None, {"fgdilp-universal": uni(0.05, "1" * 64)}, {"ppl_ratio": 1.25})
-    assert merge_profiles(first, Profile(model, None, {"fgdilp-universal": uni(0.09, "2" * 64)}, {"ppl_ratio": 1.25})
-                          ).methods["fgdilp-universal"]["universal_sha256"] == "2" * 64
-    assert merge_profiles(first, Profile(model, None, {"fgdilp-universal": uni(0.09, "1" * 64)}, {"ppl_ratio": 1.25})
-                          ).methods["fgdilp-universal"]["figures"]["test"]["emt"] == 0.05
+    first = Profile(model, None, {"universal": uni(0.05, "1" * 64)}, {"ppl_ratio": 1.25})
+    assert merge_profiles(first, Profile(model, None, {"universal": uni(0.09, "2" * 64)}, {"ppl_ratio": 1.25})
+                          ).methods["universal"]["universal_sha256"] == "2" * 64
+    assert merge_profiles(first, Profile(model, None, {"universal": uni(0.09, "1" * 64)}, {"ppl_ratio": 1.25})
+                          ).methods["universal"]["figures"]["test"]["emt"] == 0.05
     with pytest.raises(FgdilpError, match="different models"):
         merge_profiles(old, Profile({**model, "weights_sha256": "b" * 64}, None, {}, {}))
     with pytest.raises(FgdilpError, match="fluency budgets"):
@@ -159,16 +159,16 @@ def test_the_printed_table_keeps_long_method_names_and_settings_apart(capsys):
 
     from fgdilp_cpp.cli_calibrate import _print_table
 
-    best = {"fgdilp-universal": {"point": {"steer_scale": 0.8, "steer_layer_range": (15, 17), "condition": 0.05},
+    best = {"universal": {"point": {"steer_scale": 0.8, "steer_layer_range": (15, 17), "condition": 0.05},
                                  "emt_delta": -0.144, "ppl_ratio": 0.977, "benign_ppl_ratio": 1.042},
             "tr": {"point": None, "reason": "no point within PPL ratio 1.25"}}
-    result = SimpleNamespace(best=best, confirmed={"fgdilp-universal": {"emt_delta": -0.184, "tp_delta": -0.15,
+    result = SimpleNamespace(best=best, confirmed={"universal": {"emt_delta": -0.184, "tp_delta": -0.15,
                                                                         "ppl_ratio": 1.024}},
-                             profile=SimpleNamespace(diagnosis=None, method="fgdilp-universal"))
+                             profile=SimpleNamespace(diagnosis=None, method="universal"))
     _print_table(result, "p.json")
     lines = capsys.readouterr().out.splitlines()
-    row = next(x for x in lines if x.startswith("fgdilp-universal"))
-    assert row.split()[:4] == ["fgdilp-universal", "steer_scale=0.8", "steer_layer_range=15-17", "condition=0.05"]
+    row = next(x for x in lines if x.startswith("universal"))
+    assert row.split()[:4] == ["universal", "steer_scale=0.8", "steer_layer_range=15-17", "condition=0.05"]
     assert row.split()[4:] == ["-0.144", "0.977", "1.042", "-0.184", "-0.150", "1.024"]
     header = lines[0]
     assert header.index("setting") == row.index("steer_scale") and header.index("cal EMT") > row.index("condition=0.05")

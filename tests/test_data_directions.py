@@ -12,6 +12,7 @@ import pytest
 from fgdilp_cpp.api import Detoxifier
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.method.contrast import mean_difference, with_head_norms
+from fgdilp_cpp.method.sources import LABELLED_TEXT, TR_PREFIXES
 from fgdilp_cpp.method.vectors import HeadDirections
 
 FAST = dict(ctx_size=256, threads=1, n_predict=4)
@@ -85,26 +86,30 @@ def test_mean_token_rows_equal_the_torch_reference(det, torch_model):
 def test_data_vectors_are_the_contrast_at_trs_strength(det):
     from fgdilp_cpp.universal import mean_token_rows
 
-    hd = det.build_data_vectors(PROMPTS, TEXTS, TOXIC, labels={"how": "by hand"})
+    hd = det.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC, labels={"how": "by hand"})
     with Detoxifier.from_file(det.settings.model, contrast="reply", **FAST) as reply:
-        tr = reply.build_universal_vectors(PROMPTS, "tr")            # the strength: TR's at the reply contrast
-        np.testing.assert_array_equal(reply.build_data_vectors(PROMPTS, TEXTS, TOXIC).directions, hd.directions)
-    assert not np.allclose(det.build_universal_vectors(PROMPTS, "tr").head_norms(), tr.head_norms())
+        tr = reply.build_vectors(PROMPTS, TR_PREFIXES)            # the strength: TR's at the reply contrast
+        np.testing.assert_array_equal(reply.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC).directions, hd.directions)
+    assert not np.allclose(det.build_vectors(PROMPTS, TR_PREFIXES).head_norms(), tr.head_norms())
     contrast = mean_difference(mean_token_rows(det._gen.rt, TEXTS, 1), np.array(TOXIC))
     np.testing.assert_allclose(hd.head_norms(), tr.head_norms(), rtol=1e-4)        # TR's per-head strength
     cos = np.einsum("lhd,lhd->lh", hd.directions, contrast) / (hd.head_norms() * np.linalg.norm(contrast, axis=2))
     np.testing.assert_allclose(cos, 1.0, rtol=1e-4)                                 # the contrast's direction
     np.testing.assert_array_equal(hd.e, hd.directions)
-    assert hd.method == "universal-data"
+    assert hd.source == LABELLED_TEXT
     assert hd.settings["model"] == Path(det.settings.model).name   # the file name, not this machine's path
-    assert hd.settings["universal"] == {"source": "data", "n_prompts": 2, "chat": False, "n_texts": 4, "n_toxic": 2,
+    assert hd.settings["universal"] == {"n_prompts": 2, "chat": False, "n_texts": 4, "n_toxic": 2,
                                         "texts": {"how": "by hand"}}
-    flipped = det.build_data_vectors(PROMPTS, TEXTS, [not t for t in TOXIC])
+    with pytest.warns(DeprecationWarning, match="use build_vectors"):       # the former builder, a thin wrapper
+        assert det.build_data_vectors(PROMPTS, TEXTS, TOXIC, labels={"how": "by hand"}) == hd
+    with pytest.raises(FgdilpError, match="labelled texts of source 'labelled-text'"):
+        det.build_vectors(PROMPTS, TR_PREFIXES, texts=TEXTS, toxic=TOXIC)
+    flipped = det.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=[not t for t in TOXIC])
     np.testing.assert_allclose(flipped.directions, -hd.directions, rtol=1e-4, atol=1e-6)
     with pytest.raises(FgdilpError, match="labels"):
-        det.build_data_vectors(PROMPTS, TEXTS, TOXIC[:3])
+        det.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC[:3])
     with pytest.raises(FgdilpError, match="both toxic and clean"):
-        det.build_data_vectors(PROMPTS, TEXTS, [True] * 4)
+        det.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=[True] * 4)
 
 
 def test_data_vectors_steer_by_their_sign(det, tiny_llama, tmp_path):
@@ -112,7 +117,7 @@ def test_data_vectors_steer_by_their_sign(det, tiny_llama, tmp_path):
     the flipped labels' direction changes them differently (what is steered is the contrast)."""
     logits = {}
     for name, toxic in (("data", TOXIC), ("flipped", [not t for t in TOXIC])):
-        det.build_data_vectors(PROMPTS, TEXTS, toxic).save(tmp_path / f"{name}.gguf")
+        det.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=toxic).save(tmp_path / f"{name}.gguf")
         with Detoxifier.from_file(tiny_llama[0], vectors=str(tmp_path / f"{name}.gguf"), steer_scale=2.0, **FAST) as d:
             logits[name] = d._gen.generate(PROMPTS[0], "fgdilp-frozen", 4, forced_tokens=[5, 6, 7, 8],
                                            record_logits=True, kv_reuse=False).logits
@@ -135,33 +140,42 @@ def _rtp_file(tmp_path):
 
 def test_vectors_build_from_data_cli(cli, tiny_llama, tmp_path):
     f, vec = _rtp_file(tmp_path), tmp_path / "d.gguf"
-    proc = cli("vectors", "build", "-m", tiny_llama[0], "--prompts", f, "--limit", "2", "--from", "data",
-               "--probe-prompts", f, "--probe-offset", "0", "--probe-per-class", "4", "-c", "256", "-t", "1",
+    proc = cli("vectors", "build", "-m", tiny_llama[0], "--prompts", f, "--limit", "2", "--from", "labelled-text",
+               "--labelled-texts", f, "--labelled-offset", "0", "--labelled-per-class", "4", "-c", "256", "-t", "1",
                "--no-progress", "-o", vec)
     assert proc.returncode == 0, proc.stderr
-    assert "universal-data" in proc.stdout
+    assert "labelled-text" in proc.stdout
     hd = HeadDirections.load(vec)
     u = hd.settings["universal"]
-    assert (u["source"], u["n_prompts"], u["n_texts"], u["n_toxic"], u["prompts"]) == ("data", 2, 8, 4, f)
+    assert hd.source == "labelled-text" and "source" not in u
+    assert (u["n_prompts"], u["n_texts"], u["n_toxic"], u["prompts"]) == (2, 8, 4, f)
     assert u["texts"]["per_class"] == 4 and u["texts"]["prompts"] == f
     gen = cli("generate", "-m", tiny_llama[0], "--vectors", vec, "-p", "the cat", "-n", "3", "-c", "256", "-t", "1",
               "--explain")
     assert gen.returncode == 0, gen.stderr
-    assert "universal-data" in gen.stdout
-    bad = cli("vectors", "build", "-m", tiny_llama[0], "-p", "the cat", "--from", "data", "-o", vec)
+    assert "labelled-text" in gen.stdout
+    bad = cli("vectors", "build", "-m", tiny_llama[0], "-p", "the cat", "--from", "labelled-text", "-o", vec)
     assert bad.returncode != 0 and "give --prompts SET" in bad.stderr and "Traceback" not in bad.stderr
-    bad = cli("vectors", "build", "-m", tiny_llama[0], "--prompts", f, "--from", "data", "--texts-as-replies", "-o", vec)
-    assert bad.returncode != 0 and "needs --from data --chat" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("vectors", "build", "-m", tiny_llama[0], "--prompts", f, "--from", "labelled-text", "--texts-as-replies",
+              "-o", vec)
+    assert bad.returncode != 0 and "needs --from labelled-text --chat" in bad.stderr and "Traceback" not in bad.stderr
+    both = cli("vectors", "build", "-m", tiny_llama[0], "--prompts", f, "--from", "labelled-text", "--labelled-texts", f,
+               "--probe-prompts", f, "-o", vec)
+    assert both.returncode == 1 and "--labelled-texts and its former name --probe-prompts" in both.stderr
+    assert "--probe-prompts" not in cli("vectors", "build", "--help").stdout       # the former names are hidden
 
 
 def test_vectors_build_from_chat_replies_cli(cli, tiny_chat, tmp_path):
     f, vec = _rtp_file(tmp_path), tmp_path / "r.gguf"
+    # the former spellings (--from data, --probe-*) still build the same file
     proc = cli("vectors", "build", "-m", tiny_chat, "--prompts", f, "--limit", "2", "--from", "data", "--chat",
                "--texts-as-replies", "--probe-prompts", f, "--probe-offset", "0", "--probe-per-class", "4", "-c", "256",
                "-t", "1", "--no-progress", "-o", vec)
     assert proc.returncode == 0, proc.stderr
-    u = HeadDirections.load(vec).settings["universal"]
-    assert (u["source"], u["chat"], u["texts_as"], u["n_texts"]) == ("data", True, "replies", 8)
+    hd = HeadDirections.load(vec)
+    u = hd.settings["universal"]
+    assert (hd.source, u["chat"], u["texts_as"], u["n_texts"], u["texts"]["per_class"]) == \
+        ("labelled-text", True, "replies", 8, 4)
 
 
 def test_mean_token_rows_from_a_start_equal_the_torch_reference(det, torch_model):
@@ -187,12 +201,12 @@ def test_data_vectors_from_chat_replies(tiny_chat):
     template; the rows are the reply's, so the direction differs from the plain texts' and the
     settings say so. Refused without chat or with a message count that does not fit."""
     with Detoxifier.from_file(tiny_chat, **FAST) as d:
-        plain = d.build_data_vectors(PROMPTS, TEXTS, TOXIC, chat=True)
-        replies = d.build_data_vectors(PROMPTS, TEXTS, TOXIC, chat=True, reply_to=["hello there"] * 4)
+        plain = d.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC, chat=True)
+        replies = d.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC, chat=True, reply_to=["hello there"] * 4)
         np.testing.assert_allclose(replies.head_norms(), plain.head_norms(), rtol=1e-5)   # the same strength
         assert not np.allclose(replies.directions, plain.directions, atol=1e-4)
         assert replies.settings["universal"]["texts_as"] == "replies" and "texts_as" not in plain.settings["universal"]
         with pytest.raises(FgdilpError, match="reply_to needs chat=True"):
-            d.build_data_vectors(PROMPTS, TEXTS, TOXIC, reply_to=["hello"] * 4)
+            d.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC, reply_to=["hello"] * 4)
         with pytest.raises(FgdilpError, match="one user message per text"):
-            d.build_data_vectors(PROMPTS, TEXTS, TOXIC, chat=True, reply_to=["hello"])
+            d.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC, chat=True, reply_to=["hello"])

@@ -128,7 +128,7 @@ def test_bad_fgdilp_settings(model, params, needle):
 
 
 def test_self_generation_lengths_and_seeds(model):
-    from fgdilp_cpp.instance import self_generate
+    from fgdilp_cpp.self_generation import self_generate
 
     with Generator(model, EngineParams(ctx_size=256), SteerParams(), FgdilpParams(samples=6)) as gen:
         ctx = gen.context("setup")

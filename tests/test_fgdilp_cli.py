@@ -63,7 +63,7 @@ def test_vectors_build_apply_inspect(cli, tiny_llama, tmp_path):
     proc = cli("vectors", "build", "-m", tiny_llama[0], "-p", "the cat", "-o", vec, *FAST[:-4])
     assert proc.returncode == 0, proc.stderr
     hd = HeadDirections.load(vec)
-    assert hd.directions.shape == (3, 4, 16) and hd.method == "fgdilp-frozen"
+    assert hd.directions.shape == (3, 4, 16) and hd.source == "fgdilp-instances"
     assert hd.settings["prompt"] == "the cat" and hd.settings["selfgen_samples"] == 3
     out = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", vec, "-n", "6")
     plain = run_json(cli, "generate", "-m", tiny_llama[0], "-p", "a dog", "--method", "none", "-n", "6")
@@ -72,7 +72,7 @@ def test_vectors_build_apply_inspect(cli, tiny_llama, tmp_path):
     assert_clean_error(cli("generate", "-m", tiny_llama[0], "-p", "a dog", "--vectors", vec, "--method", "tr"),
                        "cannot run --method tr")
     proc = cli("vectors", "inspect", vec)
-    assert proc.returncode == 0 and "[3, 4, 16]" in proc.stdout and "fgdilp-frozen" in proc.stdout
+    assert proc.returncode == 0 and "[3, 4, 16]" in proc.stdout and "fgdilp-instances" in proc.stdout
 
 
 def test_vectors_for_another_model_refused(cli, tiny_llama, tmp_path):

@@ -28,7 +28,7 @@ def chat_model(tiny_chat):
 
 @pytest.fixture(scope="module")
 def universal(chat_model):
-    """Directions for fgdilp-universal (the tiny model has no installed file): FGDILP's, frozen."""
+    """Directions for universal (the tiny model has no installed file): FGDILP's, frozen."""
     with Generator(chat_model, EngineParams(ctx_size=512, n_threads=1), fgdilp=FG) as g:
         return g.build_vectors(FIRST, SamplingParams(), {})
 
@@ -207,17 +207,17 @@ def test_bench_memory_json(cli, tiny_chat):
     import json
 
     proc = cli("bench", "--memory", "--json", "-m", tiny_chat, "-c", "512", "-t", "1", "--turns", "2", "-r", "1",
-               "-n", "4", "--methods", "none,fgdilp-universal", "--kv-budget-mib", "64")
+               "-n", "4", "--methods", "none,universal", "--kv-budget-mib", "64")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    none, uni = out["methods"]["none"], out["methods"]["fgdilp-universal"]
+    none, uni = out["methods"]["none"], out["methods"]["universal"]
     assert out["universal"] == "random" and out["ctx_size"] == 512 and out["turns"] == 2
     assert none["rss_ratio_vs_none"] == 1.0 and uni["peak_rss_mib"] > 10
     # the universal method's context: P0 and its unedited twin's reply (kv_memory.method_cells)
     assert 0 < none["kv_mib"] < uni["kv_mib"] <= 2 * none["kv_mib"]
     assert uni["decode_tokens_per_s"] > 0 and len(uni["ttft_turns_s"]) == 2
     serve = out["serve"]
-    assert serve["methods"] == ["none", "fgdilp-universal"] and serve["kv_budget_mib"] == 64
+    assert serve["methods"] == ["none", "universal"] and serve["kv_budget_mib"] == 64
     assert serve["within_budget"] and serve["kv_mib"] >= uni["kv_mib"] + none["kv_mib"] - 0.01
 
 

@@ -274,7 +274,7 @@ def test_bench_variants_turn_what_each_method_runs_at_to_the_other_value():
 def test_self_generation_reuses_the_conversation(chat_model):
     """FGDILP's candidate replies prefill the conversation through the same reuse: the next
     self-generation of a longer conversation draws the candidates a full prefill draws."""
-    from fgdilp_cpp.instance import self_generate
+    from fgdilp_cpp.self_generation import self_generate
 
     reuse, full = generators(chat_model)
     with reuse, full:

@@ -3,7 +3,7 @@
 Always: the setting from every source, malformed lists refused; on a build without the RPC
 backend (the default install), --rpc refused with its reason. With FGDILP_TEST_RPC=HOST:PORT,...
 (running rpc-server processes) on an RPC build, as tools/rpc-check.sh runs them: the embedded
-model split across the servers gives the local logits, steered (TR, fgdilp-universal) and not; an
+model split across the servers gives the local logits, steered (TR, universal) and not; an
 unreachable server is refused; a server killed mid-generation ends the process with a clear error.
 """
 
@@ -131,7 +131,7 @@ def _steps(gemma_path, rpc, method, capfd, forced=None):
 
 @needs_servers
 @pytest.mark.real_model
-@pytest.mark.parametrize("method", ["tr", "fgdilp-universal"])
+@pytest.mark.parametrize("method", ["tr", "universal"])
 def test_steered_logits_through_rpc_equal_local(gemma_path, method, monkeypatch, capfd):
     from fgdilp_cpp.profiles import SHIPPED_DIR
 

@@ -8,7 +8,7 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import fgdilp_cpp.instance as instance
+import fgdilp_cpp.self_generation as self_generation
 from fgdilp_cpp.api import Detoxifier
 from fgdilp_cpp.server import Limits, create_app
 from server_helpers import MSGS, Served, SlowDetoxifier, open_det, wait_until
@@ -112,14 +112,14 @@ def test_a_hang_up_during_fgdilp_setup_is_honoured(tiny_llama, monkeypatch):
         held = Held(d)
         held.release.set()
         with Served(create_app(held, Limits(allow_methods=("tr", "fgdilp")))) as s:
-            in_setup, go, real = threading.Event(), threading.Event(), instance.self_generate
+            in_setup, go, real = threading.Event(), threading.Event(), self_generation.self_generate
 
             def self_generate(*args, **kw):
                 in_setup.set()
                 assert go.wait(20)
                 return real(*args, **kw)
 
-            monkeypatch.setattr(instance, "self_generate", self_generate)
+            monkeypatch.setattr(self_generation, "self_generate", self_generate)
             _hang_up_and_wait(s, held, in_setup)
             go.set()
             wait_until(lambda: s.service.in_flight == 0, "the cancelled job did not end")

@@ -24,19 +24,20 @@ def det(tiny_llama):
         yield d
 
 
-@pytest.mark.parametrize("source", ["tr", "fgdilp"])
+@pytest.mark.parametrize("source", ["tr-prefixes", "fgdilp-instances"])
 def test_universal_vectors_average_the_prompts(det, source):
-    if source == "fgdilp":          # against the single-prompt build (frozen FGDILP)
+    if source == "fgdilp-instances":          # against the single-prompt build (frozen FGDILP)
         one = [det.build_vectors(p) for p in PROMPTS]
+        assert {o.source for o in one} == {source} and "universal" not in one[0].settings
     else:
-        one = [det.build_universal_vectors([p], "tr") for p in PROMPTS]
-    both = det.build_universal_vectors(PROMPTS, source)
+        one = [det.build_vectors([p], source) for p in PROMPTS]
+    both = det.build_vectors(PROMPTS, source)
     want = (one[0].directions.astype(np.float64) + one[1].directions) / 2
     np.testing.assert_allclose(both.directions, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(both.e, (one[0].e.astype(np.float64) + one[1].e) / 2, rtol=1e-5, atol=1e-6)
     assert not np.allclose(one[0].directions, one[1].directions)     # the average is not trivial
-    assert both.method == f"universal-{source}"
-    assert both.settings["universal"] == {"source": source, "n_prompts": 2, "chat": False}
+    assert both.source == source
+    assert both.settings["universal"] == {"n_prompts": 2, "chat": False}
 
 
 def test_universal_vectors_for_chat_are_the_directions_chat_steers_with(tiny_chat):
@@ -45,11 +46,11 @@ def test_universal_vectors_for_chat_are_the_directions_chat_steers_with(tiny_cha
     from fgdilp_cpp.plans import SLOT_DIR
 
     with Detoxifier.from_file(tiny_chat, **FAST) as d:
-        plain = d.build_universal_vectors(PROMPTS, "fgdilp")
-        both = d.build_universal_vectors(PROMPTS, "fgdilp", chat=True)
+        plain = d.build_vectors(PROMPTS, "fgdilp-instances")
+        both = d.build_vectors(PROMPTS, "fgdilp-instances", chat=True)
         one = [d.build_vectors(p, chat=True) for p in PROMPTS]
         d.chat([{"role": "user", "content": PROMPTS[0]}], method="fgdilp-frozen")
-        for bad in (lambda: d.build_universal_vectors(["ok", "  "], "tr", chat=True), lambda: d.build_vectors("", chat=True)):
+        for bad in (lambda: d.build_vectors(["ok", "  "], "tr-prefixes", chat=True), lambda: d.build_vectors("", chat=True)):
             with pytest.raises(FgdilpError, match="empty"):       # not a template around nothing
                 bad()
         steered = d._gen.context("fgdilp-frozen").hook.slots[SLOT_DIR].copy()   # [n_layer, width]
@@ -63,13 +64,15 @@ def test_universal_vectors_for_chat_are_the_directions_chat_steers_with(tiny_cha
 
 def test_universal_vectors_refuse_bad_prompts(det):
     with pytest.raises(FgdilpError, match="no prompts"):
-        det.build_universal_vectors([], "tr")
+        det.build_vectors([], "tr-prefixes")
     with pytest.raises(FgdilpError, match="empty"):
-        det.build_universal_vectors(["ok", "  "], "tr")
+        det.build_vectors(["ok", "  "], "tr-prefixes")
     with pytest.raises(FgdilpError, match="too long"):
-        det.build_universal_vectors(["word " * 400], "tr")
-    with pytest.raises(FgdilpError, match="source"):
-        det.build_universal_vectors(PROMPTS, "cvec")
+        det.build_vectors(["word " * 400], "tr-prefixes")
+    with pytest.raises(FgdilpError, match="unknown source 'cvec'"):
+        det.build_vectors(PROMPTS, "cvec")
+    with pytest.warns(DeprecationWarning, match="use build_vectors"), pytest.raises(FgdilpError, match="empty"):
+        det.build_universal_vectors(["ok", "  "], "tr")      # the former builder: a thin wrapper
 
 
 def test_probes_separate_a_separable_set():
@@ -115,7 +118,7 @@ def test_probe_rows_are_the_unsteered_last_rows(det):
 
 
 def _weighted(det, keep: np.ndarray) -> tuple[HeadDirections, HeadDirections]:
-    hd = det.build_universal_vectors(PROMPTS, "tr")
+    hd = det.build_vectors(PROMPTS, "tr-prefixes")
     acc = np.where(keep, 0.9, 0.6).astype(np.float32)
     return hd, hd.with_head_weights(keep.astype(np.float32), acc, {"top_k": int(keep.sum())})
 
@@ -153,7 +156,7 @@ def test_unselected_heads_are_not_edited(det, tmp_path, tiny_llama):
     assert not np.allclose(edited[1], vh[1])
     # the engine: weighted vectors = a file whose unselected heads are zero; all-zero weights = unsteered
     zeroed = HeadDirections(plain.directions * keep[:, :, None].astype(np.float32), plain.e, plain.model,
-                            plain.method, plain.settings)
+                            plain.source, plain.settings)
     none = hw.with_head_weights(np.zeros_like(hw.head_weights), None, {"top_k": 0})
     logits = {}
     for name, v_ in (("weighted", hw), ("zeroed", zeroed), ("plain", plain), ("none", none)):
@@ -190,15 +193,15 @@ def test_vectors_build_universal_with_probes_cli(cli, tiny_llama, tmp_path):
                "--probe-top-k", "3", "--probe-prompts", f, "--probe-offset", "0", "--probe-per-class", "6",
                "--no-progress", "-o", vec)
     assert proc.returncode == 0, proc.stderr
-    assert "universal-tr" in proc.stdout and "3 of" in proc.stdout
+    assert "tr-prefixes" in proc.stdout and "3 of" in proc.stdout
     hd = HeadDirections.load(vec)
-    assert hd.settings["universal"] == {"source": "tr", "n_prompts": 3, "chat": False, "prompts": f, "limit": 3,
+    assert hd.source == "tr-prefixes" and hd.settings["universal"] == {"n_prompts": 3, "chat": False, "prompts": f, "limit": 3,
                                         "offset": 0}
     assert hd.settings["head_selection"]["per_class"] == 6 and (hd.head_weights > 0).sum() == 3
     gen = cli("generate", "-m", tiny_llama[0], "--vectors", vec, "-p", "the cat", "-n", "3", "-c", "256", "-t", "1",
               "--explain")
     assert gen.returncode == 0, gen.stderr
-    assert "universal-tr" in gen.stdout and "3 of" in gen.stdout
+    assert "tr-prefixes" in gen.stdout and "3 of" in gen.stdout
     bad = cli("vectors", "build", "-m", tiny_llama[0], "-o", vec)
     assert bad.returncode != 0 and "one of them" in bad.stderr
 
@@ -208,4 +211,5 @@ def test_vectors_build_chat_cli(cli, tiny_chat, tmp_path):
     proc = cli("vectors", "build", "-m", tiny_chat, "-p", "the cat sat", "--from", "tr", "--chat", "-c", "256",
                "-t", "1", "-o", vec)
     assert proc.returncode == 0, proc.stderr
-    assert HeadDirections.load(vec).settings["universal"] == {"source": "tr", "n_prompts": 1, "chat": True}
+    hd = HeadDirections.load(vec)
+    assert hd.source == "tr-prefixes" and hd.settings["universal"] == {"n_prompts": 1, "chat": True}

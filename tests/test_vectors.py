@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import gguf
 import numpy as np
 import pytest
 
+from fgdilp_cpp.method.sources import SOURCES
 from fgdilp_cpp.method.vectors import FILE_ARCH, HeadDirections, ModelIdentity
 
 L, H, D = 4, 3, 8  # n_layer, n_head, head_dim
@@ -25,16 +27,17 @@ def _hd(with_e: bool = True, seed: int = 0) -> HeadDirections:
     e = rng.standard_normal((L, H, D)).astype(np.float32) if with_e else None
     settings = {"K": 50, "exp_norm": 0.4, "exp_sim": 0.6, "prefixes": ["a b", "c"],
                 "nested": {"renorm": True, "x": None}}
-    return HeadDirections(directions=d, e=e, model=_identity(), method="fgdilp-frozen",
+    return HeadDirections(directions=d, e=e, model=_identity(), source="fgdilp-instances",
                           settings=settings).validate()
 
 
-def _write_raw(path, arch="fgdilp-directions", version=1, directions=None, e=None, skip=()):
-    """A directions-like GGUF written with GGUFWriter directly (bypassing validate)."""
+def _write_raw(path, arch="fgdilp-directions", version=1, directions=None, e=None, skip=(), origin=None):
+    """A directions-like GGUF written with GGUFWriter directly (bypassing validate); by default as an
+    older fgdilp-cpp wrote it (fgdilp.method "tr", no fgdilp.source); origin: {key: value} instead."""
     w = gguf.GGUFWriter(str(path), arch)
     kv = {"fgdilp.model.architecture": "llama", "fgdilp.model.name": "tiny-llama",
-          "fgdilp.method": "tr", "fgdilp.settings": "{}", "fgdilp.layer_convention": "c",
-          "fgdilp.head_layout": "h"}
+          **(origin if origin is not None else {"fgdilp.method": "tr"}), "fgdilp.settings": "{}",
+          "fgdilp.layer_convention": "c", "fgdilp.head_layout": "h"}
     for k, v in kv.items():
         if k not in skip:
             w.add_string(k, v)
@@ -73,8 +76,8 @@ def test_round_trip(tmp_path, with_e):
         assert back.e is None
     assert back.model == hd.model and back.model.name == "tiny-llama"
     assert back.settings == hd.settings
-    assert (back.method, back.layer_convention, back.head_layout) == \
-           (hd.method, hd.layer_convention, hd.head_layout)
+    assert (back.source, back.layer_convention, back.head_layout) == \
+           (hd.source, hd.layer_convention, hd.head_layout)
     # owned copies, not views of a memmap
     for arr in (back.directions, back.e):
         if arr is not None:
@@ -97,7 +100,7 @@ def test_save_is_atomic_and_readable_by_gguf(tmp_path):
 
 def test_save_failure_leaves_no_temp_file(tmp_path):
     bad = HeadDirections(directions=np.zeros((L, H, D), np.float32), e=None, model=_identity(),
-                         method="tr", settings={"f": object()})
+                         source="tr-prefixes", settings={"f": object()})
     with pytest.raises(ValueError, match="JSON"):
         bad.save(tmp_path / "x.gguf")
     assert os.listdir(tmp_path) == []
@@ -185,13 +188,43 @@ def test_load_unsupported_version(tmp_path):
 
 def test_raw_writer_baseline_loads(tmp_path):
     hd = HeadDirections.load(_write_raw(tmp_path / "ok.gguf"))
-    assert hd.method == "tr" and hd.e is None and hd.settings == {}
+    assert hd.source == "tr-prefixes" and hd.e is None and hd.settings == {}
 
 
-@pytest.mark.parametrize("key", ["fgdilp.method", "fgdilp.model.n_head", "fgdilp.settings"])
+def test_a_file_records_its_source_not_a_method(tmp_path):
+    """New files write fgdilp.source (and no fgdilp.method); each source survives the round trip."""
+    for source in SOURCES:
+        hd = replace(_hd(), source=source)
+        hd.save(tmp_path / "s.gguf")
+        reader = gguf.GGUFReader(str(tmp_path / "s.gguf"))
+        assert reader.get_field("fgdilp.source").contents() == source
+        assert reader.get_field("fgdilp.method") is None
+        del reader
+        assert HeadDirections.load(tmp_path / "s.gguf").source == source
+    with pytest.raises(ValueError, match="source must name where the directions come from"):
+        replace(_hd(), source=" ").validate()
+
+
+@pytest.mark.parametrize("old, source", [("fgdilp-frozen", "fgdilp-instances"), ("universal-tr", "tr-prefixes"),
+                                         ("universal-fgdilp", "fgdilp-instances"), ("universal-data", "labelled-text"),
+                                         ("universal-data+random", "labelled-text+random"),
+                                         ("something-else", "something-else")])
+def test_an_older_file_s_method_is_read_as_its_source(tmp_path, old, source):
+    path = _write_raw(tmp_path / "old.gguf", origin={"fgdilp.method": old})
+    assert HeadDirections.load(path).source == source
+    both = _write_raw(tmp_path / "both.gguf", origin={"fgdilp.method": old, "fgdilp.source": "tr-prefixes"})
+    assert HeadDirections.load(both).source == "tr-prefixes"          # fgdilp.source wins where both exist
+
+
+@pytest.mark.parametrize("key", ["fgdilp.model.n_head", "fgdilp.settings"])
 def test_load_missing_key(tmp_path, key):
     with pytest.raises(ValueError, match=f"missing key {key}"):
         HeadDirections.load(_write_raw(tmp_path / "k.gguf", skip=(key,)))
+
+
+def test_load_without_source_or_method(tmp_path):
+    with pytest.raises(ValueError, match="missing key fgdilp.source"):
+        HeadDirections.load(_write_raw(tmp_path / "k.gguf", origin={}))
 
 
 def test_load_missing_tensor(tmp_path):
@@ -224,7 +257,7 @@ def test_load_inf_in_e(tmp_path):
 def test_validate_refuses_float64():
     hd = _hd()
     bad = HeadDirections(directions=hd.directions.astype(np.float64), e=None, model=hd.model,
-                         method="tr", settings={})
+                         source="tr-prefixes", settings={})
     with pytest.raises(ValueError, match="float32"):
         bad.validate()
 
@@ -274,7 +307,7 @@ def test_random_like_zero_head_stays_zero():
     hd = _hd()
     d = hd.directions.copy()
     d[1, 2] = 0.0
-    z = HeadDirections(directions=d, e=None, model=hd.model, method="tr", settings={})
+    z = HeadDirections(directions=d, e=None, model=hd.model, source="tr-prefixes", settings={})
     r = HeadDirections.random_like(z, seed=0)
     assert np.all(r.directions[1, 2] == 0.0) and np.isfinite(r.directions).all()
 
@@ -284,7 +317,7 @@ def test_reversed(tmp_path):
     rv = hd.reversed()
     np.testing.assert_array_equal(rv.directions, -hd.directions)
     np.testing.assert_allclose(rv.head_norms(), hd.head_norms())
-    assert rv.e is hd.e and rv.method.endswith("reversed")
+    assert rv.e is hd.e and rv.source.endswith("reversed")
     rv.save(tmp_path / "rev.gguf")
     assert HeadDirections.load(tmp_path / "rev.gguf") == rv
 
@@ -357,7 +390,7 @@ def test_vectors_of_a_same_shape_model_are_refused_through_the_api(same_shape_mo
     n_layer, n_head, head_dim = ident.n_layer, ident.n_head, ident.head_dim
     rng = np.random.default_rng(0)
     d = (0.1 * rng.standard_normal((n_layer, n_head, head_dim))).astype(np.float32)
-    HeadDirections(directions=d, e=None, model=ident, method="fgdilp-frozen").save(tmp_path / "a.gguf")
+    HeadDirections(directions=d, e=None, model=ident, source="fgdilp-instances").save(tmp_path / "a.gguf")
     vec = str(tmp_path / "a.gguf")
 
     with Detoxifier.from_file(paths["a"], vectors=vec, n_predict=3, threads=1, ctx_size=128) as det:
@@ -381,3 +414,4 @@ def test_cli_refuses_vectors_of_a_fine_tune_and_inspect_shows_the_fingerprint(sa
     assert shown.returncode == 0 and f"fingerprint  weights {hd.model.weights_sha256[:16]}, vocabulary" in shown.stdout
     old = cli("vectors", "inspect", _write_raw(tmp_path / "old.gguf"))
     assert old.returncode == 0 and "fingerprint  none (an older file: refused for steering" in old.stdout
+    assert "source       fgdilp-instances" in shown.stdout and "source       tr-prefixes" in old.stdout

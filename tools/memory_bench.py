@@ -67,7 +67,7 @@ def before_worker(spec: dict) -> dict:
     if find_universal(det.model.fingerprint()["weights_sha256"]) is None:
         rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
         v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
-                           method="random", settings={}).validate()
+                           source="random", settings={}).validate()
         det._gen.rt.universal = lambda: v
     users, reply = chat_turns(spec["turns"]), spec["reply_tokens"]
     if spec["mode"] == "serve":
@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("-n", "--decode-tokens", type=int, default=32)
     ap.add_argument("-r", "--repeats", type=int, default=2)
-    ap.add_argument("--methods", default="none,fgdilp-universal,tr,fgdilp")
+    ap.add_argument("--methods", default="none,universal,tr,fgdilp")
     ap.add_argument("--before-tree", type=Path, default=None,
                     help="also the memory half (peak RSS, KV) with the code of this checkout (e.g. main before)")
     ap.add_argument("--skip-after", action="store_true", help="only the --before-tree figures")

@@ -10,9 +10,9 @@
 # 2. starts two rpc-server processes on 127.0.0.1 (free ports), and stops them by PID whatever
 #    happens (trap);
 # 3. runs tests/test_oracle.py (the tiny model's layers on the two servers) and tests/test_rpc.py
-#    (the embedded gemma-3-270m split across them: TR and fgdilp-universal logits equal to a local
+#    (the embedded gemma-3-270m split across them: TR and universal logits equal to a local
 #    run; a server killed mid-generation gives a clear error);
-# 4. measures, local and over RPC (tools/rpc_bench.py): decode tokens/s of none, fgdilp-universal
+# 4. measures, local and over RPC (tools/rpc_bench.py): decode tokens/s of none, universal
 #    and tr, and the hook's added time per token; prints it as JSON, also in DIR/rpc-check.json.
 # Environment: PYTHON (default python3) with the project's test dependencies; RPC_CHECK_THREADS
 # (default 1) for the servers and the client. Network: only 127.0.0.1 (and PyPI for the first build).

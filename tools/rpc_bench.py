@@ -5,7 +5,7 @@ Run by tools/rpc-check.sh; usable alone with an RPC build of llama-cpp-python on
     python tools/rpc_bench.py --rpc 127.0.0.1:50052,127.0.0.1:50053 --out rpc-bench.json
 
 For each placement (local, then rpc), one table each:
-- methods: decode tokens/s of none, the default method (fgdilp-universal) and tr through the
+- methods: decode tokens/s of none, the default method (universal) and tr through the
   public API (Detoxifier.generate), interleaved repeats, medians;
 - hook: the engine alone, one sequence, greedy decode, without the hook and with the hook reading
   every layer's kqv_out row and writing an edited row back; the difference of their seconds per
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))     # tools/: gpu_bench
 from gpu_bench import greedy_step_seconds  # noqa: E402
 
 PROMPT = "The ill-fated tale of Phoneys, the stupid"
-METHODS = ("none", "fgdilp-universal", "tr")
+METHODS = ("none", "universal", "tr")
 
 
 def bench_methods(model: str, rpc: str | None, threads: int, n_tokens: int, repeats: int) -> dict:

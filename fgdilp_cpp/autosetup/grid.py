@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..method.sources import LABELLED_TEXT
 from ..method.vectors import HeadDirections, random_heads
 from .points import PointScores
 from .scoring import SteeredNLL
@@ -47,8 +48,9 @@ def criterion_texts(per_class: int) -> tuple[list[Pair], list[Pair], list[Pair]]
 
 def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Progress] = None,
                      chat: bool = False) -> HeadDirections:
-    """The model's universal directions from labelled text (Detoxifier.build_data_vectors) on the
-    direction records alone. chat: the prompts that give each head its length are user messages."""
+    """The model's universal directions from labelled text (Detoxifier.build_vectors, source
+    labelled-text) on the direction records alone. chat: the prompts that give each head its
+    length are user messages."""
     from ..evaluation.prompts import load_prompts
     from ..universal import labelled_records
 
@@ -58,9 +60,10 @@ def build_directions(det, per_class: int, n_prompts: int, progress: Optional[Pro
     # the prompts that give the heads their length: those that leave room for TR's prefixes in a
     # context of the settings' size (a small -c must not stop the setup)
     fits = [r.text for r in pool if 4 * len(det.model.tokenize(r.text)) < det.settings.ctx_size][:n_prompts]
-    return det.build_data_vectors(fits, [r.continuation for r in records], list(labels), report, chat=chat,
-                                  labels={**how, "prompts": "rtp-toxic", "offset": DIRECTION_OFFSET,
-                                          "end": CRITERION_OFFSET})
+    return det.build_vectors(fits, LABELLED_TEXT, chat=chat, texts=[r.continuation for r in records],
+                             toxic=list(labels), progress=report,
+                             labels={**how, "prompts": "rtp-toxic", "offset": DIRECTION_OFFSET,
+                                     "end": CRITERION_OFFSET})
 
 
 class PointScorer:

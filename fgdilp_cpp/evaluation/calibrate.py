@@ -107,7 +107,7 @@ def calibrate(det, out_dir: str | Path, scorer, judges: dict, methods: Optional[
     part with one setting changed at a time (step "ablation-<prompts>x<samples>"; its report's
     ablation table compares each change with the chosen point)."""
     out = Path(out_dir)
-    names = [m for m in (methods or registry.names()) if m != registry.UNSTEERED]
+    names = [registry.canonical(m) for m in (methods or registry.names()) if m != registry.UNSTEERED]
     all_methods = [registry.UNSTEERED] + names
     axes = dict(axes or {})
     axes.setdefault("steer_scale", list(sizes.scales))
@@ -243,7 +243,7 @@ def _universal_file(det) -> dict:
     scale means nothing for another file, so merge_profiles never prefers an entry of another)."""
     import hashlib
 
-    i = det.info(probe=False)          # the file method fgdilp-universal applies, and its source
+    i = det.info(probe=False)          # the file method universal applies, and its source
     if i["universal"] is None:
         return {}
     return {"universal_sha256": hashlib.sha256(Path(i["universal"]).read_bytes()).hexdigest(),

@@ -44,6 +44,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from .. import methods as registry
 from ..engine import SamplingParams
 from ..errors import FgdilpError
 from ..files import FolderLock, write_atomic
@@ -177,7 +178,7 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
     if chat:                         # likewise absent for plain continuation
         cfg["chat"] = True
     vectors = getattr(det, "vectors_sha256", None)
-    if vectors:                      # saved directions replace fgdilp-frozen's: a run is tied to its file
+    if vectors:                      # saved directions (method vectors): a run is tied to its file
         cfg["vectors_sha256"] = vectors
     return json.loads(_dumps(cfg))
 
@@ -328,7 +329,12 @@ def run_eval(det, records: Sequence, methods: Sequence[str], samples: int, n_pre
     for name, labs in extra_labels.items():
         if tox_label not in labs:
             raise FgdilpError(f"the toxicity label {tox_label!r} is not one of {name}'s labels {labs}")
-    methods = list(dict.fromkeys(methods))
+    # a method's former name (methods.canonical) runs, and is reported, under its name now
+    methods = list(dict.fromkeys(registry.canonical(m) for m in methods))
+    if isinstance(grid, Mapping):
+        grid = {registry.canonical(m): points for m, points in grid.items()}
+    if ablation:
+        ablation = {registry.canonical(m): base for m, base in ablation.items()}
     if not methods:
         raise FgdilpError("no methods to evaluate")
     if samples < 1 or n_predict < 1:

@@ -12,6 +12,10 @@ built on another model of the same shape (another fine-tune, another quantisatio
 Files written before the fingerprints existed (same format version, no such keys) still load and
 can be inspected, but are refused for steering: their model cannot be verified, steering with the
 wrong one degrades silently, and a rebuild takes seconds.
+
+Source: a file records where its directions come from (fgdilp.source: method.sources). Files
+written before that key existed kept a method-like name in fgdilp.method ("fgdilp-frozen",
+"universal-data"): they load, that name read as its source (method.sources.from_legacy).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.method.contrast import with_head_norms
+from fgdilp_cpp.method.sources import from_legacy
 from fgdilp_cpp.files import write_atomic_with
 
 FILE_ARCH = "fgdilp-directions"
@@ -70,7 +75,7 @@ class HeadDirections:
     directions: np.ndarray    # [n_layer, n_head, head_dim] float32: fused sub-toxicity vector (delta)
     e: np.ndarray | None      # [n_layer, n_head, head_dim] float32: negative prefix ':' head outputs
     model: ModelIdentity
-    method: str               # e.g. "fgdilp-frozen", "tr"
+    source: str               # where the directions come from: method.sources ("labelled-text", ...)
     settings: dict = field(default_factory=dict)  # JSON-serialisable settings used to build it
     layer_convention: str = "kqv_out-<il>: per-head attention output before W_O of block il (0-based)"
     head_layout: str = ("a layer row [n_head*head_dim] is the concatenation of heads; "
@@ -114,6 +119,8 @@ class HeadDirections:
         if bad or not m.architecture:
             raise DirectionsError(f"invalid model identity {m!r}: {', '.join(bad) or 'architecture'}"
                                   " must be set (positive integers, non-empty architecture)")
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise DirectionsError(f"source must name where the directions come from, not {self.source!r}")
         expected = (m.n_layer, m.n_head, m.head_dim)
         for name, arr in (("directions", self.directions), ("e", self.e)):
             if arr is None and name == "e":  # e is optional
@@ -172,8 +179,8 @@ class HeadDirections:
         return (_same_bits(self.directions, other.directions) and _same_bits(self.e, other.e)
                 and _same_bits(self.probe_accuracy, other.probe_accuracy)
                 and _same_bits(self.head_weights, other.head_weights)
-                and (self.model, self.method, self.settings, self.layer_convention, self.head_layout)
-                == (other.model, other.method, other.settings, other.layer_convention,
+                and (self.model, self.source, self.settings, self.layer_convention, self.head_layout)
+                == (other.model, other.source, other.settings, other.layer_convention,
                     other.head_layout))
 
     __hash__ = None  # holds arrays: not hashable
@@ -182,14 +189,14 @@ class HeadDirections:
 
     def reversed(self) -> HeadDirections:
         """Directions negated (e unchanged): steering toward the toxic side, a control."""
-        return replace(self, directions=-self.directions, method=f"{self.method}+reversed",
+        return replace(self, directions=-self.directions, source=f"{self.source}+reversed",
                        settings={**self.settings, "control": "reversed"})
 
     @staticmethod
     def random_like(template: HeadDirections, seed: int) -> HeadDirections:
         """Random per-head directions with the template's per-head norms (e unchanged)."""
         d = random_heads(template.directions, seed)
-        return replace(template, directions=d, method=f"{template.method}+random",
+        return replace(template, directions=d, source=f"{template.source}+random",
                        settings={**template.settings, "control": "random_like", "seed": int(seed)})
 
     # ---- file format ----
@@ -201,7 +208,7 @@ class HeadDirections:
 
         def write(tmp: str) -> None:
             w = gguf.GGUFWriter(tmp, FILE_ARCH)
-            w.add_name(f"{self.method} head directions for {self.model.name or self.model.key()}")
+            w.add_name(f"{self.source} head directions for {self.model.name or self.model.key()}")
             w.add_uint32("fgdilp.format_version", FORMAT_VERSION)
             w.add_string("fgdilp.model.architecture", self.model.architecture)
             w.add_string("fgdilp.model.name", self.model.name)
@@ -211,7 +218,7 @@ class HeadDirections:
             for f in _FINGERPRINTS:
                 if getattr(self.model, f):
                     w.add_string(f"fgdilp.model.{f}", getattr(self.model, f))
-            w.add_string("fgdilp.method", self.method)
+            w.add_string("fgdilp.source", self.source)
             w.add_string("fgdilp.settings", json.dumps(self.settings, sort_keys=True, allow_nan=False))
             w.add_string("fgdilp.layer_convention", self.layer_convention)
             w.add_string("fgdilp.head_layout", self.head_layout)
@@ -287,6 +294,12 @@ class HeadDirections:
             raise DirectionsError(f"{path}: fgdilp.settings is not valid JSON: {exc}") from exc
         if not isinstance(settings, dict):
             raise DirectionsError(f"{path}: fgdilp.settings is not a JSON object")
+        source = get("fgdilp.source", str, required=False)
+        if source is None:              # a file of before fgdilp.source: its method-like name
+            legacy = get("fgdilp.method", str, required=False)
+            if legacy is None:
+                raise DirectionsError(f"{path}: missing key fgdilp.source")
+            source = from_legacy(legacy)
         tensors = {t.name: t for t in reader.tensors}
         has_e = get("fgdilp.has_e", bool, required=False)
 
@@ -301,7 +314,7 @@ class HeadDirections:
         if has_e and "e" not in tensors:
             raise DirectionsError(f"{path}: missing tensor 'e' (fgdilp.has_e is true)")
         return cls(directions=tensor("directions"), e=tensor("e") if "e" in tensors else None,
-                   model=model, method=get("fgdilp.method", str), settings=settings,
+                   model=model, source=source, settings=settings,
                    layer_convention=get("fgdilp.layer_convention", str),
                    head_layout=get("fgdilp.head_layout", str),
                    probe_accuracy=tensor("probe_accuracy") if "probe_accuracy" in tensors else None,
