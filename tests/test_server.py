@@ -208,11 +208,24 @@ def test_api_key(tiny_llama):
 
 
 # ---- the queue ------------------------------------------------------------------------------------
-def test_concurrent_requests_run_one_at_a_time(served, ref):
-    """8 requests at once (streamed and not) each get exactly their sequential result."""
-    seeds = range(10, 18)
-    want = {s: ref.chat(MSGS, trim=False, seed=s, n_predict=16).text for s in seeds}
+def test_concurrent_requests_run_one_at_a_time(tiny_llama):
+    """8 requests at once (streamed and not) each get exactly their sequential result. Without KV
+    reuse on both sides: with it, a request's prompt cells come from whichever request ran before
+    it, and a reused prefix may round differently from a fresh prefill (docs/method.md §3.3), so
+    the expected replies would depend on the order the requests happened to run in."""
+    from fgdilp_cpp.api import Detoxifier
+    from server_helpers import DET_KW
 
+    seeds = range(10, 18)
+    with Detoxifier.from_file(str(tiny_llama[0]), **{**DET_KW, "kv_reuse": False}) as ref:
+        want = {s: ref.chat(MSGS, trim=False, seed=s, n_predict=16).text for s in seeds}
+    limits = Limits(max_tokens=512, allow_methods=("tr", "none", "fgdilp"))
+    with Detoxifier.from_file(str(tiny_llama[0]), **{**DET_KW, "kv_reuse": False}) as det, \
+            Served(create_app(det, limits)) as served:
+        _ask_all(served, seeds, want)
+
+
+def _ask_all(served, seeds, want) -> None:
     def ask(seed: int) -> str:
         with served.client() as c:
             kw = dict(model="m", messages=MSGS, seed=seed, max_tokens=16)
@@ -312,11 +325,15 @@ def test_serve_command_port_zero_and_ctrl_c(tiny_llama):
         proc.stderr.close()
 
 
-def test_the_condition_per_request(tiny_llama, ref):
-    """"condition" steers a conversation only where the scorer reads one of its messages that toxic."""
+def test_the_condition_per_request(tiny_llama):
+    """"condition" steers a conversation only where the scorer reads one of its messages that toxic.
+    The expected replies come from a fresh Detoxifier, in the state of the served one: a kept
+    conversation's KV cells are reused from turn to turn, and the module's `ref` has held others
+    (docs/method.md §3.3: a reused prefix may round differently from a fresh prefill)."""
     from test_condition import KeywordScorer
 
-    with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_tokens=64))) as srv, srv.client() as c:
+    with open_det(tiny_llama) as det, open_det(tiny_llama) as ref, Served(create_app(det, Limits(max_tokens=64))) as srv, \
+            srv.client() as c:
         det._gen.rt.scorer = KeywordScorer()          # "hate" reads 0.9, anything else 0.1
 
         def reply(msgs, **extra) -> str:
