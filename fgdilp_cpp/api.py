@@ -93,12 +93,17 @@ class Detoxifier:
     @staticmethod
     def _find_profile(model, settings: Settings, profile) -> tuple[Optional[Profile], Optional[str]]:
         if isinstance(profile, Profile):
-            if not profile.matches(model_identity(model)):
-                raise FgdilpError("this profile was made for another model (its weights differ)")
-            return profile, None
+            identity = model_identity(model, family=False)
+            if profile.matches(identity):
+                return profile, None
+            if profile.same_family(identity, model.family_fingerprint()):
+                return profile.transferred(), None
+            raise FgdilpError("this profile was made for another model (its weights differ)")
         if profile is False or (profile is None and not settings.profile):
             return None, None
-        found, path = find_profile(model_identity(model))
+        # the family fingerprint (a read of the tokenizer and norm weights) only where no profile
+        # is keyed by these exact weights
+        found, path = find_profile(model_identity(model, family=False), family=model.family_fingerprint)
         return found, None if path is None else str(path)
 
     @classmethod
@@ -253,9 +258,15 @@ class Detoxifier:
         if probe:
             out["kqv_out_layers"] = probe_kqv_out(self.model, self.settings.threads)
         out["profile"] = self.profile_path if self.profile is not None else None
-        found = find_universal(self.model.fingerprint()["weights_sha256"])
+        out["profile_transferred_from"] = None if self.profile is None else self.profile.transferred_from
+        weights = self.model.fingerprint()["weights_sha256"]
+        found = find_universal(weights, family=self.model.family_fingerprint)
         out["universal"] = None if found is None else str(found)      # method fgdilp-universal's directions
-        out["universal_source"] = None if found is None else HeadDirections.load(found).method
+        directions = None if found is None else HeadDirections.load(found)
+        out["universal_source"] = None if directions is None else directions.method
+        # directions lent by another quantisation of these weights: the file they were built on
+        out["universal_transferred_from"] = None if directions is None or directions.model.weights_sha256 == weights \
+            else {"name": directions.model.name, "weights_sha256": directions.model.weights_sha256}
         return out
 
     def self_diagnosis(self, texts: list[str]) -> np.ndarray:

@@ -258,12 +258,13 @@ def _detoxifier(s, vectors_path=None, **kw):
 def every_method(s) -> list[str]:
     """The default of --methods (eval, calibrate): every listed method the model of settings `s`
     can run (fgdilp-universal only where the model has universal directions)."""
-    from .engine.tensors import weights_fingerprint
+    from .engine.tensors import family_fingerprint, weights_fingerprint
     from .models import resolve_model
     from .profiles import find_universal
 
     try:
-        has = find_universal(weights_fingerprint(resolve_model(s.model))) is not None
+        path = resolve_model(s.model)
+        has = find_universal(weights_fingerprint(path), family=lambda: family_fingerprint(path)) is not None
     except Exception:         # noqa: BLE001 - not a readable model: opening it says why, with a clear error
         has = False
     return list(methods.runnable_names(has))

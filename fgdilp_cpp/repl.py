@@ -267,6 +267,8 @@ def show_settings(session: Session) -> None:
     print(f"model          {det.model.info.path}")
     print(f"chat template  {det.template.name}")
     print(f"profile file   {det.profile_path or ('none' if det.profile is None else 'given')}")
+    if det.profile is not None and det.profile.transferred_from:
+        print(f"               {det.profile.transfer_note()}")
     for k, v in s.items():
         if k in ("model", "chat_template"):
             continue
