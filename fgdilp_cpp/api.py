@@ -96,7 +96,7 @@ class Detoxifier:
             identity = model_identity(model, family=False)
             if profile.matches(identity):
                 return profile, None
-            if profile.same_family(identity, model.family_fingerprint()):
+            if profile.lendable_to(identity, model.family_fingerprint()):
                 return profile.transferred(), None
             raise FgdilpError("this profile was made for another model (its weights differ)")
         if profile is False or (profile is None and not settings.profile):
@@ -260,7 +260,7 @@ class Detoxifier:
         out["profile"] = self.profile_path if self.profile is not None else None
         out["profile_transferred_from"] = None if self.profile is None else self.profile.transferred_from
         weights = self.model.fingerprint()["weights_sha256"]
-        found = find_universal(weights, family=self.model.family_fingerprint)
+        found = find_universal(weights, family=self.model.family_fingerprint, bits_per_weight=self.model.bits_per_weight())
         out["universal"] = None if found is None else str(found)      # method fgdilp-universal's directions
         directions = None if found is None else HeadDirections.load(found)
         out["universal_source"] = None if directions is None else directions.method

@@ -258,13 +258,14 @@ def _detoxifier(s, vectors_path=None, **kw):
 def every_method(s) -> list[str]:
     """The default of --methods (eval, calibrate): every listed method the model of settings `s`
     can run (fgdilp-universal only where the model has universal directions)."""
-    from .engine.tensors import family_fingerprint, weights_fingerprint
+    from .engine.tensors import bits_per_weight, family_fingerprint, weights_fingerprint
     from .models import resolve_model
     from .profiles import find_universal
 
     try:
         path = resolve_model(s.model)
-        has = find_universal(weights_fingerprint(path), family=lambda: family_fingerprint(path)) is not None
+        has = find_universal(weights_fingerprint(path), family=lambda: family_fingerprint(path),
+                             bits_per_weight=bits_per_weight(path)) is not None
     except Exception:         # noqa: BLE001 - not a readable model: opening it says why, with a clear error
         has = False
     return list(methods.runnable_names(has))

@@ -72,7 +72,8 @@ class Generator(MethodContexts):
         """The model's universal directions (method fgdilp-universal): the file find_universal
         names for its fingerprint, loaded and checked against the model once."""
         if self._universal is None:
-            path = find_universal(self.model.fingerprint()["weights_sha256"], family=self.model.family_fingerprint)
+            path = find_universal(self.model.fingerprint()["weights_sha256"], family=self.model.family_fingerprint,
+                                  bits_per_weight=self.model.bits_per_weight())
             if path is None:
                 raise FgdilpError("no universal directions for this model (method fgdilp-universal): build them "
                                   "with `fgdilp-cpp vectors build --prompts rtp-toxic --limit 96 --from fgdilp "

@@ -3,7 +3,9 @@ the figures behind them. A profile is keyed by the model's weights fingerprint, 
 applied to another model (another fine-tune of the same shape included). Another quantisation of
 the same weights (same family fingerprint: tensors.family_fingerprint) gets the profile and the
 universal directions of its family when it has none of its own, recorded as transferred
-(Profile.transferred_from); docs/results/quant-transfer.md measured that this is safe.
+(Profile.transferred_from), provided it is at least as precise (bits per weight) as the file the
+profile was measured on: docs/results/quant-transfer.md measured that this is safe, and that a
+less precise one (Q3_K_M of a Q4 model) moves the directions too far.
 
 Where they live: the user's `$XDG_CONFIG_HOME/fgdilp-cpp/profiles/` (written by calibrate), then
 the ones shipped in the package (fgdilp_cpp/profiles/, for the embedded models);
@@ -54,29 +56,39 @@ def universal_path_for(weights_sha256: str, folder: Optional[Path] = None) -> Pa
 Family = Union[str, None, Callable[[], Optional[str]]]
 
 
-def find_universal(weights_sha256: str, folders: Optional[list[Path]] = None, family: Family = None) -> Optional[Path]:
+def find_universal(weights_sha256: str, folders: Optional[list[Path]] = None, family: Family = None,
+                   bits_per_weight: Optional[float] = None) -> Optional[Path]:
     """The model's universal directions file: the user's profile folder first, then the package's
-    (the search path of the profiles); else, given the model's family fingerprint, the file of a
-    profile of its family (another quantisation of the same weights) in those folders; None if
-    there is none. A transferred file records the other file's weights: HeadDirections.check_model
-    must be told (generation.Generator.universal_directions)."""
+    (the search path of the profiles); else, given the model's family fingerprint and bits per
+    weight, the file of a profile of its family (another quantisation of the same weights, no more
+    precise than this one) in those folders; None if there is none. A transferred file records
+    the other file's weights: HeadDirections.check_model must be told
+    (generation.Generator.universal_directions)."""
     chosen = folders if folders is not None else search_path()
     for folder in chosen:
         p = universal_path_for(weights_sha256, folder)
         if p.is_file():
             return p
     fam = family() if callable(family) else family
-    if not fam:
+    if not fam or bits_per_weight is None:
         return None
-    for where, data in _family_profiles(chosen, fam):
+    for where, data in _family_profiles(chosen, fam, bits_per_weight):
         p = universal_path_for(str(data["model"]["weights_sha256"]), where.parent)
         if p.is_file():
             return p
     return None
 
 
-def _family_profiles(folders: list[Path], family: str):
-    """(path, JSON) of every readable profile naming this family fingerprint, in search order."""
+def lendable(model: Mapping[str, Any], family: str, bits_per_weight: float) -> bool:
+    """Whether a profile's model entry may be lent to a file of this family fingerprint and bits
+    per weight: the same weights, and the file at least as precise as the one it was measured on."""
+    theirs = model.get("bits_per_weight")
+    return bool(family) and model.get("family_sha256") == family and isinstance(theirs, (int, float)) \
+        and bits_per_weight >= theirs - 1e-6
+
+
+def _family_profiles(folders: list[Path], family: str, bits_per_weight: float):
+    """(path, JSON) of every readable profile lendable to this family and precision, in search order."""
     for folder in folders:
         if not folder.is_dir():
             continue
@@ -86,7 +98,7 @@ def _family_profiles(folders: list[Path], family: str):
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 continue
             model = data.get("model") if isinstance(data, dict) else None
-            if isinstance(model, dict) and model.get("family_sha256") == family \
+            if isinstance(model, dict) and lendable(model, family, bits_per_weight) \
                     and isinstance(model.get("weights_sha256"), str):
                 yield p, data
 
@@ -114,13 +126,15 @@ class Profile:
         entry = self.methods.get(method) or {}
         return {k: v for k, v in (entry.get("settings") or {}).items() if k != "method"}
 
-    def matches(self, identity: Mapping[str, str]) -> bool:
+    def matches(self, identity: Mapping[str, Any]) -> bool:
         return (self.model.get("weights_sha256") == identity.get("weights_sha256")
                 and self.model.get("key") == identity.get("key"))
 
-    def same_family(self, identity: Mapping[str, str], family: Optional[str]) -> bool:
-        """Made for another quantisation of the same weights: same shape and family fingerprint."""
-        return bool(family) and self.model.get("family_sha256") == family \
+    def lendable_to(self, identity: Mapping[str, Any], family: Optional[str]) -> bool:
+        """Made for another quantisation of the same weights (same shape and family fingerprint)
+        no more precise than the identity's file (bits_per_weight; see lendable)."""
+        bits = identity.get("bits_per_weight")
+        return bool(family) and isinstance(bits, (int, float)) and lendable(self.model, family, bits) \
             and self.model.get("key") == identity.get("key")
 
     def transferred(self) -> "Profile":
@@ -186,29 +200,31 @@ class Profile:
         return cls.from_json(data, str(p))
 
 
-def model_identity(model, family: bool = True) -> dict[str, str]:
-    """What a profile is keyed by: the shape and the weights fingerprint (a bounded read); with
-    family, also what its other quantisations share (family_sha256, "" when the file cannot tell
-    its fine-tunes apart) and its own quantisation, recorded in the profiles calibrate writes."""
+def model_identity(model, family: bool = True) -> dict[str, Any]:
+    """What a profile is keyed by: the shape and the weights fingerprint (a bounded read), and the
+    file's bits per weight (a header read); with family, also what its other quantisations share
+    (family_sha256, "" when the file cannot tell its fine-tunes apart) and its quantisation's
+    name, recorded in the profiles calibrate writes."""
     from .engine.tensors import weights_fingerprint
 
     i = model.info
     out = {"name": model.meta("general.name") or Path(i.path).name,
            "key": f"{i.architecture}/L{i.n_layer}/H{i.n_head}x{i.head_dim}/E{i.n_embd}/V{i.n_vocab}",
-           "weights_sha256": weights_fingerprint(i.path)}
+           "weights_sha256": weights_fingerprint(i.path), "bits_per_weight": round(model.bits_per_weight(), 4)}
     if family:
         out.update(family_sha256=model.family_fingerprint() or "", quantisation=model.quantisation())
     return out
 
 
-def profile_path_for(identity: Mapping[str, str], folder: Optional[Path] = None) -> Path:
+def profile_path_for(identity: Mapping[str, Any], folder: Optional[Path] = None) -> Path:
     return (folder or user_profile_dir()) / f"{identity['weights_sha256'][:24]}.json"
 
 
-def find_profile(identity: Mapping[str, str], folders: Optional[list[Path]] = None,
+def find_profile(identity: Mapping[str, Any], folders: Optional[list[Path]] = None,
                  family: Family = None) -> tuple[Optional[Profile], Optional[Path]]:
     """The profile for this model: the user's first, then the shipped ones; else one of another
-    quantisation of the same weights (family: identity's family_sha256 by default), returned
+    quantisation of the same weights at most as precise (family: identity's family_sha256 by
+    default; identity's bits_per_weight), returned
     transferred (Profile.transferred_from); (None, None) if none. The model's own profile always
     wins. A file that names another model is skipped; a damaged file for this model is an error."""
     chosen = folders if folders is not None else search_path()
@@ -218,14 +234,17 @@ def find_profile(identity: Mapping[str, str], folders: Optional[list[Path]] = No
     fam = family() if callable(family) else (family or identity.get("family_sha256"))
     if not fam:
         return None, None
-    for p, data in _family_profiles(chosen, fam):
+    bits = identity.get("bits_per_weight")
+    if not isinstance(bits, (int, float)):
+        return None, None
+    for p, data in _family_profiles(chosen, fam, bits):
         prof = Profile.from_json(data, str(p))      # a damaged profile of this family is an error
-        if prof.same_family(identity, fam):
+        if prof.lendable_to(identity, fam):
             return prof.transferred(), p
     return None, None
 
 
-def _find_exact(identity: Mapping[str, str], folders: list[Path]) -> tuple[Optional[Profile], Optional[Path]]:
+def _find_exact(identity: Mapping[str, Any], folders: list[Path]) -> tuple[Optional[Profile], Optional[Path]]:
     for folder in folders:
         if not folder.is_dir():
             continue

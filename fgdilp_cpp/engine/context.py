@@ -182,6 +182,12 @@ class Model(Owned):
             self._family = (family_fingerprint(self.info.path),)
         return self._family[0]
 
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the file's matrices (tensors.bits_per_weight)."""
+        from .tensors import bits_per_weight
+
+        return bits_per_weight(self.info.path)
+
     def quantisation(self) -> str:
         """The file's quantisation as llama.cpp names it (general.file_type: Q4_K_M, Q8_0, F16...),
         or "" when the file does not say."""

@@ -87,6 +87,20 @@ def weights_fingerprint(path: str | Path) -> str:
         return h.hexdigest()
 
 
+def bits_per_weight(path: str | Path) -> float:
+    """Stored bits per weight of the file's matrices (every tensor of two or more dimensions): how
+    precise a quantisation is (Q8_0 8.5, Q4_K_M about 5-7 by model, Q3_K_M less). A header read."""
+    with _gguf(path) as (lib, ctx, _):
+        bits = count = 0
+        for tid in range(lib.gguf_get_n_tensors(ctx)):
+            ne = lib.gguf_get_tensor_ne(ctx, tid)
+            if int(ne[1]) * int(ne[2]) * int(ne[3]) <= 1:
+                continue
+            bits += 8 * lib.gguf_get_tensor_size(ctx, tid)
+            count += int(ne[0]) * int(ne[1]) * int(ne[2]) * int(ne[3])
+        return bits / count if count else 0.0
+
+
 def output_projections(path: str | Path, n_layer: int) -> list[np.ndarray]:
     """W_O of every layer, [n_embd, n_head*head_dim] float32 each."""
     names = [f"blk.{il}.attn_output.weight" for il in range(n_layer)]
