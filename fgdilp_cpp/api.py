@@ -139,13 +139,18 @@ class Detoxifier:
 
     def _find_profile(self, model, settings: Settings, profile) -> tuple[Optional[Profile], Optional[str]]:
         if isinstance(profile, Profile):
-            if not profile.matches(model_identity(model)):
-                raise FgdilpError("this profile was made for another model (its weights differ)")
-            return profile, None
+            identity = model_identity(model, family=False)
+            if profile.matches(identity):
+                return profile, None
+            if profile.lendable_to(identity, model.family_fingerprint()):
+                return profile.transferred(), None
+            raise FgdilpError("this profile was made for another model (its weights differ)")
         if profile is False or (profile is None and not settings.profile):
             return None, None
         try:
-            found, path = find_profile(model_identity(model))
+            # the family fingerprint (a read of the tokenizer and norm weights) only where no profile
+            # is keyed by these exact weights
+            found, path = find_profile(model_identity(model, family=False), family=model.family_fingerprint)
         except DamagedProfile as exc:
             if not settings.auto_setup:
                 raise
@@ -326,9 +331,15 @@ class Detoxifier:
         out["profile"] = self.profile_path if self.profile is not None else None
         out["profile_kind"] = (None if self.profile is None else self.profile.setup.get("kind") or "calibrated")
         out["profile_note"] = self.profile_note
-        found = find_universal(self.model.fingerprint()["weights_sha256"])
+        out["profile_transferred_from"] = None if self.profile is None else self.profile.transferred_from
+        weights = self.model.fingerprint()["weights_sha256"]
+        found = find_universal(weights, family=self.model.family_fingerprint, bits_per_weight=self.model.bits_per_weight())
         out["universal"] = None if found is None else str(found)      # method universal's directions
-        out["universal_source"] = None if found is None else HeadDirections.load(found).source
+        directions = None if found is None else HeadDirections.load(found)
+        out["universal_source"] = None if directions is None else directions.source
+        # directions lent by another quantisation of these weights: the file they were built on
+        out["universal_transferred_from"] = None if directions is None or directions.model.weights_sha256 == weights \
+            else {"name": directions.model.name, "weights_sha256": directions.model.weights_sha256}
         return out
 
     def self_diagnosis(self, texts: list[str]) -> np.ndarray:

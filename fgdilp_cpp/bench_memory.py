@@ -40,7 +40,8 @@ def universal_source(det) -> str:
     model has none) random directions of its shape, set on the Detoxifier's runtime."""
     from .profiles import find_universal
 
-    if find_universal(det.model.fingerprint()["weights_sha256"]) is not None:
+    if find_universal(det.model.fingerprint()["weights_sha256"], family=det.model.family_fingerprint,
+                      bits_per_weight=det.model.bits_per_weight()) is not None:
         return "installed"
     import numpy as np
 

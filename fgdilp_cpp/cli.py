@@ -152,6 +152,7 @@ def info(as_json, **kw):
     s = _settings(kw)
     with _detoxifier(s) as det:
         i = det.info()
+        transfer_note = det.profile.transfer_note() if det.profile is not None else ""
         steering = [(k, v, src) for k, (v, src) in det.setting_sources().items() if k in PROFILE_FIELDS]
     if as_json:
         i = {k: str(v) if k in ("file", "profile") and v is not None else v for k, v in i.items()}
@@ -171,8 +172,14 @@ def info(as_json, **kw):
     kind = i["profile_kind"]
     rows.append(("profile", f"{i['profile']} ({kind})" if i["profile"] else
                  f"none: {i['profile_note'] or 'fgdilp-cpp calibrate --fast MODEL makes one'}"))
+    if transfer_note:
+        rows.append(("", transfer_note))
     rows.append(("universal", f"{i['universal']} ({i['universal_source']})" if i["universal"]
                  else "none (fgdilp-cpp vectors build --prompts SET --install)"))
+    if i["universal_transferred_from"]:
+        t = i["universal_transferred_from"]
+        rows.append(("", f"transferred: built on {t['name'] or 'another file'} (weights {t['weights_sha256'][:12]}), "
+                         "another quantisation of these weights"))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{w}}  {v}")

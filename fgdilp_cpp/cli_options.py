@@ -263,12 +263,14 @@ def announce(det) -> None:
 def every_method(s) -> list[str]:
     """The default of --methods (eval, calibrate): every listed method the model of settings `s`
     can run (universal only where the model has universal directions)."""
-    from .engine.tensors import weights_fingerprint
+    from .engine.tensors import bits_per_weight, family_fingerprint, weights_fingerprint
     from .models import resolve_model
     from .profiles import find_universal
 
     try:
-        has = find_universal(weights_fingerprint(resolve_model(s.model))) is not None
+        path = resolve_model(s.model)
+        has = find_universal(weights_fingerprint(path), family=lambda: family_fingerprint(path),
+                             bits_per_weight=bits_per_weight(path)) is not None
     except Exception:         # noqa: BLE001 - not a readable model: opening it says why, with a clear error
         has = False
     return list(methods.runnable_names(has))

@@ -8,6 +8,7 @@ prompt share its prefill (KV sequence copy) and advance together.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Callable, Optional
@@ -28,7 +29,7 @@ from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import INSTANCE_REUSE, EngineParams, FgdilpParams, SamplingParams, SteerParams
 from .plans import Plan, PlanRequest, Runtime, build_instance, frozen_directions
-from .profiles import find_universal
+from .profiles import find_universal, universal_path_for
 from .results import GenResult, Sample
 
 __all__ = ["EngineParams", "FgdilpParams", "GenResult", "Generator", "Sample", "SamplingParams", "SteerParams"]
@@ -71,13 +72,23 @@ class Generator(MethodContexts):
         """The model's universal directions (method universal): the file find_universal
         names for its fingerprint, loaded and checked against the model once."""
         if self._universal is None:
-            path = find_universal(self.model.fingerprint()["weights_sha256"])
+            path = find_universal(self.model.fingerprint()["weights_sha256"], family=self.model.family_fingerprint,
+                                  bits_per_weight=self.model.bits_per_weight())
             if path is None:
                 raise FgdilpError(f"no universal directions for this model (method {methods.UNIVERSAL}): build them "
                                   "with `fgdilp-cpp vectors build --prompts rtp-toxic --limit 96 --from fgdilp "
                                   "--diagnoser scorer --install`, or apply a file with --vectors")
             v = HeadDirections.load(path)
-            v.check_model(identity_of(self.model))
+            identity = identity_of(self.model)
+            if path.name not in (universal_path_for(identity.weights_sha256).name,
+                                 universal_path_for(v.model.weights_sha256).name):
+                raise FgdilpError(f"{path} holds directions of weights {v.model.weights_sha256[:12]}, not the ones its "
+                                  "name says: rebuild it with `fgdilp-cpp vectors build`")
+            if path.name != universal_path_for(identity.weights_sha256).name:
+                # lent by another quantisation of these weights (find_universal matched the family
+                # fingerprint of its profile): shape and vocabulary must still be the same
+                identity = dataclasses.replace(identity, weights_sha256=v.model.weights_sha256)
+            v.check_model(identity)
             self._universal = v
         return self._universal
 

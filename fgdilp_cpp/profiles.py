@@ -1,6 +1,11 @@
 """Model profiles: the steering settings `fgdilp-cpp calibrate` measured best for one model, and
 the figures behind them. A profile is keyed by the model's weights fingerprint, so it is never
-applied to another model (another fine-tune or quantisation of the same shape included).
+applied to another model (another fine-tune of the same shape included). Another quantisation of
+the same weights (same family fingerprint: tensors.family_fingerprint) gets the profile and the
+universal directions of its family when it has none of its own, recorded as transferred
+(Profile.transferred_from), provided it is at least as precise (bits per weight) as the file the
+profile was measured on: docs/results/quant-transfer.md measured that this is safe, and that a
+less precise one (Q3_K_M of a Q4 model) moves the directions too far.
 
 Where they live: the user's `$XDG_CONFIG_HOME/fgdilp-cpp/profiles/` (written by calibrate), then
 the ones shipped in the package (fgdilp_cpp/profiles/, for the embedded models);
@@ -11,12 +16,13 @@ the command's default > built-in default.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from . import methods as registry
 from .errors import FgdilpError
@@ -45,14 +51,55 @@ def universal_path_for(weights_sha256: str, folder: Optional[Path] = None) -> Pa
     return (folder or user_profile_dir()) / f"{weights_sha256[:24]}{UNIVERSAL_SUFFIX}"
 
 
-def find_universal(weights_sha256: str, folders: Optional[list[Path]] = None) -> Optional[Path]:
+# a model's family fingerprint, or what computes it (called only when no file is keyed by its weights)
+Family = Union[str, None, Callable[[], Optional[str]]]
+
+
+def find_universal(weights_sha256: str, folders: Optional[list[Path]] = None, family: Family = None,
+                   bits_per_weight: Optional[float] = None) -> Optional[Path]:
     """The model's universal directions file: the user's profile folder first, then the package's
-    (the search path of the profiles); None if there is none."""
-    for folder in folders if folders is not None else search_path():
+    (the search path of the profiles); else, given the model's family fingerprint and bits per
+    weight, the file of a profile of its family (another quantisation of the same weights, no more
+    precise than this one) in those folders; None if there is none. A transferred file records
+    the other file's weights: HeadDirections.check_model must be told
+    (generation.Generator.universal_directions)."""
+    chosen = folders if folders is not None else search_path()
+    for folder in chosen:
         p = universal_path_for(weights_sha256, folder)
         if p.is_file():
             return p
+    fam = family() if callable(family) else family
+    if not fam or bits_per_weight is None:
+        return None
+    for where, data in _family_profiles(chosen, fam, bits_per_weight):
+        p = universal_path_for(str(data["model"]["weights_sha256"]), where.parent)
+        if p.is_file():
+            return p
     return None
+
+
+def lendable(model: Mapping[str, Any], family: str, bits_per_weight: float) -> bool:
+    """Whether a profile's model entry may be lent to a file of this family fingerprint and bits
+    per weight: the same weights, and the file at least as precise as the one it was measured on."""
+    theirs = model.get("bits_per_weight")
+    return bool(family) and model.get("family_sha256") == family and isinstance(theirs, (int, float)) \
+        and bits_per_weight >= theirs - 1e-6
+
+
+def _family_profiles(folders: list[Path], family: str, bits_per_weight: float):
+    """(path, JSON) of every readable profile lendable to this family and precision, in search order."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.glob("*.json")):
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            model = data.get("model") if isinstance(data, dict) else None
+            if isinstance(model, dict) and lendable(model, family, bits_per_weight) \
+                    and isinstance(model.get("weights_sha256"), str):
+                yield p, data
 
 
 def user_profile_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -70,6 +117,9 @@ class Profile:
     made_by: str = ""                 # the command that wrote it
     created: str = ""
     setup: dict = field(default_factory=dict)       # the fast setup's record (kind "fast-setup"); {} for calibrate
+    # not stored: set when find_profile lent this profile of another quantisation of the same
+    # weights ({"name", "quantisation", "weights_sha256"} of the file it was measured on)
+    transferred_from: Optional[dict] = None
 
     def settings_for(self, method: str) -> dict[str, Any]:
         """The profile's values for `method` (Settings field names), without "method": its own
@@ -81,9 +131,31 @@ class Profile:
         entry = entry or {}
         return {k: v for k, v in (entry.get("settings") or {}).items() if k != "method"}
 
-    def matches(self, identity: Mapping[str, str]) -> bool:
+    def matches(self, identity: Mapping[str, Any]) -> bool:
         return (self.model.get("weights_sha256") == identity.get("weights_sha256")
                 and self.model.get("key") == identity.get("key"))
+
+    def lendable_to(self, identity: Mapping[str, Any], family: Optional[str]) -> bool:
+        """Made for another quantisation of the same weights (same shape and family fingerprint)
+        no more precise than the identity's file (bits_per_weight; see lendable)."""
+        bits = identity.get("bits_per_weight")
+        return bool(family) and isinstance(bits, (int, float)) and lendable(self.model, family, bits) \
+            and self.model.get("key") == identity.get("key")
+
+    def transferred(self) -> "Profile":
+        """This profile lent to another quantisation of its weights (see transferred_from)."""
+        return dataclasses.replace(self, transferred_from={
+            "name": str(self.model.get("name") or ""), "quantisation": str(self.model.get("quantisation") or ""),
+            "weights_sha256": str(self.model.get("weights_sha256"))})
+
+    def transfer_note(self) -> str:
+        """'' for the model's own profile; else where its settings and figures were measured."""
+        t = self.transferred_from
+        if not t:
+            return ""
+        what = " ".join(x for x in (t["name"], t["quantisation"]) if x) or "another file"
+        return (f"transferred from {what} (weights {t['weights_sha256'][:12]}): another quantisation of "
+                "these weights; its settings and figures were measured on that file")
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "method": self.method,
@@ -174,24 +246,52 @@ def _migrated(methods: dict) -> dict:
     return out
 
 
-def model_identity(model) -> dict[str, str]:
-    """What a profile is keyed by: the shape and the weights fingerprint (a bounded read)."""
+def model_identity(model, family: bool = True) -> dict[str, Any]:
+    """What a profile is keyed by: the shape and the weights fingerprint (a bounded read), and the
+    file's bits per weight (a header read); with family, also what its other quantisations share
+    (family_sha256, "" when the file cannot tell its fine-tunes apart) and its quantisation's
+    name, recorded in the profiles calibrate writes."""
     from .engine.tensors import weights_fingerprint
 
     i = model.info
-    return {"name": model.meta("general.name") or Path(i.path).name,
-            "key": f"{i.architecture}/L{i.n_layer}/H{i.n_head}x{i.head_dim}/E{i.n_embd}/V{i.n_vocab}",
-            "weights_sha256": weights_fingerprint(i.path)}
+    out = {"name": model.meta("general.name") or Path(i.path).name,
+           "key": f"{i.architecture}/L{i.n_layer}/H{i.n_head}x{i.head_dim}/E{i.n_embd}/V{i.n_vocab}",
+           "weights_sha256": weights_fingerprint(i.path), "bits_per_weight": round(model.bits_per_weight(), 4)}
+    if family:
+        out.update(family_sha256=model.family_fingerprint() or "", quantisation=model.quantisation())
+    return out
 
 
-def profile_path_for(identity: Mapping[str, str], folder: Optional[Path] = None) -> Path:
+def profile_path_for(identity: Mapping[str, Any], folder: Optional[Path] = None) -> Path:
     return (folder or user_profile_dir()) / f"{identity['weights_sha256'][:24]}.json"
 
 
-def find_profile(identity: Mapping[str, str], folders: Optional[list[Path]] = None) -> tuple[Optional[Profile], Optional[Path]]:
-    """The profile for this model: the user's first, then the shipped ones; (None, None) if none.
-    A file that names another model is skipped; a damaged file for this model is an error."""
-    for folder in folders if folders is not None else search_path():
+def find_profile(identity: Mapping[str, Any], folders: Optional[list[Path]] = None,
+                 family: Family = None) -> tuple[Optional[Profile], Optional[Path]]:
+    """The profile for this model: the user's first, then the shipped ones; else one of another
+    quantisation of the same weights at most as precise (family: identity's family_sha256 by
+    default; identity's bits_per_weight), returned
+    transferred (Profile.transferred_from); (None, None) if none. The model's own profile always
+    wins. A file that names another model is skipped; a damaged file for this model is an error."""
+    chosen = folders if folders is not None else search_path()
+    found, where = _find_exact(identity, chosen)
+    if found is not None:
+        return found, where
+    fam = family() if callable(family) else (family or identity.get("family_sha256"))
+    if not fam:
+        return None, None
+    bits = identity.get("bits_per_weight")
+    if not isinstance(bits, (int, float)):
+        return None, None
+    for p, data in _family_profiles(chosen, fam, bits):
+        prof = Profile.from_json(data, str(p))      # a damaged profile of this family is an error
+        if prof.lendable_to(identity, fam):
+            return prof.transferred(), p
+    return None, None
+
+
+def _find_exact(identity: Mapping[str, Any], folders: list[Path]) -> tuple[Optional[Profile], Optional[Path]]:
+    for folder in folders:
         if not folder.is_dir():
             continue
         named = profile_path_for(identity, folder)

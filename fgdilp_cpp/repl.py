@@ -271,6 +271,8 @@ def show_settings(session: Session) -> None:
           + (f" ({kind})" if kind else ""))
     if det.profile_note:
         print(f"               {det.profile_note}")
+    if det.profile is not None and det.profile.transferred_from:
+        print(f"               {det.profile.transfer_note()}")
     for k, v in dataclasses.asdict(settings).items():
         if k in ("model", "chat_template"):
             continue

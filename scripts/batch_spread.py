@@ -32,7 +32,7 @@ from fgdilp_cpp.params import EngineParams, FgdilpParams, SamplingParams, SteerP
 BATCH_SIZES = (8, 32, 512)
 PROMPT = ("My neighbour keeps parking his car in front of my house and yesterday he shouted at my kids, "
           "so I went over there and told him that he")
-STEERED = ("tr", "fgdilp-universal", "fgdilp", "fgdilp-frozen")
+STEERED = ("tr", "universal", "fgdilp", "fgdilp-frozen")
 GREEDY = SamplingParams(temp=0.0, seed=3)
 SMALL_FGDILP = FgdilpParams(samples=4, selfgen_tokens=6, selfgen_min_tokens=2)
 FIXED_SELECTION = Selection(negatives=["You are a stupid idiot.", "I will hurt you.", "", "", "", ""],

@@ -131,6 +131,7 @@ class Model(Owned):
         self.info = self._read_info(str(p))
         self._eog: list[int] | None = None
         self._fingerprint: dict[str, str] | None = None
+        self._family: tuple[Optional[str]] | None = None
 
     def meta(self, key: str) -> Optional[str]:
         buf = ctypes.create_string_buffer(512)
@@ -171,6 +172,29 @@ class Model(Owned):
                 h.update(b"%d\0%d\0%s\0" % (len(text), ll.llama_vocab_get_attr(self.vocab, t), text))
             self._fingerprint = {"vocab_sha256": h.hexdigest(), "weights_sha256": weights_fingerprint(self.info.path)}
         return self._fingerprint
+
+    def family_fingerprint(self) -> Optional[str]:
+        """What every quantisation of these weights shares (tensors.family_fingerprint; None when
+        the file cannot tell its fine-tunes apart). Computed once per Model."""
+        if self._family is None:
+            from .tensors import family_fingerprint
+
+            self._family = (family_fingerprint(self.info.path),)
+        return self._family[0]
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the file's matrices (tensors.bits_per_weight)."""
+        from .tensors import bits_per_weight
+
+        return bits_per_weight(self.info.path)
+
+    def quantisation(self) -> str:
+        """The file's quantisation as llama.cpp names it (general.file_type: Q4_K_M, Q8_0, F16...),
+        or "" when the file does not say."""
+        value = self.meta("general.file_type")
+        names = {getattr(ll, n): n.removeprefix("LLAMA_FTYPE_").removeprefix("MOSTLY_")
+                 for n in dir(ll) if n.startswith("LLAMA_FTYPE_") and isinstance(getattr(ll, n), int)}
+        return names.get(int(value), "") if value and value.isdigit() else ""
 
     # ---- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:

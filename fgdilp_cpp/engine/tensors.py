@@ -87,6 +87,20 @@ def weights_fingerprint(path: str | Path) -> str:
         return h.hexdigest()
 
 
+def bits_per_weight(path: str | Path) -> float:
+    """Stored bits per weight of the file's matrices (every tensor of two or more dimensions): how
+    precise a quantisation is (Q8_0 8.5, Q4_K_M about 5-7 by model, Q3_K_M less). A header read."""
+    with _gguf(path) as (lib, ctx, _):
+        bits = count = 0
+        for tid in range(lib.gguf_get_n_tensors(ctx)):
+            ne = lib.gguf_get_tensor_ne(ctx, tid)
+            if int(ne[1]) * int(ne[2]) * int(ne[3]) <= 1:
+                continue
+            bits += 8 * lib.gguf_get_tensor_size(ctx, tid)
+            count += int(ne[0]) * int(ne[1]) * int(ne[2]) * int(ne[3])
+        return bits / count if count else 0.0
+
+
 def output_projections(path: str | Path, n_layer: int) -> list[np.ndarray]:
     """W_O of every layer, [n_embd, n_head*head_dim] float32 each."""
     names = [f"blk.{il}.attn_output.weight" for il in range(n_layer)]
@@ -112,3 +126,70 @@ def read_tensors(path: str | Path, names: list[str]) -> dict[str, np.ndarray]:
             w = raw.view(np.float32) if qtype == GGMLQuantizationType.F32 else dequantize(raw, qtype)
             out[name] = np.ascontiguousarray(w.reshape(ne1, ne0), dtype=np.float32)
         return out
+
+
+def _kv_lib(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The gguf key/value functions the family fingerprint reads (strings and string arrays)."""
+    lib.gguf_find_key.restype = ctypes.c_int64
+    lib.gguf_find_key.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.gguf_get_val_str.restype = ctypes.c_char_p
+    lib.gguf_get_val_str.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_n.restype = ctypes.c_size_t
+    lib.gguf_get_arr_n.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_str.restype = ctypes.c_char_p
+    lib.gguf_get_arr_str.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t]
+    lib.gguf_get_kv_type.restype = ctypes.c_int
+    lib.gguf_get_kv_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.gguf_get_arr_type.restype = ctypes.c_int
+    lib.gguf_get_arr_type.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+GGUF_TYPE_STRING, GGUF_TYPE_ARRAY = 8, 9
+
+
+def family_fingerprint(path: str | Path) -> str | None:
+    """SHA-256 of what every quantisation of one set of weights shares and a fine-tune does not:
+    the architecture, every tensor's name and shape (not its type), the tokenizer's token texts,
+    and the 1-D tensors (the norm weights and biases), which llama.cpp's quantizer never quantises
+    (it skips tensors of fewer than two dimensions), sampled like weights_fingerprint. Training
+    changes the norm weights; quantising leaves them bit-identical (docs/results/quant-transfer.md).
+    None when the file has no 1-D tensor with more than one distinct value: then nothing in it
+    tells one fine-tune from another, and no profile may be shared."""
+    with _gguf(path) as (lib, ctx, base):
+        lib = _kv_lib(lib)
+        h = hashlib.sha256()
+        arch_id = lib.gguf_find_key(ctx, b"general.architecture")
+        arch = lib.gguf_get_val_str(ctx, arch_id) if arch_id >= 0 and \
+            lib.gguf_get_kv_type(ctx, arch_id) == GGUF_TYPE_STRING else b""
+        h.update(b"arch\0%s\0" % arch)
+        tok_id = lib.gguf_find_key(ctx, b"tokenizer.ggml.tokens")
+        if tok_id >= 0 and lib.gguf_get_kv_type(ctx, tok_id) == GGUF_TYPE_ARRAY \
+                and lib.gguf_get_arr_type(ctx, tok_id) == GGUF_TYPE_STRING:
+            n_tok = lib.gguf_get_arr_n(ctx, tok_id)
+            h.update(b"tokens\0%d\0" % n_tok)
+            for t in range(n_tok):
+                text = lib.gguf_get_arr_str(ctx, tok_id, t) or b""
+                h.update(b"%d\0%s" % (len(text), text))
+        flat = []
+        tensors = sorted((lib.gguf_get_tensor_name(ctx, tid), tid) for tid in range(lib.gguf_get_n_tensors(ctx)))
+        for name, tid in tensors:       # in name order: the quantizer may write them in another
+            ne = lib.gguf_get_tensor_ne(ctx, tid)
+            shape = tuple(int(ne[d]) for d in range(4))
+            h.update(b"%s\0%s\0" % (name, str(shape).encode()))
+            if all(d == 1 for d in shape[1:]):
+                flat.append((name, lib.gguf_get_tensor_type(ctx, tid),
+                             base + lib.gguf_get_tensor_offset(ctx, tid), lib.gguf_get_tensor_size(ctx, tid)))
+        informative = False
+        with open(path, "rb") as f:
+            for name, qtype, start, size in sorted(flat):
+                h.update(b"%s\0%d\0" % (name, qtype))
+                k = min(FINGERPRINT_SAMPLE, size)
+                for at in sorted({start, start + (size - k) // 2, start + size - k}):
+                    f.seek(at)
+                    chunk = f.read(k)
+                    if len(chunk) != k:
+                        raise FgdilpError(f"{path} is truncated (tensor {name.decode(errors='replace')})")
+                    informative = informative or len(set(chunk[i:i + 4] for i in range(0, k - k % 4, 4))) > 1
+                    h.update(chunk)
+        return h.hexdigest() if informative else None
