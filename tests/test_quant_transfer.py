@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fgdilp_cpp.method.sources import TR_PREFIXES
 from gguf import GGUFReader
 
 from fgdilp_cpp.api import Detoxifier
@@ -85,8 +87,10 @@ def test_norms_that_tell_nothing_give_no_family(tiny_llama, tmp_path):
 
 
 @pytest.fixture
-def profiled_q8(quantised, tmp_path):
-    """A profile and universal directions for the Q8_0 file, in the test's profile folder."""
+def profiled_q8(quantised, tmp_path, monkeypatch):
+    """A profile and universal directions for the Q8_0 file, in the test's profile folder (looked
+    up by the CLI too)."""
+    monkeypatch.delenv("FGDILP_PROFILE")
     folder = Path(os.environ["FGDILP_PROFILE_PATH"])
     ident = _identity(quantised["q8_0"])
     prof = Profile(model=ident, method="universal",
@@ -94,7 +98,7 @@ def profiled_q8(quantised, tmp_path):
                                                  "figures": {"test": {"emt_delta": -0.1}}}})
     prof.save(profile_path_for(ident, folder))
     with Detoxifier.from_file(str(quantised["q8_0"]), ctx_size=256, threads=1, profile=False) as det:
-        directions = det.build_universal_vectors([PROMPT, "another prompt here"], "tr")
+        directions = det.build_vectors([PROMPT, "another prompt here"], TR_PREFIXES)
     directions.save(universal_path_for(ident["weights_sha256"], folder))
     return folder, ident, directions
 
