@@ -93,11 +93,13 @@ def test_the_default_model_without_its_extra_names_it():
     assert "fgdilp-cpp[model]" in proc.stdout
 
 
-def test_the_everyday_prompts_without_their_extra_name_it():
-    proc = _run("from fgdilp_cpp.cli import main\nmain(['eval', '--prompts', 'everyday-benign', '--limit', '1'])\n")
+def test_the_everyday_prompts_without_their_extra_name_it(tmp_path):
+    out = str(tmp_path / "run")
+    proc = _run(f"from fgdilp_cpp.cli import main\nmain(['eval', '--prompts', 'everyday-benign', '--out', {out!r}])\n")
     assert proc.returncode != 0
     assert "fgdilp-cpp[eval]" in proc.stderr and "randfacts==0.24.4" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _imports_of(path: Path) -> set[str]:
