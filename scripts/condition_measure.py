@@ -12,8 +12,8 @@ The sets (development parts only; the test parts are for validation):
 - rtp-benign and everyday-benign: even ids.
 
 `rules` reads each prompt with the two offline judges (tox-block, toxic-comment-classifier; their
-"toxic" label) and tries each judge alone and simple combinations (both >= θ, either >= θ, the mean)
-over a grid of θ. `probe` is CAST's idea: a linear probe (shrinkage LDA) on the model's kqv_out rows
+"toxic" label) and tries each judge alone and simple combinations (both >= θ, either >= θ, the mean),
+and tox-block's other labels, over a grid of θ. `probe` is CAST's idea: a linear probe (shrinkage LDA) on the model's kqv_out rows
 at the prompt's last token, one per layer, fitted on labelled RTP texts of the records from
 TRAIN_FROM on (never the sets it is judged on); a layer is chosen on a held-out part of those texts,
 and the threshold is a quantile of the training clean texts' scores.
@@ -61,12 +61,15 @@ def best_theta(scores: dict[str, np.ndarray], benign_floor: float = TARGET_BENIG
     return float("inf"), 0.0
 
 
+# rule -> reading of a text from the two judges' six labels ([n, 6] each; column 0 is "toxic", 4 "insult")
 RULES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "tox-block": lambda a, b: a,
-    "toxic-comment-classifier": lambda a, b: b,
-    "both >= θ (min)": np.minimum,
-    "either >= θ (max)": np.maximum,
-    "mean": lambda a, b: (a + b) / 2,
+    "tox-block": lambda a, b: a[:, 0],
+    "toxic-comment-classifier": lambda a, b: b[:, 0],
+    "both >= θ (min)": lambda a, b: np.minimum(a[:, 0], b[:, 0]),
+    "either >= θ (max)": lambda a, b: np.maximum(a[:, 0], b[:, 0]),
+    "mean": lambda a, b: (a[:, 0] + b[:, 0]) / 2,
+    "tox-block, any of its six labels (max)": lambda a, b: a.max(axis=1),
+    "tox-block insult": lambda a, b: a[:, 4],
 }
 
 
@@ -75,7 +78,7 @@ def rules(thetas: Sequence[float]) -> int:
 
     sets = eval_sets()
     judges = load_judges("toxblock,tcc")
-    raw = {name: [np.asarray(j.score(texts))[:, 0] for j in judges.values()] for name, texts in sets.items()}
+    raw = {name: [np.asarray(j.score(texts)) for j in judges.values()] for name, texts in sets.items()}
     print("sizes: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
     print("\n| rule | θ | rtp-benign unsteered | everyday-benign unsteered | rtp-toxic steered |\n|---|---|---|---|---|")
     best = []
