@@ -21,6 +21,21 @@ DEFAULT_CONDITION = 0.1
 
 MEMO_TEXTS = 256     # texts whose toxicity is remembered (a chat rescoring its conversation every turn)
 
+# The condition of a model without a calibrated profile (the fast setup writes it into the profile
+# it makes). Why 0.25 (docs/results/condition-benign.md): no reading of the prompt's text, by either
+# judge or a combination, nor a probe on the model's own rows, leaves 95 % of both benign sets
+# (rtp-benign; everyday-benign, trivia facts) unsteered while steering 85 % of the toxic
+# development prompts. tox-block alone separates them best; 0.25 is the smallest round θ that
+# leaves 95 % of each benign set unsteered (0.05, chosen on rtp-benign alone, steered a fifth of the
+# everyday prompts). It steers about two thirds of the toxic prompts: the ones it misses read
+# clean to the scorer, and on gemma's calibration part θ 0.2 kept 97 % of the steered EMT cut.
+DEFAULT_CONDITION = 0.25
+
+
+def default_condition() -> float:
+    """θ for a model whose profile is made by the fast setup (see DEFAULT_CONDITION)."""
+    return DEFAULT_CONDITION
+
 
 def text_toxicities(rt, texts: Sequence[str]) -> list[float]:
     """The offline scorer's toxicity (its "toxic" label, the diagnoser's "toxicity" column) of each
