@@ -15,10 +15,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional, Sequence
 
-# the threshold a profile made by the fast setup steers from: the calibrated profiles chose 0.05
-# (gemma-3-270m) and 0.1 (SmolLM2); 0.1 is the one that steers fewer benign prompts
-DEFAULT_CONDITION = 0.1
-
 MEMO_TEXTS = 256     # texts whose toxicity is remembered (a chat rescoring its conversation every turn)
 
 # The condition of a model without a calibrated profile (the fast setup writes it into the profile
