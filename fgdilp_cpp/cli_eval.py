@@ -82,7 +82,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         eval_samples = 1
     if not (ppl_budget > 0 and ppl_budget < float("inf")):
         raise FgdilpError(f"--ppl-budget must be a positive ratio, not {ppl_budget}")
-    from .evaluation.prompts import load_prompts
+    from .evaluation.prompts import BENIGN_SETS, load_prompts
 
     # the settings and the prompts are checked before --out is made: a refused run leaves nothing there
     top_p, seed = kw.pop("top_p"), kw.pop("seed")
@@ -118,7 +118,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
                 judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
             res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
                            judge_objs, progress=not no_progress, grid=grid, greedy=greedy, ppl_budget=ppl_budget,
-                           benign=prompts_path == "rtp-benign", chat=as_chat, ablation=ablation)
+                           benign=prompts_path in BENIGN_SETS, chat=as_chat, ablation=ablation)
     finally:
         for j in judge_objs.values():
             j.close()

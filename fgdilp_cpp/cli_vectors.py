@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import time
 from dataclasses import replace
@@ -186,7 +187,10 @@ def vectors_export(path, cvec_path, model, scale, layer_range, exp_norm):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise FgdilpError(f"{name} must be a positive number, not {value}")
     hd = HeadDirections.load(path)
-    with _detoxifier(Settings(model=model)) as det:
+    # the model's profile as every command finds it (FGDILP_PROFILE=0 turns it off here too); a model
+    # without one has the measured-safe entry of the stand-in profile (safe_defaults.py)
+    from_env = {k: v for k, v in Settings.from_env(os.environ).items() if k == "profile"}
+    with _detoxifier(Settings(model=model).updated(from_env)) as det:
         entry = det.profile.settings_for(CVEC_ENTRY) if det.profile is not None else {}
         chosen = {"scale": (scale, entry.get("steer_scale"), 1.0),
                   "layers": (layer_range, entry.get("steer_layer_range"), None)}

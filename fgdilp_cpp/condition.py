@@ -15,11 +15,22 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional, Sequence
 
-# the threshold a profile made by the fast setup steers from: the calibrated profiles chose 0.05
-# (gemma-3-270m) and 0.1 (SmolLM2); 0.1 is the one that steers fewer benign prompts
-DEFAULT_CONDITION = 0.1
-
 MEMO_TEXTS = 256     # texts whose toxicity is remembered (a chat rescoring its conversation every turn)
+
+# The condition of a model without a calibrated profile (the fast setup writes it into the profile
+# it makes). Why 0.25 (docs/results/condition-benign.md): no reading of the prompt's text, by either
+# judge or a combination, nor a probe on the model's own rows, leaves 95 % of both benign sets
+# (rtp-benign; everyday-benign, trivia facts) unsteered while steering 85 % of the toxic
+# development prompts. tox-block alone separates them best; 0.25 is the smallest round θ that
+# leaves 95 % of each benign set unsteered (0.05, chosen on rtp-benign alone, steered a fifth of the
+# everyday prompts). It steers about two thirds of the toxic prompts: the ones it misses read
+# clean to the scorer, and on gemma's calibration part θ 0.2 kept 97 % of the steered EMT cut.
+DEFAULT_CONDITION = 0.25
+
+
+def default_condition() -> float:
+    """θ for a model whose profile is made by the fast setup (see DEFAULT_CONDITION)."""
+    return DEFAULT_CONDITION
 
 
 def text_toxicities(rt, texts: Sequence[str]) -> list[float]:

@@ -34,22 +34,41 @@ TEST_NGL = gpu_layers_for_tests()
 TEST_RPC = os.environ.get("FGDILP_TEST_RPC") or None
 
 
+# What a user meets with a model that has no profile (the fast setup on first use, the measured-safe
+# stand-in profile) is what tests/test_fast_setup.py checks, marked `unprofiled`. Every other test,
+# and every fixture whatever its scope, sees the built-in defaults as with --no-profile: the two
+# seams of Detoxifier are replaced for the whole session and FGDILP_AUTO_SETUP=0, FGDILP_PROFILE=0
+# go to the CLI's subprocesses (a test that applies a profile through the CLI drops FGDILP_PROFILE).
+USER_SEAMS: dict = {}
+
+
+def pytest_configure(config):
+    from fgdilp_cpp.api import Detoxifier
+
+    USER_SEAMS.update({name: Detoxifier.__dict__[name] for name in ("_wants_setup", "_stand_in")})
+    Detoxifier._wants_setup = lambda self, settings, profile: False       # type: ignore[method-assign]
+    Detoxifier._stand_in = staticmethod(lambda model: None)               # type: ignore[method-assign]
+    os.environ["FGDILP_AUTO_SETUP"] = "0"
+    os.environ["FGDILP_PROFILE"] = "0"
+
+
+def as_a_user_meets_it(mp: pytest.MonkeyPatch) -> None:
+    """Undo the session's view for one test or fixture: the fast setup and the stand-in as shipped."""
+    from fgdilp_cpp.api import Detoxifier
+
+    for name, attr in USER_SEAMS.items():
+        mp.setattr(Detoxifier, name, attr)
+    mp.delenv("FGDILP_AUTO_SETUP", raising=False)
+    mp.delenv("FGDILP_PROFILE", raising=False)
+
+
 @pytest.fixture(autouse=True)
 def no_model_profiles(tmp_path_factory, monkeypatch, request):
     """Tests see no model profile (neither the user's nor the shipped ones) unless they make one:
-    what a test checks must not depend on this machine's calibrations. Subprocesses inherit it.
-    Nor do they start the fast setup, and a model without a profile runs the built-in defaults as
-    with --no-profile, not the measured-safe stand-in: FGDILP_AUTO_SETUP=0 and FGDILP_PROFILE=0 for
-    the CLI, the same two seams patched in-process (a test that applies a profile through the CLI
-    drops FGDILP_PROFILE; tests/test_fast_setup.py, marked `unprofiled`, sees what a user meets)."""
+    what a test checks must not depend on this machine's calibrations. Subprocesses inherit it."""
     monkeypatch.setenv("FGDILP_PROFILE_PATH", str(tmp_path_factory.mktemp("no-profiles")))
-    if request.node.get_closest_marker("unprofiled") is None:
-        from fgdilp_cpp.api import Detoxifier
-
-        monkeypatch.setenv("FGDILP_AUTO_SETUP", "0")
-        monkeypatch.setenv("FGDILP_PROFILE", "0")
-        monkeypatch.setattr(Detoxifier, "_wants_setup", lambda self, settings, profile: False)
-        monkeypatch.setattr(Detoxifier, "_stand_in", staticmethod(lambda model: None))
+    if request.node.get_closest_marker("unprofiled") is not None:
+        as_a_user_meets_it(monkeypatch)
 
 
 @pytest.fixture(scope="session")

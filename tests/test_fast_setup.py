@@ -10,6 +10,8 @@ import math
 
 import pytest
 
+from conftest import as_a_user_meets_it
+
 from fgdilp_cpp import Detoxifier, methods
 from fgdilp_cpp.autosetup.criterion import Budget, choose, predict, within
 from fgdilp_cpp.autosetup.points import PointScores, candidate_ranges
@@ -84,6 +86,7 @@ def setup_once(tiny_llama, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("fast-profile")
     with pytest.MonkeyPatch.context() as mp:
+        as_a_user_meets_it(mp)
         mp.setenv("FGDILP_PROFILE_PATH", str(folder))
         mp.setattr(PointScorer, "score", _separating(PointScorer.score))
         with Detoxifier.from_file(tiny_llama[0], **FAST) as det:

