@@ -50,6 +50,11 @@ def pytest_configure(config):
     Detoxifier._stand_in = staticmethod(lambda model: None)               # type: ignore[method-assign]
     os.environ["FGDILP_AUTO_SETUP"] = "0"
     os.environ["FGDILP_PROFILE"] = "0"
+    # fixtures of a module's or the session's scope run before no_model_profiles: they too must not
+    # see the user's profiles (nor write there)
+    import tempfile
+
+    os.environ["FGDILP_PROFILE_PATH"] = tempfile.mkdtemp(prefix="fgdilp-test-profiles-")
 
 
 def as_a_user_meets_it(mp: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,8 @@ import time
 import pexpect
 import pytest
 
-PASSED_ON = ("PYTHONPATH", "FGDILP_NATIVE_LIB")     # a checkout that is not the installed one
+PASSED_ON = ("PYTHONPATH", "FGDILP_NATIVE_LIB",     # a checkout that is not the installed one
+             "FGDILP_AUTO_SETUP", "FGDILP_PROFILE")  # the suite's view: no fast setup, the built-in defaults (conftest)
 
 
 def spawn(model, tmp_path, *args, timeout=60):

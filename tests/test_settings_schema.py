@@ -28,6 +28,8 @@ TOY_CHECKS = textwrap.dedent('''
     from pathlib import Path
     import click
     from click.testing import CliRunner
+    # an editable install's import hook would find the checkout's package before PYTHONPATH's copy
+    sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith("_editable")]
     import fgdilp_cpp
     assert Path(fgdilp_cpp.__file__).resolve().parent == Path(sys.argv[1]).resolve(), fgdilp_cpp.__file__
     from fgdilp_cpp.api import Detoxifier
