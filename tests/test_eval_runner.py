@@ -347,6 +347,9 @@ SCRIPT = textwrap.dedent("""
     prompts = [PromptRecord(i, t) for i, t in {prompts!r}]
     settings = Settings(model=sys.argv[1], ctx_size=256, threads=1, selfgen_samples=3, selfgen_tokens=4,
                         selfgen_min_tokens=1)
+    # the suite's view (tests/conftest.py), passed down as the CLI reads it: no profile, no setup
+    import os
+    settings = settings.updated({{k: v for k, v in Settings.from_env(os.environ).items() if k in ("profile", "auto_setup")}})
     with Detoxifier(settings, max_samples=2, max_new=8, reuse_instances=True) as det, \\
             PerplexityJudge(det.model, n_threads=1) as judge:
         res = run_eval(det, prompts, {methods!r}, {samples}, {n_predict}, {top_p}, {seed}, sys.argv[2],
