@@ -105,10 +105,17 @@ def score_points(judge: SteeredNLL, hd: HeadDirections, ranges: Sequence[tuple[i
                  progress: Optional[Progress] = None) -> tuple[list[PointScores], int]:
     """Every (range, scale) point's PointScores, and the tokens decoded in all (every pass)."""
     scorer = PointScorer(judge, hd, toxic, clean, benign)
+    return score_grid(scorer, ranges, scales, progress), scorer.tokens
+
+
+def score_grid(scorer: PointScorer, ranges: Sequence[tuple[int, int]], scales: Sequence[float],
+               progress: Optional[Progress] = None, extra_steps: int = 0) -> list[PointScores]:
+    """Every (range, scale) point, reported as ("points", done, total); extra_steps: points the
+    caller scores after these, counted in the total."""
     todo = [(r, s) for r in ranges for s in scales]
     out = []
     for k, (r, s) in enumerate(todo):
         out.append(scorer.score(r, s))
         if progress is not None:
-            progress("points", k + 1, len(todo))
-    return out, scorer.tokens
+            progress("points", k + 1, len(todo) + extra_steps)
+    return out

@@ -25,7 +25,7 @@ from ..method.vectors import HeadDirections
 from ..profiles import FAST_SETUP, Profile, model_identity, profile_path_for, search_path, universal_path_for
 from ..safe_defaults import DEFAULT_METHOD, with_safe_entries
 from .criterion import Budget, choose, within
-from .grid import PointScorer, build_directions, criterion_texts
+from .grid import PointScorer, build_directions, criterion_texts, score_grid
 from .points import PointScores, candidate_ranges
 from .scoring import SteeredNLL
 
@@ -102,18 +102,14 @@ def fast_setup(det, progress: Optional[Progress] = None, sizes: Sizes = Sizes(),
         toxic = [(det._as_user_message(p), c) for p, c in toxic]
         clean = [(det._as_user_message(p), c) for p, c in clean]
     ranges = candidate_ranges(info.n_layer)[:sizes.n_ranges]
-    todo = [(r, s) for r in ranges for s in sizes.probe_scales]
+    n_points = len(ranges) * len(sizes.probe_scales) + 1       # the grid, then the chosen point measured
     with SteeredNLL(det.model, n_threads=det.settings.threads, max_tokens=sizes.max_tokens) as judge:
         judge.special_prompts = chat
         scorer = PointScorer(judge, hd, toxic, clean, benign)
-        measured = []
-        for k, (r, s) in enumerate(todo):
-            measured.append(scorer.score(r, s))
-            if progress is not None:
-                progress("points", k + 1, len(todo) + 1)
+        measured = score_grid(scorer, ranges, sizes.probe_scales, progress, extra_steps=1)
         point, why = _choose_and_verify(scorer, measured, budget)
         if progress is not None:
-            progress("points", len(todo) + 1, len(todo) + 1)
+            progress("points", n_points, n_points)
         tokens = scorer.tokens
     seconds = time.perf_counter() - t0
     setup: dict[str, Any] = {
