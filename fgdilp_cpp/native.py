@@ -175,6 +175,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fgdilp_hook_last_error": (ctypes.c_char_p, [c_hook]),
         "fgdilp_build_llama_cpp_python_version": (ctypes.c_char_p, []),
         "fgdilp_abort_flag": (ctypes.c_bool, [ctypes.c_void_p]),
+        "fgdilp_log_discard": (None, [i32, ctypes.c_char_p, ctypes.c_void_p]),
         "fgdilp_tr_edit_row": (i32, [fptr, fptr, fptr, i32, i32, f32, f32, f32, ctypes.c_bool]),
         "fgdilp_fusion_default_params": (FusionParams, []),
         "fgdilp_fuse": (i32, [fptr, i32, i32, ctypes.POINTER(FusionParams), fptr]),
@@ -223,6 +224,11 @@ load_library()  # at import: a library built for another llama-cpp-python is ref
 def abort_callback_address() -> int:
     """Address of fgdilp_abort_flag, for llama_context_params.abort_callback."""
     return ctypes.cast(load_library().fgdilp_abort_flag, ctypes.c_void_p).value
+
+
+def log_discard_address() -> int:
+    """Address of fgdilp_log_discard, a llama.cpp log callback that drops the text."""
+    return ctypes.cast(load_library().fgdilp_log_discard, ctypes.c_void_p).value
 
 
 def as_fptr(a: np.ndarray):

@@ -186,6 +186,10 @@ const char * fgdilp_hook_last_error(const fgdilp_hook * hook);
 // once the int32 that `data` points to is non-zero (set it atomically; no Python in the loop).
 bool fgdilp_abort_flag(void * data);
 
+// A ggml_log_callback that drops the text: installed with llama_log_set when the interpreter exits,
+// so llama.cpp objects freed during its shutdown never call a Python callback that is already gone.
+void fgdilp_log_discard(int32_t level, const char * text, void * user_data);
+
 // Build identity: the llama-cpp-python version this library was compiled against.
 const char * fgdilp_build_llama_cpp_python_version(void);
 

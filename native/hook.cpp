@@ -265,6 +265,12 @@ bool fgdilp_abort_flag(void * data) {
     return data != nullptr && __atomic_load_n((const int32_t *) data, __ATOMIC_RELAXED) != 0;
 }
 
+void fgdilp_log_discard(int32_t level, const char * text, void * user_data) {
+    (void) level;
+    (void) text;
+    (void) user_data;
+}
+
 const char * fgdilp_build_llama_cpp_python_version(void) {
     return FGDILP_LLAMA_CPP_PYTHON_VERSION;
 }

@@ -365,7 +365,7 @@ def test_subprocess_killed_mid_run_resumes(full_run, model_path, tmp_path, sig):
     script = tmp_path / "run_eval.py"
     script.write_text(SCRIPT)
     out = tmp_path / "sub"
-    proc = subprocess.Popen([sys.executable, str(script), str(model_path), str(out), "0.4"],
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", str(script), str(model_path), str(out), "0.4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

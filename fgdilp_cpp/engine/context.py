@@ -6,10 +6,12 @@ managers (and, as a last resort, by close() on garbage collection).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import ctypes
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -50,7 +52,18 @@ def _init_backend() -> None:
     if not _backend_ready:
         ll.llama_log_set(_log_callback, ctypes.c_void_p(0))
         ll.llama_backend_init()
+        atexit.register(_log_to_nothing)
         _backend_ready = True
+
+
+def _log_to_nothing() -> None:
+    """llama.cpp logs into a C function that drops the text from now on. Run at exit, before the
+    interpreter clears its modules: a context freed later in the shutdown (one an interrupted run
+    left to the garbage collector) logs as it is freed, and calling _log_callback once its module
+    is cleared is a segfault."""
+    from ..native import log_discard_address
+
+    ll.llama_log_set(ll.llama_log_callback(log_discard_address()), ctypes.c_void_p(0))
 
 
 def set_verbose(verbose: bool) -> None:
@@ -132,6 +145,10 @@ class Model(Owned):
         self._eog: list[int] | None = None
         self._fingerprint: dict[str, str] | None = None
         self._family: tuple[Optional[str]] | None = None
+        # the contexts made on these weights: closing the model closes them first, so a context
+        # that outlives an explicit close() (one an interrupted constructor or a traceback still
+        # holds, freed later by the garbage collector) never frees itself against freed weights
+        self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
 
     def meta(self, key: str) -> Optional[str]:
         buf = ctypes.create_string_buffer(512)
@@ -244,6 +261,8 @@ class Model(Owned):
         return self.tokenize(text, add_bos=False)
 
     def _free(self) -> None:
+        for ctx in list(self._contexts):
+            ctx.close()
         ll.llama_model_free(self._m)
         self._m = None
         if self.rpc:
@@ -287,6 +306,7 @@ class Context(Owned):
         self.grow: Optional[Callable[[int], None]] = None
         self._ctx = self._new_llama_context(params)
         self._open = True
+        model._contexts.add(self)
         self._adopt(params)
         self.n_vocab = model.info.n_vocab
         # KV reuse across generations (engine/batch.py's Lockstep): per sequence id, the tokens at
