@@ -28,7 +28,8 @@ from .method.sources import FGDILP_INSTANCES
 from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import INSTANCE_REUSE, EngineParams, FgdilpParams, SamplingParams, SteerParams
-from .plans import Plan, PlanRequest, Runtime, build_instance, frozen_directions
+from .plans import Plan, PlanRequest, build_instance, frozen_directions
+from .runtime import Runtime
 from .profiles import find_universal, universal_path_for
 from .results import GenResult, Sample
 

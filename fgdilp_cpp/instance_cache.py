@@ -7,7 +7,8 @@ from typing import Optional
 
 from .condition import text_toxicities
 from .params import SamplingParams
-from .plans import Runtime, build_instance
+from .plans import build_instance
+from .runtime import Runtime
 
 # a new turn rebuilds the instance when its text reads toxic to the offline scorer (its toxicity at
 # least this) and more toxic than the text the instance was built for: a conversation that turns

@@ -18,7 +18,7 @@ from .plans import N_SLOTS
 if TYPE_CHECKING:
     from .engine import Model
     from .params import EngineParams, FgdilpParams, SteerParams
-    from .plans import Runtime
+    from .runtime import Runtime
 
 SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
 

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .engine import Capture, Context, Model, prefill_aside
+from .engine import Capture, prefill_aside
 from .errors import FgdilpError
 from .method.cvec import residual_directions
 from .method.diagnosis import ATTRIBUTE_NAMES
@@ -21,7 +21,8 @@ from .method.prefixes import (NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE
                               select_prefixes)
 from .method.vectors import HeadDirections, random_heads
 from .native import MAX_NEG, EditSpec
-from .params import FgdilpParams, SamplingParams, SteerParams
+from .params import FgdilpParams, SamplingParams, SteerParams  # noqa: F401 - FgdilpParams, SteerParams: re-exported
+from .runtime import Runtime
 
 # hook slots, each [n_layer, width]
 SLOT_E = 0                      # e: mean of the negatives' template ':' rows
@@ -44,65 +45,6 @@ class Plan:
     cvec: Optional[np.ndarray] = None            # [n_layer, n_embd] residual control vector (cvec baseline)
     first_seq: int = 0
     explain: dict = field(default_factory=dict)
-
-
-@dataclass
-class Runtime:
-    """What a plan builder may use: the model, the steering values in force, a method's context by
-    name ("setup": FGDILP's self-generation and diagnosis), and per-model memos. Not the Generator."""
-
-    model: Model
-    steer: SteerParams
-    fgdilp: FgdilpParams
-    vectors: Optional[HeadDirections]
-    context: Callable[[str], Context]
-    reuse_instances: bool = False       # keep the last prompt's FGDILP instance (fgdilp and -frozen share it)
-    memo: dict = field(default_factory=dict)
-    scorer: Optional[object] = None     # the diagnosing scorer (None: tox-block, loaded on first use)
-    kv_reuse: bool = False              # this call may keep KV cells an earlier run left (chat turns)
-    self_diagnosis_auc: Optional[float] = None   # measured AUCs (a model profile) for --diagnoser auto
-    scorer_auc: Optional[float] = None
-    universal: Optional[Callable[[], HeadDirections]] = None   # the model's universal directions (loaded on first use)
-
-    def output_projections(self) -> list[np.ndarray]:
-        """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
-        if "w_o" not in self.memo:
-            from .engine.tensors import output_projections
-
-            self.memo["w_o"] = output_projections(self.model.info.path, self.model.info.n_layer)
-        return self.memo["w_o"]
-
-    def self_diagnoser(self):
-        """Self-diagnosis with this model (yes/no tokens chosen once)."""
-        if "self_diagnoser" not in self.memo:
-            from .self_diagnosis import Diagnoser
-
-            self.memo["self_diagnoser"] = Diagnoser.for_model(self.model)
-        return self.memo["self_diagnoser"]
-
-    def scorer_diagnoser(self):
-        """The offline toxicity scorer as diagnoser (tox-block unless `scorer` is set), loaded once."""
-        if "scorer_diagnoser" not in self.memo:
-            from .method.scorer_diagnosis import ScorerDiagnoser
-
-            if self.scorer is None:
-                from .evaluation.scorer import ToxicityScorer
-
-                self.scorer = ToxicityScorer.load()
-            self.memo["scorer_diagnoser"] = ScorerDiagnoser(self.scorer)
-        return self.memo["scorer_diagnoser"]
-
-    def diagnoser_choice(self) -> str:
-        """"self" or "scorer": the diagnoser that ranks the samples under --diagnoser."""
-        from .method.scorer_diagnosis import choose_diagnoser
-
-        return choose_diagnoser(self.fgdilp.diagnoser, self.self_diagnosis_auc, self.scorer_auc)
-
-    def diagnose(self, texts: list[str], which: str) -> np.ndarray:
-        """[len(texts), 6] scores (ATTRIBUTE_NAMES order) of diagnoser `which` ("self" or "scorer")."""
-        if which == "scorer":
-            return self.scorer_diagnoser().scores(texts)
-        return self.self_diagnoser().scores(self.context("setup"), texts)
 
 
 @dataclass(frozen=True)
@@ -286,7 +228,7 @@ def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: 
     # the same sequences give the same rows: a kept instance under the reply contrast (its P+ / P-_j
     # do not hold the conversation) or another scale of one prompt need no second capture
     key = (tuple(pos.tokens), tuple(map(tuple, distinct)), tuple(roles), mask_k, fusion, elect, norm_heads)
-    memo = rt.memo.setdefault("captures", {})
+    memo = rt.caches.captures
     if key in memo:
         rows, e = memo.pop(key)
     else:
@@ -351,13 +293,13 @@ def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingP
     """Self-generation, self-diagnosis and prefix selection for one prompt (docs/method.md §4.1-4.3).
     method: the method the instance is for (its context draws the candidates under KV reuse)."""
     key = (prompt, sampling, rt.fgdilp.setup_key(), rt.diagnoser_choice())
-    last = rt.memo.get("instance")
+    last = rt.caches.instance
     if rt.reuse_instances and last is not None and last[0] == key:
         sel, info = last[1]
         return sel, copy.deepcopy(info)
     sel, info = _new_instance(rt, raw, sampling, selfgen_context(rt, method))
     if rt.reuse_instances:
-        rt.memo["instance"] = (key, (sel, copy.deepcopy(info)))
+        rt.caches.instance = (key, (sel, copy.deepcopy(info)))
     return sel, info
 
 

@@ -20,8 +20,8 @@ from .method.prefixes import NEG_PREFIX, POS_PREFIX
 from .method.sources import FGDILP_INSTANCES, TR_PREFIXES
 from .native import NativeHook
 from .params import SamplingParams
-from .plans import (Runtime, build_instance, capture_directions, frozen_directions, instance_prefix_room,
-                    tr_prefix_room)
+from .plans import build_instance, capture_directions, frozen_directions, instance_prefix_room, tr_prefix_room
+from .runtime import Runtime
 
 ROWS_PER_DECODE = 16             # texts one decode captures rows of
 DATA_NORM_CONTRAST = "reply"     # data_directions: TR's delta that gives each head's strength
