@@ -111,10 +111,9 @@ class Detoxifier:
             self._layers.setdefault("chat default", {})["steer_layer_range"] = (n // 2, n - 1)
             settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
             sources["steer_layer_range"] = "chat default"
-        self._gen = open_generator(model, settings, vectors_path, max_samples=max_samples, max_new=max_new)
-        if self.profile is not None:        # --diagnoser auto decides by the profile's measured AUCs
-            self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
-            self._gen.rt.scorer_auc = self.profile.diagnosis.get("scorer_auc")
+        # --diagnoser auto decides by the profile's measured AUCs
+        self._gen = open_generator(model, settings, vectors_path, None if self.profile is None else self.profile.diagnosis,
+                                   max_samples=max_samples, max_new=max_new)
         self._template: Optional[ChatTemplate] = None
         self._markers: Optional[tuple[str, ...]] = None      # the template's own control-token texts
         self.settings, self.sources = settings, sources

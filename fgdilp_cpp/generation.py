@@ -43,14 +43,18 @@ class Generator(MethodContexts):
 
     def __init__(self, model: Model, engine: EngineParams = EngineParams(), steer: SteerParams = SteerParams(),
                  fgdilp: FgdilpParams = FgdilpParams(), vectors: Optional[HeadDirections] = None,
-                 reuse_instances: bool = False, kv_budget_mib: int = 0):
+                 reuse_instances: bool = False, kv_budget_mib: int = 0,
+                 self_diagnosis_auc: Optional[float] = None, scorer_auc: Optional[float] = None):
         """reuse_instances: keep the last prompt's FGDILP setup (samples, diagnosis, prefixes) so
         that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation).
-        kv_budget_mib: the KV bytes all contexts together may hold (0: from the machine's memory)."""
+        kv_budget_mib: the KV bytes all contexts together may hold (0: from the machine's memory).
+        self_diagnosis_auc, scorer_auc: the diagnosers' measured AUCs (a model profile's), which
+        --diagnoser auto decides by."""
         self.model, self.engine = model, engine
-        self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances)
-        self.rt.universal = self.universal_directions
         self._universal: Optional[HeadDirections] = None
+        self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances,
+                          self_diagnosis_auc=self_diagnosis_auc, scorer_auc=scorer_auc,
+                          universal=self.universal_directions)
         self._cancelled = False
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
@@ -92,6 +96,12 @@ class Generator(MethodContexts):
             v.check_model(identity)
             self._universal = v
         return self._universal
+
+    def use_universal(self, directions: HeadDirections) -> None:
+        """Method universal applies `directions` instead of the model's installed file (benchmarks
+        and tests stand in random directions for a model that has none)."""
+        directions.check_model(identity_of(self.model))
+        self._universal = directions
 
     @property
     def steer(self) -> SteerParams:
@@ -336,12 +346,16 @@ class Generator(MethodContexts):
             raise ContextLengthError(f"the prompt with its steering prefix is {longest} tokens, longer than "
                                      f"the context ({limit} tokens)")
 
-def open_generator(model: Model, settings, vectors_path: Optional[str] = None, **engine_over) -> Generator:
+def open_generator(model: Model, settings, vectors_path: Optional[str] = None,
+                   diagnosis: Optional[dict] = None, **engine_over) -> Generator:
     """A Generator of `model` with the engine, steering and FGDILP values of `settings` (a
-    Settings) and optional saved vectors."""
+    Settings) and optional saved vectors. diagnosis: a model profile's measured diagnosis
+    ("self_auc", "scorer_auc"), which --diagnoser auto decides by."""
     vectors = HeadDirections.load(vectors_path) if vectors_path else None
+    diagnosis = diagnosis or {}
     return Generator(model, settings.engine(**engine_over), settings.steer(), settings.fgdilp(), vectors=vectors,
-                     kv_budget_mib=settings.kv_budget_mib)
+                     kv_budget_mib=settings.kv_budget_mib, self_diagnosis_auc=diagnosis.get("self_auc"),
+                     scorer_auc=diagnosis.get("scorer_auc"))
 
 
 def identity_of(model: Model) -> ModelIdentity:
