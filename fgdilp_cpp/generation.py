@@ -18,7 +18,7 @@ import numpy as np
 from . import methods
 from .condition import prompt_condition
 from .instance_cache import ConversationInstances
-from .decode import run_plan
+from .decode import CancelState, run_plan
 from .engine import Capture, Context, ContextParams, Lockstep, Model
 from .engine.context import UNQUANTISED_CACHE
 from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
@@ -55,7 +55,7 @@ class Generator(MethodContexts):
         self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances,
                           self_diagnosis_auc=self_diagnosis_auc, scorer_auc=scorer_auc,
                           universal=self.universal_directions)
-        self._cancelled = False
+        self._cancel = CancelState()
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
         # FGDILP's instances of instance_reuse="conversation": per method (its contexts keep that
@@ -189,15 +189,11 @@ class Generator(MethodContexts):
     @property
     def cancelled(self) -> bool:
         """cancel() was called (or a decode was aborted) since the last reset_cancel()."""
-        return self._cancelled
-
-    def note_cancelled(self) -> None:
-        """A decode was aborted: no further token is drawn."""
-        self._cancelled = True
+        return self._cancel.cancelled
 
     def reset_cancel(self) -> None:
         """Forget an earlier cancel(): the next generation runs (call before starting one)."""
-        self._cancelled = False
+        self._cancel.reset()
         for c in self._ctx.values():
             c.reset_abort()
 
@@ -205,7 +201,7 @@ class Generator(MethodContexts):
         """Stop the generation running in another thread: the current decode is aborted (llama.cpp's
         abort callback, checked between graph nodes) and no further token is drawn. The result
         keeps the text so far, with stop_reason "cancelled"."""
-        self._cancelled = True
+        self._cancel.note_cancelled()
         for c in list(self._ctx.values()):
             c.request_abort()
 
@@ -325,8 +321,9 @@ class Generator(MethodContexts):
                 plan.out_role in {e.target for e in plan.edits}
             ctx.make_room(plan_cells([len(s) for s in plan.sequences], n_predict, self.engine.ctx_size, n_samples,
                                      twin))      # the estimate made before the plan fell short: grow
-            res = run_plan(self, ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
-                            record_logits, logits_all, stop_at_eog, setup)
+            res = run_plan(self.model, self.engine.ctx_size, self._cancel, self.rt.kv_reuse, ctx, plan, method,
+                           n_predict, sampling, n_samples, on_text, forced_tokens, record_logits, logits_all,
+                           stop_at_eog, setup)
             if condition is not None:       # always: eval and the server tell which prompts were steered
                 res.explain["condition"] = condition
             if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through

@@ -16,6 +16,7 @@ from .params import MAX_SEQUENCES as MAX_SEQ      # llama.cpp's LLAMA_MAX_SEQ
 from .plans import N_SLOTS
 
 if TYPE_CHECKING:
+    from .decode import CancelState
     from .engine import Model
     from .params import EngineParams, FgdilpParams, SteerParams
     from .runtime import Runtime
@@ -34,7 +35,7 @@ class MethodContexts:
     kv_budget: int
     _ctx: dict[str, Context]
     _hooks: dict[str, NativeHook]
-    _cancelled: bool
+    _cancel: CancelState
     _cell_bytes: int
     _need: Optional[Need]
     _used: dict[str, int]
@@ -124,7 +125,7 @@ class MethodContexts:
                                kv_conversations=convs, prefill_rows=e.n_batch)
         self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         ctx.grow = lambda want: self._grow(name, want)
-        if self._cancelled:              # cancel() came while this context did not exist yet
+        if self._cancel.cancelled:       # cancel() came while this context did not exist yet
             ctx.request_abort()
         return ctx
 
