@@ -29,7 +29,7 @@ from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import INSTANCE_REUSE, EngineParams, FgdilpParams, SamplingParams, SteerParams
 from .plans import Plan, PlanRequest, build_instance, frozen_directions
-from .runtime import Runtime
+from .runtime import CallValues, Runtime
 from .profiles import find_universal, universal_path_for
 from .results import GenResult, Sample
 
@@ -52,7 +52,9 @@ class Generator(MethodContexts):
         --diagnoser auto decides by."""
         self.model, self.engine = model, engine
         self._universal: Optional[HeadDirections] = None
-        self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances,
+        # the values in force (set_steer, set_fgdilp); each call hands them down as its CallValues
+        self._steer, self._fgdilp = steer, fgdilp
+        self.rt = Runtime(model, vectors, self.context, reuse_instances,
                           self_diagnosis_auc=self_diagnosis_auc, scorer_auc=scorer_auc,
                           universal=self.universal_directions)
         self._cancel = CancelState()
@@ -105,11 +107,15 @@ class Generator(MethodContexts):
 
     @property
     def steer(self) -> SteerParams:
-        return self.rt.steer
+        return self._steer
 
     @property
     def fgdilp(self) -> FgdilpParams:
-        return self.rt.fgdilp
+        return self._fgdilp
+
+    def call_values(self, kv_reuse: bool = False) -> CallValues:
+        """The values in force as one call's (kv_reuse: where the engine keeps KV between calls)."""
+        return CallValues(self._steer, self._fgdilp, self.engine.kv_reuse and kv_reuse)
 
     @property
     def vectors(self) -> Optional[HeadDirections]:
@@ -165,7 +171,7 @@ class Generator(MethodContexts):
             hook.set_layer_scales(scales)
             hook.set_edit_rule(steer.edit)
             hook.set_gate(steer.gate)
-        self.rt.steer = steer
+        self._steer = steer
 
     def set_fgdilp(self, fgdilp: FgdilpParams) -> None:
         """FGDILP values for the following generations: the fusion of the negatives (mask-k, merge,
@@ -180,11 +186,11 @@ class Generator(MethodContexts):
         for name, hook in self._hooks.items():
             if methods.get(name).fusion:
                 hook.set_fusion(fgdilp.mask_k, fgdilp.fusion, fgdilp.sign_election, fgdilp.norm_to_mean_delta)
-        self.rt.fgdilp = fgdilp
+        self._fgdilp = fgdilp
 
     def prefix_room(self, method: str) -> int:
         """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""
-        return self.resolve(method).room(self.rt)
+        return self.resolve(method).room(self.rt, self.fgdilp)
 
     @property
     def cancelled(self) -> bool:
@@ -226,8 +232,9 @@ class Generator(MethodContexts):
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         ctx = self.context(methods.FROZEN)
-        sel, _ = build_instance(self.rt, prompt, self.model.tokenize(prompt, special=special), sampling)
-        rows, e = frozen_directions(self.rt, ctx, prompt, sel, special)
+        values = self.call_values()
+        sel, _ = build_instance(self.rt, values, prompt, self.model.tokenize(prompt, special=special), sampling)
+        rows, e = frozen_directions(self.rt, values, ctx, prompt, sel, special)
         i = self.model.info
         shape = (i.n_layer, i.n_head, i.head_dim)
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
@@ -270,30 +277,30 @@ class Generator(MethodContexts):
             raise FgdilpError(f"n_samples must be in 1..{self.engine.max_samples}")
         spec = self.resolve(method)
         method = spec.name
-        self.rt.kv_reuse = self.engine.kv_reuse and (kv_reuse is None or kv_reuse)
+        values = self.call_values(kv_reuse is None or kv_reuse)
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         if reset_cancel:
             self.reset_cancel()
         condition = None
-        if spec.heads and self.steer.condition is not None:
+        if spec.heads and values.steer.condition is not None:
             self._check_steerable(spec)                   # refused as steering, even where the condition would not steer
-            condition = prompt_condition(self.rt, self.steer.condition,
+            condition = prompt_condition(self.rt, values.steer.condition,
                                          [prompt] if condition_texts is None else condition_texts)
             if not condition["steered"]:                  # this prompt runs unsteered, as method none
                 spec = self.resolve(methods.UNSTEERED)
         raw = self.model.tokenize(prompt, special=special)
         self._in_call = set()
-        self._need = Need(prompt=len(raw), reply=n_predict, samples=n_samples, contrast=self.steer.contrast,
-                          kv_reuse=self.rt.kv_reuse)
+        self._need = Need(prompt=len(raw), reply=n_predict, samples=n_samples, contrast=values.steer.contrast,
+                          kv_reuse=values.kv_reuse)
         try:
-            return self._generate(spec, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
+            return self._generate(spec, values, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
                                   record_logits, logits_all, stop_at_eog, explain, prefixes, special,
                                   instance_reuse, condition)
         finally:
             self._need, self._in_call = None, set()
 
-    def _generate(self, spec, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
+    def _generate(self, spec, values: CallValues, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
                   record_logits, logits_all, stop_at_eog, explain, prefixes, special, instance_reuse,
                   condition) -> GenResult:
         ctx = self.context(spec.name)       # refuses unsteerable models before any setup work
@@ -306,9 +313,9 @@ class Generator(MethodContexts):
             setup_sampling = sampling.unconstrained()     # a grammar or penalties act on the reply only
             try:
                 if spec.instance and prefixes is None and instance_reuse == "conversation":
-                    prefixes, instance_info = self.conversation(method).get(self.rt, prompt, raw, setup_sampling,
-                                                                            method)
-                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, setup_sampling, explain,
+                    prefixes, instance_info = self.conversation(method).get(self.rt, values, prompt, raw,
+                                                                            setup_sampling, method)
+                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, setup_sampling, values, explain,
                                                                 special, prefixes))
                 if instance_info is not None:
                     plan.explain.update(instance_info)
@@ -317,17 +324,18 @@ class Generator(MethodContexts):
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
             self._check_prefixed(plan)
-            twin = self.rt.kv_reuse and plan.cvec is None and n_samples == 1 and \
+            twin = values.kv_reuse and plan.cvec is None and n_samples == 1 and \
                 plan.out_role in {e.target for e in plan.edits}
             ctx.make_room(plan_cells([len(s) for s in plan.sequences], n_predict, self.engine.ctx_size, n_samples,
                                      twin))      # the estimate made before the plan fell short: grow
-            res = run_plan(self.model, self.engine.ctx_size, self._cancel, self.rt.kv_reuse, ctx, plan, method,
+            res = run_plan(self.model, self.engine.ctx_size, self._cancel, values.kv_reuse, ctx, plan, method,
                            n_predict, sampling, n_samples, on_text, forced_tokens, record_logits, logits_all,
                            stop_at_eog, setup)
             if condition is not None:       # always: eval and the server tell which prompts were steered
                 res.explain["condition"] = condition
             if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through
-                res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate, "contrast": self.steer.contrast,
+                s = values.steer
+                res.explain["edit"] = {"rule": s.edit, "gate": s.gate, "contrast": s.contrast,
                                        "heads_edited_share": ctx.hook.heads_edited_share}
             return res
         except HookError as exc:

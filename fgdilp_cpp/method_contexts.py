@@ -96,7 +96,7 @@ class MethodContexts:
             cells = setup_cells(e, f, need)
         else:
             spec = methods.get(name)
-            cells = method_cells(spec, e, f, spec.room(self.rt), need)
+            cells = method_cells(spec, e, f, spec.room(self.rt, f), need)
         n_seq = self._n_seq(name)
         return padded(max(cells, e.n_batch, n_seq) * self._conversations_kept(n_seq))
 

@@ -1,4 +1,5 @@
-"""What a plan builder may use (Runtime) and what it may keep between calls (RuntimeCaches).
+"""What a plan builder may use (Runtime), what it may keep between calls (RuntimeCaches), and the
+values one call runs with (CallValues).
 
 Every cache is a named, typed field: a reader sees what is kept, for how long and under which key,
 instead of an untyped dict shared by plans.py, condition.py and instance_cache.py.
@@ -20,6 +21,17 @@ if TYPE_CHECKING:
     from .method.prefixes import Selection
     from .method.scorer_diagnosis import ScorerDiagnoser
     from .self_diagnosis import Diagnoser
+
+
+@dataclass(frozen=True)
+class CallValues:
+    """The steering and FGDILP values and the KV-reuse choice of one call, handed down to the plan
+    builders and what they call: nothing under a call changes them (Generator.set_steer and
+    set_fgdilp apply new values to the hooks between calls)."""
+
+    steer: SteerParams
+    fgdilp: FgdilpParams
+    kv_reuse: bool = False              # the call may keep KV cells an earlier run left (chat turns)
 
 
 @dataclass
@@ -45,18 +57,16 @@ class RuntimeCaches:
 
 @dataclass
 class Runtime:
-    """What a plan builder may use: the model, the steering values in force, a method's context by
-    name ("setup": FGDILP's self-generation and diagnosis), and per-model caches. Not the Generator."""
+    """What a plan builder may use besides its call's values (CallValues): the model, a method's
+    context by name ("setup": FGDILP's self-generation and diagnosis; the Generator owns them), and
+    per-model caches. Built once, by the Generator; not the Generator."""
 
     model: Model
-    steer: SteerParams
-    fgdilp: FgdilpParams
     vectors: Optional[HeadDirections]
     context: Callable[[str], Context]
     reuse_instances: bool = False       # keep the last prompt's FGDILP instance (fgdilp and -frozen share it)
     caches: RuntimeCaches = field(default_factory=RuntimeCaches)
     scorer: Optional[object] = None     # the diagnosing scorer (None: tox-block, loaded on first use)
-    kv_reuse: bool = False              # this call may keep KV cells an earlier run left (chat turns)
     self_diagnosis_auc: Optional[float] = None   # measured AUCs (a model profile) for --diagnoser auto
     scorer_auc: Optional[float] = None
     universal: Optional[Callable[[], HeadDirections]] = None   # the model's universal directions (loaded on first use)
@@ -89,11 +99,12 @@ class Runtime:
             self.caches.scorer_diagnoser = ScorerDiagnoser(self.scorer)
         return self.caches.scorer_diagnoser
 
-    def diagnoser_choice(self) -> str:
-        """"self" or "scorer": the diagnoser that ranks the samples under --diagnoser."""
+    def diagnoser_choice(self, choice: str) -> str:
+        """"self" or "scorer": the diagnoser that ranks the samples under --diagnoser `choice`
+        ("auto" decides by the measured AUCs)."""
         from .method.scorer_diagnosis import choose_diagnoser
 
-        return choose_diagnoser(self.fgdilp.diagnoser, self.self_diagnosis_auc, self.scorer_auc)
+        return choose_diagnoser(choice, self.self_diagnosis_auc, self.scorer_auc)
 
     def diagnose(self, texts: list[str], which: str) -> np.ndarray:
         """[len(texts), 6] scores (ATTRIBUTE_NAMES order) of diagnoser `which` ("self" or "scorer")."""
