@@ -54,6 +54,7 @@ def run_plan(model: Model, ctx_size: int, cancel: CancelState, kv_reuse: bool, c
         ctx.clear()
     if ctx.hook is not None:
         ctx.hook.reset_totals()
+        plan.install(ctx.hook)
     edited = {e.target for e in plan.edits}
     lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq,
                     reuse=reuse, twin=out if out in edited else None)
@@ -75,12 +76,12 @@ def run_plan(model: Model, ctx_size: int, cancel: CancelState, kv_reuse: bool, c
             ctx.set_cvec(plan.cvec)
         try:
             lock.prefill(plan.captures, plan.edits,
-                         before_last=plan.before_last and (lambda: plan.before_last(ctx)))
+                         before_last=(lambda: plan.before_last(ctx.hook)) if plan.has_before_last else None)
         except Cancelled:
             cancel.note_cancelled()
         t1 = time.perf_counter()
-        if plan.after_prefill is not None and not cancel.cancelled:
-            plan.after_prefill(ctx)
+        if ctx.hook is not None and not cancel.cancelled:
+            plan.after_prefill(ctx.hook)
         while not cancel.cancelled:
             if record_logits:
                 logits.append(np.stack([lock.logits(lock.active[0], r).copy() for r in want]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -36,15 +36,45 @@ CAPTURE_MEMO = 8                # captured directions kept per model (capture_di
 
 @dataclass
 class Plan:
+    """What one call decodes (decode.run_plan): its sequences, the hook's captures and edits, and
+    the values the hook's slots get. A plan builder writes no hook slot: the three steps below do,
+    when the decode loop reaches them."""
+
     sequences: list[list[int]]
     out_role: int
     captures: tuple = ()
     edits: tuple = ()
-    before_last: Optional[Callable] = None       # (ctx) between the prompt body and its last tokens
-    after_prefill: Optional[Callable] = None     # (ctx) once the prompt is decoded
     cvec: Optional[np.ndarray] = None            # [n_layer, n_embd] residual control vector (cvec baseline)
     first_seq: int = 0
     explain: dict = field(default_factory=dict)
+    fixed_rows: Optional[np.ndarray] = None      # [n_layer, width] fixed direction (frozen modes, saved vectors)
+    fixed_e: Optional[np.ndarray] = None         # [n_layer, width] its e (None: zero, no lambda_sim)
+    n_negatives: int = 0                         # exact modes: P-_j whose template ':' rows make e
+    explain_fusion: Optional[tuple[float, str, bool, int]] = None   # exact modes' --explain: (mask_k, merge,
+                                                                    # sign election, norm heads) of the norms
+
+    def install(self, hook) -> None:
+        """Before the prefill: the fixed direction and its e into their hook slots (checked finite)."""
+        if self.fixed_rows is not None:
+            hook.slots[SLOT_DIR] = self.fixed_rows
+            hook.slots[SLOT_E] = 0 if self.fixed_e is None else self.fixed_e
+            hook.check_slots()
+
+    @property
+    def has_before_last(self) -> bool:
+        """The prefill stops before the prompt's last tokens for before_last (exact modes)."""
+        return self.n_negatives > 0
+
+    def before_last(self, hook) -> None:
+        """Between the prompt body and its last tokens: e is the mean of the negatives' template ':'
+        rows, captured by then; the edits of the last tokens and every step read it."""
+        _average_e(hook, self.n_negatives)
+
+    def after_prefill(self, hook) -> None:
+        """Once the prompt is decoded, under --explain of exact modes: per-layer |fused delta| at
+        the end of the prompt (explain["delta_norms"])."""
+        if self.explain_fusion is not None:
+            self.explain["delta_norms"] = _layer_norms(_fused_rows(hook.slots, self.n_negatives, *self.explain_fusion))
 
 
 @dataclass(frozen=True)
@@ -198,16 +228,10 @@ def _exact_plan(rt: Runtime, req: PlanRequest, pos_text: str, neg_texts: list[st
     n = len(negs)
     distinct, roles = _neg_roles(negs)
     out = len(distinct) + 1
-    hook = rt.context(req.method).hook
-
-    def norms(ctx) -> None:   # --explain: per-layer |fused delta| at the end of the prompt
-        info["delta_norms"] = _layer_norms(_fused_rows(hook.slots, n, *fusion))
-
     return Plan([pos.tokens] + distinct + [req.tokens], out,
                 captures=tuple(_prefix_captures(pos, negs, roles, with_last=req.explain)),
                 edits=(EditSpec(target=out, pos=0, neg=tuple(roles), e_slot=SLOT_E),),
-                before_last=lambda ctx: _average_e(hook, n), after_prefill=norms if req.explain else None,
-                explain=info)
+                n_negatives=n, explain_fusion=fusion if req.explain else None, explain=info)
 
 
 def frozen_directions(rt: Runtime, values: CallValues, ctx, prompt: str, sel,
@@ -269,12 +293,8 @@ def random_like_heads(rows: np.ndarray, n_head: int, seed: int) -> np.ndarray:
 
 def _fixed_plan(rt: Runtime, req: PlanRequest, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:
     """P0 alone, edited with a fixed direction (frozen FGDILP, saved vectors, the random control)."""
-    hook = rt.context(req.method).hook
-    hook.slots[SLOT_DIR] = rows
-    hook.slots[SLOT_E] = 0 if e is None else e
-    hook.check_slots()
     edit = EditSpec(target=0, dir_slot=SLOT_DIR, e_slot=-1 if e is None else SLOT_E)
-    return Plan([req.tokens], 0, edits=(edit,), explain=info)
+    return Plan([req.tokens], 0, edits=(edit,), explain=info, fixed_rows=rows, fixed_e=e)
 
 
 # ---- FGDILP's per-prompt instance ------------------------------------------------------------------
