@@ -14,6 +14,7 @@ generate(), chat() or a stream runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -229,7 +230,8 @@ class Detoxifier:
     def stream(self, prompt: str, explain: bool = False, **overrides) -> Stream:
         """Text pieces of the continuation as they are produced (.result once it is exhausted)."""
         s, method = self._args(overrides)
-        return Stream(self, prompt, s, method, False, explain)
+        run = functools.partial(self._call, prompt, s, method, False, explain, reset_cancel=False)
+        return Stream(lambda on_text: run(on_text=on_text), self._gen, s, method)
 
     # ---- chat ---------------------------------------------------------------------------------
     @property
@@ -296,7 +298,9 @@ class Detoxifier:
         before it queues it), instead of fitting it again."""
         s, method = self._args(overrides)
         fitted = fitted if fitted is not None else self._fit(messages, s, method, trim)
-        return Stream(self, fitted.prompt, s, method, True, explain, fitted)
+        run = functools.partial(self._call, fitted.prompt, s, method, True, explain, reset_cancel=False, chat=True,
+                                condition_texts=conversation_texts(fitted.messages))
+        return Stream(lambda on_text: run(on_text=on_text), self._gen, s, method, fitted)
 
     # ---- KV memory (kv_memory: contexts made on first use, the least recently used dropped) ------
     def kv_bytes(self, method: Optional[str] = None) -> int:
