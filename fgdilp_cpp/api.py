@@ -196,11 +196,6 @@ class Detoxifier:
         return (self.settings.updated({k: getattr(s, k) for k in PER_CALL}),
                 {**self.sources, **{k: where[k] for k in PER_CALL}})
 
-    def setting_sources(self) -> dict[str, tuple[object, str]]:
-        """{field: (value, where it came from)}: flag, env, config, api, profile, default, chat default."""
-        return {f.name: (getattr(self.settings, f.name), self.sources.get(f.name, "default"))
-                for f in dataclasses.fields(Settings)}
-
     @property
     def vectors(self):
         """The saved HeadDirections this object applies, or None."""
@@ -258,10 +253,6 @@ class Detoxifier:
         if self._markers is None:
             self._markers = template_markers(self.model, self.template.format, stats)
         return conversation_floor(msgs, self.template.format, stats, self._markers)
-
-    def prompt_floor(self, prompt: str) -> int:
-        """A lower bound on the tokens of a plain prompt, found without tokenizing it."""
-        return vocab_stats(self.model).min_tokens(prompt)
 
     def _chat_budget(self, s: Settings, method: str) -> int:
         reply = min(s.n_predict, s.ctx_size // 2)
@@ -490,6 +481,13 @@ class Detoxifier:
                                   explain=explain, special=special, reset_cancel=reset_cancel,
                                   stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat,
                                   condition_texts=condition_texts)
+
+
+def setting_sources(det: Detoxifier) -> dict[str, tuple[object, str]]:
+    """{field: (value, where it came from)} of a Detoxifier's settings: flag, env, config, api,
+    profile, default, chat default (`info` prints them)."""
+    return {f.name: (getattr(det.settings, f.name), det.sources.get(f.name, "default"))
+            for f in dataclasses.fields(Settings)}
 
 
 def _file_sha256(path: str) -> str:
