@@ -14,6 +14,7 @@ generate(), chat() or a stream runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -111,10 +112,9 @@ class Detoxifier:
             self._layers.setdefault("chat default", {})["steer_layer_range"] = (n // 2, n - 1)
             settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
             sources["steer_layer_range"] = "chat default"
-        self._gen = open_generator(model, settings, vectors_path, max_samples=max_samples, max_new=max_new)
-        if self.profile is not None:        # --diagnoser auto decides by the profile's measured AUCs
-            self._gen.rt.self_diagnosis_auc = self.profile.diagnosis.get("self_auc")
-            self._gen.rt.scorer_auc = self.profile.diagnosis.get("scorer_auc")
+        # --diagnoser auto decides by the profile's measured AUCs
+        self._gen = open_generator(model, settings, vectors_path, None if self.profile is None else self.profile.diagnosis,
+                                   max_samples=max_samples, max_new=max_new)
         self._template: Optional[ChatTemplate] = None
         self._markers: Optional[tuple[str, ...]] = None      # the template's own control-token texts
         self.settings, self.sources = settings, sources
@@ -196,11 +196,6 @@ class Detoxifier:
         return (self.settings.updated({k: getattr(s, k) for k in PER_CALL}),
                 {**self.sources, **{k: where[k] for k in PER_CALL}})
 
-    def setting_sources(self) -> dict[str, tuple[object, str]]:
-        """{field: (value, where it came from)}: flag, env, config, api, profile, default, chat default."""
-        return {f.name: (getattr(self.settings, f.name), self.sources.get(f.name, "default"))
-                for f in dataclasses.fields(Settings)}
-
     @property
     def vectors(self):
         """The saved HeadDirections this object applies, or None."""
@@ -230,7 +225,8 @@ class Detoxifier:
     def stream(self, prompt: str, explain: bool = False, **overrides) -> Stream:
         """Text pieces of the continuation as they are produced (.result once it is exhausted)."""
         s, method = self._args(overrides)
-        return Stream(self, prompt, s, method, False, explain)
+        run = functools.partial(self._call, prompt, s, method, False, explain, reset_cancel=False)
+        return Stream(lambda on_text: run(on_text=on_text), self._gen, s, method)
 
     # ---- chat ---------------------------------------------------------------------------------
     @property
@@ -257,10 +253,6 @@ class Detoxifier:
         if self._markers is None:
             self._markers = template_markers(self.model, self.template.format, stats)
         return conversation_floor(msgs, self.template.format, stats, self._markers)
-
-    def prompt_floor(self, prompt: str) -> int:
-        """A lower bound on the tokens of a plain prompt, found without tokenizing it."""
-        return vocab_stats(self.model).min_tokens(prompt)
 
     def _chat_budget(self, s: Settings, method: str) -> int:
         reply = min(s.n_predict, s.ctx_size // 2)
@@ -297,7 +289,9 @@ class Detoxifier:
         before it queues it), instead of fitting it again."""
         s, method = self._args(overrides)
         fitted = fitted if fitted is not None else self._fit(messages, s, method, trim)
-        return Stream(self, fitted.prompt, s, method, True, explain, fitted)
+        run = functools.partial(self._call, fitted.prompt, s, method, True, explain, reset_cancel=False, chat=True,
+                                condition_texts=conversation_texts(fitted.messages))
+        return Stream(lambda on_text: run(on_text=on_text), self._gen, s, method, fitted)
 
     # ---- KV memory (kv_memory: contexts made on first use, the least recently used dropped) ------
     def kv_bytes(self, method: Optional[str] = None) -> int:
@@ -487,6 +481,13 @@ class Detoxifier:
                                   explain=explain, special=special, reset_cancel=reset_cancel,
                                   stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat,
                                   condition_texts=condition_texts)
+
+
+def setting_sources(det: Detoxifier) -> dict[str, tuple[object, str]]:
+    """{field: (value, where it came from)} of a Detoxifier's settings: flag, env, config, api,
+    profile, default, chat default (`info` prints them)."""
+    return {f.name: (getattr(det.settings, f.name), det.sources.get(f.name, "default"))
+            for f in dataclasses.fields(Settings)}
 
 
 def _file_sha256(path: str) -> str:

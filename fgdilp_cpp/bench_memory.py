@@ -52,7 +52,7 @@ def universal_source(det) -> str:
     rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
     v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
                        source="random", settings={}).validate()
-    det._gen.rt.universal = lambda: v          # noqa: SLF001 - a benchmark's stand-in for an installed file
+    det._gen.use_universal(v)          # noqa: SLF001 - a benchmark's stand-in for an installed file
     return "random"
 
 

@@ -147,13 +147,14 @@ def compare(prompt, methods, as_json, **kw):
 def info(as_json, **kw):
     """Print the model's shape, whether the kqv_out hook node exists, its profile, and the steering
     settings these flags resolve to (and where each value came from)."""
+    from .api import setting_sources
     from .settings import PROFILE_FIELDS
 
     s = _settings(kw)
     with _detoxifier(s) as det:
         i = det.info()
         transfer_note = det.profile.transfer_note() if det.profile is not None else ""
-        steering = [(k, v, src) for k, (v, src) in det.setting_sources().items() if k in PROFILE_FIELDS]
+        steering = [(k, v, src) for k, (v, src) in setting_sources(det).items() if k in PROFILE_FIELDS]
     if as_json:
         i = {k: str(v) if k in ("file", "profile") and v is not None else v for k, v in i.items()}
         i["steerable"] = i["kqv_out_layers"] == i["n_layer"]

@@ -12,7 +12,6 @@ any decoding, with the scorer FGDILP already uses to diagnose.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional, Sequence
 
 MEMO_TEXTS = 256     # texts whose toxicity is remembered (a chat rescoring its conversation every turn)
@@ -36,7 +35,7 @@ def default_condition() -> float:
 def text_toxicities(rt, texts: Sequence[str]) -> list[float]:
     """The offline scorer's toxicity (its "toxic" label, the diagnoser's "toxicity" column) of each
     text, remembered per text for the runtime's model."""
-    memo: OrderedDict = rt.memo.setdefault("condition_toxicity", OrderedDict())
+    memo = rt.caches.condition_toxicity
     new = [t for t in dict.fromkeys(texts) if t not in memo]
     if new:
         for t, row in zip(new, rt.scorer_diagnoser().scores(new)):

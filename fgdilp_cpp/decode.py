@@ -6,49 +6,55 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import replace
-from typing import Protocol
-
 import numpy as np
 
-from .engine import Context, Lockstep, Sampler
+from .engine import Context, Lockstep, Model, Sampler
 from .errors import Cancelled
 from .params import SamplingParams
 from .plans import Plan
 from .results import GenResult, Sample
 
 
-class Runner(Protocol):
-    """What the loop needs of its Generator: the model, engine values, KV-reuse flag, cancel state."""
+class CancelState:
+    """Whether the generation in progress was cancelled: by cancel() from any thread, or by the
+    decode loop when llama.cpp aborted a decode. A plain flag: a bool is read and written atomically."""
 
-    model: object
-    engine: object
-    rt: object
+    def __init__(self) -> None:
+        self._cancelled = False
 
     @property
-    def cancelled(self) -> bool: ...
+    def cancelled(self) -> bool:
+        return self._cancelled
 
-    def note_cancelled(self) -> None: ...
+    def note_cancelled(self) -> None:
+        """No further token is drawn (until reset())."""
+        self._cancelled = True
+
+    def reset(self) -> None:
+        self._cancelled = False
 
 
-def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int, sampling: SamplingParams,
-             n_samples: int, on_text, forced_tokens, record_logits: bool, logits_all: bool, stop_at_eog: bool,
-             setup_s: float) -> GenResult:
+def run_plan(model: Model, ctx_size: int, cancel: CancelState, kv_reuse: bool, ctx: Context, plan: Plan, method: str,
+             n_predict: int, sampling: SamplingParams, n_samples: int, on_text, forced_tokens, record_logits: bool,
+             logits_all: bool, stop_at_eog: bool, setup_s: float) -> GenResult:
     """Prefill a plan's sequences, then draw n_samples continuations of its output role, one token
-    per step for every active sample (Generator.generate's arguments; gen: its model, engine
-    values, KV-reuse flag and cancel state)."""
-    limit = gen.engine.ctx_size
+    per step for every active sample (Generator.generate's arguments). ctx_size: the engine's
+    context limit per sequence; cancel: stops the loop when set, and is set when a decode aborts;
+    kv_reuse: the call may keep the KV cells an earlier run left (chat turns)."""
+    limit = ctx_size
     out = plan.out_role
     want = list(range(len(plan.sequences))) if logits_all else [out]
     samplers = [] if forced_tokens is not None else [
-        Sampler(replace(sampling, seed=(sampling.seed + g) % 2**32), gen.model.vocab, gen.model.info.n_vocab)
+        Sampler(replace(sampling, seed=(sampling.seed + g) % 2**32), model.vocab, model.info.n_vocab)
         for g in range(n_samples)]
     # KV reuse (docs/method.md §9): the cells of the last run's sequences keep the common prefix;
     # a control vector changes every token's KV, so its runs start from an empty context
-    reuse = gen.rt.kv_reuse and plan.cvec is None
+    reuse = kv_reuse and plan.cvec is None
     if not reuse:
         ctx.clear()
     if ctx.hook is not None:
         ctx.hook.reset_totals()
+        plan.install(ctx.hook)
     edited = {e.target for e in plan.edits}
     lock = Lockstep(ctx, plan.sequences, want_logits=want, n_groups=n_samples, first_seq=plan.first_seq,
                     reuse=reuse, twin=out if out in edited else None)
@@ -70,13 +76,13 @@ def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int,
             ctx.set_cvec(plan.cvec)
         try:
             lock.prefill(plan.captures, plan.edits,
-                         before_last=plan.before_last and (lambda: plan.before_last(ctx)))
+                         before_last=(lambda: plan.before_last(ctx.hook)) if plan.has_before_last else None)
         except Cancelled:
-            gen.note_cancelled()
+            cancel.note_cancelled()
         t1 = time.perf_counter()
-        if plan.after_prefill is not None and not gen.cancelled:
-            plan.after_prefill(ctx)
-        while not gen.cancelled:
+        if ctx.hook is not None and not cancel.cancelled:
+            plan.after_prefill(ctx.hook)
+        while not cancel.cancelled:
             if record_logits:
                 logits.append(np.stack([lock.logits(lock.active[0], r).copy() for r in want]))
             toks, done = [], []
@@ -89,12 +95,12 @@ def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int,
                     tok = forced_tokens[len(s.tokens)]
                 else:
                     tok = samplers[g].sample(ctx, lock.row(g, out))
-                    if stop_at_eog and gen.model.is_eog(tok):
+                    if stop_at_eog and model.is_eog(tok):
                         s.stop_reason = "eog"
                         done.append(g)
                         continue
                 s.tokens.append(tok)
-                emit(g, decoders[g].decode(gen.model.token_bytes(tok)))
+                emit(g, decoders[g].decode(model.token_bytes(tok)))
                 if forced_tokens is None and len(s.tokens) >= n_predict:
                     done.append(g)
                 elif max(lock.lengths) >= limit:
@@ -104,14 +110,14 @@ def run_plan(gen: Runner, ctx: Context, plan: Plan, method: str, n_predict: int,
                     toks.append(tok)
             for g in done:
                 lock.deactivate(g)
-            if not lock.active or gen.cancelled:
+            if not lock.active or cancel.cancelled:
                 break
             try:
                 lock.step(toks, plan.edits)
             except Cancelled:
                 break
             n_steps += 1
-        if gen.cancelled:
+        if cancel.cancelled:
             for g in lock.active:
                 samples[g].stop_reason = "cancelled"
         else:

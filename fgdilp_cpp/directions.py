@@ -44,8 +44,8 @@ class Builder:
             return self._labelled_text(prompts, texts, toxic, progress, chat, labels, reply_to)
         from .universal import universal_directions
 
-        rows, e, n = universal_directions(self.gen.rt, self._shown(prompts, chat), source, self.settings.sampling(),
-                                          self.settings.ctx_size, progress, special=chat)
+        rows, e, n = universal_directions(self.gen.rt, self.gen.call_values(), self._shown(prompts, chat), source,
+                                          self.settings.sampling(), self.settings.ctx_size, progress, special=chat)
         return self._directions(rows, e, source, {"n_prompts": n, "chat": chat})
 
     def _shown(self, prompts: list[str], chat: bool) -> list[str]:
@@ -71,7 +71,7 @@ class Builder:
         if not shown:
             raise FgdilpError("no prompts to measure the directions' strength on")
         s = self.settings
-        rows, e, n = data_directions(self.gen.rt, texts, toxic, shown, s.sampling(), s.ctx_size, s.threads,
+        rows, e, n = data_directions(self.gen.rt, self.gen.call_values(), texts, toxic, shown, s.sampling(), s.ctx_size, s.threads,
                                      progress, special=chat, starts=starts)
         universal = {"n_prompts": n, "chat": chat, "n_texts": len(texts),
                      **({"texts_as": "replies"} if reply_to is not None else {}),

@@ -18,7 +18,7 @@ import numpy as np
 from . import methods
 from .condition import prompt_condition
 from .instance_cache import ConversationInstances
-from .decode import run_plan
+from .decode import CancelState, run_plan
 from .engine import Capture, Context, ContextParams, Lockstep, Model
 from .engine.context import UNQUANTISED_CACHE
 from .errors import Cancelled, ContextLengthError, FgdilpError, ParamError
@@ -28,7 +28,8 @@ from .method.sources import FGDILP_INSTANCES
 from .method.vectors import HeadDirections, ModelIdentity
 from .native import ERR_NOT_FIRED, HookError, NativeHook
 from .params import INSTANCE_REUSE, EngineParams, FgdilpParams, SamplingParams, SteerParams
-from .plans import Plan, PlanRequest, Runtime, build_instance, frozen_directions
+from .plans import Plan, PlanRequest, build_instance, frozen_directions
+from .runtime import CallValues, Runtime
 from .profiles import find_universal, universal_path_for
 from .results import GenResult, Sample
 
@@ -42,15 +43,21 @@ class Generator(MethodContexts):
 
     def __init__(self, model: Model, engine: EngineParams = EngineParams(), steer: SteerParams = SteerParams(),
                  fgdilp: FgdilpParams = FgdilpParams(), vectors: Optional[HeadDirections] = None,
-                 reuse_instances: bool = False, kv_budget_mib: int = 0):
+                 reuse_instances: bool = False, kv_budget_mib: int = 0,
+                 self_diagnosis_auc: Optional[float] = None, scorer_auc: Optional[float] = None):
         """reuse_instances: keep the last prompt's FGDILP setup (samples, diagnosis, prefixes) so
         that fgdilp and fgdilp-frozen on the same prompt and seed share it (evaluation).
-        kv_budget_mib: the KV bytes all contexts together may hold (0: from the machine's memory)."""
+        kv_budget_mib: the KV bytes all contexts together may hold (0: from the machine's memory).
+        self_diagnosis_auc, scorer_auc: the diagnosers' measured AUCs (a model profile's), which
+        --diagnoser auto decides by."""
         self.model, self.engine = model, engine
-        self.rt = Runtime(model, steer, fgdilp, vectors, self.context, reuse_instances)
-        self.rt.universal = self.universal_directions
         self._universal: Optional[HeadDirections] = None
-        self._cancelled = False
+        # the values in force (set_steer, set_fgdilp); each call hands them down as its CallValues
+        self._steer, self._fgdilp = steer, fgdilp
+        self.rt = Runtime(model, vectors, self.context, reuse_instances,
+                          self_diagnosis_auc=self_diagnosis_auc, scorer_auc=scorer_auc,
+                          universal=self.universal_directions)
+        self._cancel = CancelState()
         self._ctx: dict[str, Context] = {}
         self._hooks: dict[str, NativeHook] = {}
         # FGDILP's instances of instance_reuse="conversation": per method (its contexts keep that
@@ -92,13 +99,23 @@ class Generator(MethodContexts):
             self._universal = v
         return self._universal
 
+    def use_universal(self, directions: HeadDirections) -> None:
+        """Method universal applies `directions` instead of the model's installed file (benchmarks
+        and tests stand in random directions for a model that has none)."""
+        directions.check_model(identity_of(self.model))
+        self._universal = directions
+
     @property
     def steer(self) -> SteerParams:
-        return self.rt.steer
+        return self._steer
 
     @property
     def fgdilp(self) -> FgdilpParams:
-        return self.rt.fgdilp
+        return self._fgdilp
+
+    def call_values(self, kv_reuse: bool = False) -> CallValues:
+        """The values in force as one call's (kv_reuse: where the engine keeps KV between calls)."""
+        return CallValues(self._steer, self._fgdilp, self.engine.kv_reuse and kv_reuse)
 
     @property
     def vectors(self) -> Optional[HeadDirections]:
@@ -154,7 +171,7 @@ class Generator(MethodContexts):
             hook.set_layer_scales(scales)
             hook.set_edit_rule(steer.edit)
             hook.set_gate(steer.gate)
-        self.rt.steer = steer
+        self._steer = steer
 
     def set_fgdilp(self, fgdilp: FgdilpParams) -> None:
         """FGDILP values for the following generations: the fusion of the negatives (mask-k, merge,
@@ -169,24 +186,20 @@ class Generator(MethodContexts):
         for name, hook in self._hooks.items():
             if methods.get(name).fusion:
                 hook.set_fusion(fgdilp.mask_k, fgdilp.fusion, fgdilp.sign_election, fgdilp.norm_to_mean_delta)
-        self.rt.fgdilp = fgdilp
+        self._fgdilp = fgdilp
 
     def prefix_room(self, method: str) -> int:
         """Tokens that a method's steering prefixes add in front of a prompt (an upper bound)."""
-        return self.resolve(method).room(self.rt)
+        return self.resolve(method).room(self.rt, self.fgdilp)
 
     @property
     def cancelled(self) -> bool:
         """cancel() was called (or a decode was aborted) since the last reset_cancel()."""
-        return self._cancelled
-
-    def note_cancelled(self) -> None:
-        """A decode was aborted: no further token is drawn."""
-        self._cancelled = True
+        return self._cancel.cancelled
 
     def reset_cancel(self) -> None:
         """Forget an earlier cancel(): the next generation runs (call before starting one)."""
-        self._cancelled = False
+        self._cancel.reset()
         for c in self._ctx.values():
             c.reset_abort()
 
@@ -194,7 +207,7 @@ class Generator(MethodContexts):
         """Stop the generation running in another thread: the current decode is aborted (llama.cpp's
         abort callback, checked between graph nodes) and no further token is drawn. The result
         keeps the text so far, with stop_reason "cancelled"."""
-        self._cancelled = True
+        self._cancel.note_cancelled()
         for c in list(self._ctx.values()):
             c.request_abort()
 
@@ -219,8 +232,9 @@ class Generator(MethodContexts):
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         ctx = self.context(methods.FROZEN)
-        sel, _ = build_instance(self.rt, prompt, self.model.tokenize(prompt, special=special), sampling)
-        rows, e = frozen_directions(self.rt, ctx, prompt, sel, special)
+        values = self.call_values()
+        sel, _ = build_instance(self.rt, values, prompt, self.model.tokenize(prompt, special=special), sampling)
+        rows, e = frozen_directions(self.rt, values, ctx, prompt, sel, special)
         i = self.model.info
         shape = (i.n_layer, i.n_head, i.head_dim)
         return HeadDirections(directions=rows.reshape(shape), e=e.reshape(shape), model=identity_of(self.model),
@@ -263,30 +277,30 @@ class Generator(MethodContexts):
             raise FgdilpError(f"n_samples must be in 1..{self.engine.max_samples}")
         spec = self.resolve(method)
         method = spec.name
-        self.rt.kv_reuse = self.engine.kv_reuse and (kv_reuse is None or kv_reuse)
+        values = self.call_values(kv_reuse is None or kv_reuse)
         if not prompt.strip():
             raise FgdilpError("the prompt is empty")
         if reset_cancel:
             self.reset_cancel()
         condition = None
-        if spec.heads and self.steer.condition is not None:
+        if spec.heads and values.steer.condition is not None:
             self._check_steerable(spec)                   # refused as steering, even where the condition would not steer
-            condition = prompt_condition(self.rt, self.steer.condition,
+            condition = prompt_condition(self.rt, values.steer.condition,
                                          [prompt] if condition_texts is None else condition_texts)
             if not condition["steered"]:                  # this prompt runs unsteered, as method none
                 spec = self.resolve(methods.UNSTEERED)
         raw = self.model.tokenize(prompt, special=special)
         self._in_call = set()
-        self._need = Need(prompt=len(raw), reply=n_predict, samples=n_samples, contrast=self.steer.contrast,
-                          kv_reuse=self.rt.kv_reuse)
+        self._need = Need(prompt=len(raw), reply=n_predict, samples=n_samples, contrast=values.steer.contrast,
+                          kv_reuse=values.kv_reuse)
         try:
-            return self._generate(spec, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
+            return self._generate(spec, values, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
                                   record_logits, logits_all, stop_at_eog, explain, prefixes, special,
                                   instance_reuse, condition)
         finally:
             self._need, self._in_call = None, set()
 
-    def _generate(self, spec, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
+    def _generate(self, spec, values: CallValues, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
                   record_logits, logits_all, stop_at_eog, explain, prefixes, special, instance_reuse,
                   condition) -> GenResult:
         ctx = self.context(spec.name)       # refuses unsteerable models before any setup work
@@ -299,9 +313,9 @@ class Generator(MethodContexts):
             setup_sampling = sampling.unconstrained()     # a grammar or penalties act on the reply only
             try:
                 if spec.instance and prefixes is None and instance_reuse == "conversation":
-                    prefixes, instance_info = self.conversation(method).get(self.rt, prompt, raw, setup_sampling,
-                                                                            method)
-                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, setup_sampling, explain,
+                    prefixes, instance_info = self.conversation(method).get(self.rt, values, prompt, raw,
+                                                                            setup_sampling, method)
+                plan = spec.plan_builder()(self.rt, PlanRequest(method, prompt, raw, setup_sampling, values, explain,
                                                                 special, prefixes))
                 if instance_info is not None:
                     plan.explain.update(instance_info)
@@ -310,16 +324,18 @@ class Generator(MethodContexts):
                                  time.perf_counter() - t0, 0.0, 0.0, 0)
             setup = time.perf_counter() - t0
             self._check_prefixed(plan)
-            twin = self.rt.kv_reuse and plan.cvec is None and n_samples == 1 and \
+            twin = values.kv_reuse and plan.cvec is None and n_samples == 1 and \
                 plan.out_role in {e.target for e in plan.edits}
             ctx.make_room(plan_cells([len(s) for s in plan.sequences], n_predict, self.engine.ctx_size, n_samples,
                                      twin))      # the estimate made before the plan fell short: grow
-            res = run_plan(self, ctx, plan, method, n_predict, sampling, n_samples, on_text, forced_tokens,
-                            record_logits, logits_all, stop_at_eog, setup)
+            res = run_plan(self.model, self.engine.ctx_size, self._cancel, values.kv_reuse, ctx, plan, method,
+                           n_predict, sampling, n_samples, on_text, forced_tokens, record_logits, logits_all,
+                           stop_at_eog, setup)
             if condition is not None:       # always: eval and the server tell which prompts were steered
                 res.explain["condition"] = condition
             if explain and plan.edits and ctx.hook is not None:   # the edit rule, and how much the gate let through
-                res.explain["edit"] = {"rule": self.steer.edit, "gate": self.steer.gate, "contrast": self.steer.contrast,
+                s = values.steer
+                res.explain["edit"] = {"rule": s.edit, "gate": s.gate, "contrast": s.contrast,
                                        "heads_edited_share": ctx.hook.heads_edited_share}
             return res
         except HookError as exc:
@@ -335,12 +351,16 @@ class Generator(MethodContexts):
             raise ContextLengthError(f"the prompt with its steering prefix is {longest} tokens, longer than "
                                      f"the context ({limit} tokens)")
 
-def open_generator(model: Model, settings, vectors_path: Optional[str] = None, **engine_over) -> Generator:
+def open_generator(model: Model, settings, vectors_path: Optional[str] = None,
+                   diagnosis: Optional[dict] = None, **engine_over) -> Generator:
     """A Generator of `model` with the engine, steering and FGDILP values of `settings` (a
-    Settings) and optional saved vectors."""
+    Settings) and optional saved vectors. diagnosis: a model profile's measured diagnosis
+    ("self_auc", "scorer_auc"), which --diagnoser auto decides by."""
     vectors = HeadDirections.load(vectors_path) if vectors_path else None
+    diagnosis = diagnosis or {}
     return Generator(model, settings.engine(**engine_over), settings.steer(), settings.fgdilp(), vectors=vectors,
-                     kv_budget_mib=settings.kv_budget_mib)
+                     kv_budget_mib=settings.kv_budget_mib, self_diagnosis_auc=diagnosis.get("self_auc"),
+                     scorer_auc=diagnosis.get("scorer_auc"))
 
 
 def identity_of(model: Model) -> ModelIdentity:

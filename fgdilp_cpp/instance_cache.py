@@ -7,7 +7,8 @@ from typing import Optional
 
 from .condition import text_toxicities
 from .params import SamplingParams
-from .plans import Runtime, build_instance
+from .plans import build_instance
+from .runtime import CallValues, Runtime
 
 # a new turn rebuilds the instance when its text reads toxic to the offline scorer (its toxicity at
 # least this) and more toxic than the text the instance was built for: a conversation that turns
@@ -34,9 +35,9 @@ class ConversationInstance:
         self.turns = 0
 
     @staticmethod
-    def key(rt: Runtime, sampling: SamplingParams) -> tuple:
+    def key(values: CallValues, sampling: SamplingParams) -> tuple:
         # not the seed: chat draws each turn with another seed, and the prefixes need not change with it
-        return (replace(sampling, seed=0), rt.fgdilp)
+        return (replace(sampling, seed=0), values.fgdilp)
 
     def extended_by(self, key: tuple, raw: list[int]) -> int:
         """How many tokens of `raw` this instance's conversation covers when `raw` goes on with
@@ -44,9 +45,10 @@ class ConversationInstance:
         n = len(self._tokens)
         return n if self._key == key and len(raw) > n and raw[:n] == self._tokens else 0
 
-    def get(self, rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams, method: str):
+    def get(self, rt: Runtime, values: CallValues, prompt: str, raw: list[int], sampling: SamplingParams,
+            method: str):
         """(selection, explain entries) for the prompt `raw` (its tokens), for `method`."""
-        key = self.key(rt, sampling)
+        key = self.key(values, sampling)
         n = len(self._tokens)
         why = "built for this turn"
         if self.extended_by(key, raw):
@@ -60,7 +62,7 @@ class ConversationInstance:
             why, built_on = "rebuilt: this turn reads more toxic than the one it was built for", tox
         else:
             built_on = text_toxicity(rt, prompt)
-        sel, info = build_instance(rt, prompt, raw, sampling, method)
+        sel, info = build_instance(rt, values, prompt, raw, sampling, method)
         self._key, self._tokens, self._selection, self.turns = key, self._kept_tokens(raw), sel, 1
         self._toxicity = built_on
         return sel, {**info, "instance": why, "instance_turns": 1, "instance_toxicity": built_on}
@@ -84,8 +86,9 @@ class ConversationInstances:
     def last(self) -> Optional[ConversationInstance]:
         return self._items[-1] if self._items else None
 
-    def get(self, rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams, method: str):
-        key = ConversationInstance.key(rt, sampling)
+    def get(self, rt: Runtime, values: CallValues, prompt: str, raw: list[int], sampling: SamplingParams,
+            method: str):
+        key = ConversationInstance.key(values, sampling)
         covered = [(c.extended_by(key, raw), i) for i, c in enumerate(self._items)]
         n, i = max(covered, default=(0, -1))
         if n:
@@ -95,4 +98,4 @@ class ConversationInstances:
             while len(self._items) >= self.capacity:
                 self._items.pop(0)
         self._items.append(inst)
-        return inst.get(rt, prompt, raw, sampling, method)
+        return inst.get(rt, values, prompt, raw, sampling, method)

@@ -16,9 +16,10 @@ from .params import MAX_SEQUENCES as MAX_SEQ      # llama.cpp's LLAMA_MAX_SEQ
 from .plans import N_SLOTS
 
 if TYPE_CHECKING:
+    from .decode import CancelState
     from .engine import Model
     from .params import EngineParams, FgdilpParams, SteerParams
-    from .plans import Runtime
+    from .runtime import Runtime
 
 SETUP = "setup"  # the context of FGDILP's self-generation and self-diagnosis (not a method)
 
@@ -34,7 +35,7 @@ class MethodContexts:
     kv_budget: int
     _ctx: dict[str, Context]
     _hooks: dict[str, NativeHook]
-    _cancelled: bool
+    _cancel: CancelState
     _cell_bytes: int
     _need: Optional[Need]
     _used: dict[str, int]
@@ -95,7 +96,7 @@ class MethodContexts:
             cells = setup_cells(e, f, need)
         else:
             spec = methods.get(name)
-            cells = method_cells(spec, e, f, spec.room(self.rt), need)
+            cells = method_cells(spec, e, f, spec.room(self.rt, f), need)
         n_seq = self._n_seq(name)
         return padded(max(cells, e.n_batch, n_seq) * self._conversations_kept(n_seq))
 
@@ -124,7 +125,7 @@ class MethodContexts:
                                kv_conversations=convs, prefill_rows=e.n_batch)
         self._ctx[name] = ctx = Context(self.model, params, hook=hook)
         ctx.grow = lambda want: self._grow(name, want)
-        if self._cancelled:              # cancel() came while this context did not exist yet
+        if self._cancel.cancelled:       # cancel() came while this context did not exist yet
             ctx.request_abort()
         return ctx
 

@@ -8,9 +8,10 @@ With a vectors file loaded, a method that applies it runs, and is reported, as `
 This module is import-light (no llama.cpp, no native library): plan builders and prefix-room
 functions may be given as "module:function" strings inside the package, resolved on first use.
 
-A plan function is `plan(rt: plans.Runtime, req: plans.PlanRequest) -> plans.Plan`; a prefix-room
-function is `room(rt: plans.Runtime) -> int` (tokens its prefixes add in front of a prompt, an
-upper bound: chat trimming keeps that much room).
+A plan function is `plan(rt: runtime.Runtime, req: plans.PlanRequest) -> plans.Plan` (the call's
+values in req.values); a prefix-room function is `room(rt: runtime.Runtime, fgdilp: FgdilpParams)
+-> int` (tokens its prefixes add in front of a prompt, an upper bound: chat trimming keeps that
+much room).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class Method:
     def plan_builder(self) -> Callable:
         return _resolve(self.plan)
 
-    def room(self, rt) -> int:
-        return self.prefix_room if isinstance(self.prefix_room, int) else _resolve(self.prefix_room)(rt)
+    def room(self, rt, fgdilp: FgdilpParams) -> int:
+        return self.prefix_room if isinstance(self.prefix_room, int) else _resolve(self.prefix_room)(rt, fgdilp)
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from .engine import Capture, Context, Model, prefill_aside
+from .engine import Capture, prefill_aside
 from .errors import FgdilpError
 from .method.cvec import residual_directions
 from .method.diagnosis import ATTRIBUTE_NAMES
@@ -21,7 +21,8 @@ from .method.prefixes import (NEG_PREFIX, NEG_TEMPLATE, POS_PREFIX, POS_TEMPLATE
                               select_prefixes)
 from .method.vectors import HeadDirections, random_heads
 from .native import MAX_NEG, EditSpec
-from .params import FgdilpParams, SamplingParams, SteerParams
+from .params import FgdilpParams, SamplingParams, SteerParams  # noqa: F401 - FgdilpParams, SteerParams: re-exported
+from .runtime import CallValues, Runtime
 
 # hook slots, each [n_layer, width]
 SLOT_E = 0                      # e: mean of the negatives' template ':' rows
@@ -35,74 +36,45 @@ CAPTURE_MEMO = 8                # captured directions kept per model (capture_di
 
 @dataclass
 class Plan:
+    """What one call decodes (decode.run_plan): its sequences, the hook's captures and edits, and
+    the values the hook's slots get. A plan builder writes no hook slot: the three steps below do,
+    when the decode loop reaches them."""
+
     sequences: list[list[int]]
     out_role: int
     captures: tuple = ()
     edits: tuple = ()
-    before_last: Optional[Callable] = None       # (ctx) between the prompt body and its last tokens
-    after_prefill: Optional[Callable] = None     # (ctx) once the prompt is decoded
     cvec: Optional[np.ndarray] = None            # [n_layer, n_embd] residual control vector (cvec baseline)
     first_seq: int = 0
     explain: dict = field(default_factory=dict)
+    fixed_rows: Optional[np.ndarray] = None      # [n_layer, width] fixed direction (frozen modes, saved vectors)
+    fixed_e: Optional[np.ndarray] = None         # [n_layer, width] its e (None: zero, no lambda_sim)
+    n_negatives: int = 0                         # exact modes: P-_j whose template ':' rows make e
+    explain_fusion: Optional[tuple[float, str, bool, int]] = None   # exact modes' --explain: (mask_k, merge,
+                                                                    # sign election, norm heads) of the norms
 
+    def install(self, hook) -> None:
+        """Before the prefill: the fixed direction and its e into their hook slots (checked finite)."""
+        if self.fixed_rows is not None:
+            hook.slots[SLOT_DIR] = self.fixed_rows
+            hook.slots[SLOT_E] = 0 if self.fixed_e is None else self.fixed_e
+            hook.check_slots()
 
-@dataclass
-class Runtime:
-    """What a plan builder may use: the model, the steering values in force, a method's context by
-    name ("setup": FGDILP's self-generation and diagnosis), and per-model memos. Not the Generator."""
+    @property
+    def has_before_last(self) -> bool:
+        """The prefill stops before the prompt's last tokens for before_last (exact modes)."""
+        return self.n_negatives > 0
 
-    model: Model
-    steer: SteerParams
-    fgdilp: FgdilpParams
-    vectors: Optional[HeadDirections]
-    context: Callable[[str], Context]
-    reuse_instances: bool = False       # keep the last prompt's FGDILP instance (fgdilp and -frozen share it)
-    memo: dict = field(default_factory=dict)
-    scorer: Optional[object] = None     # the diagnosing scorer (None: tox-block, loaded on first use)
-    kv_reuse: bool = False              # this call may keep KV cells an earlier run left (chat turns)
-    self_diagnosis_auc: Optional[float] = None   # measured AUCs (a model profile) for --diagnoser auto
-    scorer_auc: Optional[float] = None
-    universal: Optional[Callable[[], HeadDirections]] = None   # the model's universal directions (loaded on first use)
+    def before_last(self, hook) -> None:
+        """Between the prompt body and its last tokens: e is the mean of the negatives' template ':'
+        rows, captured by then; the edits of the last tokens and every step read it."""
+        _average_e(hook, self.n_negatives)
 
-    def output_projections(self) -> list[np.ndarray]:
-        """W_O of every layer, [n_embd, n_head*head_dim] float32 (read once from the GGUF file)."""
-        if "w_o" not in self.memo:
-            from .engine.tensors import output_projections
-
-            self.memo["w_o"] = output_projections(self.model.info.path, self.model.info.n_layer)
-        return self.memo["w_o"]
-
-    def self_diagnoser(self):
-        """Self-diagnosis with this model (yes/no tokens chosen once)."""
-        if "self_diagnoser" not in self.memo:
-            from .self_diagnosis import Diagnoser
-
-            self.memo["self_diagnoser"] = Diagnoser.for_model(self.model)
-        return self.memo["self_diagnoser"]
-
-    def scorer_diagnoser(self):
-        """The offline toxicity scorer as diagnoser (tox-block unless `scorer` is set), loaded once."""
-        if "scorer_diagnoser" not in self.memo:
-            from .method.scorer_diagnosis import ScorerDiagnoser
-
-            if self.scorer is None:
-                from .evaluation.scorer import ToxicityScorer
-
-                self.scorer = ToxicityScorer.load()
-            self.memo["scorer_diagnoser"] = ScorerDiagnoser(self.scorer)
-        return self.memo["scorer_diagnoser"]
-
-    def diagnoser_choice(self) -> str:
-        """"self" or "scorer": the diagnoser that ranks the samples under --diagnoser."""
-        from .method.scorer_diagnosis import choose_diagnoser
-
-        return choose_diagnoser(self.fgdilp.diagnoser, self.self_diagnosis_auc, self.scorer_auc)
-
-    def diagnose(self, texts: list[str], which: str) -> np.ndarray:
-        """[len(texts), 6] scores (ATTRIBUTE_NAMES order) of diagnoser `which` ("self" or "scorer")."""
-        if which == "scorer":
-            return self.scorer_diagnoser().scores(texts)
-        return self.self_diagnoser().scores(self.context("setup"), texts)
+    def after_prefill(self, hook) -> None:
+        """Once the prompt is decoded, under --explain of exact modes: per-layer |fused delta| at
+        the end of the prompt (explain["delta_norms"])."""
+        if self.explain_fusion is not None:
+            self.explain["delta_norms"] = _layer_norms(_fused_rows(hook.slots, self.n_negatives, *self.explain_fusion))
 
 
 @dataclass(frozen=True)
@@ -111,6 +83,7 @@ class PlanRequest:
     prompt: str
     tokens: list[int]                  # the raw prompt's tokens
     sampling: SamplingParams
+    values: CallValues                 # the call's steering and FGDILP values, its KV reuse
     explain: bool = False
     special: bool = False              # parse special-token text (a chat-formatted conversation)
     prefixes: Optional[Selection] = None   # instance prefixes to use instead of building them
@@ -134,14 +107,14 @@ def plan_tr(rt: Runtime, req: PlanRequest) -> Plan:
 
 def plan_fgdilp(rt: Runtime, req: PlanRequest) -> Plan:
     sel, info = instance_for(rt, req)
-    f = rt.fgdilp
+    f = req.values.fgdilp
     return _exact_plan(rt, req, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives], info,
-                       (f.mask_k, f.fusion, f.sign_election, _norm_heads(rt)))
+                       (f.mask_k, f.fusion, f.sign_election, _norm_heads(rt, f)))
 
 
 def plan_fgdilp_frozen(rt: Runtime, req: PlanRequest) -> Plan:
     sel, info = instance_for(rt, req)
-    rows, e = frozen_directions(rt, rt.context(req.method), req.prompt, sel, req.special)
+    rows, e = frozen_directions(rt, req.values, rt.context(req.method), req.prompt, sel, req.special)
     info["delta_norms"] = _layer_norms(rows)
     return _fixed_plan(rt, req, rows, e, info)
 
@@ -174,18 +147,18 @@ def plan_random(rt: Runtime, req: PlanRequest) -> Plan:
 
 def plan_cvec(rt: Runtime, req: PlanRequest) -> Plan:
     rows, _, info = _tr_directions(rt, req)
-    s, n_layer = rt.steer, rt.model.info.n_layer
+    s, n_layer = req.values.steer, rt.model.info.n_layer
     vec = residual_directions(rows * s.layer_mask(n_layer)[:, None], rt.output_projections(),
                               rt.model.info.n_head, s.exp_norm, s.scale)
     return Plan([req.tokens], 0, explain=info, cvec=vec)
 
 
-def tr_prefix_room(rt: Runtime) -> int:
+def tr_prefix_room(rt: Runtime, fgdilp: FgdilpParams) -> int:
     return len(rt.model.tokenize_plain(NEG_PREFIX)) + 2
 
 
-def instance_prefix_room(rt: Runtime) -> int:
-    return rt.fgdilp.selfgen_tokens + len(rt.model.tokenize_plain(NEG_TEMPLATE)) + 8
+def instance_prefix_room(rt: Runtime, fgdilp: FgdilpParams) -> int:
+    return fgdilp.selfgen_tokens + len(rt.model.tokenize_plain(NEG_TEMPLATE)) + 8
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -196,15 +169,15 @@ def _layer_norms(rows: np.ndarray) -> list[float]:
 def _tr_directions(rt: Runtime, req: PlanRequest):
     """TR's delta captured once at the prompt's end in TR's context (cvec and the random control)."""
     rows, e = capture_directions(rt, rt.context("tr"), req.prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True,
-                                 req.special)
+                                 req.special, contrast=req.values.steer.contrast)
     return rows, e, {"delta_norms": _layer_norms(rows)}
 
 
-def _prefixed_all(rt: Runtime, prompt: str, pos_text: str, neg_texts: list[str], special: bool):
+def _prefixed_all(rt: Runtime, prompt: str, pos_text: str, neg_texts: list[str], special: bool, contrast: str):
     """P+ and P-_j: each prefix before the prompt, or alone under --contrast reply (§2.9)."""
     tok = lambda text: rt.model.tokenize(text, special=special)   # noqa: E731
     tb = rt.model.token_bytes
-    if rt.steer.contrast == "reply":
+    if contrast == "reply":
         last = tok(prompt)[-1]
         return prefix_alone(tok, tb, pos_text, last), [prefix_alone(tok, tb, t, last) for t in neg_texts]
     return prefixed(tok, tb, pos_text, prompt), [prefixed(tok, tb, t, prompt) for t in neg_texts]
@@ -235,9 +208,9 @@ def _average_e(hook, n: int) -> None:
     hook.slots[SLOT_E] = hook.slots[SLOT_COLON:SLOT_COLON + n].mean(axis=0)
 
 
-def _norm_heads(rt: Runtime) -> int:
+def _norm_heads(rt: Runtime, fgdilp: FgdilpParams) -> int:
     """Heads whose fused delta --fused-norm tr rescales (0: none), as the hook's set_fusion does."""
-    return rt.model.info.n_head if rt.fgdilp.norm_to_mean_delta else 0
+    return rt.model.info.n_head if fgdilp.norm_to_mean_delta else 0
 
 
 def _fused_rows(slots: np.ndarray, n: int, mask_k: float, fusion: str, elect: bool,
@@ -251,42 +224,39 @@ def _exact_plan(rt: Runtime, req: PlanRequest, pos_text: str, neg_texts: list[st
                 fusion: tuple[float, str, bool, int]) -> Plan:
     """P+, P-_1..n and P0 as sequences of one decode per step; the hook fuses and edits P0
     (docs/method.md §3, §6.1). fusion: (mask_k, merge, sign election, norm heads) of the --explain norms."""
-    pos, negs = _prefixed_all(rt, req.prompt, pos_text, neg_texts, req.special)
+    pos, negs = _prefixed_all(rt, req.prompt, pos_text, neg_texts, req.special, req.values.steer.contrast)
     n = len(negs)
     distinct, roles = _neg_roles(negs)
     out = len(distinct) + 1
-    hook = rt.context(req.method).hook
-
-    def norms(ctx) -> None:   # --explain: per-layer |fused delta| at the end of the prompt
-        info["delta_norms"] = _layer_norms(_fused_rows(hook.slots, n, *fusion))
-
     return Plan([pos.tokens] + distinct + [req.tokens], out,
                 captures=tuple(_prefix_captures(pos, negs, roles, with_last=req.explain)),
                 edits=(EditSpec(target=out, pos=0, neg=tuple(roles), e_slot=SLOT_E),),
-                before_last=lambda ctx: _average_e(hook, n), after_prefill=norms if req.explain else None,
-                explain=info)
+                n_negatives=n, explain_fusion=fusion if req.explain else None, explain=info)
 
 
-def frozen_directions(rt: Runtime, ctx, prompt: str, sel, special: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def frozen_directions(rt: Runtime, values: CallValues, ctx, prompt: str, sel,
+                      special: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """FGDILP's delta captured once at the end of the prompt, fused in numpy (docs/method.md §6.2)."""
-    f = rt.fgdilp
+    f = values.fgdilp
     return capture_directions(rt, ctx, prompt, sel.positive + POS_TEMPLATE, [t + NEG_TEMPLATE for t in sel.negatives],
-                              f.mask_k, f.fusion, f.sign_election, special, norm_heads=_norm_heads(rt))
+                              f.mask_k, f.fusion, f.sign_election, special, contrast=values.steer.contrast,
+                              norm_heads=_norm_heads(rt, f))
 
 
 def capture_directions(rt: Runtime, ctx, prompt: str, pos_text: str, neg_texts: list[str], mask_k: float,
-                       fusion: str, elect: bool, special: bool = False, *,
+                       fusion: str, elect: bool, special: bool = False, *, contrast: str,
                        norm_heads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Capture P+ and P-_j once at the end of the prompt (in hooked context `ctx`) and fuse in
-    numpy: ([n_layer, width] direction, [n_layer, width] e). norm_heads: --fused-norm tr (n_head)."""
-    pos, negs = _prefixed_all(rt, prompt, pos_text, neg_texts, special)
+    numpy: ([n_layer, width] direction, [n_layer, width] e). contrast: --contrast (where the
+    prefixes stand); norm_heads: --fused-norm tr (n_head)."""
+    pos, negs = _prefixed_all(rt, prompt, pos_text, neg_texts, special, contrast)
     n = len(negs)
     hook = ctx.hook
     distinct, roles = _neg_roles(negs)
     # the same sequences give the same rows: a kept instance under the reply contrast (its P+ / P-_j
     # do not hold the conversation) or another scale of one prompt need no second capture
     key = (tuple(pos.tokens), tuple(map(tuple, distinct)), tuple(roles), mask_k, fusion, elect, norm_heads)
-    memo = rt.memo.setdefault("captures", {})
+    memo = rt.caches.captures
     if key in memo:
         rows, e = memo.pop(key)
     else:
@@ -323,12 +293,8 @@ def random_like_heads(rows: np.ndarray, n_head: int, seed: int) -> np.ndarray:
 
 def _fixed_plan(rt: Runtime, req: PlanRequest, rows: np.ndarray, e: Optional[np.ndarray], info: dict) -> Plan:
     """P0 alone, edited with a fixed direction (frozen FGDILP, saved vectors, the random control)."""
-    hook = rt.context(req.method).hook
-    hook.slots[SLOT_DIR] = rows
-    hook.slots[SLOT_E] = 0 if e is None else e
-    hook.check_slots()
     edit = EditSpec(target=0, dir_slot=SLOT_DIR, e_slot=-1 if e is None else SLOT_E)
-    return Plan([req.tokens], 0, edits=(edit,), explain=info)
+    return Plan([req.tokens], 0, edits=(edit,), explain=info, fixed_rows=rows, fixed_e=e)
 
 
 # ---- FGDILP's per-prompt instance ------------------------------------------------------------------
@@ -336,40 +302,40 @@ def instance_for(rt: Runtime, req: PlanRequest):
     """The request's instance prefixes: given ones, or built by self-generation and diagnosis."""
     if req.prefixes is not None:
         return req.prefixes, {}
-    return build_instance(rt, req.prompt, req.tokens, req.sampling, req.method)
+    return build_instance(rt, req.values, req.prompt, req.tokens, req.sampling, req.method)
 
 
-def selfgen_context(rt: Runtime, method: Optional[str]) -> str:
+def selfgen_context(values: CallValues, method: Optional[str]) -> str:
     """Where the candidates are drawn: with KV reuse (chat) in the method's own context, forked from
     the conversation's kept KV, so the new message is decoded once for both them and P0 (§9.2);
     else in the setup context."""
-    return method if rt.kv_reuse and method is not None else "setup"
+    return method if values.kv_reuse and method is not None else "setup"
 
 
-def build_instance(rt: Runtime, prompt: str, raw: list[int], sampling: SamplingParams,
+def build_instance(rt: Runtime, values: CallValues, prompt: str, raw: list[int], sampling: SamplingParams,
                    method: Optional[str] = None):
     """Self-generation, self-diagnosis and prefix selection for one prompt (docs/method.md §4.1-4.3).
     method: the method the instance is for (its context draws the candidates under KV reuse)."""
-    key = (prompt, sampling, rt.fgdilp.setup_key(), rt.diagnoser_choice())
-    last = rt.memo.get("instance")
+    key = (prompt, sampling, values.fgdilp.setup_key(), rt.diagnoser_choice(values.fgdilp.diagnoser))
+    last = rt.caches.instance
     if rt.reuse_instances and last is not None and last[0] == key:
         sel, info = last[1]
         return sel, copy.deepcopy(info)
-    sel, info = _new_instance(rt, raw, sampling, selfgen_context(rt, method))
+    sel, info = _new_instance(rt, values, raw, sampling, selfgen_context(values, method))
     if rt.reuse_instances:
-        rt.memo["instance"] = (key, (sel, copy.deepcopy(info)))
+        rt.caches.instance = (key, (sel, copy.deepcopy(info)))
     return sel, info
 
 
-def _new_instance(rt: Runtime, raw: list[int], sampling: SamplingParams, where: str):
+def _new_instance(rt: Runtime, values: CallValues, raw: list[int], sampling: SamplingParams, where: str):
     from .self_generation import self_generate
 
-    f, model = rt.fgdilp, rt.model
+    f, model = values.fgdilp, rt.model
     ctx = rt.context(where)
     outs = self_generate(ctx, model, raw, f.samples, sampling, f.selfgen_tokens, f.selfgen_min_tokens,
-                         reuse=rt.kv_reuse)
+                         reuse=values.kv_reuse)
     texts = [model.detokenize(o) for o in outs]
-    which = rt.diagnoser_choice()
+    which = rt.diagnoser_choice(f.diagnoser)
     scores = rt.diagnose(texts, which)
     sel = select_prefixes(texts, scores, list(ATTRIBUTE_NAMES), f.negatives, f.pad_blank)
     info = {

@@ -62,7 +62,7 @@ class RequestCost:
             if messages is not None:
                 floor, room = self.det.chat_floor(messages, **req.overrides)
             else:
-                floor, room = self.det.prompt_floor(req.prompt or ""), self.det.settings.ctx_size - 1
+                floor, room = vocab_stats(self.det.model).min_tokens(req.prompt or ""), self.det.settings.ctx_size - 1
         except FgdilpError as exc:
             raise ApiError(400, str(exc)) from None
         if floor > room:

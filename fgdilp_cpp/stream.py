@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol
 
 from .chat import Fitted
-from .condition import conversation_texts
 from .results import GenResult
 from .settings import Settings
+
+
+class Cancellable(Protocol):
+    """What a stream stops its generation with (generation.Generator's public cancel control)."""
+
+    def cancel(self) -> None: ...
+
+    def reset_cancel(self) -> None: ...
+
 
 class Stream(Iterator[str]):
     """Text pieces as they are produced (an iterator); once exhausted, .result is the GenResult.
 
     A worker thread decodes; leaving the loop early (break, an exception) cancels the decode.
-    det: the api.Detoxifier that runs it (not imported here: the API imports this module)."""
+    run(on_text) runs the generation (api.Detoxifier prepares it: prompt, settings, method),
+    keeping a cancel that came before it; control cancels it from any thread."""
 
-    def __init__(self, det: Any, prompt: str, settings: Settings, method: str, special: bool,
-                 explain: bool, fitted: Optional[Fitted] = None):
-        self._det, self._prompt, self._s, self._method = det, prompt, settings, method
+    def __init__(self, run: Callable[[Callable[[str], None]], GenResult], control: Cancellable, settings: Settings,
+                 method: str, fitted: Optional[Fitted] = None):
+        self._run_call, self._control = run, control
         self.settings, self.method = settings, method     # what this generation runs with (chat records it)
-        self._special, self._explain = special, explain
         self.fitted = fitted                  # chat: the conversation that was sent (after trimming)
-        self._condition_texts = conversation_texts(fitted.messages) if fitted is not None else None
         self.result: Optional[GenResult] = None
         self._it: Optional[Iterator[str]] = None
         self._cancel_asked = False
@@ -40,7 +47,7 @@ class Stream(Iterator[str]):
         """Stop this stream from any thread, also before its first piece: unlike Detoxifier.cancel(),
         a cancel that lands before the decode starts (FGDILP's setup included) is kept."""
         self._cancel_asked = True
-        self._det._gen.cancel()
+        self._control.cancel()
 
     def close(self) -> None:
         """Stop early: the decode is cancelled and its worker joined."""
@@ -48,16 +55,14 @@ class Stream(Iterator[str]):
             self._it.close()
 
     def _run(self) -> Iterator[str]:
-        det, s = self._det, self._s
+        control = self._control
         pieces: queue.Queue = queue.Queue()
         done = object()
         failure: list[BaseException] = []
 
         def work() -> None:
             try:
-                res = det._call(self._prompt, s, self._method, self._special, self._explain,
-                                on_text=pieces.put, reset_cancel=False, chat=self.fitted is not None,
-                                condition_texts=self._condition_texts)
+                res = self._run_call(pieces.put)
                 if self.fitted is not None:
                     res.explain["dropped_messages"] = self.fitted.dropped
                 self.result = res
@@ -66,9 +71,9 @@ class Stream(Iterator[str]):
             finally:
                 pieces.put(done)
 
-        det._gen.reset_cancel()           # here, so that a cancel() from now on is never lost
+        control.reset_cancel()            # here, so that a cancel() from now on is never lost
         if self._cancel_asked:            # ... and one that came before is kept (set before, read after)
-            det._gen.cancel()
+            control.cancel()
         worker = threading.Thread(target=work, name="fgdilp-stream", daemon=True)
         worker.start()
         try:
@@ -76,7 +81,7 @@ class Stream(Iterator[str]):
                 yield item
         finally:
             if worker.is_alive():         # the consumer stopped early: stop the decode too
-                det._gen.cancel()
+                control.cancel()
             worker.join()
         if failure:
             raise failure[0]

@@ -20,23 +20,26 @@ from .method.prefixes import NEG_PREFIX, POS_PREFIX
 from .method.sources import FGDILP_INSTANCES, TR_PREFIXES
 from .native import NativeHook
 from .params import SamplingParams
-from .plans import (Runtime, build_instance, capture_directions, frozen_directions, instance_prefix_room,
-                    tr_prefix_room)
+from .plans import build_instance, capture_directions, frozen_directions, instance_prefix_room, tr_prefix_room
+from .runtime import CallValues, Runtime
 
 ROWS_PER_DECODE = 16             # texts one decode captures rows of
 DATA_NORM_CONTRAST = "reply"     # data_directions: TR's delta that gives each head's strength
 MEAN_TOKENS = 64                 # mean_token_rows: tokens of a text averaged (RTP continuations are shorter)
 
 
-def _tr_delta(rt: Runtime, prompt: str, sampling: SamplingParams, special: bool) -> tuple[np.ndarray, np.ndarray]:
+def _tr_delta(rt: Runtime, values: CallValues, prompt: str, sampling: SamplingParams,
+              special: bool) -> tuple[np.ndarray, np.ndarray]:
     """TR's prefixes: the fused rows of capture_directions with one negative (K = 100)."""
-    return capture_directions(rt, rt.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True, special)
+    return capture_directions(rt, rt.context("tr"), prompt, POS_PREFIX, [NEG_PREFIX], 100.0, "max", True, special,
+                              contrast=values.steer.contrast)
 
 
-def _instance_delta(rt: Runtime, prompt: str, sampling: SamplingParams, special: bool) -> tuple[np.ndarray, np.ndarray]:
+def _instance_delta(rt: Runtime, values: CallValues, prompt: str, sampling: SamplingParams,
+                    special: bool) -> tuple[np.ndarray, np.ndarray]:
     """FGDILP's instance prefixes, ranked by the diagnoser in force (frozen_directions)."""
-    sel, _ = build_instance(rt, prompt, rt.model.tokenize(prompt, special=special), sampling)
-    return frozen_directions(rt, rt.context(methods.FROZEN), prompt, sel, special)
+    sel, _ = build_instance(rt, values, prompt, rt.model.tokenize(prompt, special=special), sampling)
+    return frozen_directions(rt, values, rt.context(methods.FROZEN), prompt, sel, special)
 
 
 # a prompt-end source (method.sources) -> (one prompt's ([n_layer, width] delta, [n_layer, width] e)
@@ -51,8 +54,9 @@ def _source(source: str):
     return PROMPT_SOURCES[source]
 
 
-def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampling: SamplingParams,
-                         ctx_size: int, progress=None, special: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+def universal_directions(rt: Runtime, values: CallValues, prompts: Sequence[str], source: str,
+                         sampling: SamplingParams, ctx_size: int, progress=None,
+                         special: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
     """The mean over `prompts` of each prompt's end delta and e (float64 sums, float32 result), and
     how many prompts were used. Empty prompts and prompts that leave no room for the prefixes in a
     context of ctx_size tokens are refused, not skipped: the average would silently change.
@@ -61,7 +65,7 @@ def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampl
     prompts = list(prompts)
     if not prompts:
         raise FgdilpError("no prompts to build universal directions from")
-    room = prefix_room(rt)
+    room = prefix_room(rt, values.fgdilp)
     for i, p in enumerate(prompts):
         if not p.strip():
             raise FgdilpError(f"prompt {i} is empty")
@@ -69,7 +73,7 @@ def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampl
             raise FgdilpError(f"prompt {i} is too long for the context ({ctx_size} tokens) with its prefixes")
     total_d = total_e = None
     for i, p in enumerate(prompts):
-        d, e = delta(rt, p, sampling, special)
+        d, e = delta(rt, values, p, sampling, special)
         total_d = d.astype(np.float64) if total_d is None else total_d + d
         total_e = e.astype(np.float64) if total_e is None else total_e + e
         if progress is not None:
@@ -78,7 +82,7 @@ def universal_directions(rt: Runtime, prompts: Sequence[str], source: str, sampl
     return (total_d / n).astype(np.float32), (total_e / n).astype(np.float32), n
 
 
-def data_directions(rt: Runtime, texts: Sequence[str], toxic: Sequence[bool], prompts: Sequence[str],
+def data_directions(rt: Runtime, values: CallValues, texts: Sequence[str], toxic: Sequence[bool], prompts: Sequence[str],
                     sampling: SamplingParams, ctx_size: int, n_threads: int = 0, progress=None,
                     special: bool = False, starts: Optional[Sequence[int]] = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Universal directions from labelled texts (method.contrast): per head, the toxic texts' mean
@@ -91,8 +95,8 @@ def data_directions(rt: Runtime, texts: Sequence[str], toxic: Sequence[bool], pr
     info = rt.model.info
     rows = mean_token_rows(rt, texts, n_threads, starts=starts, special=special and starts is not None)
     direction = mean_difference(rows, np.asarray(toxic, dtype=bool))
-    reference = dataclasses.replace(rt, steer=dataclasses.replace(rt.steer, contrast=DATA_NORM_CONTRAST))
-    tr, _, n = universal_directions(reference, prompts, TR_PREFIXES, sampling, ctx_size, progress, special)
+    reference = dataclasses.replace(values, steer=dataclasses.replace(values.steer, contrast=DATA_NORM_CONTRAST))
+    tr, _, n = universal_directions(rt, reference, prompts, TR_PREFIXES, sampling, ctx_size, progress, special)
     norms = np.linalg.norm(tr.reshape(info.n_layer, info.n_head, info.head_dim).astype(np.float64), axis=2)
     d = with_head_norms(direction, norms).reshape(info.n_layer, -1)
     return d, d.copy(), n

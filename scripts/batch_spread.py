@@ -50,7 +50,7 @@ def run(model: Model, method: str, b: int, n: int, prompt: str, scale: float = 1
                         e=None, model=identity_of(model), method="universal-test", settings={}).validate()
     with Generator(model, EngineParams(n_batch=b, n_threads=1, ctx_size=512, kv_reuse=False),
                    SteerParams(scale=scale), FGDILP["fgdilp"]) as gen:
-        gen.rt.universal = lambda: hd
+        gen.use_universal(hd)
         r = gen.generate(prompt, method, n_predict=n, sampling=GREEDY, forced_tokens=forced, record_logits=True,
                          kv_reuse=False, prefixes=FGDILP["prefixes"])
     return r.samples[0].tokens, np.stack([x[0] for x in r.logits])

@@ -58,7 +58,7 @@ def generator(model: Model, b: int, scale: float = 1.0, fgdilp: FgdilpParams = S
     gen = Generator(model, EngineParams(n_batch=b, n_threads=1, ctx_size=512, **engine), SteerParams(scale=scale),
                     fgdilp)
     hd = universal_directions(model)
-    gen.rt.universal = lambda: hd
+    gen.use_universal(hd)
     return gen
 
 

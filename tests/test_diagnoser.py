@@ -37,11 +37,10 @@ class LengthScorer:
         return np.repeat((0.5 + self.sign * n / (2 * (n.max() + 1)))[:, None], len(LABELS), axis=1)
 
 
-def _instance(model, diagnoser: str, scorer=None, **rt):
-    with Generator(model, EngineParams(ctx_size=256), SteerParams(), FgdilpParams(**SMALL, diagnoser=diagnoser)) as gen:
+def _instance(model, diagnoser: str, scorer=None, **aucs):
+    with Generator(model, EngineParams(ctx_size=256), SteerParams(), FgdilpParams(**SMALL, diagnoser=diagnoser),
+                   **aucs) as gen:
         gen.rt.scorer = scorer
-        for k, v in rt.items():
-            setattr(gen.rt, k, v)
         return gen.generate(PROMPT, "fgdilp", 4, SamplingParams(seed=7), explain=True).explain
 
 

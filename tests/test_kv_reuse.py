@@ -148,7 +148,8 @@ def test_fgdilp_with_the_same_prefixes_equals_without_reuse(chat_model, method):
         for prompt in (FIRST, SECOND, THIRD):
             r = reuse.generate(prompt, method, n_predict=2, special=True)  # builds an instance (setup)
             assert r.n_reused_tokens >= n_before
-            sel, _ = build_instance(reuse.rt, prompt, reuse.model.tokenize(prompt, special=True), SamplingParams())
+            sel, _ = build_instance(reuse.rt, reuse.call_values(kv_reuse=True), prompt,
+                                    reuse.model.tokenize(prompt, special=True), SamplingParams())
             a = reuse.generate(prompt, method, n_predict=6, special=True, prefixes=sel, record_logits=True)
             b = full.generate(prompt, method, n_predict=6, special=True, prefixes=sel, record_logits=True)
             n = len(reuse.model.tokenize(prompt, special=True))
@@ -498,7 +499,7 @@ def test_a_kept_instance_at_the_reply_contrast_captures_its_direction_once(chat_
     steer = SteerParams(contrast="reply")
     reuse, full = generators(chat_model, mask_k=100.0, steer=steer)
     with reuse, full:
-        sel, _ = build_instance(reuse.rt, FIRST, reuse.model.tokenize(FIRST, special=True), SamplingParams())
+        sel, _ = build_instance(reuse.rt, reuse.call_values(), FIRST, reuse.model.tokenize(FIRST, special=True), SamplingParams())
         reuse.generate(FIRST, "fgdilp-frozen", n_predict=4, special=True, prefixes=sel)
         ctx = reuse.context("fgdilp-frozen")
         decode, rows = ctx.decode, []

@@ -21,10 +21,9 @@ def toy_plan(rt, req):
     from fgdilp_cpp.plans import SLOT_DIR, Plan
 
     i = rt.model.info
-    hook = rt.context(req.method).hook
-    hook.slots[SLOT_DIR] = np.linspace(-1.0, 1.0, i.n_head * i.head_dim, dtype=np.float32)[None, :]
-    hook.check_slots()
-    return Plan([req.tokens], 0, edits=(EditSpec(target=0, dir_slot=SLOT_DIR, e_slot=-1),), explain={"toy": 1})
+    rows = np.linspace(-1.0, 1.0, i.n_head * i.head_dim, dtype=np.float32)[None, :]
+    return Plan([req.tokens], 0, edits=(EditSpec(target=0, dir_slot=SLOT_DIR, e_slot=-1),), explain={"toy": 1},
+                fixed_rows=rows)
 
 
 @pytest.fixture

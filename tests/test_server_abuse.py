@@ -297,13 +297,8 @@ def test_huge_and_non_finite_numbers_are_400(srv, field, value, param):
 
 # ---- faults -------------------------------------------------------------------------------------
 def forget_output_projections(det: Detoxifier) -> None:
-    """Drop the cached W_O that cvec reads from the model file once (kept on the Generator, or
-    in its Runtime's memo since the method registry)."""
-    gen = det._gen
-    if hasattr(gen, "rt"):
-        gen.rt.memo.pop("w_o", None)
-    else:
-        gen._w_o = None
+    """Drop the cached W_O that cvec reads from the model file once (kept in its Runtime's caches)."""
+    det._gen.rt.caches.output_projections = None
 
 
 def test_a_server_fault_is_a_500_without_paths(tiny_llama, tmp_path, caplog):

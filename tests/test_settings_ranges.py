@@ -117,10 +117,10 @@ def test_model_dependent_limits_name_the_config_file(tmp_path, tiny_llama):
 
 
 def test_default_ctx_size_comes_down_to_the_trained_context(short_trained):
-    from fgdilp_cpp.api import Detoxifier
+    from fgdilp_cpp.api import Detoxifier, setting_sources
 
     with Detoxifier(Settings(model=str(short_trained), threads=1)) as det:    # the default (2048): ours
-        assert det.settings.ctx_size == 256 and det.setting_sources()["ctx_size"] == (256, "default")
+        assert det.settings.ctx_size == 256 and setting_sources(det)["ctx_size"] == (256, "default")
     with Detoxifier.from_file(str(short_trained), chat=True, threads=1, n_predict=4, chat_template="chatml") as det:
         assert det.settings.ctx_size == 256            # the chat default (4096) too
     with pytest.raises(ParamError, match="trained context"):

@@ -68,7 +68,10 @@ def before_worker(spec: dict) -> dict:
         rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
         v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
                            source="random", settings={}).validate()
-        det._gen.rt.universal = lambda: v
+        if hasattr(det._gen, "use_universal"):
+            det._gen.use_universal(v)
+        else:                               # a checkout from before Generator.use_universal
+            det._gen.rt.universal = lambda: v
     users, reply = chat_turns(spec["turns"]), spec["reply_tokens"]
     if spec["mode"] == "serve":
         queue = ModelQueue(det, 16, tuple(spec["methods"]))
