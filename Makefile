@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 	# [test] brings every extra the tests exercise ([model], [scorer], [eval], [server]); [lint] ruff, mypy
 	$(PIP) install -q --no-build-isolation -e ".[test,lint]"
 	$(PY) -c "from fgdilp_cpp.models import default_model_path; default_model_path()"
-	$(PY) -c "from fgdilp_cpp.evaluation.assets import toxblock_files, tcc_files, smollm2_path; toxblock_files(); tcc_files(); smollm2_path()"
+	$(PY) -c "from fgdilp_cpp.toxicity.files import toxblock_files, tcc_files; from fgdilp_cpp.models import default_chat_model_path; toxblock_files(); tcc_files(); default_chat_model_path()"
 	touch $(STAMP)
 
 native: install

@@ -330,7 +330,7 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
     records = load_prompts(prompts_path, limit, offset)
     if which == "scorer":                  # no llama model needed: the scorer reads the texts
         from .evaluation.agreement import scorer_agreement
-        from .evaluation.scorer import ToxicityScorer
+        from .toxicity.scorer import ToxicityScorer
 
         out = scorer_agreement(ToxicityScorer.load(), records)
         head = f"scorer {out['diagnoser']['judge']} (labels mapped onto the attributes)"

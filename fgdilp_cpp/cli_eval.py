@@ -94,7 +94,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
             raise FgdilpError(f"no prompts in the {split} part of {prompts_path}")
     from .files import FolderLock
     FolderLock(out_dir, what="another eval run").acquire()   # refused before loading; held until exit
-    from .evaluation.assets import smollm2_path
+    from .models import default_chat_model_path
     from .evaluation.perplexity import PerplexityJudge
     from .evaluation.judges import load_judges
     from .evaluation.runner import run_eval
@@ -115,7 +115,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         with _detoxifier(s, vectors_path, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1,
                          reuse_instances=True) as det:
             for j in judge_names:
-                judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
+                judge_objs[j] = PerplexityJudge(det.model if j == "self" else default_chat_model_path(), n_threads=s.threads)
             res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
                            judge_objs, progress=not no_progress, grid=grid, greedy=greedy, ppl_budget=ppl_budget,
                            benign=prompts_path in BENIGN_SETS, chat=as_chat, ablation=ablation)
@@ -180,10 +180,11 @@ def _num(x) -> float:
 @friendly_errors
 def eval_calibrate(prompts_path, limit, as_json):
     """Agreement of the offline toxicity scorer with Perspective on the RTP continuations."""
+    from .evaluation.agreement import judge_agreement
     from .evaluation.prompts import load_prompts
-    from .evaluation.scorer import ToxicityScorer, calibrate
+    from .toxicity.scorer import ToxicityScorer
 
-    out = calibrate(ToxicityScorer.load(), load_prompts(prompts_path, limit))
+    out = judge_agreement(ToxicityScorer.load(), load_prompts(prompts_path, limit))
     if as_json:
         click.echo(json.dumps(out))
         return

@@ -86,7 +86,7 @@ class Runtime:
             from .method.scorer_diagnosis import ScorerDiagnoser
 
             if self.scorer is None:
-                from .evaluation.scorer import ToxicityScorer
+                from .toxicity.scorer import ToxicityScorer
 
                 self.scorer = ToxicityScorer.load()
             self.memo["scorer_diagnoser"] = ScorerDiagnoser(self.scorer)

@@ -71,7 +71,7 @@ def test_serve_without_the_server_extra_names_it():
 
 def test_the_scorer_without_h5py_names_its_extra():
     code = ("from fgdilp_cpp.errors import FgdilpError\n"
-            "from fgdilp_cpp.evaluation import keras_files\n"
+            "from fgdilp_cpp.toxicity import keras_files\n"
             "try:\n"
             "    keras_files._open_h5(b'not read')\n"
             "except FgdilpError as exc:\n"

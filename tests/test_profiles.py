@@ -209,14 +209,14 @@ def test_search_path(monkeypatch, tmp_path):
 @pytest.mark.real_model
 def test_shipped_profiles_match_the_embedded_models():
     """The package's profiles are found for the models they were made for (and only by weights)."""
-    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_chat_model_path
     from fgdilp_cpp.models import default_model_path
     from fgdilp_cpp.profiles import SHIPPED_DIR
 
     shipped = sorted(SHIPPED_DIR.glob("*.json"))
     assert shipped, "no profile ships in the package"
     found = {}
-    for path in (default_model_path(), smollm2_path()):
+    for path in (default_model_path(), default_chat_model_path()):
         prof, where = find_profile(_identity(path), folders=[SHIPPED_DIR])
         if prof is not None:
             found[where.name] = prof

@@ -29,9 +29,9 @@ def model_path(shape: str, work: Path) -> tuple[str, dict]:
 
         return str(default_model_path()), {}
     if shape == "smollm2":
-        from fgdilp_cpp.evaluation.assets import smollm2_path
+        from fgdilp_cpp.models import default_chat_model_path
 
-        return str(smollm2_path()), {}
+        return str(default_chat_model_path()), {}
     from gpu_bench import SHAPES, build_random_llama
 
     path = work / f"random-llama-{shape}-q8_0.gguf"
