@@ -356,6 +356,7 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
 from .cli_calibrate import calibrate  # noqa: E402 - commands kept in their own modules
 from .cli_chat import chat, serve  # noqa: E402
 from .cli_eval import eval_cmd  # noqa: E402
+from .cli_eval_runs import eval_rescore  # noqa: E402,F401 - registers eval rescore, paired, specificity
 from .cli_vectors import vectors  # noqa: E402
 
 main.add_command(chat)
