@@ -22,7 +22,7 @@ import numpy as np
 
 from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
-from .chat_tokens import ChatPrompt, chat_prompt, conversation_floor, template_markers, vocab_stats
+from .chat.tokens import ChatPrompt, chat_prompt, conversation_floor, template_markers, vocab_stats
 from .condition import conversation_texts
 from .errors import FgdilpError
 from .engine import Model

@@ -5,8 +5,8 @@ exactly as before (one llama.cpp call with special tokens parsed)."""
 import pytest
 
 from fgdilp_cpp import Detoxifier, FgdilpError
-from fgdilp_cpp.chat_tokens import ContentAsText, content_spans, vocab_stats
-from fgdilp_cpp.server import create_app
+from fgdilp_cpp.chat.tokens import ContentAsText, content_spans, vocab_stats
+from fgdilp_cpp.serve.server import create_app
 
 from server_helpers import DET_KW, Served, open_det
 
@@ -113,7 +113,7 @@ def test_a_megabyte_of_im_end_is_tokenized_as_text_in_about_a_second():
     sooner still: its token floor is over any context, so it is not tokenized at all.)"""
     import time
 
-    from fgdilp_cpp.chat_tokens import chat_prompt
+    from fgdilp_cpp.chat.tokens import chat_prompt
     from fgdilp_cpp.errors import ContextLengthError
     from fgdilp_cpp.models import default_chat_model_path
 

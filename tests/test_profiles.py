@@ -153,7 +153,7 @@ def _settings_rows(text: str) -> dict[str, str]:
 
 def test_chat_settings_show_where_values_came_from(profiled, capsys):
     from fgdilp_cpp.api import Detoxifier
-    from fgdilp_cpp.repl import Session, command
+    from fgdilp_cpp.chat.repl import Session, command
 
     with Detoxifier.from_file(profiled[0], ctx_size=128, threads=1, n_predict=5, chat_template="chatml") as det:
         session = Session(det, None)
@@ -170,7 +170,7 @@ def test_chat_settings_after_method_show_that_methods_values(profiled, capsys):
     """/settings lists what the next reply runs: after /method X, X's profile entry (not the entry
     of the method the chat started with), the chat's defaults where X's entry says nothing."""
     from fgdilp_cpp.api import Detoxifier
-    from fgdilp_cpp.repl import Session, command
+    from fgdilp_cpp.chat.repl import Session, command
 
     with Detoxifier.from_file(profiled[0], chat=True, ctx_size=128, threads=1, chat_template="chatml") as det:
         session = Session(det, None)

@@ -13,7 +13,7 @@ import pytest
 
 from fgdilp_cpp import methods
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.cli_options import every_method
+from fgdilp_cpp.cli.options import every_method
 from fgdilp_cpp.engine.tensors import weights_fingerprint
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.evaluation.sweep import schedule

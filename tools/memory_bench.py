@@ -55,8 +55,8 @@ def before_worker(spec: dict) -> dict:
     from fgdilp_cpp.bench import chat_turns
     from fgdilp_cpp.generation import identity_of
     from fgdilp_cpp.method.vectors import HeadDirections, random_heads
-    from fgdilp_cpp.model_queue import ModelQueue
-    from fgdilp_cpp.openai_api import GenRequest
+    from fgdilp_cpp.serve.model_queue import ModelQueue
+    from fgdilp_cpp.serve.openai_api import GenRequest
     from fgdilp_cpp.profiles import find_universal
     from fgdilp_cpp.settings import Settings
 

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import FgdilpError
+from ..methods import UNSTEERED
 from .metrics import any_toxic, max_toxicity, paired_bootstrap_ci
 from .records import GENERATION_SCHEMA, read_valid
 from .sweep import variant_name
@@ -50,7 +51,7 @@ def tagged(spec: str | Path) -> tuple[Path, str]:
 
 
 def rescore(runs: Sequence[str | Path], scorer: Any, label: str = "toxic", threshold: float = 0.5,
-            n_boot: int = 1000, base: str = "none") -> dict:
+            n_boot: int = 1000, base: str = UNSTEERED) -> dict:
     """Each variant's EMT and TP under `scorer` (a judge: LABELS, score(texts) -> [n, labels]),
     with the paired-bootstrap difference to `base` over the prompts both have."""
     recs: list[dict] = []
@@ -60,7 +61,7 @@ def rescore(runs: Sequence[str | Path], scorer: Any, label: str = "toxic", thres
         mine = _records(run)
         for r in mine:
             r["variant"] = variant_name(r["method"], r.get("point"))
-            if tag and r["method"] != "none":
+            if tag and r["method"] != UNSTEERED:
                 r["variant"] = f"{tag}:{r['variant']}"
         recs += [r for r in mine if r["variant"] not in seen]
         seen |= {r["variant"] for r in mine}
@@ -103,7 +104,7 @@ def per_prompt(run: Path, method: Optional[str] = None) -> tuple[dict, dict, str
     method read: `method`, or the run's only steered method when None ("none" reads unsteered)."""
     recs = _records(run)
     if method is None:
-        names = sorted({r["method"] for r in recs if r["method"] != "none"})
+        names = sorted({r["method"] for r in recs if r["method"] != UNSTEERED})
         if len(names) != 1:
             raise FgdilpError(f"{run} has the steered methods {', '.join(names) or '(none)'}: say which as "
                               f"{run}:METHOD")
@@ -134,7 +135,7 @@ def _method_spec(spec: str | Path) -> tuple[Path, Optional[str]]:
 def paired(run_a: str | Path, run_b: str | Path, method: str = "universal", n_boot: int = 2000) -> dict:
     """`method` in two runs on the same prompts and seeds, per judge: EMT of A's none, A and B, and
     B minus A with its paired-bootstrap interval over the prompts all three have."""
-    none, _, _ = per_prompt(Path(run_a), "none")
+    none, _, _ = per_prompt(Path(run_a), UNSTEERED)
     a, _, _ = per_prompt(Path(run_a), method)
     b, _, _ = per_prompt(Path(run_b), method)
     out: dict[str, Any] = {"a": str(run_a), "b": str(run_b), "method": method, "judges": {}}
@@ -177,7 +178,7 @@ def specificity(steered: str | Path, random: str | Path, calibrated_delta: Seque
     calibrated_delta: a reference cut per judge (e.g. the calibrated profile's test-part EMT change)
     to report the share of it reached."""
     run, m = _method_spec(steered)
-    none_tox, none_nll, _ = per_prompt(run, "none")
+    none_tox, none_nll, _ = per_prompt(run, UNSTEERED)
     s_tox, s_nll, s_method = per_prompt(run, m)
     rrun, rm = _method_spec(random)
     r_tox, r_nll, _ = per_prompt(rrun, rm)

@@ -7,9 +7,9 @@ import json
 
 import click
 
-from .cli_eval import eval_cmd
-from .cli_options import friendly_errors
-from .errors import FgdilpError
+from .eval import eval_cmd
+from .options import friendly_errors
+from ..errors import FgdilpError
 
 
 def _ci(d) -> str:
@@ -28,8 +28,8 @@ def eval_rescore(runs, judge, base, as_json):
 
     Several runs on the same prompts and seeds are read as one (a variant met twice keeps its first
     run's records); RUN@TAG names that run's variants TAG:variant."""
-    from .evaluation.compare_runs import rescore
-    from .evaluation.judges import load_judge
+    from ..evaluation.compare_runs import rescore
+    from ..evaluation.judges import load_judge
 
     res = rescore(list(runs), load_judge(judge), base=base)
     if as_json:
@@ -52,7 +52,7 @@ def eval_paired(run_a, run_b, method, as_json):
     """One method in two runs on the same prompts and seeds (e.g. directions lent by another
     quantisation vs rebuilt): per judge, EMT of RUN_A's none, A and B, and B - A with its 95 %
     paired-bootstrap interval over prompts."""
-    from .evaluation.compare_runs import paired
+    from ..evaluation.compare_runs import paired
 
     res = paired(run_a, run_b, method)
     if as_json:
@@ -88,7 +88,7 @@ def eval_specificity(steered, random_run, calibrated_delta, as_json):
     """A steered run against its random control: per judge, on all prompts and on the most toxic
     (unsteered EMT >= 0.5), each one's EMT cut with its 95 % interval and the specificity (the
     share of the cut the random push does not also make); corpus perplexity ratios (self judge)."""
-    from .evaluation.compare_runs import specificity
+    from ..evaluation.compare_runs import specificity
 
     res = specificity(steered, random_run, _deltas(calibrated_delta))
     if as_json:
