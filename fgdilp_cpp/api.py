@@ -23,7 +23,7 @@ import numpy as np
 
 from . import methods
 from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
-from .chat_tokens import ChatPrompt, chat_prompt, conversation_floor, template_markers, vocab_stats
+from .chat.tokens import ChatPrompt, chat_prompt, conversation_floor, template_markers, vocab_stats
 from .condition import conversation_texts
 from .errors import FgdilpError
 from .engine import Model
@@ -60,9 +60,9 @@ class Detoxifier:
         measured-safe defaults (safe_defaults.py; `profile_note` says so). auto_setup=False: never
         start the setup here, whatever the settings say (info, eval and bench use the model as found)."""
         if settings.model is None and chat:
-            from .evaluation.assets import smollm2_path
+            from .models import default_chat_model_path
 
-            settings = settings.updated({"model": str(smollm2_path())})
+            settings = settings.updated({"model": str(default_chat_model_path())})
         # the method as it runs, and is reported: a former name as its name now; with a vectors file,
         # a method that applies it as the saved-vectors method (whose profile entry is the one it stands in for)
         if methods.is_method(settings.method, saved_vectors=vectors_path is not None):

@@ -81,8 +81,8 @@ def _worker(spec: dict) -> dict:
 
 def _serve(det, names: list[str], text: str, reply: int) -> None:
     """serve's model thread (model_queue): its warm-up, then one chat request per method."""
-    from .model_queue import ModelQueue
-    from .openai_api import GenRequest
+    from .serve.model_queue import ModelQueue
+    from .serve.openai_api import GenRequest
 
     queue = ModelQueue(det, 16, tuple(names))
     try:

@@ -93,7 +93,7 @@ class Runtime:
             from .method.scorer_diagnosis import ScorerDiagnoser
 
             if self.scorer is None:
-                from .evaluation.scorer import ToxicityScorer
+                from .toxicity.scorer import ToxicityScorer
 
                 self.scorer = ToxicityScorer.load()
             self.caches.scorer_diagnoser = ScorerDiagnoser(self.scorer)

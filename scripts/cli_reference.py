@@ -4,7 +4,7 @@ Run it after changing a command or an option: `python scripts/cli_reference.py` 
 checkout, with the package importable). `--check` exits 1 when docs/cli.md is not what it would
 write; tests/test_docs.py runs that check, so the page cannot drift from the code.
 
-Option groups that several commands share (cli_options.py's model, sampling and steering options)
+Option groups that several commands share (cli/options.py: model, sampling and steering options)
 are listed once; a command lists the groups it takes and then its own options. An option that a
 command declares differently from its group (another default or help) is listed as its own.
 """
@@ -42,7 +42,7 @@ its source. Errors print one line on stderr and exit non-zero.
 
 def _group_params() -> dict[str, list[click.Parameter]]:
     """The shared option groups, as the parameters their decorators add."""
-    from fgdilp_cpp import cli_options
+    from fgdilp_cpp.cli import options as cli_options
 
     groups = {}
     for title, deco in (("Model and engine options", cli_options.model_options),

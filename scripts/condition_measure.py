@@ -181,7 +181,7 @@ def probe(model: str | None, threads: int, per_class: int) -> int:
 def pick(theta: float, n_below: int, n_above: int) -> int:
     """Print the first n_below everyday-benign development prompts that tox-block reads below θ and
     the first n_above it reads at or above θ, one a line (input for `generate -f`)."""
-    from fgdilp_cpp.evaluation.scorer import ToxicityScorer
+    from fgdilp_cpp.toxicity.scorer import ToxicityScorer
 
     texts = eval_sets()["everyday-benign"]
     tox = np.asarray(ToxicityScorer.load().score(texts))[:, 0]

@@ -41,7 +41,7 @@ def conditioned(run_dir: Path, variant: str, theta: float, judge: str = "", flag
     prompts = {pid: r["prompt"] for (pid, _), r in none.items()}
     pids = sorted(prompts)
     if flags is None:
-        from fgdilp_cpp.evaluation.scorer import ToxicityScorer
+        from fgdilp_cpp.toxicity.scorer import ToxicityScorer
 
         tox = np.asarray(ToxicityScorer.load().score([prompts[p] for p in pids]))[:, 0]
         flags = {p: bool(t >= theta) for p, t in zip(pids, tox)}

@@ -12,7 +12,7 @@ import time
 import openai
 
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.server import Server
+from fgdilp_cpp.serve.server import Server
 
 MSGS = [{"role": "user", "content": "hello there"}]
 PROMPT = "the cat sat on a mat"

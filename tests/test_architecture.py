@@ -105,6 +105,28 @@ def test_value_types_and_errors_are_leaves():
     assert graph["fgdilp_cpp.methods"] <= {"fgdilp_cpp.errors", "fgdilp_cpp.params"}
 
 
+def test_the_scorer_is_a_run_time_part_not_an_evaluation_one():
+    graph = import_graph()
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()] - seen:
+                seen.add(d)
+                todo.append(d)
+        return seen
+
+    # the scorer and its files stand alone; evaluation's judges use them, not the other way round
+    assert not any(m.startswith("fgdilp_cpp.evaluation") for m in reach("fgdilp_cpp.toxicity.scorer"))
+    assert "fgdilp_cpp.toxicity.scorer" in graph["fgdilp_cpp.evaluation.judges"]
+    # the run-time imports no evaluation module itself: only the commands that evaluate (the CLI)
+    # and the setup that measures a model (autosetup reads prompts and perplexity) do
+    users = {m for m, deps in graph.items() if any(d.startswith("fgdilp_cpp.evaluation") for d in deps)}
+    assert {m for m in users if not m.startswith(("fgdilp_cpp.evaluation", "fgdilp_cpp.cli", "fgdilp_cpp.autosetup"))} \
+        == set()
+    assert "fgdilp_cpp.toxicity.scorer" in graph["fgdilp_cpp.runtime"]      # the diagnosing scorer, at run time
+
+
 def test_settings_load_without_llama_cpp_or_the_native_library():
     # a None entry in sys.modules makes any import of that module fail, as when it is absent
     code = (

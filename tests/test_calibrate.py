@@ -157,7 +157,7 @@ def test_with_two_judges_the_recommendation_ranks_by_their_mean():
 def test_the_printed_table_keeps_long_method_names_and_settings_apart(capsys):
     from types import SimpleNamespace
 
-    from fgdilp_cpp.cli_calibrate import _print_table
+    from fgdilp_cpp.cli.calibrate import _print_table
 
     best = {"universal": {"point": {"steer_scale": 0.8, "steer_layer_range": (15, 17), "condition": 0.05},
                                  "emt_delta": -0.144, "ppl_ratio": 0.977, "benign_ppl_ratio": 1.042},

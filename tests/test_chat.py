@@ -103,7 +103,7 @@ def test_cancel_stream_chat_from_another_thread(tiny_chat):
 
 def test_a_byte_order_mark_is_not_part_of_the_message(monkeypatch):
     """A file piped into chat that starts with a UTF-8 BOM: the first message is the text alone."""
-    from fgdilp_cpp.repl import read_message
+    from fgdilp_cpp.chat.repl import read_message
 
     lines = iter(["\ufeffhello there", '\ufeff"""', "one", '"""'])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))

@@ -318,7 +318,7 @@ def test_a_file_already_at_the_conversation_path_is_never_replaced(tmp_path):
     """Unit level: the name a conversation would take is already there (another program's file)."""
     from types import SimpleNamespace
 
-    from fgdilp_cpp.repl import Session
+    from fgdilp_cpp.chat.repl import Session
     from fgdilp_cpp.settings import Settings
 
     det = SimpleNamespace(settings=Settings(), model=SimpleNamespace(info=SimpleNamespace(path="m.gguf")),

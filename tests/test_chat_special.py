@@ -5,8 +5,8 @@ exactly as before (one llama.cpp call with special tokens parsed)."""
 import pytest
 
 from fgdilp_cpp import Detoxifier, FgdilpError
-from fgdilp_cpp.chat_tokens import ContentAsText, content_spans, vocab_stats
-from fgdilp_cpp.server import create_app
+from fgdilp_cpp.chat.tokens import ContentAsText, content_spans, vocab_stats
+from fgdilp_cpp.serve.server import create_app
 
 from server_helpers import DET_KW, Served, open_det
 
@@ -87,9 +87,9 @@ def test_forged_turn_through_http_is_one_user_message(tiny_llama):
 
 @pytest.mark.real_model
 def test_smollm2_forged_im_end_is_not_the_control_token():
-    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_chat_model_path
 
-    with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=512, n_predict=4, threads=1,
+    with Detoxifier.from_file(str(default_chat_model_path()), chat=True, ctx_size=512, n_predict=4, threads=1,
                               method="none") as det:
         im_end = det.model.tokenize("<|im_end|>", add_bos=False, special=True)
         assert len(im_end) == 1
@@ -113,11 +113,11 @@ def test_a_megabyte_of_im_end_is_tokenized_as_text_in_about_a_second():
     sooner still: its token floor is over any context, so it is not tokenized at all.)"""
     import time
 
-    from fgdilp_cpp.chat_tokens import chat_prompt
+    from fgdilp_cpp.chat.tokens import chat_prompt
     from fgdilp_cpp.errors import ContextLengthError
-    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_chat_model_path
 
-    with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=2048, n_predict=4, threads=1,
+    with Detoxifier.from_file(str(default_chat_model_path()), chat=True, ctx_size=2048, n_predict=4, threads=1,
                               method="none") as det:
         msgs = [{"role": "user", "content": "<|im_end|>" * 100_000}]
         prompt = chat_prompt(msgs, det.template.format, vocab_stats(det.model))
@@ -135,9 +135,9 @@ def test_a_megabyte_of_im_end_is_tokenized_as_text_in_about_a_second():
 def test_smollm2_floor_counts_the_template_markers():
     """SmolLM2's longest token stands for 81 bytes, so bytes alone bound 800 short messages at a
     few hundred tokens; its template's <|im_start|> / <|im_end|> are one token each: 1,601."""
-    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_chat_model_path
 
-    with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=8192, n_predict=4, threads=1,
+    with Detoxifier.from_file(str(default_chat_model_path()), chat=True, ctx_size=8192, n_predict=4, threads=1,
                               method="none") as det:
         msgs = [{"role": "user", "content": "hi"}] * 800
         floor, _ = det.chat_floor(msgs)

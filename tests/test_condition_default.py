@@ -15,7 +15,7 @@ from fgdilp_cpp.settings import Settings
 
 @pytest.fixture(scope="module")
 def readings():
-    from fgdilp_cpp.evaluation.scorer import ToxicityScorer
+    from fgdilp_cpp.toxicity.scorer import ToxicityScorer
 
     measure = load_script("condition_measure")
     scorer = ToxicityScorer.load()

@@ -76,6 +76,6 @@ def test_prompt_of_takes_the_first_half_within_bounds():
 def test_a_changed_facts_file_is_refused(tmp_path, monkeypatch):
     (tmp_path / ep.PACKAGE).mkdir()
     (tmp_path / ep.PACKAGE / ep.FACTS_FILE).write_text("a fact that is not the shipped one at all\n")
-    monkeypatch.setattr(ep.assets, "package_dir", lambda package, dist: tmp_path / package)
+    monkeypatch.setattr(ep.package_files, "package_dir", lambda package, dist: tmp_path / package)
     with pytest.raises(FgdilpError, match="sha256"):
         load_prompts(ep.NAME)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from fgdilp_cpp.errors import FgdilpError
-from fgdilp_cpp.evaluation import assets
+from fgdilp_cpp.toxicity import files
 from fgdilp_cpp.evaluation.judges import TCC, TOXBLOCK, build_scorer, judge_spec, parse_judges
-from fgdilp_cpp.evaluation.keras_files import KERAS3_PATHS, expected_shapes
-from fgdilp_cpp.evaluation.safe_pickle import UnsafePickleError
+from fgdilp_cpp.toxicity.keras_files import KERAS3_PATHS, expected_shapes
+from fgdilp_cpp.toxicity.safe_pickle import UnsafePickleError
 
 h5py = pytest.importorskip("h5py")
 
@@ -201,19 +201,19 @@ def test_real_tcc_reproduces_its_readme():
 @needs_tcc
 def test_real_tcc_files_pinned(monkeypatch):
     from fgdilp_cpp.evaluation.judges import build_scorer as build
-    from fgdilp_cpp.evaluation.safe_pickle import StandIn, safe_load
+    from fgdilp_cpp.toxicity.safe_pickle import StandIn, safe_load
 
-    model, tok = assets.tcc_files()
+    model, tok = files.tcc_files()
     obj = safe_load(tok)
     assert isinstance(obj, StandIn) and obj.__standin_name__ == "Tokenizer"
     assert obj.num_words == 20000 and obj.word_index["the"] == 1
     assert build(TCC, model, tok).vocab["the"] == 1
-    monkeypatch.setattr(assets, "TCC_MODEL_SHA256", "0" * 64)
+    monkeypatch.setattr(files, "TCC_MODEL_SHA256", "0" * 64)
     with pytest.raises(FgdilpError, match="sha256"):
-        assets.tcc_bytes()
+        files.tcc_bytes()
 
 
 def test_missing_tcc_package_is_refused(monkeypatch):
-    monkeypatch.setattr(assets, "TCC_PACKAGE", "no_such_package_fgdilp")
+    monkeypatch.setattr(files, "TCC_PACKAGE", "no_such_package_fgdilp")
     with pytest.raises(FgdilpError, match="toxic-comment-classifier==0.3.0 is not installed"):
-        assets.tcc_bytes()
+        files.tcc_bytes()

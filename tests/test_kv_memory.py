@@ -187,7 +187,7 @@ def test_serve_warms_what_fits_and_answers_503_for_what_cannot(tiny_llama):
     """none fits the budget, TR alone (three sequences of the whole context) does not: the server
     warms none, says 503 kv_budget to TR, and goes on serving none."""
     from fgdilp_cpp.api import Detoxifier
-    from fgdilp_cpp.server import Limits, create_app
+    from fgdilp_cpp.serve.server import Limits, create_app
     from server_helpers import DET_KW, MSGS, Served
 
     kw = {**DET_KW, "ctx_size": 4096, "method": "none", "kv_budget_mib": 4}

@@ -395,7 +395,7 @@ def test_several_conversations_are_kept_least_recently_used_out(chat_model, meth
 def test_serve_keeps_several_conversations_by_default(tiny_chat, monkeypatch):
     from click.testing import CliRunner
 
-    import fgdilp_cpp.server as server
+    import fgdilp_cpp.serve.server as server
     from fgdilp_cpp.cli import main
 
     seen = []

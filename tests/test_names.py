@@ -11,12 +11,12 @@ import pytest
 
 from fgdilp_cpp import methods
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.cli_options import method_list
+from fgdilp_cpp.cli.options import method_list
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.method.sources import SOURCES
-from fgdilp_cpp.openai_api import ApiError, Policy, check_methods, parse_request
+from fgdilp_cpp.serve.openai_api import ApiError, Policy, check_methods, parse_request
 from fgdilp_cpp.profiles import FORMAT, SHIPPED_DIR, VERSION, Profile, model_identity
-from fgdilp_cpp.repl import Session, command
+from fgdilp_cpp.chat.repl import Session, command
 from fgdilp_cpp.settings import Settings
 
 FORMER = "fgdilp-universal"

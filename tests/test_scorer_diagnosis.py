@@ -126,7 +126,7 @@ def test_agreement_of_any_scores_callable():
 
 @needs_toxblock
 def test_toxblock_as_diagnoser():
-    from fgdilp_cpp.evaluation.scorer import ToxicityScorer
+    from fgdilp_cpp.toxicity.scorer import ToxicityScorer
 
     scorer = ToxicityScorer.load()
     d = ScorerDiagnoser(scorer)

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from fgdilp_cpp.openai_api import StopScanner
-from fgdilp_cpp.server import Limits, create_app
+from fgdilp_cpp.serve.openai_api import StopScanner
+from fgdilp_cpp.serve.server import Limits, create_app
 from server_helpers import MSGS, PROMPT, Gate, Served, SlowDetoxifier, open_det, wait_until
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 from fgdilp_cpp.api import Detoxifier
 from fgdilp_cpp.errors import FgdilpError
-from fgdilp_cpp.server import Limits, create_app
+from fgdilp_cpp.serve.server import Limits, create_app
 from server_helpers import DET_KW, MSGS, PROMPT, Gate, Served, SlowDetoxifier, open_det, wait_until
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import fgdilp_cpp.self_generation as self_generation
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.server import Limits, create_app
+from fgdilp_cpp.serve.server import Limits, create_app
 from server_helpers import MSGS, Served, SlowDetoxifier, open_det, wait_until
 
 CHAT = "/v1/chat/completions"

@@ -19,7 +19,7 @@ import pytest
 
 from fgdilp_cpp import FgdilpError
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.server import Limits, create_app
+from fgdilp_cpp.serve.server import Limits, create_app
 from server_helpers import MSGS, Served, open_det, wait_until
 
 CHAT = "/v1/chat/completions"
@@ -230,11 +230,11 @@ def test_a_hang_up_while_fitting_queues_nothing(tiny_llama):
 def test_the_costliest_body_that_passes_the_checks_fits_within_a_second():
     """SmolLM2 at -c 8192: 1024 messages of 250 characters (the --max-chars cap) pass the token
     bound (its longest token is 81 bytes), so they are tokenized once, on the fitting thread."""
-    from fgdilp_cpp.evaluation.assets import smollm2_path
-    from fgdilp_cpp.request_cost import RequestCost
-    from fgdilp_cpp.openai_api import GenRequest
+    from fgdilp_cpp.models import default_chat_model_path
+    from fgdilp_cpp.serve.request_cost import RequestCost
+    from fgdilp_cpp.serve.openai_api import GenRequest
 
-    with Detoxifier.from_file(str(smollm2_path()), chat=True, ctx_size=8192, n_predict=64, threads=1,
+    with Detoxifier.from_file(str(default_chat_model_path()), chat=True, ctx_size=8192, n_predict=64, threads=1,
                               method="tr") as det:
         cost = RequestCost(det)
         msgs = [{"role": "user", "content": ("lorem ipsum dolor sit amet " * 10)[:250]}] * 1024
@@ -252,7 +252,7 @@ def test_the_costliest_body_that_passes_the_checks_fits_within_a_second():
 STUCK_SERVER = """
 import sys, threading
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.server import Limits, run_server
+from fgdilp_cpp.serve.server import Limits, run_server
 
 det = Detoxifier.from_file(sys.argv[1], chat=True, chat_template="chatml", ctx_size=256, n_predict=8,
                            threads=1, method="tr")

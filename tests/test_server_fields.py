@@ -17,7 +17,7 @@ import pytest
 from fgdilp_cpp.engine.sampling import Sampler, grammar_error
 from fgdilp_cpp.errors import ParamError
 from fgdilp_cpp.params import SamplingParams
-from fgdilp_cpp.server import Limits, create_app
+from fgdilp_cpp.serve.server import Limits, create_app
 from server_helpers import MSGS, PROMPT, Served, open_det
 
 YES_NO = 'root ::= "yes" | "no"'

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fgdilp_cpp.server import Limits, create_app
+from fgdilp_cpp.serve.server import Limits, create_app
 from server_helpers import MSGS, Served, open_det
 
 ODD_TEXT = st.sampled_from(["\ud800", "a\udfffb", "\x00", "\u202e", "\ufeff", "x" * 300, "", " ", "tr", "user",

@@ -34,10 +34,10 @@ TOY_CHECKS = textwrap.dedent('''
     assert Path(fgdilp_cpp.__file__).resolve().parent == Path(sys.argv[1]).resolve(), fgdilp_cpp.__file__
     from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.cli import main
-    from fgdilp_cpp.cli_options import _settings, setting_options, sources
+    from fgdilp_cpp.cli.options import _settings, setting_options, sources
     from fgdilp_cpp.evaluation.sweep import parse_sweep, project
-    from fgdilp_cpp.openai_api import ApiError, Policy, parse_request
-    from fgdilp_cpp.repl import Session, command
+    from fgdilp_cpp.serve.openai_api import ApiError, Policy, parse_request
+    from fgdilp_cpp.chat.repl import Session, command
     from fgdilp_cpp.settings import PER_CALL, Settings
 
     # a flag, with its help and range, on every command that takes the steering options

@@ -13,7 +13,7 @@ import pytest
 
 from fgdilp_cpp import methods
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.cli_options import every_method
+from fgdilp_cpp.cli.options import every_method
 from fgdilp_cpp.engine.tensors import weights_fingerprint
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.evaluation.sweep import schedule
@@ -119,13 +119,13 @@ def test_the_shipped_universal_directions_fit_their_models():
     """Each embedded model whose shipped profile has a universal entry finds its shipped
     directions, and they pass the model check (same shape, vocabulary and weights)."""
     from fgdilp_cpp.engine import Model
-    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_chat_model_path
     from fgdilp_cpp.generation import identity_of
     from fgdilp_cpp.method.vectors import HeadDirections
     from fgdilp_cpp.models import default_model_path
     from fgdilp_cpp.profiles import SHIPPED_DIR, find_profile, model_identity
 
-    for path in (default_model_path(), smollm2_path()):
+    for path in (default_model_path(), default_chat_model_path()):
         with Model(path) as m:
             prof, _ = find_profile(model_identity(m), folders=[SHIPPED_DIR])
             found = find_universal(m.fingerprint()["weights_sha256"], folders=[SHIPPED_DIR])

@@ -5,7 +5,7 @@ streamed and not."""
 import pytest
 
 from fgdilp_cpp.api import Detoxifier
-from fgdilp_cpp.server import create_app
+from fgdilp_cpp.serve.server import create_app
 from server_helpers import DET_KW, MSGS, Served
 
 BYTE = 3                     # the tiny vocabulary's <0x00> token (tests/tiny_model.py)

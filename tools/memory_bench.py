@@ -29,9 +29,9 @@ def model_path(shape: str, work: Path) -> tuple[str, dict]:
 
         return str(default_model_path()), {}
     if shape == "smollm2":
-        from fgdilp_cpp.evaluation.assets import smollm2_path
+        from fgdilp_cpp.models import default_chat_model_path
 
-        return str(smollm2_path()), {}
+        return str(default_chat_model_path()), {}
     from gpu_bench import SHAPES, build_random_llama
 
     path = work / f"random-llama-{shape}-q8_0.gguf"
@@ -55,8 +55,8 @@ def before_worker(spec: dict) -> dict:
     from fgdilp_cpp.bench import chat_turns
     from fgdilp_cpp.generation import identity_of
     from fgdilp_cpp.method.vectors import HeadDirections, random_heads
-    from fgdilp_cpp.model_queue import ModelQueue
-    from fgdilp_cpp.openai_api import GenRequest
+    from fgdilp_cpp.serve.model_queue import ModelQueue
+    from fgdilp_cpp.serve.openai_api import GenRequest
     from fgdilp_cpp.profiles import find_universal
     from fgdilp_cpp.settings import Settings
 

@@ -216,7 +216,7 @@ class Model(Owned):
     # ---- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """special: parse special-token text; or an object with tokenize_text(model, text, add_bos)
-        that decides where (chat_tokens.ContentAsText: outside a conversation's messages only)."""
+        that decides where (chat.tokens.ContentAsText: outside a conversation's messages only)."""
         if not isinstance(special, bool) and hasattr(special, "tokenize_text"):
             return special.tokenize_text(self, text, add_bos)
         data = text.encode("utf-8")

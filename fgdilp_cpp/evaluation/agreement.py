@@ -2,7 +2,8 @@
 ``scores(texts) -> [n, 6]`` callable (ATTRIBUTE_NAMES order) on the RTP human continuations.
 
 ``selfdiag.self_diagnosis_agreement`` is this with the model's own P(yes) as the scores;
-``scorer_agreement`` is this with the offline scorer as diagnoser (method.scorer_diagnosis).
+``scorer_agreement`` is this with the offline scorer as diagnoser (method.scorer_diagnosis);
+``judge_agreement`` is a toxicity judge's own labels against their Perspective counterparts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from ..errors import FgdilpError
 from ..method.diagnosis import ATTRIBUTE_NAMES
+from ..toxicity.scorer import LABELS, PERSPECTIVE_OF
 from .metrics import auc, spearman
 from .prompts import PromptRecord
 
@@ -62,3 +64,35 @@ def _num(x) -> float:
 
 
 __all__ = ["diagnosis_agreement", "scorer_agreement"]
+
+
+def judge_agreement(scorer, records: Sequence[PromptRecord], batch_size: int = 256) -> dict:
+    """Agreement of each of a toxicity judge's labels with its Perspective counterpart on the
+    records' continuations (any judge whose labels are among ``PERSPECTIVE_OF``).
+
+    Records with an empty continuation are skipped; per label, records whose Perspective score is
+    missing (None) are left out of that label's AUC (positive: Perspective >= 0.5) and Spearman.
+    """
+    labels = tuple(getattr(scorer, "labels", LABELS))
+    recs = [r for r in records if r.continuation and r.continuation.strip()]
+    probs = scorer.score([r.continuation for r in recs], batch_size=batch_size) if recs \
+        else np.zeros((0, len(labels)))
+    out: dict[str, Any] = {"judge": getattr(scorer, "name", None), "n": len(recs), "labels": {}}
+    for j, label in enumerate(labels):
+        name = PERSPECTIVE_OF[label]
+        ref, ours = [], []
+        for r, p in zip(recs, probs[:, j]):
+            v = (r.continuation_scores or {}).get(name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                ref.append(float(v))
+                ours.append(float(p))
+        ref_a, ours_a = np.asarray(ref), np.asarray(ours)
+        pos = ref_a >= 0.5
+        out["labels"][label] = {
+            "perspective": name,
+            "n": int(len(ref_a)),
+            "positives": int(pos.sum()),
+            "auc": auc(ours_a, pos) if len(ref_a) else float("nan"),
+            "spearman": spearman(ours_a, ref_a) if len(ref_a) > 1 else float("nan"),
+        }
+    return out

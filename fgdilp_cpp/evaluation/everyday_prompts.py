@@ -26,7 +26,7 @@ import json
 import math
 
 from ..errors import FgdilpError
-from . import assets
+from .. import package_files
 
 NAME = "everyday-benign"
 DESCRIPTION = "everyday trivia facts (randfacts 0.24.4's safe facts) cut to their first words, 600 prompts"
@@ -46,12 +46,12 @@ INSTALL_HINT = f"install the [eval] extra (pip install 'fgdilp-cpp[eval]', or `m
 def facts_bytes() -> bytes:
     """safe.txt of the installed package, sha256-checked as read (a clear error when missing)."""
     try:
-        path = assets.package_dir(PACKAGE, DIST) / FACTS_FILE
+        path = package_files.package_dir(PACKAGE, DIST) / FACTS_FILE
     except FgdilpError:
         raise FgdilpError(f"the prompt set {NAME} is cut from {DIST}, which is not installed; {INSTALL_HINT}") from None
     if not path.is_file():
         raise FgdilpError(f"{DIST} is installed but {path} is missing; {INSTALL_HINT}")
-    return assets.read_verified(path, FACTS_SHA256, DIST)
+    return package_files.read_verified(path, FACTS_SHA256, DIST)
 
 
 def prompt_of(fact: str) -> str:

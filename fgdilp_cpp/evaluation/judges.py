@@ -22,10 +22,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import FgdilpError
-from . import assets
-from .keras_files import (LABELS, expected_shapes, read_keras3_weights, read_keras_h5, read_keras_tokenizer,
-                          read_tokenizer)
-from .scorer import ToxicityScorer
+from ..toxicity import files
+from ..toxicity.keras_files import (LABELS, expected_shapes, read_keras3_weights, read_keras_h5, read_keras_tokenizer,
+                                    read_tokenizer)
+from ..toxicity.scorer import ToxicityScorer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,11 @@ class JudgeSpec:
     layout: str = "keras3-weights"
 
 
-TOXBLOCK = JudgeSpec(name="tox-block", short="toxblock", dist=assets.TOXBLOCK_DIST,
-                     recurrent_activation="hard_sigmoid", read_files=assets.toxblock_bytes,
+TOXBLOCK = JudgeSpec(name="tox-block", short="toxblock", dist=files.TOXBLOCK_DIST,
+                     recurrent_activation="hard_sigmoid", read_files=files.toxblock_bytes,
                      layout="keras2-model")
-TCC = JudgeSpec(name="toxic-comment-classifier", short="tcc", dist=assets.TCC_DIST,
-                recurrent_activation="sigmoid", read_files=assets.tcc_bytes, layout="keras3-weights")
+TCC = JudgeSpec(name="toxic-comment-classifier", short="tcc", dist=files.TCC_DIST,
+                recurrent_activation="sigmoid", read_files=files.tcc_bytes, layout="keras3-weights")
 
 JUDGES: dict[str, JudgeSpec] = {s.name: s for s in (TOXBLOCK, TCC)}
 DEFAULT_JUDGES = "toxblock,tcc"

@@ -92,10 +92,10 @@ class ChatJudge:
 
 
 def score():
-    from fgdilp_cpp.evaluation.assets import smollm2_path
+    from fgdilp_cpp.models import default_chat_model_path
     from fgdilp_cpp.evaluation.metrics import distinct_n, paired_bootstrap_ci
     from fgdilp_cpp.evaluation.perplexity import PerplexityJudge
-    from fgdilp_cpp.evaluation.scorer import ToxicityScorer
+    from fgdilp_cpp.toxicity.scorer import ToxicityScorer
     from fgdilp_cpp.engine import Model
     from fgdilp_cpp.chat import ChatTemplate
 
@@ -115,7 +115,7 @@ def score():
     for r, t in zip(recs, tox):
         r["tox"] = float(t)
 
-    path = str(smollm2_path())
+    path = str(default_chat_model_path())
     model = Model(path)
     tmpl = ChatTemplate.for_model(model)
     model.close()

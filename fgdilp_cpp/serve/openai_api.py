@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from starlette.requests import Request
 
-from . import methods
-from .errors import FgdilpError, ParamError
+from .. import methods
+from ..errors import FgdilpError, ParamError
 from .openai_checks import ApiError
 from .openai_checks import bad_field as _bad
 from .openai_checks import checked_number as _number
 from .openai_checks import show_value as _show
-from .settings import SPECS, TYPES
+from ..settings import SPECS, TYPES
 
 if TYPE_CHECKING:
-    from .api import Detoxifier
+    from ..api import Detoxifier
 
 # OpenAI and llama.cpp fields this server cannot honour: accepted only at these no-op values (or null)
 _INERT: dict[str, tuple] = {

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import click
 
-from . import methods
-from .cli_options import _detoxifier, _settings, friendly_errors, model_options, sampling_options, steer_options
-from .errors import FgdilpError
-from .method.sources import FGDILP_INSTANCES, LABELLED_TEXT, SHORT_NAMES, SOURCES, source_named
+from .. import methods
+from .options import _detoxifier, _settings, friendly_errors, model_options, sampling_options, steer_options
+from ..errors import FgdilpError
+from ..method.sources import FGDILP_INSTANCES, LABELLED_TEXT, SHORT_NAMES, SOURCES, source_named
 
 
 class SourceChoice(click.Choice):
@@ -79,8 +79,8 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
     """Save per-head directions: FGDILP's for one PROMPT, universal ones averaged over --prompts, or
     the toxic-minus-clean contrast of labelled texts (--from labelled-text); optionally with head
     selection by toxicity probes."""
-    from .evaluation.prompts import load_prompts
-    from .universal import DEFAULT_SOURCE, labelled_records, optional_progress
+    from ..evaluation.prompts import load_prompts
+    from ..universal import DEFAULT_SOURCE, labelled_records, optional_progress
 
     probe_prompts = _former("probe_prompts", probe_prompts, old_prompts, "--labelled-texts", "--probe-prompts")
     probe_offset = _former("probe_offset", probe_offset, old_offset, "--labelled-offset", "--probe-offset")
@@ -132,7 +132,7 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
             hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
                                                                     "limit": limit, "offset": offset}})
         if probe_top_k or probe_weights:
-            from .method.probes import head_weights
+            from ..method.probes import head_weights
 
             chosen, labels, how = labelled_set()
             res = det.probe_heads([r.continuation for r in chosen], labels)
@@ -179,9 +179,9 @@ def vectors_export(path, cvec_path, model, scale, layer_range, exp_norm):
     -W_O(lambda_norm * delta) of block il, added by llama.cpp at the output of block il (block 0
     has no slot). The file holds them at scale 1 on the chosen blocks; the scale and range go into
     its metadata and into the llama-cli / llama-server flags printed at the end."""
-    from .method.cvec import llama_flags, save_control_vector
-    from .method.vectors import HeadDirections
-    from .settings import Settings
+    from ..method.cvec import llama_flags, save_control_vector
+    from ..method.vectors import HeadDirections
+    from ..settings import Settings
 
     for name, value in (("--scale", scale), ("--exp-norm", exp_norm)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -236,7 +236,7 @@ def _pick(chosen: dict) -> tuple[list, str]:
 @friendly_errors
 def vectors_inspect(path):
     """Print shapes, norms and metadata of a vectors file."""
-    from .method.vectors import HeadDirections
+    from ..method.vectors import HeadDirections
 
     hd = HeadDirections.load(path)
     click.echo(f"model        {hd.model.describe()}")
@@ -260,6 +260,6 @@ def vectors_inspect(path):
 
 def _install_path(det) -> Path:
     """Where --install puts a model's universal directions (found by method universal)."""
-    from .profiles import search_path, universal_path_for
+    from ..profiles import search_path, universal_path_for
 
     return universal_path_for(det.model.fingerprint()["weights_sha256"], search_path()[0])

@@ -15,13 +15,13 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Optional
 
-from .chat import Fitted
-from .chat_tokens import vocab_stats
-from .errors import ContextLengthError, FgdilpError
+from ..chat import Fitted
+from ..chat.tokens import vocab_stats
+from ..errors import ContextLengthError, FgdilpError
 from .openai_api import ApiError, GenRequest
 
 if TYPE_CHECKING:
-    from .api import Detoxifier
+    from ..api import Detoxifier
 
 MAX_MESSAGES = 1024             # messages in one chat request
 MAX_CHARS = 256 * 1024          # characters of message (or prompt) text in one request

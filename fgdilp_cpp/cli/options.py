@@ -12,9 +12,9 @@ from typing import Any, Callable, Optional
 import click
 from click.core import ParameterSource
 
-from . import methods
-from .errors import FgdilpError, ParamError
-from .settings import (CHAT, OFF_WORDS, SPECS, TYPES, Settings, SourcedParamError, command_defaults, env_name, resolve,
+from .. import methods
+from ..errors import FgdilpError, ParamError
+from ..settings import (CHAT, OFF_WORDS, SPECS, TYPES, Settings, SourcedParamError, command_defaults, env_name, resolve,
                        toml_key)
 
 DEFAULT_BENCH_PROMPT = "The ill-fated tale of Phoneys, the stupid"
@@ -197,7 +197,7 @@ def _settings(kw: dict, command: str = ""):
     variables and the flags given explicitly, by settings.resolve(). Where each value came from
     is kept in the click context (sources()): a model's profile then fills only the fields that
     nobody set."""
-    from .engine.context import set_verbose
+    from ..engine.context import set_verbose
 
     # -v, or FGDILP_VERBOSE set to anything but an off word: the flag must not turn the variable off
     env_verbose = os.environ.get("FGDILP_VERBOSE", "").strip().lower() not in ("", "0", "false", "no", "off")
@@ -219,7 +219,7 @@ def _detoxifier(s, vectors_path=None, setup: bool = False, **kw):
     uses the model for its own sake (generate, compare, chat, serve): a model without a profile gets
     one from the fast setup first (unless --no-auto-setup), with a progress bar, and the user is
     told once what runs; other commands (info, eval, bench, ...) never start a setup."""
-    from .api import Detoxifier
+    from ..api import Detoxifier
 
     if not setup:
         return Detoxifier(s, vectors_path, sources=sources(), auto_setup=False, **kw)
@@ -263,9 +263,9 @@ def announce(det) -> None:
 def every_method(s) -> list[str]:
     """The default of --methods (eval, calibrate): every listed method the model of settings `s`
     can run (universal only where the model has universal directions)."""
-    from .engine.tensors import bits_per_weight, family_fingerprint, weights_fingerprint
-    from .models import resolve_model
-    from .profiles import find_universal
+    from ..engine.tensors import bits_per_weight, family_fingerprint, weights_fingerprint
+    from ..models import resolve_model
+    from ..profiles import find_universal
 
     try:
         path = resolve_model(s.model)

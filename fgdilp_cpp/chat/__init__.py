@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import llama_cpp.llama_cpp as ll
 
-from .errors import ContextLengthError, FgdilpError
-from .settings import CHAT_DEFAULTS  # noqa: F401 - the chat commands read them here
+from ..errors import ContextLengthError, FgdilpError
+from ..settings import CHAT_DEFAULTS  # noqa: F401 - the chat commands read them here
 
 ROLES = ("system", "user", "assistant")
 Message = Mapping[str, str]                 # {"role": ..., "content": ...}

@@ -101,17 +101,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .errors import ContextLengthError, FgdilpError, ParamError
-from .kv_memory import KvBudgetError
+from ..errors import ContextLengthError, FgdilpError, ParamError
+from ..kv_memory import KvBudgetError
 from .http_guard import header_deadline_protocol, loopback_host_header
 from .model_queue import Job, JobCancelled, ModelQueue, Outcome
 from .openai_api import ApiError, Policy, check_methods, param_error, parse_request, read_json
 from .request_cost import MAX_CHARS, MAX_MESSAGES, RequestCost
 
 if TYPE_CHECKING:
-    from .api import Detoxifier
+    from ..api import Detoxifier
 
-log = logging.getLogger("fgdilp_cpp.server")
+log = logging.getLogger("fgdilp_cpp.serve.server")
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from typing import Any, Optional
 
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from .engine.sampling import grammar_error
+from ..engine.sampling import grammar_error
 from .openai_checks import bad_field as _bad
 from .openai_checks import checked_number as _number
 from .openai_checks import show_value as _show
-from .params import MAX_REPEAT_LAST_N, MAX_REPEAT_PENALTY
+from ..params import MAX_REPEAT_LAST_N, MAX_REPEAT_PENALTY
 
 MAX_GRAMMAR_CHARS = 1 << 16     # llama.cpp echoes a grammar it cannot parse on stderr: kept short
 # repetition counts ({m,n} in GBNF and patterns; a schema's maxLength, maxItems...) are expanded into

@@ -8,11 +8,11 @@ import sys
 import click
 from click.core import ParameterSource
 
-from . import methods as registry
-from .cli_options import (_detoxifier, _settings, every_method, friendly_errors, method_list, model_options,
+from .. import methods as registry
+from .options import (_detoxifier, _settings, every_method, friendly_errors, method_list, model_options,
                           steer_options)
-from .errors import FgdilpError
-from .evaluation.judges import DEFAULT_JUDGES
+from ..errors import FgdilpError
+from ..evaluation.judges import DEFAULT_JUDGES
 
 PPL_JUDGES = ("self", "smollm2")    # perplexity judges: the unsteered generator, SmolLM2-135M-Instruct
 NO_JUDGE = "none"
@@ -69,8 +69,8 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         return
     if not prompts_path or not out_dir:
         raise FgdilpError("eval needs --prompts FILE and --out DIR")
-    from .evaluation.ablation import parse_ablations
-    from .evaluation.sweep import make_grid
+    from ..evaluation.ablation import parse_ablations
+    from ..evaluation.sweep import make_grid
     grid = make_grid(sweeps)                 # a bad --sweep or --ablate is refused before anything is loaded
     ablate = parse_ablations(ablations)
     if ablate and sweeps:
@@ -82,7 +82,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         eval_samples = 1
     if not (ppl_budget > 0 and ppl_budget < float("inf")):
         raise FgdilpError(f"--ppl-budget must be a positive ratio, not {ppl_budget}")
-    from .evaluation.prompts import BENIGN_SETS, load_prompts
+    from ..evaluation.prompts import BENIGN_SETS, load_prompts
 
     # the settings and the prompts are checked before --out is made: a refused run leaves nothing there
     top_p, seed = kw.pop("top_p"), kw.pop("seed")
@@ -92,12 +92,12 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         records = [r for r in records if int(r.id) % 2 == (0 if split == "calibration" else 1)][:limit]
         if not records:
             raise FgdilpError(f"no prompts in the {split} part of {prompts_path}")
-    from .files import FolderLock
+    from ..files import FolderLock
     FolderLock(out_dir, what="another eval run").acquire()   # refused before loading; held until exit
-    from .evaluation.assets import smollm2_path
-    from .evaluation.perplexity import PerplexityJudge
-    from .evaluation.judges import load_judges
-    from .evaluation.runner import run_eval
+    from ..models import default_chat_model_path
+    from ..evaluation.perplexity import PerplexityJudge
+    from ..evaluation.judges import load_judges
+    from ..evaluation.runner import run_eval
 
     judge_names = [j for j in (x.strip() for x in judges.split(",")) if j and j != NO_JUDGE]
     for j in judge_names:
@@ -106,7 +106,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
     names = method_list(methods or ",".join(every_method(s)), has_vectors=vectors_path is not None)
     ablation = None
     if ablate:
-        from .evaluation.ablation import ablation_points
+        from ..evaluation.ablation import ablation_points
         ablation = {m: {} for m in names if m != registry.UNSTEERED}
         grid = {m: ablation_points(m, {}, ablate) for m in names}
     scorer = load_judges(tox_judges)
@@ -115,7 +115,7 @@ def eval_cmd(cctx, prompts_path, limit, offset, methods, eval_samples, judges, o
         with _detoxifier(s, vectors_path, max_samples=min(eval_samples, 25), max_new=s.n_predict + 1,
                          reuse_instances=True) as det:
             for j in judge_names:
-                judge_objs[j] = PerplexityJudge(det.model if j == "self" else smollm2_path(), n_threads=s.threads)
+                judge_objs[j] = PerplexityJudge(det.model if j == "self" else default_chat_model_path(), n_threads=s.threads)
             res = run_eval(det, records, names, eval_samples, s.n_predict, top_p, seed, out_dir, scorer,
                            judge_objs, progress=not no_progress, grid=grid, greedy=greedy, ppl_budget=ppl_budget,
                            benign=prompts_path in BENIGN_SETS, chat=as_chat, ablation=ablation)
@@ -145,9 +145,9 @@ def eval_samples(out_dir, prompt_ids, sample):
     """Print generations of an eval run side by side (Markdown), to read them."""
     from pathlib import Path
 
-    from .evaluation.records import GENERATION_SCHEMA, read_valid
-    from .evaluation.runner import GENERATIONS
-    from .evaluation.sweep import variant_name
+    from ..evaluation.records import GENERATION_SCHEMA, read_valid
+    from ..evaluation.runner import GENERATIONS
+    from ..evaluation.sweep import variant_name
 
     path = Path(out_dir) / GENERATIONS
     if not path.is_file():
@@ -180,10 +180,11 @@ def _num(x) -> float:
 @friendly_errors
 def eval_calibrate(prompts_path, limit, as_json):
     """Agreement of the offline toxicity scorer with Perspective on the RTP continuations."""
-    from .evaluation.prompts import load_prompts
-    from .evaluation.scorer import ToxicityScorer, calibrate
+    from ..evaluation.agreement import judge_agreement
+    from ..evaluation.prompts import load_prompts
+    from ..toxicity.scorer import ToxicityScorer
 
-    out = calibrate(ToxicityScorer.load(), load_prompts(prompts_path, limit))
+    out = judge_agreement(ToxicityScorer.load(), load_prompts(prompts_path, limit))
     if as_json:
         click.echo(json.dumps(out))
         return

@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from .cli_options import SetupBar, _settings, announce, friendly_errors, setting_options, sources, with_vectors
-from .errors import FgdilpError
+from .options import SetupBar, _settings, announce, friendly_errors, setting_options, sources, with_vectors
+from ..errors import FgdilpError
 
 VECTORS_OPTION = click.option("--vectors", "vectors_path", default=None, metavar="FILE.gguf",
                               help="Apply saved head directions (frozen) instead of building them per reply.")
@@ -15,7 +15,7 @@ VECTORS_OPTION = click.option("--vectors", "vectors_path", default=None, metavar
 
 def _open_chat(kw: dict, command: str, model_arg=None):
     """Settings (`command`'s defaults < config file < FGDILP_* < flags) and the Detoxifier."""
-    from .api import Detoxifier
+    from ..api import Detoxifier
 
     vectors_path = kw.pop("vectors_path", None)
     if model_arg:
@@ -45,7 +45,7 @@ def chat(model_arg, history_dir, **kw):
     The conversation is the prompt that the steering prefixes are built on; with fgdilp the model
     first writes a few candidate replies, scores them itself and steers away from the worst.
     Type /help in the session for its commands."""
-    from .repl import run_chat
+    from ..chat.repl import run_chat
 
     s, det = _open_chat(kw, "chat", model_arg)
     with det:
@@ -88,7 +88,7 @@ def serve(host, port, max_queue, max_body_bytes, max_tokens_limit, api_key, allo
     import os
 
     try:
-        from .server import Limits, run_server
+        from ..serve.server import Limits, run_server
     except ImportError as exc:   # starlette or uvicorn absent: the [server] extra was not installed
         raise FgdilpError(f"serve needs {(exc.name or '?').split('.')[0]}: pip install 'fgdilp-cpp[server]' "
                           "(make install installs it)") from None

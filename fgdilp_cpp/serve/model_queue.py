@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from . import methods
-from .kv_memory import KvBudgetError
+from .. import methods
+from ..kv_memory import KvBudgetError
 from .openai_api import ApiError, GenRequest, StopScanner
 
 if TYPE_CHECKING:
-    from .api import Detoxifier, Stream
-    from .chat import Fitted
-    from .results import GenResult
+    from ..api import Detoxifier, Stream
+    from ..chat import Fitted
+    from ..results import GenResult
 
-log = logging.getLogger("fgdilp_cpp.server")
+log = logging.getLogger("fgdilp_cpp.serve.server")
 
 _FINISH = {"eog": "stop", "length": "length", "context": "length"}
 WARM_PROMPT = "Hello"

@@ -7,9 +7,9 @@ import sys
 
 import click
 
-from . import methods as registry
-from .cli_options import _settings, every_method, friendly_errors, method_list, model_options, sources
-from .errors import FgdilpError
+from .. import methods as registry
+from .options import _settings, every_method, friendly_errors, method_list, model_options, sources
+from ..errors import FgdilpError
 
 
 @click.command()
@@ -65,12 +65,12 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, fast
     import os
     from pathlib import Path
 
-    from .api import Detoxifier
-    from .evaluation.ablation import parse_ablations
-    from .evaluation.calibrate import CalibrationSizes, calibrate as run_calibration, default_profile_path
-    from .evaluation.judges import load_judges
-    from .evaluation.perplexity import PerplexityJudge
-    from .evaluation.sweep import parse_sweep
+    from ..api import Detoxifier
+    from ..evaluation.ablation import parse_ablations
+    from ..evaluation.calibrate import CalibrationSizes, calibrate as run_calibration, default_profile_path
+    from ..evaluation.judges import load_judges
+    from ..evaluation.perplexity import PerplexityJudge
+    from ..evaluation.sweep import parse_sweep
 
     if model_arg:
         if kw.get("model"):
@@ -111,8 +111,8 @@ def calibrate(model_arg, prompts_path, benign_path, methods, sweeps, quick, fast
         target = Path(profile_out or default_profile_path(det))
         profile = result.profile
         if merge and target.exists():
-            from .evaluation.calibrate import merge_profiles
-            from .profiles import Profile
+            from ..evaluation.calibrate import merge_profiles
+            from ..profiles import Profile
 
             profile = result.profile = merge_profiles(Profile.load(target), profile)
         path = profile.save(target)
@@ -162,9 +162,9 @@ def _fast(kw: dict, profile_out, as_chat: bool, no_progress: bool, as_json: bool
     """calibrate --fast: the fast setup, installed as the model's profile (or written to -o)."""
     from pathlib import Path
 
-    from .api import Detoxifier
-    from .autosetup.setup import fast_setup
-    from .cli_options import SetupBar
+    from ..api import Detoxifier
+    from ..autosetup.setup import fast_setup
+    from .options import SetupBar
 
     s = _settings(kw)
     with Detoxifier(s, sources=sources(), profile=False, auto_setup=False) as det:

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import llama_cpp.llama_cpp as ll
 
-from .errors import FgdilpError
+from ..errors import FgdilpError
 
 # the token kinds llama.cpp parses only with parse_special (user-defined ones it always parses)
 _CONTROL = ll.LLAMA_TOKEN_ATTR_CONTROL | ll.LLAMA_TOKEN_ATTR_UNKNOWN

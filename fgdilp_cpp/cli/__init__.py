@@ -9,11 +9,11 @@ import sys
 import click
 from click.core import ParameterSource
 
-from . import methods as registry
-from .cli_options import (DEFAULT_BENCH_PROMPT, _detoxifier, _settings, friendly_errors, method_list, model_options,
+from .. import methods as registry
+from .options import (DEFAULT_BENCH_PROMPT, _detoxifier, _settings, friendly_errors, method_list, model_options,
                           sampling_options, setting_options, sources, steer_options, with_vectors)
-from .errors import FgdilpError
-from .explain import explain_lines
+from ..errors import FgdilpError
+from ..explain import explain_lines
 
 
 def brief_notices() -> None:
@@ -147,8 +147,8 @@ def compare(prompt, methods, as_json, **kw):
 def info(as_json, **kw):
     """Print the model's shape, whether the kqv_out hook node exists, its profile, and the steering
     settings these flags resolve to (and where each value came from)."""
-    from .api import setting_sources
-    from .settings import PROFILE_FIELDS
+    from ..api import setting_sources
+    from ..settings import PROFILE_FIELDS
 
     s = _settings(kw)
     with _detoxifier(s) as det:
@@ -217,7 +217,7 @@ def info(as_json, **kw):
 def bench(prompt, methods, repeats, setup_samples, setup_tokens, chat_mode, vectors_path, turns, memory, as_json,
           **kw):
     """Decode tokens/s of each method on the same prompt, side by side in one run."""
-    from .bench import run_bench
+    from ..bench import run_bench
 
     if memory and click.get_current_context().get_parameter_source("methods") == ParameterSource.DEFAULT:
         methods = MEMORY_BENCH_METHODS
@@ -248,7 +248,7 @@ MEMORY_BENCH_METHODS = f"none,{registry.UNIVERSAL},tr,fgdilp"    # the default m
 
 
 def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:
-    from .bench_memory import run_memory_bench
+    from ..bench_memory import run_memory_bench
 
     decode_tokens = kw["n_predict"]
     s = _settings(kw, "chat")
@@ -271,8 +271,8 @@ def _bench_memory(prompt, names, repeats, turns, as_json, kw) -> None:
 
 
 def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -> None:
-    from .api import Detoxifier
-    from .bench import CHAT_BENCH_PROMPT, chat_variants, run_chat_ttft, run_chat_turns
+    from ..api import Detoxifier
+    from ..bench import CHAT_BENCH_PROMPT, chat_variants, run_chat_ttft, run_chat_turns
 
     if click.get_current_context().get_parameter_source("prompt") == ParameterSource.DEFAULT:
         prompt = CHAT_BENCH_PROMPT
@@ -325,18 +325,18 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -
 def diagnose(prompts_path, limit, offset, which, as_json, **kw):
     """Diagnosis agreement: a diagnoser's score per attribute vs Perspective (AUC, Spearman) on the
     human continuations of the prompts."""
-    from .evaluation.prompts import load_prompts
+    from ..evaluation.prompts import load_prompts
 
     s = _settings(kw)
     records = load_prompts(prompts_path, limit, offset)
     if which == "scorer":                  # no llama model needed: the scorer reads the texts
-        from .evaluation.agreement import scorer_agreement
-        from .evaluation.scorer import ToxicityScorer
+        from ..evaluation.agreement import scorer_agreement
+        from ..toxicity.scorer import ToxicityScorer
 
         out = scorer_agreement(ToxicityScorer.load(), records)
         head = f"scorer {out['diagnoser']['judge']} (labels mapped onto the attributes)"
     else:
-        from .evaluation.selfdiag import self_diagnosis_agreement
+        from ..evaluation.selfdiag import self_diagnosis_agreement
 
         with _detoxifier(s) as det:
             out = self_diagnosis_agreement(det, records)
@@ -354,10 +354,11 @@ def diagnose(prompts_path, limit, offset, which, as_json, **kw):
         click.echo(f"{name:<18}{r['auc']:>7.3f}{r['spearman']:>10.3f}{r['positives']:>11}{m:>13.3f}")
 
 
-from .cli_calibrate import calibrate  # noqa: E402 - commands kept in their own modules
-from .cli_chat import chat, serve  # noqa: E402
-from .cli_eval import eval_cmd  # noqa: E402
-from .cli_vectors import vectors  # noqa: E402
+from .calibrate import calibrate  # noqa: E402 - commands kept in their own modules
+from .chat import chat, serve  # noqa: E402
+from .eval import eval_cmd  # noqa: E402
+from .eval_runs import eval_rescore  # noqa: E402,F401 - registers eval rescore, paired, specificity
+from .vectors import vectors  # noqa: E402
 
 main.add_command(chat)
 main.add_command(serve)

@@ -1,10 +1,10 @@
 """Offline toxicity scorer: the Keras BiLSTM toxicity classifiers re-implemented with numpy + h5py.
 
-The runner serves every judge of ``judges.py`` (tox-block 0.1.2, the default, and
+The runner serves every judge of ``evaluation/judges.py`` (tox-block 0.1.2, the default, and
 toxic-comment-classifier 0.3.0, which differs only in its files, its weights and its recurrent
 activation). Neither the packages nor TensorFlow are imported: the h5 files are read with h5py and
 the pickled Keras tokenizers with a restricted unpickler (``keras_files``, ``safe_pickle``); all
-files are sha256-pinned (``assets``). The forward pass is tox-block's
+files are sha256-pinned (``files``). The forward pass is tox-block's
 ``make_predictions(rescale=False)`` (and toxic-comment-classifier's ``classify``):
 
     tokenizer (lowercase, Keras filter characters -> spaces, split on " ", keep ids < 20000)
@@ -20,16 +20,14 @@ the package's per-label min-max display rescale.
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import FgdilpError
-from . import assets
+from . import files
 from .keras_files import LABELS, MAX_LEN, read_keras_h5, read_tokenizer
-from .metrics import auc, spearman
 
 # Perspective attribute each label is compared with in `calibrate`.
 PERSPECTIVE_OF = {"toxic": "toxicity", "severe_toxic": "severe_toxicity", "obscene": "profanity",
@@ -152,7 +150,7 @@ class ToxicityScorer:
         """The scorer from the installed, sha256-checked tox-block 0.1.2 files (cached per process)."""
         with cls._cache_lock:
             if ToxicityScorer._cache is None:
-                model_bytes, encoder_bytes = assets.toxblock_bytes()
+                model_bytes, encoder_bytes = files.toxblock_bytes()
                 weights = read_keras_h5(model_bytes)
                 tok = read_tokenizer(encoder_bytes)
                 ToxicityScorer._cache = cls(weights, tok["vocab"], tok["filters"], tok["lower"],
@@ -258,38 +256,5 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-# -------------------------------------------------------------------- calibration
-def calibrate(scorer: ToxicityScorer, records, batch_size: int = 256) -> dict:
-    """Agreement of each label with its Perspective counterpart on the records' continuations
-    (any judge whose labels are among ``PERSPECTIVE_OF``).
-
-    Records with an empty continuation are skipped; per label, records whose Perspective score is
-    missing (None) are left out of that label's AUC (positive: Perspective >= 0.5) and Spearman.
-    """
-    labels = tuple(getattr(scorer, "labels", LABELS))
-    recs = [r for r in records if r.continuation and r.continuation.strip()]
-    probs = scorer.score([r.continuation for r in recs], batch_size=batch_size) if recs \
-        else np.zeros((0, len(labels)))
-    out = {"judge": getattr(scorer, "name", None), "n": len(recs), "labels": {}}
-    for j, label in enumerate(labels):
-        name = PERSPECTIVE_OF[label]
-        ref, ours = [], []
-        for r, p in zip(recs, probs[:, j]):
-            v = (r.continuation_scores or {}).get(name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                ref.append(float(v))
-                ours.append(float(p))
-        ref_a, ours_a = np.asarray(ref), np.asarray(ours)
-        pos = ref_a >= 0.5
-        out["labels"][label] = {
-            "perspective": name,
-            "n": int(len(ref_a)),
-            "positives": int(pos.sum()),
-            "auc": auc(ours_a, pos) if len(ref_a) else float("nan"),
-            "spearman": spearman(ours_a, ref_a) if len(ref_a) > 1 else float("nan"),
-        }
-    return out
-
-
-__all__ = ["LABELS", "PERSPECTIVE_OF", "RESCALE_PROBA", "ToxicityScorer", "calibrate", "rescale",
+__all__ = ["LABELS", "PERSPECTIVE_OF", "RESCALE_PROBA", "ToxicityScorer", "rescale",
            "read_keras_h5", "read_tokenizer"]

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from . import methods
-from .errors import FgdilpError
-from .explain import explain_lines
-from .files import make_private_dir, refuse_shared_dir, write_atomic
+from .. import methods
+from ..errors import FgdilpError
+from ..explain import explain_lines
+from ..files import make_private_dir, refuse_shared_dir, write_atomic
 
 HELP = """commands:
   /help            this list
