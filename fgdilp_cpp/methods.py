@@ -66,7 +66,11 @@ SAVED_VECTORS = "vectors"             # a run with a vectors file (--vectors FIL
 FROZEN = "fgdilp-frozen"              # FGDILP's direction captured once: its context captures saved directions
 
 
-class MethodRenamedWarning(FutureWarning):
+class RenamedWarning(FutureWarning):
+    """Something was asked for by a former name (a method, a setting's value): it still works."""
+
+
+class MethodRenamedWarning(RenamedWarning):
     """A method was asked for by a former name: it still runs, under its name now."""
 
 

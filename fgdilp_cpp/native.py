@@ -40,7 +40,7 @@ FUSION_MODE_IDS = {"max": FUSION_MAX, "mean": FUSION_MEAN, "sum": FUSION_SUM}
 
 EDIT_TR = 0
 EDIT_ROTATE = 1
-EDIT_RULE_IDS = {"tr": EDIT_TR, "rotate": EDIT_ROTATE}   # enum fgdilp_edit_rule
+EDIT_RULE_IDS = {"subtract": EDIT_TR, "rotate": EDIT_ROTATE}   # enum fgdilp_edit_rule
 
 _LIB_NAME = "libfgdilp.so"
 
@@ -276,7 +276,7 @@ class NativeHook:
                               f"head_dim={head_dim}, n_slots={n_slots})")
         self.n_layer, self.n_head, self.head_dim, self.n_slots = n_layer, n_head, head_dim, n_slots
         self.width = n_head * head_dim
-        self.edit_rule, self.gate = "tr", None
+        self.edit_rule, self.gate = "subtract", None
         self.reset_totals()
         try:
             self.set_fusion(fusion_k_pct, fusion_mode, fusion_elect)
@@ -326,7 +326,7 @@ class NativeHook:
         self.norm_to_mean_delta = bool(norm_to_mean_delta)
 
     def set_edit_rule(self, rule: str) -> None:
-        """The edit of the following decodes: "tr" (subtract, renormalise) or "rotate" (per-head norm kept)."""
+        """The edit of the following decodes: "subtract" (TR's edit, renormalised) or "rotate" (per-head norm kept)."""
         if rule not in EDIT_RULE_IDS:
             raise FgdilpError(f"unknown edit rule {rule!r} (expected one of {', '.join(EDIT_RULE_IDS)})")
         if self._lib.fgdilp_hook_set_edit_rule(self._h, EDIT_RULE_IDS[rule]) != OK:

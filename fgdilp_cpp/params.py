@@ -25,13 +25,15 @@ MAX_CTX_SIZE = 1 << 24
 MAX_THREADS_PER_CORE = 4
 GGML_MAX_N_THREADS = 512
 FUSION_MODES = ("max", "mean", "sum")  # merge of the sign-elected entries (docs/method.md §5.4)
-EDIT_RULES = ("tr", "rotate")          # how a steered head is changed (docs/method.md §2.2, §2.6)
+EDIT_RULES = ("subtract", "rotate")    # how a steered head is changed (docs/method.md §2.2, §2.6)
+EDIT_RULE_FORMER = {"tr": "subtract"}   # former names, still read (with a notice)
 # what the contrast sequences (P+, P-_j) hold after their prefix (docs/method.md §2.9): the prompt
 # and the reply (the papers), or the reply alone (cheap in chat: a new message is decoded in P0 only)
 CONTRASTS = ("full", "reply")
 # FGDILP: rescale of the fused delta (docs/method.md §5.6): the name -> whether each head of the
-# fused delta is brought to the norm of the mean delta (names that happen to be method names too)
-FUSED_NORM_TO_MEAN_DELTA = {"none": False, "tr": True}
+# fused delta is brought to the norm of the mean delta
+FUSED_NORM_TO_MEAN_DELTA = {"none": False, "mean-delta": True}
+FUSED_NORM_FORMER = {"tr": "mean-delta"}   # former names, still read (with a notice)
 FUSED_NORMS = tuple(FUSED_NORM_TO_MEAN_DELTA)
 INSTANCE_REUSE = ("turn", "conversation")  # when FGDILP's instance is rebuilt in a chat: every reply, or once
 DIAGNOSERS = ("self", "scorer", "auto")  # who ranks the self-generated samples (docs/method.md §4.2a)
@@ -119,7 +121,7 @@ class SteerParams:
     layer_start: int = 0
     layer_end: int = -1          # inclusive; -1 = last layer
     renorm: bool = True
-    edit: str = "tr"             # edit rule: tr | rotate
+    edit: str = "subtract"       # edit rule: subtract | rotate
     gate: Optional[float] = None  # edit a head only where cos(v_h, delta_h) > gate; None = every head
     contrast: str = "full"       # P+ / P-_j: prefix + prompt + reply ("full"), or prefix + reply ("reply")
     condition: Optional[float] = None   # steer only prompts the offline scorer reads at least this toxic; None = all
@@ -165,7 +167,7 @@ class FgdilpParams:
     fusion: str = "max"          # merge of the agreeing entries: max | mean | sum
     sign_election: bool = True
     pad_blank: bool = True       # pad to `negatives` with template-only (blank) negatives
-    fused_norm: str = "none"     # tr: each head of the fused delta at the norm of the mean delta
+    fused_norm: str = "none"     # mean-delta: each head of the fused delta at the norm of the mean delta
     diagnoser: str = "self"      # self | scorer | auto: who ranks the self-generated samples
 
     @property

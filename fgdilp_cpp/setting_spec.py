@@ -12,11 +12,12 @@ Imports only the value types and the method registry (both light): no click, no 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from .errors import ParamError
-from .methods import Method
+from .methods import Method, RenamedWarning
 
 OFF_WORDS = ("off", "none", "")   # an Optional[float] setting given as text: off (FGDILP_GATE=off, gate = "off")
 INT32_MAX = 2**31 - 1             # llama.cpp's int32 parameters: a larger value would wrap in ctypes
@@ -92,6 +93,7 @@ class Spec:
     show_default: bool = True
     flag_min: Optional[int] = None        # the flag refuses smaller values itself (click's usage error)
     choices: tuple[str, ...] = ()         # refused otherwise, from every source
+    former: Mapping[str, str] = field(default_factory=dict)   # a former name of a choice -> its name now
     method_choice: bool = False           # a method name of the registry
     range: Optional[Range] = None         # every int / float field has one (settings.RANGES)
     # what it may do
@@ -129,8 +131,28 @@ def env_name(name: str) -> str:
     return "FGDILP_" + name.upper()
 
 
-def coerce(name: str, typ: str, v: Any, choices: tuple[str, ...] = ()) -> Any:
-    """`v` as a value of type `typ` (the field's annotation, as text), else ParamError."""
+class ValueRenamedWarning(RenamedWarning):
+    """A setting's value was given by a former name: it still works, under its name now."""
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def renamed(name: str, v: str, former: Mapping[str, str]) -> str:
+    """A former name of one of setting `name`'s choices as its name now (a ValueRenamedWarning once
+    per setting, value and process); any other value as it is."""
+    if v not in former:
+        return v
+    if (name, v) not in _WARNED:
+        _WARNED.add((name, v))
+        warnings.warn(f"{name.replace('_', '-')} {v!r} is now called {former[v]!r}; the old name still works "
+                      "for now", ValueRenamedWarning, stacklevel=3)
+    return former[v]
+
+
+def coerce(name: str, typ: str, v: Any, choices: tuple[str, ...] = (), former: Mapping[str, str] = {}) -> Any:
+    """`v` as a value of type `typ` (the field's annotation, as text), else ParamError; a former name
+    of a choice is read as its name now (renamed)."""
     if typ in ("int", "float") and isinstance(v, bool):
         raise ParamError(name, f"must be a number, not {v!r}")
     if typ == "int" and isinstance(v, int):
@@ -140,6 +162,7 @@ def coerce(name: str, typ: str, v: Any, choices: tuple[str, ...] = ()) -> Any:
     if typ == "bool" and isinstance(v, bool):
         return v
     if typ == "str" and isinstance(v, str):
+        v = renamed(name, v, former)
         if choices and v not in choices:
             raise ParamError(name, f"must be one of {', '.join(choices)}, not {v!r}")
         return v

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 from .errors import FgdilpError, ParamError
-from .params import (CONTRASTS, DIAGNOSERS, EDIT_RULES, FUSED_NORMS, FUSION_MODES, INSTANCE_REUSE, MAX_CTX_SIZE,
-                     MAX_NEGATIVES, MAX_REPEAT_LAST_N, MAX_REPEAT_PENALTY, MAX_SEQUENCES, MAX_THREADS_PER_CORE,
-                     EngineParams, FgdilpParams, SamplingParams, SteerParams, max_threads)
+from .params import (CONTRASTS, DIAGNOSERS, EDIT_RULE_FORMER, EDIT_RULES, FUSED_NORM_FORMER, FUSED_NORMS,
+                     FUSION_MODES, INSTANCE_REUSE, MAX_CTX_SIZE, MAX_NEGATIVES, MAX_REPEAT_LAST_N, MAX_REPEAT_PENALTY,
+                     MAX_SEQUENCES, MAX_THREADS_PER_CORE, EngineParams, FgdilpParams, SamplingParams, SteerParams, max_threads)
 from .rpc_endpoints import parse_rpc_servers
 from .setting_spec import (HOOKED, INSTANCE, INT32_MAX, OFF_WORDS, PREFIXED, STEERING, Range, SourcedParamError, Spec,
                            coerce, env_name, from_text, toml_key)
@@ -141,9 +141,10 @@ class Settings:
     renorm: bool = setting(True, group="steer", per_call=True, profile=True, sweep=HOOKED,
                            help="Restore the row norm after the edit.")
     edit: str = setting(  # docs/method.md §2.6
-        "tr", group="steer", choices=EDIT_RULES, per_call=True, profile=True, sweep=HOOKED,
-        help="Edit rule: tr subtracts the delta (then --renorm); rotate turns each head away from the delta and "
-             "keeps its norm.")
+        "subtract", group="steer", choices=EDIT_RULES, former=EDIT_RULE_FORMER, per_call=True, profile=True,
+        sweep=HOOKED,
+        help="Edit rule: subtract takes the delta off each head (TR's edit, then --renorm); rotate turns each head "
+             "away from the delta and keeps its norm.")
     gate: Optional[float] = setting(  # §2.7
         None, group="steer", metavar="THETA|off", range=Range(-1.0, 1.0, hi_open=True, why="a cosine"), per_call=True,
         profile=True, sweep=HOOKED, shown={"": "off, every head"},
@@ -176,9 +177,10 @@ class Settings:
     pad_blank: bool = setting(True, group="steer", profile=True,
                               help="FGDILP: pad missing negatives with template-only prefixes.")
     fused_norm: str = setting(  # §5.6
-        "none", group="steer", choices=FUSED_NORMS, per_call=True, profile=True, sweep=INSTANCE,
-        help="FGDILP: tr rescales each head of the fused delta to the norm of the mean delta (TR's strength, for "
-             "comparing at equal strength).")
+        "none", group="steer", choices=FUSED_NORMS, former=FUSED_NORM_FORMER, per_call=True, profile=True,
+        sweep=INSTANCE,
+        help="FGDILP: mean-delta rescales each head of the fused delta to the norm of the mean delta (TR's "
+             "strength, for comparing at equal strength).")
     diagnoser: str = setting(  # §4.2a
         "self", group="steer", choices=DIAGNOSERS, per_call=True, profile=True, sweep=INSTANCE,
         help="FGDILP: who ranks the self-generated samples: the model itself, the offline toxicity scorer "
@@ -310,7 +312,7 @@ CHAT_DEFAULTS = command_defaults(CHAT)
 
 def checked(name: str, typ: str, v: Any) -> Any:
     """`v` as the type of field `name`, within its range (RANGES); else ParamError."""
-    out = coerce(name, typ, v, CHOICES.get(name, ()))
+    out = coerce(name, typ, v, CHOICES.get(name, ()), SPECS[name].former)
     if name in RANGES and out is not None:
         RANGES[name].check(name, out)
     if name == "rpc" and out is not None:          # "" = local; a malformed list is refused before any model loads

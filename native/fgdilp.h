@@ -69,7 +69,7 @@ struct fgdilp_fusion_params {
     int32_t mode;       // enum fgdilp_fusion_mode
     bool    elect;      // sign election on; off: every nonzero entry agrees
     int32_t norm_heads; // 0: no rescale; n > 0 (width % n == 0): rescale each of the n head blocks of the
-                        // fused row to the norm of that block of mean_j(delta_j) (--fused-norm tr, §5.6)
+                        // fused row to the norm of that block of mean_j(delta_j) (--fused-norm mean-delta, §5.6)
 };
 
 // How a steered row is changed (docs/method.md §2.2, §2.6).

@@ -33,7 +33,7 @@ bool edit_rule_ok(int32_t rule);
 int edit_row(float * v, const float * delta, const float * e, const float * head_scales, int n_head,
              int head_dim, const fgdilp_edit_params & params, uint8_t * edited);
 
-// --fused-norm tr: rescale each of n_heads blocks of fused [width] to the norm of that block of
+// --fused-norm mean-delta: rescale each of n_heads blocks of fused [width] to the norm of that block of
 // mean_j(deltas[j]) (a block whose mean is zero becomes zero). Mirrors method/fusion.py.
 void rescale_to_mean_delta(const float * deltas, int n, int width, int n_heads, float * fused);
 

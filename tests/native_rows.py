@@ -28,7 +28,7 @@ def tr_edit_row(v, delta, e, n_head: int, exp_norm: float, exp_sim: float, scale
     return out
 
 
-def edit_row(v, delta, e, n_head: int, *, rule: str = "tr", exp_norm: float = 0.4, exp_sim: float = 0.6,
+def edit_row(v, delta, e, n_head: int, *, rule: str = "subtract", exp_norm: float = 0.4, exp_sim: float = 0.6,
              scale: float = 1.0, renorm: bool = True, gate: float | None = None,
              head_scales=None) -> tuple[np.ndarray, int]:
     """The native edit (fgdilp_edit_row) of one row, as the hook runs it: (new row, heads edited).
@@ -55,7 +55,7 @@ def edit_row(v, delta, e, n_head: int, *, rule: str = "tr", exp_norm: float = 0.
 def fuse(deltas, k_pct: float = 50.0, mode: str | int = "max", elect: bool = True,
          norm_heads: int = 0) -> np.ndarray:
     """The native fusion (fgdilp_fuse) of deltas [n, W] -> float32 [W]; see method/fusion.py.
-    norm_heads > 0: each of that many head blocks rescaled to the mean delta's norm (--fused-norm tr).
+    norm_heads > 0: each of that many head blocks rescaled to the mean delta's norm (--fused-norm mean-delta).
 
     Raises FusionError (a ValueError) where the C function refuses its input."""
     lib = load_library()

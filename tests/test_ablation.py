@@ -33,7 +33,7 @@ def test_points_change_one_setting_that_changes_the_method():
     assert ablation_points("none", base, changes) == [{}]
     assert parse_ablations(["gate=0.2,off"]) == [("gate", [0.2, None])]     # an optional number: off = None
     with pytest.raises(FgdilpError, match="given twice"):
-        parse_ablations(["edit=rotate", "edit=tr"])
+        parse_ablations(["edit=rotate", "edit=subtract"])
     with pytest.raises(FgdilpError, match="not a setting"):
         parse_ablations(["nonsense=1"])
 
@@ -68,7 +68,7 @@ def test_table_pairs_each_change_with_the_base():
     d, lo, hi = rep["ablation"]["tr"]["rows"][0]["emt_vs_base"]
     assert d == pytest.approx(0.0) and lo < 0 < hi
     # no records at the base point: no table for that method
-    add_ablation(rep, pp, {"tr": {"edit": "tr"}})
+    add_ablation(rep, pp, {"tr": {"edit": "subtract"}})
     assert rep["ablation"] == {}
 
 

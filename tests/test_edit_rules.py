@@ -2,7 +2,7 @@
 strengths and the fused delta at the mean delta's norm.
 
 - C++ (fgdilp_edit_row, fgdilp_fuse) = numpy (method/steering.py, method/fusion.py);
-- on the tiny model, TR and FGDILP with rotate / gate / --fused-norm tr equal a torch reference of
+- on the tiny model, TR and FGDILP with rotate / gate / --fused-norm mean-delta equal a torch reference of
   the rules written out independently; heads the gate shuts keep the bits of the model's own row;
 - the settings reach the hook (flag, TOML, FGDILP_*, per call) and bad values are refused.
 """
@@ -35,7 +35,7 @@ finite = st.floats(-100, 100, width=32)
 
 # ---- C++ = numpy --------------------------------------------------------------------------------
 @settings(max_examples=150, deadline=None)
-@given(data=st.data(), n_head=st.integers(1, 5), head_dim=st.integers(1, 9), rule=st.sampled_from(["tr", "rotate"]),
+@given(data=st.data(), n_head=st.integers(1, 5), head_dim=st.integers(1, 9), rule=st.sampled_from(["subtract", "rotate"]),
        gate=st.one_of(st.none(), st.floats(-1, 0.9)), renorm=st.booleans(), with_e=st.booleans(),
        scale=st.one_of(st.just(0.0), st.floats(1e-30, 3)))
 def test_native_edit_equals_numpy(data, n_head, head_dim, rule, gate, renorm, with_e, scale):
@@ -54,7 +54,7 @@ def test_native_edit_equals_numpy(data, n_head, head_dim, rule, gate, renorm, wi
         if shut:
             assert same[h] and np.array_equal(want.reshape(n_head, -1)[h], v.reshape(n_head, -1)[h])
     assert n_edited >= n_head - sum(same)  # every changed head was counted
-    if rule == "tr":
+    if rule == "subtract":
         assert n_edited == int(edited_heads(v, d, n_head, scale, gate, hs).sum())
     if rule == "rotate":   # per-head norm kept
         np.testing.assert_allclose(np.linalg.norm(got.reshape(n_head, -1), axis=1),
@@ -64,7 +64,7 @@ def test_native_edit_equals_numpy(data, n_head, head_dim, rule, gate, renorm, wi
 def test_gate_shuts_heads_by_cosine():
     d = np.tile(np.array([1, 0, 0, 0], np.float32), 3)                 # 3 heads of 4
     v = np.concatenate([[1, 1, 0, 0], [-1, 0.2, 0, 0], [0, 1, 0, 0]]).astype(np.float32)  # cos .71, -.98, 0
-    for rule in ("tr", "rotate"):
+    for rule in ("subtract", "rotate"):
         got, n = native_rows.edit_row(v, d, None, 3, rule=rule, gate=0.0)
         assert n == 1
         assert np.array_equal(got[4:], v[4:]) and not np.array_equal(got[:4], v[:4])
@@ -120,7 +120,7 @@ def test_hook_setters_refuse_bad_values():
 
 
 # ---- the torch oracle ---------------------------------------------------------------------------
-def torch_rule_edit(v, delta, e, n_head, a, b, scale, rule="tr", gate=None, head_scales=None, renorm=True):
+def torch_rule_edit(v, delta, e, n_head, a, b, scale, rule="subtract", gate=None, head_scales=None, renorm=True):
     """docs/method.md §2.2-2.7 for one row, in torch, written independently of method/steering.py."""
     vh, dh = v.view(n_head, -1), delta.view(n_head, -1)
     eh = None if e is None else e.view(n_head, -1)
@@ -142,7 +142,7 @@ def torch_rule_edit(v, delta, e, n_head, a, b, scale, rule="tr", gate=None, head
         else:
             out[h] = vh[h] - k * dh[h]
         edited.append(h)
-    if rule == "tr" and renorm and edited:
+    if rule == "subtract" and renorm and edited:
         out[edited] = out[edited] * (torch.linalg.norm(vh[edited]) / torch.linalg.norm(out[edited]))
     return out.reshape(-1)
 
@@ -184,7 +184,7 @@ def run_tr(model, steer: SteerParams, head_scales=None, logits_all=False):
 GATE = 0.1   # on the tiny model this shuts some heads of the last decode and not others (asserted)
 
 
-@pytest.mark.parametrize("edit, gate", [("rotate", None), ("rotate", GATE), ("tr", GATE)])
+@pytest.mark.parametrize("edit, gate", [("rotate", None), ("rotate", GATE), ("subtract", GATE)])
 def test_tr_rules_equal_torch_reference(model, torch_model, edit, gate):
     steer = SteerParams(exp_norm=0.3, exp_sim=0.5, scale=0.8, edit=edit, gate=gate)
     res, heads = run_tr(model, steer)
@@ -208,7 +208,7 @@ def test_head_scales_equal_torch_reference(model, torch_model):
         assert rel_err(got[0], want) < 1e-4, step
 
 
-@pytest.mark.parametrize("edit", ["tr", "rotate"])
+@pytest.mark.parametrize("edit", ["subtract", "rotate"])
 def test_shut_heads_are_bit_identical_to_unsteered(model, edit):
     """A gate no head passes, or every head at strength 0: P0's logits have the bits of a run with
     steering off (the rows are written back as the model computed them)."""
@@ -262,7 +262,7 @@ def torch_fgdilp_logits(model, tm, params: FgdilpParams, steer: SteerParams, fro
     negs = [prefixed(tok, tb, t + NEG_TEMPLATE, PROMPT) for t in SEL.negatives]
     sp, sns, s0 = tm.new_state(), [tm.new_state() for _ in negs], tm.new_state()
     e, fused, out, n_head = None, None, [], model.info.n_head
-    nh = n_head if params.fused_norm == "tr" else 0
+    nh = n_head if params.fused_norm == "mean-delta" else 0
     feeds = [(pos.tokens, [n.tokens for n in negs], tok(PROMPT))] + [([t], [[t]] * len(negs), [t]) for t in FORCED]
     for fp, fns, f0 in feeds:
         if fused is None or not frozen:
@@ -285,9 +285,9 @@ def torch_fgdilp_logits(model, tm, params: FgdilpParams, steer: SteerParams, fro
     return out
 
 
-@pytest.mark.parametrize("method, edit", [("fgdilp", "tr"), ("fgdilp", "rotate"), ("fgdilp-frozen", "tr")])
+@pytest.mark.parametrize("method, edit", [("fgdilp", "subtract"), ("fgdilp", "rotate"), ("fgdilp-frozen", "subtract")])
 def test_fgdilp_fused_norm_equals_torch_reference(model, torch_model, method, edit):
-    params = FgdilpParams(negatives=3, fused_norm="tr")
+    params = FgdilpParams(negatives=3, fused_norm="mean-delta")
     steer = SteerParams(exp_norm=0.3, exp_sim=0.5, scale=1.2, edit=edit)
     with Generator(model, EngineParams(ctx_size=256, **F32), steer, params) as gen:
         res = gen.generate(PROMPT, method, len(FORCED), forced_tokens=FORCED, record_logits=True, prefixes=SEL)
@@ -302,11 +302,11 @@ def test_fgdilp_fused_norm_equals_torch_reference(model, torch_model, method, ed
 # ---- settings -----------------------------------------------------------------------------------
 def test_settings_sources(tmp_path):
     cfg = tmp_path / "s.toml"
-    cfg.write_text('edit = "rotate"\ngate = 0.25\nfused-norm = "tr"\n')
+    cfg.write_text('edit = "rotate"\ngate = 0.25\nfused-norm = "mean-delta"\n')
     s = Settings.from_toml(cfg)
-    assert (s.steer().edit, s.steer().gate, s.fgdilp().fused_norm) == ("rotate", 0.25, "tr")
-    env = Settings.from_env({"FGDILP_GATE": "off", "FGDILP_EDIT": "tr", "FGDILP_FUSED_NORM": "none"})
-    assert env == {"gate": None, "edit": "tr", "fused_norm": "none"}
+    assert (s.steer().edit, s.steer().gate, s.fgdilp().fused_norm) == ("rotate", 0.25, "mean-delta")
+    env = Settings.from_env({"FGDILP_GATE": "off", "FGDILP_EDIT": "subtract", "FGDILP_FUSED_NORM": "none"})
+    assert env == {"gate": None, "edit": "subtract", "fused_norm": "none"}
     assert Settings.from_env({"FGDILP_GATE": "-0.5"}) == {"gate": -0.5}
     assert s.updated({"gate": "off"}).gate is None
     for field, bad in (("edit", "spin"), ("gate", 1.0), ("gate", 1 - 1e-9), ("gate", -2.0), ("gate", float("nan"))):
@@ -328,7 +328,7 @@ def test_per_call_edit_and_gate(model, tiny_llama):
         a = det.generate(PROMPT, n_predict=4, method="tr", edit="rotate", gate=0.1)
         assert det._gen.context("tr").hook.edit_rule == "rotate" and det._gen.context("tr").hook.gate == 0.1
         b = det.generate(PROMPT, n_predict=4, method="tr")
-        assert det._gen.context("tr").hook.edit_rule == "tr" and det._gen.context("tr").hook.gate is None
+        assert det._gen.context("tr").hook.edit_rule == "subtract" and det._gen.context("tr").hook.gate is None
         assert a.tokens and b.tokens
         with pytest.raises(FgdilpError, match="gate"):
             det.generate(PROMPT, n_predict=4, gate=3.0)
@@ -367,8 +367,8 @@ def test_fused_norm_per_call_reaches_the_fusing_hook(tiny_llama):
               method="fgdilp")
     with Detoxifier.from_file(str(tiny_llama[0]), **kw) as det:
         plain = det.generate(PROMPT)
-        per_call = det.generate(PROMPT, fused_norm="tr")
+        per_call = det.generate(PROMPT, fused_norm="mean-delta")
         back = det.generate(PROMPT)
-    with Detoxifier.from_file(str(tiny_llama[0]), fused_norm="tr", **kw) as det:
+    with Detoxifier.from_file(str(tiny_llama[0]), fused_norm="mean-delta", **kw) as det:
         made = det.generate(PROMPT)
     assert per_call.tokens == made.tokens and back.tokens == plain.tokens

@@ -1,6 +1,9 @@
 """Honest names: the method that applies the model's installed directions is `universal` (its
 former name `fgdilp-universal` an alias that works wherever a method is named and says so once),
-and a run with a vectors file is the method `vectors`, whatever name asked for it."""
+and a run with a vectors file is the method `vectors`, whatever name asked for it. The edit rule
+that subtracts (TR's edit) is `--edit subtract`, the fused strength at the mean delta's norm
+`--fused-norm mean-delta` ("tr" named a method, an edit rule, a fused-norm value and a source);
+their former value "tr" is read from every source with one notice."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import warnings
 
 import pytest
 
-from fgdilp_cpp import methods
+from fgdilp_cpp import methods, setting_spec
 from fgdilp_cpp.api import Detoxifier
 from fgdilp_cpp.cli.options import method_list
 from fgdilp_cpp.errors import FgdilpError
@@ -123,3 +126,35 @@ def test_a_run_with_a_vectors_file_is_named_vectors(tiny_llama, saved):
     assert method_list("none,vectors", has_vectors=True) == ["none", "vectors"]
     with pytest.raises(FgdilpError, match="unknown method 'vectors'"):
         method_list("none,vectors")
+
+
+@pytest.fixture
+def fresh_value_notice(monkeypatch):
+    monkeypatch.setattr(setting_spec, "_WARNED", set())
+
+
+def test_former_values_of_edit_and_fused_norm_are_read_with_one_notice(fresh_value_notice, tmp_path):
+    with pytest.warns(setting_spec.ValueRenamedWarning, match="edit 'tr' is now called 'subtract'"):
+        assert Settings().updated({"edit": "tr"}).edit == "subtract"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # a second use: no second notice
+        assert Settings.from_env({"FGDILP_EDIT": "tr"}) == {"edit": "subtract"}
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('fused-norm = "tr"\n')
+    with pytest.warns(setting_spec.ValueRenamedWarning, match="fused-norm 'tr' is now called 'mean-delta'"):
+        assert Settings.from_toml(cfg).fgdilp().fused_norm == "mean-delta"
+    assert Settings().steer().edit == "subtract" and "tr" not in Settings.__dataclass_fields__["edit"].metadata[
+        "spec"].choices                                   # offered by the names now only
+    with pytest.raises(FgdilpError, match="must be one of subtract, rotate"):
+        Settings().updated({"edit": "spin"})
+
+
+def test_the_cli_takes_the_former_edit_value_with_one_line_of_notice(cli, tiny_llama):
+    out = cli("info", "-m", tiny_llama[0], "-t", "1", "--json", "--edit", "tr", "--fused-norm", "tr")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)["settings"]
+    assert got["edit"]["value"] == "subtract" and got["fused_norm"]["value"] == "mean-delta"
+    notices = [x for x in out.stderr.splitlines() if x.strip()]
+    assert notices == ["warning: edit 'tr' is now called 'subtract'; the old name still works for now",
+                       "warning: fused-norm 'tr' is now called 'mean-delta'; the old name still works for now"], \
+        out.stderr

@@ -17,7 +17,7 @@ from ..explain import explain_lines
 
 
 def brief_notices() -> None:
-    """Our notices (a method asked for by a former name: registry.MethodRenamedWarning) as one line
+    """Our notices (a method or a value asked for by a former name: registry.RenamedWarning) as one line
     on stderr, "warning: ...", instead of Python's file:line form; other warnings as Python shows them."""
     import warnings
 
@@ -26,7 +26,7 @@ def brief_notices() -> None:
         return
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, registry.MethodRenamedWarning):
+        if issubclass(category, registry.RenamedWarning):
             click.echo(f"warning: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)

@@ -14,6 +14,7 @@ from click.core import ParameterSource
 
 from .. import methods
 from ..errors import FgdilpError, ParamError
+from ..setting_spec import renamed
 from ..settings import (CHAT, OFF_WORDS, SPECS, TYPES, Settings, SourcedParamError, command_defaults, env_name, resolve,
                        toml_key)
 
@@ -67,6 +68,20 @@ class MethodChoice(click.ParamType):
         if methods.is_method(value):
             return methods.canonical(value)      # a former name: its name now (and a notice)
         self.fail(f"{value!r} is not a method (one of {', '.join(methods.names())})", param, ctx)
+
+
+class FormerChoice(click.Choice):
+    """A setting's choices (shown in help), and its values' former names, read as the names now
+    (setting_spec.renamed: with a notice)."""
+
+    def __init__(self, choices, former):
+        super().__init__(choices)
+        self.former = dict(former)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value in self.former:
+            return renamed(param.name if param is not None else "value", value, self.former)
+        return super().convert(value, param, ctx)
 
 
 def method_list(text: str, has_vectors: bool = False) -> list[str]:
@@ -150,7 +165,7 @@ def setting_option(name: str, command: str = "", flag_min: Optional[int] = None)
         if spec.method_choice:
             kw["type"] = MethodChoice()
         elif spec.choices:
-            kw["type"] = click.Choice(spec.choices)
+            kw["type"] = FormerChoice(spec.choices, spec.former) if spec.former else click.Choice(spec.choices)
         elif typ == "int":
             kw["type"] = click.IntRange(low) if low is not None else int
         elif typ == "float":

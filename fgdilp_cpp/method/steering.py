@@ -73,12 +73,12 @@ def edited_heads(v: np.ndarray, delta: np.ndarray, n_head: int, scale: float = 1
     return on
 
 
-def edit_row(v: np.ndarray, delta: np.ndarray, e: Optional[np.ndarray], n_head: int, *, rule: str = "tr",
+def edit_row(v: np.ndarray, delta: np.ndarray, e: Optional[np.ndarray], n_head: int, *, rule: str = "subtract",
              exp_norm: float = 0.4, exp_sim: float = 0.6, scale: float = 1.0, renorm: bool = True,
              gate: Optional[float] = None, head_scales: Optional[np.ndarray] = None) -> np.ndarray:
     """The hook's edit of one row: per edited head (edited_heads) the strength
     k_h = scale * head_scale_h * lambda_norm_h * lambda_sim_h, and
-      tr:     v_h - k_h * delta_h; renorm: the edited heads together rescaled to their norm before;
+      subtract: v_h - k_h * delta_h; renorm: the edited heads together rescaled to their norm before;
       rotate: |v_h| * unit(unit(v_h) - k_h * unit(delta_h)) (left as is where v_h or delta_h is zero).
     Heads not edited are returned bit for bit. float64 math, float32 result."""
     if rule not in EDIT_RULES:

@@ -116,7 +116,7 @@ void test_rule_setters() {
     fgdilp_hook_free(h);
 }
 
-// --fused-norm tr: each head of the fused row has the norm of the mean delta's head.
+// --fused-norm mean-delta: each head of the fused row has the norm of the mean delta's head.
 void test_fuse_norm_heads() {
     std::vector<float> d(3 * WIDTH), plain(WIDTH), scaled(WIDTH), mean(WIDTH, 0.0f);
     for (int i = 0; i < 3 * WIDTH; ++i) d[i] = std::sin(0.7f * i) * (1.0f + (float) (i / WIDTH));
