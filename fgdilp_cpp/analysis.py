@@ -3,9 +3,11 @@ diagnosis of a text (docs/method.md §4.2), per-head probes, and saved direction
 control vector. Functions over a Detoxifier (`det`; not imported: api imports this module), which
 read its engine through det.generator:
 
+    from fgdilp_cpp import Detoxifier
     from fgdilp_cpp.analysis import diagnose, self_diagnosis
     with Detoxifier.from_file(None) as det:
         self_diagnosis(det, ["some text"])                 # [1, 6] the model's own P(yes)
+        diagnose(det, ["some text"], "scorer")             # the offline scorer's, mapped
 """
 
 from __future__ import annotations
