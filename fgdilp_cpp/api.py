@@ -15,20 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from . import methods
-from .chat import CHAT_DEFAULTS, ChatTemplate, Fitted, MessagesLike, fit, normalize
-from .chat.tokens import ChatPrompt, chat_prompt, conversation_floor, template_markers, vocab_stats
+from .analysis import control_vector
+from .call_settings import run_settings
+from .chat import CHAT_DEFAULTS, Fitted, MessagesLike
+from .chat.fitting import ChatFormat, as_user_message, fit_conversation
+from .chat.tokens import ChatPrompt
 from .condition import conversation_texts
 from .errors import FgdilpError
 from .engine import Model
-from .generation import GenResult, identity_of, open_generator, probe_kqv_out
-from .method.sources import FGDILP_INSTANCES, LABELLED_TEXT
+from .generation import GenResult, open_generator, probe_kqv_out
+from .method.sources import FGDILP_INSTANCES
 from .method.vectors import HeadDirections
 from .models import resolve_model
 from .profiles import DamagedProfile, Profile, fast_setup_intact, find_profile, find_universal, is_fast, model_identity
@@ -42,7 +44,12 @@ __all__ = ["PER_CALL", "Detoxifier"]
 
 
 class Detoxifier:
-    """A GGUF model with steering: generate / stream a continuation, chat / stream_chat a reply."""
+    """A GGUF model with steering: generate / stream a continuation, chat / stream_chat a reply.
+
+    Besides those verbs (and info, build_vectors, export_control_vector, cancel, close) it holds
+    data: model, settings and sources, profile, vectors, name, max_samples, chat_format, notices,
+    and `generator`, the Generator that runs the calls: the one seam for tools that need the
+    engine (analysis.py, the benchmarks, the tests)."""
 
     def __init__(self, settings: Settings, vectors_path: Optional[str] = None, chat: bool = False, *,
                  max_samples: int = 1, max_new: int = 256, reuse_instances: bool = False,
@@ -67,11 +74,14 @@ class Detoxifier:
         # a method that applies it as the saved-vectors method (whose profile entry is the one it stands in for)
         if methods.is_method(settings.method, saved_vectors=vectors_path is not None):
             settings = settings.updated({"method": methods.run_name(settings.method, vectors_path is not None)})
-        self._command = CHAT if chat else ""
+        # what call_settings resolves a call's overrides with: the command whose defaults apply, and
         # the settings as given, by source (resolve() adds the profile; a per-call method resolves again)
-        self._layers = layers_of(settings, sources, self._command)
+        self.setting_command = CHAT if chat else ""
+        self.setting_layers = layers_of(settings, sources, self.setting_command)
         model = Model(resolve_model(settings.model), n_gpu_layers=settings.n_gpu_layers, rpc=settings.rpc)
         self.model = model
+        self.name: str = model.meta("general.name") or model.info.architecture
+        self.vectors_path = vectors_path      # the saved-vectors file applied (eval ties a run to its sha256)
         self.setup_result = None
         self.notices: list[str] = []     # what a front end shows the user once (stderr, /settings)
         opened = (settings, chat, vectors_path, max_samples, max_new)
@@ -82,16 +92,15 @@ class Detoxifier:
 
                 self.setup_result = fast_setup(self, setup_progress, made_by="fgdilp-cpp (first use of the model)")
                 self.setup_result.install()
-                self._gen.close()
+                self.generator.close()
                 self._open(*opened, None)
         except BaseException:
-            gen = getattr(self, "_gen", None)
+            gen = getattr(self, "generator", None)
             if gen is not None:
                 gen.close()
             model.close()
             raise
-        self._vectors_path, self._vectors_sha256 = vectors_path, None
-        self._gen.reuse_instances = reuse_instances
+        self.generator.reuse_instances = reuse_instances
 
     def _open(self, settings: Settings, chat: bool, vectors_path: Optional[str], max_samples: int, max_new: int,
               profile: Union[Profile, bool, None]) -> None:
@@ -100,23 +109,31 @@ class Detoxifier:
         self.profile, self.profile_path = self._find_profile(model, settings, profile)
         if self.profile is None and profile is None and settings.profile:
             self.profile = self._stand_in(model)
-        settings, sources = resolve(self._layers, self._command, self.profile)
+        # one line for a model whose settings nobody measured (None when a profile applies, or none
+        # by the user's choice: --no-profile runs the built-in defaults)
+        self.profile_note: Optional[str] = (
+            f"no measured profile for this model: running the measured-safe defaults (the last sixth of the "
+            f"layers at a modest strength); {HOW_TO_PROFILE}" if is_safe_defaults(self.profile) else None)
+        settings, sources = resolve(self.setting_layers, self.setting_command, self.profile)
         settings = fit_ctx_size(settings, model.info.n_ctx_train, sources.get("ctx_size", "default"))
         self.chat_defaults = dict(CHAT_DEFAULTS) if chat else {}    # the interactive defaults in force
         if chat and settings.steer_layer_range is None:
             # no profile applied (--no-profile): steer the later half of the layers (docs/results/runs-01-03-early.md, run 3)
             n = model.info.n_layer
             self.chat_defaults["steer_layer_range"] = (n // 2, n - 1)
-            for layer in self._layers.values():
+            for layer in self.setting_layers.values():
                 layer.pop("steer_layer_range", None)
-            self._layers.setdefault("chat default", {})["steer_layer_range"] = (n // 2, n - 1)
+            self.setting_layers.setdefault("chat default", {})["steer_layer_range"] = (n // 2, n - 1)
             settings = settings.updated({"steer_layer_range": (n // 2, n - 1)})
             sources["steer_layer_range"] = "chat default"
         # --diagnoser auto decides by the profile's measured AUCs
-        self._gen = open_generator(model, settings, vectors_path, None if self.profile is None else self.profile.diagnosis,
-                                   max_samples=max_samples, max_new=max_new)
-        self._template: Optional[ChatTemplate] = None
-        self._markers: Optional[tuple[str, ...]] = None      # the template's own control-token texts
+        self.generator = open_generator(model, settings, vectors_path,
+                                        None if self.profile is None else self.profile.diagnosis,
+                                        max_samples=max_samples, max_new=max_new)
+        self.vectors: Optional[HeadDirections] = self.generator.vectors     # the saved directions applied
+        self.max_samples: int = self.generator.engine.max_samples
+        # the chat template (read on first use: a model without one still continues text)
+        self.chat_format = ChatFormat(model, settings.chat_template)
         self.settings, self.sources = settings, sources
 
     def _wants_setup(self, settings: Settings, profile: Union[Profile, bool, None]) -> bool:
@@ -128,14 +145,6 @@ class Detoxifier:
     def _stand_in(model) -> Optional[Profile]:
         """What a model without a profile runs: the measured-safe defaults (safe_defaults.py)."""
         return safe_profile(model_identity(model), model.info.n_layer)
-
-    @property
-    def profile_note(self) -> Optional[str]:
-        """One line for a model whose settings nobody measured (None when a profile applies)."""
-        if is_safe_defaults(self.profile):
-            return (f"no measured profile for this model: running the measured-safe defaults (the last sixth "
-                    f"of the layers at a modest strength); {HOW_TO_PROFILE}")
-        return None      # a profile, or none by the user's choice (--no-profile: the built-in defaults)
 
     def _find_profile(self, model, settings: Settings, profile) -> tuple[Optional[Profile], Optional[str]]:
         if isinstance(profile, Profile):
@@ -175,108 +184,32 @@ class Detoxifier:
         base, sources = resolve({"api": given}, CHAT if chat else "")
         return cls(base, vectors, chat=chat, sources={k: "api" for k in settings})
 
-    def settings_for(self, method: str) -> Settings:
-        """The settings a call with `method` runs at (the method's profile entry applied where
-        nobody set a value)."""
-        return self._args({"method": method})[0]
-
-    def call_settings(self, overrides: Mapping[str, Any]) -> tuple[Settings, dict[str, str]]:
-        """The settings a call with these per-call `overrides` runs at, and where each came from
-        ("call" for an override). Another method than the one in force gets its own profile entry
-        where nobody set a value (the entry of the method in force does not carry over: TR must not
-        run at the frozen FGDILP entry's contrast or gate); what shapes the contexts stays."""
-        extra = overrides.keys() - PER_CALL
-        if extra:
-            raise FgdilpError(f"per-call settings are limited to {', '.join(sorted(PER_CALL))} (not "
-                              f"{', '.join(sorted(extra))}); create another Detoxifier for other settings")
-        if self.profile is None or overrides.get("method", self.settings.method) == self.settings.method:
-            return (self.settings.updated(overrides) if overrides else self.settings,
-                    {**self.sources, **dict.fromkeys(overrides, "call")})
-        s, where = resolve({**self._layers, "call": dict(overrides)}, self._command, self.profile)
-        return (self.settings.updated({k: getattr(s, k) for k in PER_CALL}),
-                {**self.sources, **{k: where[k] for k in PER_CALL}})
-
-    @property
-    def vectors(self):
-        """The saved HeadDirections this object applies, or None."""
-        return self._gen.vectors
-
-    @property
-    def name(self) -> str:
-        return self.model.meta("general.name") or self.model.info.architecture
-
-    @property
-    def max_samples(self) -> int:
-        return self._gen.engine.max_samples
-
     # ---- plain continuation ------------------------------------------------------------------
     def generate(self, prompt: str, explain: bool = False, n_samples: int = 1, stop_at_eog: bool = True,
                  special: bool = False, condition_texts: Optional[list[str]] = None, **overrides) -> GenResult:
         """The continuation of `prompt` (text in .text, explain data in .explain). n_samples:
         continuations drawn together (seeds seed .. seed + n - 1, at most max_samples), in
         .samples; stop_at_eog=False keeps going past end-of-generation tokens (benchmarks);
-        special: parse special-token text (a prompt already formatted with fit_chat(): its
+        special: parse special-token text (a prompt formatted with chat.fitting.fit_chat(): its
         messages' special-token text stays text);
         condition_texts: what --condition reads instead of the prompt (such a prompt's messages)."""
-        s, method = self._args(overrides)
+        s, method = run_settings(self, overrides)
         return self._call(prompt, s, method, special, explain, n_samples=n_samples, stop_at_eog=stop_at_eog,
                           condition_texts=condition_texts)
 
     def stream(self, prompt: str, explain: bool = False, **overrides) -> Stream:
         """Text pieces of the continuation as they are produced (.result once it is exhausted)."""
-        s, method = self._args(overrides)
+        s, method = run_settings(self, overrides)
         run = functools.partial(self._call, prompt, s, method, False, explain, reset_cancel=False)
-        return Stream(lambda on_text: run(on_text=on_text), self._gen, s, method)
+        return Stream(lambda on_text: run(on_text=on_text), self.generator, s, method)
 
-    # ---- chat ---------------------------------------------------------------------------------
-    @property
-    def template(self) -> ChatTemplate:
-        if self._template is None:
-            self._template = ChatTemplate.for_model(self.model, self.settings.chat_template)
-        return self._template
-
-    def fit_chat(self, messages: MessagesLike, trim: bool = True, **overrides) -> Fitted:
-        """The conversation formatted for the model, its oldest turns dropped until it fits the
-        context with room for the steering prefixes and the reply (the last message stays);
-        trim=False: ContextLengthError instead of dropping any."""
-        s, method = self._args(overrides)
-        return self._fit(messages, s, method, trim)
-
-    def chat_floor(self, messages: MessagesLike, **overrides) -> tuple[int, int]:
-        """(a lower bound on the conversation's tokens, the tokens fit_chat allows it), found
-        without tokenizing: the server refuses a body that cannot fit before any tokenizer runs."""
-        s, method = self._args(overrides)
-        return self._floor(self._with_system(normalize(messages), s)), self._chat_budget(s, method)
-
-    def _floor(self, msgs: list[dict]) -> int:
-        stats = vocab_stats(self.model)
-        if self._markers is None:
-            self._markers = template_markers(self.model, self.template.format, stats)
-        return conversation_floor(msgs, self.template.format, stats, self._markers)
-
-    def _chat_budget(self, s: Settings, method: str) -> int:
-        reply = min(s.n_predict, s.ctx_size // 2)
-        return s.ctx_size - reply - self._gen.prefix_room(method)
-
-    @staticmethod
-    def _with_system(msgs: list[dict], s: Settings) -> list[dict]:
-        if s.system_prompt and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": s.system_prompt})
-        return msgs
-
-    def _fit(self, messages: MessagesLike, s: Settings, method: str, trim: bool = True) -> Fitted:
-        msgs = self._with_system(normalize(messages), s)
-        stats = vocab_stats(self.model)
-        render = lambda m: chat_prompt(m, self.template.format, stats)   # noqa: E731
-        count = lambda p: len(self.model.tokenize(p, special=p.special))   # noqa: E731
-        return fit(msgs, render, count, self._chat_budget(s, method), trim, self._floor)
-
+    # ---- chat (chat/fitting.py fits a conversation to the context) ------------------------------
     def chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True, **overrides) -> GenResult:
         """The assistant's reply to `messages` ([{"role", "content"}], the last one the user's).
         trim=False refuses a conversation that does not fit instead of dropping its oldest turns;
         result.explain["dropped_messages"] says how many were dropped."""
-        s, method = self._args(overrides)
-        fitted = self._fit(messages, s, method, trim)
+        s, method = run_settings(self, overrides)
+        fitted = fit_conversation(self, messages, s, method, trim)
         res = self._call(fitted.prompt, s, method, True, explain, chat=True,
                          condition_texts=conversation_texts(fitted.messages))
         res.explain["dropped_messages"] = fitted.dropped
@@ -285,33 +218,15 @@ class Detoxifier:
     def stream_chat(self, messages: MessagesLike, explain: bool = False, trim: bool = True,
                     fitted: Optional[Fitted] = None, **overrides) -> Stream:
         """The reply as text pieces; .fitted.dropped tells how many old messages were dropped.
-        fitted: what fit_chat(messages, trim, **overrides) returned (serve fits a conversation
-        before it queues it), instead of fitting it again."""
-        s, method = self._args(overrides)
-        fitted = fitted if fitted is not None else self._fit(messages, s, method, trim)
+        fitted: what chat.fitting.fit_chat(det, messages, trim, **overrides) returned (serve fits a
+        conversation before it queues it), instead of fitting it again."""
+        s, method = run_settings(self, overrides)
+        fitted = fitted if fitted is not None else fit_conversation(self, messages, s, method, trim)
         run = functools.partial(self._call, fitted.prompt, s, method, True, explain, reset_cancel=False, chat=True,
                                 condition_texts=conversation_texts(fitted.messages))
-        return Stream(lambda on_text: run(on_text=on_text), self._gen, s, method, fitted)
+        return Stream(lambda on_text: run(on_text=on_text), self.generator, s, method, fitted)
 
-    # ---- KV memory (kv_memory: contexts made on first use, the least recently used dropped) ------
-    def kv_bytes(self, method: Optional[str] = None) -> int:
-        """KV cache bytes the contexts hold now: `method`'s own, or all of them."""
-        return self._gen.kv_bytes(None if method is None else self._args({"method": method})[1])
-
-    def kv_fits(self, method: str, prompt: str, n_predict: int) -> bool:
-        """Whether a call of `method` on `prompt` fits the KV budget without dropping another context."""
-        s, name = self._args({"method": method})
-        return self._gen.fits_beside(name, prompt, n_predict, s.contrast)
-
-    # ---- the model, its own diagnosis, saved directions ------------------------------------------
-    @property
-    def vectors_sha256(self) -> Optional[str]:
-        """sha256 of the saved-vectors file this Detoxifier applies (None without one): eval ties a
-        run to its file. Read on first use, not when the Detoxifier opens."""
-        if self._vectors_path and self._vectors_sha256 is None:
-            self._vectors_sha256 = _file_sha256(self._vectors_path)
-        return self._vectors_sha256
-
+    # ---- the model, saved directions (analysis.py: its own diagnosis, probes, control vectors) ----
     def info(self, probe: bool = True) -> dict:
         """The model's shape and, with probe, on how many layers the kqv_out hook fired in a
         one-token decode (a model where it fires on fewer than every layer cannot be steered)."""
@@ -336,26 +251,6 @@ class Detoxifier:
             else {"name": directions.model.name, "weights_sha256": directions.model.weights_sha256}
         return out
 
-    def self_diagnosis(self, texts: list[str]) -> np.ndarray:
-        """[len(texts), 6] the model's own P(yes) for each text and attribute (method.diagnosis
-        ATTRIBUTE_NAMES order), from the questions FGDILP asks it (docs/method.md §4.2)."""
-        return self._gen.self_diagnosis(list(texts))
-
-    def diagnose(self, texts: list[str], diagnoser: str = "self") -> np.ndarray:
-        """[len(texts), 6] attribute scores (ATTRIBUTE_NAMES order) from a diagnoser: "self" (the
-        model's P(yes)), "scorer" (the offline toxicity scorer, labels mapped onto the attributes:
-        method.scorer_diagnosis) or "auto" (the one FGDILP would use here, --diagnoser auto)."""
-        from .method.scorer_diagnosis import choose_diagnoser
-
-        rt = self._gen.rt
-        return rt.diagnose(list(texts), choose_diagnoser(diagnoser, rt.self_diagnosis_auc, rt.scorer_auc))
-
-    @property
-    def self_diagnosis_tokens(self) -> tuple[str, str]:
-        """The answer tokens whose logits give P(yes): (yes, no)."""
-        d = self._gen.rt.self_diagnoser()
-        return d.yes_text, d.no_text
-
     def build_vectors(self, prompts: Union[str, Sequence[str]], source: str = FGDILP_INSTANCES, *,
                       chat: bool = False, texts: Optional[Sequence[str]] = None,
                       toxic: Optional[Sequence[bool]] = None, reply_to: Optional[Sequence[str]] = None,
@@ -378,24 +273,9 @@ class Detoxifier:
         chosen (recorded). progress(i, n): called after each prompt of a list."""
         from .directions import Builder
 
-        return Builder(self._gen, self.settings, self._recorded_settings(), self._as_user_message).build(
+        return Builder(self.generator, self.settings, self._recorded_settings(),
+                       functools.partial(as_user_message, self)).build(
             prompts, source, chat=chat, texts=texts, toxic=toxic, reply_to=reply_to, labels=labels, progress=progress)
-
-    def build_universal_vectors(self, prompts: list[str], source: str = "tr", progress=None,
-                                chat: bool = False) -> HeadDirections:
-        """Deprecated: build_vectors(list(prompts), source, ...)."""
-        warnings.warn("build_universal_vectors is deprecated: use build_vectors(prompts, source=...)",
-                      DeprecationWarning, stacklevel=2)
-        return self.build_vectors(list(prompts), source, chat=chat, progress=progress)
-
-    def build_data_vectors(self, prompts: list[str], texts: list[str], toxic: list[bool], progress=None,
-                           chat: bool = False, labels: Optional[dict] = None,
-                           reply_to: Optional[list[str]] = None) -> HeadDirections:
-        """Deprecated: build_vectors(prompts, "labelled-text", texts=..., toxic=..., ...)."""
-        warnings.warn("build_data_vectors is deprecated: use build_vectors(prompts, source='labelled-text', "
-                      "texts=..., toxic=...)", DeprecationWarning, stacklevel=2)
-        return self.build_vectors(list(prompts), LABELLED_TEXT, chat=chat, texts=texts, toxic=toxic,
-                                  reply_to=reply_to, labels=labels, progress=progress)
 
     def _recorded_settings(self) -> dict:
         """The settings a built directions file records: the model by file name, not by this
@@ -405,35 +285,13 @@ class Detoxifier:
             d["model"] = Path(d["model"]).name
         return d
 
-    def _as_user_message(self, text: str) -> str:
-        if not text.strip():
-            raise FgdilpError("the prompt is empty")
-        return self.fit_chat([{"role": "user", "content": text}], method=methods.UNSTEERED).prompt
-
-    def probe_heads(self, texts: list[str], toxic: list[bool], seed: int = 0):
-        """Per-head linear probes (method.probes) on the kqv_out rows at each text's last token,
-        separating toxic (True) from non-toxic texts: a ProbeResult with held-out accuracies."""
-        from .method.probes import fit_probes
-        from .universal import last_token_rows
-
-        X = last_token_rows(self._gen.rt, list(texts), self.settings.threads, min(512, self.settings.ctx_size))
-        return fit_probes(X, np.asarray(toxic, dtype=bool), seed=seed)
-
-    def control_vector(self, vectors: HeadDirections, exp_norm: float = 0.4, scale: float = 1.0) -> np.ndarray:
-        """[n_layer, n_embd] llama.cpp residual control vector of saved directions:
-        -W_O(lambda_norm * delta) per layer (docs/method.md §7.3)."""
-        from .method.cvec import residual_directions
-
-        vectors.check_model(identity_of(self.model))
-        return residual_directions(vectors.steering_rows(), self._gen.rt.output_projections(), vectors.n_head,
-                                   exp_norm, scale)
-
     def export_control_vector(self, vectors: HeadDirections, path: str, exp_norm: float = 0.4,
                               scale: float = 1.0) -> np.ndarray:
-        """Write control_vector(...) as a llama.cpp control-vector GGUF (llama-cli --control-vector)."""
+        """Write analysis.control_vector(det, ...) as a llama.cpp control-vector GGUF (llama-cli
+        --control-vector)."""
         from .method.cvec import save_control_vector
 
-        vec = self.control_vector(vectors, exp_norm, scale)
+        vec = control_vector(self, vectors, exp_norm, scale)
         save_control_vector(path, vec, self.model.info.architecture)
         return vec
 
@@ -441,10 +299,10 @@ class Detoxifier:
     def cancel(self) -> None:
         """Stop the running generation (from any thread); its text so far is kept and its
         stop_reason is "cancelled". A cancel() with nothing running does nothing."""
-        self._gen.cancel()
+        self.generator.cancel()
 
     def close(self) -> None:
-        self._gen.close()
+        self.generator.close()
         self.model.close()
 
     def __enter__(self) -> "Detoxifier":
@@ -454,19 +312,6 @@ class Detoxifier:
         self.close()
 
     # ---- internals ----------------------------------------------------------------------------
-    def _args(self, overrides: dict) -> tuple[Settings, str]:
-        if "method" in overrides and methods.is_method(overrides["method"], saved_vectors=self._gen.vectors is not None):
-            overrides = {**overrides, "method": methods.run_name(overrides["method"], self._gen.vectors is not None)}
-        s = self.call_settings(overrides)[0]
-        if self._gen.vectors is None:
-            return s, self._gen.resolve(s.method).name
-        spec = methods.get(s.method)
-        if "method" in overrides and spec.with_vectors is None:
-            if not spec.heads:            # unsteered methods (the baselines of an eval) run as themselves
-                return s, spec.name
-            raise FgdilpError(f"this model runs saved vectors (frozen); it cannot run method {s.method!r}")
-        return s, methods.saved_vectors().name
-
     def _call(self, prompt: str, s: Settings, method: str, special: bool, explain: bool, on_text=None,
               reset_cancel: bool = True, n_samples: int = 1, stop_at_eog: bool = True,
               chat: bool = False, condition_texts: Optional[list[str]] = None) -> GenResult:
@@ -475,12 +320,12 @@ class Detoxifier:
         special=True on a ChatPrompt (fit_chat's) parses special tokens outside its messages only."""
         if special is True and isinstance(prompt, ChatPrompt):
             special = prompt.special
-        self._gen.set_steer(s.steer())
-        self._gen.set_fgdilp(s.fgdilp())
-        return self._gen.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples, on_text=on_text,
-                                  explain=explain, special=special, reset_cancel=reset_cancel,
-                                  stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat,
-                                  condition_texts=condition_texts)
+        self.generator.set_steer(s.steer())
+        self.generator.set_fgdilp(s.fgdilp())
+        return self.generator.generate(prompt, method, s.n_predict, s.sampling(), n_samples=n_samples,
+                                       on_text=on_text, explain=explain, special=special, reset_cancel=reset_cancel,
+                                       stop_at_eog=stop_at_eog, instance_reuse=s.instance_reuse, kv_reuse=chat,
+                                       condition_texts=condition_texts)
 
 
 def setting_sources(det: Detoxifier) -> dict[str, tuple[object, str]]:
@@ -488,13 +333,3 @@ def setting_sources(det: Detoxifier) -> dict[str, tuple[object, str]]:
     profile, default, chat default (`info` prints them)."""
     return {f.name: (getattr(det.settings, f.name), det.sources.get(f.name, "default"))
             for f in dataclasses.fields(Settings)}
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -11,6 +11,8 @@ from importlib import resources
 from typing import Optional, Sequence
 
 from . import methods
+from .call_settings import settings_for
+from .chat.fitting import fit_chat
 from .generation import INSTANCE_REUSE
 from .params import CONTRASTS
 from .setting_spec import PREFIXED
@@ -86,7 +88,7 @@ def run_chat_ttft(det, prompt: str, names: list[str], repeats: int, vectors_det=
     base = statistics.median(ttft[methods.UNSTEERED])
     s = det.settings
     out = {"model": det.model.info.path, "prompt": prompt, "repeats": repeats, "threads": s.threads or os.cpu_count(),
-           "n_prompt_tokens": det.fit_chat(messages).n_tokens, "methods": {}}
+           "n_prompt_tokens": fit_chat(det, messages).n_tokens, "methods": {}}
     for m in names:
         med = statistics.median(ttft[m])
         setup = statistics.median(p[0] for p in parts[m]) if parts[m] else 0.0
@@ -128,7 +130,7 @@ def chat_variants(det, names: list[str]) -> list[tuple[str, dict, str]]:
     (its profile entry's values included)."""
     out = []
     for m in names:
-        spec, eff = methods.get(m), det.settings_for(m)
+        spec, eff = methods.get(m), settings_for(det, m)
         keys = [k for k, (_, applies) in VARIANT_CHANGES.items() if applies(spec)]
         combos = [[k] for k in keys] + ([keys] if len(keys) > 1 else [])
         for combo in combos:

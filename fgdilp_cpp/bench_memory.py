@@ -19,6 +19,7 @@ from typing import Optional
 
 from . import methods
 from .bench import chat_turns, run_chat_turns
+from .call_settings import settings_for
 from .kv_memory import MIB
 
 def peak_rss_mib() -> float:
@@ -52,7 +53,7 @@ def universal_source(det) -> str:
     rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
     v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
                        source="random", settings={}).validate()
-    det._gen.use_universal(v)          # noqa: SLF001 - a benchmark's stand-in for an installed file
+    det.generator.use_universal(v)          # a benchmark's stand-in for an installed file
     return "random"
 
 
@@ -74,7 +75,7 @@ def _worker(spec: dict) -> dict:
             res = det.chat(msgs, method=spec["methods"][0], n_predict=reply, seed=42 + i)
             msgs.append({"role": "assistant", "content": res.text})
     out = {"peak_rss_mib": round(peak_rss_mib(), 1), "loaded_rss_mib": round(loaded, 1),
-           "kv_mib": round(det.kv_bytes() / MIB, 2), "kv_budget_mib": round(det._gen.kv_budget / MIB)}  # noqa: SLF001
+           "kv_mib": round(det.generator.kv_bytes() / MIB, 2), "kv_budget_mib": round(det.generator.kv_budget / MIB)}
     det.close()
     return out
 
@@ -138,7 +139,7 @@ def run_memory_bench(open_det, settings, sources: dict, names: list[str], turns:
         out = {"model": os.path.basename(det.model.info.path), "n_params": det.model.info.n_params,
                "ctx_size": settings.ctx_size, "threads": settings.threads or os.cpu_count(), "turns": turns,
                "reply_tokens": reply_tokens, "decode_tokens": decode_tokens, "repeats": repeats,
-               "contrast": {m: det.settings_for(m).contrast for m in names}, "universal": universal_source(det),
+               "contrast": {m: settings_for(det, m).contrast for m in names}, "universal": universal_source(det),
                "methods": {}}
         speed = decode_speeds(det, prompt, names, decode_tokens, repeats)
         ttft = run_chat_turns(det, names, turns, reply_tokens=reply_tokens, repeats=1)["methods"]

@@ -142,7 +142,7 @@ def probe(model: str | None, threads: int, per_class: int) -> int:
     texts, y, kinds = training_texts(per_class, set(sets["rtp-benign"]))
     t0 = time.perf_counter()
     with Detoxifier.from_file(model, threads=threads, profile=False) as det:
-        rt = det._gen.rt
+        rt = det.generator.rt
         info = det.model.info
         rows = {name: last_token_rows(rt, t, threads, 512) for name, t in [("train", texts), *sets.items()]}
     took = time.perf_counter() - t0

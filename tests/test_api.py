@@ -74,7 +74,7 @@ def test_saved_vectors_refuse_another_method(tiny_llama, tmp_path):
 
     with Detoxifier.from_file(tiny_llama[0], ctx_size=256, threads=1, selfgen_samples=3, selfgen_tokens=4,
                               selfgen_min_tokens=1) as d:
-        d._gen.build_vectors(PROMPT, SamplingParams(), {}).save(tmp_path / "v.gguf")
+        d.generator.build_vectors(PROMPT, SamplingParams(), {}).save(tmp_path / "v.gguf")
         plain = d.generate(PROMPT, method="none", seed=3, n_predict=12).text
     with Detoxifier.from_file(tiny_llama[0], vectors=str(tmp_path / "v.gguf"), ctx_size=256, n_predict=12,
                               threads=1) as d:
@@ -86,3 +86,26 @@ def test_saved_vectors_refuse_another_method(tiny_llama, tmp_path):
         # an unsteered baseline still runs as itself (eval --vectors compares with none)
         base = d.generate(PROMPT, seed=3, method="none")
         assert base.method == "none" and base.fired_layers == 0 and base.text == plain
+
+
+def test_the_detoxifier_keeps_the_users_verbs(detox):
+    """Besides its verbs a Detoxifier holds data; the model's analysis, a call's settings and a
+    fitted conversation are functions over it (analysis.py, call_settings.py, chat/fitting.py)."""
+    public = {name for name in vars(Detoxifier) if not name.startswith("_")}
+    assert public == {"from_file", "generate", "stream", "chat", "stream_chat", "info", "build_vectors",
+                      "export_control_vector", "cancel", "close"}
+    assert detox.vectors is None and detox.vectors_path is None and detox.max_samples == 1
+    assert detox.name == detox.info(probe=False)["name"]
+
+
+def test_analysis_reads_the_model_through_its_generator(detox):
+    import numpy as np
+
+    from fgdilp_cpp.analysis import diagnose, self_diagnosis, self_diagnosis_tokens
+
+    texts = ("the cat sat on a mat", "you are an idiot")
+    own = self_diagnosis(detox, texts)
+    assert own.shape == (2, 6) and ((own > 0) & (own < 1)).all()
+    np.testing.assert_allclose(diagnose(detox, texts, "self"), own, rtol=1e-5)
+    yes, no = self_diagnosis_tokens(detox)
+    assert yes.strip() and no.strip() and yes != no

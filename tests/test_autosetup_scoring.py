@@ -25,7 +25,7 @@ def _directions(model, seed=3) -> HeadDirections:
 
 
 def _forced_nll(det, text, cont_ids, method):
-    res = det._gen.generate(text, method, len(cont_ids), forced_tokens=cont_ids, record_logits=True, kv_reuse=False)
+    res = det.generator.generate(text, method, len(cont_ids), forced_tokens=cont_ids, record_logits=True, kv_reuse=False)
     return sum(log_softmax_nll(res.logits[k][0], t) for k, t in enumerate(cont_ids)) / len(cont_ids)
 
 

@@ -24,6 +24,7 @@ from fgdilp_cpp.generation import Generator, identity_of
 from fgdilp_cpp.method.prefixes import NEG_PREFIX, POS_PREFIX, Selection
 from fgdilp_cpp.method.vectors import HeadDirections
 from fgdilp_cpp.params import EngineParams, FgdilpParams, SamplingParams, SteerParams
+from fgdilp_cpp.chat.fitting import fit_chat
 
 BATCH_SIZES = (8, 32, 512)
 GREEDY = SamplingParams(temp=0.0, seed=3)
@@ -302,8 +303,8 @@ def test_a_kept_conversation_replies_as_before_after_six_others(monkeypatch, met
 
     det = Detoxifier.from_file(None, method=method, threads=1, temp=0.0, seed=7, n_predict=16, kv_conversations=4,
                                profile=False, chat_template="gemma")
-    generate = det._gen.generate
-    monkeypatch.setattr(det._gen, "generate", lambda *a, **kw: generate(*a, record_logits=True, **kw))
+    generate = det.generator.generate
+    monkeypatch.setattr(det.generator, "generate", lambda *a, **kw: generate(*a, record_logits=True, **kw))
     try:
         request = [{"role": "user", "content": "My neighbour keeps parking his car in front of my house and "
                                                "yesterday he shouted at my kids. What should I tell him?"}]
@@ -315,7 +316,7 @@ def test_a_kept_conversation_replies_as_before_after_six_others(monkeypatch, met
             det.chat([{"role": "user", "content": f"Tell me about topic {i}: cats, or the weather on day {i}."}])
         later = det.chat(request)
         assert 0 < later.n_reused_tokens < again.n_reused_tokens      # another conversation's prefix
-        spread = max(none_spreads(det.model, first.samples[0].tokens, str(det.fit_chat(request).prompt),
+        spread = max(none_spreads(det.model, first.samples[0].tokens, str(fit_chat(det, request).prompt),
                                   special=True)[0].values())
     finally:
         det.close()

@@ -6,6 +6,7 @@ import pytest
 
 from fgdilp_cpp import Detoxifier, FgdilpError
 from fgdilp_cpp.chat import ChatTemplate, normalize
+from fgdilp_cpp.chat.fitting import fit_chat
 
 MSGS = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "the cat sat on a mat"}]
 
@@ -18,8 +19,8 @@ def det(tiny_chat):
 
 
 def test_template_from_gguf_and_stream_equals_chat(det):
-    fitted = det.fit_chat(MSGS)
-    assert det.template.name == "from the GGUF"
+    fitted = fit_chat(det, MSGS)
+    assert det.chat_format.template.name == "from the GGUF"
     assert fitted.prompt == ("<|im_start|>system\nbe kind<|im_end|>\n<|im_start|>user\nthe cat sat on a mat"
                              "<|im_end|>\n<|im_start|>assistant\n")
     res = det.chat(MSGS, seed=3)
@@ -56,11 +57,11 @@ def test_history_is_trimmed_oldest_first(tiny_chat):
                        {"role": "assistant", "content": f"answer {i} " + "word " * 20}]
     msgs = [MSGS[0]] + long_turns + [{"role": "user", "content": "last one"}]
     with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=400, n_predict=40, threads=1, method="tr") as d:
-        fitted = d.fit_chat(msgs)
+        fitted = fit_chat(d, msgs)
         assert fitted.dropped > 0 and fitted.dropped % 2 == 0
         assert fitted.messages[0] == MSGS[0] and fitted.messages[-1]["content"] == "last one"
         assert fitted.messages[1]["role"] == "user"
-        assert fitted.n_tokens + 40 + d._gen.prefix_room("tr") <= 400
+        assert fitted.n_tokens + 40 + d.generator.prefix_room("tr") <= 400
         res = d.chat(msgs, seed=1)
         assert res.explain["dropped_messages"] == fitted.dropped and res.stop_reason == "length"
         with pytest.raises(FgdilpError, match="does not fit"):
@@ -76,7 +77,7 @@ def test_model_without_template_needs_chat_template(tiny_llama):
         assert d.generate("plain text still works", method="none").tokens
     with Detoxifier.from_file(tiny_llama[0], chat=True, chat_template="llama3", ctx_size=256, n_predict=4,
                               threads=1, method="none") as d:
-        assert d.fit_chat(MSGS).prompt.startswith("<|start_header_id|>system")
+        assert fit_chat(d, MSGS).prompt.startswith("<|start_header_id|>system")
         assert len(d.chat(MSGS).tokens) == 4
     with pytest.raises(FgdilpError, match="does not support"):
         ChatTemplate(None, "no-such-format")

@@ -322,7 +322,7 @@ def test_a_file_already_at_the_conversation_path_is_never_replaced(tmp_path):
     from fgdilp_cpp.settings import Settings
 
     det = SimpleNamespace(settings=Settings(), model=SimpleNamespace(info=SimpleNamespace(path="m.gguf")),
-                          template=SimpleNamespace(name="chatml"))
+                          chat_format=SimpleNamespace(template=SimpleNamespace(name="chatml")))
     session = Session(det, str(tmp_path / "hist"))
     (tmp_path / "hist").mkdir(mode=0o700)
     session.path.write_text("someone else's")

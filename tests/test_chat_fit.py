@@ -9,6 +9,7 @@ import pytest
 from fgdilp_cpp import Detoxifier
 from fgdilp_cpp.chat import fit, turn_starts
 from fgdilp_cpp.errors import ContextLengthError
+from fgdilp_cpp.chat.fitting import chat_floor, fit_chat, fit_conversation
 
 ROLES = ("user", "assistant")
 
@@ -64,7 +65,7 @@ def test_the_binary_search_drops_what_the_old_loop_dropped():
 def test_the_same_on_the_model_s_template_and_tokenizer(tiny_chat):
     rng = random.Random(1)
     with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=512, n_predict=10, threads=1, method="tr") as det:
-        render, count = det.template.format, lambda p: len(det.model.tokenize(p, special=True))  # noqa: E731
+        render, count = det.chat_format.template.format, lambda p: len(det.model.tokenize(p, special=True))  # noqa: E731
         trimmed = 0
         for _ in range(40):
             msgs = random_conversation(rng)
@@ -106,8 +107,8 @@ def test_a_long_conversation_is_refused_or_trimmed_in_well_under_a_second(tiny_c
     with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=256, n_predict=8, threads=1, method="tr") as det:
         t0 = time.perf_counter()
         with pytest.raises(ContextLengthError):
-            det.fit_chat(msgs, trim=False)
-        fitted = det.fit_chat(msgs)
+            fit_chat(det, msgs, trim=False)
+        fitted = fit_chat(det, msgs)
         assert time.perf_counter() - t0 < 1.0
         assert fitted.dropped > 700 and fitted.messages[-1] == msgs[-1]
 
@@ -131,10 +132,10 @@ def test_the_token_floor_never_exceeds_the_tokens(tiny_llama, template):
                               method="none") as det:
         for _ in range(150):
             msgs = special_conversation(rng)
-            floor, _ = det.chat_floor(msgs)
-            n = det._fit(msgs, det.settings.updated({"ctx_size": 100_000}), "none").n_tokens
+            floor, _ = chat_floor(det, msgs)
+            n = fit_conversation(det, msgs, det.settings.updated({"ctx_size": 100_000}), "none").n_tokens
             assert floor <= n, (msgs, floor, n)
-        assert det._markers == {"llama2": ("</s>",), "gemma": ()}.get(template, ())
+        assert det.chat_format._markers == {"llama2": ("</s>",), "gemma": ()}.get(template, ())
 
 
 def test_a_floor_spares_tokenizing_without_changing_the_result():
@@ -165,7 +166,7 @@ def test_twenty_thousand_messages_through_the_api_in_a_second_or_two(tiny_chat):
     with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=256, n_predict=8, threads=1, method="tr") as det:
         t0 = time.perf_counter()
         with pytest.raises(ContextLengthError, match="at least"):
-            det.fit_chat(msgs, trim=False)
-        fitted = det.fit_chat(msgs)
+            fit_chat(det, msgs, trim=False)
+        fitted = fit_chat(det, msgs)
         assert time.perf_counter() - t0 < 3.0
         assert fitted.messages[-1] == msgs[-1] and fitted.n_tokens <= 256

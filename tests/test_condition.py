@@ -85,7 +85,7 @@ def test_toxicities_are_remembered_per_text(model):
 def test_chat_reads_the_conversation_not_the_template(tiny_chat):
     with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=512, n_predict=4, threads=1, method="tr",
                               condition=0.5) as det:
-        det._gen.rt.scorer = scorer = KeywordScorer()
+        det.generator.rt.scorer = scorer = KeywordScorer()
         first = det.chat([{"role": "system", "content": "you hate nothing"}, {"role": "user", "content": "hi"}],
                          explain=True)
         assert first.explain["condition"]["steered"] is False and first.fired_layers == 0
@@ -101,14 +101,18 @@ def test_chat_reads_the_conversation_not_the_template(tiny_chat):
         assert "condition" not in off.explain and off.tokens == later.tokens
 
 
-def test_eval_conditions_on_the_raw_prompt_in_chat():
+def test_eval_conditions_on_the_raw_prompt_in_chat(monkeypatch):
+    from fgdilp_cpp.evaluation import runner
+
+    def fit_chat(det, messages, method):
+        class F:
+            prompt = "<template>" + messages[0]["content"] + "</template>"
+        return F()
+
+    monkeypatch.setattr(runner, "fit_chat", fit_chat)
+
     class Det:
         max_samples = 4
-
-        def fit_chat(self, messages, method):
-            class F:
-                prompt = "<template>" + messages[0]["content"] + "</template>"
-            return F()
 
         def generate(self, prompt, **kw):
             self.kw = dict(kw, prompt=prompt)
@@ -155,7 +159,7 @@ def test_eval_records_which_prompts_were_steered(tiny_llama, tmp_path):
     prompts = [PromptRecord(0, BENIGN), PromptRecord(1, HOSTILE)]
     with Detoxifier(Settings(model=str(tiny_llama[0]), ctx_size=256, threads=1), max_samples=2,
                     max_new=8) as det:
-        det._gen.rt.scorer = KeywordScorer()
+        det.generator.rt.scorer = KeywordScorer()
         res = run_eval(det, prompts, ["none", "tr"], 2, 4, 0.9, 1, tmp_path / "run", KeywordScorer(), {},
                        progress=False, grid=[{"condition": 0.5}, {"condition": None}])
     ms = res["report"]["methods"]

@@ -64,7 +64,7 @@ def test_mean_token_rows_equal_the_torch_reference(det, torch_model):
     forward of the same weights; f16 KV in llama.cpp), and does not depend on its batch."""
     from fgdilp_cpp.universal import mean_token_rows
 
-    rt, info = det._gen.rt, det.model.info
+    rt, info = det.generator.rt, det.model.info
     got = mean_token_rows(rt, TEXTS, 1, per_decode=3)
     assert got.shape == (len(TEXTS), info.n_layer, info.n_head, info.head_dim)
     for i, text in enumerate(TEXTS):
@@ -91,7 +91,7 @@ def test_data_vectors_are_the_contrast_at_trs_strength(det):
         tr = reply.build_vectors(PROMPTS, TR_PREFIXES)            # the strength: TR's at the reply contrast
         np.testing.assert_array_equal(reply.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=TOXIC).directions, hd.directions)
     assert not np.allclose(det.build_vectors(PROMPTS, TR_PREFIXES).head_norms(), tr.head_norms())
-    contrast = mean_difference(mean_token_rows(det._gen.rt, TEXTS, 1), np.array(TOXIC))
+    contrast = mean_difference(mean_token_rows(det.generator.rt, TEXTS, 1), np.array(TOXIC))
     np.testing.assert_allclose(hd.head_norms(), tr.head_norms(), rtol=1e-4)        # TR's per-head strength
     cos = np.einsum("lhd,lhd->lh", hd.directions, contrast) / (hd.head_norms() * np.linalg.norm(contrast, axis=2))
     np.testing.assert_allclose(cos, 1.0, rtol=1e-4)                                 # the contrast's direction
@@ -100,8 +100,6 @@ def test_data_vectors_are_the_contrast_at_trs_strength(det):
     assert hd.settings["model"] == Path(det.settings.model).name   # the file name, not this machine's path
     assert hd.settings["universal"] == {"n_prompts": 2, "chat": False, "n_texts": 4, "n_toxic": 2,
                                         "texts": {"how": "by hand"}}
-    with pytest.warns(DeprecationWarning, match="use build_vectors"):       # the former builder, a thin wrapper
-        assert det.build_data_vectors(PROMPTS, TEXTS, TOXIC, labels={"how": "by hand"}) == hd
     with pytest.raises(FgdilpError, match="labelled texts of source 'labelled-text'"):
         det.build_vectors(PROMPTS, TR_PREFIXES, texts=TEXTS, toxic=TOXIC)
     flipped = det.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=[not t for t in TOXIC])
@@ -119,9 +117,9 @@ def test_data_vectors_steer_by_their_sign(det, tiny_llama, tmp_path):
     for name, toxic in (("data", TOXIC), ("flipped", [not t for t in TOXIC])):
         det.build_vectors(PROMPTS, LABELLED_TEXT, texts=TEXTS, toxic=toxic).save(tmp_path / f"{name}.gguf")
         with Detoxifier.from_file(tiny_llama[0], vectors=str(tmp_path / f"{name}.gguf"), steer_scale=2.0, **FAST) as d:
-            logits[name] = d._gen.generate(PROMPTS[0], "fgdilp-frozen", 4, forced_tokens=[5, 6, 7, 8],
+            logits[name] = d.generator.generate(PROMPTS[0], "fgdilp-frozen", 4, forced_tokens=[5, 6, 7, 8],
                                            record_logits=True, kv_reuse=False).logits
-    unsteered = det._gen.generate(PROMPTS[0], "none", 4, forced_tokens=[5, 6, 7, 8], record_logits=True,
+    unsteered = det.generator.generate(PROMPTS[0], "none", 4, forced_tokens=[5, 6, 7, 8], record_logits=True,
                                   kv_reuse=False).logits
     for a, b, u in zip(logits["data"], logits["flipped"], unsteered):
         assert np.all(np.isfinite(a))
@@ -183,7 +181,7 @@ def test_mean_token_rows_from_a_start_equal_the_torch_reference(det, torch_model
     positions of the same forward pass."""
     from fgdilp_cpp.universal import mean_token_rows
 
-    rt = det._gen.rt
+    rt = det.generator.rt
     toks = det.model.tokenize(TEXTS[1])
     got = mean_token_rows(rt, [TEXTS[1], TEXTS[2]], 1, starts=[5, 0])
     _, attn = torch_model.forward(torch_model.new_state(), toks)

@@ -326,9 +326,9 @@ def test_per_call_edit_and_gate(model, tiny_llama):
 
     with Detoxifier.from_file(str(tiny_llama[0]), ctx_size=256, threads=2) as det:
         a = det.generate(PROMPT, n_predict=4, method="tr", edit="rotate", gate=0.1)
-        assert det._gen.context("tr").hook.edit_rule == "rotate" and det._gen.context("tr").hook.gate == 0.1
+        assert det.generator.context("tr").hook.edit_rule == "rotate" and det.generator.context("tr").hook.gate == 0.1
         b = det.generate(PROMPT, n_predict=4, method="tr")
-        assert det._gen.context("tr").hook.edit_rule == "subtract" and det._gen.context("tr").hook.gate is None
+        assert det.generator.context("tr").hook.edit_rule == "subtract" and det.generator.context("tr").hook.gate is None
         assert a.tokens and b.tokens
         with pytest.raises(FgdilpError, match="gate"):
             det.generate(PROMPT, n_predict=4, gate=3.0)

@@ -260,11 +260,11 @@ def test_fgdilp_values_that_size_contexts_cannot_change_per_call(model_path):
     import dataclasses
 
     with Detoxifier(Settings(model=str(model_path), ctx_size=256, threads=1, **FGDILP)) as det:
-        f = det._gen.fgdilp
+        f = det.generator.fgdilp
         with pytest.raises(FgdilpError, match="samples size the model's contexts"):
-            det._gen.set_fgdilp(dataclasses.replace(f, samples=f.samples + 1))
-        det._gen.set_fgdilp(dataclasses.replace(f, mask_k=20.0))
-        assert det._gen.fgdilp.mask_k == 20.0
+            det.generator.set_fgdilp(dataclasses.replace(f, samples=f.samples + 1))
+        det.generator.set_fgdilp(dataclasses.replace(f, mask_k=20.0))
+        assert det.generator.fgdilp.mask_k == 20.0
 
 
 def test_each_method_at_its_own_points(model_path, tmp_path):

@@ -18,6 +18,7 @@ from fgdilp_cpp.autosetup.points import PointScores, candidate_ranges
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.profiles import FAST_SETUP, Profile, is_fast
 from fgdilp_cpp.safe_defaults import is_safe_defaults, last_sixth
+from fgdilp_cpp.call_settings import settings_for
 
 FAST = dict(threads=1, ctx_size=256)
 pytestmark = pytest.mark.unprofiled
@@ -144,7 +145,7 @@ def test_no_auto_setup_runs_the_measured_safe_defaults(profile_dir, tiny_llama):
         assert "no measured profile" in det.profile_note and "calibrate --fast" in det.profile_note
         assert det.info(probe=False)["profile_kind"] == "safe-defaults"
         # a method the user picks also runs at its safe entry, not at every layer
-        tr = det.settings_for("tr")
+        tr = settings_for(det, "tr")
         assert tr.steer_layer_range == last_sixth(det.model.info.n_layer) and tr.steer_scale <= 0.25
     assert not profile_dir.exists() or not any(profile_dir.iterdir())
 

@@ -193,12 +193,12 @@ def test_serve_warms_what_fits_and_answers_503_for_what_cannot(tiny_llama):
     kw = {**DET_KW, "ctx_size": 4096, "method": "none", "kv_budget_mib": 4}
     with Detoxifier.from_file(str(tiny_llama[0]), **kw) as det, \
             Served(create_app(det, Limits(allow_methods=("none", "tr")))) as srv:
-        assert det.kv_bytes("none") > 0 and det.kv_bytes("tr") == 0
+        assert det.generator.kv_bytes("none") > 0 and det.generator.kv_bytes("tr") == 0
         body = {"model": "m", "messages": MSGS, "seed": 1, "max_tokens": 4}
         s, _, err = srv.request("POST", "/v1/chat/completions", {**body, "method": "tr"})
         assert s == 503 and err["error"]["code"] == "kv_budget" and "--kv-budget-mib" in err["error"]["message"]
         assert srv.request("POST", "/v1/chat/completions", body)[0] == 200
-        assert det.kv_bytes() <= 4 * MIB
+        assert det.generator.kv_bytes() <= 4 * MIB
 
 
 def test_bench_memory_json(cli, tiny_chat):

@@ -255,17 +255,17 @@ def test_bench_chat_turns_json(tiny_chat, cli):
     assert bad.returncode == 1 and "--turns must be in 1..8" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_bench_variants_turn_what_each_method_runs_at_to_the_other_value():
+def test_bench_variants_turn_what_each_method_runs_at_to_the_other_value(monkeypatch):
     """A method whose profile entry runs it at the reply contrast gets a "+full" row, one at the
     full contrast a "+reply" row; only FGDILP's methods get "+turn" / "+conversation" rows."""
-    from fgdilp_cpp.bench import chat_variants
+    from fgdilp_cpp import bench
     from fgdilp_cpp.settings import Settings
 
-    class Det:
-        def settings_for(self, m):
-            return Settings(contrast="reply" if m == "fgdilp-frozen" else "full", instance_reuse="conversation")
+    def settings_for(det, m):
+        return Settings(contrast="reply" if m == "fgdilp-frozen" else "full", instance_reuse="conversation")
 
-    rows = chat_variants(Det(), ["none", "tr", "fgdilp-frozen", "vectors"])
+    monkeypatch.setattr(bench, "settings_for", settings_for)
+    rows = bench.chat_variants(object(), ["none", "tr", "fgdilp-frozen", "vectors"])
     assert rows == [("tr+reply", {"contrast": "reply"}, "tr"),
                     ("fgdilp-frozen+turn", {"instance_reuse": "turn"}, "fgdilp-frozen"),
                     ("fgdilp-frozen+full", {"contrast": "full"}, "fgdilp-frozen"),

@@ -21,6 +21,7 @@ from fgdilp_cpp.serve.openai_api import ApiError, Policy, check_methods, parse_r
 from fgdilp_cpp.profiles import FORMAT, SHIPPED_DIR, VERSION, Profile, model_identity
 from fgdilp_cpp.chat.repl import Session, command
 from fgdilp_cpp.settings import Settings
+from fgdilp_cpp.call_settings import settings_for
 
 FORMER = "fgdilp-universal"
 NOTICE = "'fgdilp-universal' is now called 'universal'"
@@ -79,7 +80,7 @@ def test_the_api_repl_and_server_take_the_former_name(tiny_llama, fresh_notice, 
     with pytest.warns(methods.MethodRenamedWarning):
         det = Detoxifier.from_file(tiny_llama[0], method=FORMER, ctx_size=128, threads=1)
     with det:
-        assert det.settings.method == "universal" and det.settings_for(FORMER).method == "universal"
+        assert det.settings.method == "universal" and settings_for(det, FORMER).method == "universal"
         session = Session(det, None)
         assert command(session, "/method tr") and session.method == "tr"
         assert command(session, f"/method {FORMER}") and session.method == "universal"

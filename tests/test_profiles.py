@@ -8,6 +8,7 @@ import pytest
 from fgdilp_cpp.errors import FgdilpError
 from fgdilp_cpp.profiles import Profile, find_profile, profile_path_for
 from fgdilp_cpp.settings import CHAT_DEFAULTS, Settings, resolve
+from fgdilp_cpp.call_settings import run_settings, settings_for
 
 from conftest import run_cli
 from tiny_model import TinyConfig, build_tiny_llama
@@ -102,11 +103,11 @@ def test_api_applies_the_profile_below_given_values(profiled):
         # another method per call takes that method's profile values for what the call leaves open
         res = det.generate("the cat", method="random", n_predict=3)
         assert res.method == "random"
-        s_random, _ = det._args({"method": "random"})
+        s_random, _ = run_settings(det, {"method": "random"})
         assert s_random.steer_scale == 0.5
         # tr's layer range is tr's: random's entry names none, so random runs at the default
         assert s_random.steer_layer_range is None and s_random.exp_norm == 0.5
-        assert det._args({"method": "random", "steer_scale": 0.1})[0].steer_scale == 0.1
+        assert run_settings(det, {"method": "random", "steer_scale": 0.1})[0].steer_scale == 0.1
     with Detoxifier.from_file(path, ctx_size=128, threads=1, profile=False) as det:
         assert det.profile is None and det.settings.steer_scale == 1.0
 
@@ -179,7 +180,7 @@ def test_chat_settings_after_method_show_that_methods_values(profiled, capsys):
         command(session, "/method random")
         command(session, "/settings")
         after = _settings_rows(capsys.readouterr().out)
-        runs = det.settings_for("random")
+        runs = settings_for(det, "random")
     # the profile's method (tr) and its entry, over the chat's defaults
     assert before["method"].split()[1:] == ["tr", "(profile)"]
     assert before["steer-scale"].split()[1:] == ["0.25", "(profile)"]

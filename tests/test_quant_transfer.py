@@ -104,7 +104,7 @@ def profiled_q8(quantised, tmp_path, monkeypatch):
 
 
 def _logits(det, method):
-    return np.stack(det._gen.generate(PROMPT, method, 3, SamplingParams(seed=5), record_logits=True).logits)
+    return np.stack(det.generator.generate(PROMPT, method, 3, SamplingParams(seed=5), record_logits=True).logits)
 
 
 def _universal(path: Path) -> Path | None:

@@ -73,11 +73,12 @@ def test_chat_on_the_default_chat_model():
     """SmolLM2-135M-Instruct with the chat defaults: its GGUF template, FGDILP on all 30 layers,
     candidate replies that end at the end of turn, and a reply unlike the unsteered one."""
     from fgdilp_cpp import Detoxifier
+    from fgdilp_cpp.chat.fitting import fit_chat
 
     msgs = [{"role": "user", "content": "You are a worthless idiot. What do you think of people like me?"}]
     with Detoxifier.from_file(chat=True, threads=2, n_predict=24) as d:
-        assert "SmolLM2" in d.model.info.path and d.template.name == "from the GGUF"
-        assert d.fit_chat(msgs).prompt.endswith("<|im_start|>assistant\n")
+        assert "SmolLM2" in d.model.info.path and d.chat_format.template.name == "from the GGUF"
+        assert fit_chat(d, msgs).prompt.endswith("<|im_start|>assistant\n")
         res = d.chat(msgs, explain=True)
         plain = d.chat(msgs, method="none")
     assert res.method == "fgdilp" and res.fired_layers == 30 and res.text.strip()

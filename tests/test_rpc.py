@@ -122,8 +122,8 @@ def _steps(gemma_path, rpc, method, capfd, forced=None):
         context.set_verbose(False)
     load_log = capfd.readouterr().err.splitlines()
     with det:
-        n_layer = det._gen.model.info.n_layer
-        r = det._gen.generate(PROMPT, method, 6, SamplingParams(seed=5), record_logits=True, forced_tokens=forced)
+        n_layer = det.generator.model.info.n_layer
+        r = det.generator.generate(PROMPT, method, 6, SamplingParams(seed=5), record_logits=True, forced_tokens=forced)
     if method != "none":
         assert r.fired_layers == n_layer          # the hook fired on every layer, wherever the layer ran
     return r.tokens, np.stack(r.logits), load_log
@@ -176,7 +176,7 @@ def on_text(piece):
         first.append(piece)
         print("paused", flush=True)
         sys.stdin.readline()            # the test kills the server now
-det._gen.generate("the cat sat", "tr", 40, SamplingParams(seed=1), on_text=on_text, stop_at_eog=False)
+det.generator.generate("the cat sat", "tr", 40, SamplingParams(seed=1), on_text=on_text, stop_at_eog=False)
 print("finished", flush=True)
 """
 

@@ -334,7 +334,7 @@ def test_the_condition_per_request(tiny_llama):
 
     with open_det(tiny_llama) as det, open_det(tiny_llama) as ref, Served(create_app(det, Limits(max_tokens=64))) as srv, \
             srv.client() as c:
-        det._gen.rt.scorer = KeywordScorer()          # "hate" reads 0.9, anything else 0.1
+        det.generator.rt.scorer = KeywordScorer()          # "hate" reads 0.9, anything else 0.1
 
         def reply(msgs, **extra) -> str:
             return c.chat.completions.create(model="m", messages=msgs, seed=1, max_tokens=8,

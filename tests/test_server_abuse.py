@@ -110,15 +110,15 @@ def test_contexts_are_made_at_start_up_and_health_waits(tiny_llama):
         gate = Gate(served)                     # the warm-up queues behind it
         with served:
             status, _, body = served.request("GET", "/health")
-            assert (status, body["status"]) == (503, "loading") and not fresh._gen._ctx
+            assert (status, body["status"]) == (503, "loading") and not fresh.generator._ctx
             gate.release()
             wait_until(served.service.ready.is_set, "the warm-up did not finish", 60)
             assert served.request("GET", "/health")[::2] == (200, {"status": "ok", "model": "tiny-llama"})
-            made = set(fresh._gen._ctx)
+            made = set(fresh.generator._ctx)
             assert made == {"tr", "fgdilp", "setup", "none"}
             for method in ("tr", "fgdilp", "none"):
                 assert chat(served, method=method)[0] == 200
-            assert set(fresh._gen._ctx) == made       # no request grows memory later
+            assert set(fresh.generator._ctx) == made       # no request grows memory later
 
 
 def test_a_failed_warm_up_stops_the_server_without_details(tiny_llama, caplog):
@@ -298,7 +298,7 @@ def test_huge_and_non_finite_numbers_are_400(srv, field, value, param):
 # ---- faults -------------------------------------------------------------------------------------
 def forget_output_projections(det: Detoxifier) -> None:
     """Drop the cached W_O that cvec reads from the model file once (kept in its Runtime's caches)."""
-    det._gen.rt.caches.output_projections = None
+    det.generator.rt.caches.output_projections = None
 
 
 def test_a_server_fault_is_a_500_without_paths(tiny_llama, tmp_path, caplog):

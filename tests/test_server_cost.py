@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fgdilp_cpp import FgdilpError
+from fgdilp_cpp import api
 from fgdilp_cpp.api import Detoxifier
+from fgdilp_cpp.serve import request_cost
 from fgdilp_cpp.serve.server import Limits, create_app
 from server_helpers import MSGS, Served, open_det, wait_until
 
@@ -119,17 +121,20 @@ def test_a_megabyte_of_special_tokens_is_refused_without_tokenizing(tiny_llama):
         assert (status, out["error"]["code"]) == (400, "request_too_large")
 
 
-def test_the_model_thread_does_not_fit_the_conversation(tiny_llama):
+def test_the_model_thread_does_not_fit_the_conversation(tiny_llama, monkeypatch):
     """Fitted on the fitting thread before queueing: the model thread reuses it (no second fit)."""
     with open_det(tiny_llama) as det, Served(create_app(det)) as srv:
         where = []
-        fit = det.fit_chat
 
-        def recording(*a, **kw):
-            where.append(threading.current_thread().name)
-            return fit(*a, **kw)
+        def recording(fit):
+            def fit_and_record(*a, **kw):
+                where.append(threading.current_thread().name)
+                return fit(*a, **kw)
+            return fit_and_record
 
-        det.fit_chat = recording
+        # the server's fit, and the one Detoxifier.stream_chat would make without a fitted conversation
+        monkeypatch.setattr(request_cost, "fit_chat", recording(request_cost.fit_chat))
+        monkeypatch.setattr(api, "fit_conversation", recording(api.fit_conversation))
         status, _, out = srv.request("POST", CHAT, {"messages": MSGS, "seed": 1})
         assert status == 200 and len(where) == 1 and where[0].startswith("fgdilp-fit")
 
@@ -205,9 +210,9 @@ def test_an_empty_api_key_in_limits_is_refused(tiny_llama):
         create_app(det, Limits(api_key=""))
 
 
-def test_a_hang_up_while_fitting_queues_nothing(tiny_llama):
+def test_a_hang_up_while_fitting_queues_nothing(tiny_llama, monkeypatch):
     with open_det(tiny_llama) as det, Served(create_app(det)) as srv:
-        fitting, fit, streams = threading.Event(), det.fit_chat, []
+        fitting, fit, streams = threading.Event(), request_cost.fit_chat, []
         stream_chat = det.stream_chat
 
         def slow_fit(*a, **kw):
@@ -215,14 +220,14 @@ def test_a_hang_up_while_fitting_queues_nothing(tiny_llama):
             time.sleep(0.5)
             return fit(*a, **kw)
 
-        det.fit_chat = slow_fit
+        monkeypatch.setattr(request_cost, "fit_chat", slow_fit)
         det.stream_chat = lambda *a, **kw: streams.append(1) or stream_chat(*a, **kw)
         sock = srv.open_raw({"messages": MSGS, "seed": 1, "max_tokens": 50})
         assert fitting.wait(10)
         sock.close()
         time.sleep(1.0)
         assert streams == [] and srv.service.in_flight == 0
-        det.fit_chat = fit
+        monkeypatch.setattr(request_cost, "fit_chat", fit)
         assert srv.request("POST", CHAT, {"messages": MSGS, "seed": 1})[0] == 200 and streams == [1]
 
 

@@ -236,7 +236,7 @@ def test_the_condition_reading_is_reported(tiny_llama, stream):
     from test_condition import KeywordScorer
 
     with open_det(tiny_llama) as det, Served(create_app(det, Limits(max_tokens=16))) as srv, srv.client() as c:
-        det._gen.rt.scorer = KeywordScorer()          # "hate" reads 0.9, anything else 0.1
+        det.generator.rt.scorer = KeywordScorer()          # "hate" reads 0.9, anything else 0.1
         _, _, calm = chat(c, stream, extra_body={"condition": 0.5})
         _, _, hostile = chat(c, stream, messages=HOSTILE, extra_body={"condition": 0.5})
     assert calm["steered"] is False and calm["condition"] == {"threshold": 0.5, "toxicity": 0.1, "steered": False}

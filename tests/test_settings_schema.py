@@ -37,6 +37,7 @@ TOY_CHECKS = textwrap.dedent('''
     from fgdilp_cpp.cli.options import _settings, setting_options, sources
     from fgdilp_cpp.evaluation.sweep import parse_sweep, project
     from fgdilp_cpp.serve.openai_api import ApiError, Policy, parse_request
+    from fgdilp_cpp.call_settings import call_settings
     from fgdilp_cpp.chat.repl import Session, command
     from fgdilp_cpp.settings import PER_CALL, Settings
 
@@ -80,7 +81,7 @@ TOY_CHECKS = textwrap.dedent('''
     assert "toy_knob" in PER_CALL
     with Detoxifier.from_file(sys.argv[2], ctx_size=128, threads=1, chat_template="chatml", toy_knob=0.375,
                          auto_setup=False) as det:
-        assert det.settings.toy_knob == 0.375 and det.call_settings({"toy_knob": 0.5})[0].toy_knob == 0.5
+        assert det.settings.toy_knob == 0.375 and call_settings(det, {"toy_knob": 0.5})[0].toy_knob == 0.5
         command(Session(det, None), "/settings")
     print("toy checks passed")
 ''')

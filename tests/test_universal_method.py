@@ -32,7 +32,7 @@ def _prompts(tmp_path) -> str:
 
 
 def _steps(det, method, prompt=PROMPT):
-    return det._gen.generate(prompt, method, 4, SamplingParams(seed=5), record_logits=True)
+    return det.generator.generate(prompt, method, 4, SamplingParams(seed=5), record_logits=True)
 
 
 def test_installed_directions_are_found_and_applied_as_with_vectors(cli, tiny_llama, tmp_path):

@@ -53,7 +53,7 @@ def test_universal_vectors_for_chat_are_the_directions_chat_steers_with(tiny_cha
         for bad in (lambda: d.build_vectors(["ok", "  "], "tr-prefixes", chat=True), lambda: d.build_vectors("", chat=True)):
             with pytest.raises(FgdilpError, match="empty"):       # not a template around nothing
                 bad()
-        steered = d._gen.context("fgdilp-frozen").hook.slots[SLOT_DIR].copy()   # [n_layer, width]
+        steered = d.generator.context("fgdilp-frozen").hook.slots[SLOT_DIR].copy()   # [n_layer, width]
     assert one[0].settings["prompt"].startswith("<|im_start|>user") and one[0].settings["chat"] is True
     np.testing.assert_allclose(one[0].rows(), steered, rtol=1e-3, atol=1e-4)
     want = (one[0].directions.astype(np.float64) + one[1].directions) / 2
@@ -71,8 +71,6 @@ def test_universal_vectors_refuse_bad_prompts(det):
         det.build_vectors(["word " * 400], "tr-prefixes")
     with pytest.raises(FgdilpError, match="unknown source 'cvec'"):
         det.build_vectors(PROMPTS, "cvec")
-    with pytest.warns(DeprecationWarning, match="use build_vectors"), pytest.raises(FgdilpError, match="empty"):
-        det.build_universal_vectors(["ok", "  "], "tr")      # the former builder: a thin wrapper
 
 
 def test_probes_separate_a_separable_set():
@@ -109,7 +107,7 @@ def test_probe_rows_are_the_unsteered_last_rows(det):
     from fgdilp_cpp.universal import last_token_rows
 
     texts = ["the cat", "a dog ran in the park today", "x y"]
-    rt = det._gen.rt
+    rt = det.generator.rt
     together = last_token_rows(rt, texts, 1, 128, per_decode=3)
     alone = np.stack([last_token_rows(rt, [t], 1, 128)[0] for t in texts])
     np.testing.assert_allclose(together, alone, rtol=1e-2, atol=1e-2)     # f16 KV: batch-dependent rounding
@@ -164,9 +162,9 @@ def test_unselected_heads_are_not_edited(det, tmp_path, tiny_llama):
         with Detoxifier.from_file(tiny_llama[0], vectors=str(tmp_path / f"{name}.gguf"), **FAST) as d:
             # kv_reuse off, as generate and eval run (chat's reuse adds P0's unedited twin to each batch,
             # and a two-row batch rounds differently from a one-row one)
-            logits[name] = d._gen.generate(PROMPTS[0], "fgdilp-frozen", FORCED_N, forced_tokens=[5, 6, 7, 8],
+            logits[name] = d.generator.generate(PROMPTS[0], "fgdilp-frozen", FORCED_N, forced_tokens=[5, 6, 7, 8],
                                            record_logits=True, kv_reuse=False).logits
-    unsteered = det._gen.generate(PROMPTS[0], "none", FORCED_N, forced_tokens=[5, 6, 7, 8], record_logits=True,
+    unsteered = det.generator.generate(PROMPTS[0], "none", FORCED_N, forced_tokens=[5, 6, 7, 8], record_logits=True,
                                   kv_reuse=False).logits
     for a, b, c, _u in zip(logits["weighted"], logits["zeroed"], logits["plain"], unsteered):
         np.testing.assert_array_equal(a, b)

@@ -36,12 +36,12 @@ def test_forced_bytes_come_out_as_whole_characters(det):
     a = det.model.tokenize("a", add_bos=False)
     lead = det.model.detokenize(a)                                  # " a": SentencePiece's space
     pieces = []
-    res = det._gen.generate("hello", forced_tokens=a + [BYTE + b for b in EURO], on_text=pieces.append)
+    res = det.generator.generate("hello", forced_tokens=a + [BYTE + b for b in EURO], on_text=pieces.append)
     assert res.text == lead + "€" and pieces == [lead, "€"]
     pieces.clear()
-    res = det._gen.generate("hello", forced_tokens=a + [BYTE + b for b in EURO[:2]], on_text=pieces.append)
+    res = det.generator.generate("hello", forced_tokens=a + [BYTE + b for b in EURO[:2]], on_text=pieces.append)
     assert res.text == lead and pieces == [lead]                    # the cut character is dropped
-    res = det._gen.generate("hello", forced_tokens=a + [BYTE + 0xFF] + a)
+    res = det.generator.generate("hello", forced_tokens=a + [BYTE + 0xFF] + a)
     assert res.text == lead + "\ufffd" + lead                       # invalid bytes are still marked
 
 

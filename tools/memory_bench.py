@@ -68,10 +68,10 @@ def before_worker(spec: dict) -> dict:
         rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
         v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
                            source="random", settings={}).validate()
-        if hasattr(det._gen, "use_universal"):
-            det._gen.use_universal(v)
+        if hasattr(det.generator, "use_universal"):
+            det.generator.use_universal(v)
         else:                               # a checkout from before Generator.use_universal
-            det._gen.rt.universal = lambda: v
+            det.generator.rt.universal = lambda: v
     users, reply = chat_turns(spec["turns"]), spec["reply_tokens"]
     if spec["mode"] == "serve":
         queue = ModelQueue(det, 16, tuple(spec["methods"]))
@@ -90,7 +90,7 @@ def before_worker(spec: dict) -> dict:
     s = det.settings
     cell = i.n_layer * i.n_head_kv * (int(k_len or i.n_embd // i.n_head) * CACHE_BYTES[s.cache_type_k]
                                       + i.head_dim * CACHE_BYTES[s.cache_type_v])
-    cells = sum(c.n_ctx for c in det._gen._ctx.values())
+    cells = sum(c.n_ctx for c in det.generator._ctx.values())
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     return {"peak_rss_mib": round(peak, 1), "kv_mib": round(cells * cell / 2**20, 2), "kv_cells": cells}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .. import methods
+from ..chat.fitting import as_user_message
 from ..condition import DEFAULT_CONDITION
 from ..errors import FgdilpError
 from ..method.vectors import HeadDirections
@@ -99,8 +100,8 @@ def fast_setup(det, progress: Optional[Progress] = None, sizes: Sizes = Sizes(),
     hd = build_directions(det, sizes.direction_per_class, sizes.norm_prompts, progress, chat=chat)
     toxic, clean, benign = criterion_texts(sizes.criterion_per_class)
     if chat:   # the toxic prompts as user messages (benign text stays plain: the model continuing text)
-        toxic = [(det._as_user_message(p), c) for p, c in toxic]
-        clean = [(det._as_user_message(p), c) for p, c in clean]
+        toxic = [(as_user_message(det, p), c) for p, c in toxic]
+        clean = [(as_user_message(det, p), c) for p, c in clean]
     ranges = candidate_ranges(info.n_layer)[:sizes.n_ranges]
     n_points = len(ranges) * len(sizes.probe_scales) + 1       # the grid, then the chosen point measured
     with SteeredNLL(det.model, n_threads=det.settings.threads, max_tokens=sizes.max_tokens) as judge:

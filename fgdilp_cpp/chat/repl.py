@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import methods
+from ..call_settings import call_settings
 from ..errors import FgdilpError
 from ..explain import explain_lines
 from ..files import make_private_dir, refuse_shared_dir, write_atomic
@@ -111,7 +112,7 @@ class Session:
         self.transcript += [{"role": "user", "content": user}, entry]
 
     def document(self) -> dict:
-        return {"format": FORMAT, "version": 2, "model": self.det.model.info.path, "template": self.det.template.name,
+        return {"format": FORMAT, "version": 2, "model": self.det.model.info.path, "template": self.det.chat_format.template.name,
                 "conversation": self.number, "started": self.started, "method": self.method,
                 "settings": {k: v for k, v in dataclasses.asdict(self.settings).items() if v is not None},
                 "dropped_from_context": self.dropped, "messages": self.transcript}
@@ -260,12 +261,12 @@ def show_settings(session: Session) -> None:
     profile, default, ...)."""
     det = session.det
     switched = session.method != det.settings.method
-    settings, sources = det.call_settings({"method": session.method} if switched else {})
+    settings, sources = call_settings(det, {"method": session.method} if switched else {})
     if switched:
         sources["method"] = "/method"
     defaults = det.chat_defaults
     print(f"model          {det.model.info.path}")
-    print(f"chat template  {det.template.name}")
+    print(f"chat template  {det.chat_format.template.name}")
     kind = None if det.profile is None else det.profile.setup.get("kind") or "calibrated"
     print(f"profile file   {det.profile_path or ('none' if det.profile is None else 'given')}"
           + (f" ({kind})" if kind else ""))
@@ -324,9 +325,9 @@ def run_chat(det, history_dir: Optional[str] = None) -> int:
         importlib.import_module("readline")    # line editing and history for input()
     except ImportError:
         pass
-    det.template  # noqa: B018 (the property raises:) refuse a model without a chat template before the first message
+    det.chat_format.template  # noqa: B018 (the property raises:) refuse a model without a chat template before the first message
     session = Session(det, history_dir)
-    print(f"fgdilp-cpp chat: {det.name}, method {session.method}, template {det.template.name}. "
+    print(f"fgdilp-cpp chat: {det.name}, method {session.method}, template {det.chat_format.template.name}. "
           f"/help for commands, Ctrl-D to leave.", file=sys.stderr)
     warning = chat_tuning_warning(det)
     if warning:

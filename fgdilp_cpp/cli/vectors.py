@@ -132,10 +132,11 @@ def vectors_build(prompt, prompt_set, limit, offset, source, probe_top_k, probe_
             hd = replace(hd, settings={**hd.settings, "universal": {**hd.settings["universal"], "prompts": prompt_set,
                                                                     "limit": limit, "offset": offset}})
         if probe_top_k or probe_weights:
+            from ..analysis import probe_heads
             from ..method.probes import head_weights
 
             chosen, labels, how = labelled_set()
-            res = det.probe_heads([r.continuation for r in chosen], labels)
+            res = probe_heads(det, [r.continuation for r in chosen], labels)
             w = head_weights(res.accuracy, probe_top_k, probe_weights)
             hd = hd.with_head_weights(w, res.accuracy, {**how, "prompts": probe_prompts, "offset": probe_offset,
                                                         "top_k": probe_top_k, "by_accuracy": probe_weights,
@@ -179,6 +180,7 @@ def vectors_export(path, cvec_path, model, scale, layer_range, exp_norm):
     -W_O(lambda_norm * delta) of block il, added by llama.cpp at the output of block il (block 0
     has no slot). The file holds them at scale 1 on the chosen blocks; the scale and range go into
     its metadata and into the llama-cli / llama-server flags printed at the end."""
+    from ..analysis import control_vector
     from ..method.cvec import llama_flags, save_control_vector
     from ..method.vectors import HeadDirections
     from ..settings import Settings
@@ -196,7 +198,7 @@ def vectors_export(path, cvec_path, model, scale, layer_range, exp_norm):
                   "layers": (layer_range, entry.get("steer_layer_range"), None)}
         (scale, layer_range), origin = _pick(chosen)
         exp_norm = exp_norm if exp_norm is not None else entry.get("exp_norm", 0.4)
-        vec = det.control_vector(hd, exp_norm, 1.0)           # scale 1 in the file: llama.cpp scales it
+        vec = control_vector(det, hd, exp_norm, 1.0)           # scale 1 in the file: llama.cpp scales it
         try:
             start, end = save_control_vector(cvec_path, vec, det.model.info.architecture,
                                              tuple(layer_range) if layer_range else None, scale)

@@ -207,12 +207,13 @@ def _auc(x) -> str:
 def _diagnosis(det, records, scorer, n: int) -> dict[str, Any]:
     """Agreement with Perspective (toxicity AUC) of the model's self-diagnosis and of the scorer,
     on the calibration part's human continuations: what --diagnoser auto decides by."""
+    from ..analysis import self_diagnosis
     from .agreement import diagnosis_agreement, scorer_agreement
 
     recs = [r for r in records if r.continuation.strip() and "toxicity" in r.continuation_scores][:n]
     if len(recs) < 10:
         return {}
-    self_table = diagnosis_agreement(det.self_diagnosis, recs)
+    self_table = diagnosis_agreement(lambda texts: self_diagnosis(det, texts), recs)
     scorer_table = scorer_agreement(scorer, recs)
     pick = lambda t: (t.get("attributes", {}).get("toxicity") or {}).get("auc")   # noqa: E731
     return {"self_auc": pick(self_table), "scorer_auc": pick(scorer_table), "n": len(recs)}

@@ -32,6 +32,7 @@ run between two groups (a group being written is finished first); what was writt
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import numpy as np
 
 from .. import methods as registry
 from ..engine import SamplingParams
+from ..chat.fitting import fit_chat
 from ..errors import FgdilpError
 from ..files import FolderLock, write_atomic
 from .judges import judge_map, score_checked
@@ -90,6 +92,14 @@ def _json_default(o: Any):
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_json_default)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _gen_key(r: dict) -> tuple[int, str, str, int]:
@@ -177,9 +187,9 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
         cfg["tox_judges"] = list(tox_judges)
     if chat:                         # likewise absent for plain continuation
         cfg["chat"] = True
-    vectors = getattr(det, "vectors_sha256", None)
+    vectors = getattr(det, "vectors_path", None)
     if vectors:                      # saved directions (method vectors): a run is tied to its file
-        cfg["vectors_sha256"] = vectors
+        cfg["vectors_sha256"] = _file_sha256(vectors)
     return json.loads(_dumps(cfg))
 
 
@@ -266,7 +276,7 @@ def generate_group(det, prompt: str, method: str, samples: int, n_predict: int, 
     Returns (samples, timing dict)."""
     text = prompt                      # what --condition reads: the prompt, not the template around it
     if chat:
-        prompt = det.fit_chat([{"role": "user", "content": prompt}], method=method).prompt
+        prompt = fit_chat(det, [{"role": "user", "content": prompt}], method=method).prompt
     per = max(1, min(samples, det.max_samples))
     out, tim = [], {"setup_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "n_decode_steps": 0, "n_prompt_tokens": 0}
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from .. import methods
+from ..call_settings import run_settings
 from ..kv_memory import KvBudgetError
 from .openai_api import ApiError, GenRequest, StopScanner
 
@@ -57,6 +58,12 @@ def steering_of(res: GenResult) -> dict[str, Any]:
     edits = methods.get(res.method).heads
     return {"method": res.method, "steered": bool(edits and (cond is None or cond["steered"])),
             "condition": None if cond is None else json_safe(cond)}
+
+
+def _fits_beside(det: Detoxifier, method: str) -> bool:
+    """Whether the warm-up call of `method` fits the KV budget without dropping another context."""
+    s, name = run_settings(det, {"method": method})
+    return det.generator.fits_beside(name, WARM_PROMPT, 1, s.contrast)
 
 
 def json_safe(v: Any) -> Any:
@@ -179,7 +186,7 @@ class ModelQueue:
             for i, method in enumerate(order):
                 if self._closed:               # shut down while warming up: not ready, not failed
                     return
-                if i and not self.det.kv_fits(method, WARM_PROMPT, 1):
+                if i and not _fits_beside(self.det, method):
                     log.info("warm-up: %s's contexts are made on its first request (KV budget)", method)
                     continue
                 try:

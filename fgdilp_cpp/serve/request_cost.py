@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..chat import Fitted
+from ..chat.fitting import chat_floor, fit_chat
 from ..chat.tokens import vocab_stats
 from ..errors import ContextLengthError, FgdilpError
 from .openai_api import ApiError, GenRequest
@@ -60,7 +61,7 @@ class RequestCost:
                            code="request_too_large")
         try:
             if messages is not None:
-                floor, room = self.det.chat_floor(messages, **req.overrides)
+                floor, room = chat_floor(self.det, messages, **req.overrides)
             else:
                 floor, room = vocab_stats(self.det.model).min_tokens(req.prompt or ""), self.det.settings.ctx_size - 1
         except FgdilpError as exc:
@@ -79,7 +80,7 @@ class RequestCost:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(
-                self._pool, lambda: self.det.fit_chat(messages, trim=False, **req.overrides))
+                self._pool, lambda: fit_chat(self.det, messages, trim=False, **req.overrides))
         except ContextLengthError as exc:
             raise _too_long(True, str(exc)) from None
         except FgdilpError as exc:       # e.g. special-token text a template would change
