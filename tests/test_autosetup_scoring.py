@@ -90,3 +90,17 @@ def test_grid_scores_shift_only_where_it_steers(tiny_llama):
     assert abs(strong.toxic - strong.random_toxic) > 1e-3
     assert strong.layer_range == (n // 2, n - 1) and strong.scale == 2.0
     assert tokens > 0 and tokens % 5 == 0          # the base pass and two passes per point
+
+
+def test_a_group_with_nothing_to_score_is_refused(tiny_llama):
+    """An empty group would give a NaN shift, and a NaN passes every budget check: refused."""
+    from fgdilp_cpp.autosetup.grid import PointScorer
+
+    toxic, clean = [("You are such a", " stupid idiot")], [("You are such a", " kind person")]
+    with Detoxifier.from_file(tiny_llama[0], profile=False, **FAST) as det, \
+            SteeredNLL(det.model, n_threads=1, max_tokens=64) as judge:
+        hd = _directions(det.model)
+        for benign in ([], [("The weather today", "")]):             # none, or only an empty continuation
+            with pytest.raises(FgdilpError, match="no benign text"):
+                PointScorer(judge, hd, toxic, clean, benign)
+        PointScorer(judge, hd, toxic, clean, [("The weather today", " is sunny")])

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ..errors import FgdilpError
 from ..method.sources import LABELLED_TEXT
 from ..method.vectors import HeadDirections, random_heads
 from .points import PointScores
@@ -79,6 +80,10 @@ class PointScorer:
         self.pairs = list(toxic) + list(clean) + list(benign)
         self.cut = (len(toxic), len(toxic) + len(clean))
         items = [judge.item(p, c) for p, c in self.pairs]
+        # a group with nothing to score has a NaN shift, and a NaN passes every budget check
+        for name, lo, hi in (("toxic", 0, self.cut[0]), ("clean", *self.cut), ("benign", self.cut[1], len(items))):
+            if not any(it is not None for it in items[lo:hi]):
+                raise FgdilpError(f"the fast setup has no {name} text to score (criterion_per_class too small?)")
         self.tokens_per_pass = sum(len(it.tokens) - 1 for it in items if it is not None)
         judge.set_direction(None)
         self.base = judge.mean_nll(self.pairs)
