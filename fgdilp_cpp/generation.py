@@ -283,12 +283,13 @@ class Generator(MethodContexts):
         if reset_cancel:
             self.reset_cancel()
         condition = None
+        ctx_name = spec.name     # an unsteered turn of a conditioned method runs in the method's own context
         if spec.heads and values.steer.condition is not None:
             self._check_steerable(spec)                   # refused as steering, even where the condition would not steer
             condition = prompt_condition(self.rt, values.steer.condition,
                                          [prompt] if condition_texts is None else condition_texts)
             if not condition["steered"]:                  # this prompt runs unsteered, as method none
-                spec = self.resolve(methods.UNSTEERED)
+                spec = self.resolve(methods.UNSTEERED)   # (in ctx_name's context: one conversation's KV, one context)
         raw = self.model.tokenize(prompt, special=special)
         self._in_call = set()
         self._need = Need(prompt=len(raw), reply=n_predict, samples=n_samples, contrast=values.steer.contrast,
@@ -296,14 +297,14 @@ class Generator(MethodContexts):
         try:
             return self._generate(spec, values, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
                                   record_logits, logits_all, stop_at_eog, explain, prefixes, special,
-                                  instance_reuse, condition)
+                                  instance_reuse, condition, ctx_name)
         finally:
             self._need, self._in_call = None, set()
 
     def _generate(self, spec, values: CallValues, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,
                   record_logits, logits_all, stop_at_eog, explain, prefixes, special, instance_reuse,
-                  condition) -> GenResult:
-        ctx = self.context(spec.name)       # refuses unsteerable models before any setup work
+                  condition, ctx_name: str) -> GenResult:
+        ctx = self.context(ctx_name)        # refuses unsteerable models before any setup work
         if len(raw) >= self.engine.ctx_size:  # before any setup work (with prefixes: _check_prefixed)
             raise ContextLengthError(f"the prompt is {len(raw)} tokens, longer than the context "
                                      f"({self.engine.ctx_size} tokens)")

@@ -167,3 +167,29 @@ def test_eval_records_which_prompts_were_steered(tiny_llama, tmp_path):
     assert ms["none"]["steered_share"] is None
     assert "Prompts steered under `--condition` (the others generated unsteered): tr[condition=0.5] 50 %" \
         in report_markdown(res["report"])
+
+
+def test_an_unsteered_chat_turn_runs_in_the_methods_own_context(tiny_chat):
+    # issue 26: a conditioned method's unsteered turns do not open method none's context beside its
+    # own (a second KV cache, and a steered turn that could not reuse the conversation): they run in
+    # the method's context, as none's tokens and logits, and the steered turn after them reuses them
+    turns = ["hi there", "tell me more", "i hate you", "and now?"]
+    runs = {}
+    for method, condition in (("none", None), ("tr", 0.5)):
+        with Detoxifier.from_file(tiny_chat, chat=True, ctx_size=512, n_predict=4, threads=1, method=method,
+                                  condition=condition) as det:
+            det.generator.rt.scorer = KeywordScorer()
+            msgs, out = [], []
+            for t in turns:
+                msgs.append({"role": "user", "content": t})
+                res = det.chat(msgs)
+                out.append(res)
+                msgs.append({"role": "assistant", "content": res.text})
+            runs[method] = (out, sorted(det.generator._ctx))
+    (none, none_ctx), (tr, tr_ctx) = runs["none"], runs["tr"]
+    assert none_ctx == ["none"] and tr_ctx == ["tr"]          # one context each
+    for a, b in zip(none[:2], tr[:2]):                      # unsteered turns: none's tokens
+        assert b.explain["condition"]["steered"] is False and b.fired_layers == 0 and a.tokens == b.tokens
+    assert tr[1].n_reused_tokens > 0                        # the second turn kept the first's KV
+    assert tr[2].explain["condition"]["steered"] and tr[2].fired_layers > 0
+    assert tr[2].n_reused_tokens == none[2].n_reused_tokens > 0    # steered, on the kept conversation
