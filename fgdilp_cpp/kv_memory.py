@@ -1,11 +1,11 @@
 """KV memory: how many cells a context needs for one call, what a cell costs, and the budget that
 bounds a Generator's contexts (--kv-budget-mib). Import-light: no llama.cpp.
 
-A context holds the cells its sequences can use (docs/method.md, "KV sizes"): P0 the whole context
-(-c), as unsteered; the prefixed sequences P+ / P-_j their prefix and then, under the reply
-contrast, only the call's reply (under the full contrast the whole context, as P0). A later call
-that needs more cells (a longer reply) grows the context, its kept KV moved along; nothing is
-ever truncated.
+A context holds the cells its sequences use (docs/method.md §9.3): P0 the call's prompt and reply
+(at most -c), as unsteered; the prefixed sequences P+ / P-_j their prefix and then, under the reply
+contrast, only the call's reply (under the full contrast the prompt too, as P0). A later call
+that needs more cells (a longer conversation or reply) grows the context, its kept KV moved along;
+nothing is ever truncated.
 """
 
 from __future__ import annotations
@@ -71,14 +71,17 @@ def method_cells(spec, e, f, room: int, need: Need) -> int:
     spec: methods.Method; e: EngineParams; f: FgdilpParams; room: its prefixes' tokens (Method.room)."""
     c = e.ctx_size
     reply = max(1, min(need.reply, c))
+    prompt = max(1, min(need.prompt, c))
     roles = spec.n_roles(f)
     # exact methods decode P+ / P-_j beside P0 (their reply too); frozen ones capture them once
     prefixed = roles - 1 if spec.exact else (roles if roles > 1 else 0)
     steps = reply + 1 if spec.exact else 1
-    # P0 holds the conversation: the whole context, as unsteered's does (a chat's KV never moves
-    # for a longer turn); under the full contrast so does each prefixed sequence
-    per_prefixed = room + steps if need.contrast == "reply" else c
-    cells = c + prefixed * per_prefixed
+    # P0 holds this call's prompt and reply, at most the whole context (a later, longer turn grows
+    # the context: method_contexts); under the full contrast each prefixed sequence holds its
+    # prefix and the same prompt, under the reply contrast its prefix and the reply only
+    p0 = c
+    per_prefixed = room + steps if need.contrast == "reply" else min(c, room + prompt + steps)
+    cells = p0 + prefixed * per_prefixed
     cells += (need.samples - 1) * (roles if spec.exact else 1) * (reply + 1)   # the other samples' replies
     if need.kv_reuse and spec.hook and need.samples == 1:    # P0's unedited twin (engine/batch.py)
         cells += reply + 1
