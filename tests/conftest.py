@@ -40,6 +40,7 @@ TEST_RPC = os.environ.get("FGDILP_TEST_RPC") or None
 # seams of Detoxifier are replaced for the whole session and FGDILP_AUTO_SETUP=0, FGDILP_PROFILE=0
 # go to the CLI's subprocesses (a test that applies a profile through the CLI drops FGDILP_PROFILE).
 USER_SEAMS: dict = {}
+SESSION_CACHE: list[str] = []
 
 
 def pytest_configure(config):
@@ -55,6 +56,17 @@ def pytest_configure(config):
     import tempfile
 
     os.environ["FGDILP_PROFILE_PATH"] = tempfile.mkdtemp(prefix="fgdilp-test-profiles-")
+    # the scorers' prepared copies (toxicity/prepared.py) go to a session folder, never the user's
+    # cache; subprocesses inherit it, and it is removed at the end (it holds ~32 MB per judge)
+    SESSION_CACHE.append(tempfile.mkdtemp(prefix="fgdilp-test-cache-"))
+    os.environ["FGDILP_CACHE_PATH"] = SESSION_CACHE[-1]
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    for folder in SESSION_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def as_a_user_meets_it(mp: pytest.MonkeyPatch) -> None:

@@ -25,6 +25,7 @@ from ..errors import FgdilpError
 from ..toxicity import files
 from ..toxicity.keras_files import (LABELS, expected_shapes, read_keras3_weights, read_keras_h5, read_keras_tokenizer,
                                     read_tokenizer)
+from ..toxicity.prepared import prepared_shapes
 from ..toxicity.scorer import ToxicityScorer
 
 
@@ -45,13 +46,18 @@ class JudgeSpec:
     read_files: Callable[[], tuple[bytes, bytes]] | None = None
     # how the files are laid out: "keras2-model" (tox-block) or "keras3-weights"
     layout: str = "keras3-weights"
+    # () -> the files' paths once sha256-checked (streamed), and () -> their pinned sha256: what
+    # the prepared-scorer cache checks before use and is keyed by
+    verify_files: Callable[[], object] | None = None
+    pins: Callable[[], tuple[str, ...]] | None = None
 
 
 TOXBLOCK = JudgeSpec(name="tox-block", short="toxblock", dist=files.TOXBLOCK_DIST,
                      recurrent_activation="hard_sigmoid", read_files=files.toxblock_bytes,
-                     layout="keras2-model")
+                     layout="keras2-model", verify_files=files.toxblock_files, pins=files.toxblock_pins)
 TCC = JudgeSpec(name="toxic-comment-classifier", short="tcc", dist=files.TCC_DIST,
-                recurrent_activation="sigmoid", read_files=files.tcc_bytes, layout="keras3-weights")
+                recurrent_activation="sigmoid", read_files=files.tcc_bytes, layout="keras3-weights",
+                verify_files=files.tcc_files, pins=files.tcc_pins)
 
 JUDGES: dict[str, JudgeSpec] = {s.name: s for s in (TOXBLOCK, TCC)}
 DEFAULT_JUDGES = "toxblock,tcc"
@@ -103,14 +109,23 @@ _lock = threading.Lock()
 
 
 def load_judge(name: str):
-    """The scorer of a judge from its installed, sha256-checked package files (cached per process;
-    tox-block is ``ToxicityScorer.load()``)."""
+    """The scorer of a judge from its installed, sha256-checked package files, through the
+    prepared-scorer cache in the user's cache folder (cached per process; tox-block is
+    ``ToxicityScorer.load()``)."""
     spec = judge_spec(name)
     if spec is TOXBLOCK:
         return ToxicityScorer.load()
+    if spec.read_files is None or spec.verify_files is None or spec.pins is None:
+        raise FgdilpError(f"{spec.name}: no package files to load it from")
+    read_files = spec.read_files
     with _lock:
         if spec.name not in _cache:
-            _cache[spec.name] = build_scorer(spec, *spec.read_files())
+            _cache[spec.name] = ToxicityScorer.load_cached(
+                spec.name, spec.verify_files, spec.pins(),
+                prepared_shapes(spec.num_words, spec.units, spec.dense_units, len(spec.labels)),
+                {"recurrent_activation": spec.recurrent_activation, "labels": spec.labels,
+                 "max_len": spec.max_len},
+                lambda: build_scorer(spec, *read_files()))
         return _cache[spec.name]
 
 

@@ -39,6 +39,11 @@ def toxblock_files() -> tuple[Path, Path]:
     return model, encoder
 
 
+def toxblock_pins() -> tuple[str, str]:
+    """The pinned sha256 of tox-block's (model, encoder): what its prepared scorer is keyed by."""
+    return TOXBLOCK_MODEL_SHA256, TOXBLOCK_ENCODER_SHA256
+
+
 def toxblock_bytes() -> tuple[bytes, bytes]:
     """(model .h5 bytes, encoder .pkl bytes), each hashed as read (one read, no re-open race)."""
     model = package_file(TOXBLOCK_PACKAGE, TOXBLOCK_DIST, TOXBLOCK_MODEL)
@@ -56,6 +61,11 @@ def tcc_bytes() -> tuple[bytes, bytes]:
             read_verified(tokenizer, TCC_TOKENIZER_SHA256, TCC_DIST))
 
 
+def tcc_pins() -> tuple[str, str]:
+    """The pinned sha256 of toxic-comment-classifier's (weights, tokenizer)."""
+    return TCC_MODEL_SHA256, TCC_TOKENIZER_SHA256
+
+
 def tcc_files() -> tuple[Path, Path]:
     """(weights .h5, tokenizer .pickle) of toxic-comment-classifier 0.3.0, sha256-verified."""
     model = package_file(TCC_PACKAGE, TCC_DIST, TCC_MODEL)
@@ -65,5 +75,5 @@ def tcc_files() -> tuple[Path, Path]:
     return model, tokenizer
 
 
-__all__ = ["toxblock_files", "toxblock_bytes", "tcc_files", "tcc_bytes", "TOXBLOCK_MODEL_SHA256",
-           "TOXBLOCK_ENCODER_SHA256", "TCC_MODEL_SHA256", "TCC_TOKENIZER_SHA256"]
+__all__ = ["toxblock_files", "toxblock_bytes", "toxblock_pins", "tcc_files", "tcc_bytes", "tcc_pins",
+           "TOXBLOCK_MODEL_SHA256", "TOXBLOCK_ENCODER_SHA256", "TCC_MODEL_SHA256", "TCC_TOKENIZER_SHA256"]

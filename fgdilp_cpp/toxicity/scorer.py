@@ -16,18 +16,23 @@ with Keras gate order i, f, c, o and recurrent activation hard_sigmoid = clip(0.
 (tox-block, Keras 2) or sigmoid (toxic-comment-classifier, Keras 3's default).
 ``score`` returns the raw sigmoid probabilities (use these for thresholds); ``rescale`` applies
 the package's per-label min-max display rescale.
+
+The scorer runs on folded arrays (``fold_weights``); ``load`` and ``load_cached`` keep them, with
+the vocabulary, in the user's cache folder (``prepared``), so that only the first load reads the
+Keras files (unpickling tox-block's tokenizer costs ~160 MiB of peak memory).
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import FgdilpError
 from . import files
-from .keras_files import LABELS, MAX_LEN, read_keras_h5, read_tokenizer
+from .keras_files import DENSE_UNITS, LABELS, MAX_LEN, NUM_WORDS, UNITS, read_keras_h5, read_tokenizer
+from .prepared import Prepared, load_or_prepare, prepared_shapes
 
 # Perspective attribute each label is compared with in `calibrate`.
 PERSPECTIVE_OF = {"toxic": "toxicity", "severe_toxic": "severe_toxicity", "obscene": "profanity",
@@ -40,6 +45,11 @@ RESCALE_PROBA = {"toxic": (0.002116, 0.999858),
                  "threat": (0.000040, 0.918887),
                  "insult": (0.000373, 0.986303),
                  "identity_hate": (0.000074, 0.901117)}
+
+# what tox-block's prepared copy (prepared.py) must hold to be used
+TOXBLOCK_SHAPES = prepared_shapes(NUM_WORDS, UNITS, DENSE_UNITS, len(LABELS))
+TOXBLOCK_SETTINGS = {"name": "tox-block", "recurrent_activation": "hard_sigmoid", "labels": LABELS,
+                     "max_len": MAX_LEN}
 
 ROW_BLOCK = 64          # rows per LSTM forward pass (see ToxicityScorer.score)
 KERAS_FILTERS = '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~\t\n'
@@ -72,20 +82,14 @@ RECURRENT_ACTIVATIONS = {"hard_sigmoid": _hard_sigmoid_, "sigmoid": _sigmoid_}
 
 
 class _Direction:
-    """One LSTM direction. Gate columns reordered from Keras (i, f, c, o) to (i, f, o, c) so the
-    three recurrent-activation gates are contiguous; the embedding, input kernel and bias are
-    folded into one [vocab, 4u] lookup table (row-wise identical to embedding @ kernel + bias)."""
+    """One LSTM direction: its folded input table [vocab, 4u] and recurrent kernel [u, 4u], gate
+    columns in the order (i, f, o, c) (see ``fold_weights``)."""
 
-    def __init__(self, embeddings: np.ndarray, kernel: np.ndarray, recurrent: np.ndarray,
-                 bias: np.ndarray, gate=_hard_sigmoid_):
-        u = recurrent.shape[0]
+    def __init__(self, table: np.ndarray, recurrent: np.ndarray, gate=_hard_sigmoid_):
         self.gate = gate
-        perm = np.concatenate([np.arange(0, 2 * u), np.arange(3 * u, 4 * u), np.arange(2 * u, 3 * u)])
-        self.units = u
-        self.table = np.ascontiguousarray(
-            (embeddings.astype(np.float32) @ kernel[:, perm].astype(np.float32)) + bias[perm],
-            dtype=np.float32)
-        self.recurrent = np.ascontiguousarray(recurrent[:, perm], dtype=np.float32)
+        self.units = recurrent.shape[0]
+        self.table = table
+        self.recurrent = recurrent
 
     def step(self, zx: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         u = self.units
@@ -101,6 +105,33 @@ class _Direction:
         return h, c
 
 
+def _fold_direction(embeddings: np.ndarray, kernel: np.ndarray, recurrent: np.ndarray,
+                    bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(table, recurrent) of one LSTM direction. Gate columns reordered from Keras (i, f, c, o) to
+    (i, f, o, c) so the three recurrent-activation gates are contiguous; the embedding, input
+    kernel and bias are folded into one [vocab, 4u] lookup table (row-wise identical to
+    embedding @ kernel + bias)."""
+    u = recurrent.shape[0]
+    perm = np.concatenate([np.arange(0, 2 * u), np.arange(3 * u, 4 * u), np.arange(2 * u, 3 * u)])
+    table = np.ascontiguousarray(
+        (embeddings.astype(np.float32) @ kernel[:, perm].astype(np.float32)) + bias[perm],
+        dtype=np.float32)
+    return table, np.ascontiguousarray(recurrent[:, perm], dtype=np.float32)
+
+
+def fold_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A reader's weight dict (``keras_files.WEIGHT_NAMES``) -> the arrays the scorer runs on
+    (``prepared.ARRAYS``: what the prepared-scorer cache stores)."""
+    emb = np.asarray(weights["embeddings"], dtype=np.float32)
+    out: dict[str, np.ndarray] = {}
+    for d in ("fwd", "bwd"):
+        out[f"{d}_table"], out[f"{d}_recurrent"] = _fold_direction(
+            emb, weights[f"{d}_kernel"], weights[f"{d}_recurrent"], weights[f"{d}_bias"])
+    for k in ("dense_kernel", "dense_bias", "out_kernel", "out_bias"):
+        out[k] = np.asarray(weights[k], dtype=np.float32)
+    return out
+
+
 class ToxicityScorer:
     """A BiLSTM toxicity classifier. ``ToxicityScorer.load()`` is tox-block 0.1.2 from its pinned
     package files (``judges.load_judge`` loads any judge); ``score(texts)`` returns raw
@@ -114,32 +145,56 @@ class ToxicityScorer:
                  filters: str = KERAS_FILTERS, lower: bool = True, split: str = " ",
                  max_len: int = MAX_LEN, recurrent_activation: str = "hard_sigmoid",
                  labels: Sequence[str] = LABELS, name: str = "tox-block"):
+        self._setup(fold_weights(weights), vocab,
+                    {"filters": filters, "lower": lower, "split": split, "max_len": max_len,
+                     "recurrent_activation": recurrent_activation, "labels": labels, "name": name})
+
+    def _setup(self, arrays: dict[str, np.ndarray], vocab: dict[str, int], settings: dict) -> None:
+        """The scorer of folded ``arrays`` (``prepared.ARRAYS``), a vocabulary and the text settings
+        (``prepared.SETTING_TYPES``)."""
+        recurrent_activation, name = settings["recurrent_activation"], settings["name"]
         if recurrent_activation not in RECURRENT_ACTIVATIONS:
             raise FgdilpError(f"unknown recurrent activation {recurrent_activation!r} (this runner "
                               f"implements {', '.join(RECURRENT_ACTIVATIONS)})")
-        labels = tuple(labels)
-        if np.shape(weights["out_bias"]) != (len(labels),):
+        labels = tuple(settings["labels"])
+        if np.shape(arrays["out_bias"]) != (len(labels),):
             raise FgdilpError(f"{name}: {len(labels)} labels but the output layer has "
-                              f"{np.shape(weights['out_bias'])} units")
+                              f"{np.shape(arrays['out_bias'])} units")
         gate = RECURRENT_ACTIVATIONS[recurrent_activation]
         self.LABELS = self.labels = labels
         self.name = name
         self.recurrent_activation = recurrent_activation
-        emb = np.asarray(weights["embeddings"], dtype=np.float32)
         self.vocab = vocab
-        self.lower = lower
-        self.split = split
-        self.max_len = max_len
-        self._translate = str.maketrans({ch: split for ch in filters})
-        self._fwd = _Direction(emb, weights["fwd_kernel"], weights["fwd_recurrent"], weights["fwd_bias"],
-                               gate)
-        self._bwd = _Direction(emb, weights["bwd_kernel"], weights["bwd_recurrent"], weights["bwd_bias"],
-                               gate)
-        self._dense_w = np.asarray(weights["dense_kernel"], dtype=np.float32)
-        self._dense_b = np.asarray(weights["dense_bias"], dtype=np.float32)
-        self._out_w = np.asarray(weights["out_kernel"], dtype=np.float32)
-        self._out_b = np.asarray(weights["out_bias"], dtype=np.float32)
+        self.filters = settings["filters"]
+        self.lower = settings["lower"]
+        self.split = settings["split"]
+        self.max_len = settings["max_len"]
+        self._translate = str.maketrans({ch: self.split for ch in self.filters})
+        self._fwd = _Direction(arrays["fwd_table"], arrays["fwd_recurrent"], gate)
+        self._bwd = _Direction(arrays["bwd_table"], arrays["bwd_recurrent"], gate)
+        self._dense_w = arrays["dense_kernel"]
+        self._dense_b = arrays["dense_bias"]
+        self._out_w = arrays["out_kernel"]
+        self._out_b = arrays["out_bias"]
         self._pad_prefix = self._pad_prefix_states()
+
+    @classmethod
+    def from_prepared(cls, prep: Prepared) -> "ToxicityScorer":
+        """The scorer of a prepared copy (``prepared()``, or one read from the cache)."""
+        scorer = cls.__new__(cls)
+        scorer._setup(prep.arrays, prep.vocab, prep.settings)
+        return scorer
+
+    def prepared(self) -> Prepared:
+        """What this scorer is made of, as the prepared-scorer cache stores it."""
+        arrays = {"fwd_table": self._fwd.table, "fwd_recurrent": self._fwd.recurrent,
+                  "bwd_table": self._bwd.table, "bwd_recurrent": self._bwd.recurrent,
+                  "dense_kernel": self._dense_w, "dense_bias": self._dense_b,
+                  "out_kernel": self._out_w, "out_bias": self._out_b}
+        settings = {"filters": self.filters, "lower": self.lower, "split": self.split,
+                    "max_len": self.max_len, "recurrent_activation": self.recurrent_activation,
+                    "labels": list(self.labels), "name": self.name}
+        return Prepared(arrays, self.vocab, settings)
 
     # ---------------------------------------------------------------- loading
     _cache: "ToxicityScorer | None" = None
@@ -147,15 +202,33 @@ class ToxicityScorer:
 
     @classmethod
     def load(cls) -> "ToxicityScorer":
-        """The scorer from the installed, sha256-checked tox-block 0.1.2 files (cached per process)."""
+        """The tox-block 0.1.2 scorer (cached per process): its prepared copy in the user's cache
+        folder, or built from the installed, sha256-checked package files and written there."""
         with cls._cache_lock:
             if ToxicityScorer._cache is None:
-                model_bytes, encoder_bytes = files.toxblock_bytes()
-                weights = read_keras_h5(model_bytes)
-                tok = read_tokenizer(encoder_bytes)
-                ToxicityScorer._cache = cls(weights, tok["vocab"], tok["filters"], tok["lower"],
-                                            tok["split"], tok["max_len"])
+                ToxicityScorer._cache = cls.load_cached(
+                    "tox-block", files.toxblock_files, files.toxblock_pins(), TOXBLOCK_SHAPES,
+                    TOXBLOCK_SETTINGS, cls._build_toxblock)
             return ToxicityScorer._cache
+
+    @classmethod
+    def _build_toxblock(cls) -> "ToxicityScorer":
+        model_bytes, encoder_bytes = files.toxblock_bytes()
+        weights = read_keras_h5(model_bytes)
+        tok = read_tokenizer(encoder_bytes)
+        return cls(weights, tok["vocab"], tok["filters"], tok["lower"], tok["split"], tok["max_len"])
+
+    @classmethod
+    def load_cached(cls, name: str, verify: Callable[[], object], pins: Sequence[str],
+                    shapes: dict[str, tuple[int, ...]], expected: dict[str, Any],
+                    build: Callable[[], "ToxicityScorer"]) -> "ToxicityScorer":
+        """A judge's scorer through the prepared-scorer cache (``prepared.load_or_prepare``).
+        ``verify()`` checks the installed package files against ``pins`` first (a streamed
+        sha256): the cache is keyed by the pins, and a missing or damaged package is refused as
+        it is without a cache. ``build()`` makes the scorer from those files when no cache serves."""
+        verify()
+        return cls.from_prepared(load_or_prepare(name, pins, shapes, {**expected, "name": name},
+                                                 lambda: build().prepared()))
 
     # ---------------------------------------------------------------- text -> ids
     def tokenize(self, text: str) -> list[str]:
@@ -256,5 +329,5 @@ def _check_texts(texts) -> list[str]:
     return texts
 
 
-__all__ = ["LABELS", "PERSPECTIVE_OF", "RESCALE_PROBA", "ToxicityScorer", "rescale",
+__all__ = ["LABELS", "PERSPECTIVE_OF", "RESCALE_PROBA", "ToxicityScorer", "fold_weights", "rescale",
            "read_keras_h5", "read_tokenizer"]
