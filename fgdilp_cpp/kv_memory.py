@@ -79,7 +79,7 @@ def method_cells(spec, e, f, room: int, need: Need) -> int:
     # P0 holds this call's prompt and reply, at most the whole context (a later, longer turn grows
     # the context: method_contexts); under the full contrast each prefixed sequence holds its
     # prefix and the same prompt, under the reply contrast its prefix and the reply only
-    p0 = c
+    p0 = min(c, prompt + reply + 1)
     per_prefixed = room + steps if need.contrast == "reply" else min(c, room + prompt + steps)
     cells = p0 + prefixed * per_prefixed
     cells += (need.samples - 1) * (roles if spec.exact else 1) * (reply + 1)   # the other samples' replies

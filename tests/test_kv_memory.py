@@ -216,7 +216,7 @@ def test_bench_memory_json(cli, tiny_chat):
     assert out["universal"] == "random" and out["ctx_size"] == 512 and out["turns"] == 2
     assert none["rss_ratio_vs_none"] == 1.0 and uni["peak_rss_mib"] > 10
     # the universal method's context: P0 and its unedited twin's reply (kv_memory.method_cells)
-    assert 0 < none["kv_mib"] < uni["kv_mib"] <= 2 * none["kv_mib"]
+    assert 0 < none["kv_mib"] <= uni["kv_mib"] <= 2 * none["kv_mib"]
     assert uni["decode_tokens_per_s"] > 0 and len(uni["ttft_turns_s"]) == 2
     serve = out["serve"]
     assert serve["methods"] == ["none", "universal"] and serve["kv_budget_mib"] == 64
@@ -231,7 +231,7 @@ def test_gemma_grows_a_kept_conversation_with_its_sliding_window_layers(gemma_pa
     reuse itself moves TR's logits by tenths; stale or misplaced KV moves them by whole units)."""
     first = "<start_of_turn>user\nTell me about cats.<end_of_turn>\n<start_of_turn>model\n"
     second = first + "Cats are small.<end_of_turn>\n<start_of_turn>user\nAnd dogs?<end_of_turn>\n<start_of_turn>model\n"
-    forced = [(11 * i) % 5000 + 300 for i in range(96)]
+    forced = [(11 * i) % 5000 + 300 for i in range(200)]     # outgrows the first turn's 512 cells
     steer = SteerParams(contrast="reply", layer_start=15, layer_end=17)
 
     def turn_two(cls, reuse: bool):
@@ -239,7 +239,7 @@ def test_gemma_grows_a_kept_conversation_with_its_sliding_window_layers(gemma_pa
             if reuse:
                 g.generate(first, "tr", n_predict=4, special=True)
             small = g.cells("tr")
-            r = g.generate(second, "tr", n_predict=96, special=True, forced_tokens=forced, record_logits=True)
+            r = g.generate(second, "tr", n_predict=len(forced), special=True, forced_tokens=forced, record_logits=True)
             return r, small, g.cells("tr")
 
     with Model(gemma_path) as m:

@@ -5,7 +5,7 @@ one JSON object per shape:
     python tools/memory_bench.py --work-dir DIR --out mem.json [--shapes gemma,smollm2,1b,3b]
 
 Random models have no chat template in their GGUF: they chat in ChatML (its markers as plain
-text). Extra flags after `--` go to every `bench` run (e.g. -- --contrast reply).
+text); the embedded gemma-3-270m base model in llama.cpp's built-in gemma format. Extra flags after `--` go to every `bench` run (e.g. -- --contrast reply).
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def main() -> None:
         env = dict(os.environ)
         if shape not in ("gemma", "smollm2"):
             env["FGDILP_CHAT_TEMPLATE"] = "chatml"
+        elif shape == "gemma":        # the embedded base model's GGUF has no template: its family's own
+            env["FGDILP_CHAT_TEMPLATE"] = "gemma"
         cmd = [sys.executable, "-m", "fgdilp_cpp.cli", "bench", "--memory", "--json", "-m", path,
                "-c", str(args.ctx_size), "-t", str(args.threads), "--turns", str(args.turns),
                "-n", str(args.decode_tokens), "-r", str(args.repeats), "--methods", args.methods, *args.extra]
