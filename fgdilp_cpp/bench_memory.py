@@ -142,7 +142,9 @@ def run_memory_bench(open_det, settings, sources: dict, names: list[str], turns:
                "contrast": {m: settings_for(det, m).contrast for m in names}, "universal": universal_source(det),
                "methods": {}}
         speed = decode_speeds(det, prompt, names, decode_tokens, repeats)
-        ttft = run_chat_turns(det, names, turns, reply_tokens=reply_tokens, repeats=1)["methods"]
+        # replays as many as the decode runs: one turn of ~0.1 s is noise, and the first steered turn
+        # of a process loads the directions once
+        ttft = run_chat_turns(det, names, turns, reply_tokens=reply_tokens, repeats=repeats)["methods"]
     for m in names:
         c = chat[m]
         out["methods"][m] = {
