@@ -62,7 +62,8 @@ def _worker(spec: dict) -> dict:
     from .api import Detoxifier
     from .settings import Settings
 
-    det = Detoxifier(Settings().updated(spec["settings"]), chat=True, sources=spec["sources"])
+    # never a fast setup (as every bench): a model without a profile is measured as it stands
+    det = Detoxifier(Settings().updated(spec["settings"]), chat=True, sources=spec["sources"], auto_setup=False)
     loaded = peak_rss_mib()
     universal_source(det)
     users, reply = chat_turns(spec["turns"]), spec["reply_tokens"]

@@ -161,6 +161,46 @@ def test_the_budget_drops_the_least_recently_used_and_remakes_it_alike(chat_mode
         assert r.n_reused_tokens == 0 and len(r.tokens) == 4
 
 
+def test_contexts_idle_past_the_limit_are_freed_and_made_again_alike(chat_model, universal):
+    import time
+
+    with generator(Generator, chat_model, "full", universal) as g:
+        first = {m: g.generate(FIRST, m, n_predict=8, special=True, kv_reuse=False).tokens for m in ("none", "tr")}
+        assert g.drop_idle(60) == [] and g.cells("none") and g.cells("tr")     # used just now
+        g.generate(FIRST, "tr", n_predict=2, special=True, kv_reuse=False)
+        later = time.monotonic() + 61
+        g._last_use_s["tr"] = later - 30                                         # tr used 30 s before `later`
+        assert g.drop_idle(60, now=later) == ["none"] and g.cells("none") == 0 and g.cells("tr")
+        assert g.drop_idle(20, now=later) == ["tr"] and g.kv_bytes() == 0
+        for m in ("none", "tr"):                                                 # made again on their next call
+            assert g.generate(FIRST, m, n_predict=8, special=True, kv_reuse=False).tokens == first[m]
+        assert first["tr"] != first["none"]
+
+
+def test_serve_frees_the_kv_of_idle_contexts(tiny_llama):
+    """--kv-idle-s: the model thread frees a context its method has not used for that long; the
+    next request of the method makes it again and answers as before."""
+    import time
+
+    from fgdilp_cpp.api import Detoxifier
+    from fgdilp_cpp.serve.server import Limits, create_app
+    from server_helpers import DET_KW, MSGS, Served
+
+    body = {"model": "m", "messages": MSGS, "seed": 1, "max_tokens": 4, "method": "none"}
+    with Detoxifier.from_file(str(tiny_llama[0]), **{**DET_KW, "kv_idle_s": 1}) as det, \
+            Served(create_app(det, Limits(allow_methods=("none", "tr")))) as srv:
+        s, _, first = srv.request("POST", "/v1/chat/completions", body)
+        assert s == 200 and det.generator.cells("none") > 0
+        deadline = time.monotonic() + 10
+        while det.generator.kv_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert det.generator.kv_bytes() == 0                       # none's and tr's (warm-up) contexts freed
+        s, _, again = srv.request("POST", "/v1/chat/completions", body)
+        assert s == 200 and again["choices"][0]["message"] == first["choices"][0]["message"]
+    with Detoxifier.from_file(str(tiny_llama[0]), **DET_KW) as det:
+        assert det.settings.kv_idle_s == 0                         # off outside serve unless asked for
+
+
 def test_a_request_larger_than_the_budget_is_refused_clearly(chat_model, universal):
     with generator(Generator, chat_model, "full", universal) as g:
         g.kv_budget = 100 * 1024
@@ -203,14 +243,24 @@ def test_serve_warms_what_fits_and_answers_503_for_what_cannot(tiny_llama):
         assert det.generator.kv_bytes() <= 3 * MIB
 
 
-def test_bench_memory_json(cli, tiny_chat):
+def test_bench_memory_json(cli, tiny_chat, monkeypatch):
     """bench --memory --json: per method a chat's peak RSS (its own process) and KV beside unsteered,
     decode and TTFT ratios; serve with both methods after a request of each, within the budget."""
     import json
 
+    import os
+    from pathlib import Path
+
+    from conftest import as_a_user_meets_it
+
+    as_a_user_meets_it(monkeypatch)          # the fast setup on: a user's model without a profile
+    profiles = Path(os.environ["FGDILP_PROFILE_PATH"].split(os.pathsep)[0])
+    before = sorted(profiles.glob("*")) if profiles.is_dir() else []
     proc = cli("bench", "--memory", "--json", "-m", tiny_chat, "-c", "512", "-t", "1", "--turns", "2", "-r", "1",
                "-n", "4", "--methods", "none,universal", "--kv-budget-mib", "64")
     assert proc.returncode == 0, proc.stderr
+    # the model has no profile, and a bench measures it as it stands: no fast setup ran in its workers
+    assert (sorted(profiles.glob("*")) if profiles.is_dir() else []) == before
     out = json.loads(proc.stdout)
     none, uni = out["methods"]["none"], out["methods"]["universal"]
     assert out["universal"] == "random" and out["ctx_size"] == 512 and out["turns"] == 2
@@ -250,3 +300,19 @@ def test_gemma_grows_a_kept_conversation_with_its_sliding_window_layers(gemma_pa
         base = np.stack(fresh.logits)
         d_grown, d_kept = (np.abs(np.stack(r.logits) - base).mean() for r in (grown, kept))
         assert d_grown < 1.5 * d_kept + 0.01, (d_grown, d_kept)
+
+
+def test_serve_frees_idle_contexts_after_ten_minutes_by_default(tiny_chat, monkeypatch):
+    from click.testing import CliRunner
+
+    import fgdilp_cpp.serve.server as server
+    from fgdilp_cpp.cli import main
+
+    seen = []
+    monkeypatch.setattr(server, "run_server", lambda det, *a, **k: seen.append(det.settings.kv_idle_s))
+    for args, want in (([], 600), (["--kv-idle-s", "30"], 30), (["--kv-idle-s", "0"], 0)):
+        r = CliRunner().invoke(main, ["serve", "-m", str(tiny_chat), "-c", "256", "--port", "0", *args])
+        assert r.exit_code == 0, r.output
+        assert seen[-1] == want
+    r = CliRunner().invoke(main, ["serve", "-m", str(tiny_chat), "--kv-idle-s", "-1"])
+    assert r.exit_code != 0 and "kv-idle-s" in r.output

@@ -5,7 +5,8 @@ one JSON object per shape:
     python tools/memory_bench.py --work-dir DIR --out mem.json [--shapes gemma,smollm2,1b,3b]
 
 Random models have no chat template in their GGUF: they chat in ChatML (its markers as plain
-text); the embedded gemma-3-270m base model in llama.cpp's built-in gemma format. Extra flags after `--` go to every `bench` run (e.g. -- --contrast reply).
+text); the embedded gemma-3-270m base model in llama.cpp's built-in gemma format. Extra flags
+after `--` go to every `bench` run (e.g. -- --contrast reply).
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ def _bench_chat(prompt, names, repeats, vectors_path, as_json, kw, turns=None) -
             for row, over, m in chat_variants(det, names):
                 key = tuple(sorted(over.items()))
                 if key not in dets:
-                    dets[key] = stack.enter_context(Detoxifier(s.updated(over), chat=True,
+                    dets[key] = stack.enter_context(Detoxifier(s.updated(over), chat=True, auto_setup=False,
                                                                sources={**sources(), **dict.fromkeys(over, "flag")}))
                 variants.append((row, dets[key], m))
             out = run_chat_turns(det, names, turns, with_vec, variants=variants, repeats=repeats)
