@@ -71,6 +71,7 @@ class Generator(MethodContexts):
         self._need: Optional[Need] = None        # None: no call in progress (any call's upper bound)
         self._used: dict[str, int] = {}
         self._clock = 0
+        self._last_use_s: dict[str, float] = {}     # time.monotonic() of each context's last use (drop_idle)
         self._in_call: set[str] = set()
         if vectors is not None:
             vectors.check_model(identity_of(model))
@@ -299,6 +300,9 @@ class Generator(MethodContexts):
                                   record_logits, logits_all, stop_at_eog, explain, prefixes, special,
                                   instance_reuse, condition, ctx_name)
         finally:
+            now = time.monotonic()
+            for name in self._in_call:
+                self._last_use_s[name] = now
             self._need, self._in_call = None, set()
 
     def _generate(self, spec, values: CallValues, method, prompt, raw, n_predict, sampling, n_samples, on_text, forced_tokens,

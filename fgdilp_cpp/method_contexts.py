@@ -5,6 +5,7 @@ first when the KV budget needs room for another.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Optional
 
 from . import methods
@@ -40,6 +41,7 @@ class MethodContexts:
     _need: Optional[Need]
     _used: dict[str, int]
     _clock: int
+    _last_use_s: dict[str, float]
     _in_call: set[str]
 
     if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class MethodContexts:
             ctx.make_room(cells)
         self._clock += 1
         self._used[name] = self._clock
+        self._last_use_s[name] = time.monotonic()
         self._in_call.add(name)
         return ctx
 
@@ -146,6 +149,16 @@ class MethodContexts:
     def _full_need(self) -> Need:
         """What any call of this engine may need: a prompt of the whole context, max_new reply tokens."""
         return Need(prompt=self.engine.ctx_size, reply=self.engine.max_new, contrast=self.steer.contrast)
+
+    def drop_idle(self, max_idle_s: float, now: Optional[float] = None) -> list[str]:
+        """Close the contexts unused for more than max_idle_s seconds (none of a call in progress;
+        call it from the thread that generates): their KV is freed, their hooks and FGDILP
+        instances are kept, and their method's next call makes them again. Returns their names."""
+        now = time.monotonic() if now is None else now
+        idle = [n for n in self._ctx if n not in self._in_call and now - self._last_use_s.get(n, now) > max_idle_s]
+        for name in idle:
+            self._ctx.pop(name).close()
+        return idle
 
     def cells(self, name: str) -> int:
         """KV cells of a context as it is (0 when it does not exist); context() would grow it."""

@@ -100,6 +100,10 @@ class Settings:
         help="KV cache that the methods' contexts may hold together, in MiB: a context is made when its method is "
              "first used and the least recently used are dropped to stay within it (0 = half of this machine's "
              "memory less the model's weights).")
+    kv_idle_s: int = setting(
+        0, group="model", range=Range(0, INT32_MAX, why="0 = never"), defaults={"serve": 600},
+        help="Seconds a method's context may stay unused before its KV cache is freed (serve; made again on its "
+             "method's next request; 0 = never).")
     instance_reuse: str = setting(
         # FGDILP's instance kept while the conversation goes on, rebuilt when a turn escalates (docs/method.md
         # §9.2): a fraction of the per-reply setup's time to first token (docs/results/chat-latency.md)

@@ -169,13 +169,39 @@ class ModelQueue:
         self._closed = False
         self._idle: Optional[threading.Event] = None     # set once the model thread has drained
         self._drain_by: Optional[float] = None           # the first close's deadline (time.monotonic)
+        self._stop_sweep = threading.Event()              # ends the idle-context sweeper (--kv-idle-s)
+        self._sweep_queued = False
 
     # ---- start-up -------------------------------------------------------------------------
     def start(self) -> Future:
         """Create the contexts of the allowed methods on the model thread (a 1-token reply each,
         FGDILP's setup context included) as far as the KV budget holds them beside each other;
-        requests that come meanwhile wait behind it."""
-        return self.executor.submit(self._warm)
+        requests that come meanwhile wait behind it. With --kv-idle-s, a sweeper frees the KV of
+        contexts left unused that long (on the model thread, between requests)."""
+        warm = self.executor.submit(self._warm)
+        limit = float(self.det.settings.kv_idle_s)
+        if limit > 0:
+            threading.Thread(target=self._sweep, args=(limit,), name="fgdilp-kv-idle", daemon=True).start()
+        return warm
+
+    def _sweep(self, limit: float) -> None:
+        period = max(0.05, min(limit / 2, 30.0))    # a context goes at most 1.5 x the limit unused
+        while not self._stop_sweep.wait(period):
+            with self._lock:
+                if self._closed:
+                    return
+                if self._sweep_queued:             # one sweep waits behind a long request at most
+                    continue
+                self._sweep_queued = True
+                self.executor.submit(self._drop_idle, limit)
+
+    def _drop_idle(self, limit: float) -> None:
+        self._sweep_queued = False
+        if self._closed:
+            return
+        dropped = self.det.generator.drop_idle(limit)
+        if dropped:
+            log.info("freed the KV cache of %s: unused for more than %g s (--kv-idle-s)", ", ".join(dropped), limit)
 
     def _warm(self) -> None:
         # the default method first; then the others whose contexts fit the KV budget beside those
@@ -239,6 +265,7 @@ class ModelQueue:
     def begin_shutdown(self) -> None:
         """Refuse new requests and cancel the admitted ones (without waiting): a reply cut here
         ends with an error, not as if it were complete."""
+        self._stop_sweep.set()
         with self._lock:
             self._closed = True
             jobs = list(self._jobs)
