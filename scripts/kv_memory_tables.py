@@ -55,8 +55,11 @@ def before_table(shape: str, b: dict, after: dict | None) -> list[str]:
     return out + [""]
 
 
+SIZED = ("1b", "3b")       # the decode targets are set on the 1B and 3B shapes only
+
+
 def targets(results: dict[str, dict]) -> list[str]:
-    """Issue 26's targets per shape: met or not, with the figure."""
+    """Issue 26's targets per shape: met or not, with the figure (decode: on the 1B / 3B shapes)."""
     rows = [("default chat peak RSS <= 1.15 x none", lambda r: r["methods"][_key(r, DEFAULT)]["rss_ratio_vs_none"],
              lambda v: v <= 1.15),
             ("serve, every method, peak RSS <= 2 x none's", lambda r: r["serve"]["rss_ratio_vs_none"], lambda v: v <= 2),
@@ -77,7 +80,10 @@ def targets(results: dict[str, dict]) -> list[str]:
             except KeyError:
                 cells.append("")
                 continue
-            cells.append(f"{v} {'met' if ok(v) else '**not met**'}")
+            if "decode" in name and s not in SIZED:
+                cells.append(f"{v} (no target here)")
+            else:
+                cells.append(f"{v} {'met' if ok(v) else '**not met**'}")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     return out + [""]
 

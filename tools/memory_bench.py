@@ -47,6 +47,18 @@ def model_path(shape: str, work: Path) -> tuple[str, dict]:
 CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 
 
+def _import_from_pythonpath() -> None:
+    """The worker measures the checkout on PYTHONPATH: an editable install's import hook (this
+    checkout's .venv: scikit-build-core's redirecting finder) would give this checkout's code
+    instead, so it is taken off; the import is then checked."""
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__]
+    import fgdilp_cpp
+
+    tree = os.environ.get("PYTHONPATH", "").split(os.pathsep)[0]
+    if not tree or not Path(fgdilp_cpp.__file__).resolve().is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"the worker imported {fgdilp_cpp.__file__}, not the checkout at {tree!r}")
+
+
 def before_worker(spec: dict) -> dict:
     """bench_memory._worker's chat and serve runs with only the API both checkouts have; KV bytes
     from the contexts' cells (Generator._ctx) and the model's shape."""
@@ -54,25 +66,41 @@ def before_worker(spec: dict) -> dict:
 
     from fgdilp_cpp.api import Detoxifier
     from fgdilp_cpp.bench import chat_turns
+    from fgdilp_cpp.errors import FgdilpError
     from fgdilp_cpp.generation import identity_of
     from fgdilp_cpp.method.vectors import HeadDirections, random_heads
-    from fgdilp_cpp.serve.model_queue import ModelQueue
-    from fgdilp_cpp.serve.openai_api import GenRequest
+    try:
+        from fgdilp_cpp.serve.model_queue import ModelQueue
+        from fgdilp_cpp.serve.openai_api import GenRequest
+    except ModuleNotFoundError:            # a checkout from before the serve/ package
+        from fgdilp_cpp.model_queue import ModelQueue  # type: ignore[no-redef]
+        from fgdilp_cpp.openai_api import GenRequest  # type: ignore[no-redef]
     from fgdilp_cpp.profiles import find_universal
     from fgdilp_cpp.settings import Settings
 
     known = Settings.field_names()          # the other checkout's settings may be fewer
-    det = Detoxifier(Settings().updated({k: v for k, v in spec["settings"].items() if k in known}), chat=True,
-                     sources=spec["sources"])
+    import inspect
+
+    # never a fast setup (a checkout that has one): the model is measured as it stands
+    no_setup = {"auto_setup": False} if "auto_setup" in inspect.signature(Detoxifier).parameters else {}
+    settings = Settings()
+    for k, v in spec["settings"].items():     # values renamed since (edit subtract, was tr) keep its default
+        if k in known:
+            try:
+                settings = settings.updated({k: v})
+            except FgdilpError:
+                pass
+    det = Detoxifier(settings, chat=True, sources=spec["sources"], **no_setup)
+    gen = getattr(det, "generator", None) or det._gen      # public since issue 24
     i = det.model.info
     if find_universal(det.model.fingerprint()["weights_sha256"]) is None:
         rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
         v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
                            source="random", settings={}).validate()
-        if hasattr(det.generator, "use_universal"):
-            det.generator.use_universal(v)
+        if hasattr(gen, "use_universal"):
+            gen.use_universal(v)
         else:                               # a checkout from before Generator.use_universal
-            det.generator.rt.universal = lambda: v
+            gen.rt.universal = lambda: v
     users, reply = chat_turns(spec["turns"]), spec["reply_tokens"]
     if spec["mode"] == "serve":
         queue = ModelQueue(det, 16, tuple(spec["methods"]))
@@ -91,7 +119,7 @@ def before_worker(spec: dict) -> dict:
     s = det.settings
     cell = i.n_layer * i.n_head_kv * (int(k_len or i.n_embd // i.n_head) * CACHE_BYTES[s.cache_type_k]
                                       + i.head_dim * CACHE_BYTES[s.cache_type_v])
-    cells = sum(c.n_ctx for c in det.generator._ctx.values())
+    cells = sum(c.n_ctx for c in gen._ctx.values())
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     return {"peak_rss_mib": round(peak, 1), "kv_mib": round(cells * cell / 2**20, 2), "kv_cells": cells}
@@ -150,6 +178,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("extra", nargs="*", help="flags passed to every bench run (after --)")
     if "--worker" in sys.argv:
+        _import_from_pythonpath()
         spec = json.loads(sys.argv[sys.argv.index("--worker") + 1])
         print(json.dumps(before_worker(spec)))
         return
