@@ -95,8 +95,11 @@ def before_worker(spec: dict) -> dict:
     i = det.model.info
     if find_universal(det.model.fingerprint()["weights_sha256"]) is None:
         rows = np.full((i.n_layer, i.n_head, i.head_dim), 0.05, np.float32)
+        import inspect
+
+        named = "source" if "source" in inspect.signature(HeadDirections).parameters else "method"   # renamed since
         v = HeadDirections(directions=random_heads(rows, 0).astype(np.float32), e=None, model=identity_of(det.model),
-                           source="random", settings={}).validate()
+                           settings={}, **{named: "random"}).validate()
         if hasattr(gen, "use_universal"):
             gen.use_universal(v)
         else:                               # a checkout from before Generator.use_universal
