@@ -18,6 +18,8 @@ the process umask like an ordinary open().
 refuse_shared_dir(folder): refuses a folder others may write in or that another user owns (the
 chat history's folder: private files never go where others can plant links or read them).
 
+sha256_file(path): a file's sha256, read in chunks (never the whole file in memory).
+
 FolderLock(folder): an exclusive fcntl.flock on FOLDER/.fgdilp.lock, held while the block runs.
 A second holder, in this process or another, is refused at once with FolderLockedError naming the
 holder (pid and command line, which the holder writes into the lock file). The kernel drops a
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 import sys
@@ -60,6 +63,15 @@ def _umask() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0o022
+
+
+def sha256_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file, streamed `chunk` bytes at a time (OSError if it cannot be read)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(folder: Union[str, os.PathLike]) -> None:

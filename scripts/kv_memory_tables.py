@@ -10,13 +10,14 @@ import argparse
 import json
 from pathlib import Path
 
-UNSTEERED = "none"
-DEFAULT = "universal"
-FORMER = {"fgdilp-universal": DEFAULT}       # the method's name before issue 24
+from fgdilp_cpp import methods
+
+DEFAULT = methods.UNIVERSAL
 
 
 def _name(m: str) -> str:
-    return FORMER.get(m, m)
+    """The method's name now (a "before" run names it as it was then: fgdilp-universal)."""
+    return methods.canonical(m, warn=False)
 
 
 def after_table(shape: str, r: dict) -> list[str]:

@@ -29,7 +29,7 @@ def main() -> None:
     shas = {}
     for path in sorted(args.out.glob("*.universal.gguf")):
         old = hashlib.sha256(path.read_bytes()).hexdigest()
-        HeadDirections.load(path).random_like(HeadDirections.load(path), args.seed).save(path)
+        HeadDirections.random_like(HeadDirections.load(path), args.seed).save(path)
         shas[old] = hashlib.sha256(path.read_bytes()).hexdigest()
         print(f"{path.name}: random directions of the same per-head norms (seed {args.seed})")
     for path in sorted(args.out.glob("*.json")):

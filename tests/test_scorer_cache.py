@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fgdilp_cpp.files import sha256_file
 from fgdilp_cpp.evaluation import judges
 from fgdilp_cpp.toxicity import files, keras_files, prepared
 from fgdilp_cpp.toxicity import scorer as scorer_mod
@@ -156,7 +157,7 @@ def test_first_load_writes_the_cache_and_the_second_maps_it(cache, monkeypatch, 
 def _rehash(folder: Path) -> None:
     """Record the files' current sha256 in meta.json, so that only the check under test can fail."""
     meta = json.loads((folder / "meta.json").read_text())
-    meta["sha256"] = {f: prepared._sha256(folder / f) for f in meta["sha256"]}
+    meta["sha256"] = {f: sha256_file(folder / f) for f in meta["sha256"]}
     (folder / "meta.json").write_text(json.dumps(meta))
 
 

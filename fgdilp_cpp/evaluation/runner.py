@@ -32,7 +32,6 @@ run between two groups (a group being written is finished first); what was writt
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -49,7 +48,7 @@ from .. import methods as registry
 from ..engine import SamplingParams
 from ..chat.fitting import fit_chat
 from ..errors import FgdilpError
-from ..files import FolderLock, write_atomic
+from ..files import FolderLock, sha256_file, write_atomic
 from .judges import judge_map, score_checked
 from .report import build_report, write_report
 from .records import GENERATION_SCHEMA, TIMING_SCHEMA, read_jsonl, read_valid, split_valid
@@ -92,14 +91,6 @@ def _json_default(o: Any):
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, default=_json_default)
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _gen_key(r: dict) -> tuple[int, str, str, int]:
@@ -189,7 +180,7 @@ def run_config(det, samples: int, n_predict: int, top_p: float, seed: int, label
         cfg["chat"] = True
     vectors = getattr(det, "vectors_path", None)
     if vectors:                      # saved directions (method vectors): a run is tied to its file
-        cfg["vectors_sha256"] = _file_sha256(vectors)
+        cfg["vectors_sha256"] = sha256_file(vectors)
     return json.loads(_dumps(cfg))
 
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import FgdilpError
-from ..files import fsync_dir, make_private_dir, refuse_shared_dir, write_atomic, write_atomic_with
+from ..files import fsync_dir, make_private_dir, refuse_shared_dir, sha256_file, write_atomic, write_atomic_with
 
 FORMAT = 1                     # bump when what is written (names, layout, meaning) changes
 CACHE_ENV = "FGDILP_CACHE_PATH"
@@ -143,14 +143,6 @@ def _warn(message: str) -> None:
     warnings.warn(message, ScorerCacheWarning, stacklevel=3)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_prepared(folder: Path, key: str, shapes: Mapping[str, tuple[int, ...]],
                   expected: Mapping[str, Any]) -> Prepared | None:
     """The prepared scorer in `folder` with its arrays mapped read-only, or None unless it is
@@ -165,7 +157,7 @@ def read_prepared(folder: Path, key: str, shapes: Mapping[str, tuple[int, ...]],
             return None
         # hashed by reading, not through the mapping: a damaged file is caught before use and
         # the tables' pages stay out of this process until a text needs them
-        if any(_sha256(folder / f) != digest for f, digest in digests.items()):
+        if any(sha256_file(folder / f) != digest for f, digest in digests.items()):
             return None
         arrays = {}
         for n, shape in shapes.items():
@@ -216,7 +208,7 @@ def write_prepared(target: Path, key: str, prep: Prepared) -> None:
         names.append(VOCAB)
         settings = {k: prep.settings[k] for k in SETTING_TYPES}
         meta = {"format": FORMAT, "key": key, "settings": settings,
-                "sha256": {f: _sha256(tmp / f) for f in names}}
+                "sha256": {f: sha256_file(tmp / f) for f in names}}
         write_atomic(tmp / META, json.dumps(meta, indent=1, ensure_ascii=True), private=True)
         fsync_dir(tmp)
         _install(tmp, target)
